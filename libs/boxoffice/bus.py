@@ -1,0 +1,275 @@
+"""The NATS bus: one connection per process, JetStream declarations, publish, request/reply.
+
+- ``connect()`` reconnects forever once connected; the first connection is retried with back-off.
+- Streams and durable consumers are declared idempotently at start (``declare``).
+- ``publish()`` sets ``Nats-Msg-Id`` and returns only after the PubAck: only a PubAck means kept.
+- ``request()`` raises typed errors: ``ServiceUnavailable`` (no responders, bus down),
+  ``ServiceTimeout``, or the remote ``BoxofficeError`` rebuilt from its code.
+- ``serve()`` answers a subject in a queue group; every exception becomes an error reply in
+  one place (``_reply_error``); ``stop_serving()`` stops taking work and waits for in-flight work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import (AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType,
+                         StreamConfig)
+
+from boxoffice import errors, wire
+from boxoffice.wire.subjects import STREAMS
+
+log = logging.getLogger("boxoffice.bus")
+T = TypeVar("T")
+R = TypeVar("R")
+
+DAY = 86400.0
+STREAM_MAX_AGE = {"STRIPE_EVENTS": 30 * DAY, "ERRORS": 7 * DAY, "RESERVATIONS": 7 * DAY,
+                  "PAYMENTS": 7 * DAY, "ALERTS": 7 * DAY}
+# Outbox-fed streams keep ids longer, so a relay that crashed between publish and commit and
+# comes back within the window is still deduplicated.
+DUPLICATE_WINDOW = {"STRIPE_EVENTS": 600.0, "ERRORS": 120.0, "RESERVATIONS": 3600.0,
+                    "PAYMENTS": 3600.0, "ALERTS": 600.0}
+REQUEST_ID_HEADER = "Boxoffice-Request-Id"
+
+
+def stream_config(name: str) -> StreamConfig:
+    return StreamConfig(
+        name=name, subjects=STREAMS[name], retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, discard=DiscardPolicy.OLD, max_age=STREAM_MAX_AGE[name],
+        duplicate_window=DUPLICATE_WINDOW[name], max_msg_size=8 << 20,
+    )
+
+
+class Bus:
+    """A connected NATS client with JetStream, shared by everything in one process."""
+
+    def __init__(self, nc: Client, js: JetStreamContext):
+        self.nc = nc
+        self.js = js
+        self._subs: list[Subscription] = []
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._limit = asyncio.Semaphore(512)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    # -- JetStream declarations ---------------------------------------------------------
+    async def declare_streams(self, *names: str) -> None:
+        for name in names or tuple(STREAMS):
+            cfg = stream_config(name)
+            try:
+                await self.js.add_stream(cfg)
+            except nats.js.errors.BadRequestError:
+                # exists with another configuration: bring it to ours
+                await self.js.update_stream(cfg)
+
+    async def declare_consumer(self, stream: str, durable: str, *, filter_subject: str | None = None,
+                               ack_wait: float = 30.0, max_deliver: int = -1,
+                               backoff: list[float] | None = None,
+                               max_ack_pending: int = 20000) -> None:
+        cfg = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait,
+                             max_deliver=max_deliver, backoff=backoff, filter_subject=filter_subject,
+                             max_ack_pending=max_ack_pending, max_waiting=512)
+        await self.js.add_consumer(stream, cfg)
+
+    async def pull(self, stream: str, durable: str) -> JetStreamContext.PullSubscription:
+        return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    # -- publish --------------------------------------------------------------------------
+    async def publish(self, subject: str, payload: bytes, msg_id: str, *,
+                      timeout: float = 5.0, headers: dict[str, str] | None = None) -> bool:
+        """Publish to JetStream and wait for the PubAck; returns False if it was a duplicate.
+
+        Raises ``ServiceUnavailable`` when the bus did not acknowledge.
+        """
+        hdrs = {"Nats-Msg-Id": msg_id}
+        if headers:
+            hdrs.update(headers)
+        try:
+            ack = await self.js.publish(subject, payload, timeout=timeout, headers=hdrs)
+        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            raise errors.ServiceUnavailable(f"bus did not acknowledge: {type(exc).__name__}") from exc
+        return not ack.duplicate
+
+    # -- request / reply --------------------------------------------------------------------
+    async def request(self, subject: str, body: Any, reply_type: type[R], *, timeout: float = 5.0,
+                      request_id: str | None = None) -> R:
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+        try:
+            msg = await self.nc.request(subject, wire.encode(body), timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise errors.ServiceUnavailable(f"no service answers {subject}") from None
+        except nats.errors.TimeoutError:
+            raise errors.ServiceTimeout(f"{subject} did not answer within {timeout:g}s") from None
+        except (nats.errors.Error, OSError) as exc:
+            raise errors.ServiceUnavailable(f"bus unavailable: {type(exc).__name__}") from None
+        reply = wire.decode(msg.data, wire.Reply)
+        if not reply.ok:
+            assert reply.error is not None
+            raise errors.from_code(reply.error.code, reply.error.detail, reply.error.status,
+                                   **reply.error.extra)
+        return msgspec.json.decode(reply.data, type=reply_type)
+
+    async def serve(self, subject: str, request_type: type[T],
+                    handler: Callable[[T], Awaitable[Any]], *, queue: str) -> None:
+        """Answer ``subject`` in queue group ``queue``; each request runs in its own task."""
+
+        async def on_request(msg: Msg) -> None:
+            await self._limit.acquire()
+            task = asyncio.create_task(self._answer(msg, request_type, handler))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+        self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_request))
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._inflight.discard(task)
+        self._limit.release()
+
+    async def _answer(self, msg: Msg, request_type: type[T],
+                      handler: Callable[[T], Awaitable[Any]]) -> None:
+        try:
+            try:
+                request = wire.decode(msg.data, request_type)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise errors.BadRequest(f"malformed request: {exc}") from None
+            result = await handler(request)
+            out = wire.Reply(ok=True, data=msgspec.Raw(wire.encode(result)))
+        except Exception as exc:  # noqa: BLE001 - the one place errors become replies
+            out = _reply_error(exc, msg.subject)
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.respond(wire.encode(out))
+
+    async def stop_serving(self, timeout: float = 20.0) -> None:
+        """Stop taking requests, then wait for the ones in flight (their replies still go out)."""
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout)
+
+
+def _reply_error(exc: Exception, subject: str) -> wire.Reply:
+    if isinstance(exc, errors.BoxofficeError):
+        if exc.status >= 500:
+            log.error("request on %s failed: %s", subject, exc.detail)
+        return wire.Reply(ok=False, error=wire.ErrorBody(code=exc.code, status=exc.status,
+                                                          detail=exc.detail, extra=exc.extra))
+    log.exception("unhandled error answering %s", subject)
+    return wire.Reply(ok=False, error=wire.ErrorBody(code="internal_error", status=500,
+                                                      detail="internal error"))
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str, name: str, *, first_connect_timeout: float = 60.0) -> AsyncIterator[Bus]:
+    """Connect (retrying the first connection with back-off), yield a ``Bus``, drain on exit."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", type(exc).__name__)
+
+    async def on_disconnected() -> None:
+        log.warning("nats: disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats: reconnected")
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + first_connect_timeout
+    delay = 0.1
+    while True:
+        try:
+            nc = await nats.connect(
+                servers=url.split(","), name=name, max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
+                drain_timeout=30, ping_interval=5, max_outstanding_pings=3,
+            )
+            break
+        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            if loop.time() + delay > deadline:
+                raise errors.ServiceUnavailable(f"cannot reach NATS: {type(exc).__name__}") from None
+            log.warning("nats: not reachable yet (%s), retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    bus = Bus(nc, nc.jetstream(timeout=5.0))
+    try:
+        yield bus
+    finally:
+        await bus.stop_serving()
+        if not nc.is_closed:
+            try:
+                await nc.drain()
+            except (nats.errors.Error, OSError, asyncio.TimeoutError):
+                await nc.close()
+
+
+async def run_pull_consumer(bus: Bus, stream: str, durable: str,
+                            handle: Callable[[list[Msg]], Awaitable[None]],
+                            stopping: asyncio.Event, *, batch: int = 256,
+                            wait: float = 1.0) -> None:
+    """Fetch batches from a durable pull consumer and hand them to ``handle`` until ``stopping``.
+
+    ``handle`` acks (or naks) what it processed; a batch in progress is finished before return.
+    Bus outages are waited out; an exception from ``handle`` is logged and the batch left
+    unacked, so JetStream redelivers it after ``ack_wait``.
+    """
+    sub = None
+    delay = 0.2
+    while not stopping.is_set():
+        try:
+            if sub is None:
+                sub = await bus.pull(stream, durable)
+            msgs = await sub.fetch(batch, timeout=wait)
+        except nats.errors.TimeoutError:
+            continue
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("consumer %s: bus unavailable (%s)", durable, type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            if isinstance(exc, (nats.js.errors.NotFoundError, nats.errors.BadSubscriptionError)):
+                sub = None
+            continue
+        delay = 0.2
+        try:
+            await handle(msgs)
+        except Exception:  # noqa: BLE001 - never let one batch kill the consumer
+            log.exception("consumer %s: batch failed, left for redelivery", durable)
+            await asyncio.sleep(0.5)
+    if sub is not None:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def pull_consumer(bus: Bus, stream: str, durable: str,
+                        handle: Callable[[list[Msg]], Awaitable[None]], **kw: Any
+                        ) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``run_pull_consumer`` in the background; on exit finish the batch in hand and stop."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(run_pull_consumer(bus, stream, durable, handle, stopping, **kw))
+    try:
+        yield task
+    finally:
+        stopping.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        except asyncio.TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,76 @@
+"""The ``boxoffice`` command: run a service, the local stack, migrations, operator commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from boxoffice import SERVICES
+
+
+def _service_name(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    service = _service_name(args.service)
+    if service not in SERVICES:
+        print(f"boxoffice: unknown service {args.service!r} (one of {', '.join(SERVICES)})",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(f"boxoffice.{service}.main").main()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from boxoffice import migrate
+    from boxoffice.config import ConfigError, _url
+
+    url = os.environ.get("DATABASE_URL", "").strip()
+    try:
+        if not url:
+            raise ConfigError("DATABASE_URL", "is required but not set")
+        _url("DATABASE_URL", url, ("postgres", "postgresql"))
+    except ConfigError as exc:
+        print(f"boxoffice migrate: {exc}", file=sys.stderr)
+        return 2
+    command = "down" if args.down else ("status" if args.status else "up")
+    result = migrate.run(url, command, check=False)
+    out = (result.stdout + result.stderr).strip()
+    if out:
+        print(out.replace(url, "<DATABASE_URL>"))
+    return result.returncode
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    from boxoffice import stack
+    return stack.up()
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    from boxoffice import stack
+    return stack.status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="boxoffice", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run one service: " + ", ".join(SERVICES))
+    p.add_argument("service")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("migrate", help="apply migrations (or --down: roll back one)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--down", action="store_true", help="roll back the newest migration")
+    g.add_argument("--status", action="store_true", help="list applied and pending migrations")
+    p.set_defaults(func=cmd_migrate)
+    sub.add_parser("up", help="run the whole stack on this machine").set_defaults(func=cmd_up)
+    sub.add_parser("status", help="exit 0 once every service is ready").set_defaults(func=cmd_status)
+    from boxoffice import ops
+    ops.add_commands(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Typed configuration, read once from the environment into a frozen object.
+
+A missing or malformed variable stops the process with one line naming it
+(``ConfigError``); values of secret variables are never printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from boxoffice.errors import BoxofficeError
+
+# Variables each service needs: the container stack and `boxoffice up` pass exactly these
+# (tests/test_compose.py checks docker-compose.yml against this table).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "ingress": ("NATS_URL", "STRIPE_WEBHOOK_SECRET", "CLIENT_API_TOKENS", "ADMIN_API_TOKENS"),
+    "payment": ("NATS_URL", "DATABASE_URL", "STRIPE_API_KEY"),
+    "webhook": ("NATS_URL", "DATABASE_URL", "STRIPE_API_KEY"),
+    "error_sink": ("NATS_URL", "DATABASE_URL"),
+    "reaper": ("NATS_URL", "DATABASE_URL"),
+}
+# Variables each service reads when set.
+OPTIONAL: dict[str, tuple[str, ...]] = {
+    "ingress": ("INGRESS_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES"),
+    "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
+                "IDEMPOTENCY_KEY_TTL_HOURS"),
+    "webhook": ("HEALTH_PORT", "STRIPE_API_BASE"),
+    "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL"),
+    "reaper": ("HEALTH_PORT", "IDEMPOTENCY_KEY_TTL_HOURS", "WEBHOOK_LOG_RETENTION_DAYS",
+               "ERROR_RETENTION_DAYS"),
+}
+COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE")
+SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
+                    "CLIENT_API_TOKENS", "ADMIN_API_TOKENS", "SENTRY_DSN", "NATS_URL",
+                    "ALERT_WEBHOOK_URL"})
+
+DEFAULT_HEALTH_PORTS = {"ingress": 8080, "payment": 8081, "webhook": 8082,
+                        "error_sink": 8083, "reaper": 8084}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(BoxofficeError):
+    """A variable is missing or malformed; the message names it and never shows its value."""
+
+    code = "config_error"
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"configuration error: {name} {reason}")
+        self.name = name
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Config:
+    service: str
+    nats_url: str = "nats://127.0.0.1:4222"
+    database_url: str | None = None
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    stripe_webhook_secrets: tuple[str, ...] = ()
+    client_api_tokens: tuple[str, ...] = ()
+    admin_api_tokens: tuple[str, ...] = ()
+    sentry_dsn: str | None = None
+    sentry_ingest_keys: tuple[str, ...] = ()
+    env: str = "development"
+    release: str | None = None
+    log_level: str = "INFO"
+    ingress_port: int = 8080
+    health_port: int = 8080
+    max_body_bytes: int = 1 << 20
+    reservation_ttl_seconds: int = 900
+    idempotency_key_ttl_hours: int = 24
+    webhook_log_retention_days: int = 30
+    error_retention_days: int = 90
+    alert_webhook_url: str | None = None
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"Config(service={self.service!r}, env={self.env!r})"
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    try:
+        parts = urlsplit(raw)
+        host_ok = bool(parts.hostname) or "host=" in parts.query
+    except ValueError:
+        raise ConfigError(name, "is not a valid URL") from None
+    if parts.scheme not in schemes or not host_ok:
+        raise ConfigError(name, f"must be a URL with scheme {' or '.join(schemes)} and a host")
+    return raw
+
+
+def _int(name: str, raw: str, lo: int, hi: int) -> int:
+    if not re.fullmatch(r"\d+", raw.strip()):
+        raise ConfigError(name, f"must be an integer between {lo} and {hi}")
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise ConfigError(name, f"must be an integer between {lo} and {hi}")
+    return value
+
+
+def _list(name: str, raw: str, min_len: int = 1) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not items:
+        raise ConfigError(name, "must list at least one value (comma-separated)")
+    if any(len(i) < min_len or not i.isprintable() or " " in i for i in items):
+        raise ConfigError(name, f"values must be printable, without spaces, at least {min_len} characters")
+    return items
+
+
+def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration of ``service`` from ``environ`` (default ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    if service not in REQUIRED:
+        raise ConfigError("service", f"must be one of {', '.join(REQUIRED)}")
+    for name in REQUIRED[service]:
+        if not env.get(name, "").strip():
+            raise ConfigError(name, "is required but not set")
+
+    def get(name: str) -> str | None:
+        value = env.get(name, "").strip()
+        return value or None
+
+    kw: dict[str, object] = {"service": service}
+    if v := get("NATS_URL"):
+        kw["nats_url"] = ",".join(_url("NATS_URL", u.strip(), ("nats", "tls", "ws", "wss"))
+                                  for u in v.split(","))
+    if service != "ingress" and (v := get("DATABASE_URL")):
+        kw["database_url"] = _url("DATABASE_URL", v, ("postgres", "postgresql"))
+    if service in ("payment", "webhook"):
+        if v := get("STRIPE_API_KEY"):
+            if not re.fullmatch(r"(sk|rk)_(test|live)_[A-Za-z0-9_]+", v):
+                raise ConfigError("STRIPE_API_KEY", "must look like sk_test_... or sk_live_...")
+            kw["stripe_api_key"] = v
+        if v := get("STRIPE_API_BASE"):
+            kw["stripe_api_base"] = _url("STRIPE_API_BASE", v.rstrip("/"), ("http", "https"))
+    if service == "ingress":
+        kw["stripe_webhook_secrets"] = _list("STRIPE_WEBHOOK_SECRET", env["STRIPE_WEBHOOK_SECRET"], 8)
+        kw["client_api_tokens"] = _list("CLIENT_API_TOKENS", env["CLIENT_API_TOKENS"], 16)
+        kw["admin_api_tokens"] = _list("ADMIN_API_TOKENS", env["ADMIN_API_TOKENS"], 16)
+        if set(kw["client_api_tokens"]) & set(kw["admin_api_tokens"]):  # type: ignore[arg-type]
+            raise ConfigError("ADMIN_API_TOKENS", "must not share a token with CLIENT_API_TOKENS")
+        if v := get("SENTRY_INGEST_KEYS"):
+            kw["sentry_ingest_keys"] = _list("SENTRY_INGEST_KEYS", v, 8)
+        if v := get("INGRESS_PORT"):
+            kw["ingress_port"] = _int("INGRESS_PORT", v, 0, 65535)
+        kw["health_port"] = kw.get("ingress_port", 8080)
+        if v := get("MAX_BODY_BYTES"):
+            kw["max_body_bytes"] = _int("MAX_BODY_BYTES", v, 1024, 256 << 20)
+    else:
+        kw["health_port"] = DEFAULT_HEALTH_PORTS[service]
+        if v := get("HEALTH_PORT"):
+            kw["health_port"] = _int("HEALTH_PORT", v, 0, 65535)
+    if v := get("SENTRY_DSN"):
+        kw["sentry_dsn"] = _url("SENTRY_DSN", v, ("http", "https"))
+    if v := get("BOXOFFICE_ENV"):
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", v):
+            raise ConfigError("BOXOFFICE_ENV", "must be a short lowercase name such as production")
+        kw["env"] = v
+    if v := get("BOXOFFICE_RELEASE"):
+        kw["release"] = v[:64]
+    if v := get("LOG_LEVEL"):
+        if v.upper() not in LOG_LEVELS:
+            raise ConfigError("LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
+        kw["log_level"] = v.upper()
+    if v := get("RESERVATION_TTL_SECONDS"):
+        kw["reservation_ttl_seconds"] = _int("RESERVATION_TTL_SECONDS", v, 1, 7 * 86400)
+    if v := get("IDEMPOTENCY_KEY_TTL_HOURS"):
+        kw["idempotency_key_ttl_hours"] = _int("IDEMPOTENCY_KEY_TTL_HOURS", v, 1, 24 * 365)
+    if v := get("WEBHOOK_LOG_RETENTION_DAYS"):
+        kw["webhook_log_retention_days"] = _int("WEBHOOK_LOG_RETENTION_DAYS", v, 1, 3650)
+    if v := get("ERROR_RETENTION_DAYS"):
+        kw["error_retention_days"] = _int("ERROR_RETENTION_DAYS", v, 1, 3650)
+    if v := get("ALERT_WEBHOOK_URL"):
+        kw["alert_webhook_url"] = _url("ALERT_WEBHOOK_URL", v, ("http", "https"))
+    return Config(**kw)  # type: ignore[arg-type]

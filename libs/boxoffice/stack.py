@@ -1,0 +1,280 @@
+"""``boxoffice up``: the whole stack on one machine, and ``boxoffice status``.
+
+Where ``NATS_URL``, ``DATABASE_URL`` or ``STRIPE_API_KEY`` is unset an embedded server is
+started (nats-server with JetStream on disk and ``sync_interval: always``, PostgreSQL, the
+localstripe emulator). Migrations are applied, a demo event seeded, each service started as its
+own process and restarted with back-off when it dies. SIGINT or SIGTERM stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from boxoffice import SERVICES, migrate
+from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
+
+DEMO_EVENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://boxoffice.dev/demo-event"))
+SENTRY_PROJECT_ID = 1
+STACK_KEYS = ("INGRESS_URL", "NATS_URL", "DATABASE_URL", "STRIPE_API_BASE", "STRIPE_API_KEY",
+              "STRIPE_WEBHOOK_SECRET", "CLIENT_API_TOKEN", "ADMIN_API_TOKEN", "FRONTEND_SENTRY_DSN",
+              "DEMO_EVENT_ID")
+# what each service must not be given (ingress holds no database or Stripe credentials)
+WITHHELD = {"ingress": ("DATABASE_URL", "STRIPE_API_KEY")}
+
+
+def home() -> Path:
+    return Path(os.environ.get("BOXOFFICE_HOME", ".boxoffice")).resolve()
+
+
+def say(msg: str) -> None:
+    print(f"boxoffice: {msg}", flush=True)
+
+
+def _secrets(root: Path) -> dict[str, str]:
+    """Tokens and signing secrets, generated once and kept in .boxoffice/secrets.env."""
+    path = root / "secrets.env"
+    values = read_env(path) if path.exists() else {}
+    wanted = {"CLIENT_API_TOKEN": lambda: "cli_" + secrets.token_urlsafe(24),
+              "ADMIN_API_TOKEN": lambda: "adm_" + secrets.token_urlsafe(24),
+              "STRIPE_WEBHOOK_SECRET": lambda: "whsec_" + secrets.token_hex(24),
+              "SENTRY_KEY": lambda: secrets.token_hex(16)}
+    changed = False
+    for key, make in wanted.items():
+        if key not in values:
+            values[key] = make()
+            changed = True
+    if changed:
+        write_env(path, values)
+    return values
+
+
+def read_env(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def write_env(path: Path, values: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+@dataclass
+class Proc:
+    service: str
+    env: dict[str, str]
+    health_url: str
+    log: Path
+    proc: subprocess.Popen | None = None
+    failures: int = 0
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    restarts: int = 0
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "boxoffice.cli", "run", self.service], env=self.env,
+                stdout=out, stderr=out, start_new_session=True, preexec_fn=die_with_parent)
+        self.started_at = time.monotonic()
+
+
+@dataclass
+class Stack:
+    root: Path
+    children: list = field(default_factory=list)  # embedded servers, in start order
+    procs: list[Proc] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.proc and p.proc.poll() is None:
+                p.proc.terminate()
+        deadline = time.monotonic() + 25
+        for p in self.procs:
+            if p.proc:
+                try:
+                    p.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.proc.kill()
+                    p.proc.wait()
+        for child in reversed(self.children):
+            child.stop()
+
+
+def _seed_demo_event(pg_url: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM ticketed_events WHERE id = $1",
+                                         uuid.UUID(DEMO_EVENT_ID))
+            if not exists:
+                await conn.execute("SELECT create_ticketed_event($1, 'Demo concert', 1000, 4500, "
+                                   "'eur', 20)", uuid.UUID(DEMO_EVENT_ID))
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def up() -> int:
+    root = home()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
+    stop = {"flag": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack = Stack(root)
+    env = dict(os.environ)
+    keys = _secrets(root)
+    try:
+        if not env.get("NATS_URL"):
+            nats = NatsServer(root / "nats", free_port(4222), sync_always=True).start()
+            stack.children.append(nats)
+            env["NATS_URL"] = nats.url
+            say(f"nats-server (JetStream, sync_interval always) on {nats.url}")
+        if not env.get("DATABASE_URL"):
+            pg = Postgres(root / "pgdata", free_port(5432)).start()
+            stack.children.append(pg)
+            env["DATABASE_URL"] = pg.url()
+            say(f"PostgreSQL on 127.0.0.1:{pg.port}")
+        ls = None
+        if not env.get("STRIPE_API_KEY"):
+            ls = LocalStripe(free_port(8420), root / "logs" / "localstripe.log").start()
+            stack.children.append(ls)
+            env["STRIPE_API_KEY"] = "sk_test_boxoffice_local"
+            env["STRIPE_API_BASE"] = ls.url
+            say(f"localstripe on {ls.url}")
+        env.setdefault("STRIPE_WEBHOOK_SECRET", keys["STRIPE_WEBHOOK_SECRET"])
+        env.setdefault("CLIENT_API_TOKENS", keys["CLIENT_API_TOKEN"])
+        env.setdefault("ADMIN_API_TOKENS", keys["ADMIN_API_TOKEN"])
+        env.setdefault("SENTRY_INGEST_KEYS", keys["SENTRY_KEY"])
+        env.setdefault("BOXOFFICE_ENV", "development")
+        port = int(env.get("INGRESS_PORT") or free_port(8080))
+        env["INGRESS_PORT"] = str(port)
+        ingress_url = f"http://127.0.0.1:{port}"
+
+        result = migrate.run(env["DATABASE_URL"], "up", check=False)
+        if result.returncode != 0:
+            say(f"migrations failed: {result.stderr.strip() or result.stdout.strip()}")
+            return 1
+        say("migrations applied")
+        _seed_demo_event(env["DATABASE_URL"])
+        if ls is not None:
+            ls.configure_webhook(f"{ingress_url}/v1/webhooks/stripe",
+                                 env["STRIPE_WEBHOOK_SECRET"].split(",")[0])
+
+        for service in SERVICES:
+            senv = {k: v for k, v in env.items() if k not in WITHHELD.get(service, ())}
+            if service == "ingress":
+                health = f"{ingress_url}/readyz"
+            else:
+                hp = free_port()
+                senv["HEALTH_PORT"] = str(hp)
+                health = f"http://127.0.0.1:{hp}/readyz"
+            stack.procs.append(Proc(service, senv, health, root / "logs" / f"{service}.log"))
+        for p in stack.procs:
+            p.start()
+
+        first_secret = env["STRIPE_WEBHOOK_SECRET"].split(",")[0]
+        stack_env = {
+            "INGRESS_URL": ingress_url, "NATS_URL": env["NATS_URL"],
+            "DATABASE_URL": env["DATABASE_URL"], "STRIPE_API_BASE": env.get("STRIPE_API_BASE", ""),
+            "STRIPE_API_KEY": env["STRIPE_API_KEY"], "STRIPE_WEBHOOK_SECRET": first_secret,
+            "CLIENT_API_TOKEN": env["CLIENT_API_TOKENS"].split(",")[0],
+            "ADMIN_API_TOKEN": env["ADMIN_API_TOKENS"].split(",")[0],
+            "FRONTEND_SENTRY_DSN": f"http://{env['SENTRY_INGEST_KEYS'].split(',')[0]}@127.0.0.1:{port}/{SENTRY_PROJECT_ID}",
+            "DEMO_EVENT_ID": DEMO_EVENT_ID,
+        }
+        write_env(root / "stack.env", stack_env)
+        (root / "services.json").write_text(json.dumps(
+            {p.service: {"ready": p.health_url, "pid": p.proc.pid if p.proc else None}
+             for p in stack.procs}, indent=2))
+        return _supervise(stack, stop, ingress_url)
+    finally:
+        stack.stop()
+        say("stopped")
+
+
+def _supervise(stack: Stack, stop: dict, ingress_url: str) -> int:
+    announced = False
+    t0 = time.monotonic()
+    while not stop["flag"]:
+        now = time.monotonic()
+        for p in stack.procs:
+            if p.proc is not None and p.proc.poll() is not None:
+                code = p.proc.returncode
+                # back-off doubles with each quick death, reset after a minute of good health
+                p.failures = p.failures + 1 if now - p.started_at < 60 else 1
+                delay = min(0.5 * 2 ** (p.failures - 1), 30.0)
+                say(f"{p.service} exited with {code}; restarting in {delay:.1f}s "
+                    f"(log: {p.log})")
+                p.proc = None
+                p.restart_at = now + delay
+            elif p.proc is None and now >= p.restart_at:
+                p.start()
+                p.restarts += 1
+                _write_pids(stack)
+        if not announced and all(p.proc is not None for p in stack.procs) \
+                and all(_ready(p.health_url) for p in stack.procs):
+            announced = True
+            say(f"ready in {time.monotonic() - t0:.1f}s; ingress listening on {ingress_url}")
+            say(f"settings in {stack.root / 'stack.env'}; logs in {stack.root / 'logs'}")
+        time.sleep(0.2)
+    say("stopping")
+    return 0
+
+
+def _write_pids(stack: Stack) -> None:
+    (stack.root / "services.json").write_text(json.dumps(
+        {p.service: {"ready": p.health_url, "pid": p.proc.pid if p.proc else None}
+         for p in stack.procs}, indent=2))
+
+
+def status() -> int:
+    path = home() / "services.json"
+    if not path.exists():
+        print("no stack: run `boxoffice up` first", file=sys.stderr)
+        return 2
+    services = json.loads(path.read_text())
+    bad = []
+    for name, info in services.items():
+        ok = _ready(info["ready"])
+        print(f"{name:<11} {'ready' if ok else 'NOT READY':<10} {info['ready']}")
+        if not ok:
+            bad.append(name)
+    if bad:
+        print(f"not ready: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,41 @@
+"""Subject and stream names of the contract (DESIGN.md)."""
+
+# request/reply (core NATS, queue group per service)
+RESERVATIONS_HOLD = "reservations.hold"
+RESERVATIONS_GET = "reservations.get"
+RESERVATIONS_CANCEL = "reservations.cancel"
+PAYMENTS_INTENTS_CREATE = "payments.intents.create"
+ADMIN = "admin"  # admin.<owner>.<verb>, routed by ingress to the owning service
+
+# JetStream streams: name -> subjects
+STREAMS: dict[str, list[str]] = {
+    "STRIPE_EVENTS": ["stripe.events.>"],
+    "ERRORS": ["errors.>"],
+    "RESERVATIONS": ["reservations.events.>"],
+    "PAYMENTS": ["payments.events.>"],
+    "ALERTS": ["alerts.>"],
+}
+
+# durable consumers: (stream, durable name)
+WEBHOOK_CONSUMER = ("STRIPE_EVENTS", "webhook")
+ERROR_SINK_CONSUMER = ("ERRORS", "error-sink")
+
+
+def stripe_event(event_type: str) -> str:
+    return f"stripe.events.{event_type}"
+
+
+def error_report(service: str, level: str) -> str:
+    return f"errors.{service}.{level}"
+
+
+def reservation_event(kind: str) -> str:
+    return f"reservations.events.{kind}"
+
+
+def payment_event(kind: str) -> str:
+    return f"payments.events.{kind}"
+
+
+def alert(level: str) -> str:
+    return f"alerts.{level}"

@@ -1,0 +1,1 @@
+"""The error-sink: persists, groups, scrubs and alerts on every error report."""

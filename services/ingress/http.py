@@ -1,0 +1,121 @@
+"""HTTP plumbing of ingress: problem+json in one middleware, auth, JSON bodies."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from boxoffice import errors
+from boxoffice.config import Config
+
+log = logging.getLogger("boxoffice.ingress")
+T = TypeVar("T")
+
+CONFIG = web.AppKey("config", Config)
+REQUEST_ID = "request_id"
+PROBLEM = "application/problem+json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem_response(exc: errors.BoxofficeError, request_id: str | None = None) -> web.Response:
+    body = exc.problem()
+    if request_id:
+        body["request_id"] = request_id
+    headers = {}
+    if exc.status in (429, 503, 504) or exc.code == "idempotency_key_in_use":
+        headers["Retry-After"] = str(exc.extra.get("retry_after", 1))
+        body.pop("retry_after", None)
+    return web.Response(status=exc.status, body=json.dumps(body), content_type=PROBLEM,
+                        headers=headers)
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves ingress as problem+json with a stable code; nothing else does this."""
+    rid = request.headers.get("X-Request-Id", "")
+    if not (0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()):
+        rid = uuid.uuid4().hex
+    request[REQUEST_ID] = rid
+    try:
+        resp = await handler(request)
+    except errors.BoxofficeError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s -> %s %s", request.method, request.path, exc.status, exc.code)
+        resp = problem_response(exc, rid)
+    except web.HTTPRequestEntityTooLarge:
+        resp = problem_response(errors.PayloadTooLarge("request body is too large"), rid)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = {404: errors.NotFound("no such route"),
+               405: errors.MethodNotAllowed(f"{request.method} is not allowed here"),
+               413: errors.PayloadTooLarge("request body is too large")}.get(exc.status)
+        if err is None:
+            err = errors.from_code(f"http_{exc.status}", exc.reason or "error", exc.status)
+        resp = problem_response(err, rid)
+    except Exception:  # noqa: BLE001 - nothing crashes ingress; the error is logged and reported
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        resp = problem_response(errors.BoxofficeError("internal error"), rid)
+    resp.headers["X-Request-Id"] = rid
+    return resp
+
+
+def _bearer(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthorized("an Authorization: Bearer <token> header is required")
+    return token.strip()
+
+
+def _match(token: str, allowed: tuple[str, ...]) -> str | None:
+    found = None
+    for candidate in allowed:  # compare against all, in constant time, without early exit
+        if hmac.compare_digest(token.encode(), candidate.encode()):
+            found = candidate
+    return found
+
+
+def client_id(request: web.Request) -> str:
+    """The caller's client identity (a stable, non-secret digest of its token)."""
+    cfg = request.app[CONFIG]
+    token = _bearer(request)
+    match = _match(token, cfg.client_api_tokens)
+    if match is None:
+        if _match(token, cfg.admin_api_tokens):
+            raise errors.Forbidden("an admin token cannot be used on client routes")
+        raise errors.Unauthorized("unknown token")
+    return "c_" + hmac.new(b"boxoffice-client", match.encode(), "sha256").hexdigest()[:24]
+
+
+def require_admin(request: web.Request) -> None:
+    cfg = request.app[CONFIG]
+    token = _bearer(request)
+    if _match(token, cfg.admin_api_tokens) is None:
+        if _match(token, cfg.client_api_tokens):
+            raise errors.Forbidden("this route needs an admin token")
+        raise errors.Unauthorized("unknown token")
+
+
+async def read_json(request: web.Request, type_: type[T]) -> T:
+    """Decode the body strictly into ``type_``: 400 for bad JSON, 422 for wrong fields."""
+    # The body must be JSON whatever Content-Type says (curl's default form type included).
+    body = await request.read()
+    try:
+        return msgspec.json.decode(body, type=type_, strict=True)
+    except msgspec.ValidationError as exc:
+        raise errors.ValidationFailed(str(exc)) from None
+    except msgspec.DecodeError:
+        raise errors.InvalidJSON("the body is not valid JSON") from None
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status,
+                        content_type="application/json", headers=headers)

@@ -1,0 +1,43 @@
+"""Ingress: build the aiohttp app and run it.
+
+Ingress holds no database credentials and no Stripe secret key: every state change is a request
+to the service that owns the state, every accepted event a JetStream publish.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from aiohttp import web
+
+from boxoffice import bus as busmod
+from boxoffice import runtime
+from boxoffice.config import Config
+from boxoffice.ingress import admin
+from boxoffice.ingress.http import CONFIG, problems
+from boxoffice.ingress.state import BUS
+
+
+def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Application:
+    app = web.Application(middlewares=[problems], client_max_size=cfg.max_body_bytes)
+    app[CONFIG] = cfg
+    app[BUS] = bus
+    runtime.add_health_routes(app, svc)
+    app.add_routes(admin.routes)
+    return app
+
+
+async def build(svc: runtime.Service) -> None:
+    cfg = svc.config
+    bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "ingress"))
+    await bus.declare_streams("STRIPE_EVENTS", "ERRORS")
+    runtime.standard_checks(svc, bus=bus)
+    svc.app = create_app(cfg, bus, svc)
+
+
+def main() -> int:
+    return runtime.run("ingress", build)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

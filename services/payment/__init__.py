@@ -1,0 +1,1 @@
+"""The payment service: ticketed events, holds and PaymentIntents."""

@@ -1,0 +1,1 @@
+"""The reaper: expires holds on time and purges old records."""

@@ -1,0 +1,1 @@
+"""The webhook service: applies Stripe events exactly once."""
