@@ -46,7 +46,14 @@ def call(method: str, path: str, body: Any = None) -> int:
         return 1
 
 
+# Modules (libs/boxoffice/ops_<area>.py) that add their own commands with add_commands(sub).
+AREAS: tuple[str, ...] = ()
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    import importlib
+    for area in AREAS:
+        importlib.import_module(f"boxoffice.{area}").add_commands(sub)
     p = sub.add_parser("events", help="ticketed events: create, show")
     s = p.add_subparsers(dest="verb", required=True)
     c = s.add_parser("create")

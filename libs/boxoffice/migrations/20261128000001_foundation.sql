@@ -245,6 +245,164 @@ BEGIN
     RETURN n;
 END $$;
 
+-- Take p_quantity tickets of an event for a new hold, or raise 'sold_out' (SQLSTATE BX409).
+-- Buckets are tried from a random start with SKIP LOCKED, so concurrent holds on a hot event
+-- spread over its rows instead of queueing on one; only when no single unlocked bucket has
+-- enough does it wait, expire the event's overdue holds, and finally gather tickets across
+-- buckets (locked in bucket order, so no deadlock). Also writes the hold's 'held' event.
+CREATE FUNCTION hold_tickets(p_event_id uuid, p_quantity integer, p_client_id text,
+                             p_ttl_seconds integer, p_customer_ref text DEFAULT NULL,
+                             p_idempotency_key text DEFAULT NULL)
+RETURNS SETOF reservations LANGUAGE plpgsql AS $$
+DECLARE
+    ev         ticketed_events;
+    r          reservations;
+    nb         integer;
+    start_at   integer;
+    got        integer;
+    need       integer;
+    take       integer;
+    b          record;
+    taken      integer[] := '{}';
+    amounts    integer[] := '{}';
+BEGIN
+    SELECT * INTO ev FROM ticketed_events WHERE id = p_event_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'event_not_found' USING ERRCODE = 'BX404';
+    END IF;
+    nb := ev.buckets;
+    start_at := floor(random() * nb)::integer;
+    FOR attempt IN 1..3 LOOP
+        -- one bucket with enough tickets; attempt 1 skips locked rows, later ones wait
+        IF attempt = 1 THEN
+            SELECT ib.bucket INTO got FROM inventory_buckets ib
+            WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
+            ORDER BY (ib.bucket - start_at + nb) % nb LIMIT 1 FOR UPDATE SKIP LOCKED;
+        ELSE
+            SELECT ib.bucket INTO got FROM inventory_buckets ib
+            WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
+            ORDER BY ib.bucket LIMIT 1 FOR UPDATE;
+        END IF;
+        IF got IS NOT NULL THEN
+            UPDATE inventory_buckets SET held = held + p_quantity
+            WHERE event_id = p_event_id AND bucket = got;
+            taken := ARRAY[got];
+            amounts := ARRAY[p_quantity];
+            EXIT;
+        END IF;
+        IF attempt = 2 THEN
+            -- overdue holds never count: release this event's before saying sold out
+            PERFORM expire_due_reservations(1000, p_event_id);
+        END IF;
+        IF attempt = 3 THEN
+            -- gather across buckets, locking them in order
+            need := p_quantity;
+            FOR b IN SELECT ib.bucket, ib.capacity - ib.held - ib.sold AS free
+                     FROM inventory_buckets ib WHERE ib.event_id = p_event_id
+                     ORDER BY ib.bucket FOR UPDATE LOOP
+                EXIT WHEN need = 0;
+                IF b.free > 0 THEN
+                    take := least(b.free, need);
+                    taken := taken || b.bucket;
+                    amounts := amounts || take;
+                    need := need - take;
+                END IF;
+            END LOOP;
+            IF need > 0 THEN
+                RAISE EXCEPTION 'sold_out' USING ERRCODE = 'BX409';
+            END IF;
+            FOR i IN 1..array_length(taken, 1) LOOP
+                UPDATE inventory_buckets SET held = held + amounts[i]
+                WHERE event_id = p_event_id AND bucket = taken[i];
+            END LOOP;
+        END IF;
+    END LOOP;
+    INSERT INTO reservations (event_id, client_id, customer_ref, quantity, amount, currency,
+                              expires_at, idempotency_key)
+    VALUES (p_event_id, p_client_id, p_customer_ref, p_quantity, ev.price * p_quantity,
+            ev.currency, clock_timestamp() + make_interval(secs => p_ttl_seconds),
+            p_idempotency_key)
+    RETURNING * INTO r;
+    INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
+    SELECT r.id, p_event_id, t.bucket, t.quantity
+    FROM unnest(taken, amounts) AS t(bucket, quantity);
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.held',
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'expires_at', r.expires_at, 'occurred_at', r.created_at));
+    RETURN NEXT r;
+END $$;
+
+-- Release an active hold's tickets (cancel): returns true if this call released it.
+CREATE FUNCTION release_reservation(p_reservation_id uuid, p_status text DEFAULT 'cancelled')
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+BEGIN
+    UPDATE reservations SET status = p_status, released_at = clock_timestamp(),
+                            updated_at = clock_timestamp()
+    WHERE id = p_reservation_id AND status = 'active'
+    RETURNING * INTO r;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE inventory_buckets b SET held = b.held - a.quantity
+    FROM reservation_allocations a
+    WHERE a.reservation_id = r.id AND b.event_id = a.event_id AND b.bucket = a.bucket;
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.' || p_status,
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'expires_at', r.expires_at, 'occurred_at', clock_timestamp()));
+    RETURN true;
+END $$;
+
+-- A payment succeeded: sell the hold's tickets, decided once inside the database.
+-- Returns 'completed' (sold now), 'already_completed', or 'unavailable' when the hold had
+-- ended and its tickets could not be taken again (the caller refunds). An active hold is
+-- completed even if its expires_at has just passed and the reaper has not taken it: the
+-- row lock makes the reaper and this function exclude each other, so it is one or the other.
+CREATE FUNCTION complete_reservation(p_reservation_id uuid, p_payment_intent_id text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    r     reservations;
+    fresh reservations;
+BEGIN
+    SELECT * INTO r FROM reservations WHERE id = p_reservation_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'unknown';
+    END IF;
+    IF r.status = 'completed' THEN
+        RETURN 'already_completed';
+    END IF;
+    IF r.status = 'active' THEN
+        UPDATE inventory_buckets b SET held = b.held - a.quantity, sold = b.sold + a.quantity
+        FROM reservation_allocations a
+        WHERE a.reservation_id = r.id AND b.event_id = a.event_id AND b.bucket = a.bucket;
+    ELSE
+        -- the hold ended (expired or cancelled): take the tickets again if any are left
+        BEGIN
+            SELECT * INTO fresh FROM hold_tickets(r.event_id, r.quantity, r.client_id, 0);
+        EXCEPTION WHEN SQLSTATE 'BX409' THEN
+            RETURN 'unavailable';
+        END;
+        -- move the new allocation onto this reservation and sell it
+        UPDATE inventory_buckets b SET held = b.held - a.quantity, sold = b.sold + a.quantity
+        FROM reservation_allocations a
+        WHERE a.reservation_id = fresh.id AND b.event_id = a.event_id AND b.bucket = a.bucket;
+        DELETE FROM reservation_allocations WHERE reservation_id = r.id;
+        UPDATE reservation_allocations SET reservation_id = r.id WHERE reservation_id = fresh.id;
+        DELETE FROM outbox WHERE subject = 'reservations.events.held'
+                             AND payload->>'reservation_id' = fresh.id::text;
+        DELETE FROM reservations WHERE id = fresh.id;
+    END IF;
+    UPDATE reservations SET status = 'completed', completed_at = clock_timestamp(),
+           released_at = NULL, updated_at = clock_timestamp(),
+           payment_intent_id = coalesce(p_payment_intent_id, payment_intent_id)
+    WHERE id = r.id;
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.completed',
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'payment_intent_id', p_payment_intent_id, 'occurred_at', clock_timestamp()));
+    RETURN 'completed';
+END $$;
+
 -- The operators' function of the original deployment: expire every overdue hold now.
 CREATE FUNCTION cleanup_expired_reservations() RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -274,6 +432,9 @@ $$;
 
 -- migrate:down
 
+DROP FUNCTION complete_reservation(uuid, text);
+DROP FUNCTION release_reservation(uuid, text);
+DROP FUNCTION hold_tickets(uuid, integer, text, integer, text, text);
 DROP FUNCTION get_reservation_stats();
 DROP FUNCTION cleanup_expired_reservations();
 DROP FUNCTION expire_due_reservations(integer, uuid);

@@ -1,0 +1,139 @@
+"""Fixtures: a real PostgreSQL and a real nats-server, and the services as real processes.
+
+PostgreSQL starts once per session (or ``DATABASE_URL`` names a server to use); every test gets
+its own database, cloned from a migrated template. Every test gets its own nats-server (or, with
+``NATS_URL`` set, that server), so streams and consumers never leak between tests. localstripe
+starts once per session for the tests that need Stripe.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from boxoffice import migrate
+from boxoffice.embedded import LocalStripe, NatsServer, Postgres
+from tests.harness import ServiceProcess, base_env
+
+TEMPLATE_DB = "boxoffice_template"
+
+
+def _with_db(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a maintenance database on the session's PostgreSQL server."""
+    given = os.environ.get("DATABASE_URL")
+    if given:
+        yield _with_db(given, "postgres")
+        return
+    server = Postgres(tmp_path_factory.mktemp("pg") / "data").start(create_db=None)
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> str:
+    import asyncio
+
+    async def make() -> None:
+        conn = await asyncpg.connect(pg_admin_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(make())
+    url = _with_db(pg_admin_url, TEMPLATE_DB)
+    migrate.run(url, "up")
+    return TEMPLATE_DB
+
+
+@pytest_asyncio.fixture
+async def database_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await conn.close()
+    yield _with_db(pg_admin_url, name)
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    from boxoffice import db as dbmod
+    async with dbmod.pool(database_url, min_size=1, max_size=20) as pool:
+        yield pool
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own, with JetStream on disk (fault tests stop and start it)."""
+    server = NatsServer(tmp_path / "nats", sync_always=False).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return os.environ.get("NATS_URL") or nats_server.url
+
+
+@pytest.fixture(scope="session")
+def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStripe]:
+    ls = LocalStripe(log=tmp_path_factory.mktemp("localstripe") / "localstripe.log").start()
+    try:
+        yield ls
+    finally:
+        ls.stop()
+
+
+@pytest.fixture
+def service_env(nats_url: str, database_url: str) -> dict[str, str]:
+    """Environment for service processes; tests that need Stripe add ``STRIPE_API_BASE``."""
+    return base_env(nats_url, database_url)
+
+
+@pytest.fixture
+def start_service(service_env: dict[str, str], tmp_path: Path
+                  ) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start ``boxoffice run <service>`` as a real process; everything started is stopped after."""
+    started: list[ServiceProcess] = []
+
+    def start(service: str, *, wait: bool = True, env: dict[str, str] | None = None,
+              **extra_env: str) -> ServiceProcess:
+        e = dict(env or service_env)
+        if service == "ingress":
+            e.pop("DATABASE_URL", None)
+            e.pop("STRIPE_API_KEY", None)
+        n = sum(1 for s in started if s.service == service)
+        proc = ServiceProcess(service, e, tmp_path / f"{service}-{n}.log")
+        started.append(proc)
+        return proc.start(wait=wait, **extra_env)
+
+    yield start
+    for proc in started:
+        if proc.running:
+            proc.kill()
