@@ -135,6 +135,7 @@ class Bus:
             task.add_done_callback(self._done)
 
         self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_request))
+        await self.nc.flush(timeout=5)  # the server knows the subscription before we say ready
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)

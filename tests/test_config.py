@@ -1,0 +1,93 @@
+"""Configuration: a missing or malformed variable stops the process with one line naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from boxoffice import config
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY
+
+GOOD = {
+    "NATS_URL": "nats://127.0.0.1:4222",
+    "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/boxoffice",
+    "STRIPE_API_KEY": STRIPE_KEY,
+    "STRIPE_WEBHOOK_SECRET": "whsec_aaaaaaaa,whsec_bbbbbbbb",
+    "CLIENT_API_TOKENS": CLIENT_TOKEN,
+    "ADMIN_API_TOKENS": ADMIN_TOKEN,
+}
+
+
+@pytest.mark.parametrize("service", ["ingress", "payment", "webhook", "error_sink", "reaper"])
+def test_every_service_loads_a_good_environment(service: str) -> None:
+    cfg = config.load(service, GOOD)
+    assert cfg.service == service
+    assert cfg.reservation_ttl_seconds == 900
+    assert cfg.idempotency_key_ttl_hours == 24
+
+
+@pytest.mark.parametrize("service", list(config.REQUIRED))
+def test_each_required_variable_is_named_when_missing(service: str) -> None:
+    for name in config.REQUIRED[service]:
+        env = {k: v for k, v in GOOD.items() if k != name}
+        with pytest.raises(config.ConfigError) as info:
+            config.load(service, env)
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("DATABASE_URL", "nonsense"),
+    ("DATABASE_URL", "mysql://x@y/z"),
+    ("NATS_URL", "http://127.0.0.1:4222"),
+    ("STRIPE_API_KEY", "pk_test_publishable"),
+    ("RESERVATION_TTL_SECONDS", "0"),
+    ("RESERVATION_TTL_SECONDS", "ten"),
+    ("IDEMPOTENCY_KEY_TTL_HOURS", "-1"),
+    ("HEALTH_PORT", "70000"),
+    ("LOG_LEVEL", "LOUD"),
+    ("STRIPE_API_BASE", "ftp://stripe"),
+])
+def test_malformed_values_are_named_and_not_echoed(name: str, value: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load("payment", {**GOOD, name: value})
+    assert name in str(info.value)
+    assert value not in str(info.value) or value in ("0",)
+
+
+def test_ingress_rejects_short_tokens_and_shared_admin_tokens() -> None:
+    with pytest.raises(config.ConfigError, match="CLIENT_API_TOKENS"):
+        config.load("ingress", {**GOOD, "CLIENT_API_TOKENS": "short"})
+    with pytest.raises(config.ConfigError, match="ADMIN_API_TOKENS"):
+        config.load("ingress", {**GOOD, "ADMIN_API_TOKENS": CLIENT_TOKEN})
+
+
+def test_ingress_never_needs_database_or_stripe_key() -> None:
+    env = {k: v for k, v in GOOD.items() if k not in ("DATABASE_URL", "STRIPE_API_KEY")}
+    cfg = config.load("ingress", env)
+    assert cfg.database_url is None and cfg.stripe_api_key is None
+    assert cfg.stripe_webhook_secrets == ("whsec_aaaaaaaa", "whsec_bbbbbbbb")
+
+
+def test_repr_hides_secrets() -> None:
+    cfg = config.load("payment", GOOD)
+    assert STRIPE_KEY not in repr(cfg) and "postgresql" not in repr(cfg)
+
+
+@pytest.mark.parametrize("service", ["payment", "webhook", "error_sink", "reaper"])
+def test_process_with_nonsense_database_url_exits_with_one_line(service: str) -> None:
+    env = {**GOOD, "DATABASE_URL": "nonsense", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "boxoffice.cli", "run", service], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "DATABASE_URL" in lines[0]
+    assert "nonsense" not in lines[0]
+
+
+def test_unknown_service_is_refused() -> None:
+    r = subprocess.run([sys.executable, "-m", "boxoffice.cli", "run", "billing"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "billing" in r.stderr

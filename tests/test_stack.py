@@ -1,0 +1,119 @@
+"""`boxoffice up` end to end: embedded servers, ready, stack.env, a killed service restarted,
+data kept across restarts, and one SIGINT leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from boxoffice.embedded import free_port
+from boxoffice.stack import STACK_KEYS, read_env
+from tests.harness import http_ready
+
+
+def start_stack(home: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NATS_URL", "DATABASE_URL", "STRIPE_API_KEY", "STRIPE_API_BASE")}
+    env.update(BOXOFFICE_HOME=str(home), INGRESS_PORT=str(port), RESERVATION_TTL_SECONDS="120")
+    proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "up"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("boxoffice up exited:\n" + "".join(lines))
+        lines.append(line)
+        if "ingress listening on" in line:
+            return proc, lines
+    raise AssertionError("not ready in time:\n" + "".join(lines))
+
+
+def admin(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, method=method,
+                                 data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def stop_stack(proc: subprocess.Popen) -> set[psutil.Process]:
+    family = set(psutil.Process(proc.pid).children(recursive=True))
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(60) == 0
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()
+    return family
+
+
+def test_up_ready_restart_and_clean_stop(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    port = free_port()
+    proc, lines = start_stack(home, port)
+    try:
+        ready_line = next(line for line in lines if "ingress listening on" in line)
+        assert f"http://127.0.0.1:{port}" in ready_line
+        env = read_env(home / "stack.env")
+        assert set(STACK_KEYS) <= set(env) and all(env[k] for k in STACK_KEYS)
+        assert env["FRONTEND_SENTRY_DSN"].startswith("http://") and f":{port}/" in env["FRONTEND_SENTRY_DSN"]
+        assert http_ready(f"{env['INGRESS_URL']}/readyz")
+        status = subprocess.run([sys.executable, "-m", "boxoffice.cli", "status"],
+                                env={**os.environ, "BOXOFFICE_HOME": str(home)},
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stdout + status.stderr
+
+        # the demo event is seeded; an event created now must survive a restart
+        demo = admin(env["INGRESS_URL"], env["ADMIN_API_TOKEN"], "GET",
+                     f"/v1/admin/events/{env['DEMO_EVENT_ID']}")
+        assert demo["capacity"] > 0
+        created = admin(env["INGRESS_URL"], env["ADMIN_API_TOKEN"], "POST", "/v1/admin/events",
+                        {"name": "Persisted", "capacity": 7, "price": 100, "currency": "eur"})
+
+        # kill a service: it is restarted and the stack becomes ready again
+        services = json.loads((home / "services.json").read_text())
+        victim = services["payment"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = json.loads((home / "services.json").read_text())["payment"]["pid"]
+            if now != victim and http_ready(services["payment"]["ready"]):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("payment was not restarted")
+        status = subprocess.run([sys.executable, "-m", "boxoffice.cli", "status"],
+                                env={**os.environ, "BOXOFFICE_HOME": str(home)},
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0
+    finally:
+        family = stop_stack(proc)
+    assert len(family) >= 8  # five services and three embedded servers at least
+    gone, alive = psutil.wait_procs(list(family), timeout=10)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+    status = subprocess.run([sys.executable, "-m", "boxoffice.cli", "status"],
+                            env={**os.environ, "BOXOFFICE_HOME": str(home)},
+                            capture_output=True, text=True, timeout=30)
+    assert status.returncode != 0
+
+    # a second start on the same directory keeps the data
+    proc, _ = start_stack(home, port)
+    try:
+        env = read_env(home / "stack.env")
+        again = admin(env["INGRESS_URL"], env["ADMIN_API_TOKEN"], "GET",
+                      f"/v1/admin/events/{created['id']}")
+        assert again["name"] == "Persisted" and again["capacity"] == 7
+    finally:
+        family = stop_stack(proc)
+    _, alive = psutil.wait_procs(list(family), timeout=10)
+    assert not alive
