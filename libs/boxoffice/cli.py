@@ -53,6 +53,29 @@ def cmd_status(_: argparse.Namespace) -> int:
     return stack.status()
 
 
+def cmd_configure_localstripe(args: argparse.Namespace) -> int:
+    """Point the localstripe emulator's webhooks at ingress (development stacks only)."""
+    import time
+    import urllib.error
+
+    from boxoffice.embedded import configure_localstripe_webhook
+
+    base = os.environ.get("STRIPE_API_BASE", "").strip()
+    secret = os.environ.get("STRIPE_WEBHOOK_SECRET", "").split(",")[0].strip()
+    if not base or not secret:
+        print("boxoffice dev: STRIPE_API_BASE and STRIPE_WEBHOOK_SECRET are required", file=sys.stderr)
+        return 2
+    for _ in range(30):
+        try:
+            configure_localstripe_webhook(base, args.url, secret)
+            print(f"localstripe webhooks -> {args.url}")
+            return 0
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    print(f"boxoffice dev: cannot reach {base}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="boxoffice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_migrate)
     sub.add_parser("up", help="run the whole stack on this machine").set_defaults(func=cmd_up)
     sub.add_parser("status", help="exit 0 once every service is ready").set_defaults(func=cmd_status)
+    p = sub.add_parser("dev", help="development helpers")
+    d = p.add_subparsers(dest="dev_command", required=True)
+    c = d.add_parser("configure-localstripe", help="point localstripe's webhooks at ingress")
+    c.add_argument("--url", required=True, help="ingress webhook URL")
+    c.set_defaults(func=cmd_configure_localstripe)
     from boxoffice import ops
     ops.add_commands(sub)
     args = parser.parse_args(argv)

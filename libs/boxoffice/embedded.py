@@ -240,11 +240,15 @@ class LocalStripe(Child):
         return self
 
     def configure_webhook(self, url: str, secret: str, endpoint_id: str = "boxoffice") -> None:
-        data = f"url={urllib.parse.quote(url, safe='')}&secret={urllib.parse.quote(secret)}".encode()
-        req = urllib.request.Request(f"{self.url}/_config/webhooks/{endpoint_id}", data=data,
-                                     method="POST",
-                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
+        configure_localstripe_webhook(self.url, url, secret, endpoint_id)
 
 
+def configure_localstripe_webhook(base: str, url: str, secret: str,
+                                  endpoint_id: str = "boxoffice") -> None:
+    """Point the emulator's webhook endpoint at ``url``, signed with ``secret``."""
+    data = urllib.parse.urlencode({"url": url, "secret": secret}).encode()
+    req = urllib.request.Request(f"{base.rstrip('/')}/_config/webhooks/{endpoint_id}", data=data,
+                                 method="POST",
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        resp.read()

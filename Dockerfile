@@ -1,0 +1,15 @@
+# One image for every boxoffice service (and the localstripe emulator used in development).
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+
+COPY pyproject.toml constraints.txt README.md ./
+COPY libs ./libs
+COPY services ./services
+RUN pip install -c constraints.txt . \
+    && useradd --system --uid 10001 --home-dir /app boxoffice
+
+USER boxoffice
+ENTRYPOINT ["boxoffice"]
+CMD ["--help"]
