@@ -28,7 +28,7 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "ingress": ("INGRESS_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
-    "webhook": ("HEALTH_PORT", "STRIPE_API_BASE"),
+    "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS"),
     "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL"),
     "reaper": ("HEALTH_PORT", "IDEMPOTENCY_KEY_TTL_HOURS", "WEBHOOK_LOG_RETENTION_DAYS",
                "ERROR_RETENTION_DAYS"),
@@ -76,6 +76,8 @@ class Config:
     webhook_log_retention_days: int = 30
     error_retention_days: int = 90
     alert_webhook_url: str | None = None
+    # seconds between attempts to apply a failing Stripe event; attempts = len + 1
+    webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
 
     def __repr__(self) -> str:  # never print secrets
         return f"Config(service={self.service!r}, env={self.env!r})"
@@ -108,6 +110,16 @@ def _list(name: str, raw: str, min_len: int = 1) -> tuple[str, ...]:
     if any(len(i) < min_len or not i.isprintable() or " " in i for i in items):
         raise ConfigError(name, f"values must be printable, without spaces, at least {min_len} characters")
     return items
+
+
+def _delays(name: str, raw: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(p) for p in raw.split(","))
+    except ValueError:
+        raise ConfigError(name, "must be comma-separated seconds, such as 1,5,30") from None
+    if not 1 <= len(delays) <= 50 or any(not 0 <= d <= 86400 for d in delays):
+        raise ConfigError(name, "must list 1 to 50 delays, each 0 to 86400 seconds")
+    return delays
 
 
 def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -175,4 +187,6 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["error_retention_days"] = _int("ERROR_RETENTION_DAYS", v, 1, 3650)
     if v := get("ALERT_WEBHOOK_URL"):
         kw["alert_webhook_url"] = _url("ALERT_WEBHOOK_URL", v, ("http", "https"))
+    if v := get("WEBHOOK_RETRY_DELAYS"):
+        kw["webhook_retry_delays"] = _delays("WEBHOOK_RETRY_DELAYS", v)
     return Config(**kw)  # type: ignore[arg-type]
