@@ -1,0 +1,164 @@
+-- migrate:up
+
+-- Wake the reaper when a hold appears (or is shortened): NOTIFY carries the soonest new
+-- expires_at as epoch seconds, so a reaper sleeping until a later expiry wakes for this one.
+-- One notification per statement; NOTIFY is delivered on commit only, so the reaper never wakes
+-- for a hold that was rolled back, and a periodic sweep covers wake-ups lost while not listening.
+CREATE FUNCTION reservations_due_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    due timestamptz;
+BEGIN
+    SELECT min(n.expires_at) INTO due FROM new_reservations n WHERE n.status = 'active';
+    IF due IS NOT NULL THEN
+        PERFORM pg_notify('boxoffice_reservations_due', extract(epoch FROM due)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER reservations_due_on_insert AFTER INSERT ON reservations
+    REFERENCING NEW TABLE AS new_reservations
+    FOR EACH STATEMENT EXECUTE FUNCTION reservations_due_notify();
+
+CREATE FUNCTION reservation_shortened_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('boxoffice_reservations_due', extract(epoch FROM NEW.expires_at)::text);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER reservations_due_on_shorten AFTER UPDATE OF expires_at ON reservations
+    FOR EACH ROW WHEN (NEW.status = 'active' AND NEW.expires_at < OLD.expires_at)
+    EXECUTE FUNCTION reservation_shortened_notify();
+
+-- Expire at most p_limit overdue active holds (optionally of one event) in the caller's
+-- transaction and return each one with how late it was released (seconds past expires_at).
+-- Holds are claimed with SKIP LOCKED (replicas and completions never wait on each other's holds;
+-- a hold being completed is skipped, so the race is decided once, by the row lock). The
+-- inventory rows are then locked in one fixed order (event, bucket), as hold_tickets gathers
+-- them, so replicas expiring overlapping buckets queue instead of deadlocking. One
+-- 'reservations.events.expired' outbox row per hold, in the same transaction.
+CREATE FUNCTION reap_due_reservations(p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
+RETURNS TABLE (reservation_id uuid, lag_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids uuid[];
+BEGIN
+    SELECT array_agg(d.id) INTO ids FROM (
+        SELECT r.id FROM reservations r
+        WHERE r.status = 'active' AND r.expires_at <= clock_timestamp()
+          AND (p_event_id IS NULL OR r.event_id = p_event_id)
+        ORDER BY r.expires_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED) d;
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM inventory_buckets b
+    WHERE (b.event_id, b.bucket) IN (SELECT a.event_id, a.bucket FROM reservation_allocations a
+                                     WHERE a.reservation_id = ANY (ids))
+    ORDER BY b.event_id, b.bucket
+    FOR UPDATE;
+    UPDATE inventory_buckets b SET held = b.held - s.quantity
+    FROM (SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
+          FROM reservation_allocations a WHERE a.reservation_id = ANY (ids)
+          GROUP BY a.event_id, a.bucket) s
+    WHERE b.event_id = s.event_id AND b.bucket = s.bucket;
+    RETURN QUERY
+    WITH expired AS (
+        UPDATE reservations r
+        SET status = 'expired', released_at = clock_timestamp(), updated_at = clock_timestamp()
+        WHERE r.id = ANY (ids)
+        RETURNING r.id, r.event_id, r.quantity, r.expires_at, r.released_at
+    ), announced AS (
+        INSERT INTO outbox (subject, payload)
+        SELECT 'reservations.events.expired',
+               jsonb_build_object('reservation_id', e.id, 'event_id', e.event_id,
+                                  'quantity', e.quantity, 'expires_at', e.expires_at,
+                                  'occurred_at', e.released_at)
+        FROM expired e ORDER BY e.expires_at
+        RETURNING 1
+    )
+    SELECT e.id, extract(epoch FROM e.released_at - e.expires_at)::double precision
+    FROM expired e;
+END $$;
+
+CREATE OR REPLACE FUNCTION expire_due_reservations(p_limit integer DEFAULT 1000,
+                                                   p_event_id uuid DEFAULT NULL)
+RETURNS integer LANGUAGE sql AS $$
+    SELECT count(*)::integer FROM reap_due_reservations(p_limit, p_event_id)
+$$;
+
+-- The operators' function keeps its meaning (expire every overdue hold now, return how many)
+-- and now leaves a 'manual' row in reaper_runs like every other run.
+CREATE OR REPLACE FUNCTION cleanup_expired_reservations() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    total   integer := 0;
+    n       integer;
+    started timestamptz := clock_timestamp();
+BEGIN
+    LOOP
+        n := expire_due_reservations(5000);
+        total := total + n;
+        EXIT WHEN n = 0;
+    END LOOP;
+    INSERT INTO reaper_runs (kind, replica, started_at, finished_at, expired)
+    VALUES ('manual', 'sql:' || current_user, started, clock_timestamp(), total);
+    RETURN total;
+END $$;
+
+-- migrate:down
+
+CREATE OR REPLACE FUNCTION cleanup_expired_reservations() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    total integer := 0;
+    n integer;
+BEGIN
+    LOOP
+        n := expire_due_reservations(5000);
+        total := total + n;
+        EXIT WHEN n = 0;
+    END LOOP;
+    RETURN total;
+END $$;
+
+CREATE OR REPLACE FUNCTION expire_due_reservations(p_limit integer DEFAULT 1000,
+                                                   p_event_id uuid DEFAULT NULL)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH due AS (
+        SELECT id FROM reservations
+        WHERE status = 'active' AND expires_at <= clock_timestamp()
+          AND (p_event_id IS NULL OR event_id = p_event_id)
+        ORDER BY expires_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), expired AS (
+        UPDATE reservations r
+        SET status = 'expired', released_at = clock_timestamp(), updated_at = clock_timestamp()
+        FROM due WHERE r.id = due.id
+        RETURNING r.id, r.event_id, r.quantity, r.expires_at
+    ), released AS (
+        SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
+        FROM reservation_allocations a JOIN expired e ON e.id = a.reservation_id
+        GROUP BY a.event_id, a.bucket
+    ), returned AS (
+        UPDATE inventory_buckets b SET held = b.held - released.quantity
+        FROM released WHERE b.event_id = released.event_id AND b.bucket = released.bucket
+        RETURNING 1
+    ), announced AS (
+        INSERT INTO outbox (subject, payload)
+        SELECT 'reservations.events.expired',
+               jsonb_build_object('reservation_id', e.id, 'event_id', e.event_id,
+                                  'quantity', e.quantity, 'expires_at', e.expires_at,
+                                  'occurred_at', clock_timestamp())
+        FROM expired e
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM expired;
+    RETURN n;
+END $$;
+
+DROP FUNCTION reap_due_reservations(integer, uuid);
+DROP TRIGGER reservations_due_on_shorten ON reservations;
+DROP FUNCTION reservation_shortened_notify();
+DROP TRIGGER reservations_due_on_insert ON reservations;
+DROP FUNCTION reservations_due_notify();
