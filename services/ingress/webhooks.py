@@ -1,0 +1,120 @@
+"""Stripe's webhook deliveries, and the operators' view of them.
+
+``POST /v1/webhooks/stripe`` checks the signature over the raw body, checks the event's shape,
+publishes the raw body to ``stripe.events.<type>`` with the event id as ``Nats-Msg-Id``, and
+answers 200 only after JetStream's PubAck: an event answered 2xx is kept. No database work here;
+the webhook service applies the event. When the bus cannot take it, 503 with ``Retry-After``, and
+Stripe delivers it again later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+
+import msgspec
+from aiohttp import web
+
+from boxoffice import errors
+from boxoffice.ingress.http import CONFIG, json_response, require_admin
+from boxoffice.ingress.state import BUS
+from boxoffice.wire import stripe as w
+from boxoffice.wire.subjects import stripe_event
+
+log = logging.getLogger("boxoffice.ingress.webhooks")
+
+TOLERANCE = 300  # seconds, either side of now (Stripe's default; a future stamp is as suspect)
+MAX_SIGNATURES = 8
+
+InvalidSignature = errors.define("InvalidSignature", "invalid_signature", 400,
+                                 "Stripe signature verification failed")
+InvalidEvent = errors.define("InvalidStripeEvent", "invalid_stripe_event", 400,
+                             "Not a Stripe event")
+
+routes = web.RouteTableDef()
+
+
+def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...],
+                     now: float | None = None, tolerance: int = TOLERANCE) -> None:
+    """Check ``Stripe-Signature: t=<unix>,v1=<hex>[,v1=...]`` against every secret.
+
+    HMAC-SHA256 over ``"<t>.<body>"``; every (secret, v1) pair is compared in constant time,
+    without stopping at the first match, so timing tells nothing about which secret or which
+    signature matched. Other schemes (v0) are ignored. Raises ``InvalidSignature``; its detail
+    says what was wrong with the header, never anything about a secret.
+    """
+    if not header:
+        raise InvalidSignature("the Stripe-Signature header is missing")
+    timestamp: str | None = None
+    candidates: list[bytes] = []
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            timestamp = value
+        elif key == "v1" and len(candidates) < MAX_SIGNATURES:
+            candidates.append(value.encode())
+    if (timestamp is None or not (timestamp.isascii() and timestamp.isdigit())
+            or len(timestamp) > 12 or not candidates):
+        raise InvalidSignature("the Stripe-Signature header is malformed")
+    now = time.time() if now is None else now
+    if abs(now - int(timestamp)) > tolerance:
+        raise InvalidSignature("the signature's timestamp is outside the tolerance")
+    signed = timestamp.encode() + b"." + body
+    matched = False
+    for secret in secrets:
+        expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest().encode()
+        for candidate in candidates:
+            matched |= hmac.compare_digest(expected, candidate)
+    if not matched:
+        raise InvalidSignature("no signature matches")
+
+
+def parse_event(body: bytes) -> w.StripeEvent:
+    try:
+        return msgspec.json.decode(body, type=w.StripeEvent)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"not a Stripe event: {exc}") from None
+    except msgspec.DecodeError:
+        raise errors.InvalidJSON("the body is not valid JSON") from None
+
+
+@routes.post("/v1/webhooks/stripe")
+async def stripe_webhook(request: web.Request) -> web.Response:
+    body = await request.read()  # over the body limit: 413 from the middleware
+    try:
+        verify_signature(body, request.headers.get("Stripe-Signature"),
+                         request.app[CONFIG].stripe_webhook_secrets)
+    except errors.BoxofficeError as exc:
+        log.warning("stripe webhook rejected: %s", exc.detail)
+        raise
+    event = parse_event(body)
+    bus = request.app[BUS]
+    if not bus.connected:  # fail fast: Stripe will deliver again
+        raise errors.ServiceUnavailable("the event bus is unavailable", retry_after=5)
+    fresh = await bus.publish(stripe_event(event.type), body, event.id, timeout=3.0)
+    return json_response({"received": True, "id": event.id, "duplicate": not fresh})
+
+
+@routes.get("/v1/admin/webhooks/events")
+async def list_events(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = request.query
+    try:
+        req = msgspec.convert({k: q[k] for k in ("status", "type", "limit") if k in q},
+                              w.ListEventsRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise errors.ValidationFailed(f"bad query: {exc}") from None
+    return json_response(await request.app[BUS].request(w.EVENTS_LIST, req, w.LoggedEvents))
+
+
+@routes.post("/v1/admin/webhooks/events/{event_id}/replay")
+async def replay_event(request: web.Request) -> web.Response:
+    require_admin(request)
+    try:
+        req = msgspec.convert({"event_id": request.match_info["event_id"]}, w.ReplayRequest)
+    except msgspec.ValidationError:
+        raise errors.NotFound("no such webhook event") from None
+    result = await request.app[BUS].request(w.EVENTS_REPLAY, req, w.ReplayResult, timeout=45.0)
+    return json_response(result)
