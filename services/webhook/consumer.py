@@ -1,44 +1,215 @@
-"""Keeps every Stripe event from STRIPE_EVENTS in ``webhook_events_log``, once per event id.
+"""Applies Stripe events from STRIPE_EVENTS exactly once.
 
-A row is written and the message acked only after the transaction commits, so a crash before
-the commit redelivers the event and a duplicate delivery finds the row and changes nothing.
+For each message, one transaction: claim the event's row in ``webhook_events_log``, apply its
+effects, commit; only then ack. A crash before the commit leaves nothing and the message is
+redelivered; a crash after it finds the row done on redelivery and acks without effect.
+
+Failures, and how often they are retried:
+- PostgreSQL unreachable: nothing can be recorded, so the message is nak'ed with a delay and
+  the consumer pauses until the database answers. These retries are not counted: the JetStream
+  consumer has no ``max_deliver``, so an outage of any length loses no event.
+- the event's own failure (an effect raised, Stripe refused a refund): the attempt is counted in
+  the event's row and the message nak'ed with the next delay of ``WEBHOOK_RETRY_DELAYS``; after
+  the last attempt the row is marked ``failed`` (replayable by an operator), an error reported,
+  and the message terminated.
+- a deadlock or serialization failure is retried at once, a few times, before it counts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from datetime import datetime, timezone
+import time
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import msgspec
+import nats.errors
+import prometheus_client
 from nats.aio.msg import Msg
 
-from boxoffice import wire
+from boxoffice import db, wire
+from boxoffice.webhook import effects, eventlog
+from boxoffice.webhook.effects import Outcome
+from boxoffice.webhook.refunds import Refunds
 from boxoffice.wire.stripe import StripeEvent
 
 log = logging.getLogger("boxoffice.webhook")
 
-MAX_DELIVER = 10
+ACK_WAIT = 10.0  # seconds; work that takes longer is kept alive with in_progress()
+DB_RETRY_DELAY = 2.0
+DB_DOWN = db.UNAVAILABLE + (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
+TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+PERMANENT = (msgspec.ValidationError,)  # the event itself does not fit: retrying cannot help
+
+APPLIED = prometheus_client.Counter("boxoffice_webhook_events_total",
+                                    "Stripe events handled, by type and outcome",
+                                    ["event_type", "outcome"])
+FAILED_ATTEMPTS = prometheus_client.Counter("boxoffice_webhook_failed_attempts_total",
+                                            "Failed attempts to apply a Stripe event")
+DB_WAITS = prometheus_client.Counter("boxoffice_webhook_database_waits_total",
+                                     "Deliveries put back because PostgreSQL was unreachable")
 
 
-class Handler:
-    def __init__(self, pool: asyncpg.Pool):
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Processor:
+    """Applies one event in one transaction (used by the consumer and by operator replays)."""
+
+    def __init__(self, pool: asyncpg.Pool, refunds: Refunds, retry_delays: Sequence[float]):
         self.pool = pool
+        self.refunds = refunds
+        self.retry_delays = tuple(retry_delays)
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.retry_delays) + 1
+
+    def delay(self, attempts: int) -> float:
+        return self.retry_delays[min(attempts, len(self.retry_delays)) - 1] if self.retry_delays else 0
+
+    async def process(self, event: StripeEvent, raw: str) -> Outcome:
+        """Apply ``event`` once; raises (after rolling back) if it could not be applied."""
+        status = "processed" if effects.handles(event.type) else "ignored"
+        for attempt in range(3):
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    if await eventlog.claim(conn, event, raw, status) is None:
+                        outcome = Outcome("duplicate")
+                    else:
+                        outcome = await effects.apply(conn, event, self.refunds)
+                break
+            except TRANSIENT:
+                if attempt == 2:
+                    raise
+        APPLIED.labels(event.type, outcome.name).inc()
+        for report in outcome.reports:  # committed: now it may be told
+            log.log(report.level, report.message, extra={"context": report.context})
+        return outcome
+
+    async def fail(self, event: StripeEvent, raw: str, exc: BaseException) -> tuple[int, str] | None:
+        """Count a failed attempt (see ``eventlog.record_failure``); report a final failure."""
+        FAILED_ATTEMPTS.inc()
+        async with self.pool.acquire() as conn:
+            result = await eventlog.record_failure(conn, event, raw, describe(exc),
+                                                   self.max_attempts,
+                                                   final=isinstance(exc, PERMANENT))
+        if result is not None and result[1] == "failed":
+            log.error("stripe event %s (%s) failed after %d attempts: %s", event.id, event.type,
+                      result[0], describe(exc),
+                      extra={"context": {"event_id": event.id, "event_type": event.type,
+                                         "attempts": result[0]}})
+        else:
+            log.warning("stripe event %s (%s) failed, will retry: %s", event.id, event.type,
+                        describe(exc))
+        return result
+
+
+async def _settle(msg: Msg, how: str, delay: float | None = None) -> None:
+    """ack / nak / term; the bus may be gone (then JetStream redelivers, which is harmless)."""
+    with contextlib.suppress(nats.errors.Error, OSError):
+        if how == "ack":
+            await msg.ack()
+        elif how == "nak":
+            await msg.nak(delay=delay)
+        else:
+            await msg.term()
+
+
+class Consumer:
+    """The JetStream handler: a batch of messages, applied concurrently, each acked after commit."""
+
+    def __init__(self, processor: Processor, *, concurrency: int = 16):
+        self.processor = processor
+        self._slots = asyncio.Semaphore(concurrency)
+        self._inflight: dict[Msg, float] = {}
+        self._db_down = False
 
     async def __call__(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
+        await asyncio.gather(*(self._one(m) for m in msgs))
+        if self._db_down:
+            await self._wait_for_database()
+
+    async def _one(self, msg: Msg) -> None:
+        try:
+            event = wire.decode(msg.data, StripeEvent)
+            raw = msg.data.decode()
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+            # ingress checks every event before publishing, so this did not come from Stripe
+            log.error("message on %s is not a Stripe event: dropped", msg.subject)
+            await _settle(msg, "term")
+            return
+        async with self._slots:
+            if self._db_down:
+                await _settle(msg, "nak", DB_RETRY_DELAY)
+                return
+            self._inflight[msg] = time.monotonic()
             try:
-                event = wire.decode(msg.data, StripeEvent)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                log.error("undecodable message on %s dropped", msg.subject)
-                await msg.term()
-                continue
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    """
-                    INSERT INTO webhook_events_log (event_id, event_type, event_created, payload)
-                    VALUES ($1, $2, $3, $4::jsonb)
-                    ON CONFLICT (event_id) DO NOTHING
-                    """, event.id, event.type,
-                    datetime.fromtimestamp(event.created, timezone.utc), msg.data.decode())
-            await msg.ack()
+                await self._apply(msg, event, raw)
+            finally:
+                self._inflight.pop(msg, None)
+
+    async def _apply(self, msg: Msg, event: StripeEvent, raw: str) -> None:
+        try:
+            await self.processor.process(event, raw)
+        except DB_DOWN:
+            self._database_lost(msg)
+            await _settle(msg, "nak", DB_RETRY_DELAY)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of the event is counted and retried
+            try:
+                result = await self.processor.fail(event, raw, exc)
+            except DB_DOWN:
+                self._database_lost(msg)
+                await _settle(msg, "nak", DB_RETRY_DELAY)
+                return
+            if result is None:  # applied meanwhile (a concurrent delivery)
+                await _settle(msg, "ack")
+            elif result[1] == "failed":
+                await _settle(msg, "term")
+            else:
+                await _settle(msg, "nak", self.processor.delay(result[0]))
+            return
+        await _settle(msg, "ack")
+
+    def _database_lost(self, msg: Msg) -> None:
+        DB_WAITS.inc()
+        if not self._db_down:
+            log.warning("postgres unreachable: deliveries wait (event on %s put back)", msg.subject)
+        self._db_down = True
+
+    async def _wait_for_database(self, most: float = 10.0) -> None:
+        deadline = time.monotonic() + most
+        while time.monotonic() < deadline:
+            if await db.ping(self.processor.pool):
+                log.info("postgres reachable again: resuming")
+                self._db_down = False
+                return
+            await asyncio.sleep(0.5)
+
+    async def keep_alive(self, stopping: asyncio.Event) -> None:
+        """Tell JetStream that long-running deliveries (a slow refund) are still being worked on."""
+        every = ACK_WAIT / 3
+        while not stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), every)
+            now = time.monotonic()
+            for msg, started in list(self._inflight.items()):
+                if now - started >= every:
+                    with contextlib.suppress(nats.errors.Error, OSError):
+                        await msg.in_progress()
+
+
+@contextlib.asynccontextmanager
+async def keeping_alive(consumer: Consumer) -> AsyncIterator[None]:
+    stopping = asyncio.Event()
+    task = asyncio.create_task(consumer.keep_alive(stopping))
+    try:
+        yield
+    finally:
+        stopping.set()
+        await task

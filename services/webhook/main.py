@@ -1,4 +1,8 @@
-"""The webhook service: build and run."""
+"""The webhook service: build and run.
+
+Torn down in reverse: stop fetching (the batch in hand is finished and acked), stop answering
+operators, stop the outbox relay, close the Stripe client, drain NATS, close the pool.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,34 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, outbox, runtime
-from boxoffice.webhook import consumer
+from boxoffice.webhook import consumer, handlers, refunds
 from boxoffice.wire.subjects import WEBHOOK_CONSUMER
+
+BATCH = 512
+CONCURRENCY = 16
 
 
 async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
-    pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=16))
+    pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=CONCURRENCY + 4))
     bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "webhook"))
     await bus.declare_streams("STRIPE_EVENTS", "PAYMENTS", "RESERVATIONS", "ERRORS")
     stream, durable = WEBHOOK_CONSUMER
-    await bus.declare_consumer(stream, durable, ack_wait=30.0, max_deliver=consumer.MAX_DELIVER)
+    # No max_deliver: a delivery that fails because PostgreSQL is down must never be the last
+    # one. Attempts that fail for the event's own sake are counted in webhook_events_log and
+    # end with the row marked failed (consumer.py); back-off is the nak delay.
+    await bus.declare_consumer(stream, durable, ack_wait=consumer.ACK_WAIT, max_deliver=-1,
+                               max_ack_pending=20000)
+    stripe = await svc.stack.enter_async_context(refunds.client(cfg))
     await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
-    handle = consumer.Handler(pool)
-    await svc.stack.enter_async_context(busmod.pull_consumer(bus, stream, durable, handle))
+    processor = consumer.Processor(pool, stripe, cfg.webhook_retry_delays)
+    await handlers.register(bus, processor)
+    svc.stack.push_async_callback(bus.stop_serving)
+    handle = consumer.Consumer(processor, concurrency=CONCURRENCY)
+    await svc.stack.enter_async_context(consumer.keeping_alive(handle))
+    await svc.stack.enter_async_context(
+        busmod.pull_consumer(bus, stream, durable, handle, batch=BATCH))
     runtime.standard_checks(svc, bus=bus, pool=pool)
 
 

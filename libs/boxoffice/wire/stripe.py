@@ -1,10 +1,24 @@
-"""The part of a Stripe event that boxoffice relies on; the rest is kept as raw JSON."""
+"""Stripe events as boxoffice reads them, and the operator messages about them.
+
+A Stripe event travels on ``stripe.events.<type>`` exactly as Stripe sent it (the raw body, so
+nothing is lost or re-encoded); ``StripeEvent`` is the part boxoffice relies on. The object
+structs below are tolerant readers of ``data.object``: unknown fields are ignored, since Stripe
+adds fields in every API version.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from boxoffice.wire import Message
+
+# An event id becomes a Nats-Msg-Id and a primary key; a type becomes subject tokens, so both
+# are held to what Stripe actually sends (no spaces, no NATS wildcards).
+EventId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,255}$")]
+EventType = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_]{1,64}(\.[a-z0-9_]{1,64}){0,6}$")]
 
 
 class StripeEventData(msgspec.Struct):
@@ -12,7 +26,82 @@ class StripeEventData(msgspec.Struct):
 
 
 class StripeEvent(msgspec.Struct):
-    id: str
-    type: str
-    created: int
+    """``id``, ``type``, ``created`` (unix seconds) and ``data.object``; the rest is kept raw."""
+
+    id: EventId
+    type: EventType
+    created: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
     data: StripeEventData
+
+
+class PaymentIntentObject(msgspec.Struct):
+    id: str
+    amount: int = 0
+    currency: str = ""
+    status: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class ChargeObject(msgspec.Struct):
+    id: str
+    payment_intent: str | None = None
+    amount: int = 0
+    amount_refunded: int = 0
+    currency: str = ""
+    refunded: bool = False
+    metadata: dict[str, Any] = {}
+
+
+class DisputeObject(msgspec.Struct):
+    id: str
+    charge: str | None = None
+    payment_intent: str | None = None
+    amount: int = 0
+    currency: str = ""
+    reason: str | None = None
+
+
+def read_object(event: StripeEvent, type_: type[Any]) -> Any:
+    """``data.object`` as ``type_`` (raises ``msgspec.ValidationError`` if it does not fit)."""
+    return msgspec.convert(event.data.object, type=type_, strict=False)
+
+
+# -- operators: admin.webhooks.* (owned by the webhook service) ------------------------------
+EVENTS_LIST = "admin.webhooks.events.list"
+EVENTS_REPLAY = "admin.webhooks.events.replay"
+
+ProcessingStatus = Literal["received", "processed", "failed", "ignored"]
+
+
+class ListEventsRequest(Message):
+    status: ProcessingStatus | None = None
+    type: EventType | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+
+
+class ReplayRequest(Message):
+    event_id: EventId
+
+
+class LoggedEvent(msgspec.Struct):
+    """One row of ``webhook_events_log`` without its payload."""
+
+    event_id: str
+    event_type: str
+    event_created: datetime
+    processing_status: ProcessingStatus
+    attempts: int
+    last_error: str | None
+    received_at: datetime
+    processed_at: datetime | None
+
+
+class LoggedEvents(msgspec.Struct):
+    events: list[LoggedEvent]
+
+
+class ReplayResult(msgspec.Struct):
+    """What a replay did: ``outcome`` is the effect applied (or ``failed``), ``event`` the row after."""
+
+    outcome: str
+    event: LoggedEvent

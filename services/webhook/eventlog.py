@@ -1,0 +1,99 @@
+"""``webhook_events_log``: every Stripe event, once per event id, with its processing state.
+
+``claim`` is the first statement of an event's transaction: it inserts the row already marked
+done (the transaction commits that only together with the effects) or, for an event seen before
+and not yet done, locks its row. A concurrent duplicate waits on that lock and then finds the row
+done, so an event's effects are applied once. ``record_failure`` runs in a transaction of its
+own after a rollback, so attempts and the last error survive the failure they describe.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import asyncpg
+
+from boxoffice.wire.stripe import LoggedEvent, StripeEvent
+
+DONE = ("processed", "ignored")
+MAX_ERROR_CHARS = 2000
+
+_CLAIM = """
+INSERT INTO webhook_events_log AS w (event_id, event_type, event_created, payload,
+                                     processing_status, attempts, processed_at)
+VALUES ($1, $2, $3, $4::text::jsonb, $5, 1, clock_timestamp())
+ON CONFLICT (event_id) DO UPDATE
+SET processing_status = EXCLUDED.processing_status, attempts = w.attempts + 1,
+    processed_at = EXCLUDED.processed_at
+WHERE w.processing_status NOT IN ('processed', 'ignored')
+RETURNING w.attempts
+"""
+
+# A payload PostgreSQL cannot store as jsonb (a \u0000 escape) is kept as a JSON string instead,
+# so that even such an event is recorded, marked failed and visible to operators.
+_FAILURE = """
+INSERT INTO webhook_events_log AS w (event_id, event_type, event_created, payload,
+                                     processing_status, attempts, last_error)
+VALUES ($1, $2, $3, {payload}, CASE WHEN $6 OR $7 <= 1 THEN 'failed' ELSE 'received' END, 1, $5)
+ON CONFLICT (event_id) DO UPDATE
+SET attempts = w.attempts + 1, last_error = EXCLUDED.last_error,
+    processing_status = CASE WHEN $6 OR w.attempts + 1 >= $7 OR w.processing_status = 'failed'
+                             THEN 'failed' ELSE 'received' END
+WHERE w.processing_status NOT IN ('processed', 'ignored')
+RETURNING w.attempts, w.processing_status
+"""
+
+_COLUMNS = ("event_id, event_type, event_created, processing_status, attempts, last_error, "
+            "received_at, processed_at")
+
+
+def created_at(event: StripeEvent) -> datetime:
+    return datetime.fromtimestamp(event.created, timezone.utc)
+
+
+async def claim(conn: asyncpg.Connection, event: StripeEvent, raw: str, status: str) -> int | None:
+    """Record ``event`` as ``status`` and lock its row; None if its effects were committed before."""
+    return await conn.fetchval(_CLAIM, event.id, event.type, created_at(event), raw, status)
+
+
+async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str, error: str,
+                         max_attempts: int, *, final: bool = False) -> tuple[int, str] | None:
+    """Count a failed attempt; the row turns 'failed' at ``max_attempts`` (or at once if ``final``).
+
+    Returns (attempts, status) after, or None if the event was processed meanwhile.
+    """
+    args = (event.id, event.type, created_at(event), raw, error[:MAX_ERROR_CHARS], final,
+            max_attempts)
+    try:
+        row = await conn.fetchrow(_FAILURE.format(payload="$4::text::jsonb"), *args)
+    except asyncpg.exceptions.DataError:
+        row = await conn.fetchrow(_FAILURE.format(payload="to_jsonb($4::text)"), *args)
+    return None if row is None else (row["attempts"], row["processing_status"])
+
+
+def _logged(row: asyncpg.Record) -> LoggedEvent:
+    return LoggedEvent(event_id=row["event_id"], event_type=row["event_type"],
+                       event_created=row["event_created"],
+                       processing_status=row["processing_status"], attempts=row["attempts"],
+                       last_error=row["last_error"], received_at=row["received_at"],
+                       processed_at=row["processed_at"])
+
+
+async def list_events(pool: asyncpg.Pool, status: str | None, event_type: str | None,
+                      limit: int) -> list[LoggedEvent]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM webhook_events_log "
+            "WHERE ($1::text IS NULL OR processing_status = $1) "
+            "AND ($2::text IS NULL OR event_type = $2) "
+            "ORDER BY received_at DESC, event_id LIMIT $3", status, event_type, limit)
+    return [_logged(r) for r in rows]
+
+
+async def get(pool: asyncpg.Pool, event_id: str) -> tuple[LoggedEvent, str] | None:
+    """The row of ``event_id`` and its payload as JSON text, or None."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            f"SELECT {_COLUMNS}, payload::text AS payload FROM webhook_events_log "
+            "WHERE event_id = $1", event_id)
+    return None if row is None else (_logged(row), row["payload"])

@@ -1,0 +1,57 @@
+"""Operator requests on ``admin.webhooks.*``: list logged events, replay one (thin handlers)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from boxoffice import errors
+from boxoffice.bus import Bus
+from boxoffice.webhook import eventlog
+from boxoffice.webhook.consumer import DB_DOWN, Processor
+from boxoffice.wire import stripe as w
+
+WebhookEventNotFound = errors.define("WebhookEventNotFound", "webhook_event_not_found", 404,
+                                     "No such webhook event")
+AlreadyProcessed = errors.define("WebhookEventAlreadyProcessed", "webhook_event_already_processed",
+                                 409, "The event's effects are already applied")
+QUEUE = "webhook"
+
+
+async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
+    """Apply a logged event now, from its stored payload (for events that failed or wait)."""
+    found = await eventlog.get(processor.pool, event_id)
+    if found is None:
+        raise WebhookEventNotFound(f"no webhook event {event_id}")
+    row, payload = found
+    if row.processing_status in eventlog.DONE:
+        raise AlreadyProcessed(f"event {event_id} is {row.processing_status}: nothing to replay")
+    try:
+        event = msgspec.json.decode(payload, type=w.StripeEvent)
+        outcome = (await processor.process(event, payload)).name
+    except DB_DOWN:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the failure is recorded on the event and returned
+        if not isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
+            await processor.fail(event, payload, exc)
+        outcome = "failed"
+    found = await eventlog.get(processor.pool, event_id)
+    assert found is not None
+    return w.ReplayResult(outcome=outcome, event=found[0])
+
+
+async def register(bus: Bus, processor: Processor) -> None:
+    async def list_events(req: w.ListEventsRequest) -> w.LoggedEvents:
+        try:
+            return w.LoggedEvents(events=await eventlog.list_events(
+                processor.pool, req.status, req.type, req.limit))
+        except DB_DOWN:
+            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+
+    async def replay_event(req: w.ReplayRequest) -> w.ReplayResult:
+        try:
+            return await replay(processor, req.event_id)
+        except DB_DOWN:
+            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+
+    await bus.serve(w.EVENTS_LIST, w.ListEventsRequest, list_events, queue=QUEUE)
+    await bus.serve(w.EVENTS_REPLAY, w.ReplayRequest, replay_event, queue=QUEUE)
