@@ -31,7 +31,8 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS"),
     "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL"),
     "reaper": ("HEALTH_PORT", "IDEMPOTENCY_KEY_TTL_HOURS", "WEBHOOK_LOG_RETENTION_DAYS",
-               "ERROR_RETENTION_DAYS"),
+               "ERROR_RETENTION_DAYS", "REAPER_SWEEP_SECONDS", "REAPER_BATCH_SIZE",
+               "REAPER_RETENTION_INTERVAL_SECONDS"),
 }
 COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE")
 SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
@@ -76,6 +77,11 @@ class Config:
     webhook_log_retention_days: int = 30
     error_retention_days: int = 90
     alert_webhook_url: str | None = None
+    # reaper: catch-up sweep period (wake-ups come from NOTIFY), holds per transaction,
+    # seconds between retention purges
+    reaper_sweep_seconds: int = 1
+    reaper_batch_size: int = 1000
+    reaper_retention_interval_seconds: int = 600
     # seconds between attempts to apply a failing Stripe event; attempts = len + 1
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
 
@@ -189,4 +195,11 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["alert_webhook_url"] = _url("ALERT_WEBHOOK_URL", v, ("http", "https"))
     if v := get("WEBHOOK_RETRY_DELAYS"):
         kw["webhook_retry_delays"] = _delays("WEBHOOK_RETRY_DELAYS", v)
+    if v := get("REAPER_SWEEP_SECONDS"):
+        kw["reaper_sweep_seconds"] = _int("REAPER_SWEEP_SECONDS", v, 1, 3600)
+    if v := get("REAPER_BATCH_SIZE"):
+        kw["reaper_batch_size"] = _int("REAPER_BATCH_SIZE", v, 1, 50000)
+    if v := get("REAPER_RETENTION_INTERVAL_SECONDS"):
+        kw["reaper_retention_interval_seconds"] = _int("REAPER_RETENTION_INTERVAL_SECONDS", v,
+                                                       1, 7 * 86400)
     return Config(**kw)  # type: ignore[arg-type]
