@@ -1,0 +1,55 @@
+"""``boxoffice webhooks``: the Stripe events kept by the webhook service (list, replay)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from boxoffice import ops
+
+STATUSES = ("received", "processed", "failed", "ignored")
+
+
+def _list(args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit)}
+    if args.status:
+        query["status"] = args.status
+    if args.type:
+        query["type"] = args.type
+    return ops.call("GET", "/v1/admin/webhooks/events?" + urllib.parse.urlencode(query))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    """Replay one event; exits 1 when it failed again (the error is on the event)."""
+    url, token = ops._settings()
+    path = f"/v1/admin/webhooks/events/{urllib.parse.quote(args.event_id, safe='')}/replay"
+    req = urllib.request.Request(url + path, data=b"", method="POST",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            result = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"), file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 1 if result.get("outcome") == "failed" else 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("webhooks", help="Stripe webhook events: list, replay")
+    s = p.add_subparsers(dest="verb", required=True)
+    ls = s.add_parser("list", help="events newest first (e.g. --status failed)")
+    ls.add_argument("--status", choices=STATUSES)
+    ls.add_argument("--type", help="a Stripe event type, e.g. payment_intent.succeeded")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(func=_list)
+    rp = s.add_parser("replay", help="apply a failed (or waiting) event again, now")
+    rp.add_argument("event_id")
+    rp.set_defaults(func=_replay)
