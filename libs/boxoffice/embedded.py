@@ -233,9 +233,13 @@ class LocalStripe(Child):
 
     def start(self) -> "LocalStripe":
         out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL
-        self.proc = subprocess.Popen([venv_bin("localstripe"), "--port", str(self.port),
-                                      "--from-scratch"], stdout=out, stderr=out,
-                                     start_new_session=True, preexec_fn=die_with_parent)
+        try:
+            self.proc = subprocess.Popen([venv_bin("localstripe"), "--port", str(self.port),
+                                          "--from-scratch"], stdout=out, stderr=out,
+                                         start_new_session=True, preexec_fn=die_with_parent)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the child has its own copy of the descriptor
         wait_port(self.port, 30, self.proc)
         return self
 
