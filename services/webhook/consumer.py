@@ -126,7 +126,7 @@ class Consumer:
     def __init__(self, processor: Processor, *, concurrency: int = 16):
         self.processor = processor
         self._slots = asyncio.Semaphore(concurrency)
-        self._inflight: dict[Msg, float] = {}
+        self._inflight: dict[int, tuple[Msg, float]] = {}  # by id(): Msg is unhashable
         self._db_down = False
 
     async def __call__(self, msgs: list[Msg]) -> None:
@@ -147,11 +147,11 @@ class Consumer:
             if self._db_down:
                 await _settle(msg, "nak", DB_RETRY_DELAY)
                 return
-            self._inflight[msg] = time.monotonic()
+            self._inflight[id(msg)] = (msg, time.monotonic())
             try:
                 await self._apply(msg, event, raw)
             finally:
-                self._inflight.pop(msg, None)
+                self._inflight.pop(id(msg), None)
 
     async def _apply(self, msg: Msg, event: StripeEvent, raw: str) -> None:
         try:
@@ -198,7 +198,7 @@ class Consumer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), every)
             now = time.monotonic()
-            for msg, started in list(self._inflight.items()):
+            for msg, started in list(self._inflight.values()):
                 if now - started >= every:
                     with contextlib.suppress(nats.errors.Error, OSError):
                         await msg.in_progress()

@@ -1,0 +1,107 @@
+"""Helpers of the webhook tests (no tests here): signed Stripe events, holds made in SQL,
+and polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from tests.harness import WEBHOOK_SECRET
+
+
+def sign(body: bytes, secret: str = WEBHOOK_SECRET, t: int | None = None) -> str:
+    """A Stripe-Signature header, computed the way Stripe does."""
+    t = int(time.time()) if t is None else t
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def event(type_: str, obj: dict[str, Any], *, created: int | None = None,
+          event_id: str | None = None) -> bytes:
+    return json.dumps({
+        "id": event_id or f"evt_{uuid.uuid4().hex}", "object": "event", "type": type_,
+        "created": int(time.time()) if created is None else created, "livemode": False,
+        "api_version": "2024-06-20", "data": {"object": obj},
+    }).encode()
+
+
+def payment_intent(pi_id: str, reservation_id: Any, amount: int = 5000, currency: str = "eur",
+                   status: str = "succeeded", **extra: Any) -> dict[str, Any]:
+    return {"id": pi_id, "object": "payment_intent", "amount": amount, "currency": currency,
+            "status": status, "metadata": {"reservation_id": str(reservation_id)}, **extra}
+
+
+def charge(pi_id: str, amount: int = 5000, refunded: bool = True) -> dict[str, Any]:
+    return {"id": f"ch_{uuid.uuid4().hex[:20]}", "object": "charge", "payment_intent": pi_id,
+            "amount": amount, "amount_refunded": amount if refunded else amount // 2,
+            "currency": "eur", "refunded": refunded,
+            "refunds": {"data": [{"id": f"re_{uuid.uuid4().hex[:20]}"}]}}
+
+
+def new_pi() -> str:
+    return f"pi_{uuid.uuid4().hex[:24]}"
+
+
+async def new_event(db: asyncpg.Pool, capacity: int, price: int = 2500, buckets: int = 1) -> uuid.UUID:
+    return await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'show', $1, $2, "
+                             "'eur', $3)", capacity, price, buckets)
+
+
+async def hold(db: asyncpg.Pool, event_id: uuid.UUID, quantity: int = 2,
+               ttl: int = 900) -> uuid.UUID:
+    return await db.fetchval("SELECT id FROM hold_tickets($1, $2, 'client', $3)",
+                             event_id, quantity, ttl)
+
+
+async def inventory(db: asyncpg.Pool, event_id: uuid.UUID) -> tuple[int, int]:
+    row = await db.fetchrow("SELECT sum(held)::int AS held, sum(sold)::int AS sold "
+                            "FROM inventory_buckets WHERE event_id = $1", event_id)
+    return row["held"], row["sold"]
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
+                   what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes,
+               header: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers["Stripe-Signature"] = header
+    async with session.post(f"{url}/v1/webhooks/stripe", data=body, headers=headers) as resp:
+        text = await resp.text()
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = {"raw": text}
+        return resp.status, data, dict(resp.headers)
+
+
+async def deliver(session: aiohttp.ClientSession, url: str, body: bytes) -> dict[str, Any]:
+    """Deliver a correctly signed event; it must be accepted."""
+    status, data, _ = await post(session, url, body, sign(body))
+    assert status == 200, data
+    return data
+
+
+async def log_status(db: asyncpg.Pool, event_id: str) -> str | None:
+    return await db.fetchval("SELECT processing_status FROM webhook_events_log WHERE event_id = $1",
+                             event_id)
