@@ -13,7 +13,8 @@ from aiohttp import web
 from boxoffice import bus as busmod
 from boxoffice import runtime
 from boxoffice.config import Config
-from boxoffice.ingress import admin, webhooks
+from boxoffice.ingress import admin, checkout, webhooks
+from boxoffice.ingress import reaper_admin
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
 
@@ -24,6 +25,8 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
     app[BUS] = bus
     runtime.add_health_routes(app, svc)
     app.add_routes(admin.routes)
+    app.add_routes(reaper_admin.routes)
+    app.add_routes(checkout.routes)
     app.add_routes(webhooks.routes)
     return app
 

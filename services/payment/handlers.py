@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import asyncpg
 
+from boxoffice import db, errors
 from boxoffice.bus import Bus
-from boxoffice.payment import events
-from boxoffice.wire import admin
+from boxoffice.payment import events, intents, reservations
+from boxoffice.wire import admin, subjects
+from boxoffice.wire import payments as pw
+from boxoffice.wire import reservations as rw
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
 
 
-async def register(bus: Bus, pool: asyncpg.Pool) -> None:
+def _db_guard(fn: Callable[[Req], Awaitable[Res]]) -> Callable[[Req], Awaitable[Res]]:
+    """The database being away is a 503 the client may retry, never an internal error."""
+
+    @functools.wraps(fn)
+    async def guarded(req: Req) -> Res:
+        try:
+            return await fn(req)
+        except db.UNAVAILABLE as exc:
+            raise errors.DatabaseUnavailable(f"database unavailable ({type(exc).__name__})",
+                                             retry_after=2) from None
+
+    return guarded
+
+
+async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
+                   reservation_ttl_seconds: int) -> None:
     queue = "payment"
 
     async def create_event(req: admin.CreateEvent) -> admin.TicketedEvent:
@@ -18,5 +43,29 @@ async def register(bus: Bus, pool: asyncpg.Pool) -> None:
     async def get_event(req: admin.GetEvent) -> admin.TicketedEvent:
         return await events.get_event(pool, req.event_id)
 
-    await bus.serve(admin.EVENTS_CREATE, admin.CreateEvent, create_event, queue=queue)
-    await bus.serve(admin.EVENTS_GET, admin.GetEvent, get_event, queue=queue)
+    async def hold(req: rw.HoldRequest) -> pw.StoredResponse:
+        return await reservations.hold(pool, req, reservation_ttl_seconds)
+
+    async def get_reservation(req: rw.GetRequest) -> rw.Reservation:
+        return await reservations.get(pool, req.client_id, req.reservation_id)
+
+    async def cancel_reservation(req: rw.CancelRequest) -> rw.Reservation:
+        return await reservations.cancel(pool, req.client_id, req.reservation_id)
+
+    async def create_intent(req: pw.CreateIntentRequest) -> pw.StoredResponse:
+        return await intents.create_intent(deps, req)
+
+    async def list_payments(req: pw.ListPayments) -> pw.PaymentLog:
+        return await intents.list_payments(pool, req)
+
+    await bus.serve(admin.EVENTS_CREATE, admin.CreateEvent, _db_guard(create_event), queue=queue)
+    await bus.serve(admin.EVENTS_GET, admin.GetEvent, _db_guard(get_event), queue=queue)
+    await bus.serve(subjects.RESERVATIONS_HOLD, rw.HoldRequest, _db_guard(hold), queue=queue)
+    await bus.serve(subjects.RESERVATIONS_GET, rw.GetRequest, _db_guard(get_reservation),
+                    queue=queue)
+    await bus.serve(subjects.RESERVATIONS_CANCEL, rw.CancelRequest,
+                    _db_guard(cancel_reservation), queue=queue)
+    await bus.serve(subjects.PAYMENTS_INTENTS_CREATE, pw.CreateIntentRequest,
+                    _db_guard(create_intent), queue=queue)
+    await bus.serve(pw.ADMIN_PAYMENTS_LIST, pw.ListPayments, _db_guard(list_payments),
+                    queue=queue)

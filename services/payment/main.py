@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, outbox, runtime
-from boxoffice.payment import handlers
+from boxoffice.payment import handlers, intents, stripe_client
+
+log = logging.getLogger("boxoffice.payment")
+
+
+def failpoints() -> frozenset[str]:
+    """BOXOFFICE_FAILPOINT (test only): comma-separated crash points, see intents.FAILPOINTS."""
+    raw = os.environ.get("BOXOFFICE_FAILPOINT", "")
+    points = frozenset(p.strip() for p in raw.split(",") if p.strip())
+    unknown = points - set(intents.FAILPOINTS)
+    if unknown:
+        raise SystemExit(f"boxoffice payment: BOXOFFICE_FAILPOINT has unknown points {sorted(unknown)}")
+    if points:
+        log.warning("test failpoints armed: %s", ", ".join(sorted(points)))
+    return points
 
 
 async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
+    points = failpoints()
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=20))
+    gateway = await svc.stack.enter_async_context(stripe_client.gateway(cfg))
     bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "payment"))
     await bus.declare_streams("RESERVATIONS", "PAYMENTS", "ERRORS")
     await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
-    await handlers.register(bus, pool)
+    deps = intents.Deps(pool=pool, stripe=gateway, failpoints=points)
+    await handlers.register(bus, pool, deps, reservation_ttl_seconds=cfg.reservation_ttl_seconds)
     svc.stack.push_async_callback(bus.stop_serving)  # first: stop taking requests, finish in-flight
     runtime.standard_checks(svc, bus=bus, pool=pool)
 

@@ -1,18 +1,30 @@
-"""PaymentIntents: the create request and the events on PAYMENTS."""
+"""PaymentIntents: the HTTP body, the create request, the audit query and PAYMENTS events."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
 
 from boxoffice.wire import Event, Message
+from boxoffice.wire.reservations import Uuid
+
+ADMIN_PAYMENTS_LIST = "admin.payment.payments.list"
+
+
+class IntentBody(Message):
+    """Body of ``POST /v1/payment_intents``: the amount always comes from the reservation."""
+
+    reservation_id: Uuid
 
 
 class CreateIntentRequest(Message):
+    """``payments.intents.create``: ingress validated key and body and computed the fingerprint."""
+
     client_id: str
     idempotency_key: str
-    reservation_id: str
+    reservation_id: Uuid
     fingerprint: str
 
 
@@ -22,6 +34,50 @@ class StoredResponse(msgspec.Struct):
     status: int
     body: str
     replayed: bool = False
+
+
+class PaymentIntent(msgspec.Struct):
+    """The 201 body of ``POST /v1/payment_intents`` (stored and replayed as is)."""
+
+    id: str
+    client_secret: str
+    amount: int
+    currency: str
+    status: str
+    reservation_id: str
+
+
+class ListPayments(Message):
+    """``admin.payment.payments.list``: the audit trail of ``payment_intents_log``."""
+
+    reservation_id: Uuid | None = None
+    idempotency_key: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
+class PaymentLogEntry(msgspec.Struct):
+    """One idempotency key. The stored response body is not shown: it holds the client secret."""
+
+    id: int
+    client_id: str
+    idempotency_key: str
+    reservation_id: str | None
+    recovery_point: str
+    locked_at: datetime | None
+    stripe_idempotency_key: str
+    stripe_payment_intent_id: str | None
+    amount: int | None
+    currency: str | None
+    response_status: int | None
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    payment_status: str | None = None
+
+
+class PaymentLog(msgspec.Struct):
+    items: list[PaymentLogEntry]
 
 
 class PaymentEvent(Event):

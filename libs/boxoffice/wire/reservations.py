@@ -1,4 +1,4 @@
-"""Holds: requests to the payment service and the events on RESERVATIONS."""
+"""Holds: the HTTP body, the requests to the payment service and the events on RESERVATIONS."""
 
 from __future__ import annotations
 
@@ -10,15 +10,31 @@ import msgspec
 from boxoffice.wire import Event, Message
 
 Status = Literal["active", "expired", "completed", "cancelled"]
-Uuid = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F-]{36}$")]
+Uuid = Annotated[str, msgspec.Meta(
+    pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+MAX_QUANTITY = 100  # tickets per hold
+
+Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
+CustomerRef = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class HoldBody(Message):
+    """Body of ``POST /v1/reservations``."""
+
+    event_id: Uuid
+    quantity: Quantity
+    customer_ref: CustomerRef | None = None
 
 
 class HoldRequest(Message):
+    """``reservations.hold``: ingress validated the body and computed the fingerprint."""
+
     client_id: str
-    event_id: str
-    quantity: int
-    customer_ref: str | None = None
+    event_id: Uuid
+    quantity: Quantity
+    customer_ref: CustomerRef | None = None
     idempotency_key: str | None = None
+    fingerprint: str | None = None
 
 
 class GetRequest(Message):
@@ -32,6 +48,9 @@ class CancelRequest(Message):
 
 
 class Reservation(msgspec.Struct):
+    """A hold as clients see it. ``status`` is ``expired`` as soon as ``expires_at`` has passed,
+    whether or not the reaper has run."""
+
     id: str
     event_id: str
     quantity: int
@@ -41,6 +60,7 @@ class Reservation(msgspec.Struct):
     currency: str
     customer_ref: str | None = None
     created_at: datetime | None = None
+    payment_intent_id: str | None = None
 
 
 class ReservationEvent(Event):

@@ -1,0 +1,101 @@
+"""The Stripe API as the payment service uses it: one async client, bounded in time.
+
+Every call has a per-attempt timeout, the SDK's own retries with back-off on connection errors,
+409 and 5xx, and an overall deadline. An outcome is either a PaymentIntent, a ``Definitive``
+answer (Stripe decided: card declined, invalid request; stored and replayed to the client) or
+``Transient`` (Stripe unreachable, timed out, rate limited, 5xx, or our own credentials refused:
+nothing is stored and the client's retry resumes with the same Stripe idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import stripe
+
+from boxoffice import errors
+from boxoffice.config import Config
+
+log = logging.getLogger("boxoffice.payment.stripe")
+
+ATTEMPT_TIMEOUT = 3.0   # seconds per HTTP attempt
+MAX_RETRIES = 2         # SDK retries (0.5 s then ~1 s back-off)
+DEADLINE = 8.0          # seconds for the whole call, retries included (ingress waits 10 s)
+
+CardDeclined = errors.define("CardDeclined", "card_declined", 402, "The card was declined")
+PaymentRejected = errors.define("PaymentRejected", "payment_rejected", 422,
+                                "The payment provider rejected the request")
+
+
+@dataclass(frozen=True)
+class CreatedIntent:
+    id: str
+    client_secret: str
+    status: str
+    amount: int
+    currency: str
+
+
+class Definitive(Exception):
+    """Stripe answered with a final error: ``error`` is what the client is told, and stored."""
+
+    def __init__(self, error: errors.BoxofficeError):
+        super().__init__(error.detail)
+        self.error = error
+
+
+class Transient(Exception):
+    """No final answer from Stripe; safe to retry with the same idempotency key."""
+
+
+class StripeGateway:
+    def __init__(self, client: stripe.StripeClient, deadline: float = DEADLINE):
+        self.client = client
+        self.deadline = deadline
+
+    async def create_payment_intent(self, *, amount: int, currency: str, reservation_id: str,
+                                    idempotency_key: str) -> CreatedIntent:
+        params: dict[str, Any] = {
+            "amount": amount, "currency": currency,
+            "metadata": {"reservation_id": reservation_id}}
+        try:
+            async with asyncio.timeout(self.deadline):
+                pi = await self.client.v1.payment_intents.create_async(
+                    params=params, options={"idempotency_key": idempotency_key})
+        except TimeoutError:
+            raise Transient(f"Stripe did not answer within {self.deadline:g}s") from None
+        except stripe.CardError as exc:
+            raise Definitive(CardDeclined(exc.user_message or "the card was declined",
+                                          decline_code=exc.code)) from None
+        except (stripe.InvalidRequestError, stripe.IdempotencyError) as exc:
+            raise Definitive(PaymentRejected(exc.user_message or "invalid request")) from None
+        except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+            # our configuration, not the client's request: never store it against their key
+            log.error("Stripe refused our credentials (%s)", type(exc).__name__)
+            raise Transient(f"Stripe refused our credentials ({exc.http_status})") from None
+        except stripe.StripeError as exc:  # connection errors, rate limits, 5xx
+            raise Transient(f"{type(exc).__name__} (HTTP {exc.http_status})") from None
+        return CreatedIntent(id=pi.id, client_secret=pi.client_secret or "", status=pi.status,
+                             amount=pi.amount, currency=pi.currency)
+
+
+@contextlib.asynccontextmanager
+async def gateway(cfg: Config) -> AsyncIterator[StripeGateway]:
+    """A Stripe client for the service's lifetime; its HTTP session is closed on exit."""
+    assert cfg.stripe_api_key is not None
+    logging.getLogger("stripe").setLevel(logging.WARNING)  # one line per request otherwise
+    http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT))
+    bases: dict[str, str] = {"api": cfg.stripe_api_base} if cfg.stripe_api_base else {}
+    client = stripe.StripeClient(cfg.stripe_api_key, http_client=http,
+                                 base_addresses=bases,  # type: ignore[arg-type]
+                                 max_network_retries=MAX_RETRIES)
+    try:
+        yield StripeGateway(client)
+    finally:
+        await http.close_async()
