@@ -25,16 +25,17 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 # Variables each service reads when set.
 OPTIONAL: dict[str, tuple[str, ...]] = {
-    "ingress": ("INGRESS_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES"),
+    "ingress": ("INGRESS_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES", "ERROR_RATE_LIMIT_PER_MINUTE"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
     "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS"),
-    "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL"),
+    "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL", "ALERT_RATE_PER_MINUTE",
+                   "ALERT_WINDOW_SECONDS"),
     "reaper": ("HEALTH_PORT", "IDEMPOTENCY_KEY_TTL_HOURS", "WEBHOOK_LOG_RETENTION_DAYS",
                "ERROR_RETENTION_DAYS", "REAPER_SWEEP_SECONDS", "REAPER_BATCH_SIZE",
                "REAPER_RETENTION_INTERVAL_SECONDS"),
 }
-COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE")
+COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE", "ERROR_SPOOL_DIR")
 SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
                     "CLIENT_API_TOKENS", "ADMIN_API_TOKENS", "SENTRY_DSN", "NATS_URL",
                     "ALERT_WEBHOOK_URL"})
@@ -77,6 +78,10 @@ class Config:
     webhook_log_retention_days: int = 30
     error_retention_days: int = 90
     alert_webhook_url: str | None = None
+    alert_rate_per_minute: int = 100
+    alert_window_seconds: int = 300
+    error_rate_limit_per_minute: int = 6000
+    error_spool_dir: str | None = None
     # reaper: catch-up sweep period (wake-ups come from NOTIFY), holds per transaction,
     # seconds between retention purges
     reaper_sweep_seconds: int = 1
@@ -193,6 +198,14 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["error_retention_days"] = _int("ERROR_RETENTION_DAYS", v, 1, 3650)
     if v := get("ALERT_WEBHOOK_URL"):
         kw["alert_webhook_url"] = _url("ALERT_WEBHOOK_URL", v, ("http", "https"))
+    if v := get("ALERT_RATE_PER_MINUTE"):
+        kw["alert_rate_per_minute"] = _int("ALERT_RATE_PER_MINUTE", v, 1, 10_000_000)
+    if v := get("ALERT_WINDOW_SECONDS"):
+        kw["alert_window_seconds"] = _int("ALERT_WINDOW_SECONDS", v, 1, 7 * 86400)
+    if v := get("ERROR_RATE_LIMIT_PER_MINUTE"):
+        kw["error_rate_limit_per_minute"] = _int("ERROR_RATE_LIMIT_PER_MINUTE", v, 1, 100_000_000)
+    if v := get("ERROR_SPOOL_DIR"):
+        kw["error_spool_dir"] = v
     if v := get("WEBHOOK_RETRY_DELAYS"):
         kw["webhook_retry_delays"] = _delays("WEBHOOK_RETRY_DELAYS", v)
     if v := get("REAPER_SWEEP_SECONDS"):
