@@ -1,67 +1,283 @@
-"""Expires overdue holds in bounded batches, recording each run in ``reaper_runs``."""
+"""Expiry of holds, on time: sleep until the next ``expires_at``, wake early for a nearer one.
+
+- A sweep expires every overdue hold in bounded batches, one transaction each
+  (``reap_due_reservations``: SKIP LOCKED, buckets locked in a fixed order, one outbox event per
+  hold), then asks the database when the next active hold expires and sleeps until then.
+- A trigger NOTIFYs ``boxoffice_reservations_due`` with the ``expires_at`` of every new hold; a
+  hold due sooner than the current alarm moves it forward. NOTIFY is lost while nobody listens,
+  so every (re)connection of the listener starts a sweep, and a catch-up sweep runs at least
+  every ``sweep_seconds`` whatever happens.
+- Several replicas run the same loop: SKIP LOCKED gives each hold to one of them, and the outbox
+  relay publishes each event once (the outbox row id is the ``Nats-Msg-Id``).
+- A failing database is retried with back-off; the outage is logged once and recorded in
+  ``reaper_runs`` as soon as the database answers again, and the sweep then catches up.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import asyncpg
 import prometheus_client
 
 from boxoffice import db
+from boxoffice.reaper import runs
+from boxoffice.wire import reaper as wire
 
 log = logging.getLogger("boxoffice.reaper")
 
-EXPIRED = prometheus_client.Counter("boxoffice_holds_expired_total", "Holds expired by the reaper")
-BATCH = 1000
+CHANNEL = "boxoffice_reservations_due"
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 
+EXPIRED = prometheus_client.Counter("boxoffice_holds_expired_total", "Holds expired by the reaper")
+LAG = prometheus_client.Histogram(
+    "boxoffice_hold_expiry_lag_seconds", "How long past its expires_at a hold was released",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0))
+SWEEP = prometheus_client.Histogram(
+    "boxoffice_reaper_sweep_duration_seconds", "Duration of expiry sweeps that expired holds",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+LAST_SWEEP = prometheus_client.Gauge("boxoffice_reaper_last_sweep_timestamp_seconds",
+                                     "When the last expiry sweep succeeded (unix time)")
+ERRORS = prometheus_client.Counter("boxoffice_reaper_errors_total",
+                                   "Failed reaper runs", ["kind"])
+RETRIED = prometheus_client.Counter("boxoffice_reaper_batch_retries_total",
+                                    "Expiry batches retried after a deadlock or lock timeout")
+LISTENING = prometheus_client.Gauge("boxoffice_reaper_listening",
+                                    "1 while the reaper listens for new holds (NOTIFY)")
 
-async def expire_once(pool: asyncpg.Pool, batch: int = BATCH) -> int:
-    """Expire every overdue hold, a batch per transaction; returns how many."""
+# lock conflicts that a retry of the same batch resolves
+RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.LockNotAvailableError,
+             asyncpg.exceptions.SerializationError)
+FAILURES = (asyncpg.exceptions.PostgresError, *db.UNAVAILABLE)
+NEXT_DUE = ("SELECT extract(epoch FROM clock_timestamp())::float8 AS now, "
+            "extract(epoch FROM (SELECT min(expires_at) FROM reservations "
+            "WHERE status = 'active'))::float8 AS due")
+
+
+async def expire_batches(conn: asyncpg.Connection, batch: int, event_id: str | None = None,
+                         stopping: asyncio.Event | None = None) -> AsyncIterator[int]:
+    """Expire overdue holds, ``batch`` per transaction, yielding each committed batch's count,
+    until none is left (or ``stopping`` is set)."""
+    attempts = 0
+    while True:
+        try:
+            async with conn.transaction():
+                rows = await conn.fetch("SELECT lag_seconds FROM reap_due_reservations($1, $2)",
+                                        batch, event_id)
+        except RETRYABLE:
+            attempts += 1
+            RETRIED.inc()
+            if attempts >= 5:
+                raise
+            await asyncio.sleep(0.01 * attempts)
+            continue
+        attempts = 0
+        for row in rows:
+            LAG.observe(max(0.0, row["lag_seconds"]))
+        EXPIRED.inc(len(rows))
+        if rows:
+            yield len(rows)
+        if len(rows) < batch or (stopping is not None and stopping.is_set()):
+            return
+
+
+async def expire_now(pool: asyncpg.Pool, batch: int, event_id: str | None = None) -> tuple[int, int]:
+    """Expire every overdue hold now (operators); recorded as a 'manual' run, even when 0.
+
+    Returns (holds expired, run id). Raises what the database raised, after recording it when
+    the database still answers.
+    """
+    started = runs.utcnow()
     total = 0
     async with pool.acquire() as conn:
-        run_id = await conn.fetchval("INSERT INTO reaper_runs (kind, replica) VALUES ('expiry', $1) "
-                                     "RETURNING id", REPLICA)
         try:
-            while True:
-                async with conn.transaction():
-                    n = await conn.fetchval("SELECT expire_due_reservations($1)", batch)
+            async for n in expire_batches(conn, batch, event_id):
                 total += n
-                if n < batch:
-                    break
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                await conn.execute("UPDATE reaper_runs SET finished_at = clock_timestamp(), "
-                                   "expired = $2, error = $3 WHERE id = $1", run_id, total,
-                                   f"{type(exc).__name__}: {exc}"[:500])
+        except FAILURES as exc:
+            ERRORS.labels("manual").inc()
+            with contextlib.suppress(*FAILURES):
+                await runs.insert(conn, REPLICA, runs.Run("manual", started, runs.utcnow(),
+                                                           expired=total, error=runs.describe(exc)))
             raise
-        await conn.execute("UPDATE reaper_runs SET finished_at = clock_timestamp(), expired = $2 "
-                           "WHERE id = $1", run_id, total)
-    EXPIRED.inc(total)
-    return total
+        run_id = await runs.insert(conn, REPLICA, runs.Run("manual", started, runs.utcnow(),
+                                                            expired=total))
+    return total, run_id
 
 
-async def loop(pool: asyncpg.Pool, stopping: asyncio.Event, period: float = 1.0) -> None:
+async def stats(pool: asyncpg.Pool) -> wire.ReservationStats:
+    """``get_reservation_stats()``, plus how many active holds are overdue right now."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT s.*, (SELECT count(*) FROM reservations WHERE status = 'active' "
+            "AND expires_at <= clock_timestamp()) AS overdue FROM get_reservation_stats() s")
+    return wire.ReservationStats(
+        active=row["active_count"], expired=row["expired_count"],
+        completed=row["completed_count"], cancelled=row["cancelled_count"],
+        overdue=row["overdue"], oldest_active_hold=row["oldest_active_hold"],
+        next_expiry=row["next_expiry"])
+
+
+@dataclass
+class Settings:
+    batch: int = 1000
+    sweep_seconds: float = 1.0
+    max_backoff: float = 5.0
+
+
+class Expirer:
+    """The timer of one replica: when to sweep, and the sweeps themselves."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, replica: str = REPLICA):
+        self.pool = pool
+        self.settings = settings
+        self.log = runs.ExpiryLog(replica)
+        self.wake = asyncio.Event()
+        self.deadline = 0.0  # loop time of the next sweep due to an expiry (0: now)
+        self.offset = 0.0  # database clock minus this host's clock, seconds
+        self.backoff = 0.0
+        self.listening_since = math.inf  # loop time the listener last (re)connected
+        self.armed = asyncio.Event()  # a sweep has run since the listener connected
+
+    def nudge(self, due_epoch: float) -> None:
+        """A hold expiring at ``due_epoch`` (database clock) appeared: wake for it if sooner."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + (due_epoch - (time.time() + self.offset))
+        if at < self.deadline:
+            self.deadline = at
+            self.wake.set()
+
+    def sweep_soon(self) -> None:
+        self.deadline = 0.0
+        self.wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        last_sweep = -math.inf
+        while not stopping.is_set():
+            wake_at = min(self.deadline, last_sweep + self.settings.sweep_seconds)
+            now = loop.time()
+            if wake_at > now:
+                self.wake.clear()
+                await _wait(self.wake, stopping, wake_at - now)
+                continue
+            last_sweep = now
+            self.deadline = math.inf  # nudges arriving during the sweep bring it back
+            try:
+                due_in = await self.sweep(stopping)
+            except FAILURES as exc:
+                self._failed(exc)
+                self.backoff = min(max(self.backoff * 2, 0.25), self.settings.max_backoff)
+                self.deadline = min(self.deadline, loop.time() + self.backoff)
+                last_sweep = loop.time()  # the back-off, not the catch-up period, paces retries
+                continue
+            self.deadline = min(self.deadline, loop.time() + due_in)
+
+    async def sweep(self, stopping: asyncio.Event) -> float:
+        """Expire what is due; returns seconds until the next sweep is due."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        started = runs.utcnow()
+        total = 0
+        async with self.pool.acquire() as conn:
+            try:
+                async for n in expire_batches(conn, self.settings.batch, stopping=stopping):
+                    total += n
+            finally:
+                finished = runs.utcnow()
+                if total:  # batches already committed count, even if a later one failed
+                    SWEEP.observe(loop.time() - t0)
+                    self.log.worked(started, finished, total)
+            row = await conn.fetchrow(NEXT_DUE)
+            self.offset = row["now"] - time.time()
+            due_in = math.inf if row["due"] is None else row["due"] - row["now"]
+            if total == 0 and due_in <= 0:
+                # overdue holds that another replica (or a completion) has locked: do not spin
+                self.backoff = min(max(self.backoff * 2, 0.05), 1.0)
+                due_in = self.backoff
+            else:
+                self.backoff = 0.0
+            if self.log.outage is not None:
+                log.info("expiry recovered after %d failed attempts", self.log.outage.failures)
+            await self.log.flush(conn, idle=due_in > 0.5)
+        LAST_SWEEP.set_to_current_time()
+        if t0 >= self.listening_since:
+            self.armed.set()
+        return max(due_in, 0.0)
+
+    def _failed(self, exc: BaseException) -> None:
+        ERRORS.labels("expiry").inc()
+        at = runs.utcnow()
+        if self.log.failed(at, at, exc):
+            log.error("expiry failed, retrying: %s", runs.describe(exc))
+
+
+async def _wait(wake: asyncio.Event, stopping: asyncio.Event, timeout: float) -> None:
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def listen(url: str, expirer: Expirer, stopping: asyncio.Event) -> None:
+    """Keep a LISTEN connection for new holds; each (re)connection starts a catch-up sweep."""
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            expirer.nudge(float(payload))
+
     while not stopping.is_set():
+        conn = None
         try:
-            await expire_once(pool)
-        except (asyncpg.PostgresError, *db.UNAVAILABLE) as exc:
-            log.error("expiry run failed: %s", type(exc).__name__)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopping.wait(), period)
+            conn = await asyncpg.connect(url, timeout=5)
+            await conn.add_listener(CHANNEL, on_notify)
+            LISTENING.set(1)
+            expirer.listening_since = asyncio.get_running_loop().time()
+            expirer.sweep_soon()  # holds inserted while nobody listened
+            while not stopping.is_set() and not conn.is_closed():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 2)
+                await conn.execute("SELECT 1", timeout=5)  # notice a dead connection
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - keep listening whatever happens
+            log.warning("listener for new holds lost (%s), retrying", type(exc).__name__)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 1)
+        finally:
+            LISTENING.set(0)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
 
 
 @contextlib.asynccontextmanager
-async def run(pool: asyncpg.Pool) -> AsyncIterator[None]:
+async def run(pool: asyncpg.Pool, url: str, settings: Settings) -> AsyncIterator[Expirer]:
+    """Run the timer and its listener; on exit, finish the batch in hand and stop."""
     stopping = asyncio.Event()
-    task = asyncio.create_task(loop(pool, stopping))
+    expirer = Expirer(pool, settings)
+    tasks = [asyncio.create_task(expirer.run(stopping)),
+             asyncio.create_task(listen(url, expirer, stopping))]
     try:
-        yield
+        # ready once armed: listening for new holds and swept since (bounded: the database may
+        # be slow; the timer keeps trying either way)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(expirer.armed.wait(), 10)
+        yield expirer
     finally:
         stopping.set()
-        await task
+        done, pending = await asyncio.wait(tasks, timeout=15)
+        for task in pending:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,4 +1,8 @@
-"""The reaper: build and run."""
+"""The reaper: build and run.
+
+Resources in start order (torn down in reverse): the pool, the bus, the outbox relay that
+publishes expiry events, the expiry timer and its listener, retention, the admin handlers.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,25 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, outbox, runtime
-from boxoffice.reaper import expiry
+from boxoffice.reaper import expiry, handlers, retention
 
 
 async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
-    pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=4))
+    pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=6))
     bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "reaper"))
     await bus.declare_streams("RESERVATIONS", "ERRORS")
     await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
-    await svc.stack.enter_async_context(expiry.run(pool))
+    settings = expiry.Settings(batch=cfg.reaper_batch_size, sweep_seconds=cfg.reaper_sweep_seconds)
+    await svc.stack.enter_async_context(expiry.run(pool, cfg.database_url, settings))
+    ages = retention.Ages(idempotency_key_hours=cfg.idempotency_key_ttl_hours,
+                          webhook_log_days=cfg.webhook_log_retention_days,
+                          error_days=cfg.error_retention_days)
+    await svc.stack.enter_async_context(
+        retention.run(pool, ages, cfg.reaper_retention_interval_seconds))
+    await handlers.register(bus, pool, cfg.reaper_batch_size)
+    svc.stack.push_async_callback(bus.stop_serving)  # first: stop taking requests, finish in-flight
     runtime.standard_checks(svc, bus=bus, pool=pool)
 
 

@@ -1,0 +1,40 @@
+"""Bus handlers of the reaper (``admin.reaper.*``): decode, call the domain, encode (thin)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import asyncpg
+
+from boxoffice import db, errors
+from boxoffice.bus import Bus
+from boxoffice.reaper import expiry, runs
+from boxoffice.wire import reaper as wire
+
+QUEUE = "reaper"
+T = TypeVar("T")
+
+
+async def register(bus: Bus, pool: asyncpg.Pool, batch: int) -> None:
+    async def stats(_: wire.StatsRequest) -> wire.ReservationStats:
+        return await _guard(expiry.stats(pool))
+
+    async def cleanup(req: wire.CleanupRequest) -> wire.CleanupResult:
+        expired, run_id = await _guard(expiry.expire_now(pool, batch, req.event_id))
+        return wire.CleanupResult(expired=expired, run_id=run_id)
+
+    async def recent(req: wire.RunsRequest) -> wire.ReaperRuns:
+        return wire.ReaperRuns(runs=await _guard(runs.recent(pool, req)))
+
+    await bus.serve(wire.STATS, wire.StatsRequest, stats, queue=QUEUE)
+    await bus.serve(wire.CLEANUP, wire.CleanupRequest, cleanup, queue=QUEUE)
+    await bus.serve(wire.RUNS, wire.RunsRequest, recent, queue=QUEUE)
+
+
+async def _guard(work: Awaitable[T]) -> T:
+    """The database being away is a 503 for the operator, not an internal error."""
+    try:
+        return await work
+    except db.UNAVAILABLE as exc:
+        raise errors.DatabaseUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from None

@@ -1,0 +1,135 @@
+"""Helpers of the reaper tests: events and holds through the SQL functions, the inventory
+invariant, polling with a deadline, metrics, and counting expiry events in the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+T = TypeVar("T")
+
+
+async def make_event(db: asyncpg.Pool, capacity: int, buckets: int = 1, price: int = 1000) -> str:
+    return str(await db.fetchval(
+        "SELECT create_ticketed_event(gen_random_uuid(), 'x', $1, $2, 'eur', $3)",
+        capacity, price, buckets))
+
+
+async def hold(db: asyncpg.Pool | asyncpg.Connection, event_id: str, quantity: int, ttl: int,
+               client: str = "client") -> asyncpg.Record:
+    return await db.fetchrow("SELECT id, expires_at FROM hold_tickets($1, $2, $3, $4)",
+                             uuid.UUID(event_id), quantity, client, ttl)
+
+
+async def hold_many(db: asyncpg.Pool, event_id: str, n: int, ttl: int) -> None:
+    """``n`` holds of one ticket each, in one statement (one transaction)."""
+    await db.execute("SELECT (hold_tickets($1, 1, 'client', $2)).id FROM generate_series(1, $3)",
+                     uuid.UUID(event_id), ttl, n)
+
+
+async def hold_unannounced(db: asyncpg.Pool, event_id: str, quantity: int, ttl: int) -> asyncpg.Record:
+    """A hold whose NOTIFY never fires (triggers off in this session): only a sweep finds it."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        return await hold(conn, event_id, quantity, ttl)
+
+
+async def assert_inventory_consistent(db: asyncpg.Pool) -> None:
+    """For every event: capacity = available + held + sold; held = active holds' tickets;
+    sold = completed holds' tickets; and per bucket, held = active allocations in it."""
+    rows = await db.fetch("""
+        SELECT e.id, e.capacity, sum(b.capacity) AS cap, sum(b.held) AS held, sum(b.sold) AS sold,
+               sum(b.capacity - b.held - b.sold) AS available,
+               (SELECT coalesce(sum(quantity), 0) FROM reservations r
+                WHERE r.event_id = e.id AND r.status = 'active') AS active_q,
+               (SELECT coalesce(sum(quantity), 0) FROM reservations r
+                WHERE r.event_id = e.id AND r.status = 'completed') AS completed_q
+        FROM ticketed_events e JOIN inventory_buckets b ON b.event_id = e.id GROUP BY e.id""")
+    for r in rows:
+        assert r["cap"] == r["capacity"] == r["available"] + r["held"] + r["sold"], dict(r)
+        assert r["held"] == r["active_q"] and r["sold"] == r["completed_q"], dict(r)
+    bad = await db.fetch("""
+        SELECT b.event_id, b.bucket, b.held, coalesce(sum(a.quantity), 0) AS allocated
+        FROM inventory_buckets b
+        LEFT JOIN reservation_allocations a ON a.event_id = b.event_id AND a.bucket = b.bucket
+             AND EXISTS (SELECT 1 FROM reservations r WHERE r.id = a.reservation_id
+                         AND r.status = 'active')
+        GROUP BY b.event_id, b.bucket, b.held HAVING b.held <> coalesce(sum(a.quantity), 0)""")
+    assert not bad, [dict(r) for r in bad]
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0,
+                     interval: float = 0.05, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout:g}s (last: {last!r})")
+
+
+def get_json(url: str, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+
+def metrics(base_url: str) -> dict[str, float]:
+    """The service's /metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def expired_events(nats_url: str, expect: int, timeout: float = 20.0) -> Counter[str]:
+    """Every ``reservations.events.expired`` message in RESERVATIONS, counted by reservation id.
+
+    Reads the stream from the start with a consumer of its own until ``expect`` messages came,
+    then for one more second (so that a duplicate past ``expect`` would be seen)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            "reservations.events.expired", durable=None, stream="RESERVATIONS",
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE))
+        counts: Counter[str] = Counter()
+        deadline = time.monotonic() + timeout
+        quiet_until = None
+        while time.monotonic() < deadline:
+            try:
+                msgs = await sub.fetch(1000, timeout=0.5)
+            except nats.errors.TimeoutError:
+                msgs = []
+            for m in msgs:
+                counts[json.loads(m.data)["reservation_id"]] += 1
+            if sum(counts.values()) >= expect:
+                quiet_until = quiet_until or time.monotonic() + 1.0
+                if time.monotonic() >= quiet_until:
+                    break
+        await sub.unsubscribe()
+        return counts
+    finally:
+        await nc.close()

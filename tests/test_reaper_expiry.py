@@ -1,0 +1,129 @@
+"""The reaper expires holds on time: within a second of expires_at, woken by new holds,
+caught up by its sweep, and never both completed and expired at the boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from datetime import timedelta
+
+import asyncpg
+
+from boxoffice.reaper import expiry
+from tests.reaper_helpers import (assert_inventory_consistent, eventually, expired_events, hold,
+                                  hold_unannounced, make_event, metrics)
+
+
+async def _status(db: asyncpg.Pool, ids: list) -> dict[str, int]:
+    rows = await db.fetch("SELECT status, count(*) AS n FROM reservations WHERE id = ANY($1) "
+                          "GROUP BY status", ids)
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def _lags(db: asyncpg.Pool, ids: list) -> list[float]:
+    rows = await db.fetch("SELECT extract(epoch FROM released_at - expires_at)::float8 AS lag "
+                          "FROM reservations WHERE id = ANY($1) AND status = 'expired'", ids)
+    return [r["lag"] for r in rows]
+
+
+async def test_holds_expire_within_a_second_and_tickets_return(db, start_service, nats_url):
+    reaper = start_service("reaper")
+    event = await make_event(db, capacity=20, buckets=4)
+    short = [(await hold(db, event, 2, ttl=1 + i % 2))["id"] for i in range(8)]
+    long = (await hold(db, event, 2, ttl=600))["id"]
+    assert await db.fetchval("SELECT sum(capacity - held - sold) FROM inventory_buckets") == 2
+
+    await eventually(lambda: _expired_all(db, short), timeout=10, what="8 holds expired")
+    lags = await _lags(db, short)
+    assert len(lags) == 8 and all(0 <= lag < 1.0 for lag in lags), lags
+    assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", long) == "active"
+    assert await db.fetchval("SELECT sum(capacity - held - sold) FROM inventory_buckets") == 18
+    await assert_inventory_consistent(db)
+
+    # every expiry announced once, counted in the metrics and in reaper_runs
+    counts = await expired_events(nats_url, expect=8)
+    assert counts == {str(i): 1 for i in short}
+    m = metrics(reaper.url)
+    assert m["boxoffice_holds_expired_total"] == 8
+    assert m["boxoffice_hold_expiry_lag_seconds_count"] == 8
+    assert m["boxoffice_hold_expiry_lag_seconds_bucket{le=\"1.0\"}"] == 8
+    assert m["boxoffice_reaper_listening"] == 1
+    total = await eventually(lambda: db.fetchval(
+        "SELECT sum(expired) FROM reaper_runs WHERE kind = 'expiry' HAVING sum(expired) = 8"),
+        what="runs recorded")
+    assert total == 8
+    assert await db.fetchval("SELECT count(*) FROM reaper_runs WHERE error IS NOT NULL "
+                             "OR expired = 0") == 0  # idle sweeps write nothing
+
+
+async def _expired_all(db: asyncpg.Pool, ids: list) -> bool:
+    return (await _status(db, ids)).get("expired") == len(ids)
+
+
+async def test_a_nearer_hold_wakes_the_reaper(db, start_service):
+    # the catch-up sweep is an hour away: only the wake-up can expire the short hold on time
+    start_service("reaper", REAPER_SWEEP_SECONDS="3600")
+    event = await make_event(db, capacity=10)
+    far = (await hold(db, event, 1, ttl=30))["id"]  # the reaper now sleeps until this one
+    await asyncio.sleep(0.3)
+    near = (await hold(db, event, 1, ttl=1))["id"]
+    await eventually(lambda: _expired_all(db, [near]), timeout=5, what="the near hold expired")
+    [lag] = await _lags(db, [near])
+    assert 0 <= lag < 1.0, lag
+    assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", far) == "active"
+    await assert_inventory_consistent(db)
+
+
+async def test_the_catch_up_sweep_finds_a_hold_nobody_announced(db, start_service):
+    start_service("reaper", REAPER_SWEEP_SECONDS="1")
+    event = await make_event(db, capacity=10)
+    silent = (await hold_unannounced(db, event, 3, ttl=1))["id"]
+    await eventually(lambda: _expired_all(db, [silent]), timeout=5, what="the silent hold expired")
+    [lag] = await _lags(db, [silent])
+    assert 0 <= lag < 1.5, lag  # at most one sweep period late
+    await assert_inventory_consistent(db)
+
+
+async def test_payment_at_the_boundary_is_completed_or_expired_never_both(db, database_url):
+    """Completions fired around each hold's expires_at race the reaper: each hold ends
+    completed, expired at most once, sold once; a hold the reaper took first is sold again
+    only by taking tickets anew (complete_reservation's own rule)."""
+    n = 150
+    event = await make_event(db, capacity=n, buckets=8)
+    settings = expiry.Settings(batch=20, sweep_seconds=1)
+    results: dict[uuid.UUID, str] = {}
+
+    async def pay_at(reservation_id: uuid.UUID, at_loop_time: float) -> None:
+        await asyncio.sleep(max(0.0, at_loop_time - loop.time()))
+        results[reservation_id] = await db.fetchval("SELECT complete_reservation($1, $2)",
+                                                    reservation_id, f"pi_{reservation_id.hex[:8]}")
+
+    loop = asyncio.get_running_loop()
+    async with expiry.run(db, database_url, settings):
+        now_db = await db.fetchval("SELECT clock_timestamp()")
+        t0 = loop.time()
+        holds = [await hold(db, event, 1, ttl=2) for _ in range(n)]
+        # pay from 30 ms before to 60 ms after each hold's expiry
+        tasks = [asyncio.create_task(pay_at(h["id"], t0 + (h["expires_at"] - now_db)
+                                            / timedelta(seconds=1) + random.uniform(-0.03, 0.06)))
+                 for h in holds]
+        await asyncio.gather(*tasks)
+
+    assert set(results.values()) == {"completed"}, results  # tickets were there for everyone
+    rows = await db.fetch("""
+        SELECT r.id, r.status, r.released_at,
+               (SELECT count(*) FROM outbox o WHERE o.subject = 'reservations.events.expired'
+                AND o.payload->>'reservation_id' = r.id::text) AS expired_events,
+               (SELECT count(*) FROM outbox o WHERE o.subject = 'reservations.events.completed'
+                AND o.payload->>'reservation_id' = r.id::text) AS completed_events
+        FROM reservations r WHERE r.event_id = $1""", uuid.UUID(event))
+    assert len(rows) == n
+    assert all(r["status"] == "completed" and r["released_at"] is None for r in rows)
+    assert all(r["completed_events"] == 1 and r["expired_events"] <= 1 for r in rows)
+    sold, held = await db.fetchrow("SELECT sum(sold), sum(held) FROM inventory_buckets "
+                                   "WHERE event_id = $1", uuid.UUID(event))
+    assert (sold, held) == (n, 0)
+    await assert_inventory_consistent(db)
+    reaped_first = sum(r["expired_events"] for r in rows)
+    print(f"boundary: {n - reaped_first} paid before the reaper, {reaped_first} after")
