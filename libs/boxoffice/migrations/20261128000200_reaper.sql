@@ -32,7 +32,8 @@ CREATE TRIGGER reservations_due_on_shorten AFTER UPDATE OF expires_at ON reserva
 -- Holds are claimed with SKIP LOCKED (replicas and completions never wait on each other's holds;
 -- a hold being completed is skipped, so the race is decided once, by the row lock). The
 -- inventory rows are then locked in one fixed order (event, bucket), as hold_tickets gathers
--- them, so replicas expiring overlapping buckets queue instead of deadlocking. One
+-- them, so replicas expiring overlapping buckets queue instead of deadlocking (NO KEY UPDATE,
+-- the lock the UPDATE takes anyway: new holds' foreign-key checks on the rows are not blocked). One
 -- 'reservations.events.expired' outbox row per hold, in the same transaction.
 CREATE FUNCTION reap_due_reservations(p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
 RETURNS TABLE (reservation_id uuid, lag_seconds double precision)
@@ -54,7 +55,7 @@ BEGIN
     WHERE (b.event_id, b.bucket) IN (SELECT a.event_id, a.bucket FROM reservation_allocations a
                                      WHERE a.reservation_id = ANY (ids))
     ORDER BY b.event_id, b.bucket
-    FOR UPDATE;
+    FOR NO KEY UPDATE;
     UPDATE inventory_buckets b SET held = b.held - s.quantity
     FROM (SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
           FROM reservation_allocations a WHERE a.reservation_id = ANY (ids)
