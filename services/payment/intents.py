@@ -39,19 +39,21 @@ import math
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
 from boxoffice import db, errors, idempotency, wire
-from boxoffice.payment.reservations import ReservationNotActive, ReservationNotFound
+from boxoffice.payment.reservations import RETRYABLE, ReservationNotActive, ReservationNotFound
 from boxoffice.payment.stripe_client import CreatedIntent, Definitive, StripeGateway, Transient
 from boxoffice.wire.payments import (CreateIntentRequest, ListPayments, PaymentEvent,
                                      PaymentIntent, PaymentLog, PaymentLogEntry, StoredResponse)
 from boxoffice.wire.subjects import payment_event
 
 log = logging.getLogger("boxoffice.payment.intents")
+T = TypeVar("T")
 
 ROUTE = "POST /v1/payment_intents"
 LEASE_SECONDS = 5.0
@@ -85,10 +87,22 @@ async def create_intent(deps: Deps, req: CreateIntentRequest) -> StoredResponse:
     stored = await _finished(deps.pool, req)
     if stored is not None:
         return stored
-    claim = await _claim(deps.pool, req)
+    claim = await _retrying(lambda: _claim(deps.pool, req))
     if isinstance(claim, StoredResponse):
         return claim
     return await _call_and_record(deps, claim)
+
+
+async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
+    """Run one transaction, again if PostgreSQL aborted it for a deadlock or serialization."""
+    for attempt in range(4):
+        try:
+            return await phase()
+        except RETRYABLE:
+            if attempt == 3:
+                raise
+            await asyncio.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 async def _finished(pool: asyncpg.Pool, req: CreateIntentRequest) -> StoredResponse | None:
@@ -117,7 +131,7 @@ async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | Stored
     async with pool.acquire() as conn, conn.transaction():
         res = await conn.fetchrow(
             "SELECT client_id, status, expires_at <= clock_timestamp() AS overdue, amount, "
-            "currency FROM reservations WHERE id = $1 FOR UPDATE", rid)
+            "currency FROM reservations WHERE id = $1 FOR NO KEY UPDATE", rid)
         if res is None or res["client_id"] != req.client_id:
             raise ReservationNotFound(f"no reservation {req.reservation_id}")
         key = await conn.fetchrow(
@@ -185,7 +199,7 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
                 reservation_id=claim.reservation_id, idempotency_key=claim.stripe_key)
     except Definitive as exc:
         body = json.dumps(exc.error.problem())
-        return await _record(deps.pool, claim, exc.error.status, body, None)
+        return await _retrying(lambda: _record(deps.pool, claim, exc.error.status, body, None))
     except Transient as exc:
         await _release(deps.pool, claim.log_id, str(exc))
         raise errors.UpstreamUnavailable(
@@ -198,13 +212,16 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
     body = wire.encode(PaymentIntent(id=pi.id, client_secret=pi.client_secret, amount=pi.amount,
                                      currency=pi.currency, status=pi.status,
                                      reservation_id=claim.reservation_id)).decode()
-    return await _record(deps.pool, claim, 201, body, pi)
+    return await _retrying(lambda: _record(deps.pool, claim, 201, body, pi))
 
 
 async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
                   pi: CreatedIntent | None) -> StoredResponse:
     """Phase 3: the answer and all its local effects in one transaction, once per key."""
+    rid = uuid.UUID(claim.reservation_id)
     async with pool.acquire() as conn, conn.transaction():
+        # lock order everywhere: the reservation, then its keys (as in the claim)
+        await conn.execute("SELECT 1 FROM reservations WHERE id = $1 FOR NO KEY UPDATE", rid)
         done = await conn.fetchval(
             """
             UPDATE payment_intents_log
@@ -219,7 +236,6 @@ async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
             return StoredResponse(status=row["response_status"], body=row["response_body"],
                                   replayed=True)
         if pi is not None:
-            rid = uuid.UUID(claim.reservation_id)
             await conn.execute(
                 "INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, status) "
                 "VALUES ($1, $2, $3, $4, 'created') ON CONFLICT (payment_intent_id) DO NOTHING",
