@@ -22,6 +22,8 @@ UNAVAILABLE = (asyncpg.exceptions.ConnectionDoesNotExistError,
                asyncpg.exceptions.CrashShutdownError,
                asyncpg.exceptions.TooManyConnectionsError,
                asyncpg.exceptions.InterfaceError,
+               # a connection left mid-protocol by a server that went away (seen on shutdown)
+               asyncpg.InternalClientError,
                ConnectionError, OSError, asyncio.TimeoutError)
 
 
