@@ -39,7 +39,10 @@ log = logging.getLogger("boxoffice.webhook")
 
 ACK_WAIT = 10.0  # seconds; work that takes longer is kept alive with in_progress()
 DB_RETRY_DELAY = 2.0
-DB_DOWN = db.UNAVAILABLE + (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
+# PostgreSQL unreachable, shutting down or starting: wait for it, never count it against an event
+DB_DOWN = db.UNAVAILABLE + (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                            asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+                            asyncpg.IdleSessionTimeoutError, asyncpg.InternalClientError)
 TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 PERMANENT = (msgspec.ValidationError,)  # the event itself does not fit: retrying cannot help
 
@@ -165,6 +168,10 @@ class Consumer:
                 result = await self.processor.fail(event, raw, exc)
             except DB_DOWN:
                 self._database_lost(msg)
+                await _settle(msg, "nak", DB_RETRY_DELAY)
+                return
+            except Exception:  # noqa: BLE001 - not even recorded: try again after a while
+                log.exception("could not record the failure of stripe event %s", event.id)
                 await _settle(msg, "nak", DB_RETRY_DELAY)
                 return
             if result is None:  # applied meanwhile (a concurrent delivery)
