@@ -3,8 +3,9 @@
 A request runs in atomic phases, after brandur.org/idempotency-keys, with ``payment_intents_log``
 as both the audit trail and the recovery state:
 
-1. **claim** (one transaction): lock the reservation row (so all claims on one reservation take
-   turns), then find the client's key. A finished key replays its stored status and body; a key
+1. **claim** (SQL ``claim_payment_intent``, one round trip): a finished key is read without a
+   lock; otherwise lock the reservation row (so all claims on one reservation take turns), then
+   find the client's key. A finished key replays its stored status and body; a key
    with another fingerprint is ``idempotency_key_mismatch``; a key whose lease is live is
    ``idempotency_key_in_use``; a key whose lease lapsed (its worker crashed or gave up) is taken
    over. A new key is validated (the reservation is the client's, active, and has no other live
@@ -13,7 +14,7 @@ as both the audit trail and the recovery state:
 2. **Stripe call**, outside any transaction, with a Stripe idempotency key derived from the
    client's key, so a repeated call after a crash gets the original PaymentIntent back. While it
    runs the lease is renewed in the background.
-3. **record** (one transaction): the response, the Stripe id, a ``payments`` row (``created``),
+3. **record** (SQL ``record_payment_intent``, one round trip): the response, the Stripe id, a ``payments`` row (``created``),
    the reservation's PaymentIntent id and a ``payments.events.created`` outbox row, all at once.
    Definitive Stripe errors (card declined, invalid request) are recorded the same way; transient
    ones release the lease and leave the key at ``started`` for the client's retry.
@@ -50,7 +51,6 @@ from boxoffice.payment.reservations import RETRYABLE, ReservationNotActive, Rese
 from boxoffice.payment.stripe_client import CreatedIntent, Definitive, StripeGateway, Transient
 from boxoffice.wire.payments import (CreateIntentRequest, ListPayments, PaymentEvent,
                                      PaymentIntent, PaymentLog, PaymentLogEntry, StoredResponse)
-from boxoffice.wire.subjects import payment_event
 
 log = logging.getLogger("boxoffice.payment.intents")
 T = TypeVar("T")
@@ -84,9 +84,6 @@ class Claim:
 
 async def create_intent(deps: Deps, req: CreateIntentRequest) -> StoredResponse:
     """Create (or replay, or resume) the PaymentIntent of ``req``'s idempotency key."""
-    stored = await _finished(deps.pool, req)
-    if stored is not None:
-        return stored
     claim = await _retrying(lambda: _claim(deps.pool, req))
     if isinstance(claim, StoredResponse):
         return claim
@@ -105,89 +102,35 @@ async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-async def _finished(pool: asyncpg.Pool, req: CreateIntentRequest) -> StoredResponse | None:
-    """Fast path for retries: a finished key is immutable, so one indexed read replays it."""
+async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | StoredResponse:
+    """Phase 1, one round trip (SQL ``claim_payment_intent``): replay, refuse, or lease the key."""
     row = await pool.fetchrow(
-        "SELECT request_fingerprint, recovery_point, response_status, response_body "
-        "FROM payment_intents_log WHERE client_id = $1 AND idempotency_key = $2",
-        req.client_id, req.idempotency_key)
-    if row is None:
-        return None
-    if row["request_fingerprint"] != req.fingerprint:
-        raise _mismatch()
-    if row["recovery_point"] == "finished":
+        "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
+        req.idempotency_key, req.fingerprint, uuid.UUID(req.reservation_id),
+        idempotency.stripe_key(req.client_id, req.idempotency_key), ROUTE, LEASE_SECONDS)
+    outcome = row["outcome"]
+    if outcome == "replay":
         return StoredResponse(status=row["response_status"], body=row["response_body"],
                               replayed=True)
-    return None
-
-
-def _mismatch() -> errors.BoxofficeError:
-    return idempotency.IdempotencyKeyMismatch(
-        "this Idempotency-Key was used with another request; use a new key for a new request")
-
-
-async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | StoredResponse:
-    rid = uuid.UUID(req.reservation_id)
-    async with pool.acquire() as conn, conn.transaction():
-        res = await conn.fetchrow(
-            "SELECT client_id, status, expires_at <= clock_timestamp() AS overdue, amount, "
-            "currency FROM reservations WHERE id = $1 FOR NO KEY UPDATE", rid)
-        if res is None or res["client_id"] != req.client_id:
-            raise ReservationNotFound(f"no reservation {req.reservation_id}")
-        key = await conn.fetchrow(
-            "SELECT id, request_fingerprint, recovery_point, response_status, response_body, "
-            "       stripe_idempotency_key, amount, currency, "
-            "       extract(epoch FROM locked_at - clock_timestamp())::float8 + $3 AS lease_left "
-            "FROM payment_intents_log WHERE client_id = $1 AND idempotency_key = $2 FOR UPDATE",
-            req.client_id, req.idempotency_key, LEASE_SECONDS)
-        if key is not None:
-            return await _resume(conn, req, key)
-        if res["status"] != "active" or res["overdue"]:
-            status = "expired" if res["status"] == "active" else res["status"]
-            raise ReservationNotActive(f"the reservation is {status}", reservation_status=status)
-        other = await conn.fetchval(
-            "SELECT idempotency_key FROM payment_intents_log WHERE reservation_id = $1 "
-            "AND (recovery_point <> 'finished' OR response_status BETWEEN 200 AND 299) LIMIT 1",
-            rid)
-        if other is not None:
-            raise PaymentIntentExists("this reservation already has a PaymentIntent (or one in "
-                                      "progress): retry with its original Idempotency-Key")
-        stripe_key = idempotency.stripe_key(req.client_id, req.idempotency_key)
-        log_id = await conn.fetchval(
-            """
-            INSERT INTO payment_intents_log (client_id, idempotency_key, request_path,
-                request_fingerprint, reservation_id, stripe_idempotency_key, amount, currency,
-                locked_at, attempts)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, clock_timestamp(), 1)
-            ON CONFLICT (client_id, idempotency_key) DO NOTHING RETURNING id
-            """, req.client_id, req.idempotency_key, ROUTE, req.fingerprint, rid, stripe_key,
-            res["amount"], res["currency"])
-        if log_id is None:  # the same key, sent for another reservation at the same moment
-            raise idempotency.IdempotencyKeyInUse(retry_after=1)
-        return Claim(log_id=log_id, stripe_key=stripe_key, amount=res["amount"],
-                     currency=res["currency"], reservation_id=req.reservation_id)
-
-
-async def _resume(conn: asyncpg.Connection, req: CreateIntentRequest, key: asyncpg.Record
-                  ) -> Claim | StoredResponse:
-    if key["request_fingerprint"] != req.fingerprint:
-        raise _mismatch()
-    if key["recovery_point"] == "finished":
-        return StoredResponse(status=key["response_status"], body=key["response_body"],
-                              replayed=True)
-    left = key["lease_left"]
-    if left is not None and left > 0:
+    if outcome in ("claimed", "resumed"):
+        return Claim(log_id=row["log_id"], stripe_key=row["stripe_key"], amount=row["amount"],
+                     currency=row["currency"], reservation_id=req.reservation_id)
+    if outcome == "mismatch":
+        raise idempotency.IdempotencyKeyMismatch(
+            "this Idempotency-Key was used with another request; use a new key for a new request")
+    if outcome == "in_use":
         raise idempotency.IdempotencyKeyInUse(
             "the first request with this Idempotency-Key is still in progress",
-            retry_after=max(1, math.ceil(left)))
-    # The previous attempt crashed or failed transiently: resume it. The amount is the one
-    # recorded at the first attempt, so Stripe sees the very same request under the same key.
-    await conn.execute("UPDATE payment_intents_log SET locked_at = clock_timestamp(), "
-                       "attempts = attempts + 1, updated_at = clock_timestamp() WHERE id = $1",
-                       key["id"])
-    return Claim(log_id=key["id"], stripe_key=key["stripe_idempotency_key"],
-                 amount=key["amount"], currency=key["currency"],
-                 reservation_id=req.reservation_id)
+            retry_after=max(1, math.ceil(row["retry_after"])))
+    if outcome == "not_found":
+        raise ReservationNotFound(f"no reservation {req.reservation_id}")
+    if outcome == "not_active":
+        raise ReservationNotActive(f"the reservation is {row['detail']}",
+                                   reservation_status=row["detail"])
+    if outcome == "exists":
+        raise PaymentIntentExists("this reservation already has a PaymentIntent (or one in "
+                                  "progress): retry with its original Idempotency-Key")
+    raise AssertionError(f"unknown claim outcome {outcome!r}")
 
 
 async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
@@ -217,38 +160,17 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
 
 async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
                   pi: CreatedIntent | None) -> StoredResponse:
-    """Phase 3: the answer and all its local effects in one transaction, once per key."""
-    rid = uuid.UUID(claim.reservation_id)
-    async with pool.acquire() as conn, conn.transaction():
-        # lock order everywhere: the reservation, then its keys (as in the claim)
-        await conn.execute("SELECT 1 FROM reservations WHERE id = $1 FOR NO KEY UPDATE", rid)
-        done = await conn.fetchval(
-            """
-            UPDATE payment_intents_log
-            SET recovery_point = 'finished', locked_at = NULL, response_status = $2,
-                response_body = $3, stripe_payment_intent_id = $4, last_error = NULL,
-                updated_at = clock_timestamp()
-            WHERE id = $1 AND recovery_point <> 'finished' RETURNING id
-            """, claim.log_id, status, body, pi.id if pi else None)
-        if done is None:  # another worker took over the key and finished it first
-            row = await conn.fetchrow("SELECT response_status, response_body "
-                                      "FROM payment_intents_log WHERE id = $1", claim.log_id)
-            return StoredResponse(status=row["response_status"], body=row["response_body"],
-                                  replayed=True)
-        if pi is not None:
-            await conn.execute(
-                "INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, status) "
-                "VALUES ($1, $2, $3, $4, 'created') ON CONFLICT (payment_intent_id) DO NOTHING",
-                pi.id, rid, claim.amount, claim.currency)
-            await conn.execute(
-                "UPDATE reservations SET payment_intent_id = $2, updated_at = clock_timestamp() "
-                "WHERE id = $1 AND status <> 'completed'", rid, pi.id)
-            event = PaymentEvent(payment_intent_id=pi.id, reservation_id=claim.reservation_id,
-                                 amount=claim.amount, currency=claim.currency,
-                                 occurred_at=wire.now())
-            await conn.execute("INSERT INTO outbox (subject, payload) VALUES ($1, ($2::text)::jsonb)",
-                               payment_event("created"), wire.encode(event).decode())
-    return StoredResponse(status=status, body=body)
+    """Phase 3, one round trip (SQL ``record_payment_intent``): once per key."""
+    event = None
+    if pi is not None:
+        event = wire.encode(PaymentEvent(
+            payment_intent_id=pi.id, reservation_id=claim.reservation_id, amount=claim.amount,
+            currency=claim.currency, occurred_at=wire.now())).decode()
+    row = await pool.fetchrow(
+        "SELECT * FROM record_payment_intent($1, $2, $3, $4, ($5::text)::jsonb)", claim.log_id,
+        status, body, pi.id if pi else None, event)
+    return StoredResponse(status=row["response_status"], body=row["response_body"],
+                          replayed=row["replayed"])
 
 
 async def _release(pool: asyncpg.Pool, log_id: int, error: str) -> None:

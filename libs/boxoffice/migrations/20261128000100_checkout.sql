@@ -117,7 +117,143 @@ BEGIN
     RETURN NEXT r;
 END $$;
 
+-- POST /v1/payment_intents, phase 1 ("claim"), in one round trip. Outcomes:
+--   replay     the key is finished: its stored status and body
+--   mismatch   the key was used with another request (fingerprint)
+--   in_use     a live worker holds the key's lease (retry_after seconds left)
+--   not_found  no such reservation for this client;  not_active  (detail = its status)
+--   exists     the reservation has a live PaymentIntent under another key
+--   claimed    a new key, leased to the caller;  resumed  an abandoned key, leased to the caller
+-- A finished key is immutable, so replays read it without taking any lock. Everything else
+-- locks the reservation row first (claims on one reservation take turns; the same lock order
+-- as record_payment_intent). A rejected request writes nothing. The claim commits without
+-- waiting for its WAL flush: if PostgreSQL crashed and lost it, the retry claims again and
+-- Stripe, asked with the same derived key, returns the same PaymentIntent.
+CREATE FUNCTION claim_payment_intent(p_client_id text, p_key text, p_fingerprint text,
+                                     p_reservation_id uuid, p_stripe_key text, p_path text,
+                                     p_lease_seconds double precision)
+RETURNS TABLE (outcome text, log_id bigint, stripe_key text, amount bigint, currency text,
+               response_status integer, response_body text, retry_after double precision,
+               detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    k    payment_intents_log;
+    res  reservations;
+    left_s double precision;
+BEGIN
+    SELECT * INTO k FROM payment_intents_log l
+    WHERE l.client_id = p_client_id AND l.idempotency_key = p_key;
+    IF FOUND THEN
+        IF k.request_fingerprint <> p_fingerprint THEN
+            RETURN QUERY SELECT 'mismatch', k.id, NULL, NULL::bigint, NULL, NULL::integer, NULL,
+                                NULL::double precision, NULL;
+            RETURN;
+        END IF;
+        IF k.recovery_point = 'finished' THEN
+            RETURN QUERY SELECT 'replay', k.id, NULL, k.amount, k.currency, k.response_status,
+                                k.response_body, NULL::double precision, NULL;
+            RETURN;
+        END IF;
+    END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    SELECT * INTO res FROM reservations r WHERE r.id = p_reservation_id FOR NO KEY UPDATE;
+    IF NOT FOUND OR res.client_id <> p_client_id THEN
+        RETURN QUERY SELECT 'not_found', NULL::bigint, NULL, NULL::bigint, NULL, NULL::integer,
+                            NULL, NULL::double precision, NULL;
+        RETURN;
+    END IF;
+    SELECT * INTO k FROM payment_intents_log l
+    WHERE l.client_id = p_client_id AND l.idempotency_key = p_key FOR UPDATE;
+    IF FOUND THEN
+        IF k.request_fingerprint <> p_fingerprint THEN
+            RETURN QUERY SELECT 'mismatch', k.id, NULL, NULL::bigint, NULL, NULL::integer, NULL,
+                                NULL::double precision, NULL;
+        ELSIF k.recovery_point = 'finished' THEN
+            RETURN QUERY SELECT 'replay', k.id, NULL, k.amount, k.currency, k.response_status,
+                                k.response_body, NULL::double precision, NULL;
+        ELSE
+            left_s := extract(epoch FROM k.locked_at - clock_timestamp()) + p_lease_seconds;
+            IF left_s > 0 THEN
+                RETURN QUERY SELECT 'in_use', k.id, NULL, NULL::bigint, NULL, NULL::integer,
+                                    NULL, left_s, NULL;
+            ELSE
+                -- the last attempt crashed or failed transiently: take it over, same amount
+                UPDATE payment_intents_log SET locked_at = clock_timestamp(),
+                       attempts = attempts + 1, updated_at = clock_timestamp()
+                WHERE id = k.id;
+                RETURN QUERY SELECT 'resumed', k.id, k.stripe_idempotency_key, k.amount,
+                                    k.currency, NULL::integer, NULL, NULL::double precision, NULL;
+            END IF;
+        END IF;
+        RETURN;
+    END IF;
+    IF res.status <> 'active' OR res.expires_at <= clock_timestamp() THEN
+        RETURN QUERY SELECT 'not_active', NULL::bigint, NULL, NULL::bigint, NULL,
+                            NULL::integer, NULL, NULL::double precision,
+                            CASE WHEN res.status = 'active' THEN 'expired' ELSE res.status END;
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM payment_intents_log l WHERE l.reservation_id = p_reservation_id
+               AND (l.recovery_point <> 'finished' OR l.response_status BETWEEN 200 AND 299)) THEN
+        RETURN QUERY SELECT 'exists', NULL::bigint, NULL, NULL::bigint, NULL, NULL::integer,
+                            NULL, NULL::double precision, NULL;
+        RETURN;
+    END IF;
+    INSERT INTO payment_intents_log AS l (client_id, idempotency_key, request_path,
+        request_fingerprint, reservation_id, stripe_idempotency_key, amount, currency,
+        locked_at, attempts)
+    VALUES (p_client_id, p_key, p_path, p_fingerprint, p_reservation_id, p_stripe_key,
+            res.amount, res.currency, clock_timestamp(), 1)
+    ON CONFLICT ON CONSTRAINT payment_intents_log_key DO NOTHING
+    RETURNING * INTO k;
+    IF NOT FOUND THEN  -- the same key, sent for another reservation at the same moment
+        RETURN QUERY SELECT 'in_use', NULL::bigint, NULL, NULL::bigint, NULL, NULL::integer,
+                            NULL, 1::double precision, NULL;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 'claimed', k.id, k.stripe_idempotency_key, k.amount, k.currency,
+                        NULL::integer, NULL, NULL::double precision, NULL;
+END $$;
+
+-- Phase 3 ("record"): Stripe's answer and all its local effects in one transaction, once per
+-- key. With a PaymentIntent: a 'created' payments row, the reservation's payment_intent_id and
+-- the payments.events.created outbox row (p_event). If another worker finished the key first,
+-- nothing is written and its stored answer is returned (replayed = true).
+CREATE FUNCTION record_payment_intent(p_log_id bigint, p_status integer, p_body text,
+                                      p_payment_intent_id text, p_event jsonb)
+RETURNS TABLE (replayed boolean, response_status integer, response_body text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    k payment_intents_log;
+BEGIN
+    SELECT * INTO k FROM payment_intents_log l WHERE l.id = p_log_id;
+    PERFORM 1 FROM reservations r WHERE r.id = k.reservation_id FOR NO KEY UPDATE;
+    UPDATE payment_intents_log l
+    SET recovery_point = 'finished', locked_at = NULL, response_status = p_status,
+        response_body = p_body, stripe_payment_intent_id = p_payment_intent_id,
+        last_error = NULL, updated_at = clock_timestamp()
+    WHERE l.id = p_log_id AND l.recovery_point <> 'finished';
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT true, l.response_status, l.response_body
+                     FROM payment_intents_log l WHERE l.id = p_log_id;
+        RETURN;
+    END IF;
+    IF p_payment_intent_id IS NOT NULL THEN
+        INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, status)
+        VALUES (p_payment_intent_id, k.reservation_id, k.amount, k.currency, 'created')
+        ON CONFLICT (payment_intent_id) DO NOTHING;
+        UPDATE reservations r SET payment_intent_id = p_payment_intent_id,
+               updated_at = clock_timestamp()
+        WHERE r.id = k.reservation_id AND r.status <> 'completed';
+        INSERT INTO outbox (subject, payload) VALUES ('payments.events.created', p_event);
+    END IF;
+    RETURN QUERY SELECT false, p_status, p_body;
+END $$;
+
 -- migrate:down
+
+DROP FUNCTION record_payment_intent(bigint, integer, text, text, jsonb);
+DROP FUNCTION claim_payment_intent(text, text, text, uuid, text, text, double precision);
 
 -- the foundation's hold_tickets, as it was
 CREATE OR REPLACE FUNCTION hold_tickets(p_event_id uuid, p_quantity integer, p_client_id text,

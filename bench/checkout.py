@@ -1,0 +1,323 @@
+"""Checkout benchmark: PaymentIntent overhead, replays of a stored key, holds on one hot event.
+
+Runs its own PostgreSQL, nats-server (``sync_interval: always``, as ``boxoffice up``), localstripe
+and the payment and ingress services as real processes, then measures, each against a raw
+baseline taken in the same run:
+
+- PaymentIntent creation through ingress (HTTP -> NATS -> payment -> PostgreSQL -> localstripe)
+  vs a direct stripe-python call to localstripe, interleaved one for one: p50/p99, and the p50
+  difference (our overhead; goal <= 3 ms);
+- replays of one stored Idempotency-Key through ingress: requests/s and p50 (goal >= 3,000/s);
+- holds on one hot event, 64 concurrent clients: ``hold_tickets`` over 64 PostgreSQL connections
+  vs a plain single-row ``UPDATE ... SET available = available - 1`` (goal >= 1,000 holds/s), the
+  same holds end to end through ingress, and a sell-out race that must end with exactly capacity
+  tickets held (zero oversell).
+
+    .venv/bin/python -m bench.checkout            # about 60 s
+    .venv/bin/python -m bench.checkout --quick    # shorter phases
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import stripe
+
+from boxoffice import migrate
+from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
+
+CLIENT = "bench-client-token-aaaaaaaaaaaa"
+ADMIN = "bench-admin-token-bbbbbbbbbbbbb"
+STRIPE_KEY = "sk_test_boxoffice_bench"
+CONCURRENCY = 64
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 3)
+
+
+class Services:
+    def __init__(self, root: Path, nats_url: str, db_url: str, stripe_base: str):
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("NATS_", "DATABASE_", "STRIPE_", "BOXOFFICE_"))}
+        self.env.update({"NATS_URL": nats_url, "DATABASE_URL": db_url,
+                         "STRIPE_API_KEY": STRIPE_KEY, "STRIPE_API_BASE": stripe_base,
+                         "STRIPE_WEBHOOK_SECRET": "whsec_bench_secret", "LOG_LEVEL": "WARNING",
+                         "CLIENT_API_TOKENS": CLIENT, "ADMIN_API_TOKENS": ADMIN})
+        self.procs: list[subprocess.Popen] = []
+        self.ingress_url = ""
+
+    def start(self, service: str) -> str:
+        port = free_port()
+        env = dict(self.env)
+        if service == "ingress":
+            env.pop("DATABASE_URL")
+            env.pop("STRIPE_API_KEY")
+            env["INGRESS_PORT"] = str(port)
+        else:
+            env["HEALTH_PORT"] = str(port)
+        with open(self.root / f"{service}.log", "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "run", service],
+                                    env=env, stdout=out, stderr=out, preexec_fn=die_with_parent)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return url
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{service} exited: {(self.root / f'{service}.log').read_text()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{service} not ready")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, base: str):
+        self.s = session
+        self.base = base
+
+    async def post(self, path: str, body: Any, token: str = CLIENT,
+                   key: str | None = None) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        if key:
+            headers["Idempotency-Key"] = key
+        async with self.s.post(self.base + path, data=json.dumps(body), headers=headers) as r:
+            return r.status, await r.read()
+
+    async def event(self, capacity: int, price: int = 2500) -> str:
+        status, body = await self.post("/v1/admin/events", {
+            "name": "bench", "capacity": capacity, "price": price, "currency": "eur"}, ADMIN)
+        assert status == 201, body
+        return json.loads(body)["id"]
+
+    async def hold(self, event_id: str, quantity: int = 1) -> tuple[int, bytes]:
+        return await self.post("/v1/reservations", {"event_id": event_id, "quantity": quantity})
+
+
+async def bench_intents(c: Client, stripe_base: str, n: int) -> dict[str, Any]:
+    event_id = await c.event(capacity=n + 10)
+    holds = []
+    for _ in range(n):
+        status, body = await c.hold(event_id)
+        assert status == 201, body
+        holds.append(json.loads(body)["id"])
+    http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=5))
+    sdk = stripe.StripeClient(STRIPE_KEY, http_client=http, base_addresses={"api": stripe_base})
+    ours, direct = [], []
+    try:
+        for i, rid in enumerate(holds):  # interleaved, so both see the same emulator state
+            t = time.perf_counter()
+            status, body = await c.post("/v1/payment_intents", {"reservation_id": rid},
+                                        key=f"bench-{rid}")
+            ours.append(time.perf_counter() - t)
+            assert status == 201, body
+            t = time.perf_counter()
+            await sdk.v1.payment_intents.create_async(
+                params={"amount": 2500, "currency": "eur", "metadata": {"reservation_id": rid}},
+                options={"idempotency_key": f"direct-{i}-{uuid.uuid4()}"})
+            direct.append(time.perf_counter() - t)
+    finally:
+        await http.close_async()
+    return {"requests": n,
+            "ingress_p50_ms": pct(ours, 0.5), "ingress_p99_ms": pct(ours, 0.99),
+            "direct_sdk_p50_ms": pct(direct, 0.5), "direct_sdk_p99_ms": pct(direct, 0.99),
+            "overhead_p50_ms": round(pct(ours, 0.5) - pct(direct, 0.5), 3),
+            "key": holds[0]}
+
+
+async def closed_loop(fn, seconds: float, workers: int) -> tuple[int, list[float], float]:
+    """Run ``fn`` from ``workers`` concurrent loops for ``seconds``; count and latencies."""
+    lat: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> int:
+        done = 0
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            await fn()
+            lat.append(time.perf_counter() - t)
+            done += 1
+        return done
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(worker() for _ in range(workers)))
+    return sum(counts), lat, time.perf_counter() - start
+
+
+async def bench_replays(c: Client, rid: str, seconds: float) -> dict[str, Any]:
+    key = f"bench-{rid}"
+    status, expected = await c.post("/v1/payment_intents", {"reservation_id": rid}, key=key)
+    assert status == 201
+
+    async def replay() -> None:
+        s, body = await c.post("/v1/payment_intents", {"reservation_id": rid}, key=key)
+        assert s == 201 and body == expected
+
+    n, lat, elapsed = await closed_loop(replay, seconds, 32)
+    return {"concurrency": 32, "requests": n, "per_s": round(n / elapsed), "p50_ms": pct(lat, 0.5),
+            "p99_ms": pct(lat, 0.99)}
+
+
+async def bench_holds_db(db_url: str, event_id: str, seconds: float) -> dict[str, Any]:
+    """hold_tickets vs a plain single-row UPDATE, both over 64 connections, same run."""
+    pool = await asyncpg.create_pool(db_url, min_size=CONCURRENCY, max_size=CONCURRENCY)
+    try:
+        await pool.execute("CREATE TABLE IF NOT EXISTS bench_plain_inventory "
+                           "(id int PRIMARY KEY, available int NOT NULL)")
+        await pool.execute("INSERT INTO bench_plain_inventory VALUES (1, 100000000) "
+                           "ON CONFLICT (id) DO UPDATE SET available = 100000000")
+        eid = uuid.UUID(event_id)
+
+        async def hold() -> None:
+            async with pool.acquire() as conn:
+                await conn.fetchrow("SELECT id FROM hold_tickets($1, 1, 'bench', 900)", eid)
+
+        async def plain() -> None:
+            async with pool.acquire() as conn:
+                await conn.execute("UPDATE bench_plain_inventory SET available = available - 1 "
+                                   "WHERE id = 1 AND available > 0")
+
+        n_plain, lat_plain, t_plain = await closed_loop(plain, seconds, CONCURRENCY)
+        n_hold, lat_hold, t_hold = await closed_loop(hold, seconds, CONCURRENCY)
+        return {"concurrency": CONCURRENCY,
+                "hold_tickets_per_s": round(n_hold / t_hold), "hold_p50_ms": pct(lat_hold, 0.5),
+                "plain_update_per_s": round(n_plain / t_plain),
+                "plain_p50_ms": pct(lat_plain, 0.5)}
+    finally:
+        await pool.close()
+
+
+async def bench_holds_http(c: Client, event_id: str, seconds: float) -> dict[str, Any]:
+    async def hold() -> None:
+        s, body = await c.hold(event_id)
+        assert s == 201, body
+
+    n, lat, elapsed = await closed_loop(hold, seconds, CONCURRENCY)
+    return {"concurrency": CONCURRENCY, "holds": n, "per_s": round(n / elapsed),
+            "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}
+
+
+async def sell_out(c: Client, db_url: str, capacity: int) -> dict[str, Any]:
+    """64 clients race for the tickets of one event until it is sold out."""
+    event_id = await c.event(capacity=capacity)
+    ok = sold_out = other = 0
+    done = False
+
+    async def worker() -> None:
+        nonlocal ok, sold_out, other, done
+        while not done:
+            s, body = await c.hold(event_id)
+            if s == 201:
+                ok += 1
+            elif s == 409 and json.loads(body).get("code") == "sold_out":
+                sold_out += 1
+                done = True
+            else:
+                other += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    elapsed = time.perf_counter() - t
+    conn = await asyncpg.connect(db_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT sum(held) AS held, sum(sold) AS sold, sum(capacity) AS capacity, "
+            "bool_and(held + sold <= capacity) AS per_bucket_ok "
+            "FROM inventory_buckets WHERE event_id = $1", uuid.UUID(event_id))
+    finally:
+        await conn.close()
+    return {"capacity": capacity, "successful_holds": ok, "sold_out_answers": sold_out,
+            "other_answers": other, "held_in_db": row["held"], "seconds": round(elapsed, 2),
+            "oversold": max(0, ok - capacity) + max(0, row["held"] + row["sold"] - capacity),
+            "exactly_sold_out": ok == capacity == row["held"] and row["per_bucket_ok"]}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    phase = 3.0 if args.quick else 6.0
+    with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
+        root = Path(tmp)
+        pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
+        nats = NatsServer(root / "nats", sync_always=True).start()
+        ls = LocalStripe(log=root / "localstripe.log").start()
+        svcs = Services(root, nats.url, pg.url("boxoffice"), ls.url)
+        try:
+            migrate.run(pg.url("boxoffice"), "up")
+            svcs.start("payment")
+            base = svcs.start("ingress")
+            connector = aiohttp.TCPConnector(limit=256)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                c = Client(session, base)
+                intents = await bench_intents(c, ls.url, 60 if args.quick else 250)
+                replays = await bench_replays(c, intents.pop("key"), phase)
+                hot = await c.event(capacity=5_000_000)
+                holds_db = await bench_holds_db(pg.url("boxoffice"), hot, phase)
+                holds_http = await bench_holds_http(c, hot, phase)
+                race = await sell_out(c, pg.url("boxoffice"), 3000)
+        finally:
+            svcs.stop()
+            ls.stop()
+            nats.stop()
+            pg.stop()
+    return {
+        "bench": "checkout",
+        "machine": {"cpus": os.cpu_count()},
+        "payment_intents": intents,
+        "replays": replays,
+        "holds_hot_event_db": holds_db,
+        "holds_hot_event_http": holds_http,
+        "sell_out_race": race,
+        "goals": {
+            "overhead_p50_le_3ms": intents["overhead_p50_ms"] <= 3.0,
+            "replays_ge_3000_per_s": replays["per_s"] >= 3000,
+            "holds_ge_1000_per_s": holds_db["hold_tickets_per_s"] >= 1000,
+            "zero_oversell": race["oversold"] == 0 and race["exactly_sold_out"],
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter phases")
+    args = parser.parse_args()
+    try:
+        import uvloop
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover
+        runner = asyncio.Runner()
+    with runner:
+        print(json.dumps(runner.run(run(args))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
