@@ -21,7 +21,7 @@ import prometheus_client
 from aiohttp import web
 
 from boxoffice import config as configmod
-from boxoffice import errors, logs
+from boxoffice import errors, logs, report
 
 log = logging.getLogger("boxoffice.runtime")
 
@@ -108,6 +108,15 @@ def run(service: str, build: Build) -> int:
         print(f"boxoffice {service}: {exc}", file=sys.stderr)
         return 2
     logs.setup(service, cfg.log_level)
+    reporter = report.install(cfg)  # ERROR logs, crashes and loop errors go to the bus
+
+    async def main() -> int:
+        await reporter.start()
+        try:
+            return await serve(service, build, cfg)
+        finally:
+            await reporter.close()  # what could not be sent waits in the spool for the next start
+
     try:
         import uvloop
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
@@ -115,7 +124,7 @@ def run(service: str, build: Build) -> int:
         runner = asyncio.Runner()
     try:
         with runner:
-            return runner.run(serve(service, build, cfg))
+            return runner.run(main())
     except errors.BoxofficeError as exc:
         log.error("%s cannot start: %s", service, exc.detail, extra={"code": exc.code})
         print(f"boxoffice {service}: cannot start: {exc.detail}", file=sys.stderr)
@@ -130,6 +139,14 @@ def standard_checks(svc: Service, *, bus: object | None = None, pool: object | N
         async def nats_ok() -> bool:
             return bool(bus.connected)  # type: ignore[attr-defined]
         svc.checks["nats"] = nats_ok
+        reporter = report.current()
+        if reporter is not None:
+            reporter.attach(bus)
+
+            async def flush_reports() -> None:  # runs before the bus drains
+                await reporter.flush()
+                reporter.attach(None)  # errors during the rest of shutdown wait in the spool
+            svc.stack.push_async_callback(flush_reports)
     if pool is not None:
         async def pg_ok() -> bool:
             return await db.ping(pool)  # type: ignore[arg-type]

@@ -1,4 +1,8 @@
-"""The error-sink: build and run."""
+"""The error-sink: build and run.
+
+Resources in order (torn down in reverse): the pool, the bus, the alert relay, the consumer
+lanes writing ERRORS into error_logs, the operator queries on admin.errors.*.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,15 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, runtime
-from boxoffice.error_sink import sink
+from boxoffice.error_sink import admin, alerts, consume, store
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER
+
+LANES = 2
+BATCH = 1000
+# A batch takes well under a second; a report delivered to a sink that was killed comes back
+# after ack_wait. max_ack_pending bounds what is out to all replicas at once.
+ACK_WAIT = 15.0
+MAX_ACK_PENDING = 20_000
 
 
 async def build(svc: runtime.Service) -> None:
@@ -17,9 +28,17 @@ async def build(svc: runtime.Service) -> None:
     bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "error-sink"))
     await bus.declare_streams("ERRORS", "ALERTS")
     stream, durable = ERROR_SINK_CONSUMER
-    await bus.declare_consumer(stream, durable, ack_wait=30.0)
+    await bus.declare_consumer(stream, durable, ack_wait=ACK_WAIT, max_ack_pending=MAX_ACK_PENDING)
+    wake_alerts = await svc.stack.enter_async_context(
+        alerts.relay(pool, bus, cfg.alert_webhook_url))
+    writers = await svc.stack.enter_async_context(store.writer_pool(cfg.database_url, LANES))
+    policy = store.AlertPolicy(rate_per_minute=cfg.alert_rate_per_minute,
+                               window_seconds=cfg.alert_window_seconds)
     await svc.stack.enter_async_context(
-        busmod.pull_consumer(bus, stream, durable, sink.Writer(pool), batch=1000))
+        consume.lanes(bus, writers, stream, durable, policy, wake_alerts.set, count=LANES,
+                      batch=BATCH))
+    await admin.register(bus, pool)
+    svc.stack.push_async_callback(bus.stop_serving)
     runtime.standard_checks(svc, bus=bus, pool=pool)
 
 

@@ -1,45 +1,176 @@
-"""Persists error reports from ERRORS into ``error_logs``, a report id stored once."""
+"""Persists error reports from ERRORS into ``error_logs`` and ``error_groups``, in batches.
+
+Every message the bus accepted becomes a row: a report that does not fit the schema (other
+languages, other versions) is coerced field by field, and even a body that is not JSON is kept
+as a report saying so. Before anything is written, secrets are scrubbed and big fields cut
+(``boxoffice.scrub``), and the report's group is computed (``grouping``).
+
+One transaction per batch: COPY into a temporary staging table, ``INSERT ... SELECT ... ON
+CONFLICT (id) DO NOTHING`` into ``error_logs`` (a redelivered report is stored once), then the
+groups of the rows that were new are upserted with their counts, and alerts decided
+(``store``). Messages are acked only after the commit; a failed batch is nak'ed for a prompt
+redelivery.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any
 
-import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 
-from boxoffice import wire
-from boxoffice.wire.errors import ErrorReport
+from boxoffice import scrub
+from boxoffice.error_sink import grouping
+from boxoffice.wire.errors import LEVELS
 
 log = logging.getLogger("boxoffice.error_sink")
 
+_NS = uuid.UUID("0b6f7f52-86a4-4b8e-9a55-1d1c7e0a2c11")
+_SERVICE = re.compile(r"[^A-Za-z0-9_-]+")
+MAX_MESSAGE = 8192
+MAX_STACK = 65536
+MAX_CONTEXT_JSON = 65536
+_LEVELS = frozenset(LEVELS)
+_json = msgspec.json.Encoder()
 
-class Writer:
-    def __init__(self, pool: asyncpg.Pool):
-        self.pool = pool
 
-    async def __call__(self, msgs: list[Msg]) -> None:
-        rows = []
-        for msg in msgs:
-            try:
-                r = wire.decode(msg.data, ErrorReport)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                log.warning("malformed error report on %s dropped", msg.subject)
-                await msg.term()
-                continue
-            rows.append((r.id, r.occurred_at, r.service, r.level, r.message, r.error_type,
-                         r.stacktrace, r.context, r.fingerprint, r.environment, r.release,
-                         r.request_id, r.count))
-        if rows:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.executemany(
-                    """
-                    INSERT INTO error_logs (id, "timestamp", service, severity, error_message,
-                        error_type, stacktrace, context, fingerprint, environment, release,
-                        request_id, occurrences, function_name)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $3)
-                    ON CONFLICT (id) DO NOTHING
-                    """, rows)
-        for msg in msgs:
-            if not msg._ackd:
-                await msg.ack()
+class _Report(msgspec.Struct):
+    """A report as published by anyone: unknown fields ignored, no length limits (we cut)."""
+
+    id: str | None = None
+    occurred_at: datetime | None = None
+    service: str | None = None
+    level: str | None = None
+    message: str | None = None
+    error_type: str | None = None
+    stacktrace: str | None = None
+    context: dict[str, Any] | None = None
+    fingerprint: list[str] | None = None
+    environment: str | None = None
+    release: str | None = None
+    request_id: str | None = None
+    count: int = 1
+
+
+_decoder = msgspec.json.Decoder(_Report, strict=False)
+
+
+class Row(msgspec.Struct, array_like=True):
+    id: str
+    timestamp: datetime
+    service: str
+    function_name: str
+    severity: str
+    error_message: str
+    error_type: str | None
+    stacktrace: str | None
+    context: dict[str, Any] | None
+    fingerprint: list[str] | None  # the report's own; the group keeps the computed one
+    environment: str | None
+    release: str | None
+    request_id: str | None
+    occurrences: int
+    group_id: str
+    # not copied: what the group needs
+    fingerprint_hash: str
+    group_fingerprint: tuple[str, ...]
+
+    def record(self) -> tuple[Any, ...]:
+        return msgspec.structs.astuple(self)[:15]
+
+
+COLUMNS = ("id", "timestamp", "service", "function_name", "severity", "error_message",
+           "error_type", "stacktrace", "context", "fingerprint", "environment", "release",
+           "request_id", "occurrences", "group_id")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
+def _str(v: str | None, limit: int) -> str | None:
+    return scrub.truncate(scrub.text(v), limit) if v else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _service(name: str) -> str:
+    return _SERVICE.sub("-", name)[:64].strip("-")
+
+
+def _coerce(raw: bytes) -> _Report:
+    """Last resort for a body that does not fit ``_Report``: keep what can be kept."""
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return _Report(message="[undecodable error report] "
+                               + raw[:4096].decode("utf-8", errors="replace"),
+                       error_type="UndecodableReport")
+    if not isinstance(obj, dict):
+        return _Report(message="[error report is not an object] " + raw[:4096].decode(errors="replace"),
+                       error_type="MalformedReport")
+    r = _Report()
+    for field in ("id", "service", "level", "message", "error_type", "stacktrace", "environment",
+                  "release", "request_id"):
+        v = obj.get(field)
+        if v is not None:
+            setattr(r, field, v if isinstance(v, str) else _json.encode(v).decode())
+    ctx = obj.get("context")
+    r.context = ctx if isinstance(ctx, dict) else ({"value": ctx} if ctx is not None else None)
+    fp = obj.get("fingerprint")
+    if isinstance(fp, list):
+        r.fingerprint = [x if isinstance(x, str) else _json.encode(x).decode() for x in fp]
+    try:
+        r.occurred_at = msgspec.convert(obj.get("occurred_at"), datetime, strict=False)
+    except msgspec.ValidationError:
+        pass
+    count = obj.get("count")
+    r.count = count if isinstance(count, int) and not isinstance(count, bool) else 1
+    return r
+
+
+def _report_id(r: _Report, msg: Msg) -> str:
+    for candidate in (r.id, (msg.headers or {}).get("Nats-Msg-Id")):
+        if candidate:
+            if len(candidate) in (32, 36) and _UUID.fullmatch(candidate):
+                return candidate
+            return str(uuid.uuid5(_NS, candidate[:512]))
+    return str(uuid.uuid5(_NS, hashlib.sha256(msg.subject.encode() + msg.data).hexdigest()))
+
+
+def prepare(msg: Msg, now: datetime) -> Row:
+    """One message into one scrubbed, grouped row. Never raises on the message's content."""
+    try:
+        r = _decoder.decode(msg.data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        r = _coerce(msg.data)
+    tokens = msg.subject.split(".")
+    service = _service(r.service) if r.service else ""
+    if not service:
+        service = tokens[1] if len(tokens) > 2 else "unknown"
+    level = r.level if r.level in _LEVELS else (r.level or "").lower()
+    if level not in _LEVELS:
+        level = tokens[-1] if tokens[-1] in _LEVELS else "error"
+    ts = r.occurred_at or now
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    message = _str(r.message, MAX_MESSAGE) or "(no message)"
+    error_type = _str(r.error_type, 256)
+    stacktrace = _str(r.stacktrace, MAX_STACK)
+    ctx = None
+    function_name = service
+    if r.context:
+        ctx = scrub.clean(r.context)
+        if len(_json.encode(ctx)) > MAX_CONTEXT_JSON:
+            ctx = scrub.clean(ctx, 256, 20)
+        fn = ctx.get("function")
+        if isinstance(fn, str) and fn:
+            function_name = fn[:200]
+    own = [_str(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None
+    fp = grouping.fingerprint(error_type, stacktrace, message, own)
+    fhash, gid = grouping.group_key(service, fp)
+    return Row(_report_id(r, msg), ts, service, function_name, level, message, error_type,
+               stacktrace, ctx, own, _str(r.environment, 64), _str(r.release, 128),
+               _str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid, fhash, fp)

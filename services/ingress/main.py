@@ -15,6 +15,7 @@ from boxoffice import runtime
 from boxoffice.config import Config
 from boxoffice.ingress import admin, checkout, webhooks
 from boxoffice.ingress import reaper_admin
+from boxoffice.ingress import errors as error_routes
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
 
@@ -28,6 +29,7 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
     app.add_routes(reaper_admin.routes)
     app.add_routes(checkout.routes)
     app.add_routes(webhooks.routes)
+    app.add_routes(error_routes.setup(app))
     return app
 
 

@@ -25,3 +25,93 @@ class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     release: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     request_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     count: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+# -- operator queries, served by the error-sink on admin.errors.<verb> -----------------------
+
+GROUPS_LIST = "admin.errors.list"
+GROUPS_GET = "admin.errors.get"
+GROUPS_RESOLVE = "admin.errors.resolve"
+GROUPS_IGNORE = "admin.errors.ignore"
+
+Status = Literal["unresolved", "resolved", "ignored"]
+STATUSES: tuple[str, ...] = ("unresolved", "resolved", "ignored")
+_UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+
+
+class ListGroups(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    status: Status | None = None
+    level: Level | None = None
+    service: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    since: datetime | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+
+
+class GetGroup(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    group_id: Annotated[str, msgspec.Meta(pattern=_UUID)]
+    events: Annotated[int, msgspec.Meta(ge=0, le=200)] = 20
+
+
+class SetGroupStatus(msgspec.Struct, forbid_unknown_fields=True):
+    group_id: Annotated[str, msgspec.Meta(pattern=_UUID)]
+
+
+class ErrorGroup(msgspec.Struct):
+    id: str
+    title: str
+    service: str
+    level: str
+    status: str
+    fingerprint: list[str]
+    first_seen: datetime
+    last_seen: datetime
+    count: int
+    resolved_at: datetime | None = None
+    regressed_at: datetime | None = None
+    last_alerted_at: datetime | None = None
+
+
+class GroupList(msgspec.Struct):
+    groups: list[ErrorGroup]
+
+
+class StoredError(msgspec.Struct):
+    """One row of ``error_logs`` (already scrubbed)."""
+
+    id: str
+    timestamp: datetime
+    received_at: datetime
+    service: str
+    severity: str
+    error_message: str
+    occurrences: int
+    resolved: bool
+    function_name: str | None = None
+    error_type: str | None = None
+    stacktrace: str | None = None
+    context: dict[str, Any] | None = None
+    fingerprint: list[str] | None = None
+    environment: str | None = None
+    release: str | None = None
+    request_id: str | None = None
+
+
+class GroupDetail(msgspec.Struct):
+    group: ErrorGroup
+    events: list[StoredError]
+
+
+# -- alerts: published to alerts.<level> (Nats-Msg-Id = id: the group id plus its window) -----
+
+class Alert(msgspec.Struct, omit_defaults=False):
+    id: str
+    group_id: str
+    level: str
+    reason: Literal["level", "rate"]
+    title: str
+    service: str
+    count: int
+    window_count: int
+    first_seen: datetime
+    last_seen: datetime
+    alerted_at: datetime

@@ -1,0 +1,216 @@
+"""Error tracking throughput (a benchmark, not a test): prints one JSON object.
+
+1. sink: N reports (realistic: 40 kinds of error with stack traces, varying messages and
+   contexts, some secrets to scrub) are published to ERRORS; then a real error-sink process
+   (`boxoffice run error_sink`) starts and we measure reports persisted per second from the
+   first stored row to the last. Baseline in the same run: a plain COPY of the same rows
+   (already converted to columns) into an identical, empty error_logs, 10,000 rows per COPY.
+   Checked: every report stored exactly once.
+2. ingress: reports accepted per second by `POST /v1/errors` on a real ingress process, 64
+   concurrent keep-alive connections; baseline: a bare aiohttp app answering 202 to the same
+   requests from the same client.
+
+    .venv/bin/python -m bench.errors [--reports 150000] [--http-seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from types import SimpleNamespace
+
+from boxoffice import migrate
+from boxoffice.error_sink import store
+from boxoffice.error_sink.sink import COLUMNS, prepare
+from boxoffice.embedded import NatsServer, Postgres, free_port
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, ServiceProcess, base_env
+from tests.test_errors_support import publish
+
+KINDS = 40
+
+
+def make_reports(n: int, seed: int = 7) -> list[dict]:
+    rnd = random.Random(seed)
+    services = ["payment", "webhook", "reaper", "ingress", "checkout-web"]
+    kinds = []
+    for k in range(KINDS):
+        frames = "".join(
+            f'  File "/app/services/{services[k % 5]}/mod{k}_{d}.py", line {10 + d}, in step_{d}\n'
+            f"    result = await handle_step_{d}(request, attempt)\n" for d in range(8))
+        frames += ('  File "/app/.venv/lib/python3.11/site-packages/asyncpg/pool.py", line 12, '
+                   "in acquire\n    return await self._acquire()\n")
+        kinds.append((services[k % 5], f"Error{k}", frames))
+    now = datetime.now(timezone.utc).isoformat()
+    out = []
+    for i in range(n):
+        service, etype, frames = kinds[i % KINDS]
+        level = "critical" if i % 997 == 0 else ("warning" if i % 5 == 0 else "error")
+        ctx = {"order_id": rnd.randrange(10**9), "attempt": i % 3, "path": f"/v1/orders/{i}"}
+        if i % 50 == 0:
+            ctx["password"] = "hunter2"
+        out.append({"id": str(uuid.uuid4()), "occurred_at": now, "service": service,
+                    "level": level, "error_type": etype,
+                    "message": f"{etype}: order {rnd.randrange(10**6)} failed after {i % 7} tries",
+                    "stacktrace": f"Traceback (most recent call last):\n{frames}{etype}: boom",
+                    "context": ctx, "request_id": uuid.uuid4().hex})
+    return out
+
+
+async def create_db(admin_url: str, name: str) -> str:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    migrate.run(url, "up")
+    return url
+
+
+async def plain_copy(url: str, bodies: list[dict]) -> float:
+    now = datetime.now(timezone.utc)
+    rows = [prepare(SimpleNamespace(subject=f"errors.{b['service']}.{b['level']}",  # type: ignore[arg-type]
+                                    data=json.dumps(b).encode(), headers=None), now).record()
+            for b in bodies]  # conversion is not timed: the baseline is the COPY alone
+    conn = await asyncpg.connect(url)
+    try:
+        await store.binary_json(conn)
+        started = time.perf_counter()
+        for i in range(0, len(rows), 10_000):
+            await conn.copy_records_to_table("error_logs", records=rows[i:i + 10_000],
+                                             columns=COLUMNS)
+        elapsed = time.perf_counter() - started
+        assert await conn.fetchval("SELECT count(*) FROM error_logs") == len(rows)
+    finally:
+        await conn.close()
+    return len(rows) / elapsed
+
+
+async def sink_rate(env: dict[str, str], url: str, n: int, logdir: Path) -> tuple[float, int, int]:
+    proc = ServiceProcess("error_sink", dict(env, DATABASE_URL=url), logdir / "error_sink.log")
+    conn = await asyncpg.connect(url)
+    try:
+        proc.start(wait=False)
+        t0 = c0 = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            c = await conn.fetchval("SELECT count(*) FROM error_logs")
+            now = time.perf_counter()
+            if t0 is None and c > 0:
+                t0, c0 = now, c
+            if c >= n:
+                break
+            await asyncio.sleep(0.05)
+        assert t0 is not None and c0 is not None, "the sink stored nothing"
+        rate = (c - c0) / (now - t0)
+        distinct = await conn.fetchval("SELECT count(DISTINCT id) FROM error_logs")
+        groups = await conn.fetchval("SELECT count(*) FROM error_groups")
+        return rate, distinct, groups
+    finally:
+        await conn.close()
+        proc.stop()
+
+
+async def http_rate(url: str, seconds: float, bodies: list[dict], concurrency: int = 64
+                    ) -> tuple[float, int]:
+    payloads = [json.dumps(b).encode() for b in bodies]
+    headers = {"Authorization": f"Bearer {CLIENT_TOKEN}", "Content-Type": "application/json"}
+    ok = bad = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(session: aiohttp.ClientSession, k: int) -> None:
+        nonlocal ok, bad
+        i = k
+        while time.perf_counter() < stop:
+            async with session.post(url, data=payloads[i % len(payloads)], headers=headers) as r:
+                await r.read()
+                ok += r.status == 202
+                bad += r.status != 202
+            i += concurrency
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
+        return ok / (time.perf_counter() - started), bad
+
+
+BARE_APP = """
+import sys
+from aiohttp import web
+async def h(request):
+    await request.read()
+    return web.json_response({"id": "x"}, status=202)
+app = web.Application()
+app.router.add_post("/v1/errors", h)
+import uvloop; uvloop.install()
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reports", type=int, default=150_000)
+    ap.add_argument("--http-seconds", type=float, default=8.0)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-errors-"))
+    pg = Postgres(tmp / "pg" / "data").start(create_db=None)
+    nats_srv = NatsServer(tmp / "nats", sync_always=False).start()
+    out: dict[str, object] = {"reports": args.reports}
+    try:
+        admin = pg.url("postgres")
+        sink_db = await create_db(admin, "sink")
+        copy_db = await create_db(admin, "copy")
+        bodies = make_reports(args.reports)
+        started = time.perf_counter()
+        await publish(nats_srv.url, bodies)
+        out["bus_publish_per_s"] = round(args.reports / (time.perf_counter() - started))
+        out["plain_copy_per_s"] = round(await plain_copy(copy_db, bodies))
+        env = base_env(nats_srv.url, sink_db)
+        rate, distinct, groups = await sink_rate(env, sink_db, args.reports, tmp)
+        out.update(sink_persisted_per_s=round(rate), sink_stored_distinct=distinct,
+                   sink_lost=args.reports - distinct, sink_groups=groups,
+                   sink_vs_copy=round(rate / out["plain_copy_per_s"], 3))  # type: ignore[operator]
+        # ingress
+        port = free_port()
+        ingress = ServiceProcess("ingress", dict(env, ERROR_RATE_LIMIT_PER_MINUTE="100000000"),
+                                 tmp / "ingress.log", port=port).start()
+        try:
+            rate, bad = await http_rate(f"{ingress.url}/v1/errors", args.http_seconds, bodies[:5000])
+            out.update(ingress_accepted_per_s=round(rate), ingress_non_202=bad)
+        finally:
+            ingress.stop()
+        bare_port = free_port()
+        bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port)])
+        try:
+            from boxoffice.embedded import wait_port
+            wait_port(bare_port, 10)
+            rate, _ = await http_rate(f"http://127.0.0.1:{bare_port}/v1/errors",
+                                      args.http_seconds, bodies[:5000])
+            out["bare_aiohttp_per_s"] = round(rate)
+        finally:
+            bare.terminate()
+            bare.wait()
+    finally:
+        nats_srv.kill()
+        pg.stop()
+    out["cpus"] = os.cpu_count()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,431 @@
+"""Error reporting from every process to the bus (DESIGN.md, "Errors on the bus").
+
+- ``report(level, message, ...)`` files one report; ``logging`` records at ERROR and above reach
+  the bus the same way (``BusHandler`` on the root logger), with their ``extra={...}`` as context.
+- Hooks catch what nothing else caught: the event loop's exception handler (background tasks
+  whose exception nobody retrieved), ``sys.excepthook`` (a crash, reported as ``fatal``) and
+  ``threading.excepthook``; ``watch(task)`` reports a background task's failure at once.
+  HTTP and bus handlers log their unhandled exceptions, which the handler picks up.
+- Each report is published to ``errors.<service>.<level>`` with its ``id`` as ``Nats-Msg-Id``,
+  and counts as sent only once the PubAck is in. Until the bus is attached, while it is
+  unreachable, or when the in-memory queue is full, reports go to a local spool file
+  (``boxoffice.spool``) and are sent when the bus is back, by this process or its successor.
+- A burst of the same error is folded: the first is sent at once, the repeats within
+  ``fold_window`` seconds become one report whose ``count`` says how many.
+- Reporting never blocks and never raises into its caller.
+- With ``SENTRY_DSN`` set and ``BOXOFFICE_ENV=production``, sentry-sdk is initialised too
+  (traces sampled at 10%), and its events are scrubbed by ``boxoffice.scrub`` before leaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+import prometheus_client
+
+from boxoffice import errors, scrub
+from boxoffice.spool import Spool
+from boxoffice.wire.errors import LEVELS, ErrorReport
+from boxoffice.wire.subjects import error_report
+
+log = logging.getLogger("boxoffice.report")
+
+SENT = prometheus_client.Counter("boxoffice_error_reports_sent_total",
+                                 "Error reports acknowledged by the bus")
+SPOOLED = prometheus_client.Counter("boxoffice_error_reports_spooled_total",
+                                    "Error reports written to the local spool")
+FOLDED = prometheus_client.Counter("boxoffice_error_reports_folded_total",
+                                   "Repeats folded into a later report's count")
+DROPPED = prometheus_client.Counter("boxoffice_error_reports_dropped_total",
+                                    "Error reports lost because the spool was full")
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_LEVEL_OF = {logging.CRITICAL: "critical", logging.ERROR: "error", logging.WARNING: "warning",
+             logging.INFO: "info", logging.DEBUG: "debug"}
+_enc = msgspec.json.Encoder()
+_local = threading.local()
+
+
+class _Head(msgspec.Struct):
+    id: str
+    service: str
+    level: str
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth > 6:
+        return repr(value)[:200]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in list(value.items())[:100]}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v, depth + 1) for v in list(value)[:100]]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)[:1000]
+
+
+def type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclasses.dataclass
+class _Fold:
+    until: float
+    count: int = 0
+    last: ErrorReport | None = None
+
+
+class Reporter:
+    """The process's reporter: queue, spool, folding and the task that publishes."""
+
+    def __init__(self, service: str, *, bus_url: str, environment: str | None = None,
+                 release: str | None = None, spool_dir: str | None = None,
+                 fold_window: float = 2.0, max_memory: int = 1000, max_folds: int = 5000):
+        self.service = service
+        self.environment = environment
+        self.release = release
+        self.fold_window = fold_window
+        self.max_memory = max_memory
+        self.max_folds = max_folds
+        self.spool = Spool(spool_dir, service, bus_url)
+        self._queue: collections.deque[ErrorReport] = collections.deque()
+        self._folds: dict[tuple[Any, ...], _Fold] = {}
+        self._lock = threading.RLock()
+        self._bus: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._dropped_told = 0
+
+    # -- filing --------------------------------------------------------------------------
+    def report(self, level: str, message: str, *, error_type: str | None = None,
+               context: dict[str, Any] | None = None, fingerprint: list[str] | None = None,
+               exc: BaseException | None = None, request_id: str | None = None,
+               fold: bool = True) -> str | None:
+        """File one report; returns its id, or None when folded into a later one (or failed)."""
+        if getattr(_local, "busy", False):  # an error while reporting is not reported again
+            return None
+        _local.busy = True
+        try:
+            r = self._build(level, message, error_type, context, fingerprint, exc, request_id)
+            if fold and not self._fold(r):
+                return None
+            self._enqueue(r)
+            return r.id
+        except Exception:  # noqa: BLE001 - reporting never raises into its caller
+            return None
+        finally:
+            _local.busy = False
+
+    def _build(self, level: str, message: str, error_type: str | None,
+               context: dict[str, Any] | None, fingerprint: list[str] | None,
+               exc: BaseException | None, request_id: str | None) -> ErrorReport:
+        stacktrace = None
+        if exc is not None:
+            error_type = error_type or type_name(exc)
+            stacktrace = "".join(traceback.format_exception(exc))
+        return ErrorReport(
+            id=str(uuid.uuid4()), occurred_at=datetime.now(timezone.utc), service=self.service,
+            level=level if level in LEVELS else "error",  # type: ignore[arg-type]
+            message=scrub.truncate(str(message), 8192),
+            error_type=scrub.truncate(error_type, 512) if error_type else None,
+            stacktrace=scrub.truncate(stacktrace, 131072) if stacktrace else None,
+            context=_jsonable(context) if context else None,
+            fingerprint=[scrub.truncate(str(f), 512) for f in fingerprint[:32]] if fingerprint else None,
+            environment=self.environment, release=self.release,
+            request_id=str(request_id)[:128] if request_id else None)
+
+    def _fold(self, r: ErrorReport) -> bool:
+        """True when ``r`` goes out now; False when it was counted into a pending fold."""
+        ctx = r.context or {}
+        key = (r.level, r.error_type, r.message, tuple(r.fingerprint or ()),
+               ctx.get("logger"), ctx.get("function"))
+        now = time.monotonic()
+        with self._lock:
+            f = self._folds.get(key)
+            if f is not None and now < f.until:
+                f.count += r.count
+                f.last = r
+                FOLDED.inc()
+                return False
+            if f is not None or len(self._folds) < self.max_folds:
+                self._folds[key] = _Fold(until=now + self.fold_window)
+        return True
+
+    def _release_folds(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for key, f in list(self._folds.items()):
+                if not everything and now < f.until:
+                    continue
+                if f.count and f.last is not None:
+                    out.append(msgspec.structs.replace(f.last, id=str(uuid.uuid4()), count=f.count))
+                    self._folds[key] = _Fold(until=now + self.fold_window)
+                else:
+                    del self._folds[key]
+        for r in out:
+            self._enqueue(r)
+
+    def _enqueue(self, r: ErrorReport) -> None:
+        with self._lock:
+            bus = self._bus
+            if bus is not None and bus.connected and len(self._queue) < self.max_memory:
+                self._queue.append(r)
+            else:
+                self._to_spool(r)
+        self._poke()
+
+    def _to_spool(self, r: ErrorReport) -> None:
+        if self.spool.write(_enc.encode(r)):
+            SPOOLED.inc()
+        else:
+            DROPPED.inc()
+
+    def _poke(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            wake.set()
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+    # -- the bus -----------------------------------------------------------------------------
+    def attach(self, bus: Any) -> None:
+        """Send through ``bus`` (a ``boxoffice.bus.Bus``) from now on; None detaches."""
+        with self._lock:
+            self._bus = bus
+        self._poke()
+
+    async def start(self) -> None:
+        """Start publishing from the running loop, and report what the loop could not."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._loop.set_exception_handler(self._loop_exception)
+        self._task = asyncio.create_task(self._run(), name="error-reporter")
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        delay = 0.25
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            self._release_folds()
+            bus = self._bus
+            if bus is None or not bus.connected:
+                continue
+            ok = await self._send_spooled(bus) and await self._send_queue(bus)
+            delay = 0.25 if ok else min(delay * 2, 5.0)
+            if ok and self.spool.dropped > self._dropped_told:
+                lost = self.spool.dropped - self._dropped_told
+                self._dropped_told = self.spool.dropped
+                self.report("warning", f"{lost} error reports were dropped: the local spool was full",
+                            fold=False)
+
+    async def _publish(self, bus: Any, r: ErrorReport | bytes) -> bool:
+        if isinstance(r, bytes):
+            try:
+                head = msgspec.json.decode(r, type=_Head)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                return True  # a torn line (crash mid-write): nothing to send
+            subject, msg_id, payload = error_report(head.service, head.level), head.id, r
+        else:
+            subject, msg_id, payload = error_report(r.service, r.level), r.id, _enc.encode(r)
+        try:
+            await bus.publish(subject, payload, msg_id)
+        except errors.BoxofficeError:
+            return False
+        SENT.inc()
+        return True
+
+    async def _send_queue(self, bus: Any) -> bool:
+        while True:
+            with self._lock:
+                chunk = [self._queue.popleft() for _ in range(min(256, len(self._queue)))]
+            if not chunk:
+                return True
+            results = await asyncio.gather(*(self._publish(bus, r) for r in chunk))
+            failed = [r for r, ok in zip(chunk, results) if not ok]
+            if failed:
+                with self._lock:
+                    for r in failed:
+                        self._to_spool(r)
+                return False
+
+    async def _send_spooled(self, bus: Any) -> bool:
+        with self._lock:
+            if not self.spool.pending():
+                return True
+            paths = self.spool.claim()
+        for path in paths:
+            lines = Spool.read(path)
+            for start in range(0, len(lines), 256):
+                chunk = lines[start:start + 256]
+                results = await asyncio.gather(*(self._publish(bus, line) for line in chunk))
+                if not all(results):
+                    left = [line for line, ok in zip(chunk, results) if not ok]
+                    Spool.rewrite(path, left + lines[start + 256:])
+                    return False
+            Spool.rewrite(path, [])
+        return True
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Send what is pending (folds included) within ``timeout``; True when nothing is left."""
+        self._release_folds(everything=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            with self._lock:
+                idle = not self._queue and not self.spool.pending()
+            if idle:
+                return True
+            if self._bus is None or not self._bus.connected:
+                break
+            self._poke()
+            await asyncio.sleep(0.02)
+        return False
+
+    async def close(self) -> None:
+        """Stop publishing; what is still queued goes to the spool for the next start."""
+        self._release_folds(everything=True)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self.spill()
+        self._loop = self._wake = None
+
+    def spill(self) -> None:
+        """Move the in-memory queue to the spool (at exit, or from a crash hook)."""
+        with self._lock:
+            self._bus = None
+            while self._queue:
+                self._to_spool(self._queue.popleft())
+            self.spool.seal()
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        what = context.get("task") or context.get("future") or context.get("handle")
+        message = context.get("message") or "unhandled error in the event loop"
+        extra = {"asyncio": str(message)[:500], "logger": "asyncio"}
+        if what is not None and hasattr(what, "get_name"):
+            extra["task"] = what.get_name()
+        self.report("error", f"{message}: {exc!r}" if exc else message, exc=exc, context=extra)
+        # still on stderr, marked so that the handler does not report it twice
+        logging.getLogger("asyncio").error("%s", message, exc_info=exc,
+                                           extra={"_boxoffice_reported": True})
+
+    def watch(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Report ``task``'s exception as soon as it ends with one (cancellation is not one)."""
+        def done(t: asyncio.Task[Any]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                assert exc is not None
+                self.report("error", f"background task {t.get_name()} failed: {exc!r}", exc=exc,
+                            context={"task": t.get_name(), "logger": "boxoffice.tasks"})
+        task.add_done_callback(done)
+        return task
+
+
+class BusHandler(logging.Handler):
+    """Sends ERROR and above to the reporter, with the record's ``extra`` as context."""
+
+    def __init__(self, reporter: Reporter, level: int = logging.ERROR):
+        super().__init__(level)
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("boxoffice.report") or getattr(record, "_boxoffice_reported", False):
+            return
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string still gets reported
+            message = str(record.msg)
+        context = {k: v for k, v in vars(record).items()
+                   if k not in _RESERVED and not k.startswith("_")}
+        context.update(logger=record.name, function=f"{record.module}.{record.funcName}",
+                       line=record.lineno)
+        exc = record.exc_info[1] if record.exc_info else None
+        self.reporter.report(_LEVEL_OF.get(record.levelno, "error"), message, exc=exc,
+                             context=context, request_id=context.pop("request_id", None))
+
+
+# -- the process's reporter ----------------------------------------------------------------
+_current: Reporter | None = None
+
+
+def current() -> Reporter | None:
+    return _current
+
+
+def report(level: str, message: str, *, error_type: str | None = None,
+           context: dict[str, Any] | None = None, fingerprint: list[str] | None = None,
+           exc: BaseException | None = None) -> str | None:
+    """File an error report from anywhere in the process; never blocks, never raises.
+
+    Before ``install()`` (scripts, tests) the report is only logged.
+    """
+    if _current is None:
+        log.log(logging.ERROR if level in ("error", "critical", "fatal") else logging.WARNING,
+                "%s", message, exc_info=exc)
+        return None
+    return _current.report(level, message, error_type=error_type, context=context,
+                           fingerprint=fingerprint, exc=exc)
+
+
+def install(cfg: Any) -> Reporter:
+    """Create the process's reporter from a ``Config``: root logging handler, crash hooks,
+    sentry-sdk when configured. Call once, after logging is set up."""
+    global _current
+    reporter = Reporter(cfg.service, bus_url=cfg.nats_url, environment=cfg.env,
+                        release=cfg.release, spool_dir=getattr(cfg, "error_spool_dir", None))
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, BusHandler)]:
+        root.removeHandler(h)
+    root.addHandler(BusHandler(reporter))
+    previous: Callable[..., Any] = sys.excepthook
+
+    def excepthook(tp: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if not issubclass(tp, KeyboardInterrupt):
+            reporter.report("fatal", f"{cfg.service} crashed: {exc!r}", exc=exc, fold=False)
+            reporter.spill()  # the loop is gone: the next start sends it
+        previous(tp, exc, tb)
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and not issubclass(args.exc_type, SystemExit):
+            name = args.thread.name if args.thread else "?"
+            reporter.report("error", f"thread {name} failed: {args.exc_value!r}",
+                            exc=args.exc_value, context={"thread": name})
+        threading.__excepthook__(args)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_hook
+    _current = reporter
+    from boxoffice import sentry
+    sentry.init(cfg)
+    return reporter

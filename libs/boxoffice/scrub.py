@@ -1,0 +1,188 @@
+"""Scrubbing of secrets and personal data from error reports, and truncation of big fields.
+
+Used by the error-sink before anything is stored, and by the reporter's sentry-sdk hook before
+anything leaves the process. What becomes ``[Filtered]``:
+
+- any value under a key that names a secret (password, secret, token, api_key, authorization,
+  cookie, session, credentials, private key, signature, card number, cvc, ...), whatever its type;
+- in any string: card numbers (13-19 digits, spaces or dashes allowed, Luhn-valid), bearer and
+  basic credentials, ``key=value`` / ``"key": "value"`` pairs whose key names a secret, Stripe
+  secret keys and webhook secrets, and the password of a URL (``scheme://user:pw@host``).
+
+Oversized strings are cut and end with a marker saying how much was dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+FILTERED = "[Filtered]"
+
+# Normalised key (lowercase, without "-", "_", " ") containing one of these is a secret.
+_SECRET_PARTS = ("password", "passwd", "secret", "token", "apikey", "accesskey", "authorization",
+                 "authentication", "credential", "privatekey", "cookie", "session", "bearer",
+                 "signature", "cardnumber", "creditcard", "cvc", "cvv", "iban", "ssn")
+_SECRET_KEYS = frozenset({"auth", "pwd", "pass", "pin", "dsn", "databaseurl"})
+
+# Patterns run on the lowercased text (case-sensitive regexes are much faster than (?i) ones);
+# group "v" is the part replaced by [Filtered]. Each runs only when its literal hint is present.
+_KV = re.compile(r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|authorization|"
+                 r"credentials?|private[_-]?key|cookie|session)[\w-]*[\"']?\s*[:=]\s*[\"']?"
+                 r"(?!\[filtered\]|bearer\s|basic\s)(?P<v>[^\s\"'&,;}\]]+)")
+_KV_HINTS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "cookie", "session")
+_BEARER = re.compile(r"\b(?:bearer|basic)\s+(?P<v>[a-z0-9\-._~+/]{6,}=*)")
+_STRIPE = re.compile(r"(?P<v>\b(?:sk|rk)_(?:live|test)_[a-z0-9_]{6,}|\bwhsec_[a-z0-9_]{6,})")
+_URL_PW = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:(?P<v>[^\s@/]+)@")
+_CARD = re.compile(r"(?<![\d.])\d(?:[ -]?\d){12,18}(?![\d.])")
+_CARD_HINT = re.compile(r"\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d")
+_ANY_HINT = re.compile(r"bearer|basic|pass|pwd|secret|token|key|auth|credential|cookie|session|"
+                       r"k_live_|k_test_|whsec_|://|" + _CARD_HINT.pattern)
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def secret_key(key: str) -> bool:
+    """Does this key (of a dict, a header, a form field) name a secret?"""
+    k = key.lower().replace("-", "").replace("_", "").replace(" ", "")
+    return k in _SECRET_KEYS or any(part in k for part in _SECRET_PARTS)
+
+
+def _spans(low: str) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    if len(low) < 5 or not _ANY_HINT.search(low):  # one scan decides for most strings
+        return spans
+    if "bearer" in low or "basic" in low:
+        spans += [m.span("v") for m in _BEARER.finditer(low)]
+    if any(h in low for h in _KV_HINTS):
+        spans += [m.span("v") for m in _KV.finditer(low)]
+    if "k_live_" in low or "k_test_" in low or "whsec_" in low:
+        spans += [m.span("v") for m in _STRIPE.finditer(low)]
+    if "://" in low and "@" in low:
+        spans += [m.span("v") for m in _URL_PW.finditer(low)]
+    if len(low) >= 13 and _CARD_HINT.search(low):
+        spans += [m.span() for m in _CARD.finditer(low) if _is_card(m.group(0))]
+    return spans
+
+
+def _is_card(candidate: str) -> bool:
+    digits = candidate.replace(" ", "").replace("-", "")
+    return 13 <= len(digits) <= 19 and luhn_ok(digits)
+
+
+def _scrub_text(text: str) -> str:
+    low = text.lower()
+    if len(low) != len(text):  # a few non-ASCII characters change length when lowercased
+        low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+    spans = _spans(low)
+    if not spans:
+        return text
+    out, pos = [], 0
+    for start, end in sorted(spans):
+        if start < pos:  # overlaps a span already filtered
+            continue
+        out += (text[pos:start], FILTERED)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+_cached = functools.lru_cache(maxsize=2048)(_scrub_text)
+
+
+def text(value: str) -> str:
+    """Scrub one string (stacktraces and messages repeat: small ones are cached)."""
+    if 256 <= len(value) <= 16384:  # short strings are cheaper to scrub than to look up
+        return _cached(value)
+    return _scrub_text(value)
+
+
+def value(obj: Any, *, depth: int = 0) -> Any:
+    """Scrub a JSON-like value: dict keys naming secrets, and every string inside."""
+    if isinstance(obj, str):
+        return text(obj)
+    if isinstance(obj, dict):
+        if depth > 12:
+            return FILTERED
+        return {k: (FILTERED if isinstance(k, str) and secret_key(k) and v not in (None, "")
+                    else value(v, depth=depth + 1)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if depth > 12:
+            return FILTERED
+        return [value(v, depth=depth + 1) for v in obj]
+    return obj
+
+
+def clean(obj: Any, max_string: int = 4096, max_items: int = 100, depth: int = 0) -> Any:
+    """``value`` and ``bound`` in one walk: scrubbed, strings cut, lists and dicts cut, deep
+    nesting replaced, every cut marked."""
+    if isinstance(obj, str):
+        return truncate(text(obj), max_string)
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    if depth > 8 and isinstance(obj, (dict, list, tuple)):
+        return "[truncated: nested too deep]"
+    if isinstance(obj, dict):
+        out = {}
+        for i, (k, v) in enumerate(obj.items()):
+            if i >= max_items:
+                out["_truncated"] = f"{len(obj) - max_items} more keys"
+                break
+            k = truncate(k, 256) if isinstance(k, str) else str(k)
+            out[k] = (FILTERED if v not in (None, "") and secret_key(k)
+                      else clean(v, max_string, max_items, depth + 1))
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [clean(v, max_string, max_items, depth + 1) for v in obj[:max_items]]
+        if len(obj) > max_items:
+            items.append(f"[truncated: {len(obj) - max_items} more items]")
+        return items
+    return truncate(repr(obj), max_string)
+
+
+def truncate(s: str, limit: int) -> str:
+    """``s`` cut to at most ``limit`` characters, ending with a marker when it was cut."""
+    if len(s) <= limit:
+        return s
+    marker = f"...[truncated {len(s) - limit} chars]"
+    keep = max(0, limit - len(marker))
+    return s[:keep] + marker[: limit - keep] if limit > len(marker) else s[:limit]
+
+
+def bound(obj: Any, *, max_string: int = 4096, max_items: int = 200, depth: int = 0) -> Any:
+    """Bound a JSON-like value: long strings truncated, long lists and dicts cut, deep nesting
+    replaced; every cut is marked."""
+    if isinstance(obj, str):
+        return truncate(obj, max_string)
+    if depth > 8 and isinstance(obj, (dict, list, tuple)):
+        return "[truncated: nested too deep]"
+    if isinstance(obj, dict):
+        out = {}
+        for i, (k, v) in enumerate(obj.items()):
+            if i >= max_items:
+                out["_truncated"] = f"{len(obj) - max_items} more keys"
+                break
+            out[truncate(str(k), 256)] = bound(v, max_string=max_string, max_items=max_items,
+                                               depth=depth + 1)
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [bound(v, max_string=max_string, max_items=max_items, depth=depth + 1)
+                 for v in obj[:max_items]]
+        if len(obj) > max_items:
+            items.append(f"[truncated: {len(obj) - max_items} more items]")
+        return items
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    return truncate(repr(obj), max_string)

@@ -1,0 +1,129 @@
+"""The alert relay: publishes the alerts decided with their reports, and posts them to a webhook.
+
+An alert row is written in the same transaction as the reports that caused it (``store``);
+this relay publishes it to ``alerts.<level>`` with the alert id (the group id plus its window)
+as ``Nats-Msg-Id``, then posts it to ``ALERT_WEBHOOK_URL`` when one is set. Rows are claimed
+with ``FOR UPDATE SKIP LOCKED`` so replicas share the work; a failed post is retried with
+exponential back-off (up to ``MAX_ATTEMPTS``), a crash retries from the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+import prometheus_client
+
+from boxoffice import db, errors
+from boxoffice.bus import Bus
+from boxoffice.wire.subjects import alert as alert_subject
+
+log = logging.getLogger("boxoffice.error_sink.alerts")
+
+MAX_ATTEMPTS = 12
+SENT = prometheus_client.Counter("boxoffice_error_alerts_total", "Alerts published", ["level"])
+
+CLAIM = """
+SELECT id, level, payload::text AS payload, published_at, notified_at, attempts
+FROM error_alerts
+WHERE (published_at IS NULL OR (notified_at IS NULL AND $1))
+  AND next_attempt <= now() AND attempts < $2
+ORDER BY next_attempt LIMIT 50
+FOR UPDATE SKIP LOCKED
+"""
+DONE = """
+UPDATE error_alerts SET published_at = coalesce(published_at, $2),
+       notified_at = coalesce(notified_at, $3), attempts = attempts + $4::int,
+       next_attempt = now() + make_interval(secs => least(600, 2 ^ (attempts + $4::int))),
+       last_error = $5
+WHERE id = $1
+"""
+
+
+def _text(payload: dict) -> str:
+    return (f"[{payload['level']}] {payload['service']}: {payload['title']} "
+            f"({payload['count']} in total"
+            + (f", {payload['window_count']} this minute" if payload["reason"] == "rate" else "")
+            + ")")
+
+
+async def _post(session: aiohttp.ClientSession, url: str, payload: dict) -> str | None:
+    """Post one alert; None when the webhook took it, else why not (never the URL)."""
+    try:
+        async with session.post(url, json={"text": _text(payload), "alert": payload}) as resp:
+            if 200 <= resp.status < 300:
+                return None
+            return f"webhook answered {resp.status}"
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return f"webhook unreachable: {type(exc).__name__}"
+
+
+async def relay_once(pool: asyncpg.Pool, bus: Bus, session: aiohttp.ClientSession,
+                     webhook_url: str | None) -> int:
+    """Handle the alerts that are due; returns how many were claimed."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(CLAIM, webhook_url is not None, MAX_ATTEMPTS)
+        for row in rows:
+            payload = json.loads(row["payload"])
+            published = row["published_at"]
+            error = None
+            if published is None:
+                try:
+                    await bus.publish(alert_subject(row["level"]), row["payload"].encode(), row["id"])
+                    published = await conn.fetchval("SELECT now()")
+                    SENT.labels(row["level"]).inc()
+                except errors.ServiceUnavailable as exc:
+                    error = exc.detail
+            notified = row["notified_at"]
+            if error is None and webhook_url and notified is None:
+                error = await _post(session, webhook_url, payload)
+                if error is None:
+                    notified = await conn.fetchval("SELECT now()")
+                elif row["attempts"] + 1 >= MAX_ATTEMPTS:
+                    log.error("alert %s: giving up on the webhook after %d attempts (%s)",
+                              row["id"], MAX_ATTEMPTS, error)
+                else:
+                    log.warning("alert %s: %s, will retry", row["id"], error)
+            await conn.execute(DONE, row["id"], published, notified, 1 if error else 0, error)
+    return len(rows)
+
+
+async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: asyncio.Event,
+              stopping: asyncio.Event) -> None:
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while not stopping.is_set():
+            try:
+                n = await relay_once(pool, bus, session, webhook_url)
+            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
+                log.warning("alert relay paused (%s)", type(exc).__name__)
+                n = 0
+            if n:
+                continue
+            wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), 1.0)
+
+
+@contextlib.asynccontextmanager
+async def relay(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None
+                ) -> AsyncIterator[asyncio.Event]:
+    """Run the relay in the background; yields the event that wakes it for new alerts."""
+    wake, stopping = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(pool, bus, webhook_url, wake, stopping), name="alert-relay")
+    try:
+        yield wake
+    finally:
+        stopping.set()
+        wake.set()
+        try:
+            await asyncio.wait_for(task, 10)
+        except asyncio.TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

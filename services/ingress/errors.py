@@ -1,0 +1,213 @@
+"""Error ingest and the operators' error routes.
+
+- ``POST /v1/errors`` (client token): one report in the bus's own schema; 202 once the bus kept it.
+- ``POST /api/{project_id}/envelope/``: the Sentry envelope protocol, so an unmodified Sentry
+  SDK whose DSN is ``http(s)://<public key>@<ingress>/<project id>`` reports here. Any numeric
+  project id is accepted (it is kept in the report's context); the public key, from
+  ``X-Sentry-Auth``, the ``sentry_key`` query parameter or the envelope's ``dsn``, must be one
+  of ``SENTRY_INGEST_KEYS`` (403 otherwise). gzip/deflate/br bodies; CORS for browsers.
+- Both are rate limited per key (per client token, per public key) to
+  ``ERROR_RATE_LIMIT_PER_MINUTE`` reports, answered with 429, ``Retry-After`` and Sentry's
+  ``X-Sentry-Rate-Limits``. The limit is per ingress replica.
+- ``/v1/admin/errors...`` (admin token): groups, a group with its recent events, resolve, ignore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import time
+from urllib.parse import urlsplit
+
+import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from boxoffice import errors, wire
+from boxoffice.config import Config
+from boxoffice.ingress import envelope
+from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
+                                    read_json, require_admin)
+from boxoffice.ingress.state import BUS
+from boxoffice.wire import errors as w
+from boxoffice.wire.subjects import error_report
+
+
+class RateLimiter:
+    """A token bucket per key: ``per_minute`` tokens, refilled continuously."""
+
+    def __init__(self, per_minute: int):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str, n: int = 1) -> float:
+        """0 when ``n`` tokens were taken, else the seconds until they would be there."""
+        now = time.monotonic()
+        tokens, at = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        if tokens >= n:
+            self._buckets[key] = (tokens - n, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > 100_000:  # forget idle keys rather than grow without bound
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+        return (min(n, self.capacity) - tokens) / self.rate
+
+
+LIMITER = web.AppKey("error_rate_limiter", RateLimiter)
+CORS = {"Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Methods": "POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Content-Type, Content-Encoding, X-Sentry-Auth, Authorization",
+        "Access-Control-Expose-Headers": "Retry-After, X-Sentry-Rate-Limits",
+        "Access-Control-Max-Age": "86400"}
+routes = web.RouteTableDef()
+
+
+def setup(app: web.Application) -> web.RouteTableDef:
+    """Give ``app`` the rate limiter; returns the routes for ``app.add_routes``."""
+    app[LIMITER] = RateLimiter(app[CONFIG].error_rate_limit_per_minute)
+    return routes
+
+
+def _limit(request: web.Request, key: str, n: int = 1) -> None:
+    wait = request.app[LIMITER].take(key, n)
+    if wait:
+        raise errors.RateLimited(f"more than {request.app[CONFIG].error_rate_limit_per_minute} "
+                                 "error reports a minute from this key",
+                                 retry_after=max(1, math.ceil(wait)))
+
+
+async def _publish(request: web.Request, report: w.ErrorReport) -> None:
+    await request.app[BUS].publish(error_report(report.service, report.level),
+                                   wire.encode(report), report.id)
+
+
+@routes.post("/v1/errors")
+async def post_error(request: web.Request) -> web.Response:
+    who = client_id(request)
+    _limit(request, who)
+    report = await read_json(request, w.ErrorReport)
+    await _publish(request, report)
+    return json_response({"id": report.id}, status=202)
+
+
+# -- Sentry envelopes ---------------------------------------------------------------------------
+def _key_from_auth(header: str) -> str | None:
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "sentry":
+        return None
+    for part in rest.split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip() == "sentry_key":
+            return value.strip() or None
+    return None
+
+
+def _key_from_dsn(header: dict) -> str | None:
+    dsn = header.get("dsn")
+    if not isinstance(dsn, str):
+        return None
+    try:
+        return urlsplit(dsn).username
+    except ValueError:
+        return None
+
+
+def _check_key(cfg: Config, key: str | None) -> str:
+    found = None
+    for candidate in cfg.sentry_ingest_keys:  # constant time, no early exit
+        if key is not None and hmac.compare_digest(key.encode(), candidate.encode()):
+            found = candidate
+    if found is None:
+        raise errors.Forbidden("a valid Sentry public key is required (X-Sentry-Auth or sentry_key)")
+    return found
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The (decompressed) body, refused past ``MAX_ENVELOPE`` bytes before or after inflating."""
+    limit = envelope.MAX_ENVELOPE
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(f"an envelope may not exceed {limit} bytes")
+    chunks, size = [], 0
+    try:
+        while chunk := await request.content.read(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise errors.PayloadTooLarge(f"an envelope may not exceed {limit} bytes")
+            chunks.append(chunk)
+    except HttpProcessingError:
+        raise errors.BadRequest("the body could not be decompressed") from None
+    return b"".join(chunks)
+
+
+async def _envelope(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    key = (_key_from_auth(request.headers.get("X-Sentry-Auth", ""))
+           or request.query.get("sentry_key"))
+    if key is not None:
+        _check_key(cfg, key)
+    body = await _read_body(request)
+    header, items = envelope.parse(body)
+    if key is None:  # browsers through a tunnel: the key is in the envelope's dsn
+        key = _check_key(cfg, _key_from_dsn(header))
+    events = [payload for kind, payload in items if kind == "event"]
+    _limit(request, "sentry:" + key, max(1, len(events)))
+    reports = []
+    for i, payload in enumerate(events):
+        event = envelope.json_object(payload, "an event")
+        fallback = header.get("event_id") if i == 0 and isinstance(header.get("event_id"), str) else None
+        reports.append(envelope.to_report(event, project_id=request.match_info["project_id"],
+                                          fallback_id=fallback))
+    await asyncio.gather(*(_publish(request, r) for r in reports))
+    return json_response({"id": reports[0].id.replace("-", "")} if reports else {})
+
+
+@routes.post(r"/api/{project_id:\d+}/envelope/")
+async def post_envelope(request: web.Request) -> web.Response:
+    try:
+        resp = await _envelope(request)
+    except errors.BoxofficeError as exc:  # answered here so that browsers see CORS headers
+        resp = problem_response(exc, request.get(REQUEST_ID))
+        if exc.status == 429:
+            resp.headers["X-Sentry-Rate-Limits"] = f"{resp.headers.get('Retry-After', '60')}::key"
+    resp.headers.update(CORS)
+    return resp
+
+
+@routes.options(r"/api/{project_id:\d+}/envelope/")
+async def envelope_preflight(_: web.Request) -> web.Response:
+    return web.Response(status=204, headers=CORS)
+
+
+# -- operators -----------------------------------------------------------------------------------
+def _query(request: web.Request, type_: type[msgspec.Struct], **extra: object) -> msgspec.Struct:
+    params = {k: v for k, v in request.query.items()}
+    params.update(extra)
+    try:
+        return msgspec.convert(params, type_, strict=False)
+    except msgspec.ValidationError as exc:
+        raise errors.ValidationFailed(str(exc)) from None
+
+
+@routes.get("/v1/admin/errors")
+async def list_groups(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = _query(request, w.ListGroups)
+    return json_response(await request.app[BUS].request(w.GROUPS_LIST, q, w.GroupList))
+
+
+@routes.get("/v1/admin/errors/{group_id}")
+async def get_group(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = _query(request, w.GetGroup, group_id=request.match_info["group_id"])
+    return json_response(await request.app[BUS].request(w.GROUPS_GET, q, w.GroupDetail))
+
+
+@routes.post("/v1/admin/errors/{group_id}/{action:resolve|ignore}")
+async def set_status(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = _query(request, w.SetGroupStatus, group_id=request.match_info["group_id"])
+    subject = w.GROUPS_RESOLVE if request.match_info["action"] == "resolve" else w.GROUPS_IGNORE
+    return json_response(await request.app[BUS].request(subject, q, w.ErrorGroup))
