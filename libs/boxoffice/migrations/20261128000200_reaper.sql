@@ -30,17 +30,23 @@ CREATE TRIGGER reservations_due_on_shorten AFTER UPDATE OF expires_at ON reserva
 -- Expire at most p_limit overdue active holds (optionally of one event) in the caller's
 -- transaction and return each one with how late it was released (seconds past expires_at).
 -- Holds are claimed with SKIP LOCKED (replicas and completions never wait on each other's holds;
--- a hold being completed is skipped, so the race is decided once, by the row lock). The
--- inventory rows are then locked in one fixed order (event, bucket), as hold_tickets gathers
--- them, so replicas expiring overlapping buckets queue instead of deadlocking (NO KEY UPDATE,
--- the lock the UPDATE takes anyway: new holds' foreign-key checks on the rows are not blocked). One
--- 'reservations.events.expired' outbox row per hold, in the same transaction.
+-- a hold being completed is skipped, so the race is decided once, by the row lock), marked
+-- expired with one 'reservations.events.expired' outbox row each, and only then are their
+-- tickets returned: the inventory rows, which every new hold on the event needs, are locked
+-- last (held only until commit) and in one fixed order (event, bucket), as hold_tickets
+-- gathers them, so replicas expiring overlapping buckets queue instead of deadlocking
+-- (NO KEY UPDATE, the lock the UPDATE takes anyway: foreign-key checks are not blocked).
 CREATE FUNCTION reap_due_reservations(p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
 RETURNS TABLE (reservation_id uuid, lag_seconds double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
-    ids uuid[];
+    ids     uuid[];
+    lags    double precision[];
+    events  uuid[];
+    buckets integer[];
+    amounts integer[];
 BEGIN
+    -- by primary key from here on: the cost of a batch follows its size, not the table's
     SELECT array_agg(d.id) INTO ids FROM (
         SELECT r.id FROM reservations r
         WHERE r.status = 'active' AND r.expires_at <= clock_timestamp()
@@ -51,17 +57,6 @@ BEGIN
     IF ids IS NULL THEN
         RETURN;
     END IF;
-    PERFORM 1 FROM inventory_buckets b
-    WHERE (b.event_id, b.bucket) IN (SELECT a.event_id, a.bucket FROM reservation_allocations a
-                                     WHERE a.reservation_id = ANY (ids))
-    ORDER BY b.event_id, b.bucket
-    FOR NO KEY UPDATE;
-    UPDATE inventory_buckets b SET held = b.held - s.quantity
-    FROM (SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
-          FROM reservation_allocations a WHERE a.reservation_id = ANY (ids)
-          GROUP BY a.event_id, a.bucket) s
-    WHERE b.event_id = s.event_id AND b.bucket = s.bucket;
-    RETURN QUERY
     WITH expired AS (
         UPDATE reservations r
         SET status = 'expired', released_at = clock_timestamp(), updated_at = clock_timestamp()
@@ -75,9 +70,29 @@ BEGIN
                                   'occurred_at', e.released_at)
         FROM expired e ORDER BY e.expires_at
         RETURNING 1
+    ), released AS (
+        SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
+        FROM reservation_allocations a WHERE a.reservation_id = ANY (ids)
+        GROUP BY a.event_id, a.bucket
     )
-    SELECT e.id, extract(epoch FROM e.released_at - e.expires_at)::double precision
-    FROM expired e;
+    SELECT (SELECT array_agg(e.id ORDER BY e.id) FROM expired e),
+           (SELECT array_agg(extract(epoch FROM e.released_at - e.expires_at)::float8 ORDER BY e.id)
+            FROM expired e),
+           array_agg(x.event_id ORDER BY x.event_id, x.bucket),
+           array_agg(x.bucket ORDER BY x.event_id, x.bucket),
+           array_agg(x.quantity ORDER BY x.event_id, x.bucket)
+    INTO ids, lags, events, buckets, amounts FROM released x;
+    IF events IS NOT NULL THEN
+        PERFORM 1 FROM inventory_buckets b
+        JOIN unnest(events, buckets) AS u(event_id, bucket)
+          ON b.event_id = u.event_id AND b.bucket = u.bucket
+        ORDER BY b.event_id, b.bucket
+        FOR NO KEY UPDATE OF b;
+        UPDATE inventory_buckets b SET held = b.held - u.quantity
+        FROM unnest(events, buckets, amounts) AS u(event_id, bucket, quantity)
+        WHERE b.event_id = u.event_id AND b.bucket = u.bucket;
+    END IF;
+    RETURN QUERY SELECT u.id, u.lag FROM unnest(ids, lags) AS u(id, lag);
 END $$;
 
 CREATE OR REPLACE FUNCTION expire_due_reservations(p_limit integer DEFAULT 1000,
