@@ -264,6 +264,7 @@ async def sell_out(c: Client, db_url: str, capacity: int) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     phase = 3.0 if args.quick else 6.0
+    load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         root = Path(tmp)
         pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
@@ -290,7 +291,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pg.stop()
     return {
         "bench": "checkout",
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
+                    "load_avg_1m_after": round(os.getloadavg()[0], 2)},
         "payment_intents": intents,
         "replays": replays,
         "holds_hot_event_db": holds_db,

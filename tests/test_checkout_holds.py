@@ -89,7 +89,8 @@ async def _burst(api, event_id: str, n: int, quantity: int) -> collections.Count
 
 
 async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.Pool):  # noqa: F811
-    api = start_checkout(start_service, http).api
+    checkout = start_checkout(start_service, http)
+    api = checkout.api
     # 200 buyers, 50 tickets left (of 80), one at a time and then several at a time
     single = await api.create_event(capacity=80)
     pre = await api.hold(single, 30)
@@ -117,6 +118,14 @@ async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.
     assert out[(201, None)] <= 2
     assert (await api.event(multi))["available"] >= 0
     assert await db.fetchval("SELECT bool_and(held + sold <= capacity) FROM inventory_buckets")
+    # the bursts were served in shared transactions (group commit), with a slow path at the end
+    async with http.get(checkout.payment.url + "/metrics") as r:
+        metrics = await r.text()
+    batches = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+               if line.startswith(("boxoffice_hold_batch_size_count",
+                                   "boxoffice_hold_batch_size_sum", "boxoffice_hold_slow_path"))}
+    assert batches["boxoffice_hold_batch_size_sum"] > batches["boxoffice_hold_batch_size_count"]
+    assert batches["boxoffice_hold_slow_path_total"] > 0
 
 
 async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):  # noqa: F811

@@ -243,11 +243,17 @@ async def test_stripe_unreachable_then_back(start_service, http, db, localstripe
     assert len(await stripe_intents(http, localstripe, rid)) == 1
     assert (await api.pay(rid, "outage-key")).body == again.body
 
-    # the payment service itself away: 503 at once, with Retry-After, never a hang or a 500
+    # the payment service itself away: 503 at once, with Retry-After, never a hang or a 500;
+    # a finished key is still replayed (ingress keeps finished answers for a minute)
+    rid2 = await new_hold(api, await api.create_event(capacity=5))
     checkout.payment.kill()
-    down = await api.pay(rid, "outage-key", timeout=5)
+    down = await api.pay(rid2, "outage-key-2", timeout=5)
     assert (down.status, down.code) == (503, "service_unavailable")
     assert down.headers["Retry-After"]
+    cached = await api.pay(rid, "outage-key", timeout=5)
+    assert (cached.status, cached.body) == (201, again.body)
+    assert cached.headers["Idempotent-Replayed"] == "true"
+    assert (await api.pay(rid2, "outage-key", timeout=5)).code == "idempotency_key_mismatch"
     hold = await api.hold(str(uuid.uuid4()), 1)
     assert hold.status == 503 and "Retry-After" in hold.headers
     assert STRIPE_KEY not in checkout.payment.logs()

@@ -3,9 +3,17 @@
 Ingress authenticates, validates the body, checks the ``Idempotency-Key`` header and computes the
 request fingerprint; the payment service decides and stores. Stored answers come back as status
 plus exact body and are written out unchanged (``Idempotent-Replayed: true`` on a replay).
+
+A stored answer never changes once it exists, so ingress keeps the ones it has seen for a minute
+(``ReplayCache``): a client retrying a finished request in a loop is answered without a round trip
+to the payment service. The entries live far shorter than the keys themselves (kept at least
+``IDEMPOTENCY_KEY_TTL_HOURS``), so the cache never answers for a key the database has forgotten.
 """
 
 from __future__ import annotations
+
+import time
+from collections import OrderedDict
 
 import msgspec
 from aiohttp import web
@@ -18,6 +26,59 @@ from boxoffice.wire import reservations as rw
 from boxoffice.wire import subjects
 
 routes = web.RouteTableDef()
+
+
+class ReplayCache:
+    """Finished answers of idempotency keys seen by this process: bounded in size and age."""
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str, str], tuple[float, str, pw.StoredResponse]] = \
+            OrderedDict()
+
+    def get(self, scope: tuple[str, str, str], fingerprint: str) -> pw.StoredResponse | None:
+        entry = self._entries.get(scope)
+        if entry is None:
+            return None
+        expires, stored_fingerprint, stored = entry
+        if expires < time.monotonic():
+            del self._entries[scope]
+            return None
+        if stored_fingerprint != fingerprint:
+            raise idempotency.IdempotencyKeyMismatch(
+                "this Idempotency-Key was used with another request; use a new key")
+        return pw.StoredResponse(status=stored.status, body=stored.body, replayed=True)
+
+    def put(self, scope: tuple[str, str, str], fingerprint: str, stored: pw.StoredResponse) -> None:
+        self._entries[scope] = (time.monotonic() + self.ttl, fingerprint, stored)
+        self._entries.move_to_end(scope)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+REPLAYS = web.AppKey("replays", ReplayCache)
+
+
+def setup(app: web.Application) -> None:
+    """Add the checkout routes and their replay cache to ingress's app."""
+    app[REPLAYS] = ReplayCache()
+    app.add_routes(routes)
+
+
+async def forward(request: web.Request, subject: str,
+                  req: rw.HoldRequest | pw.CreateIntentRequest, timeout: float) -> web.Response:
+    """Send a keyed (or unkeyed) request to the payment service, or answer from the cache."""
+    key, fingerprint = req.idempotency_key, req.fingerprint
+    scope = (subject, req.client_id, key or "")
+    if key is not None and fingerprint is not None:
+        cached = request.app[REPLAYS].get(scope, fingerprint)
+        if cached is not None:
+            return stored_response(cached)
+    stored = await request.app[BUS].request(subject, req, pw.StoredResponse, timeout=timeout)
+    if key is not None and fingerprint is not None:
+        request.app[REPLAYS].put(scope, fingerprint, stored)
+    return stored_response(stored)
 
 # The payment service bounds its Stripe call at 8 s (retries included); wait a little longer.
 INTENT_TIMEOUT = 10.0
@@ -41,9 +102,7 @@ async def hold(request: web.Request) -> web.Response:
                          customer_ref=body.customer_ref, idempotency_key=key,
                          fingerprint=idempotency.fingerprint("POST /v1/reservations", body)
                          if key else None)
-    stored = await request.app[BUS].request(subjects.RESERVATIONS_HOLD, req, pw.StoredResponse,
-                                            timeout=HOLD_TIMEOUT)
-    return stored_response(stored)
+    return await forward(request, subjects.RESERVATIONS_HOLD, req, HOLD_TIMEOUT)
 
 
 @routes.get("/v1/reservations/{reservation_id}")
@@ -73,9 +132,7 @@ async def create_payment_intent(request: web.Request) -> web.Response:
                                  reservation_id=body.reservation_id,
                                  fingerprint=idempotency.fingerprint("POST /v1/payment_intents",
                                                                      body))
-    stored = await request.app[BUS].request(subjects.PAYMENTS_INTENTS_CREATE, req,
-                                            pw.StoredResponse, timeout=INTENT_TIMEOUT)
-    return stored_response(stored)
+    return await forward(request, subjects.PAYMENTS_INTENTS_CREATE, req, INTENT_TIMEOUT)
 
 
 @routes.get("/v1/admin/payments")

@@ -27,7 +27,7 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
     runtime.add_health_routes(app, svc)
     app.add_routes(admin.routes)
     app.add_routes(reaper_admin.routes)
-    app.add_routes(checkout.routes)
+    checkout.setup(app)
     app.add_routes(webhooks.routes)
     app.add_routes(error_routes.setup(app))
     return app

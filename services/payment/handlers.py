@@ -11,6 +11,7 @@ import asyncpg
 from boxoffice import db, errors
 from boxoffice.bus import Bus
 from boxoffice.payment import events, intents, reservations
+from boxoffice.payment.hold_batch import HoldBatcher
 from boxoffice.wire import admin, subjects
 from boxoffice.wire import payments as pw
 from boxoffice.wire import reservations as rw
@@ -36,6 +37,7 @@ def _db_guard(fn: Callable[[Req], Awaitable[Res]]) -> Callable[[Req], Awaitable[
 async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
                    reservation_ttl_seconds: int) -> None:
     queue = "payment"
+    holds = HoldBatcher(pool, reservation_ttl_seconds)
 
     async def create_event(req: admin.CreateEvent) -> admin.TicketedEvent:
         return await events.create_event(pool, req)
@@ -44,7 +46,7 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
         return await events.get_event(pool, req.event_id)
 
     async def hold(req: rw.HoldRequest) -> pw.StoredResponse:
-        return await reservations.hold(pool, req, reservation_ttl_seconds)
+        return await holds.hold(req)
 
     async def get_reservation(req: rw.GetRequest) -> rw.Reservation:
         return await reservations.get(pool, req.client_id, req.reservation_id)
