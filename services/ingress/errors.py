@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import time
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from boxoffice import errors, wire
 from boxoffice.config import Config
@@ -65,9 +67,19 @@ CORS = {"Access-Control-Allow-Origin": "*",
 routes = web.RouteTableDef()
 
 
+def _client_payload_errors_are_warnings(record: logging.LogRecord) -> bool:
+    # aiohttp logs "Unhandled exception" at ERROR when it drains a body that cannot be read
+    # (say broken gzip) after the handler answered 400: the client's fault, not an error here.
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, (RequestPayloadError, HttpProcessingError)):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
 def setup(app: web.Application) -> web.RouteTableDef:
     """Give ``app`` the rate limiter; returns the routes for ``app.add_routes``."""
     app[LIMITER] = RateLimiter(app[CONFIG].error_rate_limit_per_minute)
+    logging.getLogger("aiohttp.server").addFilter(_client_payload_errors_are_warnings)
     return routes
 
 
@@ -137,8 +149,8 @@ async def _read_body(request: web.Request) -> bytes:
             if size > limit:
                 raise errors.PayloadTooLarge(f"an envelope may not exceed {limit} bytes")
             chunks.append(chunk)
-    except HttpProcessingError:
-        raise errors.BadRequest("the body could not be decompressed") from None
+    except (HttpProcessingError, RequestPayloadError):
+        raise errors.BadRequest("the body could not be read or decompressed") from None
     return b"".join(chunks)
 
 
