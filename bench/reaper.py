@@ -188,6 +188,7 @@ def main() -> int:
             figures = asyncio.run(run(db_url))
             figures["bench_seconds"] = round(time.monotonic() - t, 1)
             figures["nats_fsync"] = "default (not sync_interval: always)"
+            figures["reaper_batch_size"] = int(os.environ.get("REAPER_BATCH_SIZE", "0")) or "default"
             print(json.dumps({"bench": "reaper", **figures}))
         finally:
             if reaper is not None:

@@ -179,6 +179,18 @@ class Expirer:
                 last_sweep = loop.time()  # the back-off, not the catch-up period, paces retries
                 continue
             self.deadline = min(self.deadline, loop.time() + due_in)
+        await self._flush_on_exit()
+
+    async def _flush_on_exit(self) -> None:
+        """Record the work (or outage) still pending, if the database answers in time."""
+        if self.log.work is None and self.log.outage is None:
+            return
+
+        async def flush() -> None:
+            async with self.pool.acquire() as conn:
+                await self.log.flush(conn, idle=True)
+        with contextlib.suppress(*FAILURES):
+            await asyncio.wait_for(flush(), 5)
 
     async def sweep(self, stopping: asyncio.Event) -> float:
         """Expire what is due; returns seconds until the next sweep is due."""
