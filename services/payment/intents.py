@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
+import prometheus_client
 
 from boxoffice import db, errors, idempotency, wire
 from boxoffice.payment.reservations import RETRYABLE, ReservationNotActive, ReservationNotFound
@@ -59,6 +60,12 @@ ROUTE = "POST /v1/payment_intents"
 LEASE_SECONDS = 5.0
 RENEW_EVERY = 1.5
 FAILPOINTS = ("before_stripe_call", "after_stripe_call")
+
+PHASE_SECONDS = prometheus_client.Histogram(
+    "boxoffice_payment_intent_phase_seconds", "Time spent per phase of POST /v1/payment_intents",
+    ["phase"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 8))
+OUTCOMES = prometheus_client.Counter(
+    "boxoffice_payment_intent_requests_total", "POST /v1/payment_intents by outcome", ["outcome"])
 
 PaymentIntentExists = errors.define(
     "PaymentIntentExists", "payment_intent_exists", 409,
@@ -84,8 +91,10 @@ class Claim:
 
 async def create_intent(deps: Deps, req: CreateIntentRequest) -> StoredResponse:
     """Create (or replay, or resume) the PaymentIntent of ``req``'s idempotency key."""
-    claim = await _retrying(lambda: _claim(deps.pool, req))
+    with PHASE_SECONDS.labels("claim").time():
+        claim = await _retrying(lambda: _claim(deps.pool, req))
     if isinstance(claim, StoredResponse):
+        OUTCOMES.labels("replayed").inc()
         return claim
     return await _call_and_record(deps, claim)
 
@@ -109,6 +118,8 @@ async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | Stored
         req.idempotency_key, req.fingerprint, uuid.UUID(req.reservation_id),
         idempotency.stripe_key(req.client_id, req.idempotency_key), ROUTE, LEASE_SECONDS)
     outcome = row["outcome"]
+    if outcome not in ("replay", "claimed"):
+        OUTCOMES.labels(outcome).inc()
     if outcome == "replay":
         return StoredResponse(status=row["response_status"], body=row["response_body"],
                               replayed=True)
@@ -137,13 +148,16 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
     _failpoint(deps, "before_stripe_call")
     try:
         async with _leased(deps.pool, claim.log_id):
-            pi = await deps.stripe.create_payment_intent(
-                amount=claim.amount, currency=claim.currency,
-                reservation_id=claim.reservation_id, idempotency_key=claim.stripe_key)
+            with PHASE_SECONDS.labels("stripe").time():
+                pi = await deps.stripe.create_payment_intent(
+                    amount=claim.amount, currency=claim.currency,
+                    reservation_id=claim.reservation_id, idempotency_key=claim.stripe_key)
     except Definitive as exc:
+        OUTCOMES.labels(exc.error.code).inc()
         body = json.dumps(exc.error.problem())
         return await _retrying(lambda: _record(deps.pool, claim, exc.error.status, body, None))
     except Transient as exc:
+        OUTCOMES.labels("stripe_unavailable").inc()
         await _release(deps.pool, claim.log_id, str(exc))
         raise errors.UpstreamUnavailable(
             f"the payment provider is unavailable ({exc}); retry with the same Idempotency-Key",
@@ -155,7 +169,10 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
     body = wire.encode(PaymentIntent(id=pi.id, client_secret=pi.client_secret, amount=pi.amount,
                                      currency=pi.currency, status=pi.status,
                                      reservation_id=claim.reservation_id)).decode()
-    return await _retrying(lambda: _record(deps.pool, claim, 201, body, pi))
+    with PHASE_SECONDS.labels("record").time():
+        stored = await _retrying(lambda: _record(deps.pool, claim, 201, body, pi))
+    OUTCOMES.labels("created").inc()
+    return stored
 
 
 async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,

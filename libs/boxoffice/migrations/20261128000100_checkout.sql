@@ -16,11 +16,31 @@ ALTER TABLE reservations
 -- locked, so a hold waits only while holding nothing, or while holding buckets in bucket order.
 --  1. one bucket with enough tickets, from a random start, skipping rows others hold (the
 --     common case on a hot event: holds spread over the rows instead of queueing on one);
---     with p_fast_only this is the only pass, and a miss raises BX000 for the caller to roll
---     back (its subtransaction then releases what the probe locked);
+--     with p_fast_only this is the only pass, and a miss returns NULL (the caller, a batch
+--     that never waits for a lock, carries on; what the probe locked is released at its commit);
 --  2. the first bucket with enough tickets in bucket order, waiting for it;
 --  3. every bucket of the event, locked in bucket order; overdue holds of the event are expired
 --     (they never count), then the tickets are taken from one bucket or gathered across several.
+-- One bucket of the event with at least p_quantity tickets that no other transaction holds,
+-- locked; from p_start upwards, then wrapping round (two short index scans, no sort).
+CREATE FUNCTION hold_probe(p_event_id uuid, p_quantity integer, p_start integer)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    got integer;
+BEGIN
+    SELECT ib.bucket INTO got FROM inventory_buckets ib
+    WHERE ib.event_id = p_event_id AND ib.bucket >= p_start
+      AND ib.capacity - ib.held - ib.sold >= p_quantity
+    ORDER BY ib.bucket LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED;
+    IF got IS NULL AND p_start > 0 THEN
+        SELECT ib.bucket INTO got FROM inventory_buckets ib
+        WHERE ib.event_id = p_event_id AND ib.bucket < p_start
+          AND ib.capacity - ib.held - ib.sold >= p_quantity
+        ORDER BY ib.bucket LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED;
+    END IF;
+    RETURN got;
+END $$;
+
 CREATE FUNCTION hold_tickets_in(p_event_id uuid, p_quantity integer, p_client_id text,
                                 p_ttl_seconds integer, p_customer_ref text,
                                 p_idempotency_key text, p_fast_only boolean)
@@ -45,23 +65,18 @@ BEGIN
         RAISE EXCEPTION 'quantity must be positive' USING ERRCODE = '22023';
     END IF;
     start_at := floor(random() * ev.buckets)::integer;
+    IF p_fast_only THEN
+        -- no subtransaction: a batch never waits, so locks left by a miss harm no one
+        got := hold_probe(p_event_id, p_quantity, start_at);
+        IF got IS NULL THEN
+            RETURN NULL;
+        END IF;
+    END IF;
     FOR pass IN 1..2 LOOP
+        EXIT WHEN got IS NOT NULL;
         BEGIN
             IF pass = 1 THEN
-                -- from start_at upwards, then wrapping round: two short index scans
-                SELECT ib.bucket INTO got FROM inventory_buckets ib
-                WHERE ib.event_id = p_event_id AND ib.bucket >= start_at
-                  AND ib.capacity - ib.held - ib.sold >= p_quantity
-                ORDER BY ib.bucket LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED;
-                IF got IS NULL AND start_at > 0 THEN
-                    SELECT ib.bucket INTO got FROM inventory_buckets ib
-                    WHERE ib.event_id = p_event_id AND ib.bucket < start_at
-                      AND ib.capacity - ib.held - ib.sold >= p_quantity
-                    ORDER BY ib.bucket LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED;
-                END IF;
-                IF got IS NULL AND p_fast_only THEN
-                    RAISE EXCEPTION 'no unlocked bucket has enough' USING ERRCODE = 'BX000';
-                END IF;
+                got := hold_probe(p_event_id, p_quantity, start_at);
             ELSE
                 SELECT ib.bucket INTO got FROM inventory_buckets ib
                 WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
@@ -74,7 +89,6 @@ BEGIN
         EXCEPTION WHEN SQLSTATE 'BX001' THEN
             got := NULL;
         END;
-        EXIT WHEN got IS NOT NULL;
     END LOOP;
     IF got IS NULL THEN
         PERFORM 1 FROM inventory_buckets WHERE event_id = p_event_id ORDER BY bucket
@@ -137,9 +151,8 @@ RETURNS SETOF reservations LANGUAGE sql AS $$
 $$;
 
 -- Many holds of one event in one transaction (the payment service batches concurrent holds:
--- one commit and one round trip for the lot). Each item takes the fast path only, in its own
--- subtransaction, so the batch never waits for a bucket lock (batches cannot deadlock) and one
--- item's failure leaves the others. Outcomes per item (idx from 0): held; retry (no unlocked
+-- one commit and one round trip for the lot). Each item takes the fast path only, so the batch
+-- never waits for a lock (batches cannot deadlock) and needs no subtransactions. Outcomes per item (idx from 0): held; retry (no unlocked
 -- bucket had enough, or no such event: the caller runs the full hold_tickets for it); and for
 -- keyed items in_use (the key is locked by another transaction), replay or mismatch (the key
 -- already made a hold: its fingerprint decides; response_body is the stored answer, NULL when
@@ -155,6 +168,12 @@ DECLARE
     r     reservations;
     prior record;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ticketed_events e WHERE e.id = p_event_id) THEN
+        RETURN QUERY SELECT g.i - 1, 'retry', NULL::uuid, NULL::timestamptz,
+                            NULL::timestamptz, NULL::bigint, NULL::text, NULL::text
+                     FROM generate_series(1, coalesce(array_length(p_quantities, 1), 0)) g(i);
+        RETURN;
+    END IF;
     FOR i IN 1..coalesce(array_length(p_quantities, 1), 0) LOOP
         idx := i - 1;
         id := NULL; expires_at := NULL; created_at := NULL; amount := NULL; currency := NULL;
@@ -176,9 +195,11 @@ BEGIN
                 CONTINUE;
             END IF;
         END IF;
-        BEGIN
-            r := hold_tickets_in(p_event_id, p_quantities[i], p_client_ids[i], p_ttl_seconds,
-                                 p_customer_refs[i], p_keys[i], true);
+        r := hold_tickets_in(p_event_id, p_quantities[i], p_client_ids[i], p_ttl_seconds,
+                             p_customer_refs[i], p_keys[i], true);
+        IF r.id IS NULL THEN
+            outcome := 'retry';
+        ELSE
             IF p_keys[i] IS NOT NULL THEN
                 UPDATE reservations x SET request_fingerprint = p_fingerprints[i]
                 WHERE x.id = r.id;
@@ -186,9 +207,7 @@ BEGIN
             outcome := 'held';
             id := r.id; expires_at := r.expires_at; created_at := r.created_at;
             amount := r.amount; currency := r.currency;
-        EXCEPTION WHEN SQLSTATE 'BX000' OR SQLSTATE 'BX404' THEN
-            outcome := 'retry';
-        END;
+        END IF;
         RETURN NEXT;
     END LOOP;
 END $$;
@@ -417,6 +436,7 @@ BEGIN
 END $$;
 
 DROP FUNCTION hold_tickets_in(uuid, integer, text, integer, text, text, boolean);
+DROP FUNCTION hold_probe(uuid, integer, integer);
 
 ALTER TABLE reservations
     DROP COLUMN response_body,
