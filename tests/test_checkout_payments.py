@@ -7,6 +7,8 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 
@@ -141,6 +143,14 @@ async def test_create_replay_mismatch_and_scoping(start_service, http, db: async
     assert (entry["recovery_point"], entry["response_status"], entry["stripe_payment_intent_id"],
             entry["attempts"], entry["payment_status"]) == ("finished", 201, pi["id"], 1, "created")
     assert pi["client_secret"] not in audit.body.decode()
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "boxoffice.cli", "payments", "--reservation-id", rid,
+        env={**os.environ, "INGRESS_URL": api.base, "ADMIN_API_TOKEN": ADMIN_TOKEN,
+             "BOXOFFICE_HOME": "/nonexistent"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await cli.communicate()
+    assert cli.returncode == 0, err
+    assert [e["stripe_payment_intent_id"] for e in json.loads(out)["items"]] == [pi["id"]]
     assert (await api.call("GET", "/v1/admin/payments?limit=0", token=ADMIN_TOKEN)).status == 422
     assert (await api.call("GET", "/v1/admin/payments?bogus=1", token=ADMIN_TOKEN)).status == 422
     assert (await api.call("GET", "/v1/admin/payments")).status == 403

@@ -47,7 +47,7 @@ def call(method: str, path: str, body: Any = None) -> int:
 
 
 # Modules (libs/boxoffice/ops_<area>.py) that add their own commands with add_commands(sub).
-AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors")
+AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors", "ops_checkout")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
