@@ -65,8 +65,8 @@ async def _listen(url: str, wake: asyncio.Event, stopping: asyncio.Event) -> Non
 
 
 async def run_relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, stopping: asyncio.Event,
-                    *, sweep_interval: float = 1.0) -> None:
-    wake = asyncio.Event()
+                    *, sweep_interval: float = 1.0, wake: asyncio.Event | None = None) -> None:
+    wake = asyncio.Event() if wake is None else wake
     listener = asyncio.create_task(_listen(url, wake, stopping))
     delay = 0.1
     try:
@@ -91,12 +91,17 @@ async def run_relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, stopping: asy
 
 
 @contextlib.asynccontextmanager
-async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus) -> AsyncIterator[None]:
-    """Run the relay in the background; on exit, stop it after its current batch."""
+async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus) -> AsyncIterator[asyncio.Event]:
+    """Run the relay in the background; on exit, stop it after its current batch.
+
+    Yields the relay's wake-up event: a writer in this process whose transactions skip the
+    NOTIFY (``boxoffice.outbox_quiet``, for throughput) sets it after committing outbox rows.
+    """
     stopping = asyncio.Event()
-    task = asyncio.create_task(run_relay(url, pool, bus, stopping))
+    wake = asyncio.Event()
+    task = asyncio.create_task(run_relay(url, pool, bus, stopping, wake=wake))
     try:
-        yield
+        yield wake
     finally:
         stopping.set()
         try:
