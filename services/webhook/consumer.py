@@ -44,6 +44,7 @@ DB_DOWN = db.UNAVAILABLE + (asyncpg.PostgresConnectionError, asyncpg.CannotConne
                             asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
                             asyncpg.IdleSessionTimeoutError, asyncpg.InternalClientError)
 TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+QUIET_OUTCOMES = frozenset({"duplicate", "ignored", "stale", "partial_refund", "no_payment_intent"})
 PERMANENT = (msgspec.ValidationError,)  # the event itself does not fit: retrying cannot help
 
 APPLIED = prometheus_client.Counter("boxoffice_webhook_events_total",
@@ -63,10 +64,13 @@ def describe(exc: BaseException) -> str:
 class Processor:
     """Applies one event in one transaction (used by the consumer and by operator replays)."""
 
-    def __init__(self, pool: asyncpg.Pool, refunds: Refunds, retry_delays: Sequence[float]):
+    def __init__(self, pool: asyncpg.Pool, refunds: Refunds, retry_delays: Sequence[float],
+                 relay_wake: asyncio.Event | None = None):
         self.pool = pool
         self.refunds = refunds
         self.retry_delays = tuple(retry_delays)
+        # apply_stripe_event skips the outbox NOTIFY (see the migration): wake our relay instead
+        self.relay_wake = relay_wake
 
     @property
     def max_attempts(self) -> int:
@@ -77,19 +81,16 @@ class Processor:
 
     async def process(self, event: StripeEvent, raw: str) -> Outcome:
         """Apply ``event`` once; raises (after rolling back) if it could not be applied."""
-        status = "processed" if effects.handles(event.type) else "ignored"
         for attempt in range(3):
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    if await eventlog.claim(conn, event, raw, status) is None:
-                        outcome = Outcome("duplicate")
-                    else:
-                        outcome = await effects.apply(conn, event, self.refunds)
+                outcome = await effects.apply(self.pool, event, raw, self.refunds)
                 break
             except TRANSIENT:
                 if attempt == 2:
                     raise
         APPLIED.labels(event.type, outcome.name).inc()
+        if self.relay_wake is not None and outcome.name not in QUIET_OUTCOMES:
+            self.relay_wake.set()
         for report in outcome.reports:  # committed: now it may be told
             log.log(report.level, report.message, extra={"context": report.context})
         return outcome
@@ -124,18 +125,43 @@ async def _settle(msg: Msg, how: str, delay: float | None = None) -> None:
 
 
 class Consumer:
-    """The JetStream handler: a batch of messages, applied concurrently, each acked after commit."""
+    """The JetStream handler: messages applied concurrently, each acked after its commit.
 
-    def __init__(self, processor: Processor, *, concurrency: int = 16):
+    A batch is not waited for to its end: once fewer than ``backlog`` messages are left to
+    apply, the next batch is fetched, so the database always has ``concurrency`` events in work.
+    """
+
+    def __init__(self, processor: Processor, *, concurrency: int = 16, backlog: int = 256):
         self.processor = processor
+        self.backlog = backlog
         self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
         self._inflight: dict[int, tuple[Msg, float]] = {}  # by id(): Msg is unhashable
         self._db_down = False
 
     async def __call__(self, msgs: list[Msg]) -> None:
-        await asyncio.gather(*(self._one(m) for m in msgs))
+        for msg in msgs:
+            task = asyncio.create_task(self._one(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+        while len(self._tasks) > self.backlog:
+            self._room.clear()
+            await self._room.wait()
         if self._db_down:
             await self._wait_for_database()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if len(self._tasks) <= self.backlog:
+            self._room.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("applying a stripe event crashed", exc_info=task.exception())
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Finish what was fetched (on shutdown, once fetching has stopped)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
 
     async def _one(self, msg: Msg) -> None:
         try:
@@ -146,15 +172,15 @@ class Consumer:
             log.error("message on %s is not a Stripe event: dropped", msg.subject)
             await _settle(msg, "term")
             return
-        async with self._slots:
-            if self._db_down:
-                await _settle(msg, "nak", DB_RETRY_DELAY)
-                return
-            self._inflight[id(msg)] = (msg, time.monotonic())
-            try:
+        self._inflight[id(msg)] = (msg, time.monotonic())
+        try:
+            async with self._slots:
+                if self._db_down:
+                    await _settle(msg, "nak", DB_RETRY_DELAY)
+                    return
                 await self._apply(msg, event, raw)
-            finally:
-                self._inflight.pop(id(msg), None)
+        finally:
+            self._inflight.pop(id(msg), None)
 
     async def _apply(self, msg: Msg, event: StripeEvent, raw: str) -> None:
         try:
@@ -212,11 +238,13 @@ class Consumer:
 
 
 @contextlib.asynccontextmanager
-async def keeping_alive(consumer: Consumer) -> AsyncIterator[None]:
+async def running(consumer: Consumer) -> AsyncIterator[Consumer]:
+    """Keep long deliveries alive while running; on exit, finish what was fetched."""
     stopping = asyncio.Event()
     task = asyncio.create_task(consumer.keep_alive(stopping))
     try:
-        yield
+        yield consumer
     finally:
+        await consumer.drain()
         stopping.set()
         await task

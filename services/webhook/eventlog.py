@@ -1,10 +1,9 @@
 """``webhook_events_log``: every Stripe event, once per event id, with its processing state.
 
-``claim`` is the first statement of an event's transaction: it inserts the row already marked
-done (the transaction commits that only together with the effects) or, for an event seen before
-and not yet done, locks its row. A concurrent duplicate waits on that lock and then finds the row
-done, so an event's effects are applied once. ``record_failure`` runs in a transaction of its
-own after a rollback, so attempts and the last error survive the failure they describe.
+The claim of an event (its row inserted already marked done, committed only together with its
+effects; or the row of an event seen before locked) is the first step of ``apply_stripe_event``
+in SQL. Here: ``record_failure`` runs in a transaction of its own after a failed attempt, so
+attempts and the last error survive the failure they describe; and the operators' reads.
 """
 
 from __future__ import annotations
@@ -17,17 +16,6 @@ from boxoffice.wire.stripe import LoggedEvent, StripeEvent
 
 DONE = ("processed", "ignored")
 MAX_ERROR_CHARS = 2000
-
-_CLAIM = """
-INSERT INTO webhook_events_log AS w (event_id, event_type, event_created, payload,
-                                     processing_status, attempts, processed_at)
-VALUES ($1, $2, $3, $4::text::jsonb, $5, 1, clock_timestamp())
-ON CONFLICT (event_id) DO UPDATE
-SET processing_status = EXCLUDED.processing_status, attempts = w.attempts + 1,
-    processed_at = EXCLUDED.processed_at
-WHERE w.processing_status NOT IN ('processed', 'ignored')
-RETURNING w.attempts
-"""
 
 # A payload PostgreSQL cannot store as jsonb (a \u0000 escape) is kept as a JSON string instead,
 # so that even such an event is recorded, marked failed and visible to operators.
@@ -49,11 +37,6 @@ _COLUMNS = ("event_id, event_type, event_created, processing_status, attempts, l
 
 def created_at(event: StripeEvent) -> datetime:
     return datetime.fromtimestamp(event.created, timezone.utc)
-
-
-async def claim(conn: asyncpg.Connection, event: StripeEvent, raw: str, status: str) -> int | None:
-    """Record ``event`` as ``status`` and lock its row; None if its effects were committed before."""
-    return await conn.fetchval(_CLAIM, event.id, event.type, created_at(event), raw, status)
 
 
 async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str, error: str,

@@ -14,7 +14,7 @@ from boxoffice.webhook import consumer, handlers, refunds
 from boxoffice.wire.subjects import WEBHOOK_CONSUMER
 
 BATCH = 512
-CONCURRENCY = 16
+CONCURRENCY = 32
 
 
 async def build(svc: runtime.Service) -> None:
@@ -30,12 +30,12 @@ async def build(svc: runtime.Service) -> None:
     await bus.declare_consumer(stream, durable, ack_wait=consumer.ACK_WAIT, max_deliver=-1,
                                max_ack_pending=20000)
     stripe = await svc.stack.enter_async_context(refunds.client(cfg))
-    await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
-    processor = consumer.Processor(pool, stripe, cfg.webhook_retry_delays)
+    relay_wake = await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
+    processor = consumer.Processor(pool, stripe, cfg.webhook_retry_delays, relay_wake)
     await handlers.register(bus, processor)
     svc.stack.push_async_callback(bus.stop_serving)
-    handle = consumer.Consumer(processor, concurrency=CONCURRENCY)
-    await svc.stack.enter_async_context(consumer.keeping_alive(handle))
+    handle = await svc.stack.enter_async_context(
+        consumer.running(consumer.Consumer(processor, concurrency=CONCURRENCY, backlog=BATCH // 2)))
     await svc.stack.enter_async_context(
         busmod.pull_consumer(bus, stream, durable, handle, batch=BATCH))
     runtime.standard_checks(svc, bus=bus, pool=pool)

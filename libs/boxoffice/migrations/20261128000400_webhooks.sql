@@ -93,12 +93,165 @@ BEGIN
     RETURN 'returned';
 END $$;
 
--- Operators list failed events newest first; retention purges by received time.
-CREATE INDEX webhook_events_log_by_received ON webhook_events_log (received_at);
+-- The outbox's NOTIFY, skipped in a transaction that sets boxoffice.outbox_quiet: PostgreSQL
+-- serialises the commits of notifying transactions (a global lock held through the WAL flush),
+-- which halves the rate of the webhook service's one-transaction-per-event. Its transactions
+-- set the flag and wake their own process's relay instead; everyone else still notifies.
+CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('boxoffice.outbox_quiet', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pg_notify('boxoffice_outbox', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- A payment event on the outbox (payments.events.<kind>), in the caller's transaction.
+CREATE FUNCTION emit_payment_event(p_kind text, p_payment_intent_id text, p_reservation_id uuid,
+                                   p_amount bigint, p_currency text, p_occurred_at timestamptz,
+                                   p_reason text DEFAULT NULL)
+RETURNS void LANGUAGE sql AS $$
+    INSERT INTO outbox (subject, payload) VALUES ('payments.events.' || p_kind,
+        jsonb_build_object('payment_intent_id', p_payment_intent_id,
+                           'reservation_id', p_reservation_id, 'amount', p_amount,
+                           'currency', p_currency, 'occurred_at', p_occurred_at,
+                           'reason', p_reason))
+$$;
+
+-- Apply one Stripe event, exactly once, in one transaction (one round trip: the caller runs it
+-- as a statement of its own). The caller has read the event's object into the typed arguments.
+--
+-- 1. Claim: insert the event's row already marked done, or lock the row of an event seen before
+--    and not yet done. A row already done means the effects were committed: 'duplicate'. A
+--    concurrent delivery of the same event waits on the row, then finds it done.
+-- 2. Effects, only when the event moves its payment forward (advance_payment); else 'stale'.
+--
+-- When a buyer paid for tickets that are gone (the hold ended and the tickets were sold) or paid
+-- twice for one hold, the money must go back through Stripe, which cannot happen inside a
+-- statement: it raises SQLSTATE BX402 with the reason in DETAIL, everything rolls back, and the
+-- caller refunds (idempotently) and applies the event again with p_refund_id set, which records
+-- the refund instead of selling.
+CREATE FUNCTION apply_stripe_event(p_event_id text, p_type text, p_created timestamptz,
+                                   p_payload text, p_payment_intent_id text DEFAULT NULL,
+                                   p_reservation_id uuid DEFAULT NULL, p_amount bigint DEFAULT NULL,
+                                   p_currency text DEFAULT NULL, p_reason text DEFAULT NULL,
+                                   p_refund_id text DEFAULT NULL, p_refunded boolean DEFAULT NULL)
+RETURNS TABLE (outcome text, reservation_id uuid, amount bigint, currency text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    kinds   CONSTANT text[] := ARRAY['payment_intent.succeeded', 'payment_intent.payment_failed',
+                                     'payment_intent.processing', 'payment_intent.canceled',
+                                     'charge.refunded', 'charge.dispute.created'];
+    handled boolean := p_type = ANY (kinds);
+    pay     record;
+    done    text;
+    paid_by text;
+BEGIN
+    -- this transaction's outbox rows are relayed by the caller's process, woken directly
+    PERFORM set_config('boxoffice.outbox_quiet', 'on', true);
+    INSERT INTO webhook_events_log AS w (event_id, event_type, event_created, payload,
+                                         processing_status, attempts, processed_at)
+    VALUES (p_event_id, p_type, p_created, p_payload::jsonb,
+            CASE WHEN handled THEN 'processed' ELSE 'ignored' END, 1, clock_timestamp())
+    ON CONFLICT (event_id) DO UPDATE
+    SET processing_status = EXCLUDED.processing_status, attempts = w.attempts + 1,
+        processed_at = EXCLUDED.processed_at
+    WHERE w.processing_status NOT IN ('processed', 'ignored');
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'duplicate', NULL::uuid, NULL::bigint, NULL::text;
+        RETURN;
+    END IF;
+    IF NOT handled THEN
+        RETURN QUERY SELECT 'ignored', NULL::uuid, NULL::bigint, NULL::text;
+        RETURN;
+    END IF;
+    IF p_payment_intent_id IS NULL THEN  -- a refund or dispute of a charge without a PaymentIntent
+        RETURN QUERY SELECT 'no_payment_intent', NULL::uuid, NULL::bigint, NULL::text;
+        RETURN;
+    END IF;
+    IF p_type = 'charge.refunded' AND NOT coalesce(p_refunded, false) THEN
+        RETURN QUERY SELECT 'partial_refund', NULL::uuid, NULL::bigint, NULL::text;
+        RETURN;  -- a partial refund: the sale stands
+    END IF;
+
+    SELECT * INTO pay FROM advance_payment(p_payment_intent_id, p_reservation_id, p_amount,
+        p_currency, CASE p_type
+            WHEN 'payment_intent.succeeded' THEN 'succeeded'
+            WHEN 'payment_intent.payment_failed' THEN 'failed'
+            WHEN 'payment_intent.processing' THEN 'processing'
+            WHEN 'payment_intent.canceled' THEN 'canceled'
+            WHEN 'charge.refunded' THEN 'refunded'
+            ELSE 'disputed' END, p_created);
+    IF p_type = 'charge.dispute.created' THEN  -- reported whether or not it moved the payment
+        RETURN QUERY SELECT 'disputed', pay.reservation_id, pay.amount, pay.currency;
+        RETURN;
+    END IF;
+    IF NOT pay.moved THEN
+        RETURN QUERY SELECT 'stale', pay.reservation_id, pay.amount, pay.currency;
+        RETURN;
+    END IF;
+
+    IF p_type = 'payment_intent.succeeded' THEN
+        PERFORM emit_payment_event('succeeded', p_payment_intent_id, pay.reservation_id,
+                                   pay.amount, pay.currency, p_created);
+        IF pay.reservation_id IS NULL THEN
+            done := 'no_reservation';
+        ELSIF p_refund_id IS NOT NULL THEN
+            -- the caller refunded at Stripe after our BX402: record it, do not sell
+            UPDATE payments p SET status = 'refunded', refund_id = p_refund_id,
+                   refund_reason = p_reason, updated_at = clock_timestamp()
+            WHERE p.payment_intent_id = p_payment_intent_id;
+            PERFORM emit_payment_event('refunded', p_payment_intent_id, pay.reservation_id,
+                                       pay.amount, pay.currency, p_created, p_reason);
+            done := 'refunded_' || p_reason;
+        ELSE
+            done := complete_reservation(pay.reservation_id, p_payment_intent_id);
+            IF done = 'already_completed' THEN
+                SELECT r.payment_intent_id INTO paid_by FROM reservations r
+                WHERE r.id = pay.reservation_id;
+                IF paid_by IS NOT NULL AND paid_by <> p_payment_intent_id THEN
+                    RAISE EXCEPTION 'refund needed' USING ERRCODE = 'BX402',
+                        DETAIL = 'duplicate_payment';
+                END IF;
+            ELSIF done <> 'completed' THEN  -- 'unavailable': the tickets are gone
+                RAISE EXCEPTION 'refund needed' USING ERRCODE = 'BX402', DETAIL = 'oversold';
+            END IF;
+        END IF;
+    ELSIF p_type = 'payment_intent.payment_failed' THEN
+        PERFORM emit_payment_event('failed', p_payment_intent_id, pay.reservation_id, pay.amount,
+                                   pay.currency, p_created, p_reason);
+        done := 'recorded';  -- the hold stays until it expires: the buyer may try again
+    ELSIF p_type = 'payment_intent.processing' THEN
+        done := 'recorded';
+    ELSIF p_type = 'payment_intent.canceled' THEN
+        PERFORM emit_payment_event('failed', p_payment_intent_id, pay.reservation_id, pay.amount,
+                                   pay.currency, p_created, 'canceled');
+        done := CASE WHEN pay.reservation_id IS NOT NULL
+                          AND release_reservation(pay.reservation_id, 'cancelled')
+                     THEN 'released' ELSE 'recorded' END;
+    ELSE  -- charge.refunded, in full
+        UPDATE payments p SET refund_id = coalesce(p.refund_id, p_refund_id),
+               refund_reason = coalesce(p.refund_reason, 'refunded_in_stripe')
+        WHERE p.payment_intent_id = p_payment_intent_id;
+        PERFORM emit_payment_event('refunded', p_payment_intent_id, pay.reservation_id,
+                                   pay.amount, pay.currency, p_created, 'refunded_in_stripe');
+        done := CASE WHEN pay.reservation_id IS NOT NULL
+                          AND return_reservation_tickets(pay.reservation_id, p_payment_intent_id)
+                              IN ('returned', 'released')
+                     THEN 'tickets_returned' ELSE 'recorded' END;
+    END IF;
+    RETURN QUERY SELECT done, pay.reservation_id, pay.amount, pay.currency;
+END $$;
+
 
 -- migrate:down
 
-DROP INDEX webhook_events_log_by_received;
+CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('boxoffice_outbox', '');
+    RETURN NULL;
+END $$;
+DROP FUNCTION apply_stripe_event(text, text, timestamptz, text, text, uuid, bigint, text, text, text, boolean);
+DROP FUNCTION emit_payment_event(text, text, uuid, bigint, text, timestamptz, text);
 DROP FUNCTION return_reservation_tickets(uuid, text);
 DROP FUNCTION advance_payment(text, uuid, bigint, text, text, timestamptz);
 DROP FUNCTION payment_status_rank(text);

@@ -40,6 +40,7 @@ class PaymentIntentObject(msgspec.Struct):
     currency: str = ""
     status: str | None = None
     metadata: dict[str, Any] = {}
+    last_payment_error: dict[str, Any] | None = None
 
 
 class ChargeObject(msgspec.Struct):
@@ -50,6 +51,7 @@ class ChargeObject(msgspec.Struct):
     currency: str = ""
     refunded: bool = False
     metadata: dict[str, Any] = {}
+    refunds: dict[str, Any] | None = None
 
 
 class DisputeObject(msgspec.Struct):
