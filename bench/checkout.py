@@ -106,7 +106,8 @@ class Services:
             except OSError:
                 pass
             if proc.poll() is not None:
-                raise RuntimeError(f"{service} exited: {(self.root / f'{service}.log').read_text()}")
+                log = (self.root / f"{service}.log").read_text()
+                raise RuntimeError(f"{service} exited: {log[-2000:]}")
             time.sleep(0.05)
         raise TimeoutError(f"{service} not ready")
 

@@ -13,8 +13,8 @@ from tests.checkout_support import (http, start_checkout, stream_messages,  # no
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2
 
 
-async def test_hold_read_cancel_and_idempotent_hold(start_service, http, db: asyncpg.Pool,  # noqa: F811
-                                                     nats_url: str):
+async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa: F811
+                                                     db: asyncpg.Pool, nats_url: str):
     api = start_checkout(start_service, http).api
     event_id = await api.create_event(capacity=10, price=4500)
 

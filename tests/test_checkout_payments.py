@@ -51,8 +51,9 @@ async def new_hold(api: Api, event_id: str, token: str = CLIENT_TOKEN, quantity:
     return r.json["id"]
 
 
-async def test_create_replay_mismatch_and_scoping(start_service, http, db: asyncpg.Pool,  # noqa: F811
-                                                  localstripe, stripe_proxy, nats_url):
+async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: F811
+                                                  db: asyncpg.Pool, localstripe, stripe_proxy,
+                                                  nats_url):
     api = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url).api
     event_id = await api.create_event(capacity=20, price=4200)
     rid = await new_hold(api, event_id)
@@ -67,9 +68,10 @@ async def test_create_replay_mismatch_and_scoping(start_service, http, db: async
     [at_stripe] = await stripe_intents(http, localstripe, rid)
     assert (at_stripe["id"], at_stripe["amount"], at_stripe["metadata"]) == (
         pi["id"], 8400, {"reservation_id": rid})
+    key_row = await db.fetchrow("SELECT client_id, request_fingerprint FROM payment_intents_log "
+                                "WHERE idempotency_key = 'order-1'")
     assert stripe_proxy.keys_for(PI_PATH) == [idempotency.stripe_key(
-        await db.fetchval("SELECT client_id FROM reservations WHERE id = $1", uuid.UUID(rid)),
-        "order-1")]
+        key_row["client_id"], "order-1", key_row["request_fingerprint"])]
 
     # a retry replays the stored answer byte for byte, whatever the body's spelling
     for raw in (json.dumps({"reservation_id": rid}).encode(),
@@ -90,7 +92,8 @@ async def test_create_replay_mismatch_and_scoping(start_service, http, db: async
 
     # missing and invalid keys
     for key, code in ((None, "idempotency_key_missing"), ("", "idempotency_key_invalid"),
-                      ("x" * 256, "idempotency_key_invalid"), ("caf\u00e9", "idempotency_key_invalid"),
+                      ("x" * 256, "idempotency_key_invalid"),
+                      ("caf\u00e9", "idempotency_key_invalid"),
                       ("new\nline", "idempotency_key_invalid")):
         try:
             bad = await api.pay(other_rid, key)
@@ -160,9 +163,24 @@ async def test_create_replay_mismatch_and_scoping(start_service, http, db: async
         (rid, 8400, "eur")]
     assert {m.subject for m in events} == {"payments.events.created"}
 
+    # a definitive refusal from Stripe (here: a free ticket, amount 0) is stored and replayed;
+    # it holds no PaymentIntent, so the client may try again under a new key
+    free = await new_hold(api, await api.create_event(capacity=5, price=0))
+    refused = await api.pay(free, "free-1")
+    assert (refused.status, refused.code) == (422, "payment_rejected"), refused.body
+    assert refused.headers["Content-Type"].startswith("application/problem+json")
+    again = await api.pay(free, "free-1")
+    assert (again.status, again.body) == (422, refused.body)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (await api.pay(free, "free-2")).code == "payment_rejected"
+    assert await db.fetchval("SELECT count(*) FROM payments WHERE reservation_id = $1",
+                             uuid.UUID(free)) == 0
+    assert await db.fetchval("SELECT recovery_point FROM payment_intents_log "
+                             "WHERE idempotency_key = 'free-1'") == "finished"
 
-async def test_one_key_fifty_concurrent_requests(start_service, http, db: asyncpg.Pool,  # noqa: F811
-                                                 localstripe, stripe_proxy):
+
+async def test_one_key_fifty_concurrent_requests(start_service, http,  # noqa: F811
+                                                 db: asyncpg.Pool, localstripe, stripe_proxy):
     api = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url).api
     rid = await new_hold(api, await api.create_event(capacity=5))
     results = await asyncio.gather(*(api.pay(rid, "burst-key") for _ in range(50)))
@@ -241,7 +259,8 @@ async def test_stripe_unreachable_then_back(start_service, http, db, localstripe
     rid = await new_hold(api, await api.create_event(capacity=5))
     await stripe_proxy.stop()
     r = await api.pay(rid, "outage-key")
-    assert (r.status, r.code) == (503, "upstream_unavailable") and int(r.headers["Retry-After"]) >= 1
+    assert (r.status, r.code) == (503, "upstream_unavailable")
+    assert int(r.headers["Retry-After"]) >= 1
     assert r.headers["Content-Type"].startswith("application/problem+json")
     row = await db.fetchrow("SELECT recovery_point, locked_at, last_error FROM payment_intents_log")
     assert row["recovery_point"] == "started" and row["locked_at"] is None and row["last_error"]

@@ -62,7 +62,8 @@ def fingerprint(route: str, request: Any) -> str:
     return digest.hexdigest()
 
 
-def stripe_key(client_id: str, key: str) -> str:
-    """The Idempotency-Key passed on to Stripe: derived from the client's key and scope only,
-    so every retry of one request (after a crash too) sends Stripe the same key."""
-    return "bxpi_" + hashlib.sha256(f"{client_id}\x00{key}".encode()).hexdigest()
+def stripe_key(client_id: str, key: str, fingerprint: str) -> str:
+    """The Idempotency-Key passed on to Stripe, derived from the client's key, its scope and the
+    request's fingerprint: every retry of one request (after a crash too) sends Stripe the same
+    key, and a key reused for another request once ours has expired never meets the old one."""
+    return "bxpi_" + hashlib.sha256(f"{client_id}\x00{key}\x00{fingerprint}".encode()).hexdigest()

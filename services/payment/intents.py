@@ -14,8 +14,9 @@ as both the audit trail and the recovery state:
 2. **Stripe call**, outside any transaction, with a Stripe idempotency key derived from the
    client's key, so a repeated call after a crash gets the original PaymentIntent back. While it
    runs the lease is renewed in the background.
-3. **record** (SQL ``record_payment_intent``, one round trip): the response, the Stripe id, a ``payments`` row (``created``),
-   the reservation's PaymentIntent id and a ``payments.events.created`` outbox row, all at once.
+3. **record** (SQL ``record_payment_intent``, one round trip): the response, the Stripe id, a
+   ``payments`` row (``created``), the reservation's PaymentIntent id and a
+   ``payments.events.created`` outbox row, all at once.
    Definitive Stripe errors (card declined, invalid request) are recorded the same way; transient
    ones release the lease and leave the key at ``started`` for the client's retry.
 
@@ -116,7 +117,8 @@ async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | Stored
     row = await pool.fetchrow(
         "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
         req.idempotency_key, req.fingerprint, uuid.UUID(req.reservation_id),
-        idempotency.stripe_key(req.client_id, req.idempotency_key), ROUTE, LEASE_SECONDS)
+        idempotency.stripe_key(req.client_id, req.idempotency_key, req.fingerprint), ROUTE,
+        LEASE_SECONDS)
     outcome = row["outcome"]
     if outcome not in ("replay", "claimed"):
         OUTCOMES.labels(outcome).inc()

@@ -19,7 +19,8 @@ def failpoints() -> frozenset[str]:
     points = frozenset(p.strip() for p in raw.split(",") if p.strip())
     unknown = points - set(intents.FAILPOINTS)
     if unknown:
-        raise SystemExit(f"boxoffice payment: BOXOFFICE_FAILPOINT has unknown points {sorted(unknown)}")
+        raise SystemExit("boxoffice payment: BOXOFFICE_FAILPOINT has unknown points "
+                         f"{sorted(unknown)}")
     if points:
         log.warning("test failpoints armed: %s", ", ".join(sorted(points)))
     return points

@@ -152,7 +152,8 @@ $$;
 
 -- Many holds of one event in one transaction (the payment service batches concurrent holds:
 -- one commit and one round trip for the lot). Each item takes the fast path only, so the batch
--- never waits for a lock (batches cannot deadlock) and needs no subtransactions. Outcomes per item (idx from 0): held; retry (no unlocked
+-- never waits for a lock (batches cannot deadlock) and needs no subtransactions.
+-- Outcomes per item (idx from 0): held; retry (no unlocked
 -- bucket had enough, or no such event: the caller runs the full hold_tickets for it); and for
 -- keyed items in_use (the key is locked by another transaction), replay or mismatch (the key
 -- already made a hold: its fingerprint decides; response_body is the stored answer, NULL when
