@@ -113,6 +113,14 @@ async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.
                               "AND status = 'active'", uuid.UUID(multi))
     assert total == 48
 
+    # one Idempotency-Key sent 30 times at once: one hold; every 2xx the same body
+    keyed = await api.create_event(capacity=100)
+    results = await asyncio.gather(*(api.hold(keyed, 2, key="burst") for _ in range(30)))
+    ok = [r for r in results if r.status == 201]
+    assert ok and all(r.code == "idempotency_key_in_use" for r in results if r.status != 201)
+    assert len({r.body for r in ok}) == 1
+    assert (await api.event(keyed))["held"] == 2
+
     # mixed quantities race for the last 2 tickets: never more than 2 held
     out = await _burst(api, multi, 40, 1) + await _burst(api, multi, 10, 2)
     assert out[(201, None)] <= 2
