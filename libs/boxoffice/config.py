@@ -85,7 +85,7 @@ class Config:
     # reaper: catch-up sweep period (wake-ups come from NOTIFY), holds per transaction,
     # seconds between retention purges
     reaper_sweep_seconds: int = 1
-    reaper_batch_size: int = 1000
+    reaper_batch_size: int = 2000
     reaper_retention_interval_seconds: int = 600
     # seconds between attempts to apply a failing Stripe event; attempts = len + 1
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)

@@ -127,7 +127,7 @@ async def stats(pool: asyncpg.Pool) -> wire.ReservationStats:
 
 @dataclass
 class Settings:
-    batch: int = 1000
+    batch: int = 2000
     sweep_seconds: float = 1.0
     max_backoff: float = 5.0
 
