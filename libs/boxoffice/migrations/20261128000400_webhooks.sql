@@ -20,8 +20,9 @@ $$;
 -- reservation. The row stays locked for the caller's transaction, so two events of one payment
 -- are applied one after the other, whatever order they arrive in.
 CREATE FUNCTION advance_payment(p_payment_intent_id text, p_reservation_id uuid, p_amount bigint,
-                                p_currency text, p_status text, p_event_created timestamptz)
-RETURNS TABLE (moved boolean, previous text, reservation_id uuid, amount bigint, currency text)
+                                p_currency text, p_status text, p_event_created timestamptz,
+                                OUT moved boolean, OUT previous text, OUT reservation_id uuid,
+                                OUT amount bigint, OUT currency text)
 LANGUAGE plpgsql AS $$
 DECLARE
     cur payments;
@@ -39,8 +40,10 @@ BEGIN
                 lower(coalesce(p_currency, '')), p_status, p_event_created)
         ON CONFLICT ON CONSTRAINT payments_pkey DO NOTHING;
         IF FOUND THEN
-            RETURN QUERY SELECT true, NULL::text, p_reservation_id, coalesce(p_amount, 0)::bigint,
-                                lower(coalesce(p_currency, ''));
+            moved := true;
+            reservation_id := p_reservation_id;
+            amount := coalesce(p_amount, 0);
+            currency := lower(coalesce(p_currency, ''));
             RETURN;
         END IF;
         -- written concurrently (the checkout, or another event): lock it and decide on it
@@ -53,11 +56,15 @@ BEGIN
         SET status = p_status, status_event_created = p_event_created, updated_at = clock_timestamp(),
             reservation_id = coalesce(p.reservation_id, p_reservation_id)
         WHERE p.payment_intent_id = p_payment_intent_id;
-        RETURN QUERY SELECT true, cur.status, coalesce(cur.reservation_id, p_reservation_id),
-                            cur.amount, cur.currency;
+        moved := true;
+        reservation_id := coalesce(cur.reservation_id, p_reservation_id);
     ELSE
-        RETURN QUERY SELECT false, cur.status, cur.reservation_id, cur.amount, cur.currency;
+        moved := false;
+        reservation_id := cur.reservation_id;
     END IF;
+    previous := cur.status;
+    amount := cur.amount;
+    currency := cur.currency;
 END $$;
 
 -- A refunded payment gives its tickets back: a sold reservation becomes cancelled and its
@@ -134,8 +141,9 @@ CREATE FUNCTION apply_stripe_event(p_event_id text, p_type text, p_created times
                                    p_payload text, p_payment_intent_id text DEFAULT NULL,
                                    p_reservation_id uuid DEFAULT NULL, p_amount bigint DEFAULT NULL,
                                    p_currency text DEFAULT NULL, p_reason text DEFAULT NULL,
-                                   p_refund_id text DEFAULT NULL, p_refunded boolean DEFAULT NULL)
-RETURNS TABLE (outcome text, reservation_id uuid, amount bigint, currency text)
+                                   p_refund_id text DEFAULT NULL, p_refunded boolean DEFAULT NULL,
+                                   OUT outcome text, OUT reservation_id uuid, OUT amount bigint,
+                                   OUT currency text)
 LANGUAGE plpgsql AS $$
 DECLARE
     kinds   CONSTANT text[] := ARRAY['payment_intent.succeeded', 'payment_intent.payment_failed',
@@ -157,20 +165,20 @@ BEGIN
         processed_at = EXCLUDED.processed_at
     WHERE w.processing_status NOT IN ('processed', 'ignored');
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'duplicate', NULL::uuid, NULL::bigint, NULL::text;
+        outcome := 'duplicate';
         RETURN;
     END IF;
     IF NOT handled THEN
-        RETURN QUERY SELECT 'ignored', NULL::uuid, NULL::bigint, NULL::text;
+        outcome := 'ignored';
         RETURN;
     END IF;
     IF p_payment_intent_id IS NULL THEN  -- a refund or dispute of a charge without a PaymentIntent
-        RETURN QUERY SELECT 'no_payment_intent', NULL::uuid, NULL::bigint, NULL::text;
+        outcome := 'no_payment_intent';
         RETURN;
     END IF;
     IF p_type = 'charge.refunded' AND NOT coalesce(p_refunded, false) THEN
-        RETURN QUERY SELECT 'partial_refund', NULL::uuid, NULL::bigint, NULL::text;
-        RETURN;  -- a partial refund: the sale stands
+        outcome := 'partial_refund';  -- a partial refund: the sale stands
+        RETURN;
     END IF;
 
     SELECT * INTO pay FROM advance_payment(p_payment_intent_id, p_reservation_id, p_amount,
@@ -181,12 +189,15 @@ BEGIN
             WHEN 'payment_intent.canceled' THEN 'canceled'
             WHEN 'charge.refunded' THEN 'refunded'
             ELSE 'disputed' END, p_created);
+    reservation_id := pay.reservation_id;
+    amount := pay.amount;
+    currency := pay.currency;
     IF p_type = 'charge.dispute.created' THEN  -- reported whether or not it moved the payment
-        RETURN QUERY SELECT 'disputed', pay.reservation_id, pay.amount, pay.currency;
+        outcome := 'disputed';
         RETURN;
     END IF;
     IF NOT pay.moved THEN
-        RETURN QUERY SELECT 'stale', pay.reservation_id, pay.amount, pay.currency;
+        outcome := 'stale';
         RETURN;
     END IF;
 
@@ -239,7 +250,7 @@ BEGIN
                               IN ('returned', 'released')
                      THEN 'tickets_returned' ELSE 'recorded' END;
     END IF;
-    RETURN QUERY SELECT done, pay.reservation_id, pay.amount, pay.currency;
+    outcome := done;
 END $$;
 
 
