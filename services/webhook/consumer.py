@@ -79,11 +79,12 @@ class Processor:
     def delay(self, attempts: int) -> float:
         return self.retry_delays[min(attempts, len(self.retry_delays)) - 1] if self.retry_delays else 0
 
-    async def process(self, event: StripeEvent, raw: str) -> Outcome:
-        """Apply ``event`` once; raises (after rolling back) if it could not be applied."""
+    async def process(self, event: StripeEvent, raw: str,
+                      conn: asyncpg.Connection | None = None) -> Outcome:
+        """Apply ``event`` once (on ``conn``, else a pooled connection); raises if not applied."""
         for attempt in range(3):
             try:
-                outcome = await effects.apply(self.pool, event, raw, self.refunds)
+                outcome = await effects.apply(conn or self.pool, event, raw, self.refunds)
                 break
             except TRANSIENT:
                 if attempt == 2:
@@ -95,10 +96,13 @@ class Processor:
             log.log(report.level, report.message, extra={"context": report.context})
         return outcome
 
-    async def fail(self, event: StripeEvent, raw: str, exc: BaseException) -> tuple[int, str] | None:
+    async def fail(self, event: StripeEvent, raw: str, exc: BaseException,
+                   conn: asyncpg.Connection | None = None) -> tuple[int, str] | None:
         """Count a failed attempt (see ``eventlog.record_failure``); report a final failure."""
         FAILED_ATTEMPTS.inc()
-        async with self.pool.acquire() as conn:
+        async with contextlib.AsyncExitStack() as stack:
+            if conn is None:
+                conn = await stack.enter_async_context(self.pool.acquire())
             result = await eventlog.record_failure(conn, event, raw, describe(exc),
                                                    self.max_attempts,
                                                    final=isinstance(exc, PERMANENT))
@@ -127,87 +131,107 @@ async def _settle(msg: Msg, how: str, delay: float | None = None) -> None:
 class Consumer:
     """The JetStream handler: messages applied concurrently, each acked after its commit.
 
-    A batch is not waited for to its end: once fewer than ``backlog`` messages are left to
-    apply, the next batch is fetched, so the database always has ``concurrency`` events in work.
+    ``concurrency`` workers, each on a connection of its own (no pool round per event), take
+    messages from a queue. A batch is not waited for to its end: once fewer than ``backlog``
+    messages are left, the next batch is fetched, so the database always has work in hand.
     """
 
     def __init__(self, processor: Processor, *, concurrency: int = 16, backlog: int = 256):
         self.processor = processor
+        self.concurrency = concurrency
         self.backlog = backlog
-        self._slots = asyncio.Semaphore(concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[tuple[Msg, StripeEvent, str]] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._pending = 0  # queued or being applied
         self._room = asyncio.Event()
         self._inflight: dict[int, tuple[Msg, float]] = {}  # by id(): Msg is unhashable
         self._db_down = False
 
     async def __call__(self, msgs: list[Msg]) -> None:
+        if not self._workers:
+            self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
         for msg in msgs:
-            task = asyncio.create_task(self._one(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
-        while len(self._tasks) > self.backlog:
+            try:
+                event = wire.decode(msg.data, StripeEvent)
+                raw = msg.data.decode()
+            except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+                # ingress checks every event before publishing: this did not come from Stripe
+                log.error("message on %s is not a Stripe event: dropped", msg.subject)
+                await _settle(msg, "term")
+                continue
+            self._inflight[id(msg)] = (msg, time.monotonic())
+            self._pending += 1
+            self._queue.put_nowait((msg, event, raw))
+        while self._pending > self.backlog:
             self._room.clear()
             await self._room.wait()
         if self._db_down:
             await self._wait_for_database()
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if len(self._tasks) <= self.backlog:
-            self._room.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("applying a stripe event crashed", exc_info=task.exception())
+    async def _work(self) -> None:
+        conn: asyncpg.Connection | None = None
+        try:
+            while True:
+                msg, event, raw = await self._queue.get()
+                try:
+                    if self._db_down:
+                        await _settle(msg, "nak", DB_RETRY_DELAY)
+                        continue
+                    if conn is None:
+                        conn = await self.processor.pool.acquire()
+                    if not await self._apply(msg, event, raw, conn):
+                        await self.processor.pool.release(conn)  # broken: take a fresh one
+                        conn = None
+                except DB_DOWN:
+                    self._database_lost(msg)
+                    await _settle(msg, "nak", DB_RETRY_DELAY)
+                except Exception:  # noqa: BLE001 - a worker never dies; the message comes back
+                    log.exception("applying stripe event %s crashed", event.id)
+                    await _settle(msg, "nak", DB_RETRY_DELAY)
+                finally:
+                    self._inflight.pop(id(msg), None)
+                    self._pending -= 1
+                    if self._pending <= self.backlog:
+                        self._room.set()
+                    self._queue.task_done()
+        finally:
+            if conn is not None:
+                await self.processor.pool.release(conn)
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Finish what was fetched (on shutdown, once fetching has stopped)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        """Finish what was fetched (on shutdown, once fetching has stopped), then stop."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
 
-    async def _one(self, msg: Msg) -> None:
+    async def _apply(self, msg: Msg, event: StripeEvent, raw: str,
+                     conn: asyncpg.Connection) -> bool:
+        """Apply, then ack / nak / term; False if the connection turned out to be broken."""
         try:
-            event = wire.decode(msg.data, StripeEvent)
-            raw = msg.data.decode()
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
-            # ingress checks every event before publishing, so this did not come from Stripe
-            log.error("message on %s is not a Stripe event: dropped", msg.subject)
-            await _settle(msg, "term")
-            return
-        self._inflight[id(msg)] = (msg, time.monotonic())
-        try:
-            async with self._slots:
-                if self._db_down:
-                    await _settle(msg, "nak", DB_RETRY_DELAY)
-                    return
-                await self._apply(msg, event, raw)
-        finally:
-            self._inflight.pop(id(msg), None)
-
-    async def _apply(self, msg: Msg, event: StripeEvent, raw: str) -> None:
-        try:
-            await self.processor.process(event, raw)
+            await self.processor.process(event, raw, conn)
         except DB_DOWN:
             self._database_lost(msg)
             await _settle(msg, "nak", DB_RETRY_DELAY)
-            return
+            return False
         except Exception as exc:  # noqa: BLE001 - any failure of the event is counted and retried
             try:
-                result = await self.processor.fail(event, raw, exc)
+                result = await self.processor.fail(event, raw, exc, conn)
             except DB_DOWN:
                 self._database_lost(msg)
                 await _settle(msg, "nak", DB_RETRY_DELAY)
-                return
-            except Exception:  # noqa: BLE001 - not even recorded: try again after a while
-                log.exception("could not record the failure of stripe event %s", event.id)
-                await _settle(msg, "nak", DB_RETRY_DELAY)
-                return
+                return False
             if result is None:  # applied meanwhile (a concurrent delivery)
                 await _settle(msg, "ack")
             elif result[1] == "failed":
                 await _settle(msg, "term")
             else:
                 await _settle(msg, "nak", self.processor.delay(result[0]))
-            return
+            return not conn.is_closed()
         await _settle(msg, "ack")
+        return True
 
     def _database_lost(self, msg: Msg) -> None:
         DB_WAITS.inc()
