@@ -93,7 +93,7 @@ class Processor:
         if self.relay_wake is not None and outcome.name not in QUIET_OUTCOMES:
             self.relay_wake.set()
         for report in outcome.reports:  # committed: now it may be told
-            log.log(report.level, report.message, extra={"context": report.context})
+            log.log(report.level, report.message, extra=report.context)
         return outcome
 
     async def fail(self, event: StripeEvent, raw: str, exc: BaseException,
@@ -109,8 +109,8 @@ class Processor:
         if result is not None and result[1] == "failed":
             log.error("stripe event %s (%s) failed after %d attempts: %s", event.id, event.type,
                       result[0], describe(exc),
-                      extra={"context": {"event_id": event.id, "event_type": event.type,
-                                         "attempts": result[0]}})
+                      extra={"event_id": event.id, "event_type": event.type,
+                             "attempts": result[0]})
         else:
             log.warning("stripe event %s (%s) failed, will retry: %s", event.id, event.type,
                         describe(exc))
