@@ -4,6 +4,9 @@ The ticket accounting itself is in SQL (``hold_tickets``, ``release_reservation`
 takes its tickets from one inventory bucket row under a row lock, and a CHECK constraint on
 every bucket (``held + sold <= capacity``) makes overselling impossible even for a buggy caller.
 
+Holds normally arrive through ``hold_batch`` (concurrent holds of one event share a
+transaction); ``hold`` here is the full path, for a hold the batch's fast path could not serve.
+
 A hold sent with an ``Idempotency-Key`` is taken at most once per client and key: the key is
 locked for the transaction (``pg_try_advisory_xact_lock``; a concurrent duplicate gets
 ``idempotency_key_in_use``), the reservation row keeps the request's fingerprint and the exact
