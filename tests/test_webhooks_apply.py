@@ -12,7 +12,8 @@ import asyncpg
 
 from boxoffice import bus as busmod
 from tests.test_webhooks_support import (charge, deliver, event, hold, inventory, log_status,
-                                         new_event, new_pi, payment_intent, wait_for)
+                                         new_event, new_pi, paid_intent, payment_intent,
+                                         stripe_client, wait_for)
 
 
 async def drained(nats_url: str) -> None:
@@ -146,11 +147,9 @@ async def _done(db: asyncpg.Pool, event_id: str) -> bool:
 async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, localstripe,
                                               nats_url: str) -> None:
     """Tickets left: the late payment still buys them. None left: the buyer gets a refund."""
-    import stripe
-
     webhook = start_service("webhook", STRIPE_API_BASE=localstripe.url)
     ingress = start_service("ingress")
-    sc = stripe.StripeClient("sk_test_boxoffice_tests", base_addresses={"api": localstripe.url})
+    sc = stripe_client(localstripe)
 
     roomy = await new_event(db, capacity=10)
     late = await hold(db, roomy, 2, ttl=1)
@@ -160,14 +159,8 @@ async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, l
     assert await db.fetchval("SELECT cleanup_expired_reservations()") >= 2
     taker = await hold(db, full, 2)  # someone else takes the released tickets
 
-    paid = sc.v1.payment_intents.create(params={
-        "amount": 5000, "currency": "eur", "metadata": {"reservation_id": str(gone)}})
-    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    sc.v1.payment_intents.update(paid.id, params={"payment_method": pm.id})
-    assert sc.v1.payment_intents.confirm(paid.id).status == "succeeded"
-    oversold = event("payment_intent.succeeded",
-                     sc.v1.payment_intents.retrieve(paid.id).to_dict())
+    paid = paid_intent(sc, gone)
+    oversold = event("payment_intent.succeeded", paid)
     fine = event("payment_intent.succeeded", payment_intent(new_pi(), late))
     async with aiohttp.ClientSession() as s:
         for body in (fine, oversold):
@@ -181,12 +174,40 @@ async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, l
 
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", late) == "completed"
     assert await inventory(db, roomy) == (0, 2)
-    pay = await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", paid.id)
+    pay = await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", paid["id"])
     assert (pay["status"], pay["refund_reason"]) == ("refunded", "oversold")
-    refunds = sc.v1.refunds.list(params={"payment_intent": paid.id}).data
+    refunds = sc.v1.refunds.list(params={"payment_intent": paid["id"]}).data
     assert [r.id for r in refunds] == [pay["refund_id"]] and refunds[0].amount == 5000
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", gone) == "expired"
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", taker) == "active"
     assert await inventory(db, full) == (2, 0)  # nothing sold twice
     assert "tickets were sold: refunded" in webhook.logs()
     assert uuid.UUID(str(pay["reservation_id"])) == gone
+
+
+async def test_second_payment_for_one_hold_is_refunded(db: asyncpg.Pool, start_service,
+                                                       localstripe) -> None:
+    """Two PaymentIntents for one hold, both paid: the first buys the tickets, the second is
+    given back (the buyer never pays twice), and nothing is sold twice."""
+    webhook = start_service("webhook", STRIPE_API_BASE=localstripe.url)
+    ingress = start_service("ingress")
+    sc = stripe_client(localstripe)
+    ev = await new_event(db, capacity=4)
+    res = await hold(db, ev, 2)
+    first, second = paid_intent(sc, res), paid_intent(sc, res)
+    async with aiohttp.ClientSession() as s:
+        for pi in (first, second):
+            body = event("payment_intent.succeeded", pi)
+            await deliver(s, ingress.url, body)
+            await wait_for(lambda: _done(db, json.loads(body)["id"]), what="the payment")
+    r = await db.fetchrow("SELECT status, payment_intent_id FROM reservations WHERE id = $1", res)
+    assert (r["status"], r["payment_intent_id"]) == ("completed", first["id"])
+    assert await inventory(db, ev) == (0, 2)
+    rows = {p["payment_intent_id"]: p for p in await db.fetch("SELECT * FROM payments")}
+    assert rows[first["id"]]["status"] == "succeeded"
+    assert (rows[second["id"]]["status"], rows[second["id"]]["refund_reason"]) == (
+        "refunded", "duplicate_payment")
+    assert sc.v1.refunds.list(params={"payment_intent": first["id"]}).data == []
+    assert [r.id for r in sc.v1.refunds.list(params={"payment_intent": second["id"]}).data] == [
+        rows[second["id"]]["refund_id"]]
+    assert "second payment for an already completed reservation" in webhook.logs()

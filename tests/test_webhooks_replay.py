@@ -11,11 +11,11 @@ import sys
 
 import aiohttp
 import asyncpg
-import stripe
 
 from boxoffice.embedded import free_port
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY
-from tests.test_webhooks_support import deliver, event, hold, inventory, new_event, wait_for
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
+from tests.test_webhooks_support import (deliver, event, hold, inventory, new_event, paid_intent,
+                                         stripe_client, wait_for)
 
 
 def cli(ingress_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -36,14 +36,10 @@ async def test_failed_event_is_kept_reported_and_replayable(
     await asyncio.sleep(1.1)
     await db.fetchval("SELECT cleanup_expired_reservations()")
     await hold(db, full, 2)
-    sc = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": localstripe.url})
-    pi = sc.v1.payment_intents.create(params={"amount": 5000, "currency": "eur",
-                                              "metadata": {"reservation_id": str(gone)}})
-    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    sc.v1.payment_intents.update(pi.id, params={"payment_method": pm.id})
-    sc.v1.payment_intents.confirm(pi.id)
-    body = event("payment_intent.succeeded", sc.v1.payment_intents.retrieve(pi.id).to_dict())
+    sc = stripe_client(localstripe)
+    paid = paid_intent(sc, gone)
+    pi_id = paid["id"]
+    body = event("payment_intent.succeeded", paid)
     event_id = json.loads(body)["id"]
 
     async with aiohttp.ClientSession() as s:
@@ -57,7 +53,7 @@ async def test_failed_event_is_kept_reported_and_replayable(
         assert "APIConnectionError" in row["last_error"]
         # nothing of the failed attempts stayed: no payment recorded, no refund made
         assert await db.fetchval("SELECT count(*) FROM payments") == 0
-        assert sc.v1.refunds.list(params={"payment_intent": pi.id}).data == []
+        assert sc.v1.refunds.list(params={"payment_intent": pi_id}).data == []
         assert await inventory(db, full) == (2, 0)
         await wait_for(lambda: asyncio.to_thread(lambda: "failed after 3 attempts" in broken.logs()),
                        what="the final failure to be reported")
@@ -95,9 +91,9 @@ async def test_failed_event_is_kept_reported_and_replayable(
     result = json.loads(out.stdout)
     assert result["outcome"] == "refunded_oversold"
     assert result["event"]["processing_status"] == "processed"
-    pay = await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", pi.id)
+    pay = await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", pi_id)
     assert (pay["status"], pay["refund_reason"]) == ("refunded", "oversold")
-    assert [r.id for r in sc.v1.refunds.list(params={"payment_intent": pi.id}).data] == [pay["refund_id"]]
+    assert [r.id for r in sc.v1.refunds.list(params={"payment_intent": pi_id}).data] == [pay["refund_id"]]
     # a second replay is refused: its effects are applied
     out = await asyncio.to_thread(cli, ingress.url, "replay", event_id)
     assert out.returncode == 1 and "webhook_event_already_processed" in out.stderr

@@ -14,8 +14,9 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import stripe
 
-from tests.harness import WEBHOOK_SECRET
+from tests.harness import STRIPE_KEY, WEBHOOK_SECRET
 
 
 def sign(body: bytes, secret: str = WEBHOOK_SECRET, t: int | None = None) -> str:
@@ -105,3 +106,18 @@ async def deliver(session: aiohttp.ClientSession, url: str, body: bytes) -> dict
 async def log_status(db: asyncpg.Pool, event_id: str) -> str | None:
     return await db.fetchval("SELECT processing_status FROM webhook_events_log WHERE event_id = $1",
                              event_id)
+
+
+def stripe_client(localstripe: Any) -> stripe.StripeClient:
+    return stripe.StripeClient(STRIPE_KEY, base_addresses={"api": localstripe.url})
+
+
+def paid_intent(sc: stripe.StripeClient, reservation_id: Any, amount: int = 5000) -> dict[str, Any]:
+    """A PaymentIntent paid by card at Stripe (localstripe), as its webhook event carries it."""
+    pi = sc.v1.payment_intents.create(params={
+        "amount": amount, "currency": "eur", "metadata": {"reservation_id": str(reservation_id)}})
+    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
+        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
+    sc.v1.payment_intents.update(pi.id, params={"payment_method": pm.id})
+    assert sc.v1.payment_intents.confirm(pi.id).status == "succeeded"
+    return sc.v1.payment_intents.retrieve(pi.id).to_dict()
