@@ -172,7 +172,7 @@ class Expirer:
             self.deadline = math.inf  # nudges arriving during the sweep bring it back
             try:
                 due_in = await self.sweep(stopping)
-            except FAILURES as exc:
+            except Exception as exc:  # noqa: BLE001 - nothing stops the timer; retried, recorded
                 self._failed(exc)
                 self.backoff = min(max(self.backoff * 2, 0.25), self.settings.max_backoff)
                 self.deadline = min(self.deadline, loop.time() + self.backoff)
@@ -228,7 +228,10 @@ class Expirer:
         ERRORS.labels("expiry").inc()
         at = runs.utcnow()
         if self.log.failed(at, at, exc):
-            log.error("expiry failed, retrying: %s", runs.describe(exc))
+            if isinstance(exc, FAILURES):
+                log.error("expiry failed, retrying: %s", runs.describe(exc))
+            else:  # a bug, not an outage: keep the stack
+                log.exception("expiry failed, retrying: %s", runs.describe(exc))
 
 
 async def _wait(wake: asyncio.Event, stopping: asyncio.Event, timeout: float) -> None:
