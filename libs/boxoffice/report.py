@@ -111,6 +111,7 @@ class Reporter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._dropped_told = 0
 
     # -- filing --------------------------------------------------------------------------
@@ -223,15 +224,19 @@ class Reporter:
         """Start publishing from the running loop, and report what the loop could not."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._closing = False
         self._loop.set_exception_handler(self._loop_exception)
         self._task = asyncio.create_task(self._run(), name="error-reporter")
 
     async def _run(self) -> None:
         assert self._wake is not None
         delay = 0.25
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+        while not self._closing:
+            try:
+                async with asyncio.timeout(delay):  # (wait_for may swallow a cancellation)
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
             self._wake.clear()
             self._release_folds()
             bus = self._bus
@@ -267,7 +272,13 @@ class Reporter:
                 chunk = [self._queue.popleft() for _ in range(min(256, len(self._queue)))]
             if not chunk:
                 return True
-            results = await asyncio.gather(*(self._publish(bus, r) for r in chunk))
+            try:
+                results = await asyncio.gather(*(self._publish(bus, r) for r in chunk))
+            except asyncio.CancelledError:  # stopped mid-way: keep them (ids make a resend harmless)
+                with self._lock:
+                    for r in chunk:
+                        self._to_spool(r)
+                raise
             failed = [r for r, ok in zip(chunk, results) if not ok]
             if failed:
                 with self._lock:
@@ -311,10 +322,13 @@ class Reporter:
     async def close(self) -> None:
         """Stop publishing; what is still queued goes to the spool for the next start."""
         self._release_folds(everything=True)
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            self._poke()
+            done, _ = await asyncio.wait({self._task}, timeout=2)
+            if not done:  # stuck in a publish: stop it
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=2)
             self._task = None
         self.spill()
         self._loop = self._wake = None

@@ -15,7 +15,6 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import IO
 
 
 def default_dir() -> Path:
@@ -46,7 +45,6 @@ class Spool:
         self.dropped = 0
         self._seq = itertools.count()
         self._active: Path | None = None
-        self._fh: IO[bytes] | None = None
         self._size = 0
 
     def _name(self, pid: int | None = None) -> Path:
@@ -58,13 +56,13 @@ class Spool:
             self.dropped += 1
             return False
         try:
-            if self._fh is None:
+            if self._active is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._active = self._name()
-                self._fh = open(self._active, "ab")
                 self._size = 0
-            self._fh.write(line + b"\n")
-            self._fh.flush()
+            # opened for each line: nothing is left open, and a crash loses at most this line
+            with open(self._active, "ab") as fh:
+                fh.write(line + b"\n")
         except OSError:
             self.dropped += 1
             return False
@@ -72,16 +70,12 @@ class Spool:
         return True
 
     def seal(self) -> None:
-        """Close the active file; the next write starts a new one."""
-        if self._fh is not None:
-            with contextlib.suppress(OSError):
-                self._fh.close()
-        self._fh = None
+        """Finish the active file; the next write starts a new one."""
         self._active = None
         self._size = 0
 
     def pending(self) -> bool:
-        return self._fh is not None or any(self._claimable())
+        return self._active is not None or any(self._claimable())
 
     def _claimable(self) -> list[Path]:
         if not self.dir.is_dir():

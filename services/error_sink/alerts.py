@@ -106,8 +106,11 @@ async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: async
             if n:
                 continue
             wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), 1.0)
+            try:
+                async with asyncio.timeout(1.0):  # (wait_for may swallow a cancellation)
+                    await wake.wait()
+            except TimeoutError:
+                pass
 
 
 @contextlib.asynccontextmanager
@@ -121,9 +124,7 @@ async def relay(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None
     finally:
         stopping.set()
         wake.set()
-        try:
-            await asyncio.wait_for(task, 10)
-        except asyncio.TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=5)

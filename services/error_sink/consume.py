@@ -113,11 +113,10 @@ async def lanes(bus: Bus, pool: asyncpg.Pool, stream: str, durable: str,
         yield
     finally:
         stopping.set()
-        done, pending = await asyncio.wait(tasks, timeout=30)
+        _, pending = await asyncio.wait(tasks, timeout=30)
         for task in pending:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if pending:
+            await asyncio.wait(pending, timeout=5)
         for p in pullers:
             await p.close()

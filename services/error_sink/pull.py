@@ -61,8 +61,9 @@ class Puller:
             if timeout <= 0:
                 break
             try:
-                msg = await asyncio.wait_for(queue.get(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # (wait_for may swallow a cancellation)
+                    msg = await queue.get()
+            except TimeoutError:
                 break
             status = msg.headers.get("Status") if msg.headers else None
             if status is None:
