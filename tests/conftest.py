@@ -9,6 +9,8 @@ starts once per session for the tests that need Stripe.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -37,11 +39,15 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield _with_db(given, "postgres")
         return
-    server = Postgres(tmp_path_factory.mktemp("pg") / "data").start(create_db=None)
+    # Not under pytest's basetemp: pytest prunes old numbered basetemps when another session
+    # starts, which would pull the data directory from under a long run.
+    root = Path(tempfile.mkdtemp(prefix="boxoffice-test-pg-"))
+    server = Postgres(root / "data").start(create_db=None)
     try:
         yield server.url("postgres")
     finally:
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
