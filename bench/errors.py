@@ -84,7 +84,7 @@ async def create_db(admin_url: str, name: str) -> str:
 async def plain_copy(url: str, bodies: list[dict]) -> float:
     now = datetime.now(timezone.utc)
     rows = [prepare(SimpleNamespace(subject=f"errors.{b['service']}.{b['level']}",  # type: ignore[arg-type]
-                                    data=json.dumps(b).encode(), headers=None), now).record()
+                                    data=json.dumps(b).encode(), headers=None), now).record
             for b in bodies]  # conversion is not timed: the baseline is the COPY alone
     conn = await asyncpg.connect(url)
     try:
@@ -100,11 +100,14 @@ async def plain_copy(url: str, bodies: list[dict]) -> float:
     return len(rows) / elapsed
 
 
-async def sink_rate(env: dict[str, str], url: str, n: int, logdir: Path) -> tuple[float, int, int]:
-    proc = ServiceProcess("error_sink", dict(env, DATABASE_URL=url), logdir / "error_sink.log")
+async def sink_rate(env: dict[str, str], url: str, n: int, logdir: Path, replicas: int = 1
+                    ) -> tuple[float, int, int]:
+    procs = [ServiceProcess("error_sink", dict(env, DATABASE_URL=url), logdir / f"error_sink{i}.log")
+             for i in range(replicas)]
     conn = await asyncpg.connect(url)
     try:
-        proc.start(wait=False)
+        for proc in procs:
+            proc.start(wait=False)
         t0 = c0 = None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -122,7 +125,8 @@ async def sink_rate(env: dict[str, str], url: str, n: int, logdir: Path) -> tupl
         return rate, distinct, groups
     finally:
         await conn.close()
-        proc.stop()
+        for proc in procs:
+            proc.stop()
 
 
 async def http_rate(url: str, seconds: float, bodies: list[dict], concurrency: int = 64
@@ -166,11 +170,12 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reports", type=int, default=150_000)
     ap.add_argument("--http-seconds", type=float, default=8.0)
+    ap.add_argument("--replicas", type=int, default=1, help="error-sink processes")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-errors-"))
     pg = Postgres(tmp / "pg" / "data").start(create_db=None)
     nats_srv = NatsServer(tmp / "nats", sync_always=False).start()
-    out: dict[str, object] = {"reports": args.reports}
+    out: dict[str, object] = {"reports": args.reports, "sink_replicas": args.replicas}
     try:
         admin = pg.url("postgres")
         sink_db = await create_db(admin, "sink")
@@ -181,7 +186,7 @@ async def main() -> None:
         out["bus_publish_per_s"] = round(args.reports / (time.perf_counter() - started))
         out["plain_copy_per_s"] = round(await plain_copy(copy_db, bodies))
         env = base_env(nats_srv.url, sink_db)
-        rate, distinct, groups = await sink_rate(env, sink_db, args.reports, tmp)
+        rate, distinct, groups = await sink_rate(env, sink_db, args.reports, tmp, args.replicas)
         out.update(sink_persisted_per_s=round(rate), sink_stored_distinct=distinct,
                    sink_lost=args.reports - distinct, sink_groups=groups,
                    sink_vs_copy=round(rate / out["plain_copy_per_s"], 3))  # type: ignore[operator]

@@ -28,7 +28,7 @@ _SECRET_KEYS = frozenset({"auth", "pwd", "pass", "pin", "dsn", "databaseurl"})
 
 # Patterns run on the lowercased text (case-sensitive regexes are much faster than (?i) ones);
 # group "v" is the part replaced by [Filtered]. Each runs only when its literal hint is present.
-_KV = re.compile(r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|authorization|"
+_KV = re.compile(r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth|"
                  r"credentials?|private[_-]?key|cookie|session)[\w-]*[\"']?\s*[:=]\s*[\"']?"
                  r"(?!\[filtered\]|bearer\s|basic\s)(?P<v>[^\s\"'&,;}\]]+)")
 _KV_HINTS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "cookie", "session")
@@ -36,9 +36,8 @@ _BEARER = re.compile(r"\b(?:bearer|basic)\s+(?P<v>[a-z0-9\-._~+/]{6,}=*)")
 _STRIPE = re.compile(r"(?P<v>\b(?:sk|rk)_(?:live|test)_[a-z0-9_]{6,}|\bwhsec_[a-z0-9_]{6,})")
 _URL_PW = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:(?P<v>[^\s@/]+)@")
 _CARD = re.compile(r"(?<![\d.])\d(?:[ -]?\d){12,18}(?![\d.])")
-_CARD_HINT = re.compile(r"\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d")
-_ANY_HINT = re.compile(r"bearer|basic|pass|pwd|secret|token|key|auth|credential|cookie|session|"
-                       r"k_live_|k_test_|whsec_|://|" + _CARD_HINT.pattern)
+_HINT = re.compile(r"bearer|basic|pass|pwd|secret|token|key|auth|credential|cookie|session|"
+                   r"k_live_|k_test_|whsec_|://")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -62,7 +61,11 @@ def secret_key(key: str) -> bool:
 
 def _spans(low: str) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
-    if len(low) < 5 or not _ANY_HINT.search(low):  # one scan decides for most strings
+    if len(low) < 5:
+        return spans
+    if len(low) >= 13:
+        spans += [m.span() for m in _CARD.finditer(low) if _is_card(m.group(0))]
+    if not _HINT.search(low):  # one scan decides for most strings
         return spans
     if "bearer" in low or "basic" in low:
         spans += [m.span("v") for m in _BEARER.finditer(low)]
@@ -72,8 +75,6 @@ def _spans(low: str) -> list[tuple[int, int]]:
         spans += [m.span("v") for m in _STRIPE.finditer(low)]
     if "://" in low and "@" in low:
         spans += [m.span("v") for m in _URL_PW.finditer(low)]
-    if len(low) >= 13 and _CARD_HINT.search(low):
-        spans += [m.span() for m in _CARD.finditer(low) if _is_card(m.group(0))]
     return spans
 
 
@@ -104,7 +105,10 @@ _cached = functools.lru_cache(maxsize=2048)(_scrub_text)
 
 def text(value: str) -> str:
     """Scrub one string (stacktraces and messages repeat: small ones are cached)."""
-    if 256 <= len(value) <= 16384:  # short strings are cheaper to scrub than to look up
+    n = len(value)
+    if n < 13:  # too short for a card number: only a keyword can make it secret
+        return _scrub_text(value) if n >= 5 and _HINT.search(value.lower()) else value
+    if 256 <= n <= 16384:  # short strings are cheaper to scrub than to look up
         return _cached(value)
     return _scrub_text(value)
 

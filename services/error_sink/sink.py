@@ -61,7 +61,10 @@ class _Report(msgspec.Struct):
 _decoder = msgspec.json.Decoder(_Report, strict=False)
 
 
-class Row(msgspec.Struct, array_like=True):
+class Row(msgspec.Struct):
+    """One report, ready to store: ``record`` is what COPY writes (``COLUMNS``, in order)."""
+
+    record: tuple[Any, ...]
     id: str
     timestamp: datetime
     service: str
@@ -80,9 +83,6 @@ class Row(msgspec.Struct, array_like=True):
     # not copied: what the group needs
     fingerprint_hash: str
     group_fingerprint: tuple[str, ...]
-
-    def record(self) -> tuple[Any, ...]:
-        return msgspec.structs.astuple(self)[:15]
 
 
 COLUMNS = ("id", "timestamp", "service", "function_name", "severity", "error_message",
@@ -171,6 +171,7 @@ def prepare(msg: Msg, now: datetime) -> Row:
     own = [_str(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None
     fp = grouping.fingerprint(error_type, stacktrace, message, own)
     fhash, gid = grouping.group_key(service, fp)
-    return Row(_report_id(r, msg), ts, service, function_name, level, message, error_type,
-               stacktrace, ctx, own, _str(r.environment, 64), _str(r.release, 128),
-               _str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid, fhash, fp)
+    record = (_report_id(r, msg), ts, service, function_name, level, message, error_type,
+              stacktrace, ctx, own, _str(r.environment, 64), _str(r.release, 128),
+              _str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid)
+    return Row(record, *record, fhash, fp)

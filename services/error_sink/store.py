@@ -170,7 +170,7 @@ async def _insert(conn: asyncpg.Connection, rows: list[Row]) -> list[Any]:
     """COPY straight into error_logs (the common case: every report is new); when one is
     already there (a redelivery), roll that back and go through the staging table, whose
     ``ON CONFLICT DO NOTHING`` skips the known ids."""
-    records = [r.record() for r in rows]
+    records = [r.record for r in rows]
     if len({r.id for r in rows}) == len(rows):
         try:
             async with conn.transaction():  # a savepoint

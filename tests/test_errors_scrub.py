@@ -1,0 +1,120 @@
+"""Scrubbing, grouping and envelope parsing as plain functions (no servers)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from boxoffice import scrub
+from boxoffice.error_sink import grouping
+from boxoffice.ingress import envelope
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("card 4242 4242 4242 4242 declined", "4242 4242 4242 4242"),
+    ("card 4111-1111-1111-1111", "4111-1111-1111-1111"),
+    ("pan=378282246310005 (amex)", "378282246310005"),
+    ("Authorization: Bearer eyJhbGciOi.J9.sig-_x", "eyJhbGciOi.J9.sig-_x"),
+    ("authorization=Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+    ('{"password": "hunter2", "user": "bob"}', "hunter2"),
+    ("retry?api_key=abc123def&x=1", "abc123def"),
+    ("client_secret: s3cr3t-value", "s3cr3t-value"),
+    ("Cookie: session=abcdef0123", "abcdef0123"),
+    ("using sk_live_51Habcdefghij and whsec_abcdefgh", "sk_live_51Habcdefghij"),
+    ("connect postgres://app:pa55word@db:5432/x failed", "pa55word"),
+])
+def test_secrets_in_text_are_filtered(text: str, secret: str) -> None:
+    out = scrub.text(text)
+    assert secret not in out and scrub.FILTERED in out
+
+
+@pytest.mark.parametrize("text", [
+    "order 12345678901234567890 failed",  # too long for a card
+    "card 4242 4242 4242 4241 declined",  # fails the Luhn check
+    "idempotency_key=abc-123 reused",  # names a key, is not a secret
+    "timeout after 1234567 ms", "user bob@example.com not found",
+])
+def test_what_is_not_secret_is_kept(text: str) -> None:
+    assert scrub.text(text) == text
+
+
+def test_values_under_secret_keys_are_filtered_whatever_their_type() -> None:
+    ctx = {"password": 1234, "nested": {"Authorization": "x", "X-Api-Key": ["a", "b"],
+                                        "order": 7, "note": "card 4111111111111111"},
+           "items": [{"cvc": "123"}, "sk_test_abcdefgh123"], "empty_token": None}
+    out = scrub.clean(ctx)
+    assert out == {"password": "[Filtered]",
+                   "nested": {"Authorization": "[Filtered]", "X-Api-Key": "[Filtered]", "order": 7,
+                              "note": "card [Filtered]"},
+                   "items": [{"cvc": "[Filtered]"}, "[Filtered]"], "empty_token": None}
+    assert scrub.value(ctx) == out
+
+
+def test_big_values_are_cut_with_a_marker() -> None:
+    assert scrub.truncate("x" * 100, 40).endswith("...[truncated 60 chars]")
+    assert len(scrub.truncate("x" * 100, 40)) == 40
+    out = scrub.clean({"s": "y" * 10_000, "l": list(range(500)), "d": {str(i): i for i in range(500)}},
+                      max_string=100, max_items=10)
+    assert len(out["s"]) == 100 and "[truncated" in out["s"]
+    assert out["l"][-1] == "[truncated: 490 more items]" and out["d"]["_truncated"] == "490 more keys"
+    deep: dict = {}
+    node = deep
+    for _ in range(20):
+        node["n"] = {}
+        node = node["n"]
+    assert "nested too deep" in json.dumps(scrub.clean(deep))
+
+
+def trace(path: str, line: int, func: str = "hold") -> str:
+    return ("Traceback (most recent call last):\n"
+            f'  File "{path}", line {line}, in {func}\n'
+            '  File "/usr/lib/python3.11/asyncio/tasks.py", line 3, in wait_for\n'
+            '  File "/app/.venv/lib/python3.11/site-packages/asyncpg/pool.py", line 9, in acquire\n'
+            "TimeoutError: x")
+
+
+def test_fingerprints() -> None:
+    # type and in-app frames: line numbers and install roots do not matter
+    a = grouping.fingerprint("TimeoutError", trace("/app/services/payment/handlers.py", 10), "a 1", None)
+    b = grouping.fingerprint("TimeoutError", trace("/srv/x/services/payment/handlers.py", 99), "b 2", None)
+    assert a == b == ("TimeoutError", "payment/handlers.py:hold")
+    assert grouping.fingerprint("TimeoutError", trace("/app/services/payment/handlers.py", 10, "cancel"),
+                                "a", None) != a
+    # no in-app frame: type and message without numbers or ids
+    only_libs = trace("/app/.venv/lib/python3.11/site-packages/x.py", 1)
+    m1 = grouping.fingerprint("KeyError", only_libs, f"no hold {uuid.uuid4()} after 12 tries", None)
+    m2 = grouping.fingerprint("KeyError", only_libs, f"no hold {uuid.uuid4()} after 3 tries", None)
+    assert m1 == m2 == ("KeyError", "no hold <id> after <n> tries")
+    assert grouping.fingerprint(None, None, "pi_3NxYz12345678 failed for bob@x.io", None) == \
+        ("<id> failed for <id>",)
+    # the report's own wins; {{ default }} expands
+    assert grouping.fingerprint("E", None, "m", ["checkout", "stripe"]) == ("checkout", "stripe")
+    assert grouping.fingerprint("E", None, "m 1", ["x", "{{ default }}"]) == ("x", "E", "m <n>")
+    # JavaScript stacks (innermost first) work too
+    js = ("TypeError: x\n    at addToCart (https://shop.example/static/cart.js:88:3)\n"
+          "    at https://shop.example/node_modules/react/index.js:1:2")
+    assert grouping.fingerprint("TypeError", js, "x", None) == ("TypeError", "static/cart.js:addToCart")
+    # a group is per service, and named the same by every replica
+    assert grouping.group_key("payment", a) == grouping.group_key("payment", a)
+    assert grouping.group_key("payment", a) != grouping.group_key("webhook", a)
+
+
+def test_envelope_parsing() -> None:
+    event = {"event_id": "9ec79c33ec9942ab8353589fcb2e04dc", "level": "warning", "message": "hi"}
+    payload = json.dumps(event).encode()
+    body = (b'{"event_id": "9ec79c33ec9942ab8353589fcb2e04dc"}\n'
+            + json.dumps({"type": "event", "length": len(payload)}).encode() + b"\n" + payload + b"\n"
+            + b'{"type": "attachment", "length": 5}\nab\ncd\n'
+            + b'{"type": "session"}\n{"sid": "s"}')
+    header, items = envelope.parse(body)
+    assert header["event_id"] == event["event_id"]
+    assert [k for k, _ in items] == ["event", "attachment", "session"]
+    assert items[1][1] == b"ab\ncd"
+    report = envelope.to_report(json.loads(items[0][1]), project_id="5", fallback_id=None)
+    assert report.id == str(uuid.UUID(event["event_id"])) and report.level == "warning"
+    assert report.message == "hi" and report.service == "sentry-other"
+    for bad in (b"", b"[]\n", b'{}\n{"type": 3}\n{}', b'{}\n{"type": "event", "length": -1}\n'):
+        with pytest.raises(envelope.InvalidEnvelope):
+            envelope.parse(bad)
