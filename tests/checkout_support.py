@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import nats
+import nats.errors
 import nats.js.errors
 import pytest_asyncio
 
@@ -142,6 +143,21 @@ async def stream_messages(nats_url: str, stream: str, at_least: int = 1
         return out
     finally:
         await nc.close()
+
+
+async def nobody_answers(nats_url: str, subject: str) -> bool:
+    """True once NATS itself says no one serves ``subject`` (a killed service's subscription
+    lingers until the server notices the dropped connection)."""
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.request(subject, b"{}", timeout=0.5)
+    except nats.errors.NoRespondersError:
+        return True
+    except nats.errors.TimeoutError:
+        return False
+    finally:
+        await nc.close()
+    return False
 
 
 @pytest_asyncio.fixture

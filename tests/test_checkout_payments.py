@@ -18,8 +18,8 @@ import pytest_asyncio
 
 from boxoffice import idempotency
 from boxoffice.embedded import LocalStripe
-from tests.checkout_support import (Api, Checkout, http, start_checkout,  # noqa: F401
-                                    stream_messages, wait_for)
+from tests.checkout_support import (Api, Checkout, http, nobody_answers,  # noqa: F401
+                                    start_checkout, stream_messages, wait_for)
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, STRIPE_KEY
 from tests.stripe_keys_proxy import StripeKeysProxy
 
@@ -253,7 +253,7 @@ async def test_crash_before_stripe_called(start_service, http, db, localstripe, 
 
 
 async def test_stripe_unreachable_then_back(start_service, http, db, localstripe,  # noqa: F811
-                                            stripe_proxy):
+                                            stripe_proxy, nats_url):
     checkout = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url)
     api = checkout.api
     rid = await new_hold(api, await api.create_event(capacity=5))
@@ -276,6 +276,8 @@ async def test_stripe_unreachable_then_back(start_service, http, db, localstripe
     # a finished key is still replayed (ingress keeps finished answers for a minute)
     rid2 = await new_hold(api, await api.create_event(capacity=5))
     checkout.payment.kill()
+    await wait_for(lambda: nobody_answers(nats_url, "payments.intents.create"),
+                   what="NATS to drop the killed service's subscription")
     down = await api.pay(rid2, "outage-key-2", timeout=5)
     assert (down.status, down.code) == (503, "service_unavailable")
     assert down.headers["Retry-After"]
