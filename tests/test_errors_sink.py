@@ -8,9 +8,10 @@ import json
 
 import asyncpg
 import nats
+from aiohttp import web
 
 from boxoffice import migrate
-from boxoffice.embedded import Postgres
+from boxoffice.embedded import Postgres, free_port
 from tests.test_errors_support import count, eventually, publish, publish_raw, report
 
 N = 10_000
@@ -137,7 +138,20 @@ async def test_any_message_the_bus_accepted_is_kept(db, nats_url, start_service)
 
 
 async def test_alerts_decided_once_per_window_and_published(db, nats_url, start_service) -> None:
-    sink = start_service("error_sink", ALERT_WINDOW_SECONDS="3", ALERT_RATE_PER_MINUTE="50")
+    posted: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        posted.append(await request.json())
+        return web.Response(status=500 if len(posted) == 1 else 204)  # the first post fails
+
+    app = web.Application()
+    app.router.add_post("/hook/{token}", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sink = start_service("error_sink", ALERT_WINDOW_SECONDS="3", ALERT_RATE_PER_MINUTE="50",
+                         ALERT_WEBHOOK_URL=f"http://127.0.0.1:{port}/hook/secret-token")
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
@@ -164,6 +178,15 @@ async def test_alerts_decided_once_per_window_and_published(db, nats_url, start_
                                                  "WHERE published_at IS NOT NULL"), 3))
         alerts = await db.fetch("SELECT reason FROM error_alerts ORDER BY created_at")
         assert [a["reason"] for a in alerts] == ["level", "rate", "level"]
-        assert sink.running
+        # the webhook got each alert once it answered 2xx; the failed post was retried
+        await eventually(lambda: _true(count(db, "SELECT count(*) FROM error_alerts "
+                                                 "WHERE notified_at IS NOT NULL"), 3), timeout=20)
+        assert sorted(p["alert"]["id"] for p in posted) == sorted(
+            [first["id"], first["id"], rate["id"], again["id"]])
+        assert posted[0]["alert"]["id"] == first["id"]
+        assert posted[0]["text"].startswith("[critical] payment: LedgerCorrupt")
+        assert await db.fetchval("SELECT attempts FROM error_alerts WHERE id = $1", first["id"]) == 1
+        assert sink.running and "secret-token" not in sink.logs()
     finally:
         await nc.close()
+        await runner.cleanup()
