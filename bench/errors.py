@@ -1,22 +1,25 @@
 """Error tracking throughput (a benchmark, not a test): prints one JSON object.
 
 1. sink: N reports (realistic: 40 kinds of error with stack traces, varying messages and
-   contexts, some secrets to scrub) are published to ERRORS; then a real error-sink process
-   (`boxoffice run error_sink`) starts and we measure reports persisted per second from the
-   first stored row to the last. Baseline in the same run: a plain COPY of the same rows
-   (already converted to columns) into an identical, empty error_logs, 10,000 rows per COPY.
-   Checked: every report stored exactly once.
+   contexts, some secrets to scrub) are published to ERRORS; then real error-sink processes
+   (`boxoffice run error_sink`, 1 and then 2 replicas, each time from the first report into an
+   empty database) start, and we measure reports persisted per second from the first stored
+   row to the last. Checked: every report stored exactly once. Baseline in the same run: a
+   plain COPY of the same rows (already converted to columns, so no decoding, scrubbing or
+   grouping) into an identical, empty error_logs, 10,000 rows per COPY (and 1,000, the
+   sink's batch size).
 2. ingress: reports accepted per second by `POST /v1/errors` on a real ingress process, 64
    concurrent keep-alive connections; baseline: a bare aiohttp app answering 202 to the same
    requests from the same client.
 
-    .venv/bin/python -m bench.errors [--reports 150000] [--http-seconds 8]
+    .venv/bin/python -m bench.errors [--reports 150000] [--http-seconds 5] [--replicas 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -30,13 +33,15 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import nats
+import nats.js.errors
 
 from types import SimpleNamespace
 
 from boxoffice import migrate
 from boxoffice.error_sink import store
 from boxoffice.error_sink.sink import COLUMNS, prepare
-from boxoffice.embedded import NatsServer, Postgres, free_port
+from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, ServiceProcess, base_env
 from tests.test_errors_support import publish
 
@@ -81,7 +86,7 @@ async def create_db(admin_url: str, name: str) -> str:
     return url
 
 
-async def plain_copy(url: str, bodies: list[dict]) -> float:
+async def plain_copy(url: str, bodies: list[dict], rows_per_copy: int) -> float:
     now = datetime.now(timezone.utc)
     rows = [prepare(SimpleNamespace(subject=f"errors.{b['service']}.{b['level']}",  # type: ignore[arg-type]
                                     data=json.dumps(b).encode(), headers=None), now).record
@@ -90,8 +95,8 @@ async def plain_copy(url: str, bodies: list[dict]) -> float:
     try:
         await store.binary_json(conn)
         started = time.perf_counter()
-        for i in range(0, len(rows), 10_000):
-            await conn.copy_records_to_table("error_logs", records=rows[i:i + 10_000],
+        for i in range(0, len(rows), rows_per_copy):
+            await conn.copy_records_to_table("error_logs", records=rows[i:i + rows_per_copy],
                                              columns=COLUMNS)
         elapsed = time.perf_counter() - started
         assert await conn.fetchval("SELECT count(*) FROM error_logs") == len(rows)
@@ -169,28 +174,32 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reports", type=int, default=150_000)
-    ap.add_argument("--http-seconds", type=float, default=8.0)
-    ap.add_argument("--replicas", type=int, default=1, help="error-sink processes")
+    ap.add_argument("--http-seconds", type=float, default=5.0)
+    ap.add_argument("--replicas", default="1,2", help="error-sink process counts to measure")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-errors-"))
     pg = Postgres(tmp / "pg" / "data").start(create_db=None)
     nats_srv = NatsServer(tmp / "nats", sync_always=False).start()
-    out: dict[str, object] = {"reports": args.reports, "sink_replicas": args.replicas}
+    n = args.reports
+    out: dict[str, object] = {"reports": n}
     try:
         admin = pg.url("postgres")
-        sink_db = await create_db(admin, "sink")
-        copy_db = await create_db(admin, "copy")
-        bodies = make_reports(args.reports)
+        bodies = make_reports(n)
         started = time.perf_counter()
         await publish(nats_srv.url, bodies)
-        out["bus_publish_per_s"] = round(args.reports / (time.perf_counter() - started))
-        out["plain_copy_per_s"] = round(await plain_copy(copy_db, bodies))
-        env = base_env(nats_srv.url, sink_db)
-        rate, distinct, groups = await sink_rate(env, sink_db, args.reports, tmp, args.replicas)
-        out.update(sink_persisted_per_s=round(rate), sink_stored_distinct=distinct,
-                   sink_lost=args.reports - distinct, sink_groups=groups,
-                   sink_vs_copy=round(rate / out["plain_copy_per_s"], 3))  # type: ignore[operator]
-        # ingress
+        out["bus_publish_per_s"] = round(n / (time.perf_counter() - started))
+        out["plain_copy_per_s"] = round(await plain_copy(await create_db(admin, "copy"), bodies, 10_000))
+        out["plain_copy_1000_rows_per_copy_per_s"] = round(
+            await plain_copy(await create_db(admin, "copy1k"), bodies, 1000))
+        env = base_env(nats_srv.url, "postgresql://unused@127.0.0.1/unused")
+        for replicas in (int(r) for r in args.replicas.split(",")):
+            await forget_consumer(nats_srv.url)  # the sink starts again from the first report
+            db = await create_db(admin, f"sink{replicas}")
+            rate, distinct, groups = await sink_rate(env, db, n, tmp, replicas)
+            key = f"sink_{replicas}_replica{'s' if replicas > 1 else ''}"
+            out.update({f"{key}_persisted_per_s": round(rate), f"{key}_lost": n - distinct,
+                        f"{key}_vs_plain_copy": round(rate / out["plain_copy_per_s"], 3)})  # type: ignore[operator]
+            out["sink_groups"] = groups
         port = free_port()
         ingress = ServiceProcess("ingress", dict(env, ERROR_RATE_LIMIT_PER_MINUTE="100000000"),
                                  tmp / "ingress.log", port=port).start()
@@ -202,7 +211,6 @@ async def main() -> None:
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port)])
         try:
-            from boxoffice.embedded import wait_port
             wait_port(bare_port, 10)
             rate, _ = await http_rate(f"http://127.0.0.1:{bare_port}/v1/errors",
                                       args.http_seconds, bodies[:5000])
@@ -214,7 +222,17 @@ async def main() -> None:
         nats_srv.kill()
         pg.stop()
     out["cpus"] = os.cpu_count()
+    out["load_avg_1m"] = float(open("/proc/loadavg").read().split()[0])
     print(json.dumps(out))
+
+
+async def forget_consumer(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await nc.jetstream().delete_consumer("ERRORS", "error-sink")
+    finally:
+        await nc.close()
 
 
 if __name__ == "__main__":

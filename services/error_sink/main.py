@@ -13,7 +13,7 @@ from boxoffice import db, runtime
 from boxoffice.error_sink import admin, alerts, consume, store
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER
 
-LANES = 2
+LANES = 3
 BATCH = 1000
 # A batch takes well under a second; a report delivered to a sink that was killed comes back
 # after ack_wait. max_ack_pending bounds what is out to all replicas at once.
