@@ -65,8 +65,13 @@ class _Head(msgspec.Struct):
     level: str
 
 
+MAX_REPORT_BYTES = 256 << 10  # well under NATS's default max_payload (1 MiB)
+
+
 def _jsonable(value: Any, depth: int = 0) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return scrub.truncate(value, 8192)
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     if depth > 6:
         return repr(value)[:200]
@@ -125,6 +130,10 @@ class Reporter:
         _local.busy = True
         try:
             r = self._build(level, message, error_type, context, fingerprint, exc, request_id)
+            if len(_enc.encode(r)) > MAX_REPORT_BYTES:  # too big for the bus: keep the gist
+                r = msgspec.structs.replace(
+                    r, context={"_truncated": "context too large for an error report"},
+                    stacktrace=scrub.truncate(r.stacktrace, 65536) if r.stacktrace else None)
             if fold and not self._fold(r):
                 return None
             self._enqueue(r)

@@ -24,7 +24,7 @@ MAX_ACK_PENDING = 20_000
 async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
-    pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=8))
+    pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=4))
     bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "error-sink"))
     await bus.declare_streams("ERRORS", "ALERTS")
     stream, durable = ERROR_SINK_CONSUMER

@@ -209,6 +209,8 @@ async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPo
         await conn.execute(SETTLE, [r.id for r in rows if r.group_id in settled_set], settled)
     candidates = {}
     for g in groups:
+        if g["status"] != "unresolved":  # ignored (or a late report on a resolved group): quiet
+            continue
         rank = top.get(g["id"], 0) - 1
         if rank >= LEVEL_RANK["critical"]:
             candidates[g["id"]] = (g, LEVELS[rank], "level")
