@@ -5,18 +5,18 @@ languages, other versions) is coerced field by field, and even a body that is no
 as a report saying so. Before anything is written, secrets are scrubbed and big fields cut
 (``boxoffice.scrub``), and the report's group is computed (``grouping``).
 
-One transaction per batch: COPY into a temporary staging table, ``INSERT ... SELECT ... ON
-CONFLICT (id) DO NOTHING`` into ``error_logs`` (a redelivered report is stored once), then the
-groups of the rows that were new are upserted with their counts, and alerts decided
-(``store``). Messages are acked only after the commit; a failed batch is nak'ed for a prompt
-redelivery.
+One transaction per batch (``store``): COPY straight into ``error_logs``; if a report of the
+batch is already there (a redelivery after a crash), that COPY is rolled back to a savepoint and
+the batch goes through a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``, so a
+report is stored once. Then the groups of the new rows are upserted with their counts and
+alerts decided. Messages are acked only after the commit; a failed batch is nak'ed for a
+prompt redelivery (``consume``).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import re
 import uuid
 from datetime import datetime, timezone
@@ -29,7 +29,6 @@ from boxoffice import scrub
 from boxoffice.error_sink import grouping
 from boxoffice.wire.errors import LEVELS
 
-log = logging.getLogger("boxoffice.error_sink")
 
 _NS = uuid.UUID("0b6f7f52-86a4-4b8e-9a55-1d1c7e0a2c11")
 _SERVICE = re.compile(r"[^A-Za-z0-9_-]+")
