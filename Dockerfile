@@ -8,7 +8,8 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY libs ./libs
 COPY services ./services
 RUN pip install -c constraints.txt . \
-    && useradd --system --uid 10001 --home-dir /app boxoffice
+    && useradd --system --uid 10001 --home-dir /app boxoffice \
+    && mkdir -p /var/spool/boxoffice && chown boxoffice /var/spool/boxoffice
 
 USER boxoffice
 ENTRYPOINT ["boxoffice"]

@@ -181,6 +181,7 @@ def up() -> int:
         env.setdefault("ADMIN_API_TOKENS", keys["ADMIN_API_TOKEN"])
         env.setdefault("SENTRY_INGEST_KEYS", keys["SENTRY_KEY"])
         env.setdefault("BOXOFFICE_ENV", "development")
+        env.setdefault("ERROR_SPOOL_DIR", str(root / "spool"))
         port = int(env.get("INGRESS_PORT") or free_port(8080))
         env["INGRESS_PORT"] = str(port)
         ingress_url = f"http://127.0.0.1:{port}"
