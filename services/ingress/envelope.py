@@ -32,8 +32,10 @@ _LEVEL = {"warn": "warning", "log": "info", "critical": "critical", "fatal": "fa
 def json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        raise InvalidEnvelope(f"{what} is not valid JSON") from None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise InvalidEnvelope(f"{what} is not valid JSON (UTF-8)") from None
+    except RecursionError:
+        raise InvalidEnvelope(f"{what} is nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidEnvelope(f"{what} must be a JSON object")
     return obj

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from boxoffice import errors
 from boxoffice.config import Config
@@ -51,6 +53,17 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         resp = problem_response(exc, rid)
     except web.HTTPRequestEntityTooLarge:
         resp = problem_response(errors.PayloadTooLarge("request body is too large"), rid)
+    except (HttpProcessingError, RequestPayloadError):
+        # a body that cannot be read: broken chunking or Content-Encoding (gzip that is not gzip)
+        resp = problem_response(errors.BadRequest("the body could not be read or decompressed"),
+                                rid)
+    except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise
+        # the client went away mid-body: nothing to answer, and not an error of ours
+        log.info("client closed the connection on %s %s", request.method, request.path,
+                 extra={"request_id": rid})
+        resp = problem_response(errors.BadRequest("the client closed the connection"), rid)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -73,7 +86,10 @@ def _bearer(request: web.Request) -> str:
     scheme, _, token = auth.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise errors.Unauthorized("an Authorization: Bearer <token> header is required")
-    return token.strip()
+    token = token.strip()
+    if not (token.isascii() and token.isprintable()):  # tokens are printable ASCII (config)
+        raise errors.Unauthorized("unknown token")
+    return token
 
 
 def _match(token: str, allowed: tuple[str, ...]) -> str | None:
@@ -113,8 +129,10 @@ async def read_json(request: web.Request, type_: type[T]) -> T:
         return msgspec.json.decode(body, type=type_, strict=True)
     except msgspec.ValidationError as exc:
         raise errors.ValidationFailed(str(exc)) from None
-    except msgspec.DecodeError:
-        raise errors.InvalidJSON("the body is not valid JSON") from None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise errors.InvalidJSON("the body is not valid JSON (UTF-8)") from None
+    except RecursionError:
+        raise errors.InvalidJSON("the body is nested too deeply") from None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
