@@ -7,16 +7,17 @@ from typing import Annotated
 import msgspec
 
 from boxoffice.wire import Message
+from boxoffice.wire.reservations import TEXT
 
 EVENTS_CREATE = "admin.payment.events.create"
 EVENTS_GET = "admin.payment.events.get"
 
 
 class CreateEvent(Message):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=TEXT)]
     capacity: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)]
     price: Annotated[int, msgspec.Meta(ge=0, le=100_000_000_00)]
-    currency: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z]{3}$")]
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z]{3}\Z")]
     buckets: Annotated[int, msgspec.Meta(ge=1, le=256)] | None = None
 
 

@@ -12,9 +12,9 @@ LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical", "fat
 
 
 class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")]
+    id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")]
     occurred_at: datetime
-    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+\Z")]
     level: Level
     message: Annotated[str, msgspec.Meta(max_length=65536)]
     error_type: Annotated[str, msgspec.Meta(max_length=512)] | None = None
@@ -36,13 +36,14 @@ GROUPS_IGNORE = "admin.errors.ignore"
 
 Status = Literal["unresolved", "resolved", "ignored"]
 STATUSES: tuple[str, ...] = ("unresolved", "resolved", "ignored")
-_UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+_UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
 
 
 class ListGroups(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     status: Status | None = None
     level: Level | None = None
-    service: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                         pattern=r"^[A-Za-z0-9_-]+\Z")] | None = None
     since: datetime | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
 

@@ -51,7 +51,7 @@ class ListPayments(Message):
     """``admin.payment.payments.list``: the audit trail of ``payment_intents_log``."""
 
     reservation_id: Uuid | None = None
-    idempotency_key: str | None = None
+    idempotency_key: Annotated[str, msgspec.Meta(pattern=r"^[\x20-\x7e]{1,255}\Z")] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 
 

@@ -15,7 +15,7 @@ RUNS = "admin.reaper.runs"
 
 RunKind = Literal["expiry", "retention", "manual"]
 Uuid = Annotated[str, msgspec.Meta(
-    pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+    pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")]
 
 
 class StatsRequest(Message):

@@ -11,11 +11,13 @@ from boxoffice.wire import Event, Message
 
 Status = Literal["active", "expired", "completed", "cancelled"]
 Uuid = Annotated[str, msgspec.Meta(
-    pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+    pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")]
 MAX_QUANTITY = 100  # tickets per hold
 
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
-CustomerRef = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# Free text that PostgreSQL stores: no NUL (text cannot hold it) nor other control characters.
+TEXT = r"^[^\x00-\x1f\x7f]*\Z"
+CustomerRef = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=TEXT)]
 
 
 class HoldBody(Message):

@@ -17,8 +17,8 @@ from boxoffice.wire import Message
 
 # An event id becomes a Nats-Msg-Id and a primary key; a type becomes subject tokens, so both
 # are held to what Stripe actually sends (no spaces, no NATS wildcards).
-EventId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,255}$")]
-EventType = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_]{1,64}(\.[a-z0-9_]{1,64}){0,6}$")]
+EventId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,255}\Z")]
+EventType = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_]{1,64}(\.[a-z0-9_]{1,64}){0,6}\Z")]
 
 
 class StripeEventData(msgspec.Struct):
