@@ -92,10 +92,17 @@ def stored_response(stored: pw.StoredResponse) -> web.Response:
                         content_type=content_type, headers=headers)
 
 
+def idempotency_header(request: web.Request) -> str | None:
+    values = request.headers.getall(idempotency.HEADER, [])
+    if len(values) > 1:  # which one did the client mean? neither is safe to pick
+        raise idempotency.IdempotencyKeyInvalid(f"send one {idempotency.HEADER} header")
+    return values[0] if values else None
+
+
 @routes.post("/v1/reservations")
 async def hold(request: web.Request) -> web.Response:
     cid = client_id(request)
-    key = idempotency.check_key(request.headers.get(idempotency.HEADER), required=False)
+    key = idempotency.check_key(idempotency_header(request), required=False)
     body = await read_json(request, rw.HoldBody)
     body.event_id = body.event_id.lower()
     req = rw.HoldRequest(client_id=cid, event_id=body.event_id, quantity=body.quantity,
@@ -124,7 +131,7 @@ async def cancel_reservation(request: web.Request) -> web.Response:
 @routes.post("/v1/payment_intents")
 async def create_payment_intent(request: web.Request) -> web.Response:
     cid = client_id(request)
-    key = idempotency.check_key(request.headers.get(idempotency.HEADER), required=True)
+    key = idempotency.check_key(idempotency_header(request), required=True)
     assert key is not None
     body = await read_json(request, pw.IntentBody)
     body.reservation_id = body.reservation_id.lower()
@@ -138,8 +145,11 @@ async def create_payment_intent(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/payments")
 async def list_payments(request: web.Request) -> web.Response:
     require_admin(request)
+    query = dict(request.query)
+    if len(query) != len(request.query):
+        raise errors.ValidationFailed("each query parameter may be given once")
     try:
-        req = msgspec.convert(dict(request.query), pw.ListPayments, strict=False)
+        req = msgspec.convert(query, pw.ListPayments, strict=False)
     except msgspec.ValidationError as exc:
         raise errors.ValidationFailed(f"query: {exc}") from None
     return json_response(await request.app[BUS].request(pw.ADMIN_PAYMENTS_LIST, req,

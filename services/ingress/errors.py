@@ -195,7 +195,9 @@ async def envelope_preflight(_: web.Request) -> web.Response:
 
 # -- operators -----------------------------------------------------------------------------------
 def _query(request: web.Request, type_: type[msgspec.Struct], **extra: object) -> msgspec.Struct:
-    params = {k: v for k, v in request.query.items()}
+    params: dict[str, object] = dict(request.query)
+    if len(params) != len(request.query):
+        raise errors.ValidationFailed("each query parameter may be given once")
     params.update(extra)
     try:
         return msgspec.convert(params, type_, strict=False)

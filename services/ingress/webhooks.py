@@ -76,8 +76,10 @@ def parse_event(body: bytes) -> w.StripeEvent:
         return msgspec.json.decode(body, type=w.StripeEvent)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(f"not a Stripe event: {exc}") from None
-    except msgspec.DecodeError:
-        raise errors.InvalidJSON("the body is not valid JSON") from None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise errors.InvalidJSON("the body is not valid JSON (UTF-8)") from None
+    except RecursionError:
+        raise errors.InvalidJSON("the body is nested too deeply") from None
 
 
 @routes.post("/v1/webhooks/stripe")
@@ -100,10 +102,11 @@ async def stripe_webhook(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/webhooks/events")
 async def list_events(request: web.Request) -> web.Response:
     require_admin(request)
-    q = request.query
+    query = dict(request.query)
+    if len(query) != len(request.query):
+        raise errors.ValidationFailed("each query parameter may be given once")
     try:
-        req = msgspec.convert({k: q[k] for k in ("status", "type", "limit") if k in q},
-                              w.ListEventsRequest, strict=False)
+        req = msgspec.convert(query, w.ListEventsRequest, strict=False)
     except msgspec.ValidationError as exc:
         raise errors.ValidationFailed(f"bad query: {exc}") from None
     return json_response(await request.app[BUS].request(w.EVENTS_LIST, req, w.LoggedEvents))
