@@ -104,7 +104,10 @@ _cached = functools.lru_cache(maxsize=2048)(_scrub_text)
 
 
 def text(value: str) -> str:
-    """Scrub one string (stacktraces and messages repeat: small ones are cached)."""
+    """Scrub one string (stacktraces and messages repeat: small ones are cached). NUL, which
+    PostgreSQL's text and jsonb cannot hold, becomes U+FFFD."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
     n = len(value)
     if n < 13:  # too short for a card number: only a keyword can make it secret
         return _scrub_text(value) if n >= 5 and _HINT.search(value.lower()) else value
@@ -144,7 +147,7 @@ def clean(obj: Any, max_string: int = 4096, max_items: int = 100, depth: int = 0
             if i >= max_items:
                 out["_truncated"] = f"{len(obj) - max_items} more keys"
                 break
-            k = truncate(k, 256) if isinstance(k, str) else str(k)
+            k = truncate(k, 256).replace("\x00", "\ufffd") if isinstance(k, str) else str(k)
             out[k] = (FILTERED if v not in (None, "") and secret_key(k)
                       else clean(v, max_string, max_items, depth + 1))
         return out

@@ -103,7 +103,7 @@ def _coerce(raw: bytes) -> _Report:
     """Last resort for a body that does not fit ``_Report``: keep what can be kept."""
     try:
         obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return _Report(message="[undecodable error report] "
                                + raw[:4096].decode("utf-8", errors="replace"),
                        error_type="UndecodableReport")
@@ -143,7 +143,7 @@ def prepare(msg: Msg, now: datetime) -> Row:
     """One message into one scrubbed, grouped row. Never raises on the message's content."""
     try:
         r = _decoder.decode(msg.data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         r = _coerce(msg.data)
     tokens = msg.subject.split(".")
     service = _service(r.service) if r.service else ""
