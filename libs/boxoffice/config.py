@@ -98,6 +98,7 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     try:
         parts = urlsplit(raw)
         host_ok = bool(parts.hostname) or "host=" in parts.query
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
     except ValueError:
         raise ConfigError(name, "is not a valid URL") from None
     if parts.scheme not in schemes or not host_ok:
