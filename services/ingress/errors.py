@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from boxoffice import errors, wire
+from boxoffice import errors, scrub, wire
 from boxoffice.config import Config
 from boxoffice.ingress import envelope
 from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
@@ -91,9 +91,23 @@ def _limit(request: web.Request, key: str, n: int = 1) -> None:
                                  retry_after=max(1, math.ceil(wait)))
 
 
+def scrubbed(report: w.ErrorReport) -> w.ErrorReport:
+    """The report with credentials filtered, as the error-sink would store it: what clients send
+    stays on the ERRORS stream for days, so secrets are taken out before it gets there."""
+    def opt(v: str | None) -> str | None:
+        return scrub.text(v) if v else v
+
+    return msgspec.structs.replace(
+        report, message=scrub.text(report.message), error_type=opt(report.error_type),
+        stacktrace=opt(report.stacktrace), context=scrub.value(report.context),
+        fingerprint=[scrub.text(f) for f in report.fingerprint] if report.fingerprint else None,
+        environment=opt(report.environment), release=opt(report.release),
+        request_id=opt(report.request_id))
+
+
 async def _publish(request: web.Request, report: w.ErrorReport) -> None:
     await request.app[BUS].publish(error_report(report.service, report.level),
-                                   wire.encode(report), report.id)
+                                   wire.encode(scrubbed(report)), report.id)
 
 
 @routes.post("/v1/errors")
