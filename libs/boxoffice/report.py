@@ -153,10 +153,11 @@ class Reporter:
         return ErrorReport(
             id=str(uuid.uuid4()), occurred_at=datetime.now(timezone.utc), service=self.service,
             level=level if level in LEVELS else "error",  # type: ignore[arg-type]
-            message=scrub.truncate(str(message), 8192),
+            # scrubbed here, not only in the sink: reports wait on the bus and in the spool
+            message=scrub.truncate(scrub.text(str(message)), 8192),
             error_type=scrub.truncate(error_type, 512) if error_type else None,
-            stacktrace=scrub.truncate(stacktrace, 131072) if stacktrace else None,
-            context=_jsonable(context) if context else None,
+            stacktrace=scrub.truncate(scrub.text(stacktrace), 131072) if stacktrace else None,
+            context=scrub.value(_jsonable(context)) if context else None,
             fingerprint=[scrub.truncate(str(f), 512) for f in fingerprint[:32]] if fingerprint else None,
             environment=self.environment, release=self.release,
             request_id=str(request_id)[:128] if request_id else None)
