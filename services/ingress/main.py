@@ -13,8 +13,7 @@ from aiohttp import web
 from boxoffice import bus as busmod
 from boxoffice import runtime
 from boxoffice.config import Config
-from boxoffice.ingress import admin, checkout, webhooks
-from boxoffice.ingress import reaper_admin
+from boxoffice.ingress import admin, checkout, reaper_admin, webhooks
 from boxoffice.ingress import errors as error_routes
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
