@@ -124,25 +124,24 @@ class Hostile:
         self.valid = valid_bodies(event_id, hold_id)
 
     # -- how to make a route's request valid except for one thing ---------------------------
-    def fill(self, route: Route, real: bool) -> str:
-        """The path with every parameter filled: real ids (used only with bad auth) or ids that
-        are well-formed but name nothing (so even a valid request is a 404)."""
+    def value(self, route: Route, p: str, real: bool) -> str:
+        """A well-formed value of path parameter ``p``: the real event or hold (used only with
+        bad auth or beside one hostile part) or an id that names nothing (a valid request with
+        it is a 404)."""
+        rx = route.patterns.get(p, "")
+        if rx.startswith(r"\d"):
+            return "42"
+        if "|" in rx:
+            return rx.split("|")[0]
+        if route.template.startswith("/v1/admin/webhooks"):
+            return f"evt_{uuid.uuid4().hex}"
+        ids = {"reservation_id": self.hold_id, "event_id": self.event_id} if real else {}
+        return ids.get(p, str(uuid.uuid4()))
+
+    def fill(self, route: Route, real: bool, **given: str) -> str:
         path = route.template
         for p in route.params:
-            rx = route.patterns.get(p, "")
-            if rx.startswith(r"\d"):
-                value = "42"
-            elif "|" in rx:
-                value = rx.split("|")[0]
-            elif route.template.startswith("/v1/admin/webhooks"):
-                value = f"evt_{uuid.uuid4().hex}"
-            elif real and p == "reservation_id":
-                value = self.hold_id
-            elif real and p == "event_id":
-                value = self.event_id
-            else:
-                value = str(uuid.uuid4())
-            path = path.replace("{" + p + "}", value)
+            path = path.replace("{" + p + "}", given.get(p) or self.value(route, p, real))
         return path
 
     def auth(self, route: Route) -> list[tuple[str, bytes]]:
@@ -244,11 +243,7 @@ class Hostile:
                    "{" + "}", "*", ">", "a.b", "-1", "9" * 40, "%20"]
         for p in r.params:
             for h in hostile:
-                path = r.template
-                for q in r.params:
-                    value = h if q == p else self._real(r, q)
-                    path = path.replace("{" + q + "}", value)
-                out.append(self.case(f"path {p}={h[:20]!r}", r, path=path,
+                out.append(self.case(f"path {p}={h[:20]!r}", r, path=self.fill(r, True, **{p: h}),
                                      body=b"{}" if r.method == "POST" and r.template != ENVELOPE
                                      else None))
         # paths beside the route: traversal and junk after it
@@ -257,16 +252,6 @@ class Hostile:
             out.append(self.case(f"path suffix {suffix!r}", r, path=base + suffix,
                                  body=b"{}" if r.method == "POST" else None))
         return out
-
-    def _real(self, r: Route, p: str) -> str:
-        rx = r.patterns.get(p, "")
-        if rx.startswith(r"\d"):
-            return "42"
-        if "|" in rx:
-            return rx.split("|")[0]
-        if r.template.startswith("/v1/admin/webhooks"):
-            return "evt_hostile"
-        return {"reservation_id": self.hold_id, "event_id": self.event_id}.get(p, str(uuid.uuid4()))
 
     def header_cases(self, r: Route) -> list[Case]:
         out = []
