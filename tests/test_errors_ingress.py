@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 
+import brotli
 import nats
 
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, SENTRY_KEY
@@ -122,6 +123,8 @@ async def test_envelopes_with_bad_input_change_nothing(nats_url, start_service) 
         ({}, {}, envelope(({"type": "event"}, b'{"pad": "' + b"x" * (1 << 20) + b'"}')), 413, "event_too_large"),
         ({}, {"Content-Encoding": "gzip"}, gzip.compress(b"\n" * (21 << 20)), 413, "payload_too_large"),
         ({}, {"Content-Encoding": "gzip"}, b"\x1f\x8b\x08\x00broken-gzip", 400, "bad_request"),
+        ({}, {"Content-Encoding": "br"}, brotli.compress(b"\n" * (21 << 20)), 413, "payload_too_large"),
+        ({}, {"Content-Encoding": "br"}, b"\x00\x01broken-br", 400, "bad_request"),
     ]
     for _, headers, body, want, code in cases:
         status, hdrs, problem = await post(body, headers)
@@ -144,6 +147,11 @@ async def test_envelopes_with_bad_input_change_nothing(nats_url, start_service) 
     status, _, raw = await ahttp("POST", url, body, {"Content-Encoding": "gzip"})
     assert status == 200, raw
     assert await _stream_count(nats_url) == 1
+    # brotli, which the Python SDK uses whenever the brotli package is installed
+    body = brotli.compress(envelope(({"type": "event"}, json.dumps(browser_event()).encode())))
+    status, _, raw = await ahttp("POST", url, body, {**AUTH, "Content-Encoding": "br"})
+    assert status == 200, raw
+    assert await _stream_count(nats_url) == 2
 
 
 async def test_post_errors_validated_and_published(db, nats_url, start_service) -> None:

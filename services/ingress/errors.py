@@ -5,8 +5,8 @@
   SDK whose DSN is ``http(s)://<public key>@<ingress>/<project id>`` reports here. Any numeric
   project id is accepted (it is kept in the report's context); the public key, from
   ``X-Sentry-Auth``, the ``sentry_key`` query parameter or the envelope's ``dsn``, must be one
-  of ``SENTRY_INGEST_KEYS`` (403 otherwise). gzip and deflate bodies (br only where the Brotli
-  package is installed: aiohttp itself answers 400 otherwise); CORS for browsers.
+  of ``SENTRY_INGEST_KEYS`` (403 otherwise). gzip, deflate and br bodies (decoded by
+  aiohttp; br through the pinned Brotli package), size limits applied after decoding; CORS for browsers.
 - Both are rate limited per key (per client token, per public key) to
   ``ERROR_RATE_LIMIT_PER_MINUTE`` reports, answered with 429, ``Retry-After`` and Sentry's
   ``X-Sentry-Rate-Limits``. The limit is per ingress replica.
