@@ -71,14 +71,20 @@ async def test_request_reply_typed_errors(nats_url: str) -> None:
 
 async def test_stop_serving_finishes_in_flight_work(nats_url: str) -> None:
     async with busmod.connect(nats_url, "server") as server, busmod.connect(nats_url, "client") as client:
+        started: set[int] = set()
+        all_started = asyncio.Event()
+
         async def handle(req: Ping) -> Pong:
+            started.add(req.n)
+            if len(started) == 20:
+                all_started.set()
             await asyncio.sleep(0.5)
             return Pong(req.n)
 
         await server.serve("test.slow", Ping, handle, queue="t")
         pending = [asyncio.create_task(client.request("test.slow", Ping(i), Pong, timeout=5))
                    for i in range(20)]
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(all_started.wait(), 5)  # every request is in flight
         await server.stop_serving()
         answers = await asyncio.gather(*pending)
         assert sorted(a.n for a in answers) == list(range(20))

@@ -43,6 +43,7 @@ STREAM_MAX_AGE = {"STRIPE_EVENTS": 30 * DAY, "ERRORS": 7 * DAY, "RESERVATIONS": 
 DUPLICATE_WINDOW = {"STRIPE_EVENTS": 600.0, "ERRORS": 120.0, "RESERVATIONS": 3600.0,
                     "PAYMENTS": 3600.0, "ALERTS": 600.0}
 REQUEST_ID_HEADER = "Boxoffice-Request-Id"
+NO_RESPONDER_RETRIES = (0.05, 0.1, 0.2, None)
 
 
 def stream_config(name: str) -> StreamConfig:
@@ -109,8 +110,21 @@ class Bus:
     async def request(self, subject: str, body: Any, reply_type: type[R], *, timeout: float = 5.0,
                       request_id: str | None = None) -> R:
         headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+        payload = wire.encode(body)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            msg = await self.nc.request(subject, wire.encode(body), timeout=timeout, headers=headers)
+            # "no responders" is retried briefly: a replica restarting or a subscription not yet
+            # propagated is a gap of milliseconds, not an outage worth a 503
+            for pause in NO_RESPONDER_RETRIES:
+                try:
+                    msg = await self.nc.request(subject, payload, headers=headers,
+                                                timeout=max(0.05, deadline - loop.time()))
+                    break
+                except nats.errors.NoRespondersError:
+                    if pause is None or loop.time() + pause >= deadline:
+                        raise
+                    await asyncio.sleep(pause)
         except nats.errors.NoRespondersError:
             raise errors.ServiceUnavailable(f"no service answers {subject}") from None
         except nats.errors.TimeoutError:
