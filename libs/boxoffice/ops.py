@@ -29,21 +29,29 @@ def _settings() -> tuple[str, str]:
     return url.rstrip("/"), token
 
 
-def call(method: str, path: str, body: Any = None) -> int:
+def fetch(method: str, path: str, body: Any = None, *, timeout: float = 30) -> tuple[bool, Any]:
+    """Call ingress's admin API: ``(True, decoded answer)``, or ``(False, None)`` after printing
+    why it failed (the problem+json of an HTTP error, or ingress unreachable)."""
     url, token = _settings()
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
     req = urllib.request.Request(url + path, data=data, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            print(json.dumps(json.loads(resp.read() or b"null"), indent=2))
-            return 0
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return True, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         print(exc.read().decode(errors="replace"), file=sys.stderr)
-        return 1
     except urllib.error.URLError as exc:
         print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
-        return 1
+    return False, None
+
+
+def call(method: str, path: str, body: Any = None, *, timeout: float = 30) -> int:
+    """``fetch`` and print the answer; the exit code of an operator command."""
+    ok, result = fetch(method, path, body, timeout=timeout)
+    if ok:
+        print(json.dumps(result, indent=2))
+    return 0 if ok else 1
 
 
 # Modules (libs/boxoffice/ops_<area>.py) that add their own commands with add_commands(sub).

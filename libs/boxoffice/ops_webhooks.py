@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 
 from boxoffice import ops
 
@@ -25,18 +22,9 @@ def _list(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     """Replay one event; exits 1 when it failed again (the error is on the event)."""
-    url, token = ops._settings()
     path = f"/v1/admin/webhooks/events/{urllib.parse.quote(args.event_id, safe='')}/replay"
-    req = urllib.request.Request(url + path, data=b"", method="POST",
-                                 headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            result = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        print(exc.read().decode(errors="replace"), file=sys.stderr)
-        return 1
-    except urllib.error.URLError as exc:
-        print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
+    ok, result = ops.fetch("POST", path, timeout=60)
+    if not ok:
         return 1
     print(json.dumps(result, indent=2))
     return 1 if result.get("outcome") == "failed" else 0

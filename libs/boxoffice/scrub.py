@@ -133,7 +133,7 @@ def value(obj: Any, *, depth: int = 0) -> Any:
 
 
 def clean(obj: Any, max_string: int = 4096, max_items: int = 100, depth: int = 0) -> Any:
-    """``value`` and ``bound`` in one walk: scrubbed, strings cut, lists and dicts cut, deep
+    """Scrub (as ``value``) and bound in one walk: strings cut, lists and dicts cut, deep
     nesting replaced, every cut marked."""
     if isinstance(obj, str):
         return truncate(text(obj), max_string)
@@ -166,30 +166,3 @@ def truncate(s: str, limit: int) -> str:
     marker = f"...[truncated {len(s) - limit} chars]"
     keep = max(0, limit - len(marker))
     return s[:keep] + marker[: limit - keep] if limit > len(marker) else s[:limit]
-
-
-def bound(obj: Any, *, max_string: int = 4096, max_items: int = 200, depth: int = 0) -> Any:
-    """Bound a JSON-like value: long strings truncated, long lists and dicts cut, deep nesting
-    replaced; every cut is marked."""
-    if isinstance(obj, str):
-        return truncate(obj, max_string)
-    if depth > 8 and isinstance(obj, (dict, list, tuple)):
-        return "[truncated: nested too deep]"
-    if isinstance(obj, dict):
-        out = {}
-        for i, (k, v) in enumerate(obj.items()):
-            if i >= max_items:
-                out["_truncated"] = f"{len(obj) - max_items} more keys"
-                break
-            out[truncate(str(k), 256)] = bound(v, max_string=max_string, max_items=max_items,
-                                               depth=depth + 1)
-        return out
-    if isinstance(obj, (list, tuple)):
-        items = [bound(v, max_string=max_string, max_items=max_items, depth=depth + 1)
-                 for v in obj[:max_items]]
-        if len(obj) > max_items:
-            items.append(f"[truncated: {len(obj) - max_items} more items]")
-        return items
-    if obj is None or isinstance(obj, (bool, int, float)):
-        return obj
-    return truncate(repr(obj), max_string)

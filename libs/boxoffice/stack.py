@@ -219,9 +219,7 @@ def up() -> int:
             "DEMO_EVENT_ID": DEMO_EVENT_ID,
         }
         write_env(root / "stack.env", stack_env)
-        (root / "services.json").write_text(json.dumps(
-            {p.service: {"ready": p.health_url, "pid": p.proc.pid if p.proc else None}
-             for p in stack.procs}, indent=2))
+        _write_pids(stack)
         return _supervise(stack, stop, ingress_url)
     finally:
         stack.stop()

@@ -176,7 +176,7 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
         message=scrub.truncate(message, 65536),
         error_type=scrub.truncate(error_type, 512) if error_type else None,
         stacktrace=scrub.truncate("\n".join(stack), 262144) if stack else None,
-        context=scrub.bound(context, max_string=8192, max_items=100),
+        context=scrub.clean(context, 8192, 100),
         fingerprint=fingerprint,
         environment=str(event["environment"])[:64] if event.get("environment") else None,
         release=str(event["release"])[:128] if event.get("release") else None,
