@@ -79,6 +79,8 @@ async def test_state_machine_never_moves_back_whatever_the_order(
         await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, "
                          "currency, status) VALUES ($1, $2, 5000, 'eur', 'created')",
                          pis[name], holds[name])
+        await db.execute("UPDATE reservations SET payment_intent_id = $1 WHERE id = $2",
+                         pis[name], holds[name])
 
     def pi_event(name: str, kind: str, created: int) -> bytes:
         return event(f"payment_intent.{kind}", payment_intent(pis[name], holds[name]),
@@ -174,14 +176,21 @@ async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, l
 
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", late) == "completed"
     assert await inventory(db, roomy) == (0, 2)
-    pay = await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", paid["id"])
+    # the refund was decided with the event and is made by the action worker, just after
+    pay = await wait_for(lambda: db.fetchrow(
+        "SELECT * FROM payments WHERE payment_intent_id = $1 AND status = 'refunded'", paid["id"]),
+        what="the refund to be made")
     assert (pay["status"], pay["refund_reason"]) == ("refunded", "oversold")
     refunds = sc.v1.refunds.list(params={"payment_intent": paid["id"]}).data
     assert [r.id for r in refunds] == [pay["refund_id"]] and refunds[0].amount == 5000
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", gone) == "expired"
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", taker) == "active"
     assert await inventory(db, full) == (2, 0)  # nothing sold twice
-    assert "tickets were sold: refunded" in webhook.logs()
+    assert "tickets were sold: refund decided" in webhook.logs()
+    action = await db.fetchrow("SELECT * FROM stripe_actions WHERE payment_intent_id = $1",
+                               paid["id"])
+    assert (action["kind"], action["status"], action["reason"], action["result_id"]) == (
+        "refund", "done", "oversold", pay["refund_id"])
     assert uuid.UUID(str(pay["reservation_id"])) == gone
 
 
@@ -203,6 +212,9 @@ async def test_second_payment_for_one_hold_is_refunded(db: asyncpg.Pool, start_s
     r = await db.fetchrow("SELECT status, payment_intent_id FROM reservations WHERE id = $1", res)
     assert (r["status"], r["payment_intent_id"]) == ("completed", first["id"])
     assert await inventory(db, ev) == (0, 2)
+    await wait_for(lambda: db.fetchval("SELECT 1 FROM payments WHERE payment_intent_id = $1 "
+                                       "AND status = 'refunded'", second["id"]),
+                   what="the second payment's refund")
     rows = {p["payment_intent_id"]: p for p in await db.fetch("SELECT * FROM payments")}
     assert rows[first["id"]]["status"] == "succeeded"
     assert (rows[second["id"]]["status"], rows[second["id"]]["refund_reason"]) == (

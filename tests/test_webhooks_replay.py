@@ -14,8 +14,8 @@ import asyncpg
 
 from boxoffice.embedded import free_port
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import (deliver, event, hold, inventory, new_event, paid_intent,
-                                         stripe_client, wait_for)
+from tests.test_webhooks_support import (deliver, event, hold, inventory, new_event, new_pi,
+                                         payment_intent, wait_for)
 
 
 def cli(ingress_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -25,21 +25,24 @@ def cli(ingress_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_failed_event_is_kept_reported_and_replayable(
-        db: asyncpg.Pool, start_service, localstripe) -> None:
-    # Stripe unreachable: the oversell refund cannot be made, so the event fails
-    dead_stripe = f"http://127.0.0.1:{free_port()}"
-    broken = start_service("webhook", STRIPE_API_BASE=dead_stripe, WEBHOOK_RETRY_DELAYS="0.2,0.3")
+        db: asyncpg.Pool, start_service) -> None:
+    # the event's own effects fail (a bug, stood in for by a trigger that refuses its payment)
+    broken = start_service("webhook", WEBHOOK_RETRY_DELAYS="0.2,0.3")
     ingress = start_service("ingress")
-
-    full = await new_event(db, capacity=2)
-    gone = await hold(db, full, 2, ttl=1)
-    await asyncio.sleep(1.1)
-    await db.fetchval("SELECT cleanup_expired_reservations()")
-    await hold(db, full, 2)
-    sc = stripe_client(localstripe)
-    paid = paid_intent(sc, gone)
-    pi_id = paid["id"]
-    body = event("payment_intent.succeeded", paid)
+    ev = await new_event(db, capacity=2)
+    res = await hold(db, ev, 2)
+    pi_id = new_pi()
+    await db.execute(f"""
+        CREATE FUNCTION refuse_payment() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.payment_intent_id = '{pi_id}' THEN
+                RAISE EXCEPTION 'effects refused for this test';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_payment BEFORE INSERT ON payments
+            FOR EACH ROW EXECUTE FUNCTION refuse_payment();""")
+    body = event("payment_intent.succeeded", payment_intent(pi_id, res))
     event_id = json.loads(body)["id"]
 
     async with aiohttp.ClientSession() as s:
@@ -50,11 +53,10 @@ async def test_failed_event_is_kept_reported_and_replayable(
                                      "AND processing_status = 'failed'", event_id)
         row = await wait_for(failed, 60, "the event to be marked failed")
         assert row["attempts"] == 3 and row["processed_at"] is None
-        assert "APIConnectionError" in row["last_error"]
-        # nothing of the failed attempts stayed: no payment recorded, no refund made
+        assert "effects refused for this test" in row["last_error"]
+        # nothing of the failed attempts stayed: no payment recorded, nothing sold
         assert await db.fetchval("SELECT count(*) FROM payments") == 0
-        assert sc.v1.refunds.list(params={"payment_intent": pi_id}).data == []
-        assert await inventory(db, full) == (2, 0)
+        assert await inventory(db, ev) == (2, 0)
         await wait_for(lambda: asyncio.to_thread(lambda: "failed after 3 attempts" in broken.logs()),
                        what="the final failure to be reported")
 
@@ -77,23 +79,22 @@ async def test_failed_event_is_kept_reported_and_replayable(
     out = await asyncio.to_thread(cli, ingress.url, "list", "--status", "failed")
     assert out.returncode == 0 and json.loads(out.stdout)["events"][0]["event_id"] == event_id
 
-    # a replay while Stripe is still down fails again: recorded, still failed, CLI exits 1
+    # a replay while the bug is still there fails again: recorded, still failed, CLI exits 1
     out = await asyncio.to_thread(cli, ingress.url, "replay", event_id)
     assert out.returncode == 1 and json.loads(out.stdout)["outcome"] == "failed"
     assert await db.fetchval("SELECT attempts FROM webhook_events_log WHERE event_id = $1",
                              event_id) == 4
 
-    # Stripe is back (the service restarted with a working Stripe): the replay refunds once
-    assert broken.stop() == 0
-    start_service("webhook", STRIPE_API_BASE=localstripe.url)
+    # the bug is fixed: the replay applies the event once
+    await db.execute("DROP TRIGGER refuse_payment ON payments")
     out = await asyncio.to_thread(cli, ingress.url, "replay", event_id)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout)
-    assert result["outcome"] == "refunded_oversold"
+    assert result["outcome"] == "completed"
     assert result["event"]["processing_status"] == "processed"
-    pay = await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", pi_id)
-    assert (pay["status"], pay["refund_reason"]) == ("refunded", "oversold")
-    assert [r.id for r in sc.v1.refunds.list(params={"payment_intent": pi_id}).data] == [pay["refund_id"]]
+    assert await db.fetchval("SELECT status FROM payments WHERE payment_intent_id = $1",
+                             pi_id) == "succeeded"
+    assert await inventory(db, ev) == (0, 2)
     # a second replay is refused: its effects are applied
     out = await asyncio.to_thread(cli, ingress.url, "replay", event_id)
     assert out.returncode == 1 and "webhook_event_already_processed" in out.stderr

@@ -42,13 +42,14 @@ async def publish_batch(pool: asyncpg.Pool, bus: busmod.Bus, limit: int = 500) -
     return len(rows)
 
 
-async def _listen(url: str, wake: asyncio.Event, stopping: asyncio.Event) -> None:
-    """Keep a LISTEN connection open so that new rows wake the relay at once."""
+async def listen(url: str, wake: asyncio.Event, stopping: asyncio.Event,
+                 channel: str = CHANNEL) -> None:
+    """Keep a LISTEN connection on ``channel`` open so that new rows wake their worker at once."""
     while not stopping.is_set():
         conn = None
         try:
             conn = await asyncpg.connect(url, timeout=5)
-            await conn.add_listener(CHANNEL, lambda *_: wake.set())
+            await conn.add_listener(channel, lambda *_: wake.set())
             wake.set()  # catch up on anything written while we were not listening
             while not stopping.is_set() and not conn.is_closed():
                 await asyncio.sleep(1)
@@ -56,7 +57,7 @@ async def _listen(url: str, wake: asyncio.Event, stopping: asyncio.Event) -> Non
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - keep listening whatever happens
-            log.warning("outbox listener lost (%s), retrying", type(exc).__name__)
+            log.warning("%s listener lost (%s), retrying", channel, type(exc).__name__)
             await asyncio.sleep(1)
         finally:
             if conn is not None:
@@ -67,7 +68,7 @@ async def _listen(url: str, wake: asyncio.Event, stopping: asyncio.Event) -> Non
 async def run_relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, stopping: asyncio.Event,
                     *, sweep_interval: float = 1.0, wake: asyncio.Event | None = None) -> None:
     wake = asyncio.Event() if wake is None else wake
-    listener = asyncio.create_task(_listen(url, wake, stopping))
+    listener = asyncio.create_task(listen(url, wake, stopping))
     delay = 0.1
     try:
         while not stopping.is_set():

@@ -8,15 +8,18 @@ as both the audit trail and the recovery state:
    find the client's key. A finished key replays its stored status and body; a key
    with another fingerprint is ``idempotency_key_mismatch``; a key whose lease is live is
    ``idempotency_key_in_use``; a key whose lease lapsed (its worker crashed or gave up) is taken
-   over. A new key is validated (the reservation is the client's, active, and has no other live
-   PaymentIntent) and inserted with the amount of the reservation; a request rejected here
-   stores nothing.
+   over. A new key is validated (the reservation is the client's, active, and no other key owns
+   its PaymentIntent: ``reservations.payment_idempotency_key``) and inserted with the amount of
+   the reservation; a request rejected here stores nothing. The claim is committed durably
+   before Stripe is called: a PaymentIntent is never created for a claim a crash could erase.
 2. **Stripe call**, outside any transaction, with a Stripe idempotency key derived from the
    client's key, so a repeated call after a crash gets the original PaymentIntent back. While it
    runs the lease is renewed in the background.
 3. **record** (SQL ``record_payment_intent``, one round trip): the response, the Stripe id, a
    ``payments`` row (``created``), the reservation's PaymentIntent id and a
-   ``payments.events.created`` outbox row, all at once.
+   ``payments.events.created`` outbox row, all at once, on the row this worker claimed (same
+   client key and Stripe key) or not at all: a claim found missing is ``ClaimLost``, a 503 whose
+   retry claims again and gets the same PaymentIntent back from Stripe.
    Definitive Stripe errors (card declined, invalid request) are recorded the same way; transient
    ones release the lease and leave the key at ``started`` for the client's retry.
 
@@ -25,8 +28,9 @@ again with the same key) and ``finished``. Stripe's answer and every local effec
 committed in one transaction, so there is no state in between to resume from and
 ``stripe_called`` is never written.
 
-The lease (``locked_at``) lasts ``LEASE_SECONDS`` and is renewed every ``RENEW_EVERY`` while
-Stripe is being called, so a crashed worker's key is taken over within seconds. Correctness never
+The lease (``locked_at``, owned through ``lease_token``) lasts ``LEASE_SECONDS`` and is renewed
+every ``RENEW_EVERY`` while Stripe is being called, so a crashed worker's key is taken over within
+seconds; a worker whose lease was taken over can neither renew nor release its successor's. Correctness never
 depends on it: two workers calling Stripe with one key get one PaymentIntent, and only the first
 to record it wins (the record is conditional on the key not being finished).
 """
@@ -68,6 +72,9 @@ PHASE_SECONDS = prometheus_client.Histogram(
 OUTCOMES = prometheus_client.Counter(
     "boxoffice_payment_intent_requests_total", "POST /v1/payment_intents by outcome", ["outcome"])
 
+ClaimLost = errors.define(
+    "ClaimLost", "idempotency_key_claim_lost", 503,
+    "The request's claim on its Idempotency-Key was lost (the database restarted): retry it")
 PaymentIntentExists = errors.define(
     "PaymentIntentExists", "payment_intent_exists", 409,
     "The reservation already has a PaymentIntent under another Idempotency-Key")
@@ -84,6 +91,9 @@ class Deps:
 @dataclass(frozen=True)
 class Claim:
     log_id: int
+    client_id: str
+    idempotency_key: str
+    lease_token: uuid.UUID
     stripe_key: str
     amount: int
     currency: str
@@ -126,7 +136,9 @@ async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | Stored
         return StoredResponse(status=row["response_status"], body=row["response_body"],
                               replayed=True)
     if outcome in ("claimed", "resumed"):
-        return Claim(log_id=row["log_id"], stripe_key=row["stripe_key"], amount=row["amount"],
+        return Claim(log_id=row["log_id"], client_id=req.client_id,
+                     idempotency_key=req.idempotency_key, lease_token=row["lease_token"],
+                     stripe_key=row["stripe_key"], amount=row["amount"],
                      currency=row["currency"], reservation_id=req.reservation_id)
     if outcome == "mismatch":
         raise idempotency.IdempotencyKeyMismatch(
@@ -149,7 +161,7 @@ async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | Stored
 async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
     _failpoint(deps, "before_stripe_call")
     try:
-        async with _leased(deps.pool, claim.log_id):
+        async with _leased(deps.pool, claim):
             with PHASE_SECONDS.labels("stripe").time():
                 pi = await deps.stripe.create_payment_intent(
                     amount=claim.amount, currency=claim.currency,
@@ -160,12 +172,12 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
         return await _retrying(lambda: _record(deps.pool, claim, exc.error.status, body, None))
     except Transient as exc:
         OUTCOMES.labels("stripe_unavailable").inc()
-        await _release(deps.pool, claim.log_id, str(exc))
+        await _release(deps.pool, claim, str(exc))
         raise errors.UpstreamUnavailable(
             f"the payment provider is unavailable ({exc}); retry with the same Idempotency-Key",
             retry_after=2) from None
     except BaseException as exc:
-        await _release(deps.pool, claim.log_id, f"{type(exc).__name__}")
+        await _release(deps.pool, claim, f"{type(exc).__name__}")
         raise
     _failpoint(deps, "after_stripe_call")
     body = wire.encode(PaymentIntent(id=pi.id, client_secret=pi.client_secret, amount=pi.amount,
@@ -186,25 +198,35 @@ async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
             payment_intent_id=pi.id, reservation_id=claim.reservation_id, amount=claim.amount,
             currency=claim.currency, occurred_at=wire.now())).decode()
     row = await pool.fetchrow(
-        "SELECT * FROM record_payment_intent($1, $2, $3, $4, ($5::text)::jsonb)", claim.log_id,
-        status, body, pi.id if pi else None, event)
+        "SELECT * FROM record_payment_intent($1, $2, $3, $4, $5, $6, $7, ($8::text)::jsonb)",
+        claim.log_id, claim.client_id, claim.idempotency_key, claim.stripe_key, status, body,
+        pi.id if pi else None, event)
+    if row["outcome"] == "lost":
+        OUTCOMES.labels("claim_lost").inc()
+        log.warning("the claim of key row %s was lost before its record (database restarted?)",
+                    claim.log_id)
+        raise ClaimLost("retry with the same Idempotency-Key", retry_after=1)
     return StoredResponse(status=row["response_status"], body=row["response_body"],
-                          replayed=row["replayed"])
+                          replayed=row["outcome"] == "replayed")
 
 
-async def _release(pool: asyncpg.Pool, log_id: int, error: str) -> None:
-    """Give the key back at once (its retry need not wait for the lease to lapse)."""
+async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
+    """Give the key back at once (its retry need not wait for the lease to lapse).
+
+    Only while the lease is still ours: a worker whose lease lapsed and was taken over must not
+    clear its successor's."""
     try:
-        await pool.execute("UPDATE payment_intents_log SET locked_at = NULL, last_error = $2, "
-                           "updated_at = clock_timestamp() "
-                           "WHERE id = $1 AND recovery_point <> 'finished'", log_id, error[:500])
+        await pool.execute("UPDATE payment_intents_log SET locked_at = NULL, lease_token = NULL, "
+                           "last_error = $3, updated_at = clock_timestamp() "
+                           "WHERE id = $1 AND lease_token = $2 AND recovery_point <> 'finished'",
+                           claim.log_id, claim.lease_token, error[:500])
     except (asyncpg.PostgresError, *db.UNAVAILABLE) as exc:
-        log.warning("could not release key %s (%s); its lease will lapse", log_id,
+        log.warning("could not release key %s (%s); its lease will lapse", claim.log_id,
                     type(exc).__name__)
 
 
 @contextlib.asynccontextmanager
-async def _leased(pool: asyncpg.Pool, log_id: int) -> AsyncIterator[None]:
+async def _leased(pool: asyncpg.Pool, claim: Claim) -> AsyncIterator[None]:
     """Renew the key's lease while the block runs (only slow Stripe calls ever renew)."""
 
     async def renew() -> None:
@@ -212,9 +234,12 @@ async def _leased(pool: asyncpg.Pool, log_id: int) -> AsyncIterator[None]:
             await asyncio.sleep(RENEW_EVERY)
             try:
                 await pool.execute("UPDATE payment_intents_log SET locked_at = clock_timestamp() "
-                                   "WHERE id = $1 AND recovery_point <> 'finished'", log_id)
+                                   "WHERE id = $1 AND lease_token = $2 "
+                                   "AND recovery_point <> 'finished'",
+                                   claim.log_id, claim.lease_token)
             except (asyncpg.PostgresError, *db.UNAVAILABLE) as exc:
-                log.warning("lease renewal of key %s failed (%s)", log_id, type(exc).__name__)
+                log.warning("lease renewal of key %s failed (%s)", claim.log_id,
+                            type(exc).__name__)
 
     task = asyncio.create_task(renew())
     try:

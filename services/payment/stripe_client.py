@@ -42,6 +42,10 @@ class CreatedIntent:
     currency: str
 
 
+# Network failures below the SDK: Stripe's answer never arrived whole.
+NETWORK = (aiohttp.ClientError, OSError, asyncio.IncompleteReadError)
+
+
 class Definitive(Exception):
     """Stripe answered with a final error: ``error`` is what the client is told, and stored."""
 
@@ -81,6 +85,10 @@ class StripeGateway:
             raise Transient(f"Stripe refused our credentials ({exc.http_status})") from None
         except stripe.StripeError as exc:  # connection errors, rate limits, 5xx
             raise Transient(f"{type(exc).__name__} (HTTP {exc.http_status})") from None
+        except NETWORK as exc:
+            # the SDK wraps connection failures but not an answer cut mid-body (aiohttp's
+            # ClientPayloadError and kin): no final answer either, so resumable, never a 500
+            raise Transient(f"Stripe's answer was cut ({type(exc).__name__})") from None
         return CreatedIntent(id=pi.id, client_secret=pi.client_secret or "", status=pi.status,
                              amount=pi.amount, currency=pi.currency)
 

@@ -8,7 +8,7 @@ Failures, and how often they are retried:
 - PostgreSQL unreachable: nothing can be recorded, so the message is nak'ed with a delay and
   the consumer pauses until the database answers. These retries are not counted: the JetStream
   consumer has no ``max_deliver``, so an outage of any length loses no event.
-- the event's own failure (an effect raised, Stripe refused a refund): the attempt is counted in
+- the event's own failure (an effect raised): the attempt is counted in
   the event's row and the message nak'ed with the next delay of ``WEBHOOK_RETRY_DELAYS``; after
   the last attempt the row is marked ``failed`` (replayable by an operator), an error reported,
   and the message terminated.
@@ -32,7 +32,6 @@ from nats.aio.msg import Msg
 from boxoffice import db, wire
 from boxoffice.webhook import effects, eventlog
 from boxoffice.webhook.effects import Outcome
-from boxoffice.webhook.refunds import Refunds
 from boxoffice.wire.stripe import StripeEvent
 
 log = logging.getLogger("boxoffice.webhook")
@@ -64,10 +63,9 @@ def describe(exc: BaseException) -> str:
 class Processor:
     """Applies one event in one transaction (used by the consumer and by operator replays)."""
 
-    def __init__(self, pool: asyncpg.Pool, refunds: Refunds, retry_delays: Sequence[float],
+    def __init__(self, pool: asyncpg.Pool, retry_delays: Sequence[float],
                  relay_wake: asyncio.Event | None = None):
         self.pool = pool
-        self.refunds = refunds
         self.retry_delays = tuple(retry_delays)
         # apply_stripe_event skips the outbox NOTIFY (see the migration): wake our relay instead
         self.relay_wake = relay_wake
@@ -84,7 +82,7 @@ class Processor:
         """Apply ``event`` once (on ``conn``, else a pooled connection); raises if not applied."""
         for attempt in range(3):
             try:
-                outcome = await effects.apply(conn or self.pool, event, raw, self.refunds)
+                outcome = await effects.apply(conn or self.pool, event, raw)
                 break
             except TRANSIENT:
                 if attempt == 2:

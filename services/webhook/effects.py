@@ -8,18 +8,24 @@ refund changes nothing, a refund gives tickets back once.
 
 | event | effect when it moves the payment |
 |---|---|
-| ``payment_intent.succeeded`` | reservation completed (tickets sold), ``payments.events.succeeded``; tickets gone: refund |
+| ``payment_intent.succeeded`` | reservation completed (tickets sold), ``payments.events.succeeded``; tickets gone or hold paid twice: refund decided |
 | ``payment_intent.payment_failed`` | recorded, ``payments.events.failed``; the hold stays until it expires |
 | ``payment_intent.processing`` | recorded |
-| ``payment_intent.canceled`` | hold released, ``payments.events.failed`` (reason ``canceled``) |
-| ``charge.refunded`` (in full) | tickets back to inventory, ``payments.events.refunded`` |
-| ``charge.dispute.created`` | recorded, and a critical error reported |
+| ``payment_intent.canceled`` | the hold it holds released, ``payments.events.failed`` (reason ``canceled``) |
+| ``charge.refunded`` (in full) | the tickets it paid for back to inventory, ``payments.events.refunded`` |
+| ``charge.dispute.created`` | recorded (the hold sold if its succeeded event is still to come), and a critical error reported |
 | anything else | recorded as ``ignored`` |
 
+Tickets only ever go back on the refund or cancel of the PaymentIntent that holds them
+(``reservations.payment_intent_id``): a refund of a second payment for a hold sold by the first
+changes nothing but that payment.
+
 The claim and the effects are one SQL function, ``apply_stripe_event``, run as one statement:
-one transaction, one round trip. This module reads the event's object into its arguments,
-makes the refund at Stripe when the function asks for one (SQLSTATE BX402), and turns outcomes
-into error reports, which the caller sends only after the commit.
+one transaction, one round trip, and no call to Stripe. Money that must go back is decided in
+that transaction as a ``stripe_actions`` row and refunded by the action worker (actions.py),
+which resumes from the row after any crash. This module reads the event's object into the
+function's arguments and turns outcomes into error reports, which the caller sends only after
+the commit.
 """
 
 from __future__ import annotations
@@ -32,20 +38,18 @@ from typing import Any
 import asyncpg
 
 from boxoffice.webhook.eventlog import created_at
-from boxoffice.webhook.refunds import Refunds
 from boxoffice.wire.stripe import (ChargeObject, DisputeObject, PaymentIntentObject, StripeEvent,
                                    read_object)
 
-REFUND_NEEDED = "BX402"
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
 
 # outcome -> what is reported (the error-sink alerts on critical)
 REPORTS: dict[str, tuple[int, str]] = {
     "no_reservation": (logging.ERROR, "payment succeeded for no known reservation"),
-    "refunded_oversold": (logging.ERROR, "payment arrived after the hold ended and the tickets "
-                                         "were sold: refunded"),
-    "refunded_duplicate_payment": (logging.ERROR, "second payment for an already completed "
-                                                  "reservation: refunded"),
+    "refund_oversold": (logging.ERROR, "payment arrived after the hold ended and the tickets "
+                                       "were sold: refund decided"),
+    "refund_duplicate_payment": (logging.ERROR, "second payment for an already completed "
+                                                "reservation: refund decided"),
     "disputed": (logging.CRITICAL, "a charge was disputed"),
     "no_payment_intent": (logging.WARNING, "refund or dispute of a charge without a PaymentIntent"),
 }
@@ -110,27 +114,16 @@ def arguments(event: StripeEvent) -> Args:
     return Args()
 
 
-async def _run(pool: asyncpg.Pool, event: StripeEvent, raw: str, a: Args) -> asyncpg.Record:
+async def _run(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw: str, a: Args) -> asyncpg.Record:
     return await pool.fetchrow(APPLY, event.id, event.type, created_at(event), raw,
                                a.payment_intent_id, a.reservation_id, a.amount, a.currency,
                                a.reason, a.refund_id, a.refunded)
 
 
-async def apply(pool: asyncpg.Pool, event: StripeEvent, raw: str, refunds: Refunds) -> Outcome:
+async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw: str) -> Outcome:
     """Apply ``event`` once, committed when this returns; raises if nothing was applied."""
     a = arguments(event)
-    try:
-        row = await _run(pool, event, raw, a)
-    except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", None) != REFUND_NEEDED or a.payment_intent_id is None:
-            raise
-        # the buyer paid for tickets that are gone, or paid twice: give the money back, then
-        # record the refund (a retry refunds nothing twice: see refunds.py)
-        reason = str(exc.detail or "oversold")
-        a.refund_id = await refunds.refund(a.payment_intent_id, a.amount or 0, reason,
-                                           str(a.reservation_id) if a.reservation_id else None)
-        a.reason = reason
-        row = await _run(pool, event, raw, a)
+    row = await _run(pool, event, raw, a)
     outcome = Outcome(row["outcome"])
     if outcome.name in REPORTS:
         level, message = REPORTS[outcome.name]
@@ -139,8 +132,6 @@ async def apply(pool: asyncpg.Pool, event: StripeEvent, raw: str, refunds: Refun
                    "currency": row["currency"] or a.currency}
         if row["reservation_id"] is not None:
             context["reservation_id"] = str(row["reservation_id"])
-        if a.refund_id and outcome.name.startswith("refunded_"):
-            context["refund_id"] = a.refund_id
         if a.reason and outcome.name == "disputed":
             context["reason"] = a.reason
         outcome.reports.append(Report(level, message, context))

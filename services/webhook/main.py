@@ -1,7 +1,8 @@
 """The webhook service: build and run.
 
 Torn down in reverse: stop fetching (the batch in hand is finished and acked), stop answering
-operators, stop the outbox relay, close the Stripe client, drain NATS, close the pool.
+operators, stop the Stripe action worker and the outbox relay, close the Stripe client, drain
+NATS, close the pool.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, outbox, runtime
-from boxoffice.webhook import consumer, handlers, refunds
+from boxoffice.webhook import actions, consumer, handlers, refunds
 from boxoffice.wire.subjects import WEBHOOK_CONSUMER
 
 BATCH = 512
@@ -31,7 +32,9 @@ async def build(svc: runtime.Service) -> None:
                                max_ack_pending=20000)
     stripe = await svc.stack.enter_async_context(refunds.client(cfg))
     relay_wake = await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
-    processor = consumer.Processor(pool, stripe, cfg.webhook_retry_delays, relay_wake)
+    # refunds and cancels decided in the database are made at Stripe by this worker
+    await svc.stack.enter_async_context(actions.worker(cfg.database_url, pool, stripe))
+    processor = consumer.Processor(pool, cfg.webhook_retry_delays, relay_wake)
     await handlers.register(bus, processor)
     svc.stack.push_async_callback(bus.stop_serving)
     handle = await svc.stack.enter_async_context(

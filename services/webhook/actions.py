@@ -1,0 +1,186 @@
+"""Stripe side effects, decided durably before they are made: refunds and cancels.
+
+Whoever decides that money must go back or that a PaymentIntent must die (a Stripe event applied
+in SQL, a hold that ends, a PaymentIntent recorded for a hold that ended meanwhile) writes a
+``stripe_actions`` row in the transaction that decides it: what, for which PaymentIntent, why,
+and the Stripe idempotency key (``refund-<pi>``, ``cancel-<pi>``). This worker then
+
+1. leases due rows (``claim_stripe_actions``: the attempt is counted, the row is due again when
+   the lease lapses, so a worker that dies mid-call is replaced by the next sweep);
+2. makes the call at Stripe with the row's idempotency key (a repeat after a crash gets the same
+   refund or cancel back, never a second one);
+3. confirms it (``finish_stripe_action``): the payment moves to refunded or canceled, with the
+   reason the action was decided for, in one transaction.
+
+Failures are classified by where they happened, never by exception class alone:
+- PostgreSQL unreachable while leasing or confirming: the sweep pauses; the lease lapses and
+  the row is taken again (Stripe, asked with the same key, answers the same).
+- Stripe unreachable, slow, cut mid-answer, rate limiting or 5xx: ``retry``, with back-off.
+- Stripe refusing for good: a cancel of a PaymentIntent that already succeeded or is processing
+  is ``moot`` (its succeeded event sells the hold or decides a refund); anything else ``failed``,
+  reported as an error for an operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aiohttp
+import asyncpg
+import prometheus_client
+import stripe
+
+from boxoffice import db, outbox
+from boxoffice.webhook.refunds import Refunds
+
+log = logging.getLogger("boxoffice.webhook.actions")
+T = TypeVar("T")
+
+CHANNEL = "boxoffice_stripe_actions"
+LEASE_SECONDS = 60.0       # longer than any one Stripe call (Refunds' timeout is 20 s)
+SWEEP_SECONDS = 2.0        # due retries and lapsed leases are found by this sweep
+BATCH = 16
+MAX_BACKOFF = 300.0
+REPORT_AFTER = 5           # attempts before a still-transient failure is reported as an error
+CANCELLABLE = ("requires_payment_method", "requires_capture", "requires_confirmation",
+               "requires_action")
+
+ACTIONS = prometheus_client.Counter("boxoffice_stripe_actions_total",
+                                    "Attempts at Stripe side effects, by kind and outcome",
+                                    ["kind", "outcome"])
+
+
+class StripeTransient(Exception):
+    """No final answer from Stripe: the same call, with the same key, is made again later."""
+
+
+class StripeRefused(Exception):
+    """Stripe answered with a final refusal."""
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: str            # done | moot | failed | retry
+    result_id: str | None = None
+    detail: str | None = None
+
+
+def backoff(attempts: int) -> float:
+    return min(2.0 ** attempts, MAX_BACKOFF)
+
+
+async def _stripe(call: Awaitable[T]) -> T:
+    """Await a Stripe SDK call, turning every way it can fail into one of two classes."""
+    try:
+        return await call
+    except (stripe.InvalidRequestError, stripe.CardError, stripe.IdempotencyError) as exc:
+        raise StripeRefused(f"{type(exc).__name__}: {exc.user_message or exc.code}") from None
+    except stripe.StripeError as exc:  # connection, rate limit, 5xx, our credentials
+        raise StripeTransient(f"{type(exc).__name__} (HTTP {exc.http_status})") from None
+    except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+        raise StripeTransient(f"Stripe's answer did not arrive ({type(exc).__name__})") from None
+
+
+async def perform(refunds: Refunds, row: asyncpg.Record) -> Result:
+    """Make one action at Stripe; never raises for a Stripe failure (it is a Result)."""
+    pi, key = row["payment_intent_id"], row["idempotency_key"]
+    try:
+        if row["kind"] == "refund":
+            refund_id = await _stripe(refunds.refund(
+                pi, row["amount"] or 0, row["reason"],
+                str(row["reservation_id"]) if row["reservation_id"] else None))
+            return Result("done", str(refund_id))
+        try:
+            await _stripe(refunds.client.v1.payment_intents.cancel_async(
+                pi, options={"idempotency_key": key}))
+            return Result("done", pi)
+        except StripeRefused as refused:
+            # not cancellable: find out why (already succeeded, processing, or canceled)
+            intent = await _stripe(refunds.client.v1.payment_intents.retrieve_async(pi))
+            status = getattr(intent, "status", None)
+            if status == "canceled":
+                return Result("done", pi, "canceled already")
+            if status in CANCELLABLE:
+                return Result("failed", None, str(refused))
+            return Result("moot", None, f"PaymentIntent is {status}")
+    except StripeTransient as exc:
+        return Result("retry", None, str(exc))
+    except StripeRefused as exc:
+        return Result("failed", None, str(exc))
+
+
+async def run_once(pool: asyncpg.Pool, refunds: Refunds, limit: int = BATCH) -> int:
+    """Lease, perform and confirm up to ``limit`` due actions; returns how many were tried."""
+    rows = await pool.fetch("SELECT * FROM claim_stripe_actions($1, $2)", limit, LEASE_SECONDS)
+    results = await asyncio.gather(*(perform(refunds, r) for r in rows))
+    for row, res in zip(rows, results):
+        ACTIONS.labels(row["kind"], res.outcome).inc()
+        status = await pool.fetchval("SELECT finish_stripe_action($1, $2, $3, $4, $5)",
+                                     row["id"], res.outcome, res.result_id, res.detail,
+                                     backoff(row["attempts"]))
+        context = {"payment_intent_id": row["payment_intent_id"], "kind": row["kind"],
+                   "reason": row["reason"], "attempts": row["attempts"]}
+        if res.outcome == "failed":
+            log.error("Stripe refused to %s %s: %s", row["kind"], row["payment_intent_id"],
+                      res.detail, extra=context)
+        elif res.outcome == "retry":
+            level = logging.ERROR if row["attempts"] == REPORT_AFTER else logging.WARNING
+            log.log(level, "%s of %s not made yet (attempt %d): %s", row["kind"],
+                    row["payment_intent_id"], row["attempts"], res.detail, extra=context)
+        elif status is not None:
+            log.info("%s of %s: %s", row["kind"], row["payment_intent_id"], res.outcome,
+                     extra=context)
+    return len(rows)
+
+
+async def run_worker(url: str, pool: asyncpg.Pool, refunds: Refunds,
+                     stopping: asyncio.Event, *, sweep: float = SWEEP_SECONDS) -> None:
+    """Until ``stopping``: perform actions as they are decided (NOTIFY) and on every sweep."""
+    wake = asyncio.Event()
+    listener = asyncio.create_task(outbox.listen(url, wake, stopping, CHANNEL))
+    delay = 0.1
+    try:
+        while not stopping.is_set():
+            try:
+                n = await run_once(pool, refunds)
+                delay = 0.1
+            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
+                log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except Exception:  # noqa: BLE001 - the worker never dies; leased rows come back
+                log.exception("stripe actions: sweep failed")
+                await asyncio.sleep(SWEEP_SECONDS)
+                continue
+            if n:
+                continue
+            wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), sweep)
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+
+
+@contextlib.asynccontextmanager
+async def worker(url: str, pool: asyncpg.Pool, refunds: Refunds) -> AsyncIterator[None]:
+    """Run the worker in the background; on exit, let its batch in hand finish (bounded)."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(run_worker(url, pool, refunds, stopping))
+    try:
+        yield
+    finally:
+        stopping.set()
+        try:
+            await asyncio.wait_for(task, 25)
+        except asyncio.TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
