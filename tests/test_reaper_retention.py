@@ -50,11 +50,25 @@ async def test_purges_only_what_is_old_enough(db):
     old_error = await _error(db, 91 * d, 91 * d)
     late_error = await _error(db, 91 * d, 1 * h)  # sent late with an old clock: kept
     recent_error = await _error(db, 89 * d, 89 * d)
+    ev = await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'show', 10, 100, 'eur')")
+    holds = {}
+    for key, age in (("hold-old", 25 * h), ("hold-fresh", 23 * h)):
+        holds[key] = await db.fetchval("SELECT id FROM hold_tickets($1, 1, 'c_1', 900, NULL, $2)",
+                                       ev, key)
+        await db.execute("UPDATE reservations SET created_at = now() - $2::interval, "
+                         "request_fingerprint = 'fp', response_body = '{}' WHERE id = $1",
+                         holds[key], age)
 
     run = await retention.purge(db, retention.Ages(24, 30, 90), batch=2)
 
     assert run.error is None
-    assert run.purged == {"payment_intents_log": 5, "webhook_events_log": 2, "error_logs": 1}
+    assert run.purged == {"payment_intents_log": 5, "reservation_keys": 1,
+                          "webhook_events_log": 2, "error_logs": 1}
+    # a hold's key is forgotten after the same TTL; the hold itself stays
+    keys = {r["id"]: tuple(r)[1:] for r in await db.fetch(
+        "SELECT id, idempotency_key, request_fingerprint, response_body FROM reservations")}
+    assert keys == {holds["hold-old"]: (None, None, None),
+                    holds["hold-fresh"]: ("hold-fresh", "fp", "{}")}
     assert {r[0] for r in await db.fetch("SELECT idempotency_key FROM payment_intents_log")} == {"fresh"}
     assert {r[0] for r in await db.fetch("SELECT event_id FROM webhook_events_log")} == {
         "evt_recent", "evt_failed_old"}
@@ -69,7 +83,8 @@ async def test_purges_only_what_is_old_enough(db):
 
     # nothing left to purge: nothing deleted, and no empty run recorded
     again = await retention.purge(db, retention.Ages(24, 30, 90), batch=2)
-    assert again.purged == {"payment_intents_log": 0, "webhook_events_log": 0, "error_logs": 0}
+    assert again.purged == {"payment_intents_log": 0, "reservation_keys": 0,
+                            "webhook_events_log": 0, "error_logs": 0}
     assert await db.fetchval("SELECT count(*) FROM reaper_runs WHERE kind = 'retention'") == 1
 
 

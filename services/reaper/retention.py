@@ -2,7 +2,12 @@
 
 - Idempotency keys (``payment_intents_log``) created more than ``IDEMPOTENCY_KEY_TTL_HOURS``
   ago (24 h by default, as Stripe keeps them). A purged key is forgotten: the same key sent
-  again starts a new request (and a new PaymentIntent), as with Stripe after 24 h.
+  again starts a new request, as with Stripe after 24 h. What a purge must never forget, the
+  one PaymentIntent a hold may have, lives on the reservation row
+  (``payment_idempotency_key``), which is not purged.
+- The keys of holds (``reservations.idempotency_key`` with its fingerprint and stored answer)
+  after the same ``IDEMPOTENCY_KEY_TTL_HOURS``: the reservation stays, its key is forgotten
+  (``reservation_keys``), so the same key later makes a new hold as documented.
 - Stripe events (``webhook_events_log``) processed more than ``WEBHOOK_LOG_RETENTION_DAYS``
   ago; events never processed (received or failed) are kept for operators to replay. Stripe
   stops redelivering an event after 3 days, far inside the default of 30.
@@ -43,6 +48,13 @@ PURGES: dict[str, str] = {
             SELECT id FROM payment_intents_log
             WHERE created_at < now() - make_interval(hours => $1)
             ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
+    "reservation_keys": """
+        UPDATE reservations SET idempotency_key = NULL, request_fingerprint = NULL,
+                                response_body = NULL
+        WHERE id IN (
+            SELECT id FROM reservations
+            WHERE idempotency_key IS NOT NULL AND created_at < now() - make_interval(hours => $1)
+            ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
     "webhook_events_log": """
         DELETE FROM webhook_events_log WHERE event_id IN (
             SELECT event_id FROM webhook_events_log
@@ -65,6 +77,7 @@ class Ages:
 
     def of(self, table: str) -> int:
         return {"payment_intents_log": self.idempotency_key_hours,
+                "reservation_keys": self.idempotency_key_hours,
                 "webhook_events_log": self.webhook_log_days,
                 "error_logs": self.error_days}[table]
 

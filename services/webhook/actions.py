@@ -17,26 +17,34 @@ Failures are classified by where they happened, never by exception class alone:
   the row is taken again (Stripe, asked with the same key, answers the same).
 - Stripe unreachable, slow, cut mid-answer, rate limiting or 5xx: ``retry``, with back-off.
 - Stripe refusing for good: a cancel of a PaymentIntent that already succeeded or is processing
-  is ``moot`` (its succeeded event sells the hold or decides a refund); anything else ``failed``,
-  reported as an error for an operator.
+  is ``moot``; anything else ``failed``, reported as an error for an operator.
+
+A cancel found moot because the PaymentIntent succeeded (the buyer paid just as the hold ended)
+applies that success at once, as a Stripe event of its own (``evt_boxoffice_<pi>_succeeded``),
+instead of waiting for Stripe's event, which may be late: the hold is sold again if its tickets
+are still free, or its refund decided. Stripe's own event then finds the payment applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
 import prometheus_client
 import stripe
 
-from boxoffice import db, outbox
+from boxoffice import db, outbox, wire
+from boxoffice.webhook import effects
 from boxoffice.webhook.refunds import Refunds
+from boxoffice.wire.stripe import StripeEvent
 
 log = logging.getLogger("boxoffice.webhook.actions")
 T = TypeVar("T")
@@ -68,6 +76,7 @@ class Result:
     outcome: str            # done | moot | failed | retry
     result_id: str | None = None
     detail: str | None = None
+    succeeded: dict[str, Any] | None = None  # a cancel too late: the PaymentIntent, as Stripe has it
 
 
 def backoff(attempts: int) -> float:
@@ -107,7 +116,8 @@ async def perform(refunds: Refunds, row: asyncpg.Record) -> Result:
                 return Result("done", pi, "canceled already")
             if status in CANCELLABLE:
                 return Result("failed", None, str(refused))
-            return Result("moot", None, f"PaymentIntent is {status}")
+            return Result("moot", None, f"PaymentIntent is {status}",
+                          intent.to_dict() if status == "succeeded" else None)
     except StripeTransient as exc:
         return Result("retry", None, str(exc))
     except StripeRefused as exc:
@@ -135,7 +145,20 @@ async def run_once(pool: asyncpg.Pool, refunds: Refunds, limit: int = BATCH) -> 
         elif status is not None:
             log.info("%s of %s: %s", row["kind"], row["payment_intent_id"], res.outcome,
                      extra=context)
+        if status == "moot" and res.succeeded is not None:
+            await apply_success(pool, res.succeeded)
     return len(rows)
+
+
+async def apply_success(pool: asyncpg.Pool, intent: dict[str, Any]) -> str:
+    """Apply a PaymentIntent's success as Stripe reported it to us (see the module's doc)."""
+    body = json.dumps({"id": f"evt_boxoffice_{intent['id']}_succeeded", "object": "event",
+                       "type": "payment_intent.succeeded", "created": int(time.time()),
+                       "data": {"object": intent}})
+    outcome = await effects.apply(pool, wire.decode(body.encode(), StripeEvent), body)
+    for report in outcome.reports:
+        log.log(report.level, report.message, extra=report.context)
+    return outcome.name
 
 
 async def run_worker(url: str, pool: asyncpg.Pool, refunds: Refunds,

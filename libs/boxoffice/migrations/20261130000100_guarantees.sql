@@ -45,6 +45,9 @@ CREATE TRIGGER stripe_actions_notify AFTER INSERT ON stripe_actions
 
 ALTER TABLE payment_intents_log ADD COLUMN lease_token uuid;
 ALTER TABLE reservations ADD COLUMN payment_idempotency_key text;
+-- retention forgets holds' idempotency keys after IDEMPOTENCY_KEY_TTL_HOURS, oldest first
+CREATE INDEX reservations_keyed_created ON reservations (created_at)
+    WHERE idempotency_key IS NOT NULL;
 -- existing holds: the key of their live (or in-progress) PaymentIntent, if any
 UPDATE reservations r SET payment_idempotency_key = l.idempotency_key
 FROM payment_intents_log l
@@ -781,6 +784,7 @@ END $$;
 DROP FUNCTION finish_stripe_action(bigint, text, text, text, double precision);
 DROP FUNCTION claim_stripe_actions(integer, double precision);
 DROP FUNCTION request_stripe_action(text, text, uuid, text, bigint);
+DROP INDEX reservations_keyed_created;
 ALTER TABLE reservations DROP COLUMN payment_idempotency_key;
 ALTER TABLE payment_intents_log DROP COLUMN lease_token;
 DROP TRIGGER stripe_actions_notify ON stripe_actions;
