@@ -46,7 +46,7 @@ async def _stream_has(nats_url: str, n: int) -> bool:
 
 async def test_reports_wait_in_the_spool_while_nats_is_down(nats_server, tmp_path) -> None:
     spool = tmp_path / "spool"
-    reporter = Reporter("payment", bus_url=nats_server.url, spool_dir=str(spool), max_memory=50)
+    reporter = Reporter("payment", bus_url=nats_server.url, spool_dir=str(spool))
     async with busmod.connect(nats_server.url, "reporter-test") as bus:
         await bus.declare_streams("ERRORS")
         await reporter.start()
@@ -65,13 +65,13 @@ async def test_reports_wait_in_the_spool_while_nats_is_down(nats_server, tmp_pat
         assert files and sum(f.stat().st_size for f in files) > 3000 * 50
         nats_server.start()
         await eventually(lambda: _stream_has(nats_server.url, 3001), timeout=60)
-        await eventually(lambda: _true(not list(spool.rglob("*.spool"))))
+        await eventually(lambda: _true(not _spooled_bytes(spool)))  # what was sent is freed
         # a process that stops while the bus is down leaves its reports to its successor
         nats_server.kill()
         await eventually(lambda: _true(not bus.connected))
         reporter.report("critical", "said while going down")
         await reporter.close()
-        assert list(spool.rglob("*.spool"))
+        assert _spooled_bytes(spool)
         nats_server.start()  # (so that this connection drains rather than waits)
     successor = Reporter("payment", bus_url=nats_server.url, spool_dir=str(spool))
     async with busmod.connect(nats_server.url, "reporter-test-2") as bus:
@@ -88,6 +88,31 @@ async def test_reports_wait_in_the_spool_while_nats_is_down(nats_server, tmp_pat
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def _spooled_bytes(spool) -> int:
+    return sum(f.stat().st_size for f in spool.rglob("*.spool"))
+
+
+async def test_a_bus_that_refuses_reports_is_said_once_and_they_wait(nats_url, tmp_path,
+                                                                       caplog) -> None:
+    reporter = Reporter("payment", bus_url=nats_url, spool_dir=str(tmp_path))
+    caplog.set_level(logging.INFO, logger="boxoffice.report")
+    async with busmod.connect(nats_url, "refused-test") as bus:  # connected, but no ERRORS stream
+        await reporter.start()
+        reporter.attach(bus)
+        for i in range(5):
+            reporter.report("error", f"refused #{i}", fold=False)
+            assert not await reporter.flush(0.3)  # refused: kept
+        said = [r for r in caplog.records if "wait in the spool" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING
+        assert "did not acknowledge: NoStreamResponseError" in said[0].getMessage()
+        await bus.declare_streams("ERRORS")
+        assert await reporter.flush(10)
+        assert "the bus acknowledges again" in caplog.text
+        await reporter.close()
+    assert sorted(r["message"] for r in await _errors_in_stream(nats_url)) == [
+        f"refused #{i}" for i in range(5)]
 
 
 async def test_a_burst_of_the_same_error_is_folded(nats_url, tmp_path) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import asyncpg
 import nats
 from aiohttp import web
 
-from boxoffice import migrate
+from boxoffice import migrate, wire
 from boxoffice.embedded import Postgres, free_port
+from boxoffice.error_sink import store
+from boxoffice.error_sink.sink import prepare
 from tests.test_errors_support import count, eventually, publish, publish_raw, report
 
 N = 10_000
@@ -135,6 +138,28 @@ async def test_any_message_the_bus_accepted_is_kept(db, nats_url, start_service)
     await publish_raw(nats_url, "errors.payment.error", json.dumps(odd).encode(), "a-replay")
     await asyncio.sleep(1.5)
     assert await count(db) == 3
+
+
+async def test_a_report_id_is_stored_once_whatever_its_batch_holds(db, database_url) -> None:
+    a, b, c = report(1), report(2), report(3)
+
+    def rows(*bodies: dict) -> list:
+        return [prepare(SimpleNamespace(subject="errors.payment.error", data=json.dumps(x).encode(),
+                                        headers={"Nats-Msg-Id": x["id"]}), wire.now())
+                for x in bodies]
+
+    async with store.writer_pool(database_url, 1) as pool:
+        async with pool.acquire() as conn, conn.transaction():
+            assert (await store.write_batch(conn, rows(a), store.AlertPolicy())).stored == 1
+        # a replayed after JetStream's duplicate window (its id spelled in capitals), in one
+        # batch with a new report, and another new one delivered twice in the same batch
+        replay = dict(a, id=a["id"].upper())
+        async with pool.acquire() as conn, conn.transaction():
+            out = await store.write_batch(conn, rows(replay, b, c, c), store.AlertPolicy())
+    assert out.stored == 2
+    ids = sorted(r["id"] for r in await db.fetch("SELECT id::text FROM error_logs"))
+    assert ids == sorted([a["id"], b["id"], c["id"]])
+    assert await db.fetchval("SELECT sum(count) FROM error_groups") == 3
 
 
 async def test_alerts_decided_once_per_window_and_published(db, nats_url, start_service) -> None:

@@ -1,4 +1,4 @@
-"""Error reporting from every process to the bus (DESIGN.md, "Errors on the bus").
+"""Error reporting from every process to the bus.
 
 - ``report(level, message, ...)`` files one report; ``logging`` records at ERROR and above reach
   the bus the same way (``BusHandler`` on the root logger), with their ``extra={...}`` as context.
@@ -6,10 +6,13 @@
   whose exception nobody retrieved), ``sys.excepthook`` (a crash, reported as ``fatal``) and
   ``threading.excepthook``; ``watch(task)`` reports a background task's failure at once.
   HTTP and bus handlers log their unhandled exceptions, which the handler picks up.
-- Each report is published to ``errors.<service>.<level>`` with its ``id`` as ``Nats-Msg-Id``,
-  and counts as sent only once the PubAck is in. Until the bus is attached, while it is
-  unreachable, or when the in-memory queue is full, reports go to a local spool file
-  (``boxoffice.spool``) and are sent when the bus is back, by this process or its successor.
+- Every report is first appended to a local spool file (``boxoffice.spool``), then published
+  from there to ``errors.<service>.<level>`` with its ``id`` as ``Nats-Msg-Id``; it leaves the
+  spool only once the PubAck is in. So a report survives the process being killed right after
+  the log call, and waits out a bus that is away; what a process leaves behind is sent by
+  whichever process on the same bus adopts its files (its successor, another replica, another
+  service). A report may thus be published twice; its id makes the second a no-op (JetStream's
+  duplicate window, then the error-sink's primary key).
 - A burst of the same error is folded: the first is sent at once, the repeats within
   ``fold_window`` seconds become one report whose ``count`` says how many.
 - Reporting never blocks and never raises into its caller.
@@ -20,7 +23,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -46,7 +48,7 @@ log = logging.getLogger("boxoffice.report")
 SENT = prometheus_client.Counter("boxoffice_error_reports_sent_total",
                                  "Error reports acknowledged by the bus")
 SPOOLED = prometheus_client.Counter("boxoffice_error_reports_spooled_total",
-                                    "Error reports written to the local spool")
+                                    "Error reports written to the local spool (all, before sending)")
 FOLDED = prometheus_client.Counter("boxoffice_error_reports_folded_total",
                                    "Repeats folded into a later report's count")
 DROPPED = prometheus_client.Counter("boxoffice_error_reports_dropped_total",
@@ -65,7 +67,11 @@ class _Head(msgspec.Struct):
     level: str
 
 
+_head = msgspec.json.Decoder(_Head)
+
+
 MAX_REPORT_BYTES = 256 << 10  # well under NATS's default max_payload (1 MiB)
+ADOPT_SECONDS = 2.0  # how often a connected reporter looks for files of processes that are gone
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:
@@ -101,15 +107,13 @@ class Reporter:
 
     def __init__(self, service: str, *, bus_url: str, environment: str | None = None,
                  release: str | None = None, spool_dir: str | None = None,
-                 fold_window: float = 2.0, max_memory: int = 1000, max_folds: int = 5000):
+                 fold_window: float = 2.0, max_folds: int = 5000, spool_max_bytes: int = 64 << 20):
         self.service = service
         self.environment = environment
         self.release = release
         self.fold_window = fold_window
-        self.max_memory = max_memory
         self.max_folds = max_folds
-        self.spool = Spool(spool_dir, service, bus_url)
-        self._queue: collections.deque[ErrorReport] = collections.deque()
+        self.spool = Spool(spool_dir, service, bus_url, max_bytes=spool_max_bytes)
         self._folds: dict[tuple[Any, ...], _Fold] = {}
         self._lock = threading.RLock()
         self._bus: Any = None
@@ -118,6 +122,8 @@ class Reporter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._dropped_told = 0
+        self._failing = False
+        self._last_failure = ""
 
     # -- filing --------------------------------------------------------------------------
     def report(self, level: str, message: str, *, error_type: str | None = None,
@@ -195,19 +201,11 @@ class Reporter:
             self._enqueue(r)
 
     def _enqueue(self, r: ErrorReport) -> None:
+        line = _enc.encode(r)
         with self._lock:
-            bus = self._bus
-            if bus is not None and bus.connected and len(self._queue) < self.max_memory:
-                self._queue.append(r)
-            else:
-                self._to_spool(r)
+            kept = self.spool.write(line)  # before anything else can lose it
+        (SPOOLED if kept else DROPPED).inc()
         self._poke()
-
-    def _to_spool(self, r: ErrorReport) -> None:
-        if self.spool.write(_enc.encode(r)):
-            SPOOLED.inc()
-        else:
-            DROPPED.inc()
 
     def _poke(self) -> None:
         loop, wake = self._loop, self._wake
@@ -239,8 +237,9 @@ class Reporter:
         self._task = asyncio.create_task(self._run(), name="error-reporter")
 
     async def _run(self) -> None:
-        assert self._wake is not None
+        assert self._wake is not None and self._loop is not None
         delay = 0.25
+        adopt_at = 0.0
         while not self._closing:
             try:
                 async with asyncio.timeout(delay):  # (wait_for may swallow a cancellation)
@@ -252,7 +251,17 @@ class Reporter:
             bus = self._bus
             if bus is None or not bus.connected:
                 continue
-            ok = await self._send_spooled(bus) and await self._send_queue(bus)
+            if self._loop.time() >= adopt_at:  # only while we can send what we take
+                adopt_at = self._loop.time() + ADOPT_SECONDS
+                with self._lock:
+                    self.spool.adopt()
+            ok = await self._send(bus)
+            if ok == self._failing:  # said once per outage, on stderr only (never reported)
+                self._failing = not ok
+                if ok:
+                    log.info("error reports: the bus acknowledges again")
+                else:
+                    log.warning("error reports wait in the spool: %s", self._last_failure)
             delay = 0.25 if ok else min(delay * 2, 5.0)
             if ok and self.spool.dropped > self._dropped_told:
                 lost = self.spool.dropped - self._dropped_told
@@ -260,58 +269,33 @@ class Reporter:
                 self.report("warning", f"{lost} error reports were dropped: the local spool was full",
                             fold=False)
 
-    async def _publish(self, bus: Any, r: ErrorReport | bytes) -> bool:
-        if isinstance(r, bytes):
-            try:
-                head = msgspec.json.decode(r, type=_Head)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                return True  # a torn line (crash mid-write): nothing to send
-            subject, msg_id, payload = error_report(head.service, head.level), head.id, r
-        else:
-            subject, msg_id, payload = error_report(r.service, r.level), r.id, _enc.encode(r)
+    async def _publish(self, bus: Any, line: bytes) -> bool:
         try:
-            await bus.publish(subject, payload, msg_id)
-        except errors.BoxofficeError:
+            head = _head.decode(line)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return True  # a torn line (its writer died mid-write): nothing to send
+        try:
+            await bus.publish(error_report(head.service, head.level), line, head.id)
+        except errors.BoxofficeError as exc:
+            self._last_failure = exc.detail
             return False
         SENT.inc()
         return True
 
-    async def _send_queue(self, bus: Any) -> bool:
+    async def _send(self, bus: Any) -> bool:
+        """Publish what the spool holds, oldest first; False when the bus failed us."""
         while True:
             with self._lock:
-                chunk = [self._queue.popleft() for _ in range(min(256, len(self._queue)))]
-            if not chunk:
+                chunk = self.spool.unsent()
+            if chunk is None:
                 return True
-            try:
-                results = await asyncio.gather(*(self._publish(bus, r) for r in chunk))
-            except asyncio.CancelledError:  # stopped mid-way: keep them (ids make a resend harmless)
-                with self._lock:
-                    for r in chunk:
-                        self._to_spool(r)
-                raise
-            failed = [r for r, ok in zip(chunk, results) if not ok]
-            if failed:
-                with self._lock:
-                    for r in failed:
-                        self._to_spool(r)
+            f, offset, lines = chunk
+            # stopped or failed mid-way: the lines stay in the spool (ids make a resend harmless)
+            results = await asyncio.gather(*(self._publish(bus, line) for line in lines))
+            if not all(results):
                 return False
-
-    async def _send_spooled(self, bus: Any) -> bool:
-        with self._lock:
-            if not self.spool.pending():
-                return True
-            paths = self.spool.claim()
-        for path in paths:
-            lines = Spool.read(path)
-            for start in range(0, len(lines), 256):
-                chunk = lines[start:start + 256]
-                results = await asyncio.gather(*(self._publish(bus, line) for line in chunk))
-                if not all(results):
-                    left = [line for line, ok in zip(chunk, results) if not ok]
-                    Spool.rewrite(path, left + lines[start + 256:])
-                    return False
-            Spool.rewrite(path, [])
-        return True
+            with self._lock:
+                self.spool.acked(f, offset)
 
     async def flush(self, timeout: float = 5.0) -> bool:
         """Send what is pending (folds included) within ``timeout``; True when nothing is left."""
@@ -320,7 +304,7 @@ class Reporter:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             with self._lock:
-                idle = not self._queue and not self.spool.pending()
+                idle = not self.spool.pending()
             if idle:
                 return True
             if self._bus is None or not self._bus.connected:
@@ -330,7 +314,7 @@ class Reporter:
         return False
 
     async def close(self) -> None:
-        """Stop publishing; what is still queued goes to the spool for the next start."""
+        """Stop publishing; what was not sent stays in the spool for whoever adopts it."""
         self._release_folds(everything=True)
         self._closing = True
         if self._task is not None:
@@ -340,16 +324,10 @@ class Reporter:
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=2)
             self._task = None
-        self.spill()
-        self._loop = self._wake = None
-
-    def spill(self) -> None:
-        """Move the in-memory queue to the spool (at exit, or from a crash hook)."""
         with self._lock:
             self._bus = None
-            while self._queue:
-                self._to_spool(self._queue.popleft())
-            self.spool.seal()
+            self.spool.close()
+        self._loop = self._wake = None
 
     # -- hooks ---------------------------------------------------------------------------
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -436,8 +414,8 @@ def install(cfg: Any) -> Reporter:
 
     def excepthook(tp: type[BaseException], exc: BaseException, tb: Any) -> None:
         if not issubclass(tp, KeyboardInterrupt):
+            # in the spool at once: the next start (or another process) sends it
             reporter.report("fatal", f"{cfg.service} crashed: {exc!r}", exc=exc, fold=False)
-            reporter.spill()  # the loop is gone: the next start sends it
         previous(tp, exc, tb)
 
     def thread_hook(args: threading.ExceptHookArgs) -> None:

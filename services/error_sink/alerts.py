@@ -3,8 +3,13 @@
 An alert row is written in the same transaction as the reports that caused it (``store``);
 this relay publishes it to ``alerts.<level>`` with the alert id (the group id plus its window)
 as ``Nats-Msg-Id``, then posts it to ``ALERT_WEBHOOK_URL`` when one is set. Rows are claimed
-with ``FOR UPDATE SKIP LOCKED`` so replicas share the work; a failed post is retried with
-exponential back-off (up to ``MAX_ATTEMPTS``), a crash retries from the table.
+with ``FOR UPDATE SKIP LOCKED`` so replicas share the work; a crash retries from the table.
+
+The two deliveries fail for different reasons and are counted apart: a failed publish (our own
+bus is away) is logged and retried without end, with back-off up to a minute, and leaves the
+webhook's budget alone; a failed post (someone else's endpoint) is retried with exponential
+back-off up to ``MAX_ATTEMPTS`` times. After a failed publish the rest of the round waits: the
+bus that refused one alert would make each of the others wait for its timeout too.
 """
 
 from __future__ import annotations
@@ -25,22 +30,29 @@ from boxoffice.wire.subjects import alert as alert_subject
 
 log = logging.getLogger("boxoffice.error_sink.alerts")
 
-MAX_ATTEMPTS = 12
+MAX_ATTEMPTS = 12  # posts to the webhook; publishing is never given up
+PUBLISH_LOUD_AFTER = 12  # failed publishes of one alert before that is an ERROR, not a warning
 SENT = prometheus_client.Counter("boxoffice_error_alerts_total", "Alerts published", ["level"])
+FAILED = prometheus_client.Counter("boxoffice_error_alert_failures_total",
+                                   "Failed deliveries of alerts", ["kind"])  # publish, webhook
 
 CLAIM = """
-SELECT id, level, payload::text AS payload, published_at, notified_at, attempts
+SELECT id, level, payload::text AS payload, published_at, notified_at, attempts, publish_attempts
 FROM error_alerts
-WHERE (published_at IS NULL OR (notified_at IS NULL AND $1))
-  AND next_attempt <= now() AND attempts < $2
+WHERE (published_at IS NULL OR (notified_at IS NULL AND $1 AND attempts < $2))
+  AND next_attempt <= now()
 ORDER BY next_attempt LIMIT 50
 FOR UPDATE SKIP LOCKED
 """
+# $4: the publish failed (then no post was tried); $5: the post failed
 DONE = """
 UPDATE error_alerts SET published_at = coalesce(published_at, $2),
-       notified_at = coalesce(notified_at, $3), attempts = attempts + $4::int,
-       next_attempt = now() + make_interval(secs => least(600, 2 ^ (attempts + $4::int))),
-       last_error = $5
+       notified_at = coalesce(notified_at, $3),
+       publish_attempts = publish_attempts + $4::int, attempts = attempts + $5::int,
+       next_attempt = now() + make_interval(secs => CASE WHEN $4::int > 0
+                          THEN least(60, 2 ^ (publish_attempts + 1))
+                          ELSE least(600, 2 ^ (attempts + $5::int)) END),
+       last_error = $6
 WHERE id = $1
 """
 
@@ -65,32 +77,48 @@ async def _post(session: aiohttp.ClientSession, url: str, payload: dict) -> str 
 
 async def relay_once(pool: asyncpg.Pool, bus: Bus, session: aiohttp.ClientSession,
                      webhook_url: str | None) -> int:
-    """Handle the alerts that are due; returns how many were claimed."""
+    """Handle the alerts that are due; returns how many were handled (0 when the bus refused:
+    the caller then waits before the next round)."""
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(CLAIM, webhook_url is not None, MAX_ATTEMPTS)
         for row in rows:
-            payload = json.loads(row["payload"])
             published = row["published_at"]
-            error = None
             if published is None:
                 try:
                     await bus.publish(alert_subject(row["level"]), row["payload"].encode(), row["id"])
-                    published = await conn.fetchval("SELECT now()")
-                    SENT.labels(row["level"]).inc()
                 except errors.ServiceUnavailable as exc:
-                    error = exc.detail
-            notified = row["notified_at"]
-            if error is None and webhook_url and notified is None:
-                error = await _post(session, webhook_url, payload)
+                    await _publish_failed(conn, row, exc.detail)
+                    return 0  # the others stay due, untouched, for the next round
+                published = await conn.fetchval("SELECT now()")
+                SENT.labels(row["level"]).inc()
+            notified, error = row["notified_at"], None
+            if webhook_url and notified is None:
+                error = await _post(session, webhook_url, json.loads(row["payload"]))
                 if error is None:
                     notified = await conn.fetchval("SELECT now()")
-                elif row["attempts"] + 1 >= MAX_ATTEMPTS:
-                    log.error("alert %s: giving up on the webhook after %d attempts (%s)",
-                              row["id"], MAX_ATTEMPTS, error)
                 else:
-                    log.warning("alert %s: %s, will retry", row["id"], error)
-            await conn.execute(DONE, row["id"], published, notified, 1 if error else 0, error)
+                    FAILED.labels("webhook").inc()
+                    if row["attempts"] + 1 >= MAX_ATTEMPTS:
+                        log.error("alert %s: giving up on the webhook after %d attempts (%s)",
+                                  row["id"], MAX_ATTEMPTS, error)
+                    else:
+                        log.warning("alert %s: %s, will retry", row["id"], error)
+            await conn.execute(DONE, row["id"], published, notified, 0, 1 if error else 0, error)
     return len(rows)
+
+
+async def _publish_failed(conn: asyncpg.Connection, row: asyncpg.Record, detail: str) -> None:
+    """Count a failed publish (not a webhook attempt) and say so; ``detail`` names the failure's
+    type only, never an address or a credential."""
+    FAILED.labels("publish").inc()
+    failures = row["publish_attempts"] + 1
+    error = f"publish to ALERTS failed: {detail}"
+    if failures == PUBLISH_LOUD_AFTER:
+        log.error("alert %s: not published after %d attempts (%s), still retrying",
+                  row["id"], failures, error)
+    else:
+        log.warning("alert %s: %s (attempt %d), will retry", row["id"], error, failures)
+    await conn.execute(DONE, row["id"], None, row["notified_at"], 1, 0, error)
 
 
 async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: asyncio.Event,
@@ -104,7 +132,7 @@ async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: async
                 log.warning("alert relay paused (%s)", type(exc).__name__)
                 n = 0
             if n:
-                continue
+                continue  # more may be due
             wake.clear()
             try:
                 async with asyncio.timeout(1.0):  # (wait_for may swallow a cancellation)
