@@ -1,0 +1,132 @@
+"""Helpers of the tests that call the SQL functions directly: seed events and holds, read back
+the rows a function changed (inventory, reservations, outbox), hear NOTIFY on a connection of
+its own, and wait for another session to block on a lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+async def new_event(db: asyncpg.Pool | asyncpg.Connection, capacity: int = 10, buckets: int = 1,
+                    price: int = 2500) -> uuid.UUID:
+    return await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'show', $1, $2, "
+                             "'eur', $3)", capacity, price, buckets)
+
+
+async def hold(db: asyncpg.Pool | asyncpg.Connection, ev: uuid.UUID, quantity: int = 2,
+               ttl: int = 900, client: str = "client", customer_ref: str | None = None,
+               key: str | None = None) -> asyncpg.Record:
+    """hold_tickets: the new reservation's row."""
+    return await db.fetchrow("SELECT * FROM hold_tickets($1, $2, $3, $4, $5, $6)", ev, quantity,
+                             client, ttl, customer_ref, key)
+
+
+async def inventory(db: asyncpg.Pool, ev: uuid.UUID) -> tuple[int, int]:
+    """(held, sold) of the event, over all its buckets."""
+    row = await db.fetchrow("SELECT sum(held)::int AS held, sum(sold)::int AS sold "
+                            "FROM inventory_buckets WHERE event_id = $1", ev)
+    return row["held"], row["sold"]
+
+
+async def buckets(db: asyncpg.Pool, ev: uuid.UUID) -> list[tuple[int, int, int]]:
+    """(capacity, held, sold) of each bucket, in bucket order."""
+    rows = await db.fetch("SELECT capacity, held, sold FROM inventory_buckets WHERE event_id = $1 "
+                          "ORDER BY bucket", ev)
+    return [tuple(r) for r in rows]
+
+
+async def allocations(db: asyncpg.Pool, res: uuid.UUID) -> list[tuple[int, int]]:
+    """(bucket, quantity) the hold took, in bucket order."""
+    rows = await db.fetch("SELECT bucket, quantity FROM reservation_allocations "
+                          "WHERE reservation_id = $1 ORDER BY bucket", res)
+    return [tuple(r) for r in rows]
+
+
+async def status(db: asyncpg.Pool, res: uuid.UUID) -> str:
+    return await db.fetchval("SELECT status FROM reservations WHERE id = $1", res)
+
+
+async def outbox(db: asyncpg.Pool, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(subject, payload) of the outbox rows whose subject starts with ``prefix``, in order."""
+    rows = await db.fetch("SELECT subject, payload FROM outbox WHERE starts_with(subject, $1) "
+                          "ORDER BY id", prefix)
+    return [(r["subject"], r["payload"]) for r in rows]
+
+
+def pi() -> str:
+    return f"pi_{uuid.uuid4().hex[:24]}"
+
+
+def ts(text: str) -> datetime:
+    """A timestamp as jsonb renders it."""
+    return datetime.fromisoformat(text)
+
+
+async def sqlstate_of(call: Awaitable[Any]) -> str:
+    """The SQLSTATE ``call`` fails with (hold_tickets' own codes have no asyncpg class)."""
+    try:
+        await call
+    except asyncpg.PostgresError as exc:
+        return exc.sqlstate
+    raise AssertionError("no error raised")
+
+
+async def no_wait(conn: asyncpg.Connection) -> None:
+    """Make ``conn`` fail fast instead of waiting for a lock (for checks that nothing waits)."""
+    await conn.execute("SET lock_timeout = '2s'")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def waiting_for_lock(db: asyncpg.Pool) -> None:
+    """Return once some session of this test's database waits for a lock."""
+    async def waits() -> bool:
+        return await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                 "current_database() AND wait_event_type = 'Lock'") > 0
+    await eventually(waits)
+
+
+class Heard:
+    """The payloads a LISTEN connection received on one channel, in order."""
+
+    def __init__(self, db: asyncpg.Pool, channel: str) -> None:
+        self.db, self.channel = db, channel
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def on(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.queue.put_nowait(payload)
+
+    async def next(self) -> str:
+        return await asyncio.wait_for(self.queue.get(), 5)
+
+    async def nothing_more(self) -> None:
+        """Nothing arrived since the last ``next``: a marker sent now is the next payload
+        (notifications arrive in commit order)."""
+        marker = f"marker-{uuid.uuid4().hex}"
+        await self.db.execute("SELECT pg_notify($1, $2)", self.channel, marker)
+        assert await self.next() == marker
+
+
+@contextlib.asynccontextmanager
+async def listening(db: asyncpg.Pool, channel: str) -> AsyncIterator[Heard]:
+    heard = Heard(db, channel)
+    async with db.acquire() as conn:
+        await conn.add_listener(channel, heard.on)
+        try:
+            yield heard
+        finally:
+            await conn.remove_listener(channel, heard.on)
