@@ -28,7 +28,8 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "ingress": ("INGRESS_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES", "ERROR_RATE_LIMIT_PER_MINUTE"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
-    "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS"),
+    "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS",
+                "STRIPE_RECONCILE_INTERVAL_SECONDS", "STRIPE_RECONCILE_GRACE_SECONDS"),
     "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL", "ALERT_RATE_PER_MINUTE",
                    "ALERT_WINDOW_SECONDS"),
     "reaper": ("HEALTH_PORT", "IDEMPOTENCY_KEY_TTL_HOURS", "WEBHOOK_LOG_RETENTION_DAYS",
@@ -89,6 +90,11 @@ class Config:
     reaper_retention_interval_seconds: int = 600
     # seconds between attempts to apply a failing Stripe event; attempts = len + 1
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
+    # webhook: seconds between reconciliations with Stripe, and how old an event, a payment or a
+    # PaymentIntent must be before reconciliation looks at it (younger ones are webhooks and
+    # checkouts still in flight)
+    stripe_reconcile_interval_seconds: int = 300
+    stripe_reconcile_grace_seconds: int = 300
 
     def __repr__(self) -> str:  # never print secrets
         return f"Config(service={self.service!r}, env={self.env!r})"
@@ -209,6 +215,11 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["error_spool_dir"] = v
     if v := get("WEBHOOK_RETRY_DELAYS"):
         kw["webhook_retry_delays"] = _delays("WEBHOOK_RETRY_DELAYS", v)
+    if v := get("STRIPE_RECONCILE_INTERVAL_SECONDS"):
+        kw["stripe_reconcile_interval_seconds"] = _int("STRIPE_RECONCILE_INTERVAL_SECONDS", v,
+                                                       1, 86400)
+    if v := get("STRIPE_RECONCILE_GRACE_SECONDS"):
+        kw["stripe_reconcile_grace_seconds"] = _int("STRIPE_RECONCILE_GRACE_SECONDS", v, 0, 86400)
     if v := get("REAPER_SWEEP_SECONDS"):
         kw["reaper_sweep_seconds"] = _int("REAPER_SWEEP_SECONDS", v, 1, 3600)
     if v := get("REAPER_BATCH_SIZE"):

@@ -1,4 +1,5 @@
-"""``boxoffice webhooks``: the Stripe events kept by the webhook service (list, replay)."""
+"""``boxoffice webhooks``: the Stripe events kept by the webhook service (list, replay) and its
+reconciliation with Stripe."""
 
 from __future__ import annotations
 
@@ -30,8 +31,13 @@ def _replay(args: argparse.Namespace) -> int:
     return 1 if result.get("outcome") == "failed" else 0
 
 
+def _reconciliation(args: argparse.Namespace) -> int:
+    return ops.call("GET", "/v1/admin/webhooks/reconciliation?"
+                    + urllib.parse.urlencode({"limit": str(args.limit)}))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("webhooks", help="Stripe webhook events: list, replay")
+    p = sub.add_parser("webhooks", help="Stripe webhook events: list, replay, reconciliation")
     s = p.add_subparsers(dest="verb", required=True)
     ls = s.add_parser("list", help="events newest first (e.g. --status failed)")
     ls.add_argument("--status", choices=STATUSES)
@@ -41,3 +47,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rp = s.add_parser("replay", help="apply a failed (or waiting) event again, now")
     rp.add_argument("event_id")
     rp.set_defaults(func=_replay)
+    rc = s.add_parser("reconciliation",
+                      help="reconciliation with Stripe: how far it got, its last runs")
+    rc.add_argument("--limit", type=int, default=10, help="runs to show (newest first)")
+    rc.set_defaults(func=_reconciliation)

@@ -121,3 +121,17 @@ async def replay_event(request: web.Request) -> web.Response:
         raise errors.NotFound("no such webhook event") from None
     result = await request.app[BUS].request(w.EVENTS_REPLAY, req, w.ReplayResult, timeout=45.0)
     return json_response(result)
+
+
+@routes.get("/v1/admin/webhooks/reconciliation")
+async def reconciliation(request: web.Request) -> web.Response:
+    """How far reconciliation with Stripe got and its last runs (answered by the webhook service)."""
+    require_admin(request)
+    query = dict(request.query)
+    if len(query) != len(request.query):
+        raise errors.ValidationFailed("each query parameter may be given once")
+    try:
+        req = msgspec.convert(query, w.ReconciliationRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise errors.ValidationFailed(f"bad query: {exc}") from None
+    return json_response(await request.app[BUS].request(w.RECONCILIATION, req, w.Reconciliation))

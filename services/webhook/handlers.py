@@ -1,4 +1,5 @@
-"""Operator requests on ``admin.webhooks.*``: list logged events, replay one (thin handlers)."""
+"""Operator requests on ``admin.webhooks.*``: list logged events, replay one, reconciliation
+(thin handlers)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import msgspec
 
 from boxoffice import errors
 from boxoffice.bus import Bus
-from boxoffice.webhook import eventlog
+from boxoffice.webhook import eventlog, reconcile_runs
 from boxoffice.webhook.consumer import DB_DOWN, Processor
 from boxoffice.wire import stripe as w
 
@@ -53,5 +54,12 @@ async def register(bus: Bus, processor: Processor) -> None:
         except DB_DOWN:
             raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
 
+    async def reconciliation(req: w.ReconciliationRequest) -> w.Reconciliation:
+        try:
+            return await reconcile_runs.report(processor.pool, req.limit)
+        except DB_DOWN:
+            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+
     await bus.serve(w.EVENTS_LIST, w.ListEventsRequest, list_events, queue=QUEUE)
     await bus.serve(w.EVENTS_REPLAY, w.ReplayRequest, replay_event, queue=QUEUE)
+    await bus.serve(w.RECONCILIATION, w.ReconciliationRequest, reconciliation, queue=QUEUE)

@@ -1,8 +1,8 @@
 """The webhook service: build and run.
 
 Torn down in reverse: stop fetching (the batch in hand is finished and acked), stop answering
-operators, stop the Stripe action worker and the outbox relay, close the Stripe client, drain
-NATS, close the pool.
+operators, stop reconciling with Stripe, stop the Stripe action worker and the outbox relay,
+close the Stripe client, drain NATS, close the pool.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, outbox, runtime
-from boxoffice.webhook import actions, consumer, handlers, refunds
+from boxoffice.webhook import actions, consumer, handlers, reconcile, refunds
 from boxoffice.wire.subjects import WEBHOOK_CONSUMER
 
 BATCH = 512
@@ -34,6 +34,10 @@ async def build(svc: runtime.Service) -> None:
     relay_wake = await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
     # refunds and cancels decided in the database are made at Stripe by this worker
     await svc.stack.enter_async_context(actions.worker(cfg.database_url, pool, stripe))
+    # what webhooks missed is recovered from Stripe's own records (reconcile.py)
+    await svc.stack.enter_async_context(reconcile.running(reconcile.Reconciler(
+        pool, bus, stripe.client, reconcile.Settings(cfg.stripe_reconcile_interval_seconds,
+                                                     cfg.stripe_reconcile_grace_seconds))))
     processor = consumer.Processor(pool, cfg.webhook_retry_delays, relay_wake)
     await handlers.register(bus, processor)
     svc.stack.push_async_callback(bus.stop_serving)

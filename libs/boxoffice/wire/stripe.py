@@ -107,3 +107,54 @@ class ReplayResult(msgspec.Struct):
 
     outcome: str
     event: LoggedEvent
+
+
+# -- operators: reconciliation with Stripe (admin.webhooks.reconciliation) --------------------
+RECONCILIATION = "admin.webhooks.reconciliation"
+
+OrphanAction = Literal["fed_succeeded", "fed_processing", "cancel_requested"]
+
+
+class ReconciliationRequest(Message):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+
+
+class ReconciledOrphan(msgspec.Struct):
+    """A PaymentIntent naming one of our holds that boxoffice never recorded, and what was done:
+    its success or processing fed as an event, or its cancel decided (``cancel_status``: the
+    ``stripe_actions`` row's status)."""
+
+    payment_intent_id: str
+    reservation_id: str
+    amount: int | None
+    currency: str | None
+    stripe_status: str
+    action: OrphanAction
+    found_at: datetime
+    cancel_status: str | None
+
+
+class ReconcileRun(msgspec.Struct):
+    """One run; ``finished_at`` is null while it runs (or if its replica died mid-run)."""
+
+    id: int
+    replica: str
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    events_seen: int
+    events_recovered: int
+    intents_checked: int
+    intents_corrected: int
+    orphans_found: int
+    orphans: list[ReconciledOrphan]
+
+
+class Reconciliation(msgspec.Struct):
+    """How far reconciliation got (events and PaymentIntents created before these instants were
+    looked at) and its runs, newest first."""
+
+    events_until: datetime | None
+    intents_until: datetime | None
+    last_run: ReconcileRun | None
+    runs: list[ReconcileRun]
