@@ -8,9 +8,11 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY libs ./libs
 COPY services ./services
 RUN pip install -c constraints.txt . \
-    && useradd --system --uid 10001 --home-dir /app boxoffice \
-    && mkdir -p /var/spool/boxoffice && chown boxoffice /var/spool/boxoffice
+    && groupadd --system --gid 10001 boxoffice \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app boxoffice \
+    && mkdir -p /var/spool/boxoffice && chown 10001:10001 /var/spool/boxoffice
 
-USER boxoffice
+# numeric, so that a runtime (Kubernetes' runAsNonRoot) can tell it is not root without /etc/passwd
+USER 10001:10001
 ENTRYPOINT ["boxoffice"]
 CMD ["--help"]
