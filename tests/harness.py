@@ -39,6 +39,7 @@ class ServiceProcess:
     env: dict[str, str]
     log: Path
     port: int = 0
+    health_port: int = 0  # ingress only: /metrics lives off the public port
     proc: subprocess.Popen | None = None
     history: list[int] = field(default_factory=list)
 
@@ -46,12 +47,20 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def health_url(self) -> str:
+        """Where /metrics is served (the public port, except for ingress)."""
+        return f"http://127.0.0.1:{self.health_port or self.port}"
+
     def start(self, wait: bool = True, timeout: float = 30.0, **extra_env: str) -> "ServiceProcess":
         if not self.port:
             self.port = free_port()
         env = dict(self.env)
         env.update(extra_env)
         env["INGRESS_PORT" if self.service == "ingress" else "HEALTH_PORT"] = str(self.port)
+        if self.service == "ingress":
+            self.health_port = self.health_port or free_port()
+            env["HEALTH_PORT"] = str(self.health_port)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "run", self.service],
                                          env=env, stdout=out, stderr=out)

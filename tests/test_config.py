@@ -91,3 +91,53 @@ def test_unknown_service_is_refused() -> None:
     r = subprocess.run([sys.executable, "-m", "boxoffice.cli", "run", "billing"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "billing" in r.stderr
+
+
+# --- BOXOFFICE_ENV=production refuses what is only fit for a developer's machine ------------
+
+LIVE = {
+    "NATS_URL": "nats://payment:s3cret-pass-0123456789@nats.internal:4222",
+    "DATABASE_URL": "postgresql://boxoffice_payment:pg-s3cret-0123456789@db.internal:5432/boxoffice",
+    "STRIPE_API_KEY": "sk_live_" + "a" * 24,
+    "STRIPE_WEBHOOK_SECRET": "whsec_live_secret_0123456789",
+    "CLIENT_API_TOKENS": "c" * 40,
+    "ADMIN_API_TOKENS": "o" * 40,
+    "BOXOFFICE_ENV": "production",
+}
+
+
+@pytest.mark.parametrize("service", ["ingress", "payment", "webhook", "error_sink", "reaper"])
+def test_production_settings_load(service: str) -> None:
+    assert config.load(service, LIVE).env == "production"
+
+
+@pytest.mark.parametrize("service,name,value,says", [
+    ("ingress", "CLIENT_API_TOKENS", "dev-client-token-change-me", "development default"),
+    ("ingress", "ADMIN_API_TOKENS", "short-admin-token-0123", "at least 32"),
+    ("ingress", "ADMIN_READ_API_TOKENS", "r" * 20, "at least 32"),
+    ("payment", "DATABASE_URL",
+     "postgresql://boxoffice:boxoffice-dev-password@postgres:5432/boxoffice", "development default"),
+    ("payment", "STRIPE_API_BASE", "http://localstripe:8420", "emulator"),
+    ("webhook", "STRIPE_API_KEY", "sk_test_" + "a" * 24, "test key"),
+    ("reaper", "NATS_URL", "nats://nats.internal:4222", "anonymously"),
+])
+def test_production_refuses_development_settings(service: str, name: str, value: str,
+                                                 says: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(service, dict(LIVE, **{name: value}))
+    assert name in str(info.value) and says in str(info.value)
+    assert value not in str(info.value)  # the value itself is never printed
+
+
+def test_development_settings_are_fine_outside_production() -> None:
+    assert config.load("payment", dict(LIVE, BOXOFFICE_ENV="development",
+                                       STRIPE_API_KEY=STRIPE_KEY,
+                                       STRIPE_API_BASE="http://localstripe:8420")).env == "development"
+
+
+def test_production_refusal_is_one_line_and_exit_2() -> None:
+    env = dict(LIVE, STRIPE_API_KEY="sk_test_" + "a" * 24)
+    out = subprocess.run([sys.executable, "-m", "boxoffice.cli", "run", "payment"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "STRIPE_API_KEY" in out.stderr

@@ -34,8 +34,13 @@ async def test_service_serves_health_and_stops_cleanly(service: str, start_servi
     assert status == 200 and ready["ready"] is True
     assert ready["checks"]["nats"] is True
     assert ("postgres" in ready["checks"]) == (service != "ingress")
-    status, body = get(f"{proc.url}/metrics")
+    status, body = get(f"{proc.health_url}/metrics")
     assert status == 200 and b"python_info" in body
+    if service == "ingress":  # never on the public listener
+        status, _ = get(f"{proc.url}/metrics")
+        assert status == 404
+        status, _ = get(f"{proc.health_url}/readyz")
+        assert status == 200
     assert proc.stop() == 0
     assert f"{service} stopped" in proc.logs()
 

@@ -3,8 +3,9 @@
 ``run(service, build)`` loads the configuration (exiting with one line on a bad variable), sets
 up logs, builds the service inside an ``AsyncExitStack`` (resources are registered in order and
 torn down in reverse: stop taking work, finish in-flight work, drain NATS, close the pool), serves
-``/healthz``, ``/readyz`` and ``/metrics`` on the service's port, and on SIGTERM or SIGINT shuts
-down and exits 0.
+``/healthz``, ``/readyz`` and ``/metrics`` on the service's health port (ingress serves its public
+app on ``INGRESS_PORT`` besides, with ``/healthz`` and ``/readyz`` but never ``/metrics``), and on
+SIGTERM or SIGINT shuts down and exits 0.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ ReadyCheck = Callable[[], Awaitable[bool]]
 
 @dataclass
 class Service:
-    """What a service's ``build`` fills in: readiness checks, and an optional HTTP app of its own
-    (ingress) that replaces the plain health app."""
+    """What a service's ``build`` fills in: readiness checks, and an optional public HTTP app of
+    its own (ingress), served on ``INGRESS_PORT`` beside the health app."""
 
     config: configmod.Config
     stack: contextlib.AsyncExitStack
@@ -52,7 +53,7 @@ class Service:
 Build = Callable[[Service], Awaitable[None]]
 
 
-def add_health_routes(app: web.Application, svc: Service) -> None:
+def add_health_routes(app: web.Application, svc: Service, *, metrics: bool = True) -> None:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "service": svc.config.service})
 
@@ -60,13 +61,14 @@ def add_health_routes(app: web.Application, svc: Service) -> None:
         ok, results = await svc.ready()
         return web.json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def prometheus_metrics(_: web.Request) -> web.Response:
         return web.Response(body=prometheus_client.generate_latest(),
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if metrics:  # not on a public listener: metrics tell an outsider how the system is doing
+        app.router.add_get("/metrics", prometheus_metrics)
 
 
 async def serve(service: str, build: Build, cfg: configmod.Config) -> int:
@@ -86,14 +88,17 @@ async def serve(service: str, build: Build, cfg: configmod.Config) -> int:
             return 0
         stop_task.cancel()
         build_task.result()  # raise a start-up failure
-        app = svc.app or web.Application()
-        if svc.app is None:
-            add_health_routes(app, svc)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=15)
-        await runner.setup()
-        site = web.TCPSite(runner, "0.0.0.0", cfg.health_port, reuse_address=True)
-        await site.start()
-        stack.push_async_callback(runner.cleanup)  # first thing torn down: stop taking HTTP work
+        health = web.Application()
+        add_health_routes(health, svc)
+        apps = [(health, cfg.health_port)]
+        if svc.app is not None:
+            apps.append((svc.app, cfg.ingress_port))
+        for app, port in apps:
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=15)
+            await runner.setup()
+            site = web.TCPSite(runner, "0.0.0.0", port, reuse_address=True)
+            await site.start()
+            stack.push_async_callback(runner.cleanup)  # first torn down: stop taking HTTP work
         log.info("%s ready", service, extra={"port": cfg.health_port})
         await stopping.wait()
         log.info("%s stopping", service)

@@ -200,6 +200,7 @@ def up() -> int:
             senv = {k: v for k, v in env.items() if k not in WITHHELD.get(service, ())}
             if service == "ingress":
                 health = f"{ingress_url}/readyz"
+                senv["HEALTH_PORT"] = str(free_port())  # its /metrics, off the public port
             else:
                 hp = free_port()
                 senv["HEALTH_PORT"] = str(hp)

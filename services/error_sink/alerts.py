@@ -10,6 +10,11 @@ bus is away) is logged and retried without end, with back-off up to a minute, an
 webhook's budget alone; a failed post (someone else's endpoint) is retried with exponential
 back-off up to ``MAX_ATTEMPTS`` times. After a failed publish the rest of the round waits: the
 bus that refused one alert would make each of the others wait for its timeout too.
+
+With ``ALERT_WEBHOOK_SECRET`` set, every post is signed as the Standard Webhooks specification
+says (``webhook-id`` = the alert id, the same on every retry so the receiver can deduplicate;
+``webhook-timestamp``; ``webhook-signature``), so the receiver can tell our alerts from forged
+ones with any Standard Webhooks library.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 
 import aiohttp
 import asyncpg
 import prometheus_client
+from standardwebhooks.webhooks import Webhook
 
 from boxoffice import db, errors
 from boxoffice.bus import Bus
@@ -64,10 +71,22 @@ def _text(payload: dict) -> str:
             + ")")
 
 
-async def _post(session: aiohttp.ClientSession, url: str, payload: dict) -> str | None:
+def signer(secret: str | None) -> Webhook | None:
+    """The Standard Webhooks signer of ``ALERT_WEBHOOK_SECRET`` (``whsec_`` + base64)."""
+    return Webhook(secret) if secret else None
+
+
+async def _post(session: aiohttp.ClientSession, url: str, payload: dict, alert_id: str = "",
+                sign: Webhook | None = None) -> str | None:
     """Post one alert; None when the webhook took it, else why not (never the URL)."""
+    body = json.dumps({"text": _text(payload), "alert": payload})
+    headers = {"Content-Type": "application/json"}
+    if sign is not None:
+        now = datetime.now(timezone.utc)
+        headers.update({"webhook-id": alert_id, "webhook-timestamp": str(int(now.timestamp())),
+                        "webhook-signature": sign.sign(alert_id, now, body)})
     try:
-        async with session.post(url, json={"text": _text(payload), "alert": payload}) as resp:
+        async with session.post(url, data=body.encode(), headers=headers) as resp:
             if 200 <= resp.status < 300:
                 return None
             return f"webhook answered {resp.status}"
@@ -76,7 +95,7 @@ async def _post(session: aiohttp.ClientSession, url: str, payload: dict) -> str 
 
 
 async def relay_once(pool: asyncpg.Pool, bus: Bus, session: aiohttp.ClientSession,
-                     webhook_url: str | None) -> int:
+                     webhook_url: str | None, sign: Webhook | None = None) -> int:
     """Handle the alerts that are due; returns how many were handled (0 when the bus refused:
     the caller then waits before the next round)."""
     async with pool.acquire() as conn, conn.transaction():
@@ -93,7 +112,8 @@ async def relay_once(pool: asyncpg.Pool, bus: Bus, session: aiohttp.ClientSessio
                 SENT.labels(row["level"]).inc()
             notified, error = row["notified_at"], None
             if webhook_url and notified is None:
-                error = await _post(session, webhook_url, json.loads(row["payload"]))
+                error = await _post(session, webhook_url, json.loads(row["payload"]),
+                                    str(row["id"]), sign)
                 if error is None:
                     notified = await conn.fetchval("SELECT now()")
                 else:
@@ -122,12 +142,12 @@ async def _publish_failed(conn: asyncpg.Connection, row: asyncpg.Record, detail:
 
 
 async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: asyncio.Event,
-              stopping: asyncio.Event) -> None:
+              stopping: asyncio.Event, sign: Webhook | None = None) -> None:
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         while not stopping.is_set():
             try:
-                n = await relay_once(pool, bus, session, webhook_url)
+                n = await relay_once(pool, bus, session, webhook_url, sign)
             except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
                 log.warning("alert relay paused (%s)", type(exc).__name__)
                 n = 0
@@ -142,11 +162,12 @@ async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: async
 
 
 @contextlib.asynccontextmanager
-async def relay(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None
-                ) -> AsyncIterator[asyncio.Event]:
+async def relay(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None,
+                webhook_secret: str | None = None) -> AsyncIterator[asyncio.Event]:
     """Run the relay in the background; yields the event that wakes it for new alerts."""
     wake, stopping = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run(pool, bus, webhook_url, wake, stopping), name="alert-relay")
+    task = asyncio.create_task(run(pool, bus, webhook_url, wake, stopping,
+                                   signer(webhook_secret)), name="alert-relay")
     try:
         yield wake
     finally:

@@ -30,7 +30,7 @@ async def build(svc: runtime.Service) -> None:
     stream, durable = ERROR_SINK_CONSUMER
     await bus.declare_consumer(stream, durable, ack_wait=ACK_WAIT, max_ack_pending=MAX_ACK_PENDING)
     wake_alerts = await svc.stack.enter_async_context(
-        alerts.relay(pool, bus, cfg.alert_webhook_url))
+        alerts.relay(pool, bus, cfg.alert_webhook_url, cfg.alert_webhook_secret))
     writers = await svc.stack.enter_async_context(store.writer_pool(cfg.database_url, LANES))
     policy = store.AlertPolicy(rate_per_minute=cfg.alert_rate_per_minute,
                                window_seconds=cfg.alert_window_seconds)

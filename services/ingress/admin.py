@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from boxoffice.ingress.http import json_response, read_json, require_admin
+from boxoffice.ingress.http import json_response, operate, read_json, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import admin
 
@@ -14,6 +14,7 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/v1/admin/events")
+@operate
 async def create_event(request: web.Request) -> web.Response:
     require_admin(request)
     body = await read_json(request, admin.CreateEvent)

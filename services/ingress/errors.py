@@ -31,7 +31,7 @@ from boxoffice import errors, scrub, wire
 from boxoffice.config import Config
 from boxoffice.ingress import envelope
 from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
-                                    read_json, require_admin)
+                                    operate, read_json, require_admin)
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import errors as w
 from boxoffice.wire.subjects import error_report
@@ -235,6 +235,7 @@ async def get_group(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/admin/errors/{group_id}/{action:resolve|ignore}")
+@operate
 async def set_status(request: web.Request) -> web.Response:
     require_admin(request)
     q = _query(request, w.SetGroupStatus, group_id=request.match_info["group_id"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -112,13 +113,62 @@ def client_id(request: web.Request) -> str:
     return "c_" + hmac.new(b"boxoffice-client", match.encode(), "sha256").hexdigest()[:24]
 
 
-def require_admin(request: web.Request) -> None:
+def actor_id(token: str) -> str:
+    """An admin token's id in logs and the action log: a digest, never the token."""
+    return "a_" + hmac.new(b"boxoffice-admin", token.encode(), "sha256").hexdigest()[:16]
+
+
+def require_admin(request: web.Request, scope: str = "read") -> str:
+    """The caller's admin id if its token has ``scope``: ``read`` (lists, stats) is granted by
+    ``ADMIN_READ_API_TOKENS`` and ``ADMIN_API_TOKENS``, ``operate`` (acting) by the latter only."""
     cfg = request.app[CONFIG]
     token = _bearer(request)
-    if _match(token, cfg.admin_api_tokens) is None:
-        if _match(token, cfg.client_api_tokens):
-            raise errors.Forbidden("this route needs an admin token")
-        raise errors.Unauthorized("unknown token")
+    operator = _match(token, cfg.admin_api_tokens)
+    reader = _match(token, cfg.admin_read_api_tokens)
+    if operator is not None:
+        return actor_id(operator)
+    if reader is not None:
+        if scope != "read":
+            raise errors.Forbidden("this token may read but not act (its scope is read)")
+        return actor_id(reader)
+    if _match(token, cfg.client_api_tokens):
+        raise errors.Forbidden("this route needs an admin token")
+    raise errors.Unauthorized("unknown token")
+
+
+def operate(handler: Handler) -> Handler:
+    """An operator's action: an operate-scoped token, recorded before it is carried out (if it
+    cannot be recorded, it is refused with 503 and nothing is done) and its outcome after."""
+    from boxoffice.ingress.state import BUS
+    from boxoffice.wire import admin_actions as wire
+
+    @functools.wraps(handler)
+    async def acted(request: web.Request) -> web.StreamResponse:
+        actor = require_admin(request, "operate")
+        route = request.match_info.route.resource
+        template = route.canonical if route is not None else request.path
+        begun = await request.app[BUS].request(wire.BEGIN, wire.Begin(
+            actor=actor, action=f"{request.method} {template}"[:200], target=request.path[:2000],
+            request_id=request.get(REQUEST_ID, "")), wire.Begun)
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except errors.BoxofficeError as exc:
+            status = exc.status
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            try:
+                await request.app[BUS].request(wire.FINISH, wire.Finish(id=begun.id, status=status),
+                                               wire.Finished)
+            except errors.BoxofficeError as exc:  # the action happened; its begin is on record
+                log.warning("action %s: outcome not recorded (%s)", begun.id, exc.code)
+
+    return acted
 
 
 async def read_json(request: web.Request, type_: type[T]) -> T:

@@ -6,7 +6,7 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors
-from boxoffice.ingress.http import json_response, read_json, require_admin
+from boxoffice.ingress.http import json_response, operate, read_json, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import reaper
 
@@ -24,6 +24,7 @@ async def stats(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/admin/reservations/cleanup")
+@operate
 async def cleanup(request: web.Request) -> web.Response:
     require_admin(request)
     body = (await read_json(request, reaper.CleanupRequest) if request.body_exists

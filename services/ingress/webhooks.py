@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors
-from boxoffice.ingress.http import CONFIG, json_response, require_admin
+from boxoffice.ingress.http import CONFIG, json_response, operate, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import stripe as w
 from boxoffice.wire.subjects import stripe_event
@@ -113,6 +113,7 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/admin/webhooks/events/{event_id}/replay")
+@operate
 async def replay_event(request: web.Request) -> web.Response:
     require_admin(request)
     try:

@@ -1,4 +1,5 @@
-"""Bus handlers of the reaper (``admin.reaper.*``): decode, call the domain, encode (thin)."""
+"""Bus handlers of the reaper (``admin.reaper.*``, ``admin.actions.*``): decode, call the domain,
+encode (thin)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import asyncpg
 
 from boxoffice import db, errors
 from boxoffice.bus import Bus
-from boxoffice.reaper import expiry, runs
+from boxoffice.reaper import admin_actions, expiry, runs
+from boxoffice.wire import admin_actions as actions_wire
 from boxoffice.wire import reaper as wire
 
 QUEUE = "reaper"
@@ -30,6 +32,20 @@ async def register(bus: Bus, pool: asyncpg.Pool, batch: int) -> None:
     await bus.serve(wire.STATS, wire.StatsRequest, stats, queue=QUEUE)
     await bus.serve(wire.CLEANUP, wire.CleanupRequest, cleanup, queue=QUEUE)
     await bus.serve(wire.RUNS, wire.RunsRequest, recent, queue=QUEUE)
+
+    # the operators' action log (admin_actions.py)
+    async def begin(req: actions_wire.Begin) -> actions_wire.Begun:
+        return await _guard(admin_actions.begin(pool, req))
+
+    async def finish(req: actions_wire.Finish) -> actions_wire.Finished:
+        return await _guard(admin_actions.finish(pool, req))
+
+    async def list_actions(req: actions_wire.ListRequest) -> actions_wire.Actions:
+        return await _guard(admin_actions.recent(pool, req))
+
+    await bus.serve(actions_wire.BEGIN, actions_wire.Begin, begin, queue=QUEUE)
+    await bus.serve(actions_wire.FINISH, actions_wire.Finish, finish, queue=QUEUE)
+    await bus.serve(actions_wire.LIST, actions_wire.ListRequest, list_actions, queue=QUEUE)
 
 
 async def _guard(work: Awaitable[T]) -> T:

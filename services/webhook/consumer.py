@@ -44,7 +44,13 @@ DB_DOWN = db.UNAVAILABLE + (asyncpg.PostgresConnectionError, asyncpg.CannotConne
                             asyncpg.IdleSessionTimeoutError, asyncpg.InternalClientError)
 TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 QUIET_OUTCOMES = frozenset({"duplicate", "ignored", "stale", "partial_refund", "no_payment_intent"})
-PERMANENT = (msgspec.ValidationError,)  # the event itself does not fit: retrying cannot help
+
+
+class LivemodeMismatch(Exception):
+    """A live event for a test key, or a test event for a live key: refused, never applied."""
+
+
+PERMANENT = (msgspec.ValidationError, LivemodeMismatch)  # the event itself does not fit
 
 APPLIED = prometheus_client.Counter("boxoffice_webhook_events_total",
                                     "Stripe events handled, by type and outcome",
@@ -64,8 +70,9 @@ class Processor:
     """Applies one event in one transaction (used by the consumer and by operator replays)."""
 
     def __init__(self, pool: asyncpg.Pool, retry_delays: Sequence[float],
-                 relay_wake: asyncio.Event | None = None):
+                 relay_wake: asyncio.Event | None = None, *, live: bool = False):
         self.pool = pool
+        self.live = live  # the mode of our Stripe key: events of the other mode are refused
         self.retry_delays = tuple(retry_delays)
         # apply_stripe_event skips the outbox NOTIFY (see the migration): wake our relay instead
         self.relay_wake = relay_wake
@@ -80,6 +87,10 @@ class Processor:
     async def process(self, event: StripeEvent, raw: str,
                       conn: asyncpg.Connection | None = None) -> Outcome:
         """Apply ``event`` once (on ``conn``, else a pooled connection); raises if not applied."""
+        if event.livemode is not None and event.livemode != self.live:
+            raise LivemodeMismatch(
+                f"a {'live' if event.livemode else 'test'}-mode event for a "
+                f"{'live' if self.live else 'test'}-mode key: refused")
         for attempt in range(3):
             try:
                 outcome = await effects.apply(conn or self.pool, event, raw)

@@ -32,6 +32,7 @@ class StripeEvent(msgspec.Struct):
     type: EventType
     created: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
     data: StripeEventData
+    livemode: bool | None = None  # a live event must never move a test key's books, nor back
 
 
 class PaymentIntentObject(msgspec.Struct):
