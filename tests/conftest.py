@@ -143,3 +143,19 @@ def start_service(service_env: dict[str, str], tmp_path: Path
     for proc in started:
         if proc.running:
             proc.kill()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("boxoffice fault run (tests/test_fault_run.py)")
+    group.addoption("--fault-seconds", type=float, default=90.0,
+                    help="how long the randomized fault run injects faults (default 90)")
+    group.addoption("--fault-seed", type=int, default=None,
+                    help="replay the fault run with this seed (default: a new random seed)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fault run's timeout follows --fault-seconds (the module says by how much)."""
+    for item in items:
+        budget = getattr(getattr(item, "module", None), "timeout_for_fault_seconds", None)
+        if budget is not None:
+            item.add_marker(pytest.mark.timeout(budget(config.getoption("--fault-seconds"))))
