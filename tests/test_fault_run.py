@@ -81,7 +81,15 @@ async def flaky_window(proxy: FlakyStripe, seconds: float) -> None:
         proxy.windows -= 1
 
 
-async def inject(cluster: Cluster, proxy: FlakyStripe, f: Fault, injected: Counter[str]) -> None:
+async def inject(cluster: Cluster, proxy: FlakyStripe, f: Fault, injected: Counter[str],
+                 troubles: list[str]) -> None:
+    try:
+        await _inject(cluster, proxy, f, injected)
+    except Exception as exc:  # noqa: BLE001 - a server that would not restart: heal() retries
+        troubles.append(f"{f}: {type(exc).__name__}: {exc}")
+
+
+async def _inject(cluster: Cluster, proxy: FlakyStripe, f: Fault, injected: Counter[str]) -> None:
     if f.kind == "kill":
         cluster.kill_service(f.target)
         injected[f"SIGKILL {f.target}"] += 1
@@ -100,12 +108,12 @@ async def inject(cluster: Cluster, proxy: FlakyStripe, f: Fault, injected: Count
 
 
 async def nemesis(cluster: Cluster, proxy: FlakyStripe, plan: list[Fault], started: float,
-                  injected: Counter[str]) -> None:
+                  injected: Counter[str], troubles: list[str]) -> None:
     """Each fault at its time, alongside those still running; returns when all are over."""
     running = []
     for f in plan:
         await asyncio.sleep(max(0.0, started + f.at - time.monotonic()))
-        running.append(asyncio.create_task(inject(cluster, proxy, f, injected)))
+        running.append(asyncio.create_task(inject(cluster, proxy, f, injected, troubles)))
     await asyncio.gather(*running)
 
 
@@ -185,6 +193,7 @@ async def test_fault_run(request: pytest.FixtureRequest, tmp_path: Path,
     proxy = FlakyStripe("http://unset", random.Random(f"{seed}/stripe"))
     relay: WebhookRelay | None = None
     ledger, injected = Ledger(), Counter[str]()
+    troubles: list[str] = []  # faults whose server did not come back when the fault ended
     invariants: list[Invariant] = []
     try:
         await cluster.start_servers()
@@ -215,7 +224,7 @@ async def test_fault_run(request: pytest.FixtureRequest, tmp_path: Path,
                            end=started + seconds, give_up=started + seconds + DRAIN_SECONDS)
             clients = [asyncio.create_task(Buyer(run, n).loop()) for n in range(BUYERS)]
             clients.append(asyncio.create_task(bus_reporter(run, cluster.nats.url)))
-            await nemesis(cluster, proxy, plan, started, injected)
+            await nemesis(cluster, proxy, plan, started, injected, troubles)
             await asyncio.sleep(max(0.0, run.end - time.monotonic()))
             phases["faults"] = round(time.monotonic() - started, 1)
 
@@ -242,6 +251,7 @@ async def test_fault_run(request: pytest.FixtureRequest, tmp_path: Path,
             else:
                 invariants = check_all(evidence, ledger, relay)
             calm = Invariant("the stack heals and settles after the faults", checked=1)
+            calm.violations.extend(f"did not recover from {t}" for t in troubles)
             if unhealed:
                 calm.fail(f"services not ready after healing: {unhealed}")
             if stuck:
