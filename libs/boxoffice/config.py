@@ -29,12 +29,13 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
     "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS",
-                "STRIPE_RECONCILE_INTERVAL_SECONDS", "STRIPE_RECONCILE_GRACE_SECONDS"),
+                "STRIPE_RECONCILE_INTERVAL_SECONDS", "STRIPE_RECONCILE_GRACE_SECONDS",
+                "AUDIT_INTERVAL_SECONDS", "AUDIT_GRACE_SECONDS"),
     "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL", "ALERT_RATE_PER_MINUTE",
                    "ALERT_WINDOW_SECONDS"),
     "reaper": ("HEALTH_PORT", "IDEMPOTENCY_KEY_TTL_HOURS", "WEBHOOK_LOG_RETENTION_DAYS",
                "ERROR_RETENTION_DAYS", "REAPER_SWEEP_SECONDS", "REAPER_BATCH_SIZE",
-               "REAPER_RETENTION_INTERVAL_SECONDS"),
+               "REAPER_RETENTION_INTERVAL_SECONDS", "AUDIT_INTERVAL_SECONDS", "AUDIT_GRACE_SECONDS"),
 }
 COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE", "ERROR_SPOOL_DIR")
 SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
@@ -95,6 +96,10 @@ class Config:
     # checkouts still in flight)
     stripe_reconcile_interval_seconds: int = 300
     stripe_reconcile_grace_seconds: int = 300
+    # reaper and webhook: seconds between runs of the self-audit, and how long a difference that
+    # work in flight explains (a webhook on its way, a refund being made) is given to settle
+    audit_interval_seconds: int = 300
+    audit_grace_seconds: int = 900
 
     def __repr__(self) -> str:  # never print secrets
         return f"Config(service={self.service!r}, env={self.env!r})"
@@ -220,6 +225,10 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
                                                        1, 86400)
     if v := get("STRIPE_RECONCILE_GRACE_SECONDS"):
         kw["stripe_reconcile_grace_seconds"] = _int("STRIPE_RECONCILE_GRACE_SECONDS", v, 0, 86400)
+    if v := get("AUDIT_INTERVAL_SECONDS"):
+        kw["audit_interval_seconds"] = _int("AUDIT_INTERVAL_SECONDS", v, 1, 7 * 86400)
+    if v := get("AUDIT_GRACE_SECONDS"):
+        kw["audit_grace_seconds"] = _int("AUDIT_GRACE_SECONDS", v, 0, 7 * 86400)
     if v := get("REAPER_SWEEP_SECONDS"):
         kw["reaper_sweep_seconds"] = _int("REAPER_SWEEP_SECONDS", v, 1, 3600)
     if v := get("REAPER_BATCH_SIZE"):

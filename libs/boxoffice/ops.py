@@ -55,7 +55,7 @@ def call(method: str, path: str, body: Any = None, *, timeout: float = 30) -> in
 
 
 # Modules (libs/boxoffice/ops_<area>.py) that add their own commands with add_commands(sub).
-AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors", "ops_checkout")
+AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors", "ops_checkout", "ops_audit")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -16,9 +16,7 @@ prompt redelivery (``consume``).
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
-import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,10 +25,9 @@ from nats.aio.msg import Msg
 
 from boxoffice import scrub
 from boxoffice.error_sink import grouping
-from boxoffice.wire.errors import LEVELS
+from boxoffice.wire.errors import LEVELS, stored_id
 
 
-_NS = uuid.UUID("0b6f7f52-86a4-4b8e-9a55-1d1c7e0a2c11")
 _SERVICE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_MESSAGE = 8192
 MAX_STACK = 65536
@@ -87,7 +84,6 @@ class Row(msgspec.Struct):
 COLUMNS = ("id", "timestamp", "service", "function_name", "severity", "error_message",
            "error_type", "stacktrace", "context", "fingerprint", "environment", "release",
            "request_id", "occurrences", "group_id")
-_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
 def _str(v: str | None, limit: int) -> str | None:
@@ -131,12 +127,7 @@ def _coerce(raw: bytes) -> _Report:
 
 
 def _report_id(r: _Report, msg: Msg) -> str:
-    for candidate in (r.id, (msg.headers or {}).get("Nats-Msg-Id")):
-        if candidate:
-            if len(candidate) in (32, 36) and _UUID.fullmatch(candidate):
-                return candidate
-            return str(uuid.uuid5(_NS, candidate[:512]))
-    return str(uuid.uuid5(_NS, hashlib.sha256(msg.subject.encode() + msg.data).hexdigest()))
+    return stored_id(r.id, (msg.headers or {}).get("Nats-Msg-Id"), msg.subject, msg.data)
 
 
 def prepare(msg: Msg, now: datetime) -> Row:

@@ -13,7 +13,7 @@ from aiohttp import web
 from boxoffice import bus as busmod
 from boxoffice import runtime
 from boxoffice.config import Config
-from boxoffice.ingress import admin, checkout, reaper_admin, webhooks
+from boxoffice.ingress import admin, audit_admin, checkout, reaper_admin, webhooks
 from boxoffice.ingress import errors as error_routes
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
@@ -26,6 +26,7 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
     runtime.add_health_routes(app, svc)
     app.add_routes(admin.routes)
     app.add_routes(reaper_admin.routes)
+    app.add_routes(audit_admin.routes)
     checkout.setup(app)
     app.add_routes(webhooks.routes)
     app.add_routes(error_routes.setup(app))

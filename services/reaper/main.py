@@ -1,7 +1,8 @@
 """The reaper: build and run.
 
 Resources in start order (torn down in reverse): the pool, the bus, the outbox relay that
-publishes expiry events, the expiry timer and its listener, retention, the admin handlers.
+publishes expiry events, the expiry timer and its listener, retention, the admin handlers, the
+self-audit.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, outbox, runtime
-from boxoffice.reaper import expiry, handlers, retention
+from boxoffice.reaper import audit, expiry, handlers, retention
 
 
 async def build(svc: runtime.Service) -> None:
@@ -28,6 +29,7 @@ async def build(svc: runtime.Service) -> None:
     await svc.stack.enter_async_context(
         retention.run(pool, ages, cfg.reaper_retention_interval_seconds))
     await handlers.register(bus, pool, cfg.reaper_batch_size)
+    await svc.stack.enter_async_context(audit.running(cfg, bus))
     svc.stack.push_async_callback(bus.stop_serving)  # first: stop taking requests, finish in-flight
     runtime.standard_checks(svc, bus=bus, pool=pool)
 

@@ -1,8 +1,8 @@
 """The webhook service: build and run.
 
 Torn down in reverse: stop fetching (the batch in hand is finished and acked), stop answering
-operators, stop reconciling with Stripe, stop the Stripe action worker and the outbox relay,
-close the Stripe client, drain NATS, close the pool.
+operators, stop auditing, stop reconciling with Stripe, stop the Stripe action worker and the
+outbox relay, close the Stripe client, drain NATS, close the pool.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, outbox, runtime
-from boxoffice.webhook import actions, consumer, handlers, reconcile, refunds
+from boxoffice.webhook import actions, audit, consumer, handlers, reconcile, refunds
 from boxoffice.wire.subjects import WEBHOOK_CONSUMER
 
 BATCH = 512
@@ -40,6 +40,8 @@ async def build(svc: runtime.Service) -> None:
                                                      cfg.stripe_reconcile_grace_seconds))))
     processor = consumer.Processor(pool, cfg.webhook_retry_delays, relay_wake)
     await handlers.register(bus, processor)
+    # the self-audit's check of our books against Stripe's (audit.py)
+    await svc.stack.enter_async_context(audit.running(cfg, bus, stripe.client))
     svc.stack.push_async_callback(bus.stop_serving)
     handle = await svc.stack.enter_async_context(
         consumer.running(consumer.Consumer(processor, concurrency=CONCURRENCY, backlog=BATCH // 2)))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -25,6 +28,23 @@ class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     release: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     request_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     count: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+_ID_NAMESPACE = uuid.UUID("0b6f7f52-86a4-4b8e-9a55-1d1c7e0a2c11")
+_UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
+def stored_id(body_id: str | None, msg_id: str | None, subject: str, data: bytes) -> str:
+    """The ``error_logs`` id of a report on the bus: its own ``id``, else its ``Nats-Msg-Id``
+    (kept when a uuid, else mapped to one), else a digest of the message. The error-sink stores
+    under it and the audit looks reports up by it, so this is the one place it is computed."""
+    for candidate in (body_id, msg_id):
+        if candidate:
+            if len(candidate) in (32, 36) and _UUID_TEXT.fullmatch(candidate):
+                return candidate
+            return str(uuid.uuid5(_ID_NAMESPACE, candidate[:512]))
+    return str(uuid.uuid5(_ID_NAMESPACE, hashlib.sha256(subject.encode() + data).hexdigest()))
 
 
 # -- operator queries, served by the error-sink on admin.errors.<verb> -----------------------
