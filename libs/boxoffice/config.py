@@ -25,13 +25,14 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 # Variables each service reads when set.
 OPTIONAL: dict[str, tuple[str, ...]] = {
-    "ingress": ("INGRESS_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES", "ERROR_RATE_LIMIT_PER_MINUTE"),
+    "ingress": ("INGRESS_PORT", "HEALTH_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES",
+                "ERROR_RATE_LIMIT_PER_MINUTE", "ADMIN_READ_API_TOKENS"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
     "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS",
                 "STRIPE_RECONCILE_INTERVAL_SECONDS", "STRIPE_RECONCILE_GRACE_SECONDS",
                 "AUDIT_INTERVAL_SECONDS", "AUDIT_GRACE_SECONDS"),
-    "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL", "ALERT_RATE_PER_MINUTE",
+    "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL", "ALERT_WEBHOOK_SECRET", "ALERT_RATE_PER_MINUTE",
                    "ALERT_WINDOW_SECONDS"),
     "reaper": ("HEALTH_PORT", "IDEMPOTENCY_KEY_TTL_HOURS", "WEBHOOK_LOG_RETENTION_DAYS",
                "ERROR_RETENTION_DAYS", "REAPER_SWEEP_SECONDS", "REAPER_BATCH_SIZE",
@@ -40,9 +41,10 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
 COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE", "ERROR_SPOOL_DIR")
 SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
                     "CLIENT_API_TOKENS", "ADMIN_API_TOKENS", "SENTRY_DSN", "NATS_URL",
-                    "ALERT_WEBHOOK_URL"})
+                    "ALERT_WEBHOOK_URL", "ALERT_WEBHOOK_SECRET", "ADMIN_READ_API_TOKENS"})
 
-DEFAULT_HEALTH_PORTS = {"ingress": 8080, "payment": 8081, "webhook": 8082,
+# ingress's health port serves /metrics off the public listener (INGRESS_PORT)
+DEFAULT_HEALTH_PORTS = {"ingress": 8085, "payment": 8081, "webhook": 8082,
                         "error_sink": 8083, "reaper": 8084}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -66,7 +68,8 @@ class Config:
     stripe_api_base: str | None = None
     stripe_webhook_secrets: tuple[str, ...] = ()
     client_api_tokens: tuple[str, ...] = ()
-    admin_api_tokens: tuple[str, ...] = ()
+    admin_api_tokens: tuple[str, ...] = ()       # scope "operate": read and act
+    admin_read_api_tokens: tuple[str, ...] = ()  # scope "read": lists and stats only
     sentry_dsn: str | None = None
     sentry_ingest_keys: tuple[str, ...] = ()
     env: str = "development"
@@ -80,6 +83,7 @@ class Config:
     webhook_log_retention_days: int = 30
     error_retention_days: int = 90
     alert_webhook_url: str | None = None
+    alert_webhook_secret: str | None = None
     alert_rate_per_minute: int = 100
     alert_window_seconds: int = 300
     error_rate_limit_per_minute: int = 6000
@@ -177,11 +181,19 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["admin_api_tokens"] = _list("ADMIN_API_TOKENS", env["ADMIN_API_TOKENS"], 16)
         if set(kw["client_api_tokens"]) & set(kw["admin_api_tokens"]):  # type: ignore[arg-type]
             raise ConfigError("ADMIN_API_TOKENS", "must not share a token with CLIENT_API_TOKENS")
+        if v := get("ADMIN_READ_API_TOKENS"):
+            kw["admin_read_api_tokens"] = _list("ADMIN_READ_API_TOKENS", v, 16)
+            if set(kw["admin_read_api_tokens"]) & (  # type: ignore[arg-type]
+                    set(kw["client_api_tokens"]) | set(kw["admin_api_tokens"])):  # type: ignore[arg-type]
+                raise ConfigError("ADMIN_READ_API_TOKENS",
+                                  "must not share a token with CLIENT_API_TOKENS or ADMIN_API_TOKENS")
         if v := get("SENTRY_INGEST_KEYS"):
             kw["sentry_ingest_keys"] = _list("SENTRY_INGEST_KEYS", v, 8)
         if v := get("INGRESS_PORT"):
             kw["ingress_port"] = _int("INGRESS_PORT", v, 0, 65535)
-        kw["health_port"] = kw.get("ingress_port", 8080)
+        kw["health_port"] = DEFAULT_HEALTH_PORTS[service]
+        if v := get("HEALTH_PORT"):
+            kw["health_port"] = _int("HEALTH_PORT", v, 0, 65535)
         if v := get("MAX_BODY_BYTES"):
             kw["max_body_bytes"] = _int("MAX_BODY_BYTES", v, 1024, 256 << 20)
     else:
@@ -210,6 +222,11 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["error_retention_days"] = _int("ERROR_RETENTION_DAYS", v, 1, 3650)
     if v := get("ALERT_WEBHOOK_URL"):
         kw["alert_webhook_url"] = _url("ALERT_WEBHOOK_URL", v, ("http", "https"))
+    if v := get("ALERT_WEBHOOK_SECRET"):
+        if not re.fullmatch(r"(whsec_)?[A-Za-z0-9+/]{24,}={0,2}", v):
+            raise ConfigError("ALERT_WEBHOOK_SECRET",
+                              "must be whsec_ followed by at least 18 bytes in base64")
+        kw["alert_webhook_secret"] = v
     if v := get("ALERT_RATE_PER_MINUTE"):
         kw["alert_rate_per_minute"] = _int("ALERT_RATE_PER_MINUTE", v, 1, 10_000_000)
     if v := get("ALERT_WINDOW_SECONDS"):
@@ -236,4 +253,48 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
     if v := get("REAPER_RETENTION_INTERVAL_SECONDS"):
         kw["reaper_retention_interval_seconds"] = _int("REAPER_RETENTION_INTERVAL_SECONDS", v,
                                                        1, 7 * 86400)
-    return Config(**kw)  # type: ignore[arg-type]
+    cfg = Config(**kw)  # type: ignore[arg-type]
+    if cfg.env == "production":
+        refuse_development_settings(cfg, env)
+    return cfg
+
+
+# The development defaults of docker-compose.yml and of the tests: never in production.
+DEVELOPMENT_SECRETS = frozenset({
+    "dev-client-token-change-me", "dev-admin-token-change-me", "boxoffice-dev-password",
+    "whsec_boxoffice_dev_secret", "0123456789abcdef0123456789abcdef", "sk_test_boxoffice_dev",
+})
+MIN_PRODUCTION_TOKEN = 32
+
+
+def _secrets_in(value: str) -> list[str]:
+    """A setting's secret parts: list items, and a URL's password."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    for p in list(parts):
+        if "://" in p:
+            with_password = urlsplit(p).password
+            if with_password:
+                parts.append(with_password)
+    return parts
+
+
+def refuse_development_settings(cfg: Config, env: Mapping[str, str]) -> None:
+    """With ``BOXOFFICE_ENV=production``, refuse what is only fit for a developer's machine."""
+    for name in sorted(SECRET):
+        for part in _secrets_in(env.get(name, "")):
+            if part in DEVELOPMENT_SECRETS or "change-me" in part:
+                raise ConfigError(name, "holds a development default; set a secret of your own")
+    for name, tokens in (("CLIENT_API_TOKENS", cfg.client_api_tokens),
+                         ("ADMIN_API_TOKENS", cfg.admin_api_tokens),
+                         ("ADMIN_READ_API_TOKENS", cfg.admin_read_api_tokens)):
+        if any(len(t) < MIN_PRODUCTION_TOKEN for t in tokens):
+            raise ConfigError(name, f"needs tokens of at least {MIN_PRODUCTION_TOKEN} characters "
+                                    "in production")
+    if cfg.stripe_api_base and urlsplit(cfg.stripe_api_base).hostname != "api.stripe.com":
+        raise ConfigError("STRIPE_API_BASE", "points at a Stripe emulator; unset it in production")
+    if cfg.stripe_api_key and cfg.stripe_api_key.startswith(("sk_test_", "rk_test_")):
+        raise ConfigError("STRIPE_API_KEY", "is a test key; production needs a live key")
+    if not (all(urlsplit(u).username for u in cfg.nats_url.split(","))
+            or env.get("NATS_CREDS_FILE", "").strip()):
+        raise ConfigError("NATS_URL", "connects anonymously; production needs a user and "
+                                      "password (or NATS_CREDS_FILE)")

@@ -13,7 +13,7 @@ from aiohttp import web
 from boxoffice import bus as busmod
 from boxoffice import runtime
 from boxoffice.config import Config
-from boxoffice.ingress import admin, audit_admin, checkout, reaper_admin, webhooks
+from boxoffice.ingress import actions_admin, admin, audit_admin, checkout, reaper_admin, webhooks
 from boxoffice.ingress import errors as error_routes
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
@@ -23,8 +23,9 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
     app = web.Application(middlewares=[problems], client_max_size=cfg.max_body_bytes)
     app[CONFIG] = cfg
     app[BUS] = bus
-    runtime.add_health_routes(app, svc)
+    runtime.add_health_routes(app, svc, metrics=False)  # /metrics: on HEALTH_PORT only
     app.add_routes(admin.routes)
+    app.add_routes(actions_admin.routes)
     app.add_routes(reaper_admin.routes)
     app.add_routes(audit_admin.routes)
     checkout.setup(app)

@@ -38,7 +38,8 @@ async def build(svc: runtime.Service) -> None:
     await svc.stack.enter_async_context(reconcile.running(reconcile.Reconciler(
         pool, bus, stripe.client, reconcile.Settings(cfg.stripe_reconcile_interval_seconds,
                                                      cfg.stripe_reconcile_grace_seconds))))
-    processor = consumer.Processor(pool, cfg.webhook_retry_delays, relay_wake)
+    live = (cfg.stripe_api_key or "").startswith(("sk_live_", "rk_live_"))
+    processor = consumer.Processor(pool, cfg.webhook_retry_delays, relay_wake, live=live)
     await handlers.register(bus, processor)
     # the self-audit's check of our books against Stripe's (audit.py)
     await svc.stack.enter_async_context(audit.running(cfg, bus, stripe.client))
