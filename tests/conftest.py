@@ -50,6 +50,51 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+class PgRefusals:
+    """What the session's PostgreSQL refused for want of a privilege, read from its log. Every
+    test that uses a database ends with none: a service whose role lacks a grant fails the test
+    even where it only retries or logs (``take`` them in a test that provokes refusals)."""
+
+    MARKS = ("ERROR:  permission denied", "ERROR:  must be owner")
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.offset = 0
+
+    def skip(self) -> None:
+        self.offset = self.log.stat().st_size
+
+    def take(self) -> list[str]:
+        """The refusals logged since the last look, each with the statement refused."""
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            lines = f.read().decode(errors="replace").splitlines()
+            self.offset = f.tell()
+        found = []
+        for line, after in zip(lines, lines[1:] + [""]):
+            if any(m in line for m in self.MARKS):
+                statement = after.partition("STATEMENT:")[2].strip()
+                found.append(f"{line} / {statement}" if statement else line)
+        return found
+
+
+@pytest.fixture(scope="session")
+def pg_refusals(pg_admin_url: str) -> PgRefusals | None:
+    """The session server's refusals; None on a server named by DATABASE_URL (not our log)."""
+    if os.environ.get("DATABASE_URL"):
+        return None
+    import asyncio
+
+    async def data_directory() -> str:
+        conn = await asyncpg.connect(pg_admin_url)
+        try:
+            return await conn.fetchval("SELECT current_setting('data_directory')")
+        finally:
+            await conn.close()
+
+    return PgRefusals(Path(asyncio.run(data_directory())).parent / "postgres.log")
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_admin_url: str) -> str:
     import asyncio
@@ -69,9 +114,13 @@ def template_db(pg_admin_url: str) -> str:
 
 
 @pytest_asyncio.fixture
-async def database_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test."""
+async def database_url(pg_admin_url: str, template_db: str, pg_refusals: PgRefusals | None
+                       ) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test (the owner's URL: the harness gives each
+    service its own role's)."""
     name = f"t_{uuid.uuid4().hex[:12]}"
+    if pg_refusals is not None:
+        pg_refusals.skip()
     conn = await asyncpg.connect(pg_admin_url)
     try:
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
@@ -83,6 +132,9 @@ async def database_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+    # whatever the test did, PostgreSQL refused no service anything: each role's grants suffice
+    refused = pg_refusals.take() if pg_refusals is not None else []
+    assert not refused, "PostgreSQL refused:\n" + "\n".join(refused[:20])
 
 
 @pytest_asyncio.fixture

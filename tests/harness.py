@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -11,7 +13,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import asyncpg
+
+from boxoffice import roles
 from boxoffice.embedded import free_port
 
 CLIENT_TOKEN = "client-token-aaaaaaaaaaaaaaaa"
@@ -21,6 +27,9 @@ WEBHOOK_SECRET = "whsec_test_secret_current"
 WEBHOOK_SECRET_OLD = "whsec_test_secret_previous"
 SENTRY_KEY = "0123456789abcdef0123456789abcdef"
 STRIPE_KEY = "sk_test_boxoffice_tests"
+# each service logs into PostgreSQL with its own role, as deployed (boxoffice.roles)
+DB_PASSWORDS = {service: f"pg-{service.replace('_', '-')}-SECRET-{n}e41c9a7"
+                for n, service in enumerate(roles.ROLES)}
 
 
 def http_ready(url: str) -> bool:
@@ -61,6 +70,8 @@ class ServiceProcess:
         if self.service == "ingress":
             self.health_port = self.health_port or free_port()
             env["HEALTH_PORT"] = str(self.health_port)
+        if self.service in roles.ROLES and env.get("DATABASE_URL"):
+            env["DATABASE_URL"] = login_url(self.service, env["DATABASE_URL"])
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "run", self.service],
                                          env=env, stdout=out, stderr=out)
@@ -104,6 +115,22 @@ class ServiceProcess:
 
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+
+def login_url(service: str, url: str) -> str:
+    """The URL ``service`` logs in with: ``url``'s server and database, as the service's own
+    role. ``url`` is the owner's: through it the role gets LOGIN and its test password first,
+    unless the server does not answer now (a service restarted while PostgreSQL is down: the
+    role got them when the service first started)."""
+    if urlsplit(url).username in roles.ROLES.values():
+        return url
+    password = DB_PASSWORDS[service]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callers may run in an event loop
+        try:
+            pool.submit(roles.set_logins, url, {service: password}).result()
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
+    return roles.url_for(url, service, password)
 
 
 def base_env(nats_url: str, database_url: str, stripe_base: str | None = None) -> dict[str, str]:

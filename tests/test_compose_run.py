@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
 import stripe
 
-from boxoffice import SERVICES
+from boxoffice import SERVICES, roles
 from tests.compose_images import PostgresImage, ProjectImage
 from tests.compose_support import ComposeStack, compose_config
 from tests.test_webhooks_support import event, sign, wait_for
@@ -209,6 +210,21 @@ async def test_checkout_payment_expiry_and_error_report(stack: ComposeStack) -> 
         assert tuple(stored) == ("shop-web", "error", "checkout button broke")
     finally:
         await db.close()
+
+
+async def test_each_service_logs_into_postgresql_with_its_own_role(stack: ComposeStack) -> None:
+    # the migrate step gave each role LOGIN and the password of its service's DATABASE_URL
+    db = await asyncpg.connect(stack.containers["migrate"].env["DATABASE_URL"])
+    try:
+        users = {r[0] for r in await db.fetch(
+            "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")}
+    finally:
+        await db.close()
+    assert users == set(roles.ROLES.values()), users
+    for service, role in roles.ROLES.items():
+        assert urlsplit(stack.containers[service.replace("_", "-")].env["DATABASE_URL"]
+                        ).username == role
 
 
 async def test_volumes_hold_what_the_services_write(stack: ComposeStack) -> None:

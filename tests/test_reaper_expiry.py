@@ -10,7 +10,9 @@ from datetime import timedelta
 
 import asyncpg
 
+from boxoffice import db as dbmod
 from boxoffice.reaper import expiry
+from tests.harness import login_url
 from tests.reaper_helpers import (assert_inventory_consistent, eventually, expired_events, hold,
                                   hold_unannounced, make_event, metrics)
 
@@ -89,7 +91,9 @@ async def test_payment_at_the_boundary_is_completed_or_expired_never_both(db, da
     """Payments fired around each hold's expires_at race the reaper while other buyers snap up
     every ticket released. Each hold ends exactly one way: completed (paid before the reaper
     took it, or after, by taking tickets anew) or expired with its payment refused
-    ('unavailable': its tickets went to another buyer); never sold twice nor both."""
+    ('unavailable': its tickets went to another buyer); never sold twice nor both. Each side
+    runs as its service's own role: the reaper expires, the webhook service completes (its
+    re-hold path included), payment holds."""
     n = 120
     event = await make_event(db, capacity=n, buckets=8)
     settings = expiry.Settings(batch=20, sweep_seconds=1)
@@ -98,14 +102,14 @@ async def test_payment_at_the_boundary_is_completed_or_expired_never_both(db, da
 
     async def pay_at(reservation_id: uuid.UUID, at_loop_time: float) -> None:
         await asyncio.sleep(max(0.0, at_loop_time - loop.time()))
-        results[reservation_id] = await db.fetchval("SELECT complete_reservation($1, $2)",
-                                                    reservation_id, f"pi_{reservation_id.hex[:8]}")
+        results[reservation_id] = await webhook.fetchval(
+            "SELECT complete_reservation($1, $2)", reservation_id, f"pi_{reservation_id.hex[:8]}")
 
     async def other_buyer() -> int:
         got = 0
         while paying.is_set():
             try:
-                await hold(db, event, 1, ttl=600, client="other")
+                await hold(payment, event, 1, ttl=600, client="other")
                 got += 1
             except asyncpg.PostgresError as exc:
                 assert exc.sqlstate == "BX409", exc  # sold out: try again
@@ -113,10 +117,14 @@ async def test_payment_at_the_boundary_is_completed_or_expired_never_both(db, da
         return got
 
     loop = asyncio.get_running_loop()
-    async with expiry.run(db, database_url, settings):
+    reaper_url = login_url("reaper", database_url)
+    async with dbmod.pool(reaper_url) as reaper, \
+            dbmod.pool(login_url("webhook", database_url)) as webhook, \
+            dbmod.pool(login_url("payment", database_url)) as payment, \
+            expiry.run(reaper, reaper_url, settings):
         now_db = await db.fetchval("SELECT clock_timestamp()")
         t0 = loop.time()
-        holds = [await hold(db, event, 1, ttl=2) for _ in range(n)]
+        holds = [await hold(payment, event, 1, ttl=2) for _ in range(n)]
         paying.set()
         buyers = [asyncio.create_task(other_buyer()) for _ in range(3)]
         # pay from 30 ms before to 60 ms after each hold's expiry

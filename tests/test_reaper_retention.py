@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
+from boxoffice import db as dbmod
 from boxoffice.reaper import retention
+from tests.harness import login_url
 
 NOW = datetime.now(timezone.utc)
+
+
+def as_reaper(database_url: str) -> AbstractAsyncContextManager[asyncpg.Pool]:
+    """Retention runs as the reaper's own role, as deployed."""
+    return dbmod.pool(login_url("reaper", database_url), min_size=1, max_size=2)
 
 
 async def _key(db: asyncpg.Pool, key: str, age: timedelta) -> None:
@@ -38,7 +46,7 @@ async def _error(db: asyncpg.Pool, occurred: timedelta, received: timedelta) -> 
     return eid
 
 
-async def test_purges_only_what_is_old_enough(db):
+async def test_purges_only_what_is_old_enough(db, database_url):
     h, d = timedelta(hours=1), timedelta(days=1)
     for i in range(5):
         await _key(db, f"old-{i}", 25 * h)
@@ -59,7 +67,8 @@ async def test_purges_only_what_is_old_enough(db):
                          "request_fingerprint = 'fp', response_body = '{}' WHERE id = $1",
                          holds[key], age)
 
-    run = await retention.purge(db, retention.Ages(24, 30, 90), batch=2)
+    async with as_reaper(database_url) as reaper:
+        run = await retention.purge(reaper, retention.Ages(24, 30, 90), batch=2)
 
     assert run.error is None
     assert run.purged == {"payment_intents_log": 5, "reservation_keys": 1,
@@ -82,17 +91,18 @@ async def test_purges_only_what_is_old_enough(db):
     assert await db.fetchval("SELECT count(*) FROM payment_intents_log WHERE idempotency_key = 'old-0'") == 1
 
     # nothing left to purge: nothing deleted, and no empty run recorded
-    again = await retention.purge(db, retention.Ages(24, 30, 90), batch=2)
+    async with as_reaper(database_url) as reaper:
+        again = await retention.purge(reaper, retention.Ages(24, 30, 90), batch=2)
     assert again.purged == {"payment_intents_log": 0, "reservation_keys": 0,
                             "webhook_events_log": 0, "error_logs": 0}
     assert await db.fetchval("SELECT count(*) FROM reaper_runs WHERE kind = 'retention'") == 1
 
 
-async def test_a_purge_skips_rows_locked_by_a_request_in_flight(db):
+async def test_a_purge_skips_rows_locked_by_a_request_in_flight(db, database_url):
     await _key(db, "busy", timedelta(hours=30))
     await _key(db, "idle", timedelta(hours=30))
-    async with db.acquire() as conn, conn.transaction():
+    async with db.acquire() as conn, conn.transaction(), as_reaper(database_url) as reaper:
         await conn.execute("SELECT 1 FROM payment_intents_log WHERE idempotency_key = 'busy' FOR UPDATE")
-        run = await retention.purge(db, retention.Ages(24, 30, 90))
+        run = await retention.purge(reaper, retention.Ages(24, 30, 90))
     assert run.purged is not None and run.purged["payment_intents_log"] == 1
     assert [r[0] for r in await db.fetch("SELECT idempotency_key FROM payment_intents_log")] == ["busy"]

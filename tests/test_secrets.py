@@ -1,12 +1,13 @@
 """Secrets never appear in logs, error reports or responses.
 
 Every service runs with distinctive secret values: the client and admin API tokens, the Stripe
-secret key, both webhook signing secrets and a PostgreSQL password (the test server trusts local
-connections, so the password is carried but never checked). The test walks the main flows and
-their failures (wrong and other-kind tokens, bad signatures, Stripe unreachable, a database that
-refuses, malformed settings, a crash, error reports that quote credentials), then looks for every
-secret in every service log, every response (body and headers), the ``error_logs`` table, every
-message on every JetStream stream and the local error spool.
+secret key, both webhook signing secrets, and the password of each service's own PostgreSQL role
+(checked by the server; the owner's URL given carries one more, which no service ever gets). The
+test walks the main flows and their failures (wrong and other-kind tokens, bad signatures, Stripe
+unreachable, a database that refuses, malformed settings, a crash, error reports that quote
+credentials), then looks for every secret in every service log, every response (body and
+headers), the ``error_logs`` table, every message on every JetStream stream and the local error
+spool.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import asyncpg
 import nats
 import pytest
 
+from boxoffice import roles
 from boxoffice.embedded import free_port
 from tests.checkout_support import Api, Resp, nobody_answers, wait_for
-from tests.harness import ServiceProcess, base_env
+from tests.harness import DB_PASSWORDS, ServiceProcess, base_env
 from tests.test_webhooks_support import event, payment_intent, sign
 
 CLIENT = "client-SECRET-7b1e0c5a9f2d4e68"
@@ -37,7 +39,8 @@ WHSEC = "whsec_SECRET_ROTATED_4f2a9c1d7e3b"
 WHSEC_OLD = "whsec_SECRET_PREVIOUS_8a6d2e0f4c1b"
 PG_PASSWORD = "pgSECRET-0d4f8b2e6a1c"
 SECRETS = {"client token": CLIENT, "admin token": ADMIN, "Stripe key": STRIPE,
-           "webhook secret": WHSEC, "old webhook secret": WHSEC_OLD, "database password": PG_PASSWORD}
+           "webhook secret": WHSEC, "old webhook secret": WHSEC_OLD, "database password": PG_PASSWORD,
+           **{f"{service}'s database password": p for service, p in DB_PASSWORDS.items()}}
 
 
 def _with_password(url: str) -> str:
@@ -108,8 +111,11 @@ async def test_no_secret_in_logs_reports_or_responses(
     sink = start("error_sink")
     start("reaper")
     ingress = start("ingress")
-    # the services really use the password-carrying URL
-    assert PG_PASSWORD in env["DATABASE_URL"]
+    # the services really log in with their own roles (and so with those roles' passwords)
+    users = {r[0] for r in await db.fetch(
+        "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend'")}
+    assert users == set(roles.ROLES.values()) | {"postgres"}, users
 
     async with aiohttp.ClientSession() as session:
         api = Recorder(Api(session, ingress.url))

@@ -1,8 +1,10 @@
-"""`boxoffice up` end to end: embedded servers, ready, stack.env, a killed service restarted,
-data kept across restarts, and one SIGINT leaving no process behind."""
+"""`boxoffice up` end to end: embedded servers, ready, stack.env, each service on its own
+PostgreSQL role, a killed service restarted, data kept across restarts, and one SIGINT leaving no
+process behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,8 +14,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import asyncpg
 import psutil
+import pytest
 
+from boxoffice import roles
 from boxoffice.embedded import free_port
 from boxoffice.stack import STACK_KEYS, read_env
 from tests.harness import http_ready
@@ -57,6 +62,29 @@ def stop_stack(proc: subprocess.Popen) -> set[psutil.Process]:
     return family
 
 
+async def _services_use_their_own_roles(home: Path, owner_url: str) -> None:
+    """Each service logs into PostgreSQL with its own role, whose random password is kept in
+    secrets.env (mode 0600) and checked by the server; stack.env keeps the owner's URL."""
+    kept = home / "secrets.env"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    passwords = {s: read_env(kept)[roles.password_variable(s)] for s in roles.ROLES}
+    conn = await asyncpg.connect(owner_url)
+    try:
+        users = {r[0] for r in await conn.fetch(
+            "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")}
+    finally:
+        await conn.close()
+    assert users == set(roles.ROLES.values()), users
+    for service, password in passwords.items():
+        assert len(password) >= 24
+        conn = await asyncpg.connect(roles.url_for(owner_url, service, password))
+        assert await conn.fetchval("SELECT current_user") == roles.ROLES[service]
+        await conn.close()
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(roles.url_for(owner_url, service, password[::-1]))
+
+
 def test_up_ready_restart_and_clean_stop(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port = free_port()
@@ -72,6 +100,7 @@ def test_up_ready_restart_and_clean_stop(tmp_path: Path) -> None:
                                 env={**os.environ, "BOXOFFICE_HOME": str(home)},
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stdout + status.stderr
+        asyncio.run(_services_use_their_own_roles(home, env["DATABASE_URL"]))
 
         # the demo event is seeded; an event created now must survive a restart
         demo = admin(env["INGRESS_URL"], env["ADMIN_API_TOKEN"], "GET",

@@ -40,7 +40,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     out = (result.stdout + result.stderr).strip()
     if out:
         print(out.replace(url, "<DATABASE_URL>"))
-    return result.returncode
+    if result.returncode != 0 or command != "up":
+        return result.returncode
+    return _set_role_logins(url)
+
+
+def _set_role_logins(url: str) -> int:
+    """Give each service role whose PG_<SERVICE>_PASSWORD is set LOGIN and that password."""
+    import asyncpg
+
+    from boxoffice import roles
+
+    passwords = {service: os.environ[var] for service in roles.ROLES
+                 if os.environ.get(var := roles.password_variable(service))}
+    if not passwords:
+        return 0
+    try:
+        roles.set_logins(url, passwords)
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"boxoffice migrate: cannot set the service roles' logins: {type(exc).__name__}: "
+              f"{exc}", file=sys.stderr)
+        return 1
+    print("logins set: " + ", ".join(roles.ROLES[s] for s in passwords))
+    return 0
 
 
 def cmd_up(_: argparse.Namespace) -> int:
@@ -82,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run one service: " + ", ".join(SERVICES))
     p.add_argument("service")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("migrate", help="apply migrations (or --down: roll back one)")
+    p = sub.add_parser("migrate", help="apply migrations (or --down: roll back one); then give each "
+                       "service role whose PG_<SERVICE>_PASSWORD is set LOGIN and that password")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--down", action="store_true", help="roll back the newest migration")
     g.add_argument("--status", action="store_true", help="list applied and pending migrations")

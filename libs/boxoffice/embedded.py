@@ -169,6 +169,11 @@ class Postgres(Child):
             subprocess.run([self._bin("initdb"), "-D", str(self.datadir), "--auth=trust",
                             "--encoding=UTF8", "-U", "postgres", "--no-sync"],
                            check=True, capture_output=True, user=user)
+        # the superuser (the schema's owner, for local tools) is trusted on 127.0.0.1; every
+        # other role (the services' own) logs in with its password
+        (self.datadir / "pg_hba.conf").write_text(
+            "host all postgres 127.0.0.1/32 trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n")
         stale = self.datadir / "postmaster.pid"
         if stale.exists() and not self._pid_alive(stale):
             stale.unlink()

@@ -29,11 +29,13 @@ def dbmate_binary() -> str:
 
 
 def _dbmate_url(url: str) -> str:
-    # dbmate insists on TLS unless told otherwise; asyncpg negotiates. Keep the caller's choice.
+    # dbmate insists on TLS unless told otherwise; asyncpg negotiates. Keep the caller's choice:
+    # the URL's sslmode, else PGSSLMODE (which asyncpg reads too, and this URL would override).
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
-    query.setdefault("sslmode", "disable" if parts.hostname in (None, "", "127.0.0.1", "localhost")
-                     or "host" in query else "prefer")
+    query.setdefault("sslmode", os.environ.get("PGSSLMODE") or (
+        "disable" if parts.hostname in (None, "", "127.0.0.1", "localhost") or "host" in query
+        else "prefer"))
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 

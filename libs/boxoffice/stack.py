@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from boxoffice import SERVICES, migrate
+from boxoffice import SERVICES, migrate, roles
 from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
 
 DEMO_EVENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://boxoffice.dev/demo-event"))
@@ -49,6 +49,9 @@ def _secrets(root: Path) -> dict[str, str]:
               "ADMIN_API_TOKEN": lambda: "adm_" + secrets.token_urlsafe(24),
               "STRIPE_WEBHOOK_SECRET": lambda: "whsec_" + secrets.token_hex(24),
               "SENTRY_KEY": lambda: secrets.token_hex(16)}
+    # each service's own PostgreSQL role (boxoffice.roles)
+    wanted.update({roles.password_variable(s): lambda: secrets.token_urlsafe(24)
+                   for s in roles.ROLES})
     changed = False
     for key, make in wanted.items():
         if key not in values:
@@ -192,12 +195,23 @@ def up() -> int:
             return 1
         say("migrations applied")
         _seed_demo_event(env["DATABASE_URL"])
+        import asyncpg
+
+        db_passwords = {s: keys[roles.password_variable(s)] for s in roles.ROLES}
+        try:
+            roles.set_logins(env["DATABASE_URL"], db_passwords)
+        except (OSError, asyncpg.PostgresError) as exc:
+            say(f"cannot give the services' PostgreSQL roles their logins: {exc}")
+            return 1
         if ls is not None:
             ls.configure_webhook(f"{ingress_url}/v1/webhooks/stripe",
                                  env["STRIPE_WEBHOOK_SECRET"].split(",")[0])
 
         for service in SERVICES:
             senv = {k: v for k, v in env.items() if k not in WITHHELD.get(service, ())}
+            if service in db_passwords:  # its own role; stack.env keeps the owner's URL
+                senv["DATABASE_URL"] = roles.url_for(env["DATABASE_URL"], service,
+                                                     db_passwords[service])
             if service == "ingress":
                 health = f"{ingress_url}/readyz"
                 senv["HEALTH_PORT"] = str(free_port())  # its /metrics, off the public port
