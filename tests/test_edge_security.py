@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from boxoffice import bus as busmod
 from boxoffice.embedded import free_port
 from boxoffice.error_sink import alerts
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
@@ -56,9 +57,13 @@ async def test_read_scope_reads_operate_scope_acts_and_every_action_is_logged(
         assert status == 404  # a failed action is logged too, with its status
         # a client token is no admin token
         assert (await call(s, "GET", f"{base}/v1/admin/audit", CLIENT_TOKEN))[0] == 403
-        status, log = await call(s, "GET", f"{base}/v1/admin/audit?limit=10", READ_TOKEN)
-    assert status == 200
-    actions = log["actions"]
+
+        async def logged() -> list | None:
+            status, log = await call(s, "GET", f"{base}/v1/admin/audit?limit=10", READ_TOKEN)
+            assert status == 200
+            done = [a for a in log["actions"] if a["status"] is not None]
+            return log["actions"] if len(done) == 2 else None
+        actions = await wait_for(logged, what="both actions in the log")
     assert [(a["action"], a["status"]) for a in actions] == [
         ("POST /v1/admin/errors/{group_id}/{action}", 404),
         ("POST /v1/admin/events", 201)]
@@ -72,10 +77,27 @@ async def test_read_scope_reads_operate_scope_acts_and_every_action_is_logged(
     assert created["id"]
 
 
-async def test_an_action_that_cannot_be_logged_is_not_carried_out(db: asyncpg.Pool,
-                                                                   start_service) -> None:
-    start_service("payment")  # would create the event; the reaper, keeper of the log, is down
+async def test_actions_wait_on_the_bus_for_the_reaper(db: asyncpg.Pool, start_service) -> None:
+    start_service("payment")
+    ingress = start_service("ingress")  # the reaper, keeper of the log, is down
+    async with aiohttp.ClientSession() as s:
+        status, _ = await call(s, "POST", f"{ingress.url}/v1/admin/events", ADMIN_TOKEN, EVENT)
+        assert status == 201
+        start_service("reaper")
+
+        async def logged() -> list | None:
+            status, log = await call(s, "GET", f"{ingress.url}/v1/admin/audit", ADMIN_TOKEN)
+            return [(a["action"], a["status"]) for a in log["actions"]] or None
+        assert await wait_for(logged, what="the action in the log") == [
+            ("POST /v1/admin/events", 201)]
+
+
+async def test_an_action_that_cannot_be_logged_is_not_carried_out(
+        db: asyncpg.Pool, start_service, nats_url: str) -> None:
+    start_service("payment")
     ingress = start_service("ingress")
+    async with busmod.connect(nats_url, "operator") as bus:
+        await bus.js.delete_stream("AUDIT")  # the log cannot be written at all
     async with aiohttp.ClientSession() as s:
         status, body = await call(s, "POST", f"{ingress.url}/v1/admin/events", ADMIN_TOKEN, EVENT)
     assert status == 503, body

@@ -37,11 +37,11 @@ R = TypeVar("R")
 
 DAY = 86400.0
 STREAM_MAX_AGE = {"STRIPE_EVENTS": 30 * DAY, "ERRORS": 7 * DAY, "RESERVATIONS": 7 * DAY,
-                  "PAYMENTS": 7 * DAY, "ALERTS": 7 * DAY}
+                  "PAYMENTS": 7 * DAY, "ALERTS": 7 * DAY, "AUDIT": 30 * DAY}
 # Outbox-fed streams keep ids longer, so a relay that crashed between publish and commit and
 # comes back within the window is still deduplicated.
 DUPLICATE_WINDOW = {"STRIPE_EVENTS": 600.0, "ERRORS": 120.0, "RESERVATIONS": 3600.0,
-                    "PAYMENTS": 3600.0, "ALERTS": 600.0}
+                    "PAYMENTS": 3600.0, "ALERTS": 600.0, "AUDIT": 600.0}
 REQUEST_ID_HEADER = "Boxoffice-Request-Id"
 NO_RESPONDER_RETRIES = (0.05, 0.1, 0.2, None)
 

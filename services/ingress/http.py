@@ -137,8 +137,10 @@ def require_admin(request: web.Request, scope: str = "read") -> str:
 
 
 def operate(handler: Handler) -> Handler:
-    """An operator's action: an operate-scoped token, recorded before it is carried out (if it
-    cannot be recorded, it is refused with 503 and nothing is done) and its outcome after."""
+    """An operator's action: an operate-scoped token, recorded on the AUDIT stream before it is
+    carried out (if JetStream does not acknowledge the record, the action is refused with 503 and
+    nothing is done) and its outcome after."""
+    from boxoffice import wire as codec
     from boxoffice.ingress.state import BUS
     from boxoffice.wire import admin_actions as wire
 
@@ -147,9 +149,11 @@ def operate(handler: Handler) -> Handler:
         actor = require_admin(request, "operate")
         route = request.match_info.route.resource
         template = route.canonical if route is not None else request.path
-        begun = await request.app[BUS].request(wire.BEGIN, wire.Begin(
-            actor=actor, action=f"{request.method} {template}"[:200], target=request.path[:2000],
-            request_id=request.get(REQUEST_ID, "")), wire.Begun)
+        bus = request.app[BUS]
+        action_id = uuid.uuid4().hex
+        await bus.publish(wire.BEGUN, codec.encode(wire.Begun(
+            id=action_id, at=codec.now(), actor=actor, action=f"{request.method} {template}"[:200],
+            target=request.path[:2000], request_id=request.get(REQUEST_ID, ""))), action_id)
         status = 500
         try:
             resp = await handler(request)
@@ -163,10 +167,10 @@ def operate(handler: Handler) -> Handler:
             raise
         finally:
             try:
-                await request.app[BUS].request(wire.FINISH, wire.Finish(id=begun.id, status=status),
-                                               wire.Finished)
+                await bus.publish(wire.FINISHED, codec.encode(wire.Finished(
+                    id=action_id, at=codec.now(), status=status)), f"{action_id}-finished")
             except errors.BoxofficeError as exc:  # the action happened; its begin is on record
-                log.warning("action %s: outcome not recorded (%s)", begun.id, exc.code)
+                log.warning("action %s: outcome not recorded (%s)", action_id, exc.code)
 
     return acted
 

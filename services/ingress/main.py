@@ -37,7 +37,7 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
 async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "ingress"))
-    await bus.declare_streams("STRIPE_EVENTS", "ERRORS")
+    await bus.declare_streams("STRIPE_EVENTS", "ERRORS", "AUDIT")
     runtime.standard_checks(svc, bus=bus)
     svc.app = create_app(cfg, bus, svc)
 

@@ -33,18 +33,10 @@ async def register(bus: Bus, pool: asyncpg.Pool, batch: int) -> None:
     await bus.serve(wire.CLEANUP, wire.CleanupRequest, cleanup, queue=QUEUE)
     await bus.serve(wire.RUNS, wire.RunsRequest, recent, queue=QUEUE)
 
-    # the operators' action log (admin_actions.py)
-    async def begin(req: actions_wire.Begin) -> actions_wire.Begun:
-        return await _guard(admin_actions.begin(pool, req))
-
-    async def finish(req: actions_wire.Finish) -> actions_wire.Finished:
-        return await _guard(admin_actions.finish(pool, req))
-
+    # the operators' action log, kept from the AUDIT stream (admin_actions.py)
     async def list_actions(req: actions_wire.ListRequest) -> actions_wire.Actions:
         return await _guard(admin_actions.recent(pool, req))
 
-    await bus.serve(actions_wire.BEGIN, actions_wire.Begin, begin, queue=QUEUE)
-    await bus.serve(actions_wire.FINISH, actions_wire.Finish, finish, queue=QUEUE)
     await bus.serve(actions_wire.LIST, actions_wire.ListRequest, list_actions, queue=QUEUE)
 
 

@@ -1,45 +1,42 @@
-"""The log of operators' actions (``admin.actions.<verb>``): who did what, when, to what.
+"""The log of operators' actions: who did what, when, to what, and how it ended.
 
-Ingress records an action before it is carried out (``begin``: if it cannot be recorded, it is
-not carried out) and its outcome after (``finish``); the reaper keeps the log in
-``admin_actions``. The actor is a token's id (a digest, as ``a_<hex>``), never the token.
+Ingress publishes an action on the ``AUDIT`` stream before carrying it out
+(``audit.actions.begun``; if JetStream does not acknowledge it, the action is refused and nothing
+is done) and its outcome after (``audit.actions.finished``). The reaper keeps the stream in
+``admin_actions`` and answers ``admin.actions.list``. Recording needs only the bus that ingress
+needs anyway: no service has to be up for an operator to act. The actor is a token's id (a
+digest, ``a_<hex>``), never the token.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
-from boxoffice.wire import Message
+from boxoffice.wire import Event, Message
 
-BEGIN = "admin.actions.begin"
-FINISH = "admin.actions.finish"
+BEGUN = "audit.actions.begun"
+FINISHED = "audit.actions.finished"
 LIST = "admin.actions.list"
 
-Scope = Literal["read", "operate"]
-Short = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+ActionId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}\Z")]
 
 
-class Begin(Message):
-    actor: Annotated[str, msgspec.Meta(pattern=r"^a_[0-9a-f]{12,64}\Z")]
-    action: Short                      # the route: "POST /v1/admin/webhooks/events/{event_id}/replay"
-    target: Annotated[str, msgspec.Meta(max_length=2000)]  # the path acted on
-    request_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
+class Begun(Event):
+    id: ActionId
+    at: datetime
+    actor: str
+    action: str               # the route: "POST /v1/admin/webhooks/events/{event_id}/replay"
+    target: str               # the path acted on
+    request_id: str = ""
 
 
-class Begun(msgspec.Struct):
-    id: int
-
-
-class Finish(Message):
-    id: int
-    status: Annotated[int, msgspec.Meta(ge=100, le=599)]
-
-
-class Finished(msgspec.Struct):
-    id: int
+class Finished(Event):
+    id: ActionId
+    at: datetime
+    status: int               # the HTTP status answered
 
 
 class ListRequest(Message):
@@ -48,7 +45,7 @@ class ListRequest(Message):
 
 
 class Action(msgspec.Struct):
-    id: int
+    id: str
     at: datetime
     actor: str
     action: str

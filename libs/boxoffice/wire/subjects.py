@@ -14,11 +14,13 @@ STREAMS: dict[str, list[str]] = {
     "RESERVATIONS": ["reservations.events.>"],
     "PAYMENTS": ["payments.events.>"],
     "ALERTS": ["alerts.>"],
+    "AUDIT": ["audit.actions.>"],  # operators' actions, published by ingress (wire.admin_actions)
 }
 
 # durable consumers: (stream, durable name)
 WEBHOOK_CONSUMER = ("STRIPE_EVENTS", "webhook")
 ERROR_SINK_CONSUMER = ("ERRORS", "error-sink")
+ADMIN_ACTIONS_CONSUMER = ("AUDIT", "reaper")
 
 
 def stripe_event(event_type: str) -> str:
