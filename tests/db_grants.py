@@ -69,7 +69,7 @@ TABLES: dict[str, dict[str, str]] = {
     "error_alerts": {"error_sink": "SELECT INSERT UPDATE(published_at,notified_at,attempts,"
                                    "publish_attempts,next_attempt,last_error)"},
     "reaper_runs": {"reaper": "SELECT INSERT"},
-    "admin_actions": {"reaper": "SELECT INSERT UPDATE(status,finished_at)"},
+    "admin_actions": {"reaper": "SELECT INSERT UPDATE"},
 }
 
 # sequence -> services with USAGE (nextval, for the table's default)

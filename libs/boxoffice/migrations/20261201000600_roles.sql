@@ -181,8 +181,8 @@ GRANT SELECT (event_id, processed_at), DELETE, UPDATE (processed_at) ON webhook_
     TO boxoffice_reaper;
 GRANT SELECT (id, "timestamp", received_at), DELETE, UPDATE (received_at) ON error_logs
     TO boxoffice_reaper;
-GRANT SELECT, INSERT, UPDATE (status, finished_at) ON admin_actions TO boxoffice_reaper;
-GRANT USAGE ON SEQUENCE admin_actions_id_seq TO boxoffice_reaper;
+-- kept from the AUDIT stream: each record upserted by its action id (uuid)
+GRANT SELECT, INSERT, UPDATE ON admin_actions TO boxoffice_reaper;
 GRANT EXECUTE ON FUNCTION get_reservation_stats TO boxoffice_reaper;
 
 -- migrate:down
