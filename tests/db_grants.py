@@ -79,7 +79,6 @@ SEQUENCES: dict[str, set[str]] = {
     "stripe_actions_id_seq": {"payment", "webhook", "reaper"},
     "stripe_reconcile_runs_id_seq": {"webhook"},
     "reaper_runs_id_seq": {"reaper"},
-    "admin_actions_id_seq": {"reaper"},
 }
 
 # function -> services with EXECUTE. Trigger functions need none (a trigger runs its function
