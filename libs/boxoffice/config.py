@@ -26,7 +26,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 # Variables each service reads when set.
 OPTIONAL: dict[str, tuple[str, ...]] = {
     "ingress": ("INGRESS_PORT", "HEALTH_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES",
-                "ERROR_RATE_LIMIT_PER_MINUTE", "ADMIN_READ_API_TOKENS"),
+                "ERROR_RATE_LIMIT_PER_MINUTE", "ADMIN_READ_API_TOKENS", "SENTRY_PROJECTS"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
     "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS",
@@ -72,6 +72,8 @@ class Config:
     admin_read_api_tokens: tuple[str, ...] = ()  # scope "read": lists and stats only
     sentry_dsn: str | None = None
     sentry_ingest_keys: tuple[str, ...] = ()
+    # ingress: a Sentry DSN's project id -> the service its events are stored under
+    sentry_projects: tuple[tuple[str, str], ...] = ()
     env: str = "development"
     release: str | None = None
     log_level: str = "INFO"
@@ -149,6 +151,16 @@ def _delays(name: str, raw: str) -> tuple[float, ...]:
     return delays
 
 
+def _projects(raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for part in raw.split(","):
+        pid, _, name = part.strip().partition("=")
+        if not re.fullmatch(r"\d{1,18}", pid.strip()) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name.strip()):
+            raise ConfigError("SENTRY_PROJECTS", "must list <project id>=<service>, such as 1=shop-web,2=box-office-app")
+        pairs.append((str(int(pid)), name.strip()))
+    return tuple(pairs)
+
+
 def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read the configuration of ``service`` from ``environ`` (default ``os.environ``)."""
     env = os.environ if environ is None else environ
@@ -189,6 +201,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
                                   "must not share a token with CLIENT_API_TOKENS or ADMIN_API_TOKENS")
         if v := get("SENTRY_INGEST_KEYS"):
             kw["sentry_ingest_keys"] = _list("SENTRY_INGEST_KEYS", v, 8)
+        if v := get("SENTRY_PROJECTS"):
+            kw["sentry_projects"] = _projects(v)
         if v := get("INGRESS_PORT"):
             kw["ingress_port"] = _int("INGRESS_PORT", v, 0, 65535)
         kw["health_port"] = DEFAULT_HEALTH_PORTS[service]

@@ -2,8 +2,14 @@
 
 An envelope is one JSON header line, then items: a JSON item-header line (``type``, optional
 ``length``) and a payload of ``length`` bytes, or up to the next newline. Event items become
-``ErrorReport``s; every other item type (transactions, sessions, attachments, client reports,
-replays, ...) is skipped. Limits: ``MAX_EVENT`` per event, ``MAX_ENVELOPE`` per envelope.
+``ErrorReport``s (``to_report``), keeping what an operator needs to read the error: breadcrumbs,
+each frame's local variables, the exception mechanism (handled or not), ``dist``; all of it is
+scrubbed like the rest of the report. Limits: ``MAX_EVENT`` per event, ``MAX_ENVELOPE`` per
+envelope.
+
+Grouping of a Sentry event is decided here, where its frames are still structured: the
+exception type and its in-app frames as ``module:function`` (``fingerprint``), so neither the
+path a machine checked the code out to nor a bundle's content hash splits a group.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ EventTooLarge = errors.define("EventTooLarge", "event_too_large", 413, "Event to
 
 _SERVICE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _LEVEL = {"warn": "warning", "log": "info", "critical": "critical", "fatal": "fatal"}
+DEFAULT_FINGERPRINT = "{{ default }}"
+# a content hash in a bundle's file name: main.3f2a1b9c.js, chunk-5e6f7a8b.js, app.min.js?v=12
+_BUNDLE_HASH = re.compile(r"[.-](?=[0-9a-f]*\d)[0-9a-f]{6,}(?=[.-])", re.I)
+_URL_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/]*", re.I)
+MAX_BREADCRUMBS = 100
+MAX_FRAMES = 30
 
 
 def json_object(data: bytes, what: str) -> dict[str, Any]:
@@ -118,8 +130,85 @@ def _exceptions(event: dict[str, Any]) -> list[dict[str, Any]]:
     return [v for v in values if isinstance(v, dict)] if isinstance(values, list) else []
 
 
-def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None) -> ErrorReport:
-    """One Sentry event as an error report (fields cut to the report's limits)."""
+def _frame_key(frame: dict[str, Any]) -> str:
+    """A frame as ``module:function``: the module the SDK names (Python, Node), else the file's
+    last two path parts with origin, query and content hash taken out (browsers)."""
+    module = frame.get("module")
+    if not isinstance(module, str) or not module:
+        path = frame.get("filename") or frame.get("abs_path") or "?"
+        path = _URL_ORIGIN.sub("", str(path)).split("?", 1)[0].split("#", 1)[0].replace("\\", "/")
+        module = "/".join(_BUNDLE_HASH.sub("", part) for part in path.rstrip("/").split("/")[-2:])
+    return f"{module[:200]}:{str(frame.get('function') or '?')[:200]}"
+
+
+def _is_in_app(frame: dict[str, Any]) -> bool:
+    if isinstance(frame.get("in_app"), bool):
+        return frame["in_app"]
+    # SDKs say; when one does not, a library's file is not the application's
+    path = str(frame.get("abs_path") or frame.get("filename") or "")
+    return not any(m in path for m in ("site-packages", "dist-packages", "node_modules", "<frozen"))
+
+
+def _frame_list(stacktrace: Any) -> list[dict[str, Any]]:
+    frames = stacktrace.get("frames") if isinstance(stacktrace, dict) else None
+    return [f for f in frames if isinstance(f, dict)] if isinstance(frames, list) else []
+
+
+def fingerprint(event: dict[str, Any], values: list[dict[str, Any]]) -> list[str] | None:
+    """The event's grouping: its own fingerprint (``{{ default }}`` expanded), else the exception
+    type and its in-app frames as ``module:function``; None leaves it to the error-sink (the
+    message with numbers and ids stripped)."""
+    default: list[str] | None = None
+    last = values[-1] if values else None
+    if last is not None:
+        frames = [_frame_key(f) for f in _frame_list(last.get("stacktrace")) if _is_in_app(f)]
+        if frames:
+            default = [str(last.get("type") or "Error")[:512], *frames[-(MAX_FRAMES):]]
+    own = event.get("fingerprint")
+    if isinstance(own, list) and own:
+        parts: list[str] = []
+        for item in own[:32]:
+            if item == DEFAULT_FINGERPRINT and default is not None:
+                parts += default
+            else:
+                parts.append(str(item)[:512])
+        return parts[:32]
+    return default
+
+
+def _exception_detail(values: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each exception with its mechanism and its frames (with local variables), oldest first."""
+    out = []
+    for v in values[-5:]:
+        mech = v.get("mechanism") if isinstance(v.get("mechanism"), dict) else {}
+        frames = []
+        for f in _frame_list(v.get("stacktrace"))[-MAX_FRAMES:]:
+            frame = {k: f[k] for k in ("filename", "abs_path", "module", "function", "lineno",
+                                       "colno", "in_app", "context_line") if k in f}
+            if isinstance(f.get("vars"), dict):
+                frame["vars"] = f["vars"]
+            frames.append(frame)
+        out.append({"type": v.get("type"), "value": v.get("value"), "module": v.get("module"),
+                    "mechanism": {"type": mech.get("type") or "generic",
+                                  "handled": mech.get("handled", True) is not False,
+                                  **({"synthetic": True} if mech.get("synthetic") else {})},
+                    "frames": frames})
+    return out
+
+
+def _breadcrumbs(event: dict[str, Any]) -> list[dict[str, Any]]:
+    crumbs = event.get("breadcrumbs")
+    crumbs = crumbs.get("values") if isinstance(crumbs, dict) else crumbs
+    if not isinstance(crumbs, list):
+        return []
+    keep = ("timestamp", "type", "category", "level", "message", "data")
+    return [{k: c[k] for k in keep if k in c} for c in crumbs[-MAX_BREADCRUMBS:] if isinstance(c, dict)]
+
+
+def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None,
+              service: str | None = None) -> ErrorReport:
+    """One Sentry event as an error report (fields cut to the report's limits); ``service`` is
+    the one ``SENTRY_PROJECTS`` names for the project, if any."""
     raw_id = event.get("event_id") or fallback_id
     try:
         report_id = str(uuid.UUID(raw_id)) if isinstance(raw_id, str) else str(uuid.uuid4())
@@ -148,15 +237,20 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
         tags = {str(t[0]): t[1] for t in tags if isinstance(t, list) and len(t) == 2}
     tags = tags if isinstance(tags, dict) else {}
     platform = str(event.get("platform") or "other")
-    service = _SERVICE_CHARS.sub("-", str(tags.get("service") or f"sentry-{platform}"))[:64].strip("-")
+    service = _SERVICE_CHARS.sub("-", str(service or tags.get("service") or f"sentry-{platform}"))[:64].strip("-")
     level = str(event.get("level") or "error").lower()
     level = _LEVEL.get(level, level if level in LEVELS else "error")
     sdk = event.get("sdk") if isinstance(event.get("sdk"), dict) else {}
     context: dict[str, Any] = {"sentry": {
         "project_id": project_id, "platform": platform,
         "sdk": f"{sdk.get('name', '?')}/{sdk.get('version', '?')}",
-        **{k: event[k] for k in ("logger", "transaction", "server_name", "culprit")
+        **{k: event[k] for k in ("logger", "transaction", "server_name", "culprit", "dist")
            if isinstance(event.get(k), str)}}}
+    if values:
+        context["exception"] = _exception_detail(values)
+        context["sentry"]["handled"] = all(e["mechanism"]["handled"] for e in context["exception"])
+    if crumbs := _breadcrumbs(event):
+        context["breadcrumbs"] = crumbs
     if tags:
         context["tags"] = tags
     for key in ("extra", "contexts", "request"):
@@ -165,9 +259,7 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
     user = event.get("user")
     if isinstance(user, dict) and user.get("id") is not None:
         context["user"] = {"id": str(user["id"])[:128]}  # no e-mail, ip or name: personal data
-    fingerprint = event.get("fingerprint")
-    fingerprint = [str(x)[:512] for x in fingerprint[:32]] \
-        if isinstance(fingerprint, list) and fingerprint else None
+    fp = fingerprint(event, values)
     trace = (event.get("contexts") or {}).get("trace") if isinstance(event.get("contexts"), dict) else None
     request_id = trace.get("trace_id") if isinstance(trace, dict) else None
     return ErrorReport(
@@ -176,8 +268,8 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
         message=scrub.truncate(message, 65536),
         error_type=scrub.truncate(error_type, 512) if error_type else None,
         stacktrace=scrub.truncate("\n".join(stack), 262144) if stack else None,
-        context=scrub.clean(context, 8192, 100),
-        fingerprint=fingerprint,
+        context=scrub.clean(context, 8192, MAX_BREADCRUMBS),
+        fingerprint=fp,
         environment=str(event["environment"])[:64] if event.get("environment") else None,
         release=str(event["release"])[:128] if event.get("release") else None,
         request_id=str(request_id)[:128] if request_id else None)

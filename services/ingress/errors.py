@@ -7,6 +7,10 @@
   ``X-Sentry-Auth``, the ``sentry_key`` query parameter or the envelope's ``dsn``, must be one
   of ``SENTRY_INGEST_KEYS`` (403 otherwise). gzip, deflate and br bodies (decoded by
   aiohttp; br through the pinned Brotli package), size limits applied after decoding; CORS for browsers.
+- ``POST /api/{project_id}/store/``: the legacy single-event endpoint of older SDKs;
+  ``POST /api/{project_id}/security/``: browsers' CSP violation reports (``report-uri`` with
+  ``?sentry_key=``), stored as warnings. ``SENTRY_PROJECTS`` names the service of a project's
+  events (else the event's ``service`` tag, else ``sentry-<platform>``).
 - Both are rate limited per key (per client token, per public key) to
   ``ERROR_RATE_LIMIT_PER_MINUTE`` reports, answered with 429, ``Retry-After`` and Sentry's
   ``X-Sentry-Rate-Limits``. The limit is per ingress replica.
@@ -16,10 +20,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import logging
 import math
 import time
+import zlib
 from urllib.parse import urlsplit
 
 import msgspec
@@ -29,7 +36,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from boxoffice import errors, scrub, wire
 from boxoffice.config import Config
-from boxoffice.ingress import envelope
+from boxoffice.ingress import csp, envelope
 from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
                                     operate, read_json, require_admin)
 from boxoffice.ingress.state import BUS
@@ -169,12 +176,24 @@ async def _read_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
-async def _envelope(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG]
+def _request_key(request: web.Request) -> str | None:
+    """The public key a request names (checked), or None when it names none."""
     key = (_key_from_auth(request.headers.get("X-Sentry-Auth", ""))
            or request.query.get("sentry_key"))
     if key is not None:
-        _check_key(cfg, key)
+        _check_key(request.app[CONFIG], key)
+    return key
+
+
+def _project_service(request: web.Request) -> str | None:
+    """The service ``SENTRY_PROJECTS`` names for the request's project, if any."""
+    pid = str(int(request.match_info["project_id"]))
+    return dict(request.app[CONFIG].sentry_projects).get(pid)
+
+
+async def _envelope(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    key = _request_key(request)
     body = await _read_body(request)
     header, items = envelope.parse(body)
     if key is None:  # browsers through a tunnel: the key is in the envelope's dsn
@@ -182,19 +201,61 @@ async def _envelope(request: web.Request) -> web.Response:
     events = [payload for kind, payload in items if kind == "event"]
     _limit(request, "sentry:" + key, max(1, len(events)))
     reports = []
+    service = _project_service(request)
     for i, payload in enumerate(events):
         event = envelope.json_object(payload, "an event")
         fallback = header.get("event_id") if i == 0 and isinstance(header.get("event_id"), str) else None
         reports.append(envelope.to_report(event, project_id=request.match_info["project_id"],
-                                          fallback_id=fallback))
+                                          fallback_id=fallback, service=service))
     await asyncio.gather(*(_publish(request, r) for r in reports))
     return json_response({"id": reports[0].id.replace("-", "")} if reports else {})
 
 
-@routes.post(r"/api/{project_id:\d+}/envelope/")
-async def post_envelope(request: web.Request) -> web.Response:
+async def _store(request: web.Request) -> web.Response:
+    """The legacy single-event endpoint: the body is the event (JSON, or older SDKs'
+    base64 of zlib-compressed JSON)."""
+    key = _request_key(request)
+    if key is None:
+        raise errors.Forbidden("a valid Sentry public key is required (X-Sentry-Auth or sentry_key)")
+    body = await _read_body(request)
+    if len(body) > envelope.MAX_EVENT:
+        raise envelope.EventTooLarge(f"an event is larger than {envelope.MAX_EVENT} bytes")
+    if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        try:
+            body = zlib.decompressobj().decompress(base64.b64decode(body), envelope.MAX_EVENT + 1)
+        except (binascii.Error, zlib.error, ValueError):
+            raise envelope.InvalidEnvelope("the event is neither JSON nor base64 zlib JSON") from None
+        if len(body) > envelope.MAX_EVENT:
+            raise envelope.EventTooLarge(f"an event is larger than {envelope.MAX_EVENT} bytes")
+    event = envelope.json_object(body, "the event")
+    _limit(request, "sentry:" + key)
+    report = envelope.to_report(event, project_id=request.match_info["project_id"],
+                                fallback_id=None, service=_project_service(request))
+    await _publish(request, report)
+    return json_response({"id": report.id.replace("-", "")})
+
+
+async def _security(request: web.Request) -> web.Response:
+    key = _request_key(request)
+    if key is None:
+        raise errors.Forbidden("a valid Sentry public key is required (sentry_key)")
+    body = await _read_body(request)
+    if len(body) > envelope.MAX_EVENT:
+        raise envelope.EventTooLarge(f"a report is larger than {envelope.MAX_EVENT} bytes")
     try:
-        resp = await _envelope(request)
+        parsed = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        raise envelope.InvalidEnvelope("a security report must be JSON") from None
+    reports = csp.to_reports(parsed, project_id=request.match_info["project_id"],
+                             service=_project_service(request))
+    _limit(request, "sentry:" + key, len(reports))
+    await asyncio.gather(*(_publish(request, r) for r in reports))
+    return web.Response(status=201)
+
+
+async def _answer(request: web.Request, handler) -> web.Response:  # type: ignore[no-untyped-def]
+    try:
+        resp = await handler(request)
     except errors.BoxofficeError as exc:  # answered here so that browsers see CORS headers
         resp = problem_response(exc, request.get(REQUEST_ID))
         if exc.status == 429:
@@ -203,7 +264,22 @@ async def post_envelope(request: web.Request) -> web.Response:
     return resp
 
 
-@routes.options(r"/api/{project_id:\d+}/envelope/")
+@routes.post(r"/api/{project_id:\d{1,18}}/envelope/")
+async def post_envelope(request: web.Request) -> web.Response:
+    return await _answer(request, _envelope)
+
+
+@routes.post(r"/api/{project_id:\d{1,18}}/store/")
+async def post_store(request: web.Request) -> web.Response:
+    return await _answer(request, _store)
+
+
+@routes.post(r"/api/{project_id:\d{1,18}}/security/")
+async def post_security(request: web.Request) -> web.Response:
+    return await _answer(request, _security)
+
+
+@routes.options(r"/api/{project_id:\d{1,18}}/{endpoint:envelope|store|security}/")
 async def envelope_preflight(_: web.Request) -> web.Response:
     return web.Response(status=204, headers=CORS)
 
