@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from boxoffice import migrate
 from boxoffice.embedded import LocalStripe, NatsServer, Postgres
-from tests.harness import ServiceProcess, base_env
+from tests.harness import NATS_PASSWORDS, ServiceProcess, base_env
 
 TEMPLATE_DB = "boxoffice_template"
 
@@ -146,12 +146,17 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server of this test's own, with JetStream on disk (fault tests stop and start it)."""
-    server = NatsServer(tmp_path / "nats", sync_always=False).start()
+    """A nats-server of this test's own, with JetStream on disk (fault tests stop and start it),
+    a user for each service and no anonymous access (``url`` is the operator's)."""
+    server = NatsServer(tmp_path / "nats", sync_always=False, passwords=NATS_PASSWORDS).start()
     try:
         yield server
     finally:
         server.kill()
+    # whatever a test did, no service was refused anything it tried: its permissions are enough
+    refused = [line for line in server.log.read_text(errors="replace").splitlines()
+               if "Violation" in line]
+    assert not refused, "nats-server refused:\n" + "\n".join(refused[:20])
 
 
 @pytest.fixture

@@ -1,4 +1,10 @@
-"""Test harness: real servers and real service processes."""
+"""Test harness: real servers and real service processes.
+
+The tests' nats-server has every user of ``boxoffice.bus_access`` (passwords ``NATS_PASSWORDS``);
+the tests themselves connect as the operator, and a service started here with the operator's
+URL runs as its own user instead (``as_service``), so every test that runs a service also proves
+that its permissions let it do its job.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from boxoffice import roles
+from boxoffice import bus_access
 from boxoffice.embedded import free_port
 
 CLIENT_TOKEN = "client-token-aaaaaaaaaaaaaaaa"
@@ -30,6 +37,16 @@ STRIPE_KEY = "sk_test_boxoffice_tests"
 # each service logs into PostgreSQL with its own role, as deployed (boxoffice.roles)
 DB_PASSWORDS = {service: f"pg-{service.replace('_', '-')}-SECRET-{n}e41c9a7"
                 for n, service in enumerate(roles.ROLES)}
+NATS_PASSWORDS = {user: f"nats-{user}-test-password" for user in bus_access.USERS}
+
+
+def as_service(nats_url: str, service: str) -> str:
+    """The URL ``service`` connects with: its own user where ``nats_url`` is the tests'
+    operator, else ``nats_url`` unchanged (a server without users, or one given from outside)."""
+    if (bus_access.user_of(nats_url) == bus_access.OPERATOR
+            and f":{NATS_PASSWORDS[bus_access.OPERATOR]}@" in nats_url):
+        return bus_access.with_user(nats_url, service, NATS_PASSWORDS[service])
+    return nats_url
 
 
 def http_ready(url: str) -> bool:
@@ -66,6 +83,8 @@ class ServiceProcess:
             self.port = free_port()
         env = dict(self.env)
         env.update(extra_env)
+        if "NATS_URL" in env:
+            env["NATS_URL"] = as_service(env["NATS_URL"], self.service)
         env["INGRESS_PORT" if self.service == "ingress" else "HEALTH_PORT"] = str(self.port)
         if self.service == "ingress":
             self.health_port = self.health_port or free_port()

@@ -11,7 +11,9 @@ import pytest
 
 from boxoffice import bus as busmod
 from boxoffice import errors, outbox
-from boxoffice.wire.subjects import STREAMS
+from boxoffice.wire.subjects import STREAMS, reservation_event
+
+HELD = (reservation_event("held"),)
 
 
 class Ping(msgspec.Struct, forbid_unknown_fields=True):
@@ -109,13 +111,13 @@ async def test_outbox_rows_published_once_even_when_relay_repeats(nats_url: str,
                 "INSERT INTO outbox (subject, payload) VALUES ('reservations.events.held', $1::jsonb)",
                 [(f'{{"n": {i}}}',) for i in range(50)])
             ids = [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")]
-            assert await outbox.publish_batch(db, bus) == 50
+            assert await outbox.publish_batch(db, bus, HELD) == 50
             assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
             # a relay that crashed before deleting republishes the same ids: JetStream drops them
             await conn.executemany(
                 "INSERT INTO outbox (id, subject, payload) VALUES ($1, 'reservations.events.held', '{}')",
                 [(i,) for i in ids[:10]])
-            assert await outbox.publish_batch(db, bus) == 10
+            assert await outbox.publish_batch(db, bus, HELD) == 10
         info = await bus.js.stream_info("RESERVATIONS")
         assert info.state.messages == 50
 
@@ -123,7 +125,7 @@ async def test_outbox_rows_published_once_even_when_relay_repeats(nats_url: str,
 async def test_outbox_relay_waits_out_a_bus_outage(nats_server, db, database_url: str) -> None:
     async with busmod.connect(nats_server.url, "test") as bus:
         await bus.declare_streams("RESERVATIONS")
-        async with outbox.relay(database_url, db, bus):
+        async with outbox.relay(database_url, db, bus, HELD):
             nats_server.kill()
             async with db.acquire() as conn:
                 await conn.execute("INSERT INTO outbox (subject, payload) SELECT "

@@ -6,7 +6,6 @@ its health checks, its volumes and its stop."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 import tempfile
 import uuid
@@ -22,6 +21,8 @@ import pytest
 import stripe
 
 from boxoffice import SERVICES, roles
+from boxoffice.spool import bus_digest
+from tests.bus_users import connection_refused
 from tests.compose_images import PostgresImage, ProjectImage
 from tests.compose_support import ComposeStack, compose_config
 from tests.test_webhooks_support import event, sign, wait_for
@@ -227,6 +228,14 @@ async def test_each_service_logs_into_postgresql_with_its_own_role(stack: Compos
                         ).username == role
 
 
+async def test_nats_takes_no_anonymous_connection_and_refused_no_service_anything(
+        stack: ComposeStack) -> None:
+    # (every service connected as its own user and did its part of the flows above)
+    assert "Violation" not in stack.containers["nats"].log.read_text(errors="replace")
+    address = f"nats://127.0.0.1:{stack.port('nats', 4222)}"
+    assert "Authorization Violation" in await connection_refused(address)
+
+
 async def test_volumes_hold_what_the_services_write(stack: ComposeStack) -> None:
     assert set(stack.volumes) == set(stack.cfg.get("volumes") or {}), "a volume no service uses"
     # PostgreSQL's data directory is the pg-data volume (PGDATA, where the image keeps it)
@@ -262,7 +271,7 @@ async def test_volumes_hold_what_the_services_write(stack: ComposeStack) -> None
     finally:
         await db.close()
     webhook = stack.containers["webhook"]
-    digest = hashlib.sha256(webhook.env["NATS_URL"].encode()).hexdigest()[:16]
+    digest = bus_digest(webhook.env["NATS_URL"])
     assert (spool / digest).is_dir(), sorted(p.name for p in spool.iterdir())
     health = int(webhook.spec["environment"]["HEALTH_PORT"])
     async with aiohttp.ClientSession() as s:

@@ -1,6 +1,6 @@
 """The reporter's spool: reports on disk before anything can lose them, files owned by live
 instances (not pids) left alone, one size cap for the whole directory, and the files of a process
-that was killed sent once by whoever adopts them."""
+that was killed sent once by whoever adopts them (a process that may publish its reports)."""
 
 from __future__ import annotations
 
@@ -135,6 +135,23 @@ def test_a_dead_writers_torn_last_line_is_handed_over_as_it_is(tmp_path) -> None
     assert not path.exists() and heir.unsent() is None
 
 
+def test_a_gone_instance_is_adopted_only_by_whoever_may_publish_its_reports(tmp_path) -> None:
+    # its credentials left out, the URL names the same bus for every service's user
+    dead = Spool(tmp_path, "reaper", "nats://reaper:pw1@a:4222")
+    assert dead.write(b'{"n": 1}')
+    dead.close()
+    other = Reporter("payment", bus_url="nats://payment:pw2@a:4222", spool_dir=str(tmp_path))
+    assert other.spool.dir == dead.dir
+    assert other.spool.adopt() == 0  # payment may not publish errors.reaper.*
+    heir = Reporter("reaper", bus_url="nats://reaper:pw1@a:4222", spool_dir=str(tmp_path))
+    relay = Reporter("ingress", bus_url="nats://ingress:pw3@a:4222", spool_dir=str(tmp_path))
+    assert relay.spool.adopt() == 1  # ingress may: it relays every service's reports
+    relay.spool.close()
+    assert heir.spool.adopt() == 1
+    heir.spool.close()
+    other.spool.close()
+
+
 KILLED_SCRIPT = """
 import logging, os, signal, sys
 from boxoffice import bus as busmod, runtime
@@ -164,8 +181,10 @@ async def test_errors_logged_just_before_a_sigkill_are_stored_once(
     assert killed.returncode == -9, killed.stderr[-2000:]
     lines = [line for f in spool.rglob("reaper.*.spool") for line in f.read_bytes().splitlines()]
     assert len(lines) == n  # on disk when the process died
-    # another service on the same bus and spool adopts the dead instance's file
+    # its successor (a process of the same service, on the same bus and spool) adopts the dead
+    # instance's file; another service may not publish its reports, so leaves it alone
     start_service("error_sink", ERROR_SPOOL_DIR=str(spool))
+    start_service("reaper", ERROR_SPOOL_DIR=str(spool))
     stored = "SELECT count(*) FROM error_logs WHERE service = 'reaper'"
     await eventually(lambda: _at_least_rows(db, stored, n), timeout=30)
     await eventually(lambda: _true(not list(spool.rglob("reaper.*.spool"))), timeout=30)

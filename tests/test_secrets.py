@@ -4,10 +4,11 @@ Every service runs with distinctive secret values: the client and admin API toke
 secret key, both webhook signing secrets, and the password of each service's own PostgreSQL role
 (checked by the server; the owner's URL given carries one more, which no service ever gets). The
 test walks the main flows and their failures (wrong and other-kind tokens, bad signatures, Stripe
-unreachable, a database that refuses, malformed settings, a crash, error reports that quote
-credentials), then looks for every secret in every service log, every response (body and
-headers), the ``error_logs`` table, every message on every JetStream stream and the local error
-spool.
+unreachable, a database that refuses, NATS credentials refused, malformed settings, a crash,
+error reports that quote credentials), then looks for every secret in every service log,
+nats-server's log, every response (body and headers), the ``error_logs`` table, every message on
+every JetStream stream and the local error spool. Each service's own NATS password (its user in
+``NATS_URL``) is among the secrets.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import asyncpg
 import nats
 import pytest
 
-from boxoffice import roles
+from boxoffice import bus_access, roles
 from boxoffice.embedded import free_port
 from tests.checkout_support import Api, Resp, nobody_answers, wait_for
-from tests.harness import DB_PASSWORDS, ServiceProcess, base_env
+from tests.harness import DB_PASSWORDS, NATS_PASSWORDS, ServiceProcess, base_env
 from tests.test_webhooks_support import event, payment_intent, sign
 
 CLIENT = "client-SECRET-7b1e0c5a9f2d4e68"
@@ -38,9 +39,13 @@ STRIPE = "sk_test_SECRETSTRIPE5e8a1c3f9b7d"
 WHSEC = "whsec_SECRET_ROTATED_4f2a9c1d7e3b"
 WHSEC_OLD = "whsec_SECRET_PREVIOUS_8a6d2e0f4c1b"
 PG_PASSWORD = "pgSECRET-0d4f8b2e6a1c"
+NATS_WRONG = "natsWRONG-SECRET-6c2e9a0f4b8d"
 SECRETS = {"client token": CLIENT, "admin token": ADMIN, "Stripe key": STRIPE,
            "webhook secret": WHSEC, "old webhook secret": WHSEC_OLD, "database password": PG_PASSWORD,
-           **{f"{service}'s database password": p for service, p in DB_PASSWORDS.items()}}
+           **{f"{service}'s database password": p for service, p in DB_PASSWORDS.items()},
+           # each service's NATS password (its user in NATS_URL), the operator's and reporter's
+           **{f"{user}'s NATS password": p for user, p in NATS_PASSWORDS.items()},
+           "a refused NATS password": NATS_WRONG}
 
 
 def _with_password(url: str) -> str:
@@ -93,8 +98,8 @@ async def _stream_texts(nats_url: str) -> dict[str, str]:
 
 @pytest.mark.timeout(150)
 async def test_no_secret_in_logs_reports_or_responses(
-        start_service, localstripe, nats_url: str, database_url: str, db: asyncpg.Pool,
-        tmp_path: Path) -> None:
+        start_service, localstripe, nats_server, nats_url: str, database_url: str,
+        db: asyncpg.Pool, tmp_path: Path) -> None:
     env = base_env(nats_url, _with_password(database_url), localstripe.url)
     env.update({"CLIENT_API_TOKENS": CLIENT, "ADMIN_API_TOKENS": ADMIN, "STRIPE_API_KEY": STRIPE,
                 "STRIPE_WEBHOOK_SECRET": f"{WHSEC},{WHSEC_OLD}",
@@ -216,6 +221,13 @@ async def test_no_secret_in_logs_reports_or_responses(
     await wait_for(lambda: refused.proc is not None and refused.proc.poll() is not None,
                    timeout=60, what="the reaper giving up on a missing database")
     assert refused.proc.returncode != 0
+    # -- NATS credentials refused: start-up stops at once, naming the variable ------------------
+    wrong_nats = bus_access.with_user(bus_access.without_user(nats_url), "payment", NATS_WRONG)
+    refused_bus = start_service("payment", wait=False, env=dict(env, NATS_URL=wrong_nats))
+    procs.append(refused_bus)
+    await wait_for(lambda: refused_bus.proc is not None and refused_bus.proc.poll() is not None,
+                   timeout=30, what="the payment service refused by nats-server")
+    assert refused_bus.proc.returncode == 1 and "NATS_URL" in refused_bus.logs()
     # -- malformed settings: one line naming the variable, never its value ---------------------
     bad_settings = [("ingress", "ADMIN_API_TOKENS", f"{ADMIN},short", "ADMIN_API_TOKENS"),
                     ("ingress", "CLIENT_API_TOKENS", f"{CLIENT},{ADMIN}", "ADMIN_API_TOKENS"),
@@ -223,7 +235,9 @@ async def test_no_secret_in_logs_reports_or_responses(
                     ("payment", "STRIPE_API_KEY", STRIPE + "!", "STRIPE_API_KEY"),
                     ("payment", "DATABASE_URL", f"mysql://u:{PG_PASSWORD}@h/db", "DATABASE_URL"),
                     ("payment", "DATABASE_URL", f"postgresql://u:{PG_PASSWORD}@h:notaport/db",
-                     "DATABASE_URL")]
+                     "DATABASE_URL"),
+                    ("payment", "NATS_URL", f"http://payment:{NATS_WRONG}@127.0.0.1:4222",
+                     "NATS_URL")]
     for service, var, value, name in bad_settings:
         bad_env = dict(env, **{var: value})
         done = subprocess.run([sys.executable, "-m", "boxoffice.cli", "run", service],
@@ -258,6 +272,7 @@ async def test_no_secret_in_logs_reports_or_responses(
         leaks += _find(text, f"a response: {text[:160]}")
     for proc in procs:
         leaks += _find(proc.logs(), f"the log of {proc.log.name}")
+    leaks += _find(nats_server.log.read_text(errors="replace"), "nats-server's log")
     rows = await db.fetch("SELECT * FROM error_logs")
     assert len(rows) >= len(report_ids) + 1  # ours, and at least one from the services' failures
     for row in rows:

@@ -18,7 +18,7 @@ import asyncpg
 import psutil
 import pytest
 
-from boxoffice import roles
+from boxoffice import bus_access, roles
 from boxoffice.embedded import free_port
 from boxoffice.stack import STACK_KEYS, read_env
 from tests.harness import http_ready
@@ -85,6 +85,22 @@ async def _services_use_their_own_roles(home: Path, owner_url: str) -> None:
             await asyncpg.connect(roles.url_for(owner_url, service, password[::-1]))
 
 
+def _services_use_their_own_nats_users(home: Path, env: dict[str, str]) -> None:
+    """Each service connects to the embedded nats-server as its own user (its random password
+    kept in secrets.env); the server's configuration, passwords in it, is private; stack.env
+    has the operator's NATS_URL and the reporter's NATS_REPORTER_URL."""
+    kept = read_env(home / "secrets.env")
+    assert (home / "nats" / "nats.conf").stat().st_mode & 0o777 == 0o600
+    assert bus_access.user_of(env["NATS_URL"]) == bus_access.OPERATOR
+    assert bus_access.user_of(env["NATS_REPORTER_URL"]) == bus_access.REPORTER
+    services = json.loads((home / "services.json").read_text())
+    for service, info in services.items():
+        url = psutil.Process(info["pid"]).environ()["NATS_URL"]
+        password = kept[bus_access.password_variable(service)]
+        assert len(password) >= 24 and url == bus_access.with_user(
+            bus_access.without_user(env["NATS_URL"]), service, password), service
+
+
 def test_up_ready_restart_and_clean_stop(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port = free_port()
@@ -101,6 +117,7 @@ def test_up_ready_restart_and_clean_stop(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stdout + status.stderr
         asyncio.run(_services_use_their_own_roles(home, env["DATABASE_URL"]))
+        _services_use_their_own_nats_users(home, env)
 
         # the demo event is seeded; an event created now must survive a restart
         demo = admin(env["INGRESS_URL"], env["ADMIN_API_TOKEN"], "GET",

@@ -13,7 +13,7 @@ import asyncpg
 from boxoffice import bus as busmod
 from tests.test_webhooks_support import (charge, deliver, event, hold, inventory, log_status,
                                          new_event, new_pi, paid_intent, payment_intent,
-                                         stripe_client, wait_for)
+                                         relayed, stripe_client, wait_for)
 
 
 async def drained(nats_url: str) -> None:
@@ -32,7 +32,7 @@ async def subject_counts(nats_url: str, stream: str) -> dict[str, int]:
 
 
 async def outbox_empty(db: asyncpg.Pool) -> bool:
-    return await db.fetchval("SELECT count(*) = 0 FROM outbox")
+    return await relayed(db)
 
 
 async def test_one_event_delivered_200_times_concurrently_applies_once(

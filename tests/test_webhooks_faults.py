@@ -17,7 +17,8 @@ from boxoffice import bus as busmod
 from boxoffice import migrate
 from boxoffice.embedded import NatsServer, Postgres
 from tests.harness import base_env
-from tests.test_webhooks_support import event, inventory, new_pi, payment_intent, post, sign, wait_for
+from tests.test_webhooks_support import (event, inventory, new_pi, payment_intent, post, relayed,
+                                         sign, wait_for)
 
 
 async def make_holds(conn: asyncpg.Pool | asyncpg.Connection, n: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
@@ -56,7 +57,7 @@ async def assert_applied_once(conn: asyncpg.Pool | asyncpg.Connection, nats_url:
                                "AND id = ANY($1::uuid[])", holds) == n
     assert await conn.fetchval("SELECT count(*) FROM payments WHERE status = 'succeeded'") == n
     assert await inventory(conn, ev) == (0, n)  # every ticket sold once, none twice
-    await wait_for(lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox"), 30, "the outbox relay")
+    await wait_for(lambda: relayed(conn), 30, "the outbox relay")
     async with busmod.connect(nats_url, "probe") as bus:
         pay = await bus.js.stream_info("PAYMENTS", subjects_filter=">")
         res = await bus.js.stream_info("RESERVATIONS", subjects_filter="reservations.events.completed")

@@ -16,6 +16,7 @@ import aiohttp
 import asyncpg
 import stripe
 
+from boxoffice import bus_access
 from tests.harness import STRIPE_KEY, WEBHOOK_SECRET
 
 
@@ -67,6 +68,13 @@ async def inventory(db: asyncpg.Pool, event_id: uuid.UUID) -> tuple[int, int]:
     row = await db.fetchrow("SELECT sum(held)::int AS held, sum(sold)::int AS sold "
                             "FROM inventory_buckets WHERE event_id = $1", event_id)
     return row["held"], row["sold"]
+
+
+async def relayed(db: asyncpg.Pool | asyncpg.Connection, service: str = "webhook") -> bool:
+    """Whether ``service``'s relay published every outbox row of its subjects (a hold made
+    in SQL leaves a held row that only payment's relay may publish)."""
+    return await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE subject = ANY($1::text[])",
+                             list(bus_access.ACCESS[service].relays))
 
 
 async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType,
                          StreamConfig)
 
-from boxoffice import errors, wire
+from boxoffice import bus_access, errors, wire
 from boxoffice.wire.subjects import STREAMS
 
 log = logging.getLogger("boxoffice.bus")
@@ -37,11 +38,13 @@ R = TypeVar("R")
 
 DAY = 86400.0
 STREAM_MAX_AGE = {"STRIPE_EVENTS": 30 * DAY, "ERRORS": 7 * DAY, "RESERVATIONS": 7 * DAY,
-                  "PAYMENTS": 7 * DAY, "ALERTS": 7 * DAY, "AUDIT": 30 * DAY}
+                  "PAYMENTS": 7 * DAY, "ALERTS": 7 * DAY, "AUDIT": 30 * DAY,
+                  "SENTRY_ITEMS": 7 * DAY}
 # Outbox-fed streams keep ids longer, so a relay that crashed between publish and commit and
 # comes back within the window is still deduplicated.
 DUPLICATE_WINDOW = {"STRIPE_EVENTS": 600.0, "ERRORS": 120.0, "RESERVATIONS": 3600.0,
-                    "PAYMENTS": 3600.0, "ALERTS": 600.0, "AUDIT": 600.0}
+                    "PAYMENTS": 3600.0, "ALERTS": 600.0, "AUDIT": 600.0,
+                    "SENTRY_ITEMS": 120.0}
 REQUEST_ID_HEADER = "Boxoffice-Request-Id"
 NO_RESPONDER_RETRIES = (0.05, 0.1, 0.2, None)
 
@@ -191,12 +194,44 @@ def _reply_error(exc: Exception, subject: str) -> wire.Reply:
                                                       detail="internal error"))
 
 
+class _Refused(Exception):
+    """The first connection cannot succeed by retrying: credentials or certificate refused."""
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """What verifies the server's certificate: the CA in ``ca_file``, or (None) the system's."""
+    if ca_file is None:
+        return None
+    return ssl.create_default_context(cafile=ca_file)
+
+
 @contextlib.asynccontextmanager
-async def connect(url: str, name: str, *, first_connect_timeout: float = 60.0) -> AsyncIterator[Bus]:
-    """Connect (retrying the first connection with back-off), yield a ``Bus``, drain on exit."""
+async def connect(url: str, name: str, *, ca_file: str | None = None,
+                  first_connect_timeout: float = 60.0) -> AsyncIterator[Bus]:
+    """Connect (retrying the first connection with back-off), yield a ``Bus``, drain on exit.
+
+    ``url`` carries the user and password (comma-separated servers; ``tls://`` for TLS, the
+    server's certificate verified against ``ca_file`` when given, else the system's CAs).
+    Replies come to the user's own inbox prefix (``bus_access.inbox_prefix``). Credentials that
+    the server refuses stop the first connection at once; a subject the user may not use is
+    logged as an error (and so reported), naming the subject.
+    """
+    connected = False
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", type(exc).__name__)
+        text = str(exc)
+        if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text.lower():
+            if not connected:
+                raise _Refused("NATS refused the connection: NATS_URL has no user, or a wrong "
+                               "user or password")
+            log.error("nats: the server refuses this user's credentials")
+        elif isinstance(exc, ssl.SSLCertVerificationError) and not connected:
+            raise _Refused("NATS's certificate is not trusted (NATS_CA_FILE names the CA that "
+                           f"signed it): {exc.verify_message}")
+        elif "permissions violation" in text.lower():  # the subject only: nothing secret
+            log.error("nats refused: %s", text.removeprefix("nats: "))
+        else:
+            log.warning("nats: %s", type(exc).__name__)
 
     async def on_disconnected() -> None:
         log.warning("nats: disconnected")
@@ -204,24 +239,37 @@ async def connect(url: str, name: str, *, first_connect_timeout: float = 60.0) -
     async def on_reconnected() -> None:
         log.info("nats: reconnected")
 
+    user = bus_access.user_of(url)
+    options: dict[str, Any] = {}
+    if user is not None:
+        options["inbox_prefix"] = bus_access.inbox_prefix(user)
+    if (tls := tls_context(ca_file)) is not None:
+        options["tls"] = tls
     loop = asyncio.get_running_loop()
     deadline = loop.time() + first_connect_timeout
     delay = 0.1
     while True:
+        nc = Client()
         try:
-            nc = await nats.connect(
+            await nc.connect(
                 servers=url.split(","), name=name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
                 error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-                drain_timeout=30, ping_interval=5, max_outstanding_pings=3,
+                drain_timeout=30, ping_interval=5, max_outstanding_pings=3, **options,
             )
             break
+        except _Refused as refused:
+            # (nats-py may wait forever for a socket whose TLS handshake failed to close)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2)
+            raise errors.ServiceUnavailable(str(refused)) from None
         except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
             if loop.time() + delay > deadline:
                 raise errors.ServiceUnavailable(f"cannot reach NATS: {type(exc).__name__}") from None
             log.warning("nats: not reachable yet (%s), retrying", type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+    connected = True
     bus = Bus(nc, nc.jetstream(timeout=5.0))
     try:
         yield bus

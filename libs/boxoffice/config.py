@@ -38,7 +38,8 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
                "ERROR_RETENTION_DAYS", "REAPER_SWEEP_SECONDS", "REAPER_BATCH_SIZE",
                "REAPER_RETENTION_INTERVAL_SECONDS", "AUDIT_INTERVAL_SECONDS", "AUDIT_GRACE_SECONDS"),
 }
-COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE", "ERROR_SPOOL_DIR")
+COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE", "ERROR_SPOOL_DIR",
+                   "NATS_CA_FILE")
 SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
                     "CLIENT_API_TOKENS", "ADMIN_API_TOKENS", "SENTRY_DSN", "NATS_URL",
                     "ALERT_WEBHOOK_URL", "ALERT_WEBHOOK_SECRET", "ADMIN_READ_API_TOKENS"})
@@ -63,6 +64,7 @@ class ConfigError(BoxofficeError):
 class Config:
     service: str
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_ca_file: str | None = None  # the CA that signed nats-server's certificate (tls://)
     database_url: str | None = None
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
@@ -178,6 +180,10 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
     if v := get("NATS_URL"):
         kw["nats_url"] = ",".join(_url("NATS_URL", u.strip(), ("nats", "tls", "ws", "wss"))
                                   for u in v.split(","))
+    if v := get("NATS_CA_FILE"):
+        if not os.access(v, os.R_OK) or not os.path.isfile(v):
+            raise ConfigError("NATS_CA_FILE", "must name a readable file (PEM certificates)")
+        kw["nats_ca_file"] = v
     if service != "ingress" and (v := get("DATABASE_URL")):
         kw["database_url"] = _url("DATABASE_URL", v, ("postgres", "postgresql"))
     if service in ("payment", "webhook"):

@@ -17,7 +17,10 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+
+from boxoffice import bus_access
 
 PG_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 
@@ -102,26 +105,54 @@ class Child:
 
 
 class NatsServer(Child):
+    """nats-server with JetStream on disk. With ``passwords`` (user -> password, every user of
+    ``boxoffice.bus_access``) it takes no anonymous connection and each user has only its
+    permissions; ``tls`` (certificate file, key file) makes it require TLS."""
+
     name = "nats"
 
-    def __init__(self, root: Path, port: int | None = None, *, sync_always: bool = True):
+    def __init__(self, root: Path, port: int | None = None, *, sync_always: bool = True,
+                 passwords: Mapping[str, str] | None = None,
+                 tls: tuple[Path, Path] | None = None):
         self.root = Path(root)
         self.port = port or free_port()
         self.sync_always = sync_always
+        self.passwords = dict(passwords) if passwords is not None else None
+        self.tls = tls
         self.log = self.root / "nats.log"
 
     @property
+    def address(self) -> str:
+        """The URL without credentials (what may be printed)."""
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        """The operator's URL (anything goes), or the address when there are no users."""
+        return self.url_for(bus_access.OPERATOR) if self.passwords else self.address
+
+    def url_for(self, user: str) -> str:
+        """The URL ``user`` connects with (its password in it)."""
+        assert self.passwords is not None, "this nats-server has no users"
+        return bus_access.with_user(self.address, user, self.passwords[user])
 
     def start(self) -> "NatsServer":
         self.root.mkdir(parents=True, exist_ok=True)
         conf = self.root / "nats.conf"
         sync = "\n    sync_interval: always" if self.sync_always else ""
-        conf.write_text(
-            f'listen: "127.0.0.1:{self.port}"\n'
-            f"max_payload: 8MB\n"
-            f"jetstream {{\n    store_dir: \"{self.root / 'jetstream'}\"{sync}\n}}\n")
+        text = (f'listen: "127.0.0.1:{self.port}"\n'
+                f"max_payload: 8MB\n"
+                f"jetstream {{\n    store_dir: \"{self.root / 'jetstream'}\"{sync}\n}}\n")
+        if self.tls:
+            cert, key = self.tls
+            text += f"tls {{\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n}}\n"
+        if self.passwords is not None:
+            text += bus_access.authorization(self.passwords)
+        # the passwords are in it: readable by this user only, from its first byte
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        conf.chmod(0o600)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([venv_bin("nats-server"), "-c", str(conf)],
                                          stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)

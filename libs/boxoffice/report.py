@@ -10,9 +10,10 @@
   from there to ``errors.<service>.<level>`` with its ``id`` as ``Nats-Msg-Id``; it leaves the
   spool only once the PubAck is in. So a report survives the process being killed right after
   the log call, and waits out a bus that is away; what a process leaves behind is sent by
-  whichever process on the same bus adopts its files (its successor, another replica, another
-  service). A report may thus be published twice; its id makes the second a no-op (JetStream's
-  duplicate window, then the error-sink's primary key).
+  whichever process on the same bus adopts its files (its successor or another replica; ingress,
+  which may publish every service's reports, adopts any service's). A report may thus be
+  published twice; its id makes the second a no-op (JetStream's duplicate window, then the
+  error-sink's primary key).
 - A burst of the same error is folded: the first is sent at once, the repeats within
   ``fold_window`` seconds become one report whose ``count`` says how many.
 - Reporting never blocks and never raises into its caller.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import sys
 import threading
@@ -38,7 +40,7 @@ from typing import Any
 import msgspec
 import prometheus_client
 
-from boxoffice import errors, scrub
+from boxoffice import bus_access, errors, scrub
 from boxoffice.spool import Spool
 from boxoffice.wire.errors import LEVELS, ErrorReport
 from boxoffice.wire.subjects import error_report
@@ -90,6 +92,13 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return repr(value)[:1000]
 
 
+def _may_report_for(service: str, other: str) -> bool:
+    """Whether ``service``'s NATS user may publish ``other``'s reports (ingress may: it relays
+    clients' reports), so that it may send what a gone instance of ``other`` left behind."""
+    return service in bus_access.ACCESS and bus_access.may_publish(service,
+                                                                   error_report(other, "fatal"))
+
+
 def type_name(exc: BaseException) -> str:
     cls = type(exc)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
@@ -113,7 +122,8 @@ class Reporter:
         self.release = release
         self.fold_window = fold_window
         self.max_folds = max_folds
-        self.spool = Spool(spool_dir, service, bus_url, max_bytes=spool_max_bytes)
+        self.spool = Spool(spool_dir, service, bus_url, max_bytes=spool_max_bytes,
+                           also_adopts=functools.partial(_may_report_for, service))
         self._folds: dict[tuple[Any, ...], _Fold] = {}
         self._lock = threading.RLock()
         self._bus: Any = None

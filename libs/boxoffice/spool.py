@@ -7,15 +7,18 @@ No fsync: it would cost milliseconds per log call, and a process crash does not 
 cut may still lose the last lines).
 
 Files live in ``<dir>/<digest of the NATS URL>/<service>.<instance>.<n>.spool``, so reports wait
-for the bus they were meant for (a test's, a stack's) and are never replayed into another.
+for the bus they were meant for (a test's, a stack's) and are never replayed into another (the
+URL without its user and password: every service's user reaches the same bus).
 ``<instance>`` is host name, pid and a random token, new for every spool: in containers every
 service is pid 1 and replicas share one volume, so a pid alone names nobody.
 
 Ownership is an exclusive ``flock`` held on every file a live spool owns; the kernel releases it
 however the process ends. A file whose lock can be taken therefore belongs to an instance that
 is gone: ``adopt()`` takes it (lock first, then checks it is still that file), the reporter sends
-it, and ``acked()`` removes it. A file is created under a temporary name and renamed only once
-locked, so nobody adopts a file being born.
+it, and ``acked()`` removes it. A spool adopts only the files of its own service and of those
+``also_adopts`` names: on a bus with per-service permissions, reports its process may not
+publish would be refused, and block its own behind them. A file is created under a temporary
+name and renamed only once locked, so nobody adopts a file being born.
 
 One size cap holds for the whole directory (every file of every process): the spool counts the
 directory's bytes when it starts writing, then again after a second, or once its own writes
@@ -37,7 +40,10 @@ import secrets
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from boxoffice import bus_access
 
 SEGMENT_BYTES = 1 << 20  # past this the active file is sealed, so sent lines free their space
 RECOUNT_SECONDS = 1.0
@@ -47,6 +53,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 def default_dir() -> Path:
     return Path(tempfile.gettempdir()) / "boxoffice-spool"
+
+
+def bus_digest(bus_url: str) -> str:
+    """The name of the directory of a bus's spool files: the URL's, credentials left out."""
+    return hashlib.sha256(bus_access.without_user(bus_url).encode()).hexdigest()[:16]
 
 
 def instance_name() -> str:
@@ -77,11 +88,12 @@ class Spool:
     """Append-only files of encoded reports. Not thread-safe: the reporter holds its lock."""
 
     def __init__(self, root: Path | str | None, service: str, bus_url: str, *,
-                 max_bytes: int = 64 << 20, segment_bytes: int = SEGMENT_BYTES):
-        digest = hashlib.sha256(bus_url.encode()).hexdigest()[:16]
+                 max_bytes: int = 64 << 20, segment_bytes: int = SEGMENT_BYTES,
+                 also_adopts: Callable[[str], bool] = lambda _service: False):
         self.root = Path(root or default_dir())
-        self.dir = self.root / digest
+        self.dir = self.root / bus_digest(bus_url)
         self.service = _UNSAFE.sub("-", service) or "unknown"
+        self.also_adopts = also_adopts
         self.instance = instance_name()
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
@@ -219,7 +231,8 @@ class Spool:
 
     # -- files of instances that are gone --------------------------------------------------------
     def adopt(self) -> int:
-        """Take every file in this bus's directory whose owner is gone; returns how many."""
+        """Take every file in this bus's directory whose owner is gone, of this spool's service
+        or one it ``also_adopts``; returns how many."""
         taken = 0
         mine = {f.path for f in self._files}
         try:
@@ -229,6 +242,9 @@ class Spool:
         for name in names:
             path = self.dir / name
             if path in mine or not (name.endswith(".spool") or name.endswith(".spool.new")):
+                continue
+            owner = name.split(".", 1)[0]
+            if owner != self.service and not self.also_adopts(owner):
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

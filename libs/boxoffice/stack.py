@@ -4,6 +4,11 @@ Where ``NATS_URL``, ``DATABASE_URL`` or ``STRIPE_API_KEY`` is unset an embedded 
 started (nats-server with JetStream on disk and ``sync_interval: always``, PostgreSQL, the
 localstripe emulator). Migrations are applied, a demo event seeded, each service started as its
 own process and restarted with back-off when it dies. SIGINT or SIGTERM stops everything.
+
+The embedded nats-server takes no anonymous connection: each service connects as its own user
+(``boxoffice.bus_access``), with a random password kept in ``.boxoffice/secrets.env``; the
+``.boxoffice/stack.env`` of local tools has the operator's ``NATS_URL`` and the reporter's
+``NATS_REPORTER_URL``.
 """
 
 from __future__ import annotations
@@ -21,14 +26,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from boxoffice import SERVICES, migrate, roles
+from boxoffice import SERVICES, bus_access, migrate, roles
 from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
 
 DEMO_EVENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://boxoffice.dev/demo-event"))
 SENTRY_PROJECT_ID = 1
-STACK_KEYS = ("INGRESS_URL", "NATS_URL", "DATABASE_URL", "STRIPE_API_BASE", "STRIPE_API_KEY",
-              "STRIPE_WEBHOOK_SECRET", "CLIENT_API_TOKEN", "ADMIN_API_TOKEN", "FRONTEND_SENTRY_DSN",
-              "DEMO_EVENT_ID")
+STACK_KEYS = ("INGRESS_URL", "NATS_URL", "NATS_REPORTER_URL", "DATABASE_URL", "STRIPE_API_BASE",
+              "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "CLIENT_API_TOKEN", "ADMIN_API_TOKEN",
+              "FRONTEND_SENTRY_DSN", "DEMO_EVENT_ID")
 # what each service must not be given (ingress holds no database or Stripe credentials)
 WITHHELD = {"ingress": ("DATABASE_URL", "STRIPE_API_KEY")}
 
@@ -52,6 +57,9 @@ def _secrets(root: Path) -> dict[str, str]:
     # each service's own PostgreSQL role (boxoffice.roles)
     wanted.update({roles.password_variable(s): lambda: secrets.token_urlsafe(24)
                    for s in roles.ROLES})
+    # every user of the embedded nats-server (boxoffice.bus_access)
+    wanted.update({bus_access.password_variable(u): bus_access.new_password
+                   for u in bus_access.USERS})
     changed = False
     for key, make in wanted.items():
         if key not in values:
@@ -162,11 +170,16 @@ def up() -> int:
     env = dict(os.environ)
     keys = _secrets(root)
     try:
+        nats_urls: dict[str, str] = {}  # the embedded nats-server's users' URLs
         if not env.get("NATS_URL"):
-            nats = NatsServer(root / "nats", free_port(4222), sync_always=True).start()
+            nats = NatsServer(root / "nats", free_port(4222), sync_always=True,
+                              passwords={u: keys[bus_access.password_variable(u)]
+                                         for u in bus_access.USERS}).start()
             stack.children.append(nats)
-            env["NATS_URL"] = nats.url
-            say(f"nats-server (JetStream, sync_interval always) on {nats.url}")
+            nats_urls = {u: nats.url_for(u) for u in bus_access.USERS}
+            env["NATS_URL"] = nats.url  # the operator's, for stack.env only
+            say(f"nats-server (JetStream, sync_interval always, a user per service) on "
+                f"{nats.address}")
         if not env.get("DATABASE_URL"):
             pg = Postgres(root / "pgdata", free_port(5432)).start()
             stack.children.append(pg)
@@ -209,6 +222,8 @@ def up() -> int:
 
         for service in SERVICES:
             senv = {k: v for k, v in env.items() if k not in WITHHELD.get(service, ())}
+            if service in nats_urls:  # its own NATS user; stack.env keeps the operator's URL
+                senv["NATS_URL"] = nats_urls[service]
             if service in db_passwords:  # its own role; stack.env keeps the owner's URL
                 senv["DATABASE_URL"] = roles.url_for(env["DATABASE_URL"], service,
                                                      db_passwords[service])
@@ -226,6 +241,8 @@ def up() -> int:
         first_secret = env["STRIPE_WEBHOOK_SECRET"].split(",")[0]
         stack_env = {
             "INGRESS_URL": ingress_url, "NATS_URL": env["NATS_URL"],
+            "NATS_REPORTER_URL": nats_urls.get(bus_access.REPORTER)
+            or env.get("NATS_REPORTER_URL") or env["NATS_URL"],
             "DATABASE_URL": env["DATABASE_URL"], "STRIPE_API_BASE": env.get("STRIPE_API_BASE", ""),
             "STRIPE_API_KEY": env["STRIPE_API_KEY"], "STRIPE_WEBHOOK_SECRET": first_secret,
             "CLIENT_API_TOKEN": env["CLIENT_API_TOKENS"].split(",")[0],

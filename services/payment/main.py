@@ -7,7 +7,7 @@ import os
 import sys
 
 from boxoffice import bus as busmod
-from boxoffice import db, outbox, runtime
+from boxoffice import bus_access, db, outbox, runtime
 from boxoffice.payment import handlers, intents, stripe_client
 
 log = logging.getLogger("boxoffice.payment")
@@ -32,9 +32,11 @@ async def build(svc: runtime.Service) -> None:
     points = failpoints()
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=20))
     gateway = await svc.stack.enter_async_context(stripe_client.gateway(cfg))
-    bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "payment"))
+    bus = await svc.stack.enter_async_context(
+        busmod.connect(cfg.nats_url, "payment", ca_file=cfg.nats_ca_file))
     await bus.declare_streams("RESERVATIONS", "PAYMENTS", "ERRORS")
-    await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
+    await svc.stack.enter_async_context(outbox.relay(
+        cfg.database_url, pool, bus, bus_access.ACCESS[cfg.service].relays))
     deps = intents.Deps(pool=pool, stripe=gateway, failpoints=points)
     await handlers.register(bus, pool, deps, reservation_ttl_seconds=cfg.reservation_ttl_seconds)
     svc.stack.push_async_callback(bus.stop_serving)  # first: stop taking requests, finish in-flight

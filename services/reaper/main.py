@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from boxoffice import bus as busmod
-from boxoffice import db, outbox, runtime
+from boxoffice import bus_access, db, outbox, runtime
 from boxoffice.reaper import admin_actions, audit, expiry, handlers, retention
 
 
@@ -18,9 +18,11 @@ async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=6))
-    bus = await svc.stack.enter_async_context(busmod.connect(cfg.nats_url, "reaper"))
+    bus = await svc.stack.enter_async_context(
+        busmod.connect(cfg.nats_url, "reaper", ca_file=cfg.nats_ca_file))
     await bus.declare_streams("RESERVATIONS", "ERRORS")
-    await svc.stack.enter_async_context(outbox.relay(cfg.database_url, pool, bus))
+    await svc.stack.enter_async_context(outbox.relay(
+        cfg.database_url, pool, bus, bus_access.ACCESS[cfg.service].relays))
     settings = expiry.Settings(batch=cfg.reaper_batch_size, sweep_seconds=cfg.reaper_sweep_seconds)
     await svc.stack.enter_async_context(expiry.run(pool, cfg.database_url, settings))
     ages = retention.Ages(idempotency_key_hours=cfg.idempotency_key_ttl_hours,
