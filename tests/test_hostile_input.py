@@ -34,7 +34,7 @@ from tests.hostile_support import (CODE, Case, RawResponse, Route, db_snapshot, 
 from tests.test_webhooks_support import sign
 
 SERVICES = ("payment", "webhook", "error_sink", "reaper", "ingress")
-PUBLIC = ("/healthz", "/readyz", "/metrics")
+PUBLIC = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/asyncapi.json", "/docs")
 MAX_BODY = 1 << 20
 ENVELOPE = "/api/{project_id}/envelope/"
 WEBHOOK = "/v1/webhooks/stripe"
