@@ -22,7 +22,7 @@ RELAYS = {"payment": "SELECT INSERT DELETE UPDATE(created_at)",
 TABLES: dict[str, dict[str, str]] = {
     "schema_migrations": {s: "SELECT" for s in ALL},
     "outbox": RELAYS,
-    "ticketed_events": {"payment": "SELECT INSERT", "webhook": "SELECT"},
+    "ticketed_events": {"payment": "SELECT INSERT", "webhook": "SELECT", "reaper": "SELECT"},
     "inventory_buckets": {"payment": "SELECT INSERT UPDATE(held)",
                           "webhook": "SELECT UPDATE(held,sold)",
                           "reaper": "SELECT UPDATE(held)"},
@@ -45,15 +45,16 @@ TABLES: dict[str, dict[str, str]] = {
         "payment": "SELECT(payment_intent_id,reservation_id,amount,status) INSERT",
         "webhook": "SELECT INSERT UPDATE(status,status_event_created,reservation_id,refund_id,"
                    "refund_reason,updated_at)",
-        "reaper": "SELECT(payment_intent_id,reservation_id,amount,status)"},
+        "reaper": "SELECT"},
     "stripe_actions": {
         "payment": "SELECT(id,kind,payment_intent_id) INSERT",
         "webhook": "SELECT INSERT UPDATE(status,attempts,next_attempt_at,result_id,detail,"
                    "last_error,done_at,updated_at)",
-        "reaper": "SELECT(id,kind,payment_intent_id) INSERT"},
+        "reaper": "SELECT INSERT"},
     "webhook_events_log": {
         "webhook": "SELECT INSERT UPDATE(processing_status,attempts,last_error,processed_at)",
-        "reaper": "SELECT(event_id,processed_at) DELETE UPDATE(processed_at)"},
+        "reaper": "SELECT(event_id,event_type,processing_status,attempts,last_error,received_at,"
+                  "processed_at) DELETE UPDATE(processed_at)"},
     "stripe_reconciliation": {"webhook": "SELECT UPDATE(events_until,intents_until,lease_token,"
                                          "lease_until,last_started_at)"},
     "stripe_reconcile_runs": {"webhook": "SELECT INSERT DELETE UPDATE(finished_at,error,"
@@ -70,6 +71,12 @@ TABLES: dict[str, dict[str, str]] = {
                                    "publish_attempts,next_attempt,last_error)"},
     "reaper_runs": {"reaper": "SELECT INSERT"},
     "admin_actions": {"reaper": "SELECT INSERT UPDATE"},
+    "audit_checks": {s: "SELECT UPDATE(checkpoint,started_at,finished_at,mode,examined,in_flight,"
+                        "violations,new_violations,resolved,seconds,error,replica,last_full_at)"
+                     for s in ("webhook", "reaper")},
+    "audit_findings": {s: "SELECT INSERT UPDATE(subject_ids,expected,found,last_seen,seen,"
+                          "resolved_at)" for s in ("webhook", "reaper")},
+    "audit_bucket_marks": {"reaper": "SELECT INSERT DELETE UPDATE(held,sold)"},
 }
 
 # sequence -> services with USAGE (nextval, for the table's default)
@@ -79,6 +86,7 @@ SEQUENCES: dict[str, set[str]] = {
     "stripe_actions_id_seq": {"payment", "webhook", "reaper"},
     "stripe_reconcile_runs_id_seq": {"webhook"},
     "reaper_runs_id_seq": {"reaper"},
+    "audit_findings_id_seq": {"webhook", "reaper"},
 }
 
 # function -> services with EXECUTE. Trigger functions need none (a trigger runs its function
