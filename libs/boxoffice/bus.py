@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType,
                          StreamConfig)
 
-from boxoffice import bus_access, errors, wire
+from boxoffice import bus_access, errors, logs, wire
 from boxoffice.wire.subjects import STREAMS
 
 log = logging.getLogger("boxoffice.bus")
@@ -101,6 +101,8 @@ class Bus:
         Raises ``ServiceUnavailable`` when the bus did not acknowledge.
         """
         hdrs = {"Nats-Msg-Id": msg_id}
+        if rid := logs.REQUEST_ID.get():  # the HTTP request this message comes from
+            hdrs[REQUEST_ID_HEADER] = rid
         if headers:
             hdrs.update(headers)
         try:
@@ -112,6 +114,7 @@ class Bus:
     # -- request / reply --------------------------------------------------------------------
     async def request(self, subject: str, body: Any, reply_type: type[R], *, timeout: float = 5.0,
                       request_id: str | None = None) -> R:
+        request_id = request_id or logs.REQUEST_ID.get()
         headers = {REQUEST_ID_HEADER: request_id} if request_id else None
         payload = wire.encode(body)
         loop = asyncio.get_running_loop()
@@ -160,6 +163,7 @@ class Bus:
 
     async def _answer(self, msg: Msg, request_type: type[T],
                       handler: Callable[[T], Awaitable[Any]]) -> None:
+        adopt_request_id(msg)  # this task's logs and error reports name the HTTP request
         try:
             try:
                 request = wire.decode(msg.data, request_type)
@@ -181,6 +185,14 @@ class Bus:
         self._subs.clear()
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=timeout)
+
+
+def adopt_request_id(msg: Msg) -> None:
+    """Take the ``Boxoffice-Request-Id`` of ``msg`` as the current task's request id (logs and
+    error reports written while handling it name it); call it in the task handling ``msg``."""
+    rid = (msg.headers or {}).get(REQUEST_ID_HEADER, "")
+    ok = 0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()
+    logs.REQUEST_ID.set(rid if ok else None)
 
 
 def _reply_error(exc: Exception, subject: str) -> wire.Reply:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import traceback
@@ -11,6 +12,12 @@ import msgspec
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _enc = msgspec.json.Encoder()
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
+                                                                        default=None)
+"""The id of the HTTP request being worked on (ingress's ``X-Request-Id``), carried over the bus
+in the ``Boxoffice-Request-Id`` header (``boxoffice.bus``): every log line and error report of
+every service written while working on it names it."""
 
 
 class JSONFormatter(logging.Formatter):
@@ -29,6 +36,8 @@ class JSONFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 out[key] = value
+        if "request_id" not in out and (rid := REQUEST_ID.get()):
+            out["request_id"] = rid
         if record.exc_info and record.exc_info[0] is not None:
             out["exc_type"] = record.exc_info[0].__name__
             out["stack"] = "".join(traceback.format_exception(*record.exc_info))[-8000:]

@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 import prometheus_client
 
-from boxoffice import bus_access, errors, scrub
+from boxoffice import bus_access, errors, logs, scrub
 from boxoffice.spool import Spool
 from boxoffice.wire.errors import LEVELS, ErrorReport
 from boxoffice.wire.subjects import error_report
@@ -145,7 +145,8 @@ class Reporter:
             return None
         _local.busy = True
         try:
-            r = self._build(level, message, error_type, context, fingerprint, exc, request_id)
+            r = self._build(level, message, error_type, context, fingerprint, exc,
+                            request_id or logs.REQUEST_ID.get())
             if len(_enc.encode(r)) > MAX_REPORT_BYTES:  # too big for the bus: keep the gist
                 r = msgspec.structs.replace(
                     r, context={"_truncated": "context too large for an error report"},

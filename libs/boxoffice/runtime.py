@@ -22,7 +22,7 @@ import prometheus_client
 from aiohttp import web
 
 from boxoffice import config as configmod
-from boxoffice import errors, logs, report
+from boxoffice import errors, logs, observe, report
 
 log = logging.getLogger("boxoffice.runtime")
 
@@ -38,6 +38,7 @@ class Service:
     stack: contextlib.AsyncExitStack
     stopping: asyncio.Event
     checks: dict[str, ReadyCheck] = field(default_factory=dict)
+    scrape: list[observe.Refresh] = field(default_factory=list)  # figures read at each scrape
     app: web.Application | None = None
 
     async def ready(self) -> tuple[bool, dict[str, bool]]:
@@ -62,6 +63,7 @@ def add_health_routes(app: web.Application, svc: Service, *, metrics: bool = Tru
         return web.json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
 
     async def prometheus_metrics(_: web.Request) -> web.Response:
+        await observe.refresh(svc.scrape)
         return web.Response(body=prometheus_client.generate_latest(),
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
@@ -139,6 +141,8 @@ def run(service: str, build: Build) -> int:
 def standard_checks(svc: Service, *, bus: object | None = None, pool: object | None = None) -> None:
     """Ready means: NATS connected (when used) and PostgreSQL answering (when used)."""
     from boxoffice import db
+
+    svc.scrape += observe.watch(svc.config.service, bus=bus, pool=pool)
 
     if bus is not None:
         async def nats_ok() -> bool:

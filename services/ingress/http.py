@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from boxoffice import errors
+from boxoffice import errors, logs
 from boxoffice.config import Config
 
 log = logging.getLogger("boxoffice.ingress")
@@ -46,6 +46,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     if not (0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()):
         rid = uuid.uuid4().hex
     request[REQUEST_ID] = rid
+    logs.REQUEST_ID.set(rid)  # carried on the bus to every service's logs and error reports
     try:
         resp = await handler(request)
     except errors.BoxofficeError as exc:

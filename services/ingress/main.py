@@ -14,14 +14,15 @@ from boxoffice import bus as busmod
 from boxoffice import runtime
 from boxoffice.config import Config
 from boxoffice.ingress import actions_admin, admin, audit_admin, checkout, reaper_admin, webhooks
-from boxoffice.ingress import contract
+from boxoffice.ingress import contract, http_metrics
 from boxoffice.ingress import errors as error_routes
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
 
 
 def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Application:
-    app = web.Application(middlewares=[problems], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[http_metrics.measure, problems],
+                          client_max_size=cfg.max_body_bytes)
     app[CONFIG] = cfg
     app[BUS] = bus
     runtime.add_health_routes(app, svc, metrics=False)  # /metrics: on HEALTH_PORT only

@@ -29,6 +29,7 @@ import nats.errors
 import prometheus_client
 from nats.aio.msg import Msg
 
+from boxoffice import bus as busmod
 from boxoffice import db, wire
 from boxoffice.webhook import effects, eventlog
 from boxoffice.webhook.effects import Outcome
@@ -182,6 +183,7 @@ class Consumer:
         try:
             while True:
                 msg, event, raw = await self._queue.get()
+                busmod.adopt_request_id(msg)
                 try:
                     if self._db_down:
                         await _settle(msg, "nak", DB_RETRY_DELAY)
