@@ -154,7 +154,9 @@ async def mass_expiry(pool: asyncpg.Pool) -> dict:
             "AS span, percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM "
             "released_at - expires_at))::float8 AS p99 FROM reservations "
             "WHERE event_id = $1 AND client_id = 'bench'", event)
-        await wait_until(conn, "SELECT NOT EXISTS (SELECT 1 FROM outbox)", timeout=120)
+        # every expiry event published (the holds' own events are payment's to publish)
+        await wait_until(conn, "SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE subject = "
+                               "'reservations.events.expired')", timeout=120)
         published = time.monotonic() - due
         runs = await conn.fetch("SELECT expired, extract(epoch FROM finished_at - started_at)::float8"
                                 " AS secs FROM reaper_runs WHERE kind = 'expiry' AND finished_at >= $1",

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from boxoffice import bus as busmod
-from boxoffice import bus_access, errors
+from boxoffice import bus_access, config, errors
 from boxoffice.embedded import NatsServer, venv_bin
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, STREAMS, WEBHOOK_CONSUMER
 from tests.bus_users import connected, connection_refused
@@ -90,8 +90,17 @@ def test_compose_gives_each_service_its_own_user_with_the_servers_password() -> 
         assert bus_access.user_of(url) == service, (service, url)
         assert f":{nats_env[bus_access.password_variable(service)]}@" in url, service
     raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    for name in COMPOSE_NAMES.values():  # from the variable, with a development default
+    for name in COMPOSE_NAMES.values():  # from the variable, with a development default ...
         assert "_PASSWORD:-" in raw["services"][name]["environment"]["NATS_URL"], name
+    production = {"DATABASE_URL": "postgresql://svc:Production-secret-1@db:5432/boxoffice",
+                  "STRIPE_API_KEY": "sk_live_" + "x" * 24, "STRIPE_API_BASE": "",
+                  "STRIPE_WEBHOOK_SECRET": "whsec_" + "w" * 32, "CLIENT_API_TOKENS": "c" * 40,
+                  "ADMIN_API_TOKENS": "a" * 40}
+    for service, name in COMPOSE_NAMES.items():  # ... that BOXOFFICE_ENV=production refuses
+        env = {k: str(v) for k, v in cfg["services"][name]["environment"].items()}
+        env.update({k: v for k, v in production.items() if k in env})  # all else set for real
+        with pytest.raises(config.ConfigError, match="NATS_URL holds a development default"):
+            config.refuse_development_settings(config.load(service, env), env)
 
 
 def test_the_table_allows_each_relay_exactly_its_outbox_subjects() -> None:
