@@ -1,6 +1,8 @@
 """The NATS bus: one connection per process, JetStream declarations, publish, request/reply.
 
-- ``connect()`` reconnects forever once connected; the first connection is retried with back-off.
+- ``connect()`` reconnects forever once connected; the first connection is retried with back-off,
+  except when the server refuses the credentials in the URL or is not trusted (TLS): then at once
+  ``ServiceUnavailable``. Replies come to the URL's user's own inbox prefix.
 - Streams and durable consumers are declared idempotently at start (``declare``).
 - ``publish()`` sets ``Nats-Msg-Id`` and returns only after the PubAck: only a PubAck means kept.
 - ``request()`` raises typed errors: ``ServiceUnavailable`` (no responders, bus down),

@@ -7,7 +7,8 @@ reads. Everything else follows from it, in this module only:
 - ``permissions(user)``: the user's nats-server permissions, allow lists (nats-server denies
   whatever a list does not allow): the subjects above, the JetStream API calls they need (its
   streams' create, update and info; its durables' create, info and next; acks of its own
-  durables only), and replies on an inbox of its own (``inbox_prefix``), so that no service
+  durables only; for the reaper's self-audit, reading the streams it audits without acking),
+  and replies on an inbox of its own (``inbox_prefix``), so that no service
   reads another's replies. A service that answers gets ``allow_responses`` (one reply to each
   request it received), never the right to publish on other services' inboxes.
 - ``authorization(...)``: the nats-server ``authorization`` block with every user, for
