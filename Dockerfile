@@ -1,5 +1,7 @@
-# One image for every boxoffice service (and the localstripe emulator used in development).
+# One image for every boxoffice service. Built with EXTRAS="[local]" it also carries the localstripe
+# emulator (the compose file's dev profile); the services' image never does.
 FROM python:3.11-slim-bookworm
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
@@ -7,7 +9,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY libs ./libs
 COPY services ./services
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".${EXTRAS}" \
     && groupadd --system --gid 10001 boxoffice \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app boxoffice \
     && mkdir -p /var/spool/boxoffice && chown 10001:10001 /var/spool/boxoffice

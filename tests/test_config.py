@@ -141,3 +141,13 @@ def test_production_refusal_is_one_line_and_exit_2() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "STRIPE_API_KEY" in out.stderr
+
+
+def test_a_live_key_is_never_sent_to_an_emulator_in_any_environment() -> None:
+    for env_name in ("development", "production"):
+        env = dict(LIVE, BOXOFFICE_ENV=env_name, STRIPE_API_BASE="http://localstripe:8420")
+        with pytest.raises(config.ConfigError) as info:
+            config.load("payment", env)
+        assert "STRIPE_API_BASE" in str(info.value) and "live key" in str(info.value)
+    assert config.load("webhook", dict(LIVE, STRIPE_API_BASE="https://api.stripe.com")).env \
+        == "production"

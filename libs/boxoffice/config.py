@@ -193,6 +193,12 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
             kw["stripe_api_key"] = v
         if v := get("STRIPE_API_BASE"):
             kw["stripe_api_base"] = _url("STRIPE_API_BASE", v.rstrip("/"), ("http", "https"))
+            live = str(kw.get("stripe_api_key", "")).startswith(("sk_live_", "rk_live_"))
+            if live and urlsplit(v).hostname != "api.stripe.com":
+                # in any environment: a live key is never sent to an emulator (or anyone else)
+                raise ConfigError("STRIPE_API_BASE", "points at a Stripe emulator, not "
+                                                     "api.stripe.com, and STRIPE_API_KEY is a "
+                                                     "live key: unset one of them")
     if service == "ingress":
         kw["stripe_webhook_secrets"] = _list("STRIPE_WEBHOOK_SECRET", env["STRIPE_WEBHOOK_SECRET"], 8)
         kw["client_api_tokens"] = _list("CLIENT_API_TOKENS", env["CLIENT_API_TOKENS"], 16)
