@@ -69,6 +69,9 @@ TABLES: dict[str, dict[str, str]] = {
                                    "last_alerted_at)"},
     "error_alerts": {"error_sink": "SELECT INSERT UPDATE(published_at,notified_at,attempts,"
                                    "publish_attempts,next_attempt,last_error)"},
+    "error_feedback": {"error_sink": "SELECT INSERT"},
+    "error_attachments": {"error_sink": "SELECT INSERT"},
+    "error_discards": {"error_sink": "SELECT INSERT"},
     "reaper_runs": {"reaper": "SELECT INSERT"},
     "admin_actions": {"reaper": "SELECT INSERT UPDATE"},
     "audit_checks": {s: "SELECT UPDATE(checkpoint,started_at,finished_at,mode,examined,in_flight,"

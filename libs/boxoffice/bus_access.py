@@ -35,6 +35,7 @@ from boxoffice.wire import admin_actions as actions_wire
 from boxoffice.wire import audit as audit_wire
 from boxoffice.wire import errors as errors_wire
 from boxoffice.wire import reaper as reaper_wire
+from boxoffice.wire import sentry_items as sentry_wire
 from boxoffice.wire import stripe as stripe_wire
 from boxoffice.wire import subjects as s
 
@@ -70,10 +71,11 @@ ACCESS: dict[str, Access] = {
     "ingress": Access(
         # Stripe's events (signature checked), clients' error reports for any service, and the
         # operators' actions before it carries them out
-        publishes=(*s.STREAMS["STRIPE_EVENTS"], *s.STREAMS["ERRORS"], *s.STREAMS["AUDIT"]),
+        publishes=(*s.STREAMS["STRIPE_EVENTS"], *s.STREAMS["ERRORS"], *s.STREAMS["AUDIT"],
+                   sentry_wire.SUBJECTS),  # and what Sentry SDKs send besides errors
         requests=(s.RESERVATIONS_HOLD, s.RESERVATIONS_GET, s.RESERVATIONS_CANCEL,
                   s.PAYMENTS_INTENTS_CREATE, f"{s.ADMIN}.>"),
-        declares=("STRIPE_EVENTS", "ERRORS", "AUDIT")),
+        declares=("STRIPE_EVENTS", "ERRORS", "AUDIT", sentry_wire.STREAM)),
     "payment": Access(
         publishes=(s.error_report("payment", ">"),),
         relays=(s.reservation_event("held"), s.reservation_event("cancelled"),
@@ -96,8 +98,8 @@ ACCESS: dict[str, Access] = {
     "error_sink": Access(
         publishes=(s.alert(">"), s.error_report("error_sink", ">")),
         answers=(_owner(errors_wire.GROUPS_LIST),),
-        declares=("ERRORS", "ALERTS"),
-        consumes=(s.ERROR_SINK_CONSUMER,)),
+        declares=("ERRORS", "ALERTS", sentry_wire.STREAM),
+        consumes=(s.ERROR_SINK_CONSUMER, sentry_wire.CONSUMER)),
     "reaper": Access(
         publishes=(s.error_report("reaper", ">"),),
         relays=(s.reservation_event("expired"),),

@@ -10,7 +10,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, runtime
-from boxoffice.error_sink import admin, alerts, consume, store
+from boxoffice.error_sink import admin, alerts, consume, items, store
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER
 
 LANES = 3
@@ -38,7 +38,9 @@ async def build(svc: runtime.Service) -> None:
     await svc.stack.enter_async_context(
         consume.lanes(bus, writers, stream, durable, policy, wake_alerts.set, count=LANES,
                       batch=BATCH))
+    await svc.stack.enter_async_context(items.keeping(bus, pool))
     await admin.register(bus, pool)
+    await items.register(bus, pool)
     svc.stack.push_async_callback(bus.stop_serving)
     runtime.standard_checks(svc, bus=bus, pool=pool)
 

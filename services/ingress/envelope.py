@@ -25,7 +25,8 @@ from boxoffice import errors, scrub
 from boxoffice.wire.errors import LEVELS, ErrorReport
 
 MAX_EVENT = 1 << 20
-MAX_ENVELOPE = 20 << 20
+MAX_ENVELOPE = 20 << 20  # kept in memory; skipped items do not count
+MAX_WIRE = 200 << 20  # read at most, skipped items included (Sentry's envelope limit)
 
 InvalidEnvelope = errors.define("InvalidEnvelope", "invalid_envelope", 400,
                                 "Malformed Sentry envelope")
@@ -53,39 +54,155 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def parse(body: bytes) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
-    """(envelope header, [(item type, payload)]); raises ``InvalidEnvelope`` or ``EventTooLarge``."""
-    end = body.find(b"\n")
-    header = json_object(body if end < 0 else body[:end], "the envelope header")
-    pos = len(body) if end < 0 else end + 1
-    items: list[tuple[str, bytes]] = []
-    while pos < len(body):
-        end = body.find(b"\n", pos)
-        line = body[pos:] if end < 0 else body[pos:end]
-        pos = len(body) if end < 0 else end + 1
-        if not line.strip():
-            continue
-        item = json_object(line, "an item header")
+class Dropped(msgspec.Struct):
+    """An item left out of an envelope while it was read: its type, size and why."""
+
+    kind: str
+    size: int
+    reason: str
+    filename: str | None = None
+
+
+class Item(msgspec.Struct):
+    kind: str
+    header: dict[str, Any]
+    payload: bytes
+
+
+class Parser:
+    """Reads an envelope as it arrives (``feed`` each chunk, then ``finish``), keeping at most
+    ``MAX_ENVELOPE`` bytes: an item whose declared ``length`` is over ``max_item`` (an
+    attachment, a replay) is skipped without being held in memory and listed in ``dropped``,
+    so the event beside it is kept. Raises ``InvalidEnvelope``, ``EventTooLarge`` or
+    ``errors.PayloadTooLarge``."""
+
+    def __init__(self, max_item: int = MAX_ENVELOPE):
+        self.max_item = max_item
+        self.header: dict[str, Any] | None = None
+        self.items: list[Item] = []
+        self.dropped: list[Dropped] = []
+        self._buf = bytearray()
+        self._kept = 0
+        self._skip = 0
+        self._pending: dict[str, Any] | None = None  # an item header whose payload comes next
+        self._eat_newline = False
+        self._error: Exception | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._error is not None:  # malformed: read on only to tell a too-large body apart
+            self._kept += len(chunk)
+        else:
+            self._buf += chunk
+            try:
+                self._run(final=False)
+            except (InvalidEnvelope, EventTooLarge) as exc:
+                self._error, self._buf = exc, bytearray()
+        if len(self._buf) > MAX_ENVELOPE or self._kept > MAX_ENVELOPE:
+            raise errors.PayloadTooLarge(f"an envelope may not exceed {MAX_ENVELOPE} bytes")
+
+    def finish(self) -> tuple[dict[str, Any], list[Item], list[Dropped]]:
+        if self._error is not None:
+            raise self._error
+        self._run(final=True)
+        if self._pending is not None and self._pending.get("length") is not None:
+            raise InvalidEnvelope("an item is shorter than its length")
+        if self.header is None:
+            raise InvalidEnvelope("the envelope header is not valid JSON (UTF-8)")
+        return self.header, self.items, self.dropped
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._kept += n
+        if self._kept > MAX_ENVELOPE:
+            raise errors.PayloadTooLarge(f"an envelope may not exceed {MAX_ENVELOPE} bytes")
+        return out
+
+    def _line(self, final: bool) -> bytes | None:
+        end = self._buf.find(b"\n")
+        if end < 0:
+            return self._take(len(self._buf)) if final and self._buf else None
+        line = self._take(end + 1)[:-1]
+        return line
+
+    def _run(self, final: bool) -> None:
+        while True:
+            if self._skip:
+                n = min(self._skip, len(self._buf))
+                del self._buf[:n]
+                self._skip -= n
+                if self._skip:
+                    if final:
+                        raise InvalidEnvelope("an item is shorter than its length")
+                    return
+                self._eat_newline = True
+            if self._eat_newline:
+                if not self._buf:
+                    if final:
+                        self._eat_newline = False
+                    return
+                if self._buf[0:1] == b"\n":
+                    self._take(1)
+                self._eat_newline = False
+            if self.header is None:
+                line = self._line(final)
+                if line is None:
+                    return
+                self.header = json_object(line, "the envelope header")
+                continue
+            pending = self._pending
+            if pending is None:
+                line = self._line(final)
+                if line is None:
+                    return
+                if line.strip():
+                    self._item_header(json_object(line, "an item header"))
+                continue
+            length = pending.get("length")
+            if length is None:
+                line = self._line(final)
+                if line is None:
+                    return
+                self._item(pending, line)
+            elif len(self._buf) >= length:
+                self._item(pending, self._take(length))
+                self._eat_newline = True
+            else:
+                return
+
+    def _item_header(self, item: dict[str, Any]) -> None:
         kind, length = item.get("type"), item.get("length")
         if not isinstance(kind, str) or not kind:
             raise InvalidEnvelope("an item header has no type")
         if length is not None:
             if not isinstance(length, int) or isinstance(length, bool) or length < 0:
                 raise InvalidEnvelope("an item length must be a non-negative integer")
-            if pos + length > len(body):
-                raise InvalidEnvelope("an item is shorter than its length")
-            payload = body[pos:pos + length]
-            pos += length
-            if body[pos:pos + 1] == b"\n":
-                pos += 1
-        else:
-            end = body.find(b"\n", pos)
-            payload = body[pos:] if end < 0 else body[pos:end]
-            pos = len(body) if end < 0 else end + 1
+            if kind == "event" and length > MAX_EVENT:
+                raise EventTooLarge(f"an event is larger than {MAX_EVENT} bytes")
+            if kind != "event" and length > self.max_item:
+                name = item.get("filename")
+                self.dropped.append(Dropped(kind=kind[:64], size=length, reason="too_large",
+                                            filename=name[:256] if isinstance(name, str) else None))
+                self._skip = length
+                if not length:
+                    self._eat_newline = True
+                return
+        self._pending = item
+
+    def _item(self, header: dict[str, Any], payload: bytes) -> None:
+        self._pending = None
+        kind = header["type"]
         if kind == "event" and len(payload) > MAX_EVENT:
             raise EventTooLarge(f"an event is larger than {MAX_EVENT} bytes")
-        items.append((kind, payload))
-    return header, items
+        self.items.append(Item(kind=kind, header=header, payload=payload))
+
+
+def parse(body: bytes) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """(envelope header, [(item type, payload)]) of a whole envelope."""
+    p = Parser()
+    p.feed(body)
+    header, items, _ = p.finish()
+    return header, [(i.kind, i.payload) for i in items]
 
 
 def _text(value: Any) -> str | None:

@@ -26,8 +26,9 @@ import hmac
 import logging
 import math
 import time
+import uuid
 import zlib
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import msgspec
 from aiohttp import web
@@ -36,11 +37,12 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from boxoffice import errors, scrub, wire
 from boxoffice.config import Config
-from boxoffice.ingress import csp, envelope
+from boxoffice.ingress import csp, envelope, sentry_items
 from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
                                     operate, read_json, require_admin)
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import errors as w
+from boxoffice.wire import sentry_items as si
 from boxoffice.wire.subjects import error_report
 
 
@@ -67,6 +69,7 @@ class RateLimiter:
 
 
 LIMITER = web.AppKey("error_rate_limiter", RateLimiter)
+QUOTA = web.AppKey("attachment_quota", sentry_items.AttachmentQuota)
 CORS = {"Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "POST, OPTIONS",
         "Access-Control-Allow-Headers": "Content-Type, Content-Encoding, X-Sentry-Auth, Authorization",
@@ -87,6 +90,7 @@ def _client_payload_errors_are_warnings(record: logging.LogRecord) -> bool:
 def setup(app: web.Application) -> web.RouteTableDef:
     """Give ``app`` the rate limiter; returns the routes for ``app.add_routes``."""
     app[LIMITER] = RateLimiter(app[CONFIG].error_rate_limit_per_minute)
+    app[QUOTA] = sentry_items.AttachmentQuota()
     logging.getLogger("aiohttp.server").addFilter(_client_payload_errors_are_warnings)
     return routes
 
@@ -191,24 +195,97 @@ def _project_service(request: web.Request) -> str | None:
     return dict(request.app[CONFIG].sentry_projects).get(pid)
 
 
+async def _parse_envelope(request: web.Request) -> envelope.Parser:
+    """Read the (decompressed) body into a ``Parser`` chunk by chunk, so an attachment over its
+    limit is skipped, not held; at most ``MAX_WIRE`` bytes are read."""
+    if request.content_length is not None and request.content_length > envelope.MAX_WIRE:
+        raise errors.PayloadTooLarge(f"an envelope may not exceed {envelope.MAX_WIRE} bytes")
+    parser, size = envelope.Parser(sentry_items.MAX_ATTACHMENT), 0
+    try:
+        while chunk := await request.content.read(1 << 16):
+            size += len(chunk)
+            if size > envelope.MAX_WIRE:
+                raise errors.PayloadTooLarge(f"an envelope may not exceed {envelope.MAX_WIRE} bytes")
+            parser.feed(chunk)
+    except (HttpProcessingError, RequestPayloadError):
+        raise errors.BadRequest("the body could not be read or decompressed") from None
+    return parser
+
+
+def _rate_limits(limited: dict[str, float]) -> str:
+    """``X-Sentry-Rate-Limits``: the categories over their budget, then those never kept."""
+    parts = [f"{max(1, math.ceil(wait))}:{cat}:key" for cat, wait in sorted(limited.items())]
+    return ", ".join([*parts, sentry_items.REFUSED_HEADER])
+
+
 async def _envelope(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     key = _request_key(request)
-    body = await _read_body(request)
-    header, items = envelope.parse(body)
+    header, items, dropped = (await _parse_envelope(request)).finish()
     if key is None:  # browsers through a tunnel: the key is in the envelope's dsn
         key = _check_key(cfg, _key_from_dsn(header))
-    events = [payload for kind, payload in items if kind == "event"]
-    _limit(request, "sentry:" + key, max(1, len(events)))
-    reports = []
+    project_id = request.match_info["project_id"]
+    sorted_ = sentry_items.sort(items, dropped)
+    limited: dict[str, float] = {}
+    for category in sentry_items.KEPT:  # each category its own budget
+        n = sorted_.count(category)
+        if n and (wait := request.app[LIMITER].take(f"sentry:{key}:{category}", n)):
+            limited[category] = wait
+            sorted_.drop("ratelimit", category, n)
     service = _project_service(request)
-    for i, payload in enumerate(events):
-        event = envelope.json_object(payload, "an event")
+    reports = []
+    for i, event in enumerate([] if "error" in limited else sorted_.events):
         fallback = header.get("event_id") if i == 0 and isinstance(header.get("event_id"), str) else None
-        reports.append(envelope.to_report(event, project_id=request.match_info["project_id"],
-                                          fallback_id=fallback, service=service))
-    await asyncio.gather(*(_publish(request, r) for r in reports))
-    return json_response({"id": reports[0].id.replace("-", "")} if reports else {})
+        reports.append(envelope.to_report(event, project_id=project_id, fallback_id=fallback,
+                                          service=service))
+    item_service = reports[0].service if reports else service or "sentry"
+    event_id = reports[0].id if reports else None
+    if event_id is None and isinstance(header.get("event_id"), str):
+        event_id = sentry_items._uuid(header["event_id"])
+    published: list[tuple[str, object, str]] = []
+    notes = [{"filename": d.filename, "size": d.size, "reason": "too_large"}
+             for d in dropped if d.kind == "attachment"]
+    for item in [] if "attachment" in limited else sorted_.attachments:
+        if not request.app[QUOTA].take(key, len(item.payload)):
+            sorted_.drop("quota", "attachment")
+            notes.append({"filename": item.header.get("filename"), "size": len(item.payload),
+                          "reason": "daily_quota"})
+            continue
+        a = sentry_items.attachment(item, service=item_service, project_id=project_id,
+                                    event_id=event_id)
+        published.append((si.subject(si.ATTACHMENT), a, a.id))
+    if notes and reports:  # the error is kept; its note says what did not come with it
+        reports[0].context = {**(reports[0].context or {}),
+                              "attachments_dropped": scrub.clean(notes, 256, 20)}
+    for kind, body in [] if "feedback" in limited else sorted_.feedback:
+        fb = sentry_items.feedback(kind, body, service=service or item_service, project_id=project_id)
+        if fb is not None:
+            published.append((si.subject(si.FEEDBACK), fb, fb.id))
+    for report in sorted_.client_reports:
+        if found := sentry_items.client_discards(report):
+            d = si.Discards(id=str(uuid.uuid4()), service=item_service, project_id=project_id,
+                            origin="client", discarded=found)
+            published.append((si.subject(si.DISCARDS), d, d.id))
+    kept = len(reports) + len(published) + len(sorted_.client_reports)
+    if sorted_.discarded:
+        d = si.Discards(id=str(uuid.uuid4()), service=item_service, project_id=project_id,
+                        origin="server", discarded=[si.Discarded(reason=r, category=c, quantity=n)
+                                                    for (r, c), n in sorted_.discarded.items()])
+        published.append((si.subject(si.DISCARDS), d, d.id))
+    bus = request.app[BUS]
+    await asyncio.gather(*(_publish(request, r) for r in reports),
+                         *(bus.publish(subject, wire.encode(body), msg_id)
+                           for subject, body, msg_id in published))
+    if limited and not kept:
+        wait = max(1, math.ceil(max(limited.values())))
+        resp = problem_response(errors.RateLimited(
+            f"more than {cfg.error_rate_limit_per_minute} items a minute of "
+            f"{', '.join(sorted(limited))} from this key", retry_after=wait), request.get(REQUEST_ID))
+        resp.headers["X-Sentry-Rate-Limits"] = _rate_limits(limited)
+        return resp
+    resp = json_response({"id": reports[0].id.replace("-", "")} if reports else {})
+    resp.headers["X-Sentry-Rate-Limits"] = _rate_limits(limited)
+    return resp
 
 
 async def _store(request: web.Request) -> web.Response:
@@ -228,7 +305,7 @@ async def _store(request: web.Request) -> web.Response:
         if len(body) > envelope.MAX_EVENT:
             raise envelope.EventTooLarge(f"an event is larger than {envelope.MAX_EVENT} bytes")
     event = envelope.json_object(body, "the event")
-    _limit(request, "sentry:" + key)
+    _limit(request, f"sentry:{key}:error")
     report = envelope.to_report(event, project_id=request.match_info["project_id"],
                                 fallback_id=None, service=_project_service(request))
     await _publish(request, report)
@@ -248,7 +325,7 @@ async def _security(request: web.Request) -> web.Response:
         raise envelope.InvalidEnvelope("a security report must be JSON") from None
     reports = csp.to_reports(parsed, project_id=request.match_info["project_id"],
                              service=_project_service(request))
-    _limit(request, "sentry:" + key, len(reports))
+    _limit(request, f"sentry:{key}:error", len(reports))
     await asyncio.gather(*(_publish(request, r) for r in reports))
     return web.Response(status=201)
 
@@ -259,7 +336,7 @@ async def _answer(request: web.Request, handler) -> web.Response:  # type: ignor
     except errors.BoxofficeError as exc:  # answered here so that browsers see CORS headers
         resp = problem_response(exc, request.get(REQUEST_ID))
         if exc.status == 429:
-            resp.headers["X-Sentry-Rate-Limits"] = f"{resp.headers.get('Retry-After', '60')}::key"
+            resp.headers["X-Sentry-Rate-Limits"] = f"{resp.headers.get('Retry-After', '60')}:error:key"
     resp.headers.update(CORS)
     return resp
 
@@ -301,6 +378,35 @@ async def list_groups(request: web.Request) -> web.Response:
     require_admin(request)
     q = _query(request, w.ListGroups)
     return json_response(await request.app[BUS].request(w.GROUPS_LIST, q, w.GroupList))
+
+
+@routes.get("/v1/admin/errors/dropped")
+async def list_dropped(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = _query(request, si.ListDropped)
+    return json_response(await request.app[BUS].request(si.DROPPED, q, si.DroppedList))
+
+
+@routes.get("/v1/admin/feedback")
+async def list_feedback(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = _query(request, si.ListFeedback)
+    return json_response(await request.app[BUS].request(si.FEEDBACK_LIST, q, si.FeedbackList))
+
+
+@routes.get("/v1/admin/attachments/{attachment_id}")
+async def get_attachment(request: web.Request) -> web.Response:
+    """The file as it was sent; always as a download (its content type is the sender's word,
+    so it is never rendered on this origin), the declared one in ``X-Attachment-Content-Type``."""
+    require_admin(request)
+    q = _query(request, si.GetAttachment, id=request.match_info["attachment_id"])
+    found = await request.app[BUS].request(si.ATTACHMENT_GET, q, si.AttachmentData, timeout=15.0)
+    name = quote(found.info.filename, safe="")
+    return web.Response(body=found.data, content_type="application/octet-stream", headers={
+        "Content-Disposition": f"attachment; filename*=UTF-8''{name}",
+        "X-Content-Type-Options": "nosniff",
+        "X-Attachment-Content-Type": scrub.truncate(found.info.content_type, 128).encode(
+            "ascii", "replace").decode()})
 
 
 @routes.get("/v1/admin/errors/{group_id}")

@@ -41,7 +41,7 @@ async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     bus = await svc.stack.enter_async_context(
         busmod.connect(cfg.nats_url, "ingress", ca_file=cfg.nats_ca_file))
-    await bus.declare_streams("STRIPE_EVENTS", "ERRORS", "AUDIT")
+    await bus.declare_streams("STRIPE_EVENTS", "ERRORS", "AUDIT", "SENTRY_ITEMS")
     runtime.standard_checks(svc, bus=bus)
     svc.app = create_app(cfg, bus, svc)
 

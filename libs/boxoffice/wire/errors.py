@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from boxoffice.wire.sentry_items import AttachmentInfo, FeedbackItem
+
 Level = Literal["debug", "info", "warning", "error", "critical", "fatal"]
 LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical", "fatal")
 
@@ -120,6 +122,9 @@ class StoredError(msgspec.Struct):
 class GroupDetail(msgspec.Struct):
     group: ErrorGroup
     events: list[StoredError]
+    # what users said about the group's errors and the files sent with them (wire.sentry_items)
+    feedback: list[FeedbackItem] = []
+    attachments: list[AttachmentInfo] = []
 
 
 # -- alerts: published to alerts.<level> (Nats-Msg-Id = id: the group id plus its window) -----

@@ -15,6 +15,7 @@ STREAMS: dict[str, list[str]] = {
     "PAYMENTS": ["payments.events.>"],
     "ALERTS": ["alerts.>"],
     "AUDIT": ["audit.actions.>"],  # operators' actions, published by ingress (wire.admin_actions)
+    "SENTRY_ITEMS": ["sentry.items.>"],  # feedback, attachments, discards (wire.sentry_items)
 }
 
 # durable consumers: (stream, durable name)

@@ -1,0 +1,137 @@
+"""What Sentry SDKs send besides errors, on the ``SENTRY_ITEMS`` stream (``sentry.items.<kind>``):
+published by ingress, kept by the error-sink; and the operators' queries about them.
+
+Each message's ``Nats-Msg-Id`` is its ``id``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+STREAM = "SENTRY_ITEMS"
+SUBJECTS = "sentry.items.>"
+CONSUMER = (STREAM, "error-sink")
+FEEDBACK, ATTACHMENT, DISCARDS = "feedback", "attachment", "discards"
+
+
+def subject(kind: str) -> str:
+    return f"sentry.items.{kind}"
+
+
+class Feedback(msgspec.Struct, omit_defaults=True):
+    """A user's feedback: the ``feedback`` item, the older ``user_report`` or the endpoint."""
+
+    id: str
+    occurred_at: datetime
+    service: str
+    project_id: str
+    source: Literal["feedback", "user_report", "endpoint"]
+    message: str
+    event_id: str | None = None  # the error it is about (error_logs.id, a uuid)
+    name: str | None = None
+    email: str | None = None
+    url: str | None = None
+    environment: str | None = None
+    release: str | None = None
+
+
+class Attachment(msgspec.Struct, omit_defaults=True):
+    id: str
+    service: str
+    project_id: str
+    filename: str
+    content_type: str
+    attachment_type: str
+    data: bytes  # base64 in JSON
+    event_id: str | None = None
+
+
+class Discarded(msgspec.Struct):
+    reason: str
+    category: str
+    quantity: int
+
+
+class Discards(msgspec.Struct):
+    """What was dropped: an SDK's client report (``origin`` client) or what ingress left out
+    of an envelope (``origin`` server)."""
+
+    id: str
+    service: str
+    project_id: str
+    origin: Literal["client", "server"]
+    discarded: list[Discarded]
+
+
+# -- operator queries, served by the error-sink ------------------------------------------------
+
+FEEDBACK_LIST = "admin.errors.feedback"
+ATTACHMENT_GET = "admin.errors.attachment"
+DROPPED = "admin.errors.dropped"
+_UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
+
+
+class ListFeedback(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                         pattern=r"^[A-Za-z0-9_-]+\Z")] | None = None
+    since: datetime | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+
+
+class FeedbackItem(msgspec.Struct):
+    id: str
+    received_at: datetime
+    service: str
+    source: str
+    message: str
+    event_id: str | None = None
+    group_id: str | None = None
+    name: str | None = None
+    email: str | None = None
+    url: str | None = None
+    environment: str | None = None
+    release: str | None = None
+
+
+class FeedbackList(msgspec.Struct):
+    feedback: list[FeedbackItem]
+
+
+class AttachmentInfo(msgspec.Struct):
+    id: str
+    event_id: str | None
+    filename: str
+    content_type: str
+    size: int
+    received_at: datetime
+
+
+class GetAttachment(msgspec.Struct, forbid_unknown_fields=True):
+    id: Annotated[str, msgspec.Meta(pattern=_UUID)]
+
+
+class AttachmentData(msgspec.Struct):
+    info: AttachmentInfo
+    data: bytes
+
+
+class ListDropped(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    since: datetime | None = None  # default: the last 24 hours
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                         pattern=r"^[A-Za-z0-9_-]+\Z")] | None = None
+
+
+class DroppedCount(msgspec.Struct):
+    service: str
+    origin: str
+    reason: str
+    category: str
+    quantity: int
+
+
+class DroppedList(msgspec.Struct):
+    since: datetime
+    dropped: list[DroppedCount]

@@ -1,0 +1,171 @@
+"""Every item type of a Sentry envelope, handled on purpose.
+
+Kept: events (``errors.<service>.<level>``), user feedback (the ``feedback`` item, the older
+``user_report``), attachments and client reports (``sentry.items.<kind>``, kept by the
+error-sink). Refused the way Sentry's protocol provides: every answer carries
+``X-Sentry-Rate-Limits`` naming the categories boxoffice does not keep (``REFUSED``), so an SDK
+stops sending them for ``REFUSED_SECONDS``; what arrives before it learns is counted as
+dropped (origin ``server``, reason ``disabled``), as is an item type nobody knows
+(``unsupported``). Nothing is answered 200 and thrown away unseen.
+
+Each kept category has its own per-key budget (``RateLimiter`` buckets ``<key>:<category>``),
+so a busy front end's attachments or feedback never use up its errors' budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from boxoffice import scrub
+from boxoffice.ingress import envelope
+from boxoffice.wire import sentry_items as si
+
+# item type -> data category (Sentry's names: what an SDK rate-limits by)
+CATEGORY = {"event": "error", "attachment": "attachment", "user_report": "feedback",
+            "feedback": "feedback", "client_report": "internal", "transaction": "transaction",
+            "span": "span", "session": "session", "sessions": "session", "check_in": "monitor",
+            "log": "log_item", "otel_log": "log_item", "profile": "profile",
+            "profile_chunk": "profile_chunk", "replay_event": "replay",
+            "replay_recording": "replay", "replay_video": "replay", "trace_metric": "trace_metric",
+            "statsd": "metric_bucket", "metric_buckets": "metric_bucket"}
+KEPT = ("error", "attachment", "feedback")
+REFUSED = ("transaction", "span", "session", "monitor", "log_item", "profile", "profile_chunk",
+           "replay", "trace_metric", "metric_bucket")
+REFUSED_SECONDS = 3600
+REFUSED_HEADER = f"{REFUSED_SECONDS}:{';'.join(REFUSED)}:organization:disabled"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_ATTACHMENT = 4 << 20  # per item: over it, dropped with a note on its event
+DAILY_ATTACHMENT_BYTES = 256 << 20  # per public key and ingress replica, per UTC day
+
+
+class AttachmentQuota:
+    """Bytes of attachments taken per key today (UTC); forgotten at midnight."""
+
+    def __init__(self, per_day: int = DAILY_ATTACHMENT_BYTES):
+        self.per_day = per_day
+        self._day = ""
+        self._used: dict[str, int] = {}
+
+    def take(self, key: str, n: int) -> bool:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        if day != self._day:
+            self._day, self._used = day, {}
+        used = self._used.get(key, 0)
+        if used + n > self.per_day:
+            return False
+        self._used[key] = used + n
+        return True
+
+
+@dataclasses.dataclass
+class Sorted:
+    """An envelope's items by what becomes of them."""
+
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    feedback: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    attachments: list[envelope.Item] = dataclasses.field(default_factory=list)
+    client_reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    discarded: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+
+    def drop(self, reason: str, category: str, n: int = 1) -> None:
+        self.discarded[(reason, category)] = self.discarded.get((reason, category), 0) + n
+
+    def count(self, category: str) -> int:
+        return {"error": len(self.events), "feedback": len(self.feedback),
+                "attachment": len(self.attachments)}[category]
+
+
+def sort(items: list[envelope.Item], dropped: list[envelope.Dropped]) -> Sorted:
+    out = Sorted()
+    for d in dropped:
+        out.drop("too_large", CATEGORY.get(d.kind, "default"))
+    for item in items:
+        category = CATEGORY.get(item.kind)
+        if item.kind == "event":
+            out.events.append(envelope.json_object(item.payload, "an event"))
+        elif category == "feedback":
+            out.feedback.append((item.kind, envelope.json_object(item.payload, "a feedback item")))
+        elif item.kind == "attachment":
+            out.attachments.append(item)
+        elif item.kind == "client_report":
+            out.client_reports.append(envelope.json_object(item.payload, "a client report"))
+        elif category in REFUSED:
+            out.drop("disabled", category)
+        else:
+            out.drop("unsupported", "default")
+    return out
+
+
+def _uuid(value: Any) -> str | None:
+    try:
+        return str(uuid.UUID(value)) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _opt(value: Any, limit: int) -> str | None:
+    return scrub.truncate(scrub.text(value), limit) if isinstance(value, str) and value else None
+
+
+def feedback(kind: str, body: dict[str, Any], *, service: str, project_id: str) -> si.Feedback | None:
+    """A ``feedback`` item (an event with ``contexts.feedback``) or a ``user_report``; None when
+    it says nothing."""
+    if kind == "user_report":
+        message, name, email = body.get("comments"), body.get("name"), body.get("email")
+        event_id, url, source = body.get("event_id"), None, "user_report"
+        env = release = None
+        fid = None
+    else:
+        ctx = body.get("contexts") if isinstance(body.get("contexts"), dict) else {}
+        fb = ctx.get("feedback") if isinstance(ctx.get("feedback"), dict) else {}
+        message, name, email = fb.get("message"), fb.get("name"), fb.get("contact_email")
+        event_id, url, source = fb.get("associated_event_id"), fb.get("url"), "feedback"
+        env, release, fid = body.get("environment"), body.get("release"), body.get("event_id")
+    if not isinstance(message, str) or not message.strip():
+        return None
+    return si.Feedback(
+        id=_uuid(fid) or str(uuid.uuid4()), occurred_at=datetime.now(timezone.utc),
+        service=service, project_id=project_id, source=source,  # type: ignore[arg-type]
+        message=scrub.truncate(scrub.text(message), 8192), event_id=_uuid(event_id),
+        name=_opt(name, 256), email=_opt(email, 256), url=_opt(url, 2048),
+        environment=_opt(env, 64), release=_opt(release, 128))
+
+
+def attachment(item: envelope.Item, *, service: str, project_id: str,
+               event_id: str | None) -> si.Attachment:
+    h = item.header
+
+    def printable(key: str) -> str | None:  # names go into headers when downloaded
+        v = h.get(key)
+        return _CONTROL.sub("?", v) if isinstance(v, str) and v.strip() else None
+
+    name = printable("filename") or "attachment"
+    ctype = printable("content_type")
+    atype = printable("attachment_type")
+    return si.Attachment(id=str(uuid.uuid4()), service=service, project_id=project_id,
+                         filename=name[:256], content_type=(ctype or "application/octet-stream")[:128],
+                         attachment_type=(atype or "event.attachment")[:64], data=item.payload,
+                         event_id=event_id)
+
+
+def client_discards(report: dict[str, Any]) -> list[si.Discarded]:
+    out = []
+    for key in ("discarded_events", "rate_limited_events", "filtered_events", "filtered_sampling_events"):
+        entries = report.get(key)
+        for e in entries[:200] if isinstance(entries, list) else []:
+            if not isinstance(e, dict):
+                continue
+            q = e.get("quantity")
+            if not isinstance(q, int) or isinstance(q, bool) or q < 0:
+                continue
+            reason = e.get("reason") if key == "discarded_events" else key.removesuffix("_events")
+            out.append(si.Discarded(reason=str(reason or "unknown")[:64],
+                                    category=str(e.get("category") or "default")[:64],
+                                    quantity=min(q, 1 << 40)))
+    return out

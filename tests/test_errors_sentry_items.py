@@ -1,0 +1,180 @@
+"""Every item a Sentry SDK sends is handled on purpose: feedback and attachments stored and
+linked to their error and group, an oversized attachment dropped with a note while its error is
+kept, client reports stored and counted, categories boxoffice does not keep refused through
+X-Sentry-Rate-Limits so that the unmodified sentry-sdk stops sending them, and each kept
+category limited on its own budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY
+from tests.test_errors_ingress import AUTH, browser_event, envelope
+from tests.test_errors_support import ahttp, eventually
+
+SCRIPT = r"""
+import sys, time, sentry_sdk
+from sentry_sdk.envelope import Envelope, Item, PayloadRef
+
+def before_send(event, hint):
+    return None if event.get("tags", {}).get("drop") == "yes" else event
+
+sentry_sdk.init(dsn=sys.argv[1], release="shop@3.1.0", environment="production",
+                traces_sample_rate=1.0, before_send=before_send)
+
+def pay(order_id):
+    raise RuntimeError(f"payment for order {order_id} failed")
+
+with sentry_sdk.new_scope() as scope:
+    scope.add_attachment(bytes=b"order-log line 1\norder-log line 2\n", filename="order.log",
+                         content_type="text/plain")
+    scope.add_attachment(bytes=b"\0" * (5 << 20), filename="core.dump")  # over the 4 MiB limit
+    try:
+        pay(7)
+    except RuntimeError:
+        event_id = sentry_sdk.capture_exception()
+
+client = sentry_sdk.get_client()
+feedback = {"event_id": "%032x" % 1, "type": "feedback", "timestamp": time.time(),
+            "contexts": {"feedback": {"message": "The pay button did nothing", "name": "Ann",
+                                      "contact_email": "ann@example.com",
+                                      "associated_event_id": event_id}}}
+client.transport.capture_envelope(Envelope(items=[Item(payload=PayloadRef(json=feedback), type="feedback")]))
+report = {"event_id": event_id, "name": "Bob", "email": "bob@example.com",
+          "comments": "Charged but no ticket"}
+client.transport.capture_envelope(Envelope(items=[Item(payload=PayloadRef(json=report), type="user_report")]))
+
+sentry_sdk.flush(timeout=10)
+for _ in range(4):  # refused by every answer so far: dropped on the client (ratelimit_backoff)
+    with sentry_sdk.start_transaction(name="checkout"):
+        pass
+with sentry_sdk.new_scope() as scope:
+    scope.set_tag("drop", "yes")
+    sentry_sdk.capture_message("dropped by before_send")
+sentry_sdk.flush(timeout=10)
+print(event_id)
+"""
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def _get(url: str):
+    status, headers, body = await ahttp("GET", url, None, ADMIN)
+    assert status == 200, (url, status, body[:300])
+    return headers, body
+
+
+async def test_an_unmodified_sdk_s_items_are_kept_linked_and_listed(db, start_service, tmp_path) -> None:
+    ingress = start_service("ingress")
+    sink = start_service("error_sink")
+    (tmp_path / "shop.py").write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(tmp_path / "shop.py"),
+                          f"http://{SENTRY_KEY}@127.0.0.1:{ingress.port}/1"],
+                         capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("SENTRY")})
+    assert out.returncode == 0, out.stderr
+    event_id = str(uuid.UUID(out.stdout.strip().splitlines()[-1]))
+
+    # the error is kept although one of its attachments was too big, and says so
+    row = await eventually(lambda: db.fetchrow("SELECT * FROM error_logs WHERE id = $1::uuid", event_id))
+    assert row["error_type"] == "RuntimeError"
+    assert row["context"]["attachments_dropped"] == [
+        {"filename": "core.dump", "size": 5 << 20, "reason": "too_large"}]
+
+    # the group carries its feedback (both kinds) and its attachment
+    async def detail():
+        _, body = await _get(f"{ingress.url}/v1/admin/errors/{row['group_id']}")
+        d = json.loads(body)
+        return d if len(d["feedback"]) == 2 and d["attachments"] else None
+    group = await eventually(detail)
+    assert {(f["source"], f["message"], f["name"]) for f in group["feedback"]} == {
+        ("feedback", "The pay button did nothing", "Ann"), ("user_report", "Charged but no ticket", "Bob")}
+    assert {f["event_id"].replace("-", "") for f in group["feedback"]} == {event_id.replace("-", "")}
+    assert all(f["group_id"] == str(row["group_id"]) for f in group["feedback"])
+    [att] = group["attachments"]
+    assert (att["filename"], att["content_type"], att["size"]) == ("order.log", "text/plain", 34)
+    headers, data = await _get(f"{ingress.url}/v1/admin/attachments/{att['id']}")
+    assert data == b"order-log line 1\norder-log line 2\n"
+    assert headers["Content-Disposition"].startswith("attachment;")
+    assert headers["X-Attachment-Content-Type"] == "text/plain"
+    _, body = await _get(f"{ingress.url}/v1/admin/feedback")
+    assert {f["message"] for f in json.loads(body)["feedback"]} >= {"The pay button did nothing",
+                                                                    "Charged but no ticket"}
+    status, _, body = await ahttp("GET", f"{ingress.url}/v1/admin/attachments/{uuid.uuid4()}", None, ADMIN)
+    assert status == 404 and json.loads(body)["code"] == "attachment_not_found"
+
+    # what was dropped, by whom: the SDK's own client reports and what ingress left out
+    async def dropped():
+        _, body = await _get(f"{ingress.url}/v1/admin/errors/dropped")
+        got = {(d["origin"], d["reason"], d["category"]): d["quantity"] for d in json.loads(body)["dropped"]}
+        want = {("client", "before_send", "error"), ("client", "ratelimit_backoff", "transaction"),
+                ("server", "too_large", "attachment")}
+        return got if want <= set(got) else None
+    got = await eventually(dropped)
+    # the first answer (to the error) already refused transactions: the SDK never sent one
+    assert got[("client", "ratelimit_backoff", "transaction")] == 4
+    assert ("server", "disabled", "transaction") not in got
+    _, metrics = await _get(f"{sink.health_url}/metrics")
+    assert (b'boxoffice_sentry_discarded_total{category="transaction",origin="client",'
+            b'reason="ratelimit_backoff"}') in metrics
+
+
+async def test_each_category_has_its_own_budget(db, start_service) -> None:
+    ingress = start_service("ingress", ERROR_RATE_LIMIT_PER_MINUTE="3")
+    start_service("error_sink")
+    url = f"{ingress.url}/api/1/envelope/"
+
+    def feedback_envelope() -> bytes:
+        return envelope(({"type": "user_report"}, json.dumps(
+            {"event_id": uuid.uuid4().hex, "name": "N", "email": "n@example.com",
+             "comments": "slow"}).encode()))
+    answers = [await ahttp("POST", url, feedback_envelope(), AUTH) for _ in range(4)]
+    assert [a[0] for a in answers] == [200, 200, 200, 429]
+    limits = answers[3][1]["X-Sentry-Rate-Limits"]
+    assert limits.split(", ")[0].split(":")[1:] == ["feedback", "key"]
+    assert "transaction;" in limits  # never kept: refused on every answer
+    # the errors' budget is untouched by the feedback flood
+    events = [browser_event() for _ in range(3)]
+    for e in events:
+        status, headers, _ = await ahttp("POST", url, envelope(({"type": "event"}, json.dumps(e).encode())), AUTH)
+        assert status == 200 and ":feedback:" not in headers["X-Sentry-Rate-Limits"]
+    status, headers, _ = await ahttp("POST", url, envelope(({"type": "event"}, json.dumps(browser_event()).encode())), AUTH)
+    assert status == 429 and headers["X-Sentry-Rate-Limits"].startswith(tuple(f"{n}:error:key" for n in range(1, 61)))
+    assert await eventually(lambda: _count(db, "SELECT count(*) FROM error_logs", 3))
+    assert await eventually(lambda: _count(db, "SELECT count(*) FROM error_feedback", 3))
+    assert await eventually(lambda: _count(
+        db, "SELECT sum(quantity) FROM error_discards WHERE reason = 'ratelimit'", 2))
+    # an item of a category never kept, sent before the SDK learned: refused and counted
+    body = envelope(({"type": "transaction"}, b'{"type": "transaction"}'),
+                    ({"type": "replay_recording", "length": 2}, b"{}"), ({"type": "mystery"}, b"{}"))
+    status, headers, raw = await ahttp("POST", url, body, AUTH)
+    assert (status, json.loads(raw)) == (200, {})
+    assert ";replay;" in headers["X-Sentry-Rate-Limits"]
+    assert await eventually(lambda: _count(
+        db, "SELECT count(*) FROM error_discards WHERE origin = 'server' AND "
+            "(reason, category) IN (('disabled', 'transaction'), ('disabled', 'replay'), "
+            "('unsupported', 'default'))", 3))
+
+
+async def test_an_attachment_larger_than_the_envelope_limit_costs_only_itself(db, start_service) -> None:
+    ingress = start_service("ingress")
+    start_service("error_sink")
+    event = browser_event()
+    big = b"A" * (25 << 20)  # over the 20 MiB kept per envelope: skipped while read
+    body = envelope(({"type": "event"}, json.dumps(event).encode()),
+                    ({"type": "attachment", "length": len(big), "filename": "video.webm"}, big),
+                    header={"event_id": event["event_id"]})
+    status, _, raw = await ahttp("POST", f"{ingress.url}/api/1/envelope/", body, AUTH)
+    assert status == 200, raw
+    row = await eventually(lambda: db.fetchrow(
+        "SELECT * FROM error_logs WHERE id = $1::uuid", str(uuid.UUID(event["event_id"]))))
+    assert row["context"]["attachments_dropped"][0]["filename"] == "video.webm"
+    assert await db.fetchval("SELECT count(*) FROM error_attachments") == 0
+
+
+async def _count(db, sql: str, n: int):
+    return (await db.fetchval(sql) or 0) >= n or None
