@@ -211,7 +211,8 @@ class Capture(Transport):
             if item.type == "event":
                 print(json.dumps(item.payload.json))
 
-env = {"NATS_URL": "nats://127.0.0.1:1", "DATABASE_URL": "postgresql://x@127.0.0.1/x",
+env = {"NATS_URL": "nats://reaper:pReaperPassword0123@127.0.0.1:1",
+       "DATABASE_URL": "postgresql://x@127.0.0.1/x",
        "SENTRY_DSN": "https://publickey@sentry.example/1", "BOXOFFICE_ENV": sys.argv[1]}
 cfg = config.load("reaper", env)
 if not sentry.init(cfg, transport=Capture()):

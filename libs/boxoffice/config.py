@@ -320,7 +320,6 @@ def refuse_development_settings(cfg: Config, env: Mapping[str, str]) -> None:
         raise ConfigError("STRIPE_API_BASE", "points at a Stripe emulator; unset it in production")
     if cfg.stripe_api_key and cfg.stripe_api_key.startswith(("sk_test_", "rk_test_")):
         raise ConfigError("STRIPE_API_KEY", "is a test key; production needs a live key")
-    if not (all(urlsplit(u).username for u in cfg.nats_url.split(","))
-            or env.get("NATS_CREDS_FILE", "").strip()):
-        raise ConfigError("NATS_URL", "connects anonymously; production needs a user and "
-                                      "password (or NATS_CREDS_FILE)")
+    if not all(urlsplit(u).username for u in cfg.nats_url.split(",")):
+        raise ConfigError("NATS_URL", "connects anonymously; production needs the service's "
+                                      "user and password in it")
