@@ -122,6 +122,22 @@ async def test_an_unmodified_sdk_s_items_are_kept_linked_and_listed(db, start_se
     assert (b'boxoffice_sentry_discarded_total{category="transaction",origin="client",'
             b'reason="ratelimit_backoff"}') in metrics
 
+    # the same from the CLI
+    env = dict(os.environ, INGRESS_URL=ingress.url, ADMIN_API_TOKEN=ADMIN_TOKEN)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "boxoffice.cli", "errors", *args],
+                              capture_output=True, text=True, env=env, timeout=30)
+    out = cli("feedback", "--limit", "1")
+    assert out.returncode == 0 and len(json.loads(out.stdout)["feedback"]) == 1, out.stderr
+    out = cli("dropped")
+    assert {"before_send", "ratelimit_backoff", "too_large"} <= {
+        d["reason"] for d in json.loads(out.stdout)["dropped"]}
+    out = cli("attachment", att["id"], "-o", str(tmp_path / "order.log"))
+    assert out.returncode == 0 and (tmp_path / "order.log").read_bytes().startswith(b"order-log line 1")
+    out = cli("attachment", str(uuid.uuid4()))
+    assert out.returncode == 1 and "attachment_not_found" in out.stderr
+
 
 async def test_each_category_has_its_own_budget(db, start_service) -> None:
     ingress = start_service("ingress", ERROR_RATE_LIMIT_PER_MINUTE="3")

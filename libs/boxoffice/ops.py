@@ -46,6 +46,20 @@ def fetch(method: str, path: str, body: Any = None, *, timeout: float = 30) -> t
     return False, None
 
 
+def download(path: str, *, timeout: float = 60) -> bytes | None:
+    """GET a file from ingress's admin API: its bytes, or None after printing why not."""
+    url, token = _settings()
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"), file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
+    return None
+
+
 def call(method: str, path: str, body: Any = None, *, timeout: float = 30) -> int:
     """``fetch`` and print the answer; the exit code of an operator command."""
     ok, result = fetch(method, path, body, timeout=timeout)

@@ -1,4 +1,5 @@
-"""``boxoffice errors``: error groups kept by the error-sink (list, show, resolve, ignore).
+"""``boxoffice errors``: error groups kept by the error-sink (list, show, resolve, ignore), the
+feedback users sent, the files sent with errors, and what was dropped on the way.
 
 They call ingress's admin API (see ``boxoffice.ops``)."""
 
@@ -7,12 +8,15 @@ from __future__ import annotations
 import argparse
 import urllib.parse
 
-from boxoffice.ops import call
+import sys
+
+from boxoffice.ops import call, download
 from boxoffice.wire.errors import LEVELS, STATUSES
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("errors", help="error groups: list, show, resolve, ignore")
+    p = sub.add_parser("errors", help="error groups: list, show, resolve, ignore; feedback, "
+                                      "attachment, dropped")
     s = p.add_subparsers(dest="verb", required=True)
     ls = s.add_parser("list", help="groups, most recently seen first")
     ls.add_argument("--status", choices=STATUSES)
@@ -32,6 +36,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         v.add_argument("group_id")
         v.set_defaults(func=lambda a, verb=verb: call(
             "POST", f"/v1/admin/errors/{urllib.parse.quote(a.group_id)}/{verb}"))
+
+    fb = s.add_parser("feedback", help="users' feedback, newest first")
+    fb.add_argument("--service")
+    fb.add_argument("--since", help="RFC 3339 time")
+    fb.add_argument("--limit", type=int, default=50)
+    fb.set_defaults(func=lambda a: call("GET", "/v1/admin/feedback" + _query(a, "service", "since", "limit")))
+    dr = s.add_parser("dropped", help="what SDKs and ingress dropped, by reason and category")
+    dr.add_argument("--service")
+    dr.add_argument("--since", help="RFC 3339 time (default: the last 24 hours)")
+    dr.set_defaults(func=lambda a: call("GET", "/v1/admin/errors/dropped" + _query(a, "service", "since")))
+    at = s.add_parser("attachment", help="download a file sent with an error")
+    at.add_argument("attachment_id")
+    at.add_argument("-o", "--output", help="file to write (default: standard output)")
+    at.set_defaults(func=_attachment)
+
+
+def _query(args: argparse.Namespace, *names: str) -> str:
+    query = {n: str(getattr(args, n)) for n in names if getattr(args, n) is not None}
+    return "?" + urllib.parse.urlencode(query) if query else ""
+
+
+def _attachment(args: argparse.Namespace) -> int:
+    data = download(f"/v1/admin/attachments/{urllib.parse.quote(args.attachment_id, safe='')}")
+    if data is None:
+        return 1
+    if args.output:
+        with open(args.output, "wb") as f:
+            f.write(data)
+    else:
+        sys.stdout.buffer.write(data)
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:
