@@ -194,3 +194,29 @@ async def test_an_attachment_larger_than_the_envelope_limit_costs_only_itself(db
 
 async def _count(db, sql: str, n: int):
     return (await db.fetchval(sql) or 0) >= n or None
+
+
+async def test_the_user_feedback_endpoint(db, start_service) -> None:
+    ingress = start_service("ingress", SENTRY_PROJECTS="4=box-office-app")
+    start_service("error_sink")
+    event = browser_event()
+    status, _, _ = await ahttp("POST", f"{ingress.url}/api/4/envelope/",
+                               envelope(({"type": "event"}, json.dumps(event).encode())), AUTH)
+    assert status == 200
+    url = f"{ingress.url}/api/0/projects/acme/box-office-app/user-feedback/"
+    dsn = {"Authorization": f"DSN http://{SENTRY_KEY}@127.0.0.1:{ingress.port}/4",
+           "Content-Type": "application/json"}
+    body = {"event_id": event["event_id"], "name": "Cy", "email": "cy@example.com",
+            "comments": "It crashed at checkout"}
+    status, _, raw = await ahttp("POST", url, json.dumps(body).encode(), dsn)
+    assert status == 200, raw
+    assert json.loads(raw)["comments"] == "It crashed at checkout"
+    bad = dict(dsn, Authorization=f"DSN http://wrongwrongwrong@127.0.0.1:{ingress.port}/4")
+    assert (await ahttp("POST", url, json.dumps(body).encode(), bad))[0] == 403
+    assert (await ahttp("POST", url, json.dumps({"comments": "no event"}).encode(), dsn))[0] == 422
+    row = await eventually(lambda: db.fetchrow("SELECT * FROM error_feedback"))
+    assert (row["source"], row["service"], row["name"]) == ("endpoint", "box-office-app", "Cy")
+    group_id = await eventually(lambda: db.fetchval(
+        "SELECT group_id FROM error_logs WHERE id = $1::uuid", str(uuid.UUID(event["event_id"]))))
+    _, raw = await _get(f"{ingress.url}/v1/admin/errors/{group_id}")
+    assert [f["message"] for f in json.loads(raw)["feedback"]] == ["It crashed at checkout"]

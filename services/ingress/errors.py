@@ -330,6 +330,38 @@ async def _security(request: web.Request) -> web.Response:
     return web.Response(status=201)
 
 
+async def _user_feedback(request: web.Request) -> web.Response:
+    """Sentry's user-feedback endpoint, authenticated by the DSN itself
+    (``Authorization: DSN <dsn>``), as the SDKs' crash-report widgets call it."""
+    scheme, _, dsn = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "dsn":
+        raise errors.Forbidden("Authorization: DSN <dsn> is required")
+    try:
+        parts = urlsplit(dsn.strip())
+        key, project_id = parts.username, parts.path.rstrip("/").rsplit("/", 1)[-1]
+    except ValueError:
+        key = project_id = None
+    key = _check_key(request.app[CONFIG], key)
+    if not project_id or not project_id.isdigit() or len(project_id) > 18:
+        raise errors.Forbidden("the DSN names no project")
+    body = await _read_body(request)
+    report = envelope.json_object(body, "the feedback")
+    _limit(request, f"sentry:{key}:feedback")
+    service = dict(request.app[CONFIG].sentry_projects).get(str(int(project_id))) or "sentry"
+    fb = sentry_items.feedback("user_report", report, service=service, project_id=str(int(project_id)))
+    if fb is None or fb.event_id is None:
+        raise errors.ValidationFailed("event_id and comments are required")
+    fb = msgspec.structs.replace(fb, source="endpoint")
+    await request.app[BUS].publish(si.subject(si.FEEDBACK), wire.encode(fb), fb.id)
+    return json_response({"id": fb.id, "event_id": fb.event_id.replace("-", ""), "name": fb.name,
+                          "email": fb.email, "comments": fb.message})
+
+
+@routes.post(r"/api/0/projects/{organization}/{project}/user-feedback/")
+async def post_user_feedback(request: web.Request) -> web.Response:
+    return await _answer(request, _user_feedback)
+
+
 async def _answer(request: web.Request, handler) -> web.Response:  # type: ignore[no-untyped-def]
     try:
         resp = await handler(request)
