@@ -17,6 +17,7 @@ from boxoffice.bus import REQUEST_ID_HEADER
 from boxoffice.wire import ErrorBody, admin, audit, payments, reaper, reservations, stripe, subjects
 from boxoffice.wire import admin_actions as actions
 from boxoffice.wire import errors as errw
+from boxoffice.wire import sentry_items as si
 from boxoffice.wire.schema import components
 
 REF = "#/components/schemas/{name}"
@@ -32,6 +33,12 @@ STREAM_CHANNELS: dict[str, list[tuple[str, type, str, str | None]]] = {
     "PAYMENTS": [("payments.events.{kind}", payments.PaymentEvent, "payment, webhook (outbox)",
                   None)],
     "ALERTS": [("alerts.{level}", errw.Alert, "error-sink", None)],
+    si.STREAM: [(si.subject(si.FEEDBACK), si.Feedback, "ingress (Sentry envelopes)",
+                 "error-sink (durable `error-sink`)"),
+                (si.subject(si.ATTACHMENT), si.Attachment, "ingress (Sentry envelopes)",
+                 "error-sink (durable `error-sink`)"),
+                (si.subject(si.DISCARDS), si.Discards, "ingress (Sentry envelopes)",
+                 "error-sink (durable `error-sink`)")],
     "AUDIT": [(actions.BEGUN, actions.Begun, "ingress, before an operator's action", "reaper"),
               (actions.FINISHED, actions.Finished, "ingress, after an operator's action",
                "reaper")],
@@ -65,6 +72,9 @@ REQUESTS: dict[str, tuple[type, type, str]] = {
     errw.GROUPS_GET: (errw.GetGroup, errw.GroupDetail, "error-sink"),
     errw.GROUPS_RESOLVE: (errw.SetGroupStatus, errw.ErrorGroup, "error-sink"),
     errw.GROUPS_IGNORE: (errw.SetGroupStatus, errw.ErrorGroup, "error-sink"),
+    si.FEEDBACK_LIST: (si.ListFeedback, si.FeedbackList, "error-sink"),
+    si.ATTACHMENT_GET: (si.GetAttachment, si.AttachmentData, "error-sink"),
+    si.DROPPED: (si.ListDropped, si.DroppedList, "error-sink"),
     stripe.EVENTS_LIST: (stripe.ListEventsRequest, stripe.LoggedEvents, "webhook"),
     stripe.EVENTS_REPLAY: (stripe.ReplayRequest, stripe.ReplayResult, "webhook"),
     stripe.RECONCILIATION: (stripe.ReconciliationRequest, stripe.Reconciliation, "webhook"),

@@ -21,6 +21,7 @@ from boxoffice import asyncapi
 from boxoffice.wire import admin, audit, payments, reaper, reservations, stripe
 from boxoffice.wire import admin_actions as actions
 from boxoffice.wire import errors as errw
+from boxoffice.wire import sentry_items as si
 from boxoffice.wire.schema import components, field_schemas
 
 REF = "#/components/schemas/{name}"
@@ -73,6 +74,7 @@ class Op:
     ok: tuple[int, Any] = (200, None)
     headers: tuple[tuple[str, dict[str, Any], bool], ...] = ()  # (name, schema, required)
     path_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    from_path: tuple[str, ...] = ()  # fields of ``query`` that the path gives
     tag: str = "operators"
 
 
@@ -144,6 +146,13 @@ OPS: tuple[Op, ...] = (
        query=stripe.ReconciliationRequest, ok=(200, stripe.Reconciliation)),
     Op("GET", "/v1/admin/errors", "Error groups", "admin", query=errw.ListGroups,
        ok=(200, errw.GroupList)),
+    Op("GET", "/v1/admin/errors/dropped", "What Sentry SDKs and ingress dropped, by reason",
+       "admin", query=si.ListDropped, ok=(200, si.DroppedList)),
+    Op("GET", "/v1/admin/feedback", "Users' feedback sent through Sentry SDKs", "admin",
+       query=si.ListFeedback, ok=(200, si.FeedbackList)),
+    Op("GET", "/v1/admin/attachments/{attachment_id}", "An attachment, as a download", "admin",
+       query=si.GetAttachment, from_path=("id",), ok=(200, "application/octet-stream"),
+       path_params={"attachment_id": UUID}),
     Op("GET", "/v1/admin/errors/{group_id}", "An error group and its recent reports", "admin",
        query=errw.GetGroup, ok=(200, errw.GroupDetail), path_params={"group_id": UUID}),
     Op("POST", "/v1/admin/errors/{group_id}/{action}", "Resolve or ignore an error group",
@@ -178,6 +187,8 @@ def _media(kind: Any, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         return {"application/json": {"schema": {"type": "object"}}}
     if kind == "html":
         return {"text/html": {"schema": {"type": "string"}}}
+    if kind == "application/octet-stream":
+        return {kind: {"schema": {"type": "string", "format": "binary"}}}
     if isinstance(kind, str):  # a raw body: Sentry's envelope (text), a browser's CSP report
         return {kind: {"schema": {"type": "object" if kind.endswith("csp-report") else "string"}}}
     return {"application/json": {"schema": refs[kind]}}
@@ -189,7 +200,7 @@ def _operation(op: Op, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         for name, schema in op.path_params.items()]
     if op.query is not None:
         for name, schema in field_schemas(op.query, REF).items():
-            if name not in op.path_params:
+            if name not in op.path_params and name not in op.from_path:
                 params.append({"name": name, "in": "query", "required": False, "schema": schema})
     params += [{"name": name, "in": "header", "required": required, "schema": schema}
                for name, schema, required in op.headers]

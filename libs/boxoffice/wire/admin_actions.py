@@ -16,6 +16,7 @@ from typing import Annotated
 import msgspec
 
 from boxoffice.wire import Event, Message
+from boxoffice.wire.reservations import TEXT
 
 BEGUN = "audit.actions.begun"
 FINISHED = "audit.actions.finished"
@@ -41,7 +42,8 @@ class Finished(Event):
 
 class ListRequest(Message):
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
-    actor: Annotated[str, msgspec.Meta(max_length=80)] | None = None
+    # no control characters: PostgreSQL's text cannot hold NUL (a 500 found by Schemathesis)
+    actor: Annotated[str, msgspec.Meta(max_length=80, pattern=TEXT)] | None = None
 
 
 class Action(msgspec.Struct):
