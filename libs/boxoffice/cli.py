@@ -99,7 +99,14 @@ def cmd_configure_localstripe(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from boxoffice import __version__
     parser = argparse.ArgumentParser(prog="boxoffice", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"boxoffice {__version__}")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print answers as JSON (the default "
+                     "when the output is no terminal); also after the command")
+    out.add_argument("--table", action="store_true", help="print answers as tables (the default "
+                     "on a terminal); also after the command")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one service: " + ", ".join(SERVICES))
     p.add_argument("service")
@@ -119,7 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_configure_localstripe)
     from boxoffice import ops
     ops.add_commands(sub)
-    args = parser.parse_args(argv)
+    # --json and --table are taken anywhere on the line; a command's own --json stays its own
+    args, extra = parser.parse_known_args(argv)
+    if set(extra) - {"--json", "--table"} or len(set(extra)) > 1:
+        parser.error(f"unrecognized or conflicting arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, extra[0].lstrip("-"), True)
+    if getattr(args, "json", False) and getattr(args, "table", False):
+        parser.error("conflicting arguments: --json and --table")
+    ops.OUTPUT["mode"] = ("json" if getattr(args, "json", False)
+                          else "table" if getattr(args, "table", False) else "auto")
     return args.func(args)
 
 

@@ -60,11 +60,26 @@ def download(path: str, *, timeout: float = 60) -> bytes | None:
     return None
 
 
+# How answers are printed: "json" (``--json``), "table" (``--table``), or by default tables on a
+# terminal and JSON when the output goes to a pipe or a file (a script reading it).
+OUTPUT = {"mode": "auto"}
+
+
+def show(result: Any) -> None:
+    """Print an answer: tables for people, or JSON for scripts."""
+    mode = OUTPUT["mode"]
+    if mode == "json" or (mode == "auto" and not sys.stdout.isatty()):
+        print(json.dumps(result, indent=2))
+    else:
+        from boxoffice import tables
+        tables.render(result)
+
+
 def call(method: str, path: str, body: Any = None, *, timeout: float = 30) -> int:
     """``fetch`` and print the answer; the exit code of an operator command."""
     ok, result = fetch(method, path, body, timeout=timeout)
     if ok:
-        print(json.dumps(result, indent=2))
+        show(result)
     return 0 if ok else 1
 
 

@@ -13,6 +13,7 @@ The embedded nats-server takes no anonymous connection: each service connects as
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -155,9 +156,47 @@ def _ready(url: str) -> bool:
         return False
 
 
+LOCK = "up.lock"
+
+
+def _claim(root: Path) -> int | None:
+    """Hold ``root``'s lock for the life of this process (the kernel lets it go however the
+    process ends); None when another ``boxoffice up`` holds it."""
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def running(root: Path) -> int | None:
+    """The pid of the ``boxoffice up`` running on ``root``, or None when none is."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
 def up() -> int:
     root = home()
     root.mkdir(parents=True, exist_ok=True)
+    if _claim(root) is None:  # a second nats-server on the live JetStream store, a second
+        pid = running(root)   # PostgreSQL on its data directory: refused before anything starts
+        print(f"boxoffice up: a stack is already running on {root} (pid {pid}); stop it first, "
+              "or set BOXOFFICE_HOME for another one", file=sys.stderr)
+        return 1
     (root / "logs").mkdir(exist_ok=True)
     stop = {"flag": False}
 
@@ -295,8 +334,8 @@ def _write_pids(stack: Stack) -> None:
 
 def status() -> int:
     path = home() / "services.json"
-    if not path.exists():
-        print("no stack: run `boxoffice up` first", file=sys.stderr)
+    if not path.exists() or running(home()) is None:
+        print(f"no stack is running on {home()}: start one with `boxoffice up`", file=sys.stderr)
         return 2
     services = json.loads(path.read_text())
     bad = []

@@ -1,0 +1,119 @@
+"""The CLI for people and scripts: tables (``--table``, the default on a terminal) or JSON
+(``--json``, the default into a pipe), ``--version``, ``boxoffice status`` with no stack, and
+``boxoffice up`` refusing a second instance on the same home."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from boxoffice import __version__
+from tests.harness import ADMIN_TOKEN
+
+
+def boxoffice(*args: str, home: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("INGRESS_URL", "ADMIN_API_TOKEN", "NATS_URL", "DATABASE_URL")}
+    if home is not None:
+        e["BOXOFFICE_HOME"] = str(home)
+    e.update(env, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "boxoffice.cli", *args], env=e,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_version() -> None:
+    out = boxoffice("--version")
+    assert (out.returncode, out.stdout.strip()) == (0, f"boxoffice {__version__}")
+
+
+def test_answers_as_tables_for_people_and_json_for_scripts(start_service, tmp_path: Path) -> None:
+    start_service("payment")
+    start_service("reaper")
+    start_service("error_sink")
+    ingress = start_service("ingress")
+    env = {"INGRESS_URL": ingress.url, "ADMIN_API_TOKEN": ADMIN_TOKEN}
+
+    out = boxoffice("events", "create", "--name", "Table Talk", "--capacity", "7", "--price",
+                    "1500", "--json", home=tmp_path, **env)
+    assert out.returncode == 0, out.stderr
+    created = json.loads(out.stdout)
+    assert created["capacity"] == 7
+
+    # a record: a table of its fields
+    out = boxoffice("--table", "events", "show", created["id"], home=tmp_path, **env)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in out.stdout.splitlines() if line.count("│") == 3}
+    assert rows["name"] == "Table Talk" and rows["available"] == "7", out.stdout
+    with __import__("pytest").raises(json.JSONDecodeError):
+        json.loads(out.stdout)
+    # a list of records: a row each, under its name
+    out = boxoffice("reaper", "runs", "--table", home=tmp_path, **env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.lstrip().startswith("runs") or "runs: none" in out.stdout, out.stdout
+    # into a pipe, without a flag: JSON, as scripts have always read it
+    out = boxoffice("events", "show", created["id"], home=tmp_path, **env)
+    assert json.loads(out.stdout) == json.loads(json.dumps(created))
+    # both at once is refused
+    out = boxoffice("--json", "events", "show", created["id"], "--table", home=tmp_path, **env)
+    assert out.returncode == 2 and "conflicting" in out.stderr
+
+
+def test_status_says_when_no_stack_is_running(tmp_path: Path) -> None:
+    out = boxoffice("status", home=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"no stack is running on {tmp_path}: start one with "
+                                  "`boxoffice up`")
+    # a stack that stopped leaves its services.json; no `boxoffice up` holds the home: none runs
+    (tmp_path / "services.json").write_text(json.dumps(
+        {"payment": {"pid": 1, "ready": "http://127.0.0.1:1/readyz"}}))
+    (tmp_path / "up.lock").write_text("12345")
+    out = boxoffice("status", home=tmp_path)
+    assert out.returncode == 2 and "no stack is running" in out.stderr
+
+
+def test_up_refuses_a_second_instance_on_the_same_home(tmp_path: Path) -> None:
+    """While a ``boxoffice up`` holds the home (its lock), another refuses at once in one line,
+    before it starts any server; ``status`` then asks the services."""
+    fd = os.open(tmp_path / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4242")
+        out = boxoffice("up", home=tmp_path)
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines() == [
+            f"boxoffice up: a stack is already running on {tmp_path} (pid 4242); stop it "
+            "first, or set BOXOFFICE_HOME for another one"]
+        assert not (tmp_path / "nats").exists() and not (tmp_path / "pgdata").exists()
+        (tmp_path / "services.json").write_text(json.dumps(
+            {"payment": {"pid": 1, "ready": "http://127.0.0.1:1/readyz"}}))
+        out = boxoffice("status", home=tmp_path)
+        assert out.returncode == 1 and "not ready: payment" in out.stderr
+    finally:
+        os.close(fd)
+    # the holder gone (however it ended), the home is free again
+    out = boxoffice("status", home=tmp_path)
+    assert out.returncode == 2
+
+
+def test_a_running_stack_refuses_a_second_up_and_status_follows_it(tmp_path: Path) -> None:
+    from boxoffice.embedded import free_port
+    from tests.test_stack import start_stack, stop_stack
+
+    home = tmp_path / "home"
+    proc, _ = start_stack(home, free_port())
+    try:
+        second = boxoffice("up", home=home)
+        assert second.returncode == 1
+        assert second.stderr.strip() == (
+            f"boxoffice up: a stack is already running on {home} (pid {proc.pid}); stop it "
+            "first, or set BOXOFFICE_HOME for another one")
+        assert boxoffice("status", home=home).returncode == 0  # the first is untouched
+    finally:
+        stop_stack(proc)
+    out = boxoffice("status", home=home)
+    assert out.returncode == 2 and "no stack is running" in out.stderr
