@@ -113,7 +113,59 @@ def test_a_running_stack_refuses_a_second_up_and_status_follows_it(tmp_path: Pat
             f"boxoffice up: a stack is already running on {home} (pid {proc.pid}); stop it "
             "first, or set BOXOFFICE_HOME for another one")
         assert boxoffice("status", home=home).returncode == 0  # the first is untouched
+        _walk_through_to_a_sale(home)
+        _logs_are_readable(home)
+        out = boxoffice("migrate", "--status", home=home)  # DATABASE_URL from stack.env
+        assert out.returncode == 0 and "Applied" in out.stdout and "Pending: 0" in out.stdout, (
+            out.stdout + out.stderr)
     finally:
         stop_stack(proc)
     out = boxoffice("status", home=home)
     assert out.returncode == 2 and "no stack is running" in out.stderr
+
+
+def _walk_through_to_a_sale(home: Path) -> None:
+    """The README's walk-through with the CLI's help: a hold, its PaymentIntent, paid with
+    ``boxoffice dev pay`` at localstripe, whose webhook sells the hold."""
+    import time
+    import urllib.request
+
+    from boxoffice.stack import read_env
+
+    env = read_env(home / "stack.env")
+
+    def api(method: str, path: str, body: dict, **headers: str) -> dict:
+        req = urllib.request.Request(env["INGRESS_URL"] + path, method=method,
+                                     data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": f"Bearer {env['CLIENT_API_TOKEN']}",
+                                              **headers})
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            return json.loads(resp.read())
+
+    hold = api("POST", "/v1/reservations", {"event_id": env["DEMO_EVENT_ID"], "quantity": 2})
+    pi = api("POST", "/v1/payment_intents", {"reservation_id": hold["id"]},
+             **{"Idempotency-Key": f"walk-{hold['id']}"})
+    out = boxoffice("dev", "pay", pi["id"], home=home)
+    assert (out.returncode, out.stdout.strip()) == (0, f"{pi['id']}: succeeded"), out.stderr
+    deadline = time.monotonic() + 30
+    while api("GET", f"/v1/reservations/{hold['id']}", {})["status"] != "completed":
+        assert time.monotonic() < deadline, "the hold was not sold"
+        time.sleep(0.2)
+    declined = api("POST", "/v1/payment_intents", {"reservation_id": api(
+        "POST", "/v1/reservations", {"event_id": env["DEMO_EVENT_ID"], "quantity": 1})["id"]},
+        **{"Idempotency-Key": f"walk-declined-{hold['id']}"})
+    out = boxoffice("dev", "pay", declined["id"], "--card", "4000000000000341", home=home)
+    assert out.returncode == 1
+
+
+def _logs_are_readable(home: Path) -> None:
+    out = boxoffice("logs", "-n", "30", home=home)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines and not any(line.startswith("{") for line in lines), out.stdout[:2000]
+    assert any(" ingress: " in line for line in lines) and any(" reaper: " in line
+                                                               for line in lines)
+    out = boxoffice("logs", "payment", "-n", "5", home=home)
+    assert out.returncode == 0 and out.stdout.strip()
+    assert all(" payment: " in line for line in out.stdout.splitlines() if line[:2] == "20")
+    assert boxoffice("logs", "nosuch", home=home).returncode == 2

@@ -111,9 +111,10 @@ async def test_consumer_lag_counts_what_waits_and_what_came_back(nats_url: str) 
 
         async def figures() -> tuple[float, float, float]:
             await observe.refresh(refreshers)
-            return tuple(g.labels("STRIPE_EVENTS", "webhook")._value.get() for g in (  # type: ignore[return-value]
-                observe.CONSUMER_PENDING, observe.CONSUMER_ACK_PENDING,
-                observe.CONSUMER_REDELIVERED))
+            gauges = (observe.CONSUMER_PENDING, observe.CONSUMER_ACK_PENDING,
+                      observe.CONSUMER_REDELIVERED)
+            a, b, c = (g.labels("STRIPE_EVENTS", "webhook")._value.get() for g in gauges)
+            return a, b, c
 
         assert await figures() == (5, 0, 0)
         sub = await bus.pull("STRIPE_EVENTS", "webhook")

@@ -121,9 +121,9 @@ def document() -> dict[str, Any]:
                                                      type_.__name__)},
                 **({"parameters": params} if params else {})}
             msg = [{"$ref": f"#/channels/{cid}/messages/{type_.__name__}"}]
-            operations[f"publish_{cid}"] = {"action": "send", "channel": {"$ref": f"#/channels/{cid}"},
-                                            "summary": f"published by {publisher}",
-                                            "messages": msg}
+            operations[f"publish_{cid}"] = {
+                "action": "send", "channel": {"$ref": f"#/channels/{cid}"},
+                "summary": f"published by {publisher}", "messages": msg}
             if consumer:
                 operations[f"consume_{cid}"] = {
                     "action": "receive", "channel": {"$ref": f"#/channels/{cid}"},

@@ -28,6 +28,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from boxoffice.config import ConfigError, _url
 
     url = os.environ.get("DATABASE_URL", "").strip()
+    if not url:  # like the other operator commands: the local stack's, from stack.env
+        from boxoffice import stack
+        kept = stack.home() / "stack.env"
+        url = stack.read_env(kept).get("DATABASE_URL", "") if kept.exists() else ""
     try:
         if not url:
             raise ConfigError("DATABASE_URL", "is required but not set")
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     c = d.add_parser("configure-localstripe", help="point localstripe's webhooks at ingress")
     c.add_argument("--url", required=True, help="ingress webhook URL")
     c.set_defaults(func=cmd_configure_localstripe)
+    from boxoffice import local_tools
+    local_tools.add_commands(sub, d)
     from boxoffice import ops
     ops.add_commands(sub)
     # --json and --table are taken anywhere on the line; a command's own --json stays its own

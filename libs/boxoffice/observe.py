@@ -47,7 +47,7 @@ TIMEOUT = 2.0
 
 
 def watch(service: str, *, bus: Any = None, pool: Any = None) -> list[Refresh]:
-    """Set the build info; return what to read at each scrape for ``service``'s relay and durables."""
+    """Set the build info; return what to read at each scrape: ``service``'s relay and durables."""
     BUILD_INFO.labels(service, __version__, platform.python_version()).set(1)
     access = bus_access.ACCESS.get(service)
     out: list[Refresh] = []
