@@ -72,6 +72,14 @@ TABLES: dict[str, dict[str, str]] = {
     "error_feedback": {"error_sink": "SELECT INSERT"},
     "error_attachments": {"error_sink": "SELECT INSERT"},
     "error_discards": {"error_sink": "SELECT INSERT"},
+    "monitors": {"error_sink": "SELECT INSERT UPDATE(project_id,schedule_type,schedule_value,"
+                               "schedule_unit,checkin_margin,max_runtime,timezone,status,"
+                               "last_checkin_at,last_checkin_status,last_duration,next_expected_at)",
+                 "reaper": "SELECT UPDATE(status,next_expected_at)"},
+    "monitor_checkins": {"error_sink": "SELECT INSERT UPDATE(status,updated_at,duration,environment)",
+                         "reaper": "SELECT UPDATE(timed_out_at)"},
+    "release_sessions": {"error_sink": "SELECT INSERT UPDATE(status,errors,updated_at,did)"},
+    "release_session_buckets": {"error_sink": "SELECT INSERT"},
     "reaper_runs": {"reaper": "SELECT INSERT"},
     "admin_actions": {"reaper": "SELECT INSERT UPDATE"},
     "audit_checks": {s: "SELECT UPDATE(checkpoint,started_at,finished_at,mode,examined,in_flight,"

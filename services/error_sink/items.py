@@ -3,6 +3,8 @@
 - ``error_feedback``: users' feedback, linked to its error by the event id (and through it to
   the error's group);
 - ``error_attachments``: files sent with an error (bytea; ingress bounds their size);
+- ``monitors``, ``monitor_checkins``: cron check-ins (``monitors``);
+- ``release_sessions``, ``release_session_buckets``: sessions, for release health (``releases``);
 - ``error_discards``: the SDKs' client reports and what ingress itself dropped, also counted in
   ``boxoffice_sentry_discarded_total{origin,reason,category}``.
 
@@ -28,6 +30,7 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import db, errors, wire
+from boxoffice.error_sink import monitors, releases
 from boxoffice.wire import sentry_items as si
 
 log = logging.getLogger("boxoffice.error_sink.items")
@@ -85,6 +88,11 @@ async def _store_one(conn: asyncpg.Connection, msg: Msg) -> list[tuple[str, str,
                                 [x.reason for x in d.discarded], [x.category for x in d.discarded],
                                 [x.quantity for x in d.discarded])
         return [(d.origin, r["reason"], r["category"], r["quantity"]) for r in rows]
+    elif kind == si.CHECK_IN:
+        await monitors.store(conn, wire.decode(msg.data, si.CheckIn))
+    elif kind == si.SESSIONS:
+        ss = wire.decode(msg.data, si.Sessions)
+        await releases.store(conn, ss.id, ss)
     else:
         raise msgspec.ValidationError(f"unknown item kind {kind}")
     return []
@@ -195,3 +203,5 @@ async def register(bus: busmod.Bus, pool: asyncpg.Pool) -> None:
     await bus.serve(si.FEEDBACK_LIST, si.ListFeedback, guarded(list_feedback), queue=queue)
     await bus.serve(si.ATTACHMENT_GET, si.GetAttachment, guarded(get_attachment), queue=queue)
     await bus.serve(si.DROPPED, si.ListDropped, guarded(dropped), queue=queue)
+    await bus.serve(si.MONITORS, si.ListMonitors, guarded(monitors.listing), queue=queue)
+    await bus.serve(si.RELEASES, si.ListReleases, guarded(releases.listing), queue=queue)

@@ -14,7 +14,8 @@
 - Both are rate limited per key (per client token, per public key) to
   ``ERROR_RATE_LIMIT_PER_MINUTE`` reports, answered with 429, ``Retry-After`` and Sentry's
   ``X-Sentry-Rate-Limits``. The limit is per ingress replica.
-- ``/v1/admin/errors...`` (admin token): groups, a group with its recent events, resolve, ignore.
+- ``/v1/admin/errors...`` (admin token): groups, a group with its recent events (and its feedback
+  and attachments), resolve, ignore; what was dropped; feedback, attachments, monitors, releases.
 """
 
 from __future__ import annotations
@@ -261,6 +262,19 @@ async def _envelope(request: web.Request) -> web.Response:
         fb = sentry_items.feedback(kind, body, service=service or item_service, project_id=project_id)
         if fb is not None:
             published.append((si.subject(si.FEEDBACK), fb, fb.id))
+    for body in [] if "monitor" in limited else sorted_.check_ins:
+        if (ci := sentry_items.check_in(body, service=service or item_service,
+                                        project_id=project_id)) is not None:
+            # an in_progress check-in and its end share the check-in's id: not the message's
+            published.append((si.subject(si.CHECK_IN), ci, f"{ci.id}:{ci.status}"))
+        else:
+            sorted_.drop("invalid", "monitor")
+    counts = [c for kind, body in ([] if "session" in limited else sorted_.sessions)
+              for c in sentry_items.sessions(kind, body)]
+    if counts:
+        ss = si.Sessions(id=str(uuid.uuid4()), service=service or item_service,
+                         project_id=project_id, sessions=counts)
+        published.append((si.subject(si.SESSIONS), ss, ss.id))
     for report in sorted_.client_reports:
         if found := sentry_items.client_discards(report):
             d = si.Discards(id=str(uuid.uuid4()), service=item_service, project_id=project_id,
@@ -417,6 +431,20 @@ async def list_dropped(request: web.Request) -> web.Response:
     require_admin(request)
     q = _query(request, si.ListDropped)
     return json_response(await request.app[BUS].request(si.DROPPED, q, si.DroppedList))
+
+
+@routes.get("/v1/admin/monitors")
+async def list_monitors(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = _query(request, si.ListMonitors)
+    return json_response(await request.app[BUS].request(si.MONITORS, q, si.MonitorList))
+
+
+@routes.get("/v1/admin/releases")
+async def list_releases(request: web.Request) -> web.Response:
+    require_admin(request)
+    q = _query(request, si.ListReleases)
+    return json_response(await request.app[BUS].request(si.RELEASES, q, si.ReleaseList))
 
 
 @routes.get("/v1/admin/feedback")

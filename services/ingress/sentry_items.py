@@ -1,8 +1,8 @@
 """Every item type of a Sentry envelope, handled on purpose.
 
 Kept: events (``errors.<service>.<level>``), user feedback (the ``feedback`` item, the older
-``user_report``), attachments and client reports (``sentry.items.<kind>``, kept by the
-error-sink). Refused the way Sentry's protocol provides: every answer carries
+``user_report``), attachments, client reports, cron check-ins and sessions
+(``sentry.items.<kind>``, kept by the error-sink). Refused the way Sentry's protocol provides: every answer carries
 ``X-Sentry-Rate-Limits`` naming the categories boxoffice does not keep (``REFUSED``), so an SDK
 stops sending them for ``REFUSED_SECONDS``; what arrives before it learns is counted as
 dropped (origin ``server``, reason ``disabled``), as is an item type nobody knows
@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from boxoffice import scrub
+from boxoffice import schedule, scrub
 from boxoffice.ingress import envelope
 from boxoffice.wire import sentry_items as si
 
@@ -33,9 +33,9 @@ CATEGORY = {"event": "error", "attachment": "attachment", "user_report": "feedba
             "profile_chunk": "profile_chunk", "replay_event": "replay",
             "replay_recording": "replay", "replay_video": "replay", "trace_metric": "trace_metric",
             "statsd": "metric_bucket", "metric_buckets": "metric_bucket"}
-KEPT = ("error", "attachment", "feedback")
-REFUSED = ("transaction", "span", "session", "monitor", "log_item", "profile", "profile_chunk",
-           "replay", "trace_metric", "metric_bucket")
+KEPT = ("error", "attachment", "feedback", "session", "monitor")
+REFUSED = ("transaction", "span", "log_item", "profile", "profile_chunk", "replay", "trace_metric",
+           "metric_bucket")
 REFUSED_SECONDS = 3600
 REFUSED_HEADER = f"{REFUSED_SECONDS}:{';'.join(REFUSED)}:organization:disabled"
 
@@ -71,6 +71,8 @@ class Sorted:
     feedback: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
     attachments: list[envelope.Item] = dataclasses.field(default_factory=list)
     client_reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    check_ins: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    sessions: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
     discarded: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
     def drop(self, reason: str, category: str, n: int = 1) -> None:
@@ -78,7 +80,8 @@ class Sorted:
 
     def count(self, category: str) -> int:
         return {"error": len(self.events), "feedback": len(self.feedback),
-                "attachment": len(self.attachments)}[category]
+                "attachment": len(self.attachments), "monitor": len(self.check_ins),
+                "session": len(self.sessions)}[category]
 
 
 def sort(items: list[envelope.Item], dropped: list[envelope.Dropped]) -> Sorted:
@@ -95,6 +98,10 @@ def sort(items: list[envelope.Item], dropped: list[envelope.Dropped]) -> Sorted:
             out.attachments.append(item)
         elif item.kind == "client_report":
             out.client_reports.append(envelope.json_object(item.payload, "a client report"))
+        elif item.kind == "check_in":
+            out.check_ins.append(envelope.json_object(item.payload, "a check-in"))
+        elif category == "session":
+            out.sessions.append((item.kind, envelope.json_object(item.payload, "a session")))
         elif category in REFUSED:
             out.drop("disabled", category)
         else:
@@ -168,4 +175,68 @@ def client_discards(report: dict[str, Any]) -> list[si.Discarded]:
             out.append(si.Discarded(reason=str(reason or "unknown")[:64],
                                     category=str(e.get("category") or "default")[:64],
                                     quantity=min(q, 1 << 40)))
+    return out
+
+
+def check_in(body: dict[str, Any], *, service: str, project_id: str) -> si.CheckIn | None:
+    """A ``check_in`` item; None when it names no monitor or no known status."""
+    slug, status = body.get("monitor_slug"), body.get("status")
+    if not isinstance(slug, str) or not slug.strip() or status not in ("in_progress", "ok", "error"):
+        return None
+    duration = body.get("duration")
+    config = None
+    mc = body.get("monitor_config")
+    if isinstance(mc, dict) and isinstance(mc.get("schedule"), dict):
+        sch = mc["schedule"]
+        kind, value, unit = sch.get("type"), sch.get("value"), sch.get("unit")
+        try:
+            schedule.next_run(kind, value, unit, datetime.now(timezone.utc), mc.get("timezone"))
+        except (schedule.InvalidSchedule, TypeError):
+            kind = None  # a schedule we cannot follow is not taken
+        if kind in ("crontab", "interval"):
+            def minutes(key: str) -> int | None:
+                v = mc.get(key)
+                return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6 else None
+            config = si.MonitorConfig(
+                schedule_type=kind, schedule_value=str(value)[:128],
+                schedule_unit=unit if isinstance(unit, str) else None,
+                checkin_margin=minutes("checkin_margin"), max_runtime=minutes("max_runtime"),
+                timezone=mc.get("timezone") if isinstance(mc.get("timezone"), str) else None)
+    return si.CheckIn(
+        id=_uuid(body.get("check_in_id")) or str(uuid.uuid4()), service=service,
+        project_id=project_id, monitor_slug=slug.strip()[:128], status=status,
+        received_at=datetime.now(timezone.utc),
+        duration=float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None,
+        environment=_opt(body.get("environment"), 64), config=config)
+
+
+def _when(value: Any) -> datetime:
+    return envelope._when(value)
+
+
+def sessions(kind: str, body: dict[str, Any]) -> list[si.SessionCount]:
+    """A ``session`` update or a ``sessions`` aggregate as counts; [] without a release."""
+    attrs = body.get("attrs") if isinstance(body.get("attrs"), dict) else {}
+    release = attrs.get("release")
+    if not isinstance(release, str) or not release:
+        return []
+    env = attrs.get("environment") if isinstance(attrs.get("environment"), str) else "production"
+    release, env = release[:128], env[:64]
+    if kind == "session":
+        sid = body.get("sid")
+        if not isinstance(sid, str) or not sid:
+            return []
+        errors_ = body.get("errors")
+        return [si.SessionCount(release=release, environment=env, started=_when(body.get("started")),
+                                sid=sid[:64], did=_opt(str(body["did"]), 128) if body.get("did") else None,
+                                status=str(body.get("status") or "ok")[:16],
+                                errors=errors_ if isinstance(errors_, int) and errors_ >= 0 else 0)]
+    out = []
+    for agg in (body.get("aggregates") or [])[:1000] if isinstance(body.get("aggregates"), list) else []:
+        if not isinstance(agg, dict):
+            continue
+        counts = {k: agg.get(k) if isinstance(agg.get(k), int) and agg.get(k) >= 0 else 0
+                  for k in ("exited", "errored", "abnormal", "crashed")}
+        out.append(si.SessionCount(release=release, environment=env, started=_when(agg.get("started")),
+                                   **counts))
     return out

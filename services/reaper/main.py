@@ -2,7 +2,7 @@
 
 Resources in start order (torn down in reverse): the pool, the bus, the outbox relay that
 publishes expiry events, the expiry timer and its listener, retention, the operators' action
-log (kept from the AUDIT stream), the admin handlers, the self-audit.
+log (kept from the AUDIT stream), the cron monitors' watch, the admin handlers, the self-audit.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import bus_access, db, outbox, runtime
-from boxoffice.reaper import admin_actions, audit, expiry, handlers, retention
+from boxoffice.reaper import admin_actions, audit, expiry, handlers, monitors, retention
 
 
 async def build(svc: runtime.Service) -> None:
@@ -31,6 +31,7 @@ async def build(svc: runtime.Service) -> None:
     await svc.stack.enter_async_context(
         retention.run(pool, ages, cfg.reaper_retention_interval_seconds))
     await svc.stack.enter_async_context(admin_actions.keeping(bus, pool))
+    await svc.stack.enter_async_context(monitors.watching(pool, bus))
     await handlers.register(bus, pool, cfg.reaper_batch_size)
     await svc.stack.enter_async_context(audit.running(cfg, bus))
     svc.stack.push_async_callback(bus.stop_serving)  # first: stop taking requests, finish in-flight

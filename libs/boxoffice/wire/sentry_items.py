@@ -15,6 +15,7 @@ STREAM = "SENTRY_ITEMS"
 SUBJECTS = "sentry.items.>"
 CONSUMER = (STREAM, "error-sink")
 FEEDBACK, ATTACHMENT, DISCARDS = "feedback", "attachment", "discards"
+CHECK_IN, SESSIONS = "check_in", "sessions"
 
 
 def subject(kind: str) -> str:
@@ -64,6 +65,52 @@ class Discards(msgspec.Struct):
     project_id: str
     origin: Literal["client", "server"]
     discarded: list[Discarded]
+
+
+class MonitorConfig(msgspec.Struct, omit_defaults=True):
+    schedule_type: Literal["crontab", "interval"]
+    schedule_value: str  # the crontab, or the interval's count
+    schedule_unit: str | None = None
+    checkin_margin: int | None = None  # minutes
+    max_runtime: int | None = None  # minutes
+    timezone: str | None = None
+
+
+class CheckIn(msgspec.Struct, omit_defaults=True):
+    """A cron job's check-in; ``config`` creates or updates its monitor."""
+
+    id: str  # the check-in's id: an in_progress one and its end share it
+    service: str
+    project_id: str
+    monitor_slug: str
+    status: Literal["in_progress", "ok", "error"]
+    received_at: datetime
+    duration: float | None = None  # seconds
+    environment: str | None = None
+    config: MonitorConfig | None = None
+
+
+class SessionCount(msgspec.Struct, omit_defaults=True):
+    """One session (``sid``) in its latest state, or an aggregate bucket (``sid`` None)."""
+
+    release: str
+    environment: str
+    started: datetime
+    sid: str | None = None
+    did: str | None = None
+    status: str = "ok"
+    errors: int = 0
+    exited: int = 0
+    errored: int = 0
+    abnormal: int = 0
+    crashed: int = 0
+
+
+class Sessions(msgspec.Struct):
+    id: str
+    service: str
+    project_id: str
+    sessions: list[SessionCount]
 
 
 # -- operator queries, served by the error-sink ------------------------------------------------
@@ -135,3 +182,55 @@ class DroppedCount(msgspec.Struct):
 class DroppedList(msgspec.Struct):
     since: datetime
     dropped: list[DroppedCount]
+
+
+MONITORS = "admin.errors.monitors"
+RELEASES = "admin.errors.releases"
+
+
+class ListMonitors(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                         pattern=r"^[A-Za-z0-9_-]+\Z")] | None = None
+
+
+class Monitor(msgspec.Struct):
+    service: str
+    slug: str
+    schedule_type: str
+    schedule_value: str
+    schedule_unit: str | None
+    checkin_margin: int
+    max_runtime: int
+    timezone: str | None
+    status: str  # new, ok, error, in_progress, missed, timeout
+    last_checkin_at: datetime | None
+    last_checkin_status: str | None
+    next_expected_at: datetime | None
+    last_duration: float | None = None
+
+
+class MonitorList(msgspec.Struct):
+    monitors: list[Monitor]
+
+
+class ListReleases(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                         pattern=r"^[A-Za-z0-9_-]+\Z")] | None = None
+    since: datetime | None = None  # default: the last 30 days
+
+
+class Release(msgspec.Struct):
+    service: str
+    release: str
+    environment: str
+    sessions: int
+    crashed: int
+    errored: int
+    abnormal: int
+    crash_free_rate: float | None
+    users: int
+    crash_free_users_rate: float | None
+
+
+class ReleaseList(msgspec.Struct):
+    releases: list[Release]
