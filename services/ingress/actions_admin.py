@@ -10,6 +10,7 @@ from boxoffice import errors
 from boxoffice.ingress.http import json_response, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import admin_actions as wire
+from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
 
@@ -23,5 +24,5 @@ async def list_actions(request: web.Request) -> web.Response:
     try:
         req = msgspec.convert(query, wire.ListRequest, strict=False)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(f"bad query: {exc}") from None
+        raise errors.ValidationFailed(describe(exc)) from None
     return json_response(await request.app[BUS].request(wire.LIST, req, wire.Actions))

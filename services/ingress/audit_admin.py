@@ -19,6 +19,7 @@ from boxoffice import errors
 from boxoffice.ingress.http import json_response, read_json, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import audit
+from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
 
@@ -34,7 +35,7 @@ async def invariants(request: web.Request) -> web.Response:
     try:
         req = msgspec.convert(query, audit.InvariantsRequest, strict=False)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(str(exc)) from None
+        raise errors.ValidationFailed(describe(exc)) from None
     return json_response(await request.app[BUS].request(audit.INVARIANTS, req, audit.Invariants))
 
 

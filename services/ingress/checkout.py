@@ -24,6 +24,7 @@ from boxoffice.ingress.state import BUS
 from boxoffice.wire import payments as pw
 from boxoffice.wire import reservations as rw
 from boxoffice.wire import subjects
+from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
 
@@ -151,6 +152,6 @@ async def list_payments(request: web.Request) -> web.Response:
     try:
         req = msgspec.convert(query, pw.ListPayments, strict=False)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(f"query: {exc}") from None
+        raise errors.ValidationFailed(describe(exc)) from None
     return json_response(await request.app[BUS].request(pw.ADMIN_PAYMENTS_LIST, req,
                                                         pw.PaymentLog))

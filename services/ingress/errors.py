@@ -45,6 +45,7 @@ from boxoffice.ingress.state import BUS
 from boxoffice.wire import errors as w
 from boxoffice.wire import sentry_items as si
 from boxoffice.wire.subjects import error_report
+from boxoffice.wire.words import describe
 
 
 class RateLimiter:
@@ -416,7 +417,7 @@ def _query(request: web.Request, type_: type[msgspec.Struct], **extra: object) -
     try:
         return msgspec.convert(params, type_, strict=False)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(str(exc)) from None
+        raise errors.ValidationFailed(describe(exc)) from None
 
 
 @routes.get("/v1/admin/errors")

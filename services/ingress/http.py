@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from boxoffice import errors, logs
 from boxoffice.config import Config
+from boxoffice.wire.words import describe
 
 log = logging.getLogger("boxoffice.ingress")
 T = TypeVar("T")
@@ -183,7 +184,7 @@ async def read_json(request: web.Request, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_, strict=True)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(str(exc)) from None
+        raise errors.ValidationFailed(describe(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError):
         raise errors.InvalidJSON("the body is not valid JSON (UTF-8)") from None
     except RecursionError:

@@ -9,6 +9,7 @@ from boxoffice import errors
 from boxoffice.ingress.http import json_response, operate, read_json, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import reaper
+from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
 
@@ -43,5 +44,5 @@ async def runs(request: web.Request) -> web.Response:
     try:
         req = msgspec.convert(query, reaper.RunsRequest, strict=False)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(str(exc)) from None
+        raise errors.ValidationFailed(describe(exc)) from None
     return json_response(await request.app[BUS].request(reaper.RUNS, req, reaper.ReaperRuns))

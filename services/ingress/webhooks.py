@@ -22,6 +22,7 @@ from boxoffice.ingress.http import CONFIG, json_response, operate, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import stripe as w
 from boxoffice.wire.subjects import stripe_event
+from boxoffice.wire.words import describe
 
 log = logging.getLogger("boxoffice.ingress.webhooks")
 
@@ -108,7 +109,7 @@ async def list_events(request: web.Request) -> web.Response:
     try:
         req = msgspec.convert(query, w.ListEventsRequest, strict=False)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(f"bad query: {exc}") from None
+        raise errors.ValidationFailed(describe(exc)) from None
     return json_response(await request.app[BUS].request(w.EVENTS_LIST, req, w.LoggedEvents))
 
 
@@ -134,5 +135,5 @@ async def reconciliation(request: web.Request) -> web.Response:
     try:
         req = msgspec.convert(query, w.ReconciliationRequest, strict=False)
     except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(f"bad query: {exc}") from None
+        raise errors.ValidationFailed(describe(exc)) from None
     return json_response(await request.app[BUS].request(w.RECONCILIATION, req, w.Reconciliation))
