@@ -104,9 +104,17 @@ def test_a_running_stack_refuses_a_second_up_and_status_follows_it(tmp_path: Pat
     from boxoffice.embedded import free_port
     from tests.test_stack import start_stack, stop_stack
 
+    import re
+    import time
+
     home = tmp_path / "home"
-    proc, _ = start_stack(home, free_port())
+    began = time.monotonic()
+    proc, lines = start_stack(home, free_port())
+    took = time.monotonic() - began
     try:
+        # the ready line's time counts from the start: the embedded servers' start included
+        said = float(re.search(r"ready in ([\d.]+)s", "".join(lines)).group(1))
+        assert took - 1.0 <= said <= took + 0.2, (said, took)
         second = boxoffice("up", home=home)
         assert second.returncode == 1
         assert second.stderr.strip() == (

@@ -190,6 +190,7 @@ def running(root: Path) -> int | None:
 
 
 def up() -> int:
+    started = time.monotonic()  # the ready line counts from here, servers' start included
     root = home()
     root.mkdir(parents=True, exist_ok=True)
     if _claim(root) is None:  # a second nats-server on the live JetStream store, a second
@@ -291,15 +292,14 @@ def up() -> int:
         }
         write_env(root / "stack.env", stack_env)
         _write_pids(stack)
-        return _supervise(stack, stop, ingress_url)
+        return _supervise(stack, stop, ingress_url, started)
     finally:
         stack.stop()
         say("stopped")
 
 
-def _supervise(stack: Stack, stop: dict, ingress_url: str) -> int:
+def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
     announced = False
-    t0 = time.monotonic()
     while not stop["flag"]:
         now = time.monotonic()
         for p in stack.procs:
