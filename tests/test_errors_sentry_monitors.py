@@ -112,6 +112,12 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
     got = {m["slug"]: m for m in (await _get(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
     assert got["nightly-export"]["status"] == "missed" and got["stuck-job"]["status"] == "timeout"
     assert datetime.fromisoformat(got["nightly-export"]["next_expected_at"]) > datetime.now(timezone.utc)
+    # the same from the CLI
+    env = dict(os.environ, INGRESS_URL=ingress.url, ADMIN_API_TOKEN=ADMIN_TOKEN)
+    for verb, key in (("monitors", "monitors"), ("releases", "releases")):
+        out = subprocess.run([sys.executable, "-m", "boxoffice.cli", "errors", verb, "--service", "shop-web"],
+                             capture_output=True, text=True, env=env, timeout=30)
+        assert out.returncode == 0 and json.loads(out.stdout)[key], out.stderr
     time.sleep(2)
     assert await db.fetchval("SELECT count(*) FROM error_logs WHERE error_type LIKE 'Monitor%'") == 2
 

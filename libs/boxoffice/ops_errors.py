@@ -16,7 +16,7 @@ from boxoffice.wire.errors import LEVELS, STATUSES
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("errors", help="error groups: list, show, resolve, ignore; feedback, "
-                                      "attachment, dropped")
+                                      "attachment, dropped, monitors, releases")
     s = p.add_subparsers(dest="verb", required=True)
     ls = s.add_parser("list", help="groups, most recently seen first")
     ls.add_argument("--status", choices=STATUSES)
@@ -46,6 +46,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dr.add_argument("--service")
     dr.add_argument("--since", help="RFC 3339 time (default: the last 24 hours)")
     dr.set_defaults(func=lambda a: call("GET", "/v1/admin/errors/dropped" + _query(a, "service", "since")))
+    mo = s.add_parser("monitors", help="cron monitors: schedule, status, last and next check-in")
+    mo.add_argument("--service")
+    mo.set_defaults(func=lambda a: call("GET", "/v1/admin/monitors" + _query(a, "service")))
+    rel = s.add_parser("releases", help="release health: sessions and crash-free rates")
+    rel.add_argument("--service")
+    rel.add_argument("--since", help="RFC 3339 time (default: the last 30 days)")
+    rel.set_defaults(func=lambda a: call("GET", "/v1/admin/releases" + _query(a, "service", "since")))
     at = s.add_parser("attachment", help="download a file sent with an error")
     at.add_argument("attachment_id")
     at.add_argument("-o", "--output", help="file to write (default: standard output)")
