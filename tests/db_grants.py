@@ -69,17 +69,23 @@ TABLES: dict[str, dict[str, str]] = {
                                    "last_alerted_at)"},
     "error_alerts": {"error_sink": "SELECT INSERT UPDATE(published_at,notified_at,attempts,"
                                    "publish_attempts,next_attempt,last_error)"},
-    "error_feedback": {"error_sink": "SELECT INSERT"},
-    "error_attachments": {"error_sink": "SELECT INSERT"},
-    "error_discards": {"error_sink": "SELECT INSERT"},
+    "error_feedback": {"error_sink": "SELECT INSERT",
+                       "reaper": "SELECT(id,received_at) DELETE UPDATE(received_at)"},
+    "error_attachments": {"error_sink": "SELECT INSERT",
+                          "reaper": "SELECT(id,received_at) DELETE UPDATE(received_at)"},
+    "error_discards": {"error_sink": "SELECT INSERT",
+                       "reaper": "SELECT(report_id,origin,reason,category,received_at) DELETE "
+                                 "UPDATE(received_at)"},
     "monitors": {"error_sink": "SELECT INSERT UPDATE(project_id,schedule_type,schedule_value,"
                                "schedule_unit,checkin_margin,max_runtime,timezone,status,"
                                "last_checkin_at,last_checkin_status,last_duration,next_expected_at)",
                  "reaper": "SELECT UPDATE(status,next_expected_at)"},
     "monitor_checkins": {"error_sink": "SELECT INSERT UPDATE(status,updated_at,duration,environment)",
-                         "reaper": "SELECT UPDATE(timed_out_at)"},
-    "release_sessions": {"error_sink": "SELECT INSERT UPDATE(status,errors,updated_at,did)"},
-    "release_session_buckets": {"error_sink": "SELECT INSERT"},
+                         "reaper": "SELECT DELETE UPDATE(timed_out_at)"},
+    "release_sessions": {"error_sink": "SELECT INSERT UPDATE(status,errors,updated_at,did)",
+                         "reaper": "SELECT(service,sid,updated_at) DELETE UPDATE(updated_at)"},
+    "release_session_buckets": {"error_sink": "SELECT INSERT",
+                                "reaper": "SELECT(message_id,idx,started) DELETE UPDATE(started)"},
     "reaper_runs": {"reaper": "SELECT INSERT"},
     "admin_actions": {"reaper": "SELECT INSERT UPDATE"},
     "audit_checks": {s: "SELECT UPDATE(checkpoint,started_at,finished_at,mode,examined,in_flight,"

@@ -220,3 +220,30 @@ async def test_the_user_feedback_endpoint(db, start_service) -> None:
         "SELECT group_id FROM error_logs WHERE id = $1::uuid", str(uuid.UUID(event["event_id"]))))
     _, raw = await _get(f"{ingress.url}/v1/admin/errors/{group_id}")
     assert [f["message"] for f in json.loads(raw)["feedback"]] == ["It crashed at checkout"]
+
+
+async def test_retention_purges_old_sentry_items(db, database_url) -> None:
+    from boxoffice.reaper import retention
+    from tests.test_reaper_retention import as_reaper
+    for age in ("91 days", "1 day"):
+        at = f"now() - interval '{age}'"
+        await db.execute(f"INSERT INTO error_attachments (id, received_at, service, project_id, filename, "
+                         f"content_type, attachment_type, size, data) VALUES (gen_random_uuid(), {at}, "
+                         f"'s', '1', 'f', 't', 'event.attachment', 1, 'x')")
+        await db.execute(f"INSERT INTO error_feedback (id, received_at, occurred_at, service, project_id, "
+                         f"source, message) VALUES (gen_random_uuid(), {at}, {at}, 's', '1', 'feedback', 'm')")
+        await db.execute(f"INSERT INTO error_discards (report_id, received_at, service, project_id, origin, "
+                         f"reason, category, quantity) VALUES (gen_random_uuid(), {at}, 's', '1', 'client', "
+                         f"'r', 'error', 1)")
+        await db.execute(f"INSERT INTO monitor_checkins (id, service, slug, status, started_at, updated_at) "
+                         f"VALUES (gen_random_uuid(), 's', 'm', 'ok', {at}, {at})")
+        await db.execute(f"INSERT INTO release_sessions (service, sid, release, environment, started, status, "
+                         f"updated_at) VALUES ('s', gen_random_uuid()::text, 'r', 'e', {at}, 'exited', {at})")
+        await db.execute(f"INSERT INTO release_session_buckets (message_id, idx, service, release, environment, "
+                         f"started, exited) VALUES (gen_random_uuid(), 0, 's', 'r', 'e', {at}, 3)")
+    async with as_reaper(database_url) as reaper:
+        run = await retention.purge(reaper, retention.Ages(24, 30, 90), batch=1)
+    assert run.error is None
+    assert {t: run.purged[t] for t in retention.SENTRY_TABLES} == {t: 1 for t in retention.SENTRY_TABLES}
+    for table in retention.SENTRY_TABLES:
+        assert await db.fetchval(f"SELECT count(*) FROM {table}") == 1, table

@@ -13,7 +13,8 @@
   stops redelivering an event after 3 days, far inside the default of 30.
 - Error reports (``error_logs``) that both occurred and were received more than
   ``ERROR_RETENTION_DAYS`` ago: a report sent late with an old client clock is still kept for
-  the full period after it arrived.
+  the full period after it arrived. The same age for what Sentry SDKs send besides errors:
+  attachments, feedback, dropped counts, cron check-ins (monitors stay), sessions.
 
 Each batch is one short transaction (rows claimed with SKIP LOCKED, so replicas share the work
 and a row being updated is left for the next run); a run that purged something or failed is
@@ -66,7 +67,20 @@ PURGES: dict[str, str] = {
             WHERE received_at < now() - make_interval(days => $1)
               AND "timestamp" < now() - make_interval(days => $1)
             ORDER BY received_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
+    # what Sentry SDKs send besides errors, after the same ERROR_RETENTION_DAYS (by key: the
+    # reaper may read a row's key and age, never its content)
+    **{table: f"""
+        DELETE FROM {table} WHERE ({key}) IN (
+            SELECT {key} FROM {table} WHERE {column} < now() - make_interval(days => $1)
+            ORDER BY {column} LIMIT $2 FOR UPDATE SKIP LOCKED)"""
+       for table, key, column in (
+           ("error_attachments", "id", "received_at"), ("error_feedback", "id", "received_at"),
+           ("error_discards", "report_id, origin, reason, category", "received_at"),
+           ("monitor_checkins", "id", "updated_at"), ("release_sessions", "service, sid", "updated_at"),
+           ("release_session_buckets", "message_id, idx", "started"))},
 }
+SENTRY_TABLES = ("error_attachments", "error_feedback", "error_discards", "monitor_checkins",
+                 "release_sessions", "release_session_buckets")
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,8 @@ class Ages:
         return {"payment_intents_log": self.idempotency_key_hours,
                 "reservation_keys": self.idempotency_key_hours,
                 "webhook_events_log": self.webhook_log_days,
-                "error_logs": self.error_days}[table]
+                "error_logs": self.error_days,
+                **{t: self.error_days for t in SENTRY_TABLES}}[table]
 
 
 async def purge_table(conn: asyncpg.Connection, table: str, age: int, batch: int = BATCH,
