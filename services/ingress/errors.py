@@ -14,8 +14,7 @@
 - Both are rate limited per key (per client token, per public key) to
   ``ERROR_RATE_LIMIT_PER_MINUTE`` reports, answered with 429, ``Retry-After`` and Sentry's
   ``X-Sentry-Rate-Limits``. The limit is per ingress replica.
-- ``/v1/admin/errors...`` (admin token): groups, a group with its recent events (and its feedback
-  and attachments), resolve, ignore; what was dropped; feedback, attachments, monitors, releases.
+- The operators' routes are in ``errors_admin``.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import math
 import time
 import uuid
 import zlib
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import msgspec
 from aiohttp import web
@@ -38,14 +37,13 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from boxoffice import errors, scrub, wire
 from boxoffice.config import Config
-from boxoffice.ingress import csp, envelope, sentry_items
+from boxoffice.ingress import csp, envelope, errors_admin, sentry_items
 from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
-                                    operate, read_json, require_admin)
+                                    read_json)
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import errors as w
 from boxoffice.wire import sentry_items as si
 from boxoffice.wire.subjects import error_report
-from boxoffice.wire.words import describe
 
 
 class RateLimiter:
@@ -89,12 +87,12 @@ def _client_payload_errors_are_warnings(record: logging.LogRecord) -> bool:
     return True
 
 
-def setup(app: web.Application) -> web.RouteTableDef:
+def setup(app: web.Application) -> list[web.AbstractRouteDef]:
     """Give ``app`` the rate limiter; returns the routes for ``app.add_routes``."""
     app[LIMITER] = RateLimiter(app[CONFIG].error_rate_limit_per_minute)
     app[QUOTA] = sentry_items.AttachmentQuota()
     logging.getLogger("aiohttp.server").addFilter(_client_payload_errors_are_warnings)
-    return routes
+    return [*routes, *errors_admin.routes]
 
 
 def _limit(request: web.Request, key: str, n: int = 1) -> None:
@@ -406,81 +404,3 @@ async def post_security(request: web.Request) -> web.Response:
 @routes.options(r"/api/{project_id:\d{1,18}}/{endpoint:envelope|store|security}/")
 async def envelope_preflight(_: web.Request) -> web.Response:
     return web.Response(status=204, headers=CORS)
-
-
-# -- operators -----------------------------------------------------------------------------------
-def _query(request: web.Request, type_: type[msgspec.Struct], **extra: object) -> msgspec.Struct:
-    params: dict[str, object] = dict(request.query)
-    if len(params) != len(request.query):
-        raise errors.ValidationFailed("each query parameter may be given once")
-    params.update(extra)
-    try:
-        return msgspec.convert(params, type_, strict=False)
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(describe(exc)) from None
-
-
-@routes.get("/v1/admin/errors")
-async def list_groups(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = _query(request, w.ListGroups)
-    return json_response(await request.app[BUS].request(w.GROUPS_LIST, q, w.GroupList))
-
-
-@routes.get("/v1/admin/errors/dropped")
-async def list_dropped(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = _query(request, si.ListDropped)
-    return json_response(await request.app[BUS].request(si.DROPPED, q, si.DroppedList))
-
-
-@routes.get("/v1/admin/monitors")
-async def list_monitors(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = _query(request, si.ListMonitors)
-    return json_response(await request.app[BUS].request(si.MONITORS, q, si.MonitorList))
-
-
-@routes.get("/v1/admin/releases")
-async def list_releases(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = _query(request, si.ListReleases)
-    return json_response(await request.app[BUS].request(si.RELEASES, q, si.ReleaseList))
-
-
-@routes.get("/v1/admin/feedback")
-async def list_feedback(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = _query(request, si.ListFeedback)
-    return json_response(await request.app[BUS].request(si.FEEDBACK_LIST, q, si.FeedbackList))
-
-
-@routes.get("/v1/admin/attachments/{attachment_id}")
-async def get_attachment(request: web.Request) -> web.Response:
-    """The file as it was sent; always as a download (its content type is the sender's word,
-    so it is never rendered on this origin), the declared one in ``X-Attachment-Content-Type``."""
-    require_admin(request)
-    q = _query(request, si.GetAttachment, id=request.match_info["attachment_id"])
-    found = await request.app[BUS].request(si.ATTACHMENT_GET, q, si.AttachmentData, timeout=15.0)
-    name = quote(found.info.filename, safe="")
-    return web.Response(body=found.data, content_type="application/octet-stream", headers={
-        "Content-Disposition": f"attachment; filename*=UTF-8''{name}",
-        "X-Content-Type-Options": "nosniff",
-        "X-Attachment-Content-Type": scrub.truncate(found.info.content_type, 128).encode(
-            "ascii", "replace").decode()})
-
-
-@routes.get("/v1/admin/errors/{group_id}")
-async def get_group(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = _query(request, w.GetGroup, group_id=request.match_info["group_id"])
-    return json_response(await request.app[BUS].request(w.GROUPS_GET, q, w.GroupDetail))
-
-
-@routes.post("/v1/admin/errors/{group_id}/{action:resolve|ignore}")
-@operate
-async def set_status(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = _query(request, w.SetGroupStatus, group_id=request.match_info["group_id"])
-    subject = w.GROUPS_RESOLVE if request.match_info["action"] == "resolve" else w.GROUPS_IGNORE
-    return json_response(await request.app[BUS].request(subject, q, w.ErrorGroup))
