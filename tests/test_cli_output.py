@@ -177,3 +177,22 @@ def _logs_are_readable(home: Path) -> None:
     assert out.returncode == 0 and out.stdout.strip()
     assert all(" payment: " in line for line in out.stdout.splitlines() if line[:2] == "20")
     assert boxoffice("logs", "nosuch", home=home).returncode == 2
+    # -f: lines written after it started are printed as they come
+    follow = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "logs", "payment", "-f",
+                               "-n", "0"], env={**os.environ, "BOXOFFICE_HOME": str(home)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        import time
+        time.sleep(1.0)  # it has opened the files at their end
+        with open(home / "logs" / "payment.log", "a") as log:
+            log.write(json.dumps({"ts": "2026-12-01T18:00:00.000+00:00", "level": "warning",
+                                  "service": "payment", "logger": "t", "msg": "followed",
+                                  "request_id": "rid-f"}) + "\n")
+        assert follow.stdout is not None
+        assert follow.stdout.readline().strip() == (
+            "2026-12-01T18:00:00.000+00:00 WARNING payment: followed  (request_id=rid-f)")
+    finally:
+        follow.terminate()
+        follow.wait(10)
+        assert follow.stdout is not None
+        follow.stdout.close()
