@@ -181,15 +181,21 @@ async def test_an_attachment_larger_than_the_envelope_limit_costs_only_itself(db
     start_service("error_sink")
     event = browser_event()
     big = b"A" * (25 << 20)  # over the 20 MiB kept per envelope: skipped while read
+    kept = bytes(range(256)) * (15 << 10)  # 3.75 MiB, under the 4 MiB limit: kept
     body = envelope(({"type": "event"}, json.dumps(event).encode()),
                     ({"type": "attachment", "length": len(big), "filename": "video.webm"}, big),
+                    ({"type": "attachment", "length": len(kept), "filename": "heap.bin"}, kept),
+                    ({"type": "attachment", "filename": "log.txt"}, b"L" * (5 << 20)),  # no length
                     header={"event_id": event["event_id"]})
     status, _, raw = await ahttp("POST", f"{ingress.url}/api/1/envelope/", body, AUTH)
     assert status == 200, raw
     row = await eventually(lambda: db.fetchrow(
         "SELECT * FROM error_logs WHERE id = $1::uuid", str(uuid.UUID(event["event_id"]))))
-    assert row["context"]["attachments_dropped"][0]["filename"] == "video.webm"
-    assert await db.fetchval("SELECT count(*) FROM error_attachments") == 0
+    assert [d["filename"] for d in row["context"]["attachments_dropped"]] == ["video.webm", "log.txt"]
+    stored = await eventually(lambda: db.fetchrow("SELECT * FROM error_attachments"))
+    assert (stored["filename"], bytes(stored["data"])) == ("heap.bin", kept)
+    assert str(stored["event_id"]) == str(uuid.UUID(event["event_id"]))
+    assert await db.fetchval("SELECT count(*) FROM error_attachments") == 1
 
 
 async def _count(db, sql: str, n: int):

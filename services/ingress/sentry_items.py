@@ -95,7 +95,14 @@ def sort(items: list[envelope.Item], dropped: list[envelope.Dropped]) -> Sorted:
         elif category == "feedback":
             out.feedback.append((item.kind, envelope.json_object(item.payload, "a feedback item")))
         elif item.kind == "attachment":
-            out.attachments.append(item)
+            if len(item.payload) > MAX_ATTACHMENT:  # one sent without a length
+                name = item.header.get("filename")
+                dropped.append(envelope.Dropped(kind="attachment", size=len(item.payload),
+                                                reason="too_large",
+                                                filename=name[:256] if isinstance(name, str) else None))
+                out.drop("too_large", "attachment")
+            else:
+                out.attachments.append(item)
         elif item.kind == "client_report":
             out.client_reports.append(envelope.json_object(item.payload, "a client report"))
         elif item.kind == "check_in":
