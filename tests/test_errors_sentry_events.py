@@ -169,3 +169,37 @@ async def test_csp_reports_are_stored_as_warnings(db, start_service) -> None:
 async def _csp_rows(db, n):
     rows = await db.fetch("SELECT * FROM error_logs WHERE error_type = 'CspViolation'")
     return rows if len(rows) >= n else None
+
+
+async def test_minified_frames_resolved_with_an_uploaded_source_map(db, start_service, tmp_path) -> None:
+    from tests.harness import ADMIN_TOKEN
+    ingress = start_service("ingress")
+    start_service("error_sink")
+    event = browser_event(release="shop@9.9.9")
+    frame = event["exception"]["values"][0]["stacktrace"]["frames"][-1]
+    frame.update(filename="https://cdn.shop.example/static/js/main.3f2a1b9c.js?v=9",
+                 abs_path="https://cdn.shop.example/static/js/main.3f2a1b9c.js?v=9",
+                 function="a", lineno=2, colno=5)
+    status, _, raw = await ahttp("POST", f"{ingress.url}/api/1/envelope/",
+                                 envelope(({"type": "event"}, json.dumps(event).encode())), AUTH)
+    assert status == 200, raw
+    row = await eventually(lambda: db.fetchrow(
+        "SELECT * FROM error_logs WHERE id = $1::uuid", str(uuid.UUID(event["event_id"]))))
+    # line 2 of the bundle, from its first column, is line 2 of src/cart.js in addToCart
+    source_map = {"version": 3, "file": "main.3f2a1b9c.js", "sources": ["src/cart.js"],
+                  "names": ["addToCart"], "mappings": "AAAAA;AACAA"}
+    (tmp_path / "main.js.map").write_text(json.dumps(source_map))
+    env = dict(os.environ, INGRESS_URL=ingress.url, ADMIN_API_TOKEN=ADMIN_TOKEN)
+    out = subprocess.run([sys.executable, "-m", "boxoffice.cli", "errors", "sourcemap", "shop@9.9.9",
+                          "~/static/js/main.3f2a1b9c.js", str(tmp_path / "main.js.map")],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    status, _, raw = await ahttp("GET", f"{ingress.url}/v1/admin/errors/{row['group_id']}", None, admin)
+    assert status == 200, raw
+    [shown] = json.loads(raw)["events"]
+    resolved = shown["context"]["exception"][-1]["frames"][-1]["resolved"]
+    assert resolved == {"filename": "src/cart.js", "lineno": 2, "colno": 1, "function": "addToCart"}
+    status, _, raw = await ahttp("POST", f"{ingress.url}/v1/admin/releases/shop@9.9.9/sourcemaps?name=x.js",
+                                 b"not a map", admin)
+    assert status == 422 and json.loads(raw)["code"] == "invalid_source_map"

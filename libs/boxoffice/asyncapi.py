@@ -79,6 +79,7 @@ REQUESTS: dict[str, tuple[type, type, str]] = {
     si.FEEDBACK_LIST: (si.ListFeedback, si.FeedbackList, "error-sink"),
     si.ATTACHMENT_GET: (si.GetAttachment, si.AttachmentData, "error-sink"),
     si.DROPPED: (si.ListDropped, si.DroppedList, "error-sink"),
+    si.SOURCE_MAP_UPLOAD: (si.SourceMapUpload, si.SourceMapInfo, "error-sink"),
     si.MONITORS: (si.ListMonitors, si.MonitorList, "error-sink"),
     si.RELEASES: (si.ListReleases, si.ReleaseList, "error-sink"),
     stripe.EVENTS_LIST: (stripe.ListEventsRequest, stripe.LoggedEvents, "webhook"),

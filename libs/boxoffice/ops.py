@@ -29,11 +29,15 @@ def _settings() -> tuple[str, str]:
     return url.rstrip("/"), token
 
 
-def fetch(method: str, path: str, body: Any = None, *, timeout: float = 30) -> tuple[bool, Any]:
+def fetch(method: str, path: str, body: Any = None, *, timeout: float = 30,
+          raw: bytes | None = None) -> tuple[bool, Any]:
     """Call ingress's admin API: ``(True, decoded answer)``, or ``(False, None)`` after printing
-    why it failed (the problem+json of an HTTP error, or ingress unreachable)."""
+    why it failed (the problem+json of an HTTP error, or ingress unreachable). ``raw`` is a body
+    sent as it is (a file)."""
     url, token = _settings()
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    if raw is not None:
+        data = raw
     req = urllib.request.Request(url + path, data=data, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
@@ -75,9 +79,10 @@ def show(result: Any) -> None:
         tables.render(result)
 
 
-def call(method: str, path: str, body: Any = None, *, timeout: float = 30) -> int:
+def call(method: str, path: str, body: Any = None, *, timeout: float = 30,
+         raw: bytes | None = None) -> int:
     """``fetch`` and print the answer; the exit code of an operator command."""
-    ok, result = fetch(method, path, body, timeout=timeout)
+    ok, result = fetch(method, path, body, timeout=timeout, raw=raw)
     if ok:
         show(result)
     return 0 if ok else 1

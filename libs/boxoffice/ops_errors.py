@@ -53,6 +53,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rel.add_argument("--service")
     rel.add_argument("--since", help="RFC 3339 time (default: the last 30 days)")
     rel.set_defaults(func=lambda a: call("GET", "/v1/admin/releases" + _query(a, "service", "since")))
+    sm = s.add_parser("sourcemap", help="upload a release's source map for one minified file")
+    sm.add_argument("release")
+    sm.add_argument("name", help="the minified file as frames name it: its URL, or ~/path")
+    sm.add_argument("map_file", help="the .map file")
+    sm.set_defaults(func=_source_map)
     at = s.add_parser("attachment", help="download a file sent with an error")
     at.add_argument("attachment_id")
     at.add_argument("-o", "--output", help="file to write (default: standard output)")
@@ -62,6 +67,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _query(args: argparse.Namespace, *names: str) -> str:
     query = {n: str(getattr(args, n)) for n in names if getattr(args, n) is not None}
     return "?" + urllib.parse.urlencode(query) if query else ""
+
+
+def _source_map(args: argparse.Namespace) -> int:
+    with open(args.map_file, "rb") as f:
+        data = f.read()
+    path = (f"/v1/admin/releases/{urllib.parse.quote(args.release, safe='')}/sourcemaps?"
+            + urllib.parse.urlencode({"name": args.name}))
+    return call("POST", path, raw=data)
 
 
 def _attachment(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import asyncpg
 
 from boxoffice import db, errors
 from boxoffice.bus import Bus
-from boxoffice.error_sink import items
+from boxoffice.error_sink import items, source_maps
 from boxoffice.wire import errors as w
 
 GROUP_COLUMNS = """id::text, title, service, level, status, fingerprint, first_seen, last_seen,
@@ -74,9 +74,10 @@ async def get_group(pool: asyncpg.Pool, q: w.GetGroup) -> w.GroupDetail:
         row = await conn.fetchrow(f"SELECT {GROUP_COLUMNS} FROM error_groups WHERE id = $1", gid)
         if row is None:
             raise GroupNotFound(f"no error group {q.group_id}")
-        events = await conn.fetch(EVENTS, gid, q.events) if q.events else []
+        events = [dict(e) for e in await conn.fetch(EVENTS, gid, q.events)] if q.events else []
+        await source_maps.resolve(conn, events)
         feedback, attachments = await items.group_extras(conn, gid)
-    return w.GroupDetail(group=_group(row), events=[w.StoredError(**dict(e)) for e in events],
+    return w.GroupDetail(group=_group(row), events=[w.StoredError(**e) for e in events],
                          feedback=feedback, attachments=attachments)
 
 

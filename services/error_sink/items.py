@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import db, errors, wire
-from boxoffice.error_sink import monitors, releases
+from boxoffice.error_sink import monitors, releases, source_maps
 from boxoffice.wire import sentry_items as si
 
 log = logging.getLogger("boxoffice.error_sink.items")
@@ -203,5 +203,7 @@ async def register(bus: busmod.Bus, pool: asyncpg.Pool) -> None:
     await bus.serve(si.FEEDBACK_LIST, si.ListFeedback, guarded(list_feedback), queue=queue)
     await bus.serve(si.ATTACHMENT_GET, si.GetAttachment, guarded(get_attachment), queue=queue)
     await bus.serve(si.DROPPED, si.ListDropped, guarded(dropped), queue=queue)
+    await bus.serve(si.SOURCE_MAP_UPLOAD, si.SourceMapUpload, guarded(source_maps.upload),
+                    queue=queue)
     await bus.serve(si.MONITORS, si.ListMonitors, guarded(monitors.listing), queue=queue)
     await bus.serve(si.RELEASES, si.ListReleases, guarded(releases.listing), queue=queue)

@@ -17,6 +17,7 @@ from boxoffice.wire import sentry_items as si
 from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
+MAX_SOURCE_MAP = 6 << 20
 
 
 def _query(request: web.Request, type_: type[msgspec.Struct], **extra: object) -> msgspec.Struct:
@@ -56,6 +57,27 @@ async def list_releases(request: web.Request) -> web.Response:
     require_admin(request)
     q = _query(request, si.ListReleases)
     return json_response(await request.app[BUS].request(si.RELEASES, q, si.ReleaseList))
+
+
+@routes.post("/v1/admin/releases/{release}/sourcemaps")
+@operate
+async def upload_source_map(request: web.Request) -> web.Response:
+    """A release's source map for one minified file (``?name=`` its URL or ``~/path``); the
+    body is the map (JSON), at most 6 MiB."""
+    require_admin(request)
+    name = request.query.get("name", "")
+    if len(request.query) != 1 or not name:
+        raise errors.ValidationFailed("name (the minified file's URL or ~/path) is required, once")
+    body = await request.content.read(MAX_SOURCE_MAP + 1)
+    if len(body) > MAX_SOURCE_MAP:
+        raise errors.PayloadTooLarge(f"a source map may not exceed {MAX_SOURCE_MAP} bytes")
+    try:
+        req = msgspec.convert({"release": request.match_info["release"], "name": name, "map": body},
+                              si.SourceMapUpload)
+    except msgspec.ValidationError as exc:
+        raise errors.ValidationFailed(describe(exc)) from None
+    return json_response(await request.app[BUS].request(si.SOURCE_MAP_UPLOAD, req, si.SourceMapInfo,
+                                                        timeout=15.0), status=201)
 
 
 @routes.get("/v1/admin/feedback")

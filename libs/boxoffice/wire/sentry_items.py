@@ -234,3 +234,19 @@ class Release(msgspec.Struct):
 
 class ReleaseList(msgspec.Struct):
     releases: list[Release]
+
+
+SOURCE_MAP_UPLOAD = "admin.errors.sourcemap"
+
+
+class SourceMapUpload(msgspec.Struct, forbid_unknown_fields=True):
+    release: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]  # URL or ~/path
+    map: bytes
+
+
+class SourceMapInfo(msgspec.Struct):
+    release: str
+    name: str
+    size: int
+    sources: list[str]
