@@ -75,7 +75,9 @@ async def _unsettled(cluster: Cluster, relay: WebhookRelay, stripe: StripeBuyer)
                    (SELECT count(*) FROM reservations
                     WHERE status = 'active' AND expires_at < clock_timestamp()) AS overdue,
                    (SELECT count(*) FROM webhook_events_log
-                    WHERE processing_status = 'received') AS received""")
+                    WHERE processing_status = 'received') AS received,
+                   (SELECT count(*) FROM stripe_actions
+                    WHERE status = 'pending') AS stripe_actions_pending""")
     finally:
         await conn.close()
     for what, n in row.items():
@@ -115,6 +117,8 @@ class Evidence:
     stripe_intents: list[dict[str, Any]]
     stripe_events: list[dict[str, Any]]
     expired_messages: Counter[str]
+    # payment intent -> its Stripe side effects ("refund done", "cancel moot: ...")
+    actions: dict[str, list[str]] = field(default_factory=dict)
 
 
 async def gather_evidence(cluster: Cluster, stripe: StripeBuyer, ledger: Ledger) -> Evidence:
@@ -140,6 +144,12 @@ async def gather_evidence(cluster: Cluster, stripe: StripeBuyer, ledger: Ledger)
             "SELECT event_id, processing_status FROM webhook_events_log")}
         stored = Counter(str(r["id"]) for r in await conn.fetch(
             "SELECT id FROM error_logs WHERE id = ANY($1::uuid[])", list(ledger.errors_acked)))
+        actions: dict[str, list[str]] = {}
+        for a in await conn.fetch("SELECT payment_intent_id, kind, status, attempts, detail, "
+                                  "last_error FROM stripe_actions ORDER BY id"):
+            actions.setdefault(a["payment_intent_id"], []).append(
+                f"{a['kind']} {a['status']} after {a['attempts']} attempts "
+                f"({a['detail'] or a['last_error'] or ''})")
         overdue = [f"{r['id']} ({r['late']:.1f}s past expires_at)" for r in await conn.fetch(
             "SELECT id, extract(epoch FROM clock_timestamp() - expires_at)::float8 AS late "
             "FROM reservations WHERE status = 'active' "
@@ -149,7 +159,7 @@ async def gather_evidence(cluster: Cluster, stripe: StripeBuyer, ledger: Ledger)
     expired = await expired_messages(cluster.nats.url)
     return Evidence(reservations, inventory, log, payments, webhook_log, stored, overdue,
                     await stripe.list_all("/v1/payment_intents"),
-                    await stripe.list_all("/v1/events"), expired)
+                    await stripe.list_all("/v1/events"), expired, actions)
 
 
 async def expired_messages(nats_url: str, timeout: float = 60.0) -> Counter[str]:
@@ -192,7 +202,8 @@ def _story(ev: Evidence, pi: dict[str, Any], rid: str | None) -> str:
               for e in ev.stripe_events if e["data"]["object"].get("id") == pi["id"]]
     return (f"reservation {rid} {r['status'] if r else 'missing'} "
             f"(payment_intent_id {r['payment_intent_id'] if r else None}); payment row "
-            f"{dict(pay) if pay else 'missing'}; events {events}")
+            f"{dict(pay) if pay else 'missing'}; events {events}; "
+            f"stripe actions {ev.actions.get(pi['id'], [])}")
 
 
 def no_event_oversold(ev: Evidence) -> Invariant:

@@ -53,7 +53,7 @@ CHANNEL = "boxoffice_stripe_actions"
 LEASE_SECONDS = 60.0       # longer than any one Stripe call (Refunds' timeout is 20 s)
 SWEEP_SECONDS = 2.0        # due retries and lapsed leases are found by this sweep
 BATCH = 16
-MAX_BACKOFF = 300.0
+MAX_BACKOFF = 60.0         # a refund owed is retried at least every minute
 REPORT_AFTER = 5           # attempts before a still-transient failure is reported as an error
 CANCELLABLE = ("requires_payment_method", "requires_capture", "requires_confirmation",
                "requires_action")
