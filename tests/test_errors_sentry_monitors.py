@@ -118,8 +118,24 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
         out = subprocess.run([sys.executable, "-m", "boxoffice.cli", "errors", verb, "--service", "shop-web"],
                              capture_output=True, text=True, env=env, timeout=30)
         assert out.returncode == 0 and json.loads(out.stdout)[key], out.stderr
+    # an operator's monitor: due from now, missed like any other
+    out = subprocess.run([sys.executable, "-m", "boxoffice.cli", "errors", "monitor", "shop-web",
+                          "hourly-report", "--every", "1", "--unit", "hour", "--margin", "0"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    status, _, raw = await ahttp("POST", f"{ingress.url}/v1/admin/monitors", json.dumps(
+        {"service": "shop-web", "slug": "bad", "schedule_type": "crontab", "schedule_value": "61 * * * *"}
+    ).encode(), ADMIN)
+    assert status == 422 and json.loads(raw)["code"] == "invalid_monitor"
+    got = {m["slug"]: m for m in (await _get(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
+    assert got["hourly-report"]["status"] == "new" and "bad" not in got
+    due = datetime.fromisoformat(got["hourly-report"]["next_expected_at"])
+    assert 3590 < (due - datetime.now(timezone.utc)).total_seconds() <= 3600
+    await db.execute("UPDATE monitors SET next_expected_at = now() WHERE slug = 'hourly-report'")
+    await eventually(lambda: db.fetchval("SELECT count(*) FROM error_logs WHERE error_type = 'MonitorMissed' "
+                                         "AND error_message LIKE 'Monitor hourly-report%'"), timeout=10)
     time.sleep(2)
-    assert await db.fetchval("SELECT count(*) FROM error_logs WHERE error_type LIKE 'Monitor%'") == 2
+    assert await db.fetchval("SELECT count(*) FROM error_logs WHERE error_type LIKE 'Monitor%'") == 3
 
 
 async def _alerts(db, group_ids):

@@ -81,6 +81,7 @@ REQUESTS: dict[str, tuple[type, type, str]] = {
     si.DROPPED: (si.ListDropped, si.DroppedList, "error-sink"),
     si.SOURCE_MAP_UPLOAD: (si.SourceMapUpload, si.SourceMapInfo, "error-sink"),
     si.MONITORS: (si.ListMonitors, si.MonitorList, "error-sink"),
+    si.MONITOR_SET: (si.SetMonitor, si.Monitor, "error-sink"),
     si.RELEASES: (si.ListReleases, si.ReleaseList, "error-sink"),
     stripe.EVENTS_LIST: (stripe.ListEventsRequest, stripe.LoggedEvents, "webhook"),
     stripe.EVENTS_REPLAY: (stripe.ReplayRequest, stripe.ReplayResult, "webhook"),

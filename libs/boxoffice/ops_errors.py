@@ -49,6 +49,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     mo = s.add_parser("monitors", help="cron monitors: schedule, status, last and next check-in")
     mo.add_argument("--service")
     mo.set_defaults(func=lambda a: call("GET", "/v1/admin/monitors" + _query(a, "service")))
+    ms = s.add_parser("monitor", help="create or change a cron monitor")
+    ms.add_argument("service")
+    ms.add_argument("slug")
+    when = ms.add_mutually_exclusive_group(required=True)
+    when.add_argument("--crontab", help="five fields, such as '0 3 * * *'")
+    when.add_argument("--every", type=int, help="an interval: a count of --unit")
+    ms.add_argument("--unit", choices=("minute", "hour", "day", "week", "month", "year"), default="hour")
+    ms.add_argument("--margin", type=int, default=1, help="minutes a check-in may be late")
+    ms.add_argument("--max-runtime", type=int, default=30, help="minutes a run may take")
+    ms.add_argument("--timezone")
+    ms.set_defaults(func=_set_monitor)
     rel = s.add_parser("releases", help="release health: sessions and crash-free rates")
     rel.add_argument("--service")
     rel.add_argument("--since", help="RFC 3339 time (default: the last 30 days)")
@@ -67,6 +78,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _query(args: argparse.Namespace, *names: str) -> str:
     query = {n: str(getattr(args, n)) for n in names if getattr(args, n) is not None}
     return "?" + urllib.parse.urlencode(query) if query else ""
+
+
+def _set_monitor(args: argparse.Namespace) -> int:
+    body: dict = {"service": args.service, "slug": args.slug, "checkin_margin": args.margin,
+                  "max_runtime": args.max_runtime}
+    if args.crontab:
+        body.update(schedule_type="crontab", schedule_value=args.crontab)
+    else:
+        body.update(schedule_type="interval", schedule_value=str(args.every), schedule_unit=args.unit)
+    if args.timezone:
+        body["timezone"] = args.timezone
+    return call("POST", "/v1/admin/monitors", body)
 
 
 def _source_map(args: argparse.Namespace) -> int:

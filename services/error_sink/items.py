@@ -206,4 +206,5 @@ async def register(bus: busmod.Bus, pool: asyncpg.Pool) -> None:
     await bus.serve(si.SOURCE_MAP_UPLOAD, si.SourceMapUpload, guarded(source_maps.upload),
                     queue=queue)
     await bus.serve(si.MONITORS, si.ListMonitors, guarded(monitors.listing), queue=queue)
+    await bus.serve(si.MONITOR_SET, si.SetMonitor, guarded(monitors.set_monitor), queue=queue)
     await bus.serve(si.RELEASES, si.ListReleases, guarded(releases.listing), queue=queue)

@@ -5,11 +5,11 @@ came or never finished (``boxoffice.reaper.monitors``)."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 
 import asyncpg
 
-from boxoffice import schedule
+from boxoffice import errors, schedule
 from boxoffice.wire import sentry_items as si
 
 DEFAULT_MARGIN, DEFAULT_MAX_RUNTIME = 1, 30  # minutes, as Sentry
@@ -73,10 +73,37 @@ async def store(conn: asyncpg.Connection, c: si.CheckIn) -> None:
                        c.duration, due)
 
 
+MONITOR_COLUMNS = """service, slug, schedule_type, schedule_value, schedule_unit, checkin_margin,
+    max_runtime, timezone, status, last_checkin_at, last_checkin_status, next_expected_at,
+    last_duration"""
+
+
 async def listing(pool: asyncpg.Pool, q: si.ListMonitors) -> si.MonitorList:
     rows = await pool.fetch(
-        "SELECT service, slug, schedule_type, schedule_value, schedule_unit, checkin_margin, "
-        "max_runtime, timezone, status, last_checkin_at, last_checkin_status, next_expected_at, "
-        "last_duration FROM monitors WHERE $1::text IS NULL OR service = $1 "
+        f"SELECT {MONITOR_COLUMNS} FROM monitors WHERE $1::text IS NULL OR service = $1 "
         "ORDER BY service, slug LIMIT 1000", q.service)
     return si.MonitorList(monitors=[si.Monitor(**dict(r)) for r in rows])
+
+
+InvalidMonitor = errors.define("InvalidMonitor", "invalid_monitor", 422, "Invalid monitor schedule")
+
+
+async def set_monitor(pool: asyncpg.Pool, m: si.SetMonitor) -> si.Monitor:
+    """Create or change a monitor; its next run is due from now."""
+    value: str | int = m.schedule_value
+    try:
+        if m.schedule_type == "interval":
+            value = int(m.schedule_value)
+        due = schedule.next_run(m.schedule_type, value, m.schedule_unit,
+                                datetime.now(timezone.utc), m.timezone)
+    except (ValueError, schedule.InvalidSchedule) as exc:
+        raise InvalidMonitor(str(exc)) from None
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(UPSERT_MONITOR, m.service, m.slug, "operator", m.schedule_type,
+                           m.schedule_value, m.schedule_unit, m.checkin_margin, m.max_runtime,
+                           m.timezone)
+        await conn.execute("UPDATE monitors SET next_expected_at = $3 WHERE service = $1 AND slug = $2",
+                           m.service, m.slug, due)
+        row = await conn.fetchrow(f"SELECT {MONITOR_COLUMNS} FROM monitors WHERE service = $1 AND slug = $2",
+                                  m.service, m.slug)
+    return si.Monitor(**dict(row))

@@ -153,6 +153,8 @@ OPS: tuple[Op, ...] = (
        "admin", query=si.ListDropped, ok=(200, si.DroppedList)),
     Op("GET", "/v1/admin/monitors", "Cron monitors: schedule, status, last and next check-in",
        "admin", query=si.ListMonitors, ok=(200, si.MonitorList)),
+    Op("POST", "/v1/admin/monitors", "Create or change a cron monitor", "operate",
+       si.SetMonitor, ok=(201, si.Monitor)),
     Op("GET", "/v1/admin/releases", "Release health: sessions, crash-free rates", "admin",
        query=si.ListReleases, ok=(200, si.ReleaseList)),
     Op("POST", "/v1/admin/releases/{release}/sourcemaps",

@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors, scrub
-from boxoffice.ingress.http import json_response, operate, require_admin
+from boxoffice.ingress.http import json_response, operate, read_json, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import errors as w
 from boxoffice.wire import sentry_items as si
@@ -50,6 +50,14 @@ async def list_monitors(request: web.Request) -> web.Response:
     require_admin(request)
     q = _query(request, si.ListMonitors)
     return json_response(await request.app[BUS].request(si.MONITORS, q, si.MonitorList))
+
+
+@routes.post("/v1/admin/monitors")
+@operate
+async def set_monitor(request: web.Request) -> web.Response:
+    require_admin(request)
+    m = await read_json(request, si.SetMonitor)
+    return json_response(await request.app[BUS].request(si.MONITOR_SET, m, si.Monitor), status=201)
 
 
 @routes.get("/v1/admin/releases")

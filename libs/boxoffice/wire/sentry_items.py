@@ -250,3 +250,20 @@ class SourceMapInfo(msgspec.Struct):
     name: str
     size: int
     sources: list[str]
+
+
+MONITOR_SET = "admin.errors.monitor_set"
+_NAME = r"^[A-Za-z0-9_-]+\Z"
+
+
+class SetMonitor(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A monitor created or changed by an operator (a check-in's monitor_config does the same)."""
+
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_NAME)]
+    slug: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_NAME)]
+    schedule_type: Literal["crontab", "interval"]
+    schedule_value: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    schedule_unit: Literal["minute", "hour", "day", "week", "month", "year"] | None = None
+    checkin_margin: Annotated[int, msgspec.Meta(ge=0, le=1440)] = 1
+    max_runtime: Annotated[int, msgspec.Meta(ge=1, le=10080)] = 30
+    timezone: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
