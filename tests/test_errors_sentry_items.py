@@ -94,6 +94,7 @@ async def test_an_unmodified_sdk_s_items_are_kept_linked_and_listed(db, start_se
     assert {(f["source"], f["message"], f["name"]) for f in group["feedback"]} == {
         ("feedback", "The pay button did nothing", "Ann"), ("user_report", "Charged but no ticket", "Bob")}
     assert {f["event_id"].replace("-", "") for f in group["feedback"]} == {event_id.replace("-", "")}
+    assert {f["email"] for f in group["feedback"]} == {"ann@example.com", "bob@example.com"}
     assert all(f["group_id"] == str(row["group_id"]) for f in group["feedback"])
     [att] = group["attachments"]
     assert (att["filename"], att["content_type"], att["size"]) == ("order.log", "text/plain", 34)
@@ -203,7 +204,7 @@ async def _count(db, sql: str, n: int):
 
 
 async def test_the_user_feedback_endpoint(db, start_service) -> None:
-    ingress = start_service("ingress", SENTRY_PROJECTS="4=box-office-app")
+    ingress = start_service("ingress", SENTRY_PROJECTS="4=box-office-app", SENTRY_FEEDBACK_EMAIL="filter")
     start_service("error_sink")
     event = browser_event()
     status, _, _ = await ahttp("POST", f"{ingress.url}/api/4/envelope/",
@@ -222,6 +223,7 @@ async def test_the_user_feedback_endpoint(db, start_service) -> None:
     assert (await ahttp("POST", url, json.dumps({"comments": "no event"}).encode(), dsn))[0] == 422
     row = await eventually(lambda: db.fetchrow("SELECT * FROM error_feedback"))
     assert (row["source"], row["service"], row["name"]) == ("endpoint", "box-office-app", "Cy")
+    assert row["email"] == "[Filtered]"  # SENTRY_FEEDBACK_EMAIL=filter
     group_id = await eventually(lambda: db.fetchval(
         "SELECT group_id FROM error_logs WHERE id = $1::uuid", str(uuid.UUID(event["event_id"]))))
     _, raw = await _get(f"{ingress.url}/v1/admin/errors/{group_id}")

@@ -26,7 +26,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 # Variables each service reads when set.
 OPTIONAL: dict[str, tuple[str, ...]] = {
     "ingress": ("INGRESS_PORT", "HEALTH_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES",
-                "ERROR_RATE_LIMIT_PER_MINUTE", "ADMIN_READ_API_TOKENS", "SENTRY_PROJECTS"),
+                "ERROR_RATE_LIMIT_PER_MINUTE", "ADMIN_READ_API_TOKENS", "SENTRY_PROJECTS",
+                "SENTRY_FEEDBACK_EMAIL"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
     "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS",
@@ -76,6 +77,7 @@ class Config:
     sentry_ingest_keys: tuple[str, ...] = ()
     # ingress: a Sentry DSN's project id -> the service its events are stored under
     sentry_projects: tuple[tuple[str, str], ...] = ()
+    sentry_feedback_email: str = "keep"  # or "filter": feedback's e-mail stored as [Filtered]
     env: str = "development"
     release: str | None = None
     log_level: str = "INFO"
@@ -215,6 +217,10 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
             kw["sentry_ingest_keys"] = _list("SENTRY_INGEST_KEYS", v, 8)
         if v := get("SENTRY_PROJECTS"):
             kw["sentry_projects"] = _projects(v)
+        if v := get("SENTRY_FEEDBACK_EMAIL"):
+            if v not in ("keep", "filter"):
+                raise ConfigError("SENTRY_FEEDBACK_EMAIL", "must be keep or filter")
+            kw["sentry_feedback_email"] = v
         if v := get("INGRESS_PORT"):
             kw["ingress_port"] = _int("INGRESS_PORT", v, 0, 65535)
         kw["health_port"] = DEFAULT_HEALTH_PORTS[service]

@@ -259,6 +259,8 @@ async def _envelope(request: web.Request) -> web.Response:
                               "attachments_dropped": scrub.clean(notes, 256, 20)}
     for kind, body in [] if "feedback" in limited else sorted_.feedback:
         fb = sentry_items.feedback(kind, body, service=service or item_service, project_id=project_id)
+        if fb is not None and fb.email and cfg.sentry_feedback_email == "filter":
+            fb = msgspec.structs.replace(fb, email=scrub.FILTERED)
         if fb is not None:
             published.append((si.subject(si.FEEDBACK), fb, fb.id))
     for body in [] if "monitor" in limited else sorted_.check_ins:
@@ -365,6 +367,8 @@ async def _user_feedback(request: web.Request) -> web.Response:
     if fb is None or fb.event_id is None:
         raise errors.ValidationFailed("event_id and comments are required")
     fb = msgspec.structs.replace(fb, source="endpoint")
+    if fb.email and request.app[CONFIG].sentry_feedback_email == "filter":
+        fb = msgspec.structs.replace(fb, email=scrub.FILTERED)
     await request.app[BUS].publish(si.subject(si.FEEDBACK), wire.encode(fb), fb.id)
     return json_response({"id": fb.id, "event_id": fb.event_id.replace("-", ""), "name": fb.name,
                           "email": fb.email, "comments": fb.message})
