@@ -86,7 +86,7 @@ TABLES: dict[str, dict[str, str]] = {
                          "reaper": "SELECT(service,sid,updated_at) DELETE UPDATE(updated_at)"},
     "release_session_buckets": {"error_sink": "SELECT INSERT",
                                 "reaper": "SELECT(message_id,idx,started) DELETE UPDATE(started)"},
-    "source_maps": {"error_sink": "SELECT INSERT UPDATE(map,size,uploaded_at)"},
+    "source_maps": {"error_sink": "SELECT INSERT UPDATE(map,size,uploaded_at,debug_id)"},
     "reaper_runs": {"reaper": "SELECT INSERT"},
     "admin_actions": {"reaper": "SELECT INSERT UPDATE"},
     "audit_checks": {s: "SELECT UPDATE(checkpoint,started_at,finished_at,mode,examined,in_flight,"

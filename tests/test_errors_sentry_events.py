@@ -203,3 +203,31 @@ async def test_minified_frames_resolved_with_an_uploaded_source_map(db, start_se
     status, _, raw = await ahttp("POST", f"{ingress.url}/v1/admin/releases/shop@9.9.9/sourcemaps?name=x.js",
                                  b"not a map", admin)
     assert status == 422 and json.loads(raw)["code"] == "invalid_source_map"
+
+
+async def test_a_source_map_found_by_its_debug_id(db, start_service) -> None:
+    from tests.harness import ADMIN_TOKEN
+    ingress = start_service("ingress")
+    start_service("error_sink")
+    debug_id = str(uuid.uuid4())
+    url = "https://cdn.shop.example/assets/app.77e0d4aa.js"
+    event = browser_event()  # no release: the Debug ID is enough
+    event["debug_meta"] = {"images": [{"type": "sourcemap", "code_file": url, "debug_id": debug_id}]}
+    frame = event["exception"]["values"][0]["stacktrace"]["frames"][-1]
+    frame.update(filename=url, abs_path=url, function="b", lineno=2, colno=9)
+    status, _, raw = await ahttp("POST", f"{ingress.url}/api/1/envelope/",
+                                 envelope(({"type": "event"}, json.dumps(event).encode())), AUTH)
+    assert status == 200, raw
+    row = await eventually(lambda: db.fetchrow(
+        "SELECT * FROM error_logs WHERE id = $1::uuid", str(uuid.UUID(event["event_id"]))))
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    source_map = {"version": 3, "sources": ["src/pay.ts"], "names": ["submitPayment"],
+                  "mappings": "AAAAA;AACAA", "debug_id": debug_id}
+    status, _, raw = await ahttp(  # uploaded under another release and another name
+        "POST", f"{ingress.url}/v1/admin/releases/any/sourcemaps?name=~/app.js",
+        json.dumps(source_map).encode(), admin)
+    assert status == 201, raw
+    status, _, raw = await ahttp("GET", f"{ingress.url}/v1/admin/errors/{row['group_id']}", None, admin)
+    [shown] = json.loads(raw)["events"]
+    assert shown["context"]["exception"][-1]["frames"][-1]["resolved"] == {
+        "filename": "src/pay.ts", "lineno": 2, "colno": 1, "function": "submitPayment"}

@@ -368,6 +368,12 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
         context["sentry"]["handled"] = all(e["mechanism"]["handled"] for e in context["exception"])
     if crumbs := _breadcrumbs(event):
         context["breadcrumbs"] = crumbs
+    debug = event.get("debug_meta") if isinstance(event.get("debug_meta"), dict) else {}
+    images = [{"code_file": i["code_file"], "debug_id": i["debug_id"]}
+              for i in (debug.get("images") or [])[:50] if isinstance(i, dict)
+              and isinstance(i.get("code_file"), str) and isinstance(i.get("debug_id"), str)]
+    if images:  # source maps' Debug IDs, to resolve minified frames (error-sink)
+        context["debug_images"] = images
     if tags:
         context["tags"] = tags
     for key in ("extra", "contexts", "request"):
