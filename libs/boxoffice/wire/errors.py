@@ -1,4 +1,4 @@
-"""The error report every process publishes to ``errors.<service>.<level>`` (DESIGN.md)."""
+"""The error report every process publishes to ``errors.<service>.<level>`` (see the README)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Subject and stream names of the contract (DESIGN.md)."""
+"""Subject and stream names of the contract (listed in the README)."""
 
 # request/reply (core NATS, queue group per service)
 RESERVATIONS_HOLD = "reservations.hold"
