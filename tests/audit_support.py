@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
+import pytest_asyncio
 from aiohttp import web
 
 from boxoffice import audit
+from boxoffice.embedded import LocalStripe
 from boxoffice.wire.audit import Invariants
 from tests.stripe_keys_proxy import Seen, _error
 from tests.stripe_lists_proxy import BOUNDS, StripeListsProxy
@@ -100,3 +105,22 @@ class AuditListsProxy(StripeListsProxy):
             start = [r["id"] for r in kept].index(after) + 1
         return web.json_response({"object": "list", "url": request.path, "data":
                                   kept[start:start + limit], "has_more": start + limit < len(kept)})
+
+
+# fixtures of the tests that need a localstripe of their own behind Stripe's list filters
+@pytest.fixture
+def own_stripe(tmp_path: Path) -> Iterator[LocalStripe]:
+    ls = LocalStripe(log=tmp_path / "localstripe.log").start()
+    try:
+        yield ls
+    finally:
+        ls.stop()
+
+
+@pytest_asyncio.fixture
+async def stripe_api(own_stripe: LocalStripe) -> AsyncIterator[AuditListsProxy]:
+    proxy = await AuditListsProxy(own_stripe.url).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()

@@ -12,43 +12,23 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
-import pytest_asyncio
 import stripe
 
 from boxoffice.embedded import LocalStripe
-from tests.audit_support import AuditListsProxy
+from tests.audit_support import (AuditListsProxy, own_stripe,  # noqa: F401 - fixtures
+                                 stripe_api)
 from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY, WEBHOOK_SECRET
+from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET
 from tests.reaper_helpers import metrics
 from tests.test_webhooks_support import deliver, event, wait_for
 
 TTL = 3  # seconds a hold lives: some expire, some are paid late
 AUDIT = {"AUDIT_INTERVAL_SECONDS": "2", "AUDIT_GRACE_SECONDS": "30"}
-
-
-@pytest.fixture
-def own_stripe(tmp_path: Path) -> Iterator[LocalStripe]:
-    ls = LocalStripe(log=tmp_path / "localstripe.log").start()
-    try:
-        yield ls
-    finally:
-        ls.stop()
-
-
-@pytest_asyncio.fixture
-async def stripe_api(own_stripe: LocalStripe) -> AsyncIterator[AuditListsProxy]:
-    proxy = await AuditListsProxy(own_stripe.url).start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
 
 
 def pay_at_stripe(sc: stripe.StripeClient, pi: str) -> None:

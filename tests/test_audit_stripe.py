@@ -13,42 +13,23 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
-import pytest
 import pytest_asyncio
 import stripe
 
 from boxoffice.embedded import LocalStripe
 from boxoffice.webhook.audit_stripe import StripeCheck
 from boxoffice.webhook.audit_stripe_reads import StripeReads
-from tests.audit_support import AuditListsProxy, auditor, named, open_findings, run
+from tests.audit_support import (AuditListsProxy, auditor, named, open_findings,  # noqa: F401
+                                 own_stripe, run, stripe_api)  # (own_stripe, stripe_api: fixtures)
 from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
 from tests.harness import STRIPE_KEY, WEBHOOK_SECRET
 from tests.test_webhooks_support import deliver, event, wait_for
 
 GRACE = 2
-
-
-@pytest.fixture
-def own_stripe(tmp_path: Path) -> Iterator[LocalStripe]:
-    ls = LocalStripe(log=tmp_path / "localstripe.log").start()
-    try:
-        yield ls
-    finally:
-        ls.stop()
-
-
-@pytest_asyncio.fixture
-async def stripe_api(own_stripe: LocalStripe) -> AsyncIterator[AuditListsProxy]:
-    proxy = await AuditListsProxy(own_stripe.url).start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
 
 
 @pytest_asyncio.fixture

@@ -218,7 +218,7 @@ cfg = config.load("reaper", env)
 if not sentry.init(cfg, transport=Capture()):
     print("not initialised")
     sys.exit(0)
-assert sentry_sdk.get_client().options["traces_sample_rate"] == 0.1
+print(json.dumps({"traces_sample_rate": sentry_sdk.get_client().options["traces_sample_rate"]}))
 logging.getLogger("boxoffice.payment").error("card 4111 1111 1111 1111 declined, password=hunter2")
 try:
     raise ValueError("Authorization: Bearer abcdef0123456789xyz failed")
@@ -240,7 +240,9 @@ async def test_sentry_sdk_in_production_only_and_scrubbed(tmp_path) -> None:
         return out.stdout
 
     assert run("staging").strip() == "not initialised"
-    events = [json.loads(line) for line in run("production").splitlines() if line.startswith("{")]
+    printed = [json.loads(line) for line in run("production").splitlines() if line.startswith("{")]
+    assert printed[0] == {"traces_sample_rate": 0.1}  # the SDK as the service configures it
+    events = printed[1:]
     assert len(events) == 2
     dump = json.dumps(events)
     for secret in ("4111 1111 1111 1111", "hunter2", "abcdef0123456789xyz", "s3cr3t"):

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import asyncio
 
-import msgspec
 from aiohttp import web
 
-from boxoffice import errors
-from boxoffice.ingress.http import json_response, read_json, require_admin
+from boxoffice.ingress.http import json_response, read_json, read_query, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import audit
-from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
 
@@ -29,13 +26,7 @@ RUN_TIMEOUT = 600.0  # a full pass over a large history, Stripe's lists included
 @routes.get("/v1/admin/invariants")
 async def invariants(request: web.Request) -> web.Response:
     require_admin(request)
-    query = dict(request.query)
-    if len(query) != len(request.query):
-        raise errors.ValidationFailed("each query parameter may be given once")
-    try:
-        req = msgspec.convert(query, audit.InvariantsRequest, strict=False)
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(describe(exc)) from None
+    req = read_query(request, audit.InvariantsRequest)
     return json_response(await request.app[BUS].request(audit.INVARIANTS, req, audit.Invariants))
 
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-import msgspec
 from aiohttp import web
 
-from boxoffice import errors, idempotency
-from boxoffice.ingress.http import PROBLEM, client_id, json_response, read_json, require_admin
+from boxoffice import idempotency
+from boxoffice.ingress.http import (PROBLEM, client_id, json_response, read_json, read_query,
+                                    require_admin)
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import payments as pw
 from boxoffice.wire import reservations as rw
 from boxoffice.wire import subjects
-from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
 
@@ -146,12 +145,6 @@ async def create_payment_intent(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/payments")
 async def list_payments(request: web.Request) -> web.Response:
     require_admin(request)
-    query = dict(request.query)
-    if len(query) != len(request.query):
-        raise errors.ValidationFailed("each query parameter may be given once")
-    try:
-        req = msgspec.convert(query, pw.ListPayments, strict=False)
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(describe(exc)) from None
+    req = read_query(request, pw.ListPayments)
     return json_response(await request.app[BUS].request(pw.ADMIN_PAYMENTS_LIST, req,
                                                         pw.PaymentLog))

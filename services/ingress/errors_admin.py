@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors, scrub
-from boxoffice.ingress.http import json_response, operate, read_json, require_admin
+from boxoffice.ingress.http import json_response, operate, read_json, read_query, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import errors as w
 from boxoffice.wire import sentry_items as si
@@ -20,35 +20,24 @@ routes = web.RouteTableDef()
 MAX_SOURCE_MAP = 6 << 20
 
 
-def _query(request: web.Request, type_: type[msgspec.Struct], **extra: object) -> msgspec.Struct:
-    params: dict[str, object] = dict(request.query)
-    if len(params) != len(request.query):
-        raise errors.ValidationFailed("each query parameter may be given once")
-    params.update(extra)
-    try:
-        return msgspec.convert(params, type_, strict=False)
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(describe(exc)) from None
-
-
 @routes.get("/v1/admin/errors")
 async def list_groups(request: web.Request) -> web.Response:
     require_admin(request)
-    q = _query(request, w.ListGroups)
+    q = read_query(request, w.ListGroups)
     return json_response(await request.app[BUS].request(w.GROUPS_LIST, q, w.GroupList))
 
 
 @routes.get("/v1/admin/errors/dropped")
 async def list_dropped(request: web.Request) -> web.Response:
     require_admin(request)
-    q = _query(request, si.ListDropped)
+    q = read_query(request, si.ListDropped)
     return json_response(await request.app[BUS].request(si.DROPPED, q, si.DroppedList))
 
 
 @routes.get("/v1/admin/monitors")
 async def list_monitors(request: web.Request) -> web.Response:
     require_admin(request)
-    q = _query(request, si.ListMonitors)
+    q = read_query(request, si.ListMonitors)
     return json_response(await request.app[BUS].request(si.MONITORS, q, si.MonitorList))
 
 
@@ -63,7 +52,7 @@ async def set_monitor(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/releases")
 async def list_releases(request: web.Request) -> web.Response:
     require_admin(request)
-    q = _query(request, si.ListReleases)
+    q = read_query(request, si.ListReleases)
     return json_response(await request.app[BUS].request(si.RELEASES, q, si.ReleaseList))
 
 
@@ -91,7 +80,7 @@ async def upload_source_map(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/feedback")
 async def list_feedback(request: web.Request) -> web.Response:
     require_admin(request)
-    q = _query(request, si.ListFeedback)
+    q = read_query(request, si.ListFeedback)
     return json_response(await request.app[BUS].request(si.FEEDBACK_LIST, q, si.FeedbackList))
 
 
@@ -100,7 +89,7 @@ async def get_attachment(request: web.Request) -> web.Response:
     """The file as it was sent; always as a download (its content type is the sender's word,
     so it is never rendered on this origin), the declared one in ``X-Attachment-Content-Type``."""
     require_admin(request)
-    q = _query(request, si.GetAttachment, id=request.match_info["attachment_id"])
+    q = read_query(request, si.GetAttachment, id=request.match_info["attachment_id"])
     found = await request.app[BUS].request(si.ATTACHMENT_GET, q, si.AttachmentData, timeout=15.0)
     name = quote(found.info.filename, safe="")
     return web.Response(body=found.data, content_type="application/octet-stream", headers={
@@ -113,7 +102,7 @@ async def get_attachment(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/errors/{group_id}")
 async def get_group(request: web.Request) -> web.Response:
     require_admin(request)
-    q = _query(request, w.GetGroup, group_id=request.match_info["group_id"])
+    q = read_query(request, w.GetGroup, group_id=request.match_info["group_id"])
     return json_response(await request.app[BUS].request(w.GROUPS_GET, q, w.GroupDetail))
 
 
@@ -121,6 +110,6 @@ async def get_group(request: web.Request) -> web.Response:
 @operate
 async def set_status(request: web.Request) -> web.Response:
     require_admin(request)
-    q = _query(request, w.SetGroupStatus, group_id=request.match_info["group_id"])
+    q = read_query(request, w.SetGroupStatus, group_id=request.match_info["group_id"])
     subject = w.GROUPS_RESOLVE if request.match_info["action"] == "resolve" else w.GROUPS_IGNORE
     return json_response(await request.app[BUS].request(subject, q, w.ErrorGroup))

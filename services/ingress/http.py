@@ -191,6 +191,19 @@ async def read_json(request: web.Request, type_: type[T]) -> T:
         raise errors.InvalidJSON("the body is nested too deeply") from None
 
 
+def read_query(request: web.Request, type_: type[T], **extra: object) -> T:
+    """Decode the query string (plus ``extra``, e.g. path parameters) into ``type_``: 422 for a
+    repeated parameter or a wrong one, in words."""
+    params: dict[str, object] = dict(request.query)
+    if len(params) != len(request.query):
+        raise errors.ValidationFailed("each query parameter may be given once")
+    params.update(extra)
+    try:
+        return msgspec.convert(params, type_, strict=False)
+    except msgspec.ValidationError as exc:
+        raise errors.ValidationFailed(describe(exc)) from None
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=msgspec.json.encode(data), status=status,
                         content_type="application/json", headers=headers)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import msgspec
 from aiohttp import web
 
-from boxoffice import errors
-from boxoffice.ingress.http import json_response, operate, read_json, require_admin
+from boxoffice.ingress.http import json_response, operate, read_json, read_query, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import reaper
-from boxoffice.wire.words import describe
 
 routes = web.RouteTableDef()
 
@@ -38,11 +35,5 @@ async def cleanup(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/reaper/runs")
 async def runs(request: web.Request) -> web.Response:
     require_admin(request)
-    query = dict(request.query)
-    if len(query) != len(request.query):
-        raise errors.ValidationFailed("each query parameter may be given once")
-    try:
-        req = msgspec.convert(query, reaper.RunsRequest, strict=False)
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(describe(exc)) from None
+    req = read_query(request, reaper.RunsRequest)
     return json_response(await request.app[BUS].request(reaper.RUNS, req, reaper.ReaperRuns))

@@ -18,11 +18,10 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors
-from boxoffice.ingress.http import CONFIG, json_response, operate, require_admin
+from boxoffice.ingress.http import CONFIG, json_response, operate, read_query, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import stripe as w
 from boxoffice.wire.subjects import stripe_event
-from boxoffice.wire.words import describe
 
 log = logging.getLogger("boxoffice.ingress.webhooks")
 
@@ -103,13 +102,7 @@ async def stripe_webhook(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/webhooks/events")
 async def list_events(request: web.Request) -> web.Response:
     require_admin(request)
-    query = dict(request.query)
-    if len(query) != len(request.query):
-        raise errors.ValidationFailed("each query parameter may be given once")
-    try:
-        req = msgspec.convert(query, w.ListEventsRequest, strict=False)
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(describe(exc)) from None
+    req = read_query(request, w.ListEventsRequest)
     return json_response(await request.app[BUS].request(w.EVENTS_LIST, req, w.LoggedEvents))
 
 
@@ -129,11 +122,5 @@ async def replay_event(request: web.Request) -> web.Response:
 async def reconciliation(request: web.Request) -> web.Response:
     """How far reconciliation with Stripe got and its last runs (answered by the webhook service)."""
     require_admin(request)
-    query = dict(request.query)
-    if len(query) != len(request.query):
-        raise errors.ValidationFailed("each query parameter may be given once")
-    try:
-        req = msgspec.convert(query, w.ReconciliationRequest, strict=False)
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationFailed(describe(exc)) from None
+    req = read_query(request, w.ReconciliationRequest)
     return json_response(await request.app[BUS].request(w.RECONCILIATION, req, w.Reconciliation))

@@ -20,8 +20,9 @@ Failures are classified by where they happened, never by exception class alone:
   is ``moot``; anything else ``failed``, reported as an error for an operator.
 
 A cancel found moot because the PaymentIntent succeeded (the buyer paid just as the hold ended)
-applies that success at once, as a Stripe event of its own (``evt_boxoffice_<pi>_succeeded``),
-instead of waiting for Stripe's event, which may be late: the hold is sold again if its tickets
+applies that success at once, as the event reconciliation would feed for it
+(``wire.stripe.synthesized``: the same id, so the two never apply it twice), instead of waiting for
+Stripe's event, which may be late: the hold is sold again if its tickets
 are still free, or its refund decided. Stripe's own event then finds the payment applied.
 """
 
@@ -44,7 +45,7 @@ import stripe
 from boxoffice import db, outbox, wire
 from boxoffice.webhook import effects
 from boxoffice.webhook.refunds import Refunds
-from boxoffice.wire.stripe import StripeEvent
+from boxoffice.wire.stripe import StripeEvent, synthesized
 
 log = logging.getLogger("boxoffice.webhook.actions")
 T = TypeVar("T")
@@ -152,9 +153,7 @@ async def run_once(pool: asyncpg.Pool, refunds: Refunds, limit: int = BATCH) -> 
 
 async def apply_success(pool: asyncpg.Pool, intent: dict[str, Any]) -> str:
     """Apply a PaymentIntent's success as Stripe reported it to us (see the module's doc)."""
-    body = json.dumps({"id": f"evt_boxoffice_{intent['id']}_succeeded", "object": "event",
-                       "type": "payment_intent.succeeded", "created": int(time.time()),
-                       "data": {"object": intent}})
+    body = json.dumps(synthesized(intent, "succeeded", int(time.time())))
     outcome = await effects.apply(pool, wire.decode(body.encode(), StripeEvent), body)
     for report in outcome.reports:
         log.log(report.level, report.message, extra=report.context)

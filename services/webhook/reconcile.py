@@ -54,7 +54,7 @@ from boxoffice import db, errors
 from boxoffice.bus import Bus
 from boxoffice.webhook import reconcile_runs as runs
 from boxoffice.webhook.actions import CANCELLABLE
-from boxoffice.wire.stripe import OrphanAction, StripeEvent
+from boxoffice.wire.stripe import OrphanAction, StripeEvent, synthesized
 from boxoffice.wire.subjects import stripe_event
 
 log = logging.getLogger("boxoffice.webhook.reconcile")
@@ -140,13 +140,6 @@ def orphan_action(status: str | None) -> OrphanAction | None:
     if status in CANCELLABLE:
         return "cancel_requested"
     return None  # canceled already: nothing is left to do
-
-
-def synthesized(intent: dict[str, Any], kind: str, created: int) -> dict[str, Any]:
-    """A Stripe event of our own making (a deterministic id, so feeding it twice is one event)."""
-    return {"id": f"evt_reconcile_{intent['id']}_{kind}", "object": "event",
-            "type": f"payment_intent.{kind}", "created": created,
-            "livemode": bool(intent.get("livemode")), "data": {"object": intent}}
 
 
 def _payment_intent_of(event: dict[str, Any]) -> str | None:

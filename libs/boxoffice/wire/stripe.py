@@ -35,6 +35,15 @@ class StripeEvent(msgspec.Struct):
     livemode: bool | None = None  # a live event must never move a test key's books, nor back
 
 
+def synthesized(intent: dict[str, Any], kind: str, created: int) -> dict[str, Any]:
+    """A Stripe event of our own making from a PaymentIntent as Stripe's API returned it
+    (reconciliation, a cancel that came too late). Its id is deterministic, so whoever makes it,
+    and however often, it is applied once."""
+    return {"id": f"evt_reconcile_{intent['id']}_{kind}", "object": "event",
+            "type": f"payment_intent.{kind}", "created": created,
+            "livemode": bool(intent.get("livemode")), "data": {"object": intent}}
+
+
 class PaymentIntentObject(msgspec.Struct):
     id: str
     amount: int = 0
