@@ -12,6 +12,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from boxoffice import stack
@@ -48,6 +49,26 @@ def fetch(method: str, path: str, body: Any = None, *, timeout: float = 30,
     except urllib.error.URLError as exc:
         print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
     return False, None
+
+
+def lines(method: str, path: str, body: Any, *, timeout: float = 60) -> Iterator[Any]:
+    """Call a route that answers NDJSON and yield each line decoded, as it arrives; on an error
+    print why (as ``fetch``) and raise ``SystemExit(1)``."""
+    url, token = _settings()
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+            return
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"), file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def download(path: str, *, timeout: float = 60) -> bytes | None:
@@ -96,8 +117,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     import importlib
     for area in AREAS:
         importlib.import_module(f"boxoffice.{area}").add_commands(sub)
-    p = sub.add_parser("events", help="ticketed events: create, show")
+    p = sub.add_parser("events", help="ticketed events: list, create, show")
     s = p.add_subparsers(dest="verb", required=True)
+    ls = s.add_parser("list", help="events and their inventory, newest first")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(func=lambda a: call("GET", f"/v1/admin/events?limit={a.limit}"))
     c = s.add_parser("create")
     c.add_argument("--name", required=True)
     c.add_argument("--capacity", type=int, required=True)

@@ -45,6 +45,9 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
     async def get_event(req: admin.GetEvent) -> admin.TicketedEvent:
         return await events.get_event(pool, req.event_id)
 
+    async def list_events(req: admin.ListEvents) -> admin.TicketedEvents:
+        return admin.TicketedEvents(events=await events.list_events(pool, req.limit))
+
     async def hold(req: rw.HoldRequest) -> pw.StoredResponse:
         return await holds.hold(req)
 
@@ -62,6 +65,7 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
 
     await bus.serve(admin.EVENTS_CREATE, admin.CreateEvent, _db_guard(create_event), queue=queue)
     await bus.serve(admin.EVENTS_GET, admin.GetEvent, _db_guard(get_event), queue=queue)
+    await bus.serve(admin.EVENTS_LIST, admin.ListEvents, _db_guard(list_events), queue=queue)
     await bus.serve(subjects.RESERVATIONS_HOLD, rw.HoldRequest, _db_guard(hold), queue=queue)
     await bus.serve(subjects.RESERVATIONS_GET, rw.GetRequest, _db_guard(get_reservation),
                     queue=queue)

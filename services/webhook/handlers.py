@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import msgspec
 
-from boxoffice import errors
+from boxoffice import errors, scrub
 from boxoffice.bus import Bus
 from boxoffice.webhook import eventlog, reconcile_runs
 from boxoffice.webhook.consumer import DB_DOWN, Processor
 from boxoffice.wire import stripe as w
 
-WebhookEventNotFound = errors.define("WebhookEventNotFound", "webhook_event_not_found", 404,
-                                     "No such webhook event")
+WebhookEventNotFound = errors.WebhookEventNotFound
 AlreadyProcessed = errors.define("WebhookEventAlreadyProcessed", "webhook_event_already_processed",
                                  409, "The event's effects are already applied")
 QUEUE = "webhook"
@@ -40,6 +39,20 @@ async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
     return w.ReplayResult(outcome=outcome, event=found[0])
 
 
+async def detail(processor: Processor, event_id: str) -> w.LoggedEventDetail:
+    """A logged event with its payload as operators may see it: secrets filtered, long strings
+    and lists cut."""
+    found = await eventlog.get(processor.pool, event_id)
+    if found is None:
+        raise WebhookEventNotFound(f"no webhook event {event_id}")
+    row, payload = found
+    try:
+        body = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        body = payload
+    return w.LoggedEventDetail(event=row, payload=scrub.clean(body, 4096, 200))
+
+
 async def register(bus: Bus, processor: Processor) -> None:
     async def list_events(req: w.ListEventsRequest) -> w.LoggedEvents:
         try:
@@ -54,6 +67,12 @@ async def register(bus: Bus, processor: Processor) -> None:
         except DB_DOWN:
             raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
 
+    async def get_event(req: w.GetEventRequest) -> w.LoggedEventDetail:
+        try:
+            return await detail(processor, req.event_id)
+        except DB_DOWN:
+            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+
     async def reconciliation(req: w.ReconciliationRequest) -> w.Reconciliation:
         try:
             return await reconcile_runs.report(processor.pool, req.limit)
@@ -62,4 +81,5 @@ async def register(bus: Bus, processor: Processor) -> None:
 
     await bus.serve(w.EVENTS_LIST, w.ListEventsRequest, list_events, queue=QUEUE)
     await bus.serve(w.EVENTS_REPLAY, w.ReplayRequest, replay_event, queue=QUEUE)
+    await bus.serve(w.EVENTS_GET, w.GetEventRequest, get_event, queue=QUEUE)
     await bus.serve(w.RECONCILIATION, w.ReconciliationRequest, reconciliation, queue=QUEUE)
