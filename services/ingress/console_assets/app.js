@@ -206,6 +206,11 @@ function lagChart(points, minutes) {
   const label = svg("text", { x: 2, y: 12, class: "label" });
   label.textContent = `max ${top.toFixed(2)} s`;
   chart.append(label);
+  if (!points.length) {
+    const none = svg("text", { x: width / 2 - 90, y: height / 2, class: "label" });
+    none.textContent = "no hold expired in this time";
+    chart.append(none);
+  }
   const step = width / minutes;
   for (const p of points) {
     const x = ((new Date(p.minute).getTime() - from) / (now - from)) * width;
