@@ -58,7 +58,8 @@ def _reconciliation(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("webhooks", help="Stripe webhook events: list, replay, reconciliation")
+    p = sub.add_parser("webhooks", help="Stripe webhook events: list, show, replay, replay-all, "
+                                       "reconciliation")
     s = p.add_subparsers(dest="verb", required=True)
     ls = s.add_parser("list", help="events newest first (e.g. --status failed)")
     ls.add_argument("--status", choices=STATUSES)
