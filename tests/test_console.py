@@ -23,7 +23,8 @@ from boxoffice.config import Config
 from boxoffice.ingress import sessions
 from tests.console_support import allow_payments, console, failed_webhook_events
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import hold, log_status, new_event, wait_for
+from tests.test_webhooks_support import (deliver, event, hold, log_status, new_event, new_pi,
+                                         payment_intent, wait_for)
 
 READ_TOKEN = "admin-read-token-console-000000"
 
@@ -317,3 +318,46 @@ async def test_error_groups_carry_a_sparkline_of_the_last_day(start_service) -> 
 def _ago(seconds: float) -> str:
     from datetime import datetime, timedelta, timezone
     return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat()
+
+
+async def test_the_walk_throughs_webhook_outage_drill(db: asyncpg.Pool, database_url: str,
+                                                      start_service, tmp_path) -> None:
+    start_service("payment")
+    start_service("webhook", WEBHOOK_RETRY_DELAYS="0.2,0.3")
+    ingress = start_service("ingress")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOXOFFICE_")}
+    env.update(DATABASE_URL=database_url, BOXOFFICE_HOME=str(tmp_path), INGRESS_URL=ingress.url,
+               ADMIN_API_TOKEN=ADMIN_TOKEN)
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "boxoffice.cli", *args],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=60)
+
+    # never outside a development stack
+    refused = await asyncio.to_thread(cli, "dev", "webhook-outage", "on",
+                                      BOXOFFICE_ENV="production")
+    assert refused.returncode == 2 and "development" in refused.stderr
+    assert await db.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname = "
+                             "'boxoffice_webhook_outage'") == 0
+    on = await asyncio.to_thread(cli, "dev", "webhook-outage", "on")
+    assert on.returncode == 0, on.stderr
+    ev = await new_event(db, capacity=4)
+    reservation = await hold(db, ev, 2)
+    body = event("payment_intent.succeeded", payment_intent(new_pi(), reservation))
+    event_id = json.loads(body)["id"]
+    async with aiohttp.ClientSession() as http:
+        await deliver(http, ingress.url, body)
+
+    async def failed() -> bool:
+        return await log_status(db, event_id) == "failed"
+
+    await wait_for(failed, 30, "the event to fail during the drill")
+    assert "webhook outage drill" in await db.fetchval(
+        "SELECT last_error FROM webhook_events_log WHERE event_id = $1", event_id)
+    off = await asyncio.to_thread(cli, "dev", "webhook-outage", "off")
+    assert off.returncode == 0, off.stderr
+    replayed = await asyncio.to_thread(cli, "webhooks", "replay", event_id)
+    assert replayed.returncode == 0, replayed.stderr
+    assert await log_status(db, event_id) == "processed"
+    assert await db.fetchval("SELECT sum(sold) FROM inventory_buckets WHERE event_id = $1",
+                             ev) == 2

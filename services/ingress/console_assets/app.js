@@ -4,7 +4,7 @@
 // also carries the session's CSRF token.
 "use strict";
 
-const state = { session: null, feed: null, tab: "events", group: null };
+const state = { session: null, feed: null, tab: "events", group: null, holdsDue: null };
 const SVG = "http://www.w3.org/2000/svg";
 
 // -- plumbing ------------------------------------------------------------------------------
@@ -123,7 +123,11 @@ function startFeed() {
   feed.addEventListener("open", () => { live.className = "on"; });
   feed.addEventListener("error", () => { live.className = "off"; });
   feed.addEventListener("inventory", (e) => drawEvent(JSON.parse(e.data)));
-  feed.addEventListener("payment", () => { if (state.tab === "holds") loadHolds(); });
+  // a payment changes the holds' figures: refreshed at most every 5 s, however many arrive
+  feed.addEventListener("payment", () => {
+    if (state.tab !== "holds" || state.holdsDue) return;
+    state.holdsDue = setTimeout(() => { state.holdsDue = null; if (state.tab === "holds") loadHolds().catch(failed); }, 5000);
+  });
   state.feed = feed;
 }
 
