@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import aiohttp
 import asyncpg
@@ -220,6 +221,7 @@ async def test_a_failed_events_payload_and_bulk_replay(db: asyncpg.Pool, start_s
             async with http.get(f"{ingress.url}/v1/admin/webhooks/events/{bad}") as resp:
                 problem = await resp.json()
             assert (resp.status, problem["code"]) == (404, "webhook_event_not_found"), problem
+            assert problem["detail"].startswith("no webhook event '")
         async with http.post(f"{ingress.url}/v1/admin/webhooks/events/a%20b/replay") as resp:
             assert (resp.status, (await resp.json())["code"]) == (404, "webhook_event_not_found")
 
@@ -316,7 +318,6 @@ async def test_error_groups_carry_a_sparkline_of_the_last_day(start_service) -> 
 
 
 def _ago(seconds: float) -> str:
-    from datetime import datetime, timedelta, timezone
     return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 import msgspec
@@ -197,7 +197,7 @@ async def page(request: web.Request) -> web.Response:
                         charset="utf-8", headers=_page_headers())
 
 
-def _static(name: str):  # noqa: ANN202 - an aiohttp handler
+def _static(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=request.app[PAGES][name], content_type=ASSETS[name],
                             charset="utf-8", headers=_page_headers())

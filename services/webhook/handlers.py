@@ -21,7 +21,7 @@ async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
     """Apply a logged event now, from its stored payload (for events that failed or wait)."""
     found = await eventlog.get(processor.pool, event_id)
     if found is None:
-        raise WebhookEventNotFound(f"no webhook event {event_id}")
+        raise WebhookEventNotFound(f"no webhook event {event_id!r}")
     row, payload = found
     if row.processing_status in eventlog.DONE:
         raise AlreadyProcessed(f"event {event_id} is {row.processing_status}: nothing to replay")
@@ -44,7 +44,7 @@ async def detail(processor: Processor, event_id: str) -> w.LoggedEventDetail:
     and lists cut."""
     found = await eventlog.get(processor.pool, event_id)
     if found is None:
-        raise WebhookEventNotFound(f"no webhook event {event_id}")
+        raise WebhookEventNotFound(f"no webhook event {event_id!r}")
     row, payload = found
     try:
         body = msgspec.json.decode(payload)
