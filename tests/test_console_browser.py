@@ -47,7 +47,8 @@ async def test_console_in_chromium(db: asyncpg.Pool, start_service, localstripe)
         async with http.post(f"{ingress.url}/v1/admin/events", headers=admin, json={
                 "name": "Other night", "capacity": 10, "price": 2500, "currency": "eur"}) as r:
             other = await r.json()
-        failed = (await failed_webhook_events(db, ingress.url, uuid.UUID(other["id"])))[0]
+        failed, failed_too = await failed_webhook_events(db, ingress.url,
+                                                         uuid.UUID(other["id"]), count=2)
         report = {"id": str(uuid.uuid4()), "occurred_at": "2026-11-30T12:00:00Z",
                   "service": "shop-web", "level": "error", "message": "Checkout exploded",
                   "error_type": "TypeError", "stacktrace": "TypeError: x is undefined\n  at pay",
@@ -118,14 +119,34 @@ async def test_console_in_chromium(db: asyncpg.Pool, start_service, localstripe)
                 new_pi(), holds[0], amount=5000)))
             await expect(row.locator('[data-count="sold"]')).to_have_text("2")
             await expect(row.locator('[data-count="held"]')).to_have_text("4")
+            async with http.post(f"{ingress.url}/v1/payment_intents", json={
+                    "reservation_id": holds[1]}, headers={**client, "Idempotency-Key": "pay-1"}) as r:
+                assert r.status == 201, await r.text()
             sold_width = float(await row.locator("rect.sold").get_attribute("width") or 0)
             assert sold_width == pytest.approx(300 * 2 / 6, rel=0.01)
             assert await page.evaluate("window.notReloaded") is True
             await _shot(page, "02-sold-out")
 
+            # an event created from the console appears with its bar
+            await page.fill('#create-event input[name="name"]', "Matinee")
+            await page.fill('#create-event input[name="capacity"]', "40")
+            await page.fill('#create-event input[name="price"]', "1200")
+            await page.click('#create-event button[type="submit"]')
+            await expect(page.locator("#message")).to_contain_text("Created Matinee")
+            matinee = page.locator(".event", has_text="Matinee")
+            await expect(matinee.locator('[data-count="available"]')).to_have_text("40")
+
+            # the payments' audit trail of a hold: its key at its recovery point
+            await page.click('.tab[data-tab="payments"]')
+            await page.fill('#payment-search input[name="reservation_id"]', holds[1])
+            await page.click('#payment-search button[type="submit"]')
+            key = page.locator("#payment-log tbody tr", has_text="pay-1")
+            await expect(key.locator(".point")).to_have_text("finished")
+
             # holds: the figures, the expiry-lag chart, the reaper's runs
             await page.click('.tab[data-tab="holds"]')
-            await expect(page.locator('[data-stat="active"] dd')).to_have_text("3")
+            # two holds of the sell-out still waiting, two of the other night's failed payments
+            await expect(page.locator('[data-stat="active"] dd')).to_have_text("4")
             await expect(page.locator("#lag-chart svg")).to_be_visible()
             await _shot(page, "03-holds")
 
@@ -140,7 +161,15 @@ async def test_console_in_chromium(db: asyncpg.Pool, start_service, localstripe)
             await allow_payments(db)
             await line.locator("button.replay").click()
             await expect(page.locator("#message")).to_contain_text(f"Replayed {failed}")
+            await expect(detail.locator(".title")).to_contain_text("· processed")
             assert await log_status(db, failed) == "processed"
+            # the rest that match the filter, with progress
+            await page.click("#replay-all")
+            await expect(page.locator("#replay-progress .text")).to_have_text(
+                "done: 1 applied, 0 failed of 1")
+            assert await page.locator("#replay-progress progress").get_attribute("value") == "1"
+            assert await log_status(db, failed_too) == "processed"
+            await expect(page.locator("#webhook-list tbody")).to_contain_text("nothing")
             await _shot(page, "04-webhook-replayed")
 
             # an error group: its stack trace and context, then resolved

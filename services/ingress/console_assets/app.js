@@ -301,6 +301,7 @@ async function replayOne(eventId) {
     const result = await api("POST", `/v1/admin/webhooks/events/${encodeURIComponent(eventId)}/replay`);
     say(`Replayed ${eventId}: ${result.outcome}`, result.outcome === "failed" ? "error" : "info");
     await loadWebhooks();
+    await showWebhook(eventId);  // its status and last error as they are now
   } catch (err) { failed(err); }
 }
 
@@ -338,6 +339,7 @@ async function replayAll() {
       }
     }
     if (last && last.total === 0) text.textContent = "nothing to replay";
+    document.getElementById("webhook-detail").hidden = true;
     await loadWebhooks();
   } catch (err) { failed(err); }
 }
