@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 from boxoffice.config import Config
+from boxoffice.ingress import console as console_routes
 from boxoffice.ingress import sessions
 from tests.console_support import allow_payments, console, failed_webhook_events
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
@@ -146,7 +147,7 @@ async def test_the_page_has_a_strict_policy_and_loads_nothing_from_elsewhere(sta
 async def test_the_feed_sends_inventory_as_holds_change(db: asyncpg.Pool, start_service) -> None:
     start_service("payment")
     ingress = start_service("ingress")
-    ev = await new_event(db, capacity=10)
+    ev = await new_event(db, capacity=50)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
         c = console(http, ingress.url)
         async with http.get(ingress.url + "/console/stream") as resp:
@@ -158,18 +159,28 @@ async def test_the_feed_sends_inventory_as_holds_change(db: asyncpg.Pool, start_
             first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
             assert b"connected" in first
             api = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
-            for _ in range(5):  # through ingress and the payment service, as a buyer would
+
+            async def buy() -> None:  # through ingress and the payment service, as buyers do
                 async with http.post(ingress.url + "/v1/reservations", headers=api,
-                                     json={"event_id": str(ev), "quantity": 2}) as r:
+                                     json={"event_id": str(ev), "quantity": 1}) as r:
                     assert r.status == 201
+
+            started = time.monotonic()
+            await asyncio.gather(*(buy() for _ in range(50)))  # a sell-out
             seen: dict = {}
+            frames = 0
             deadline = time.monotonic() + 15
             while seen.get("available") != 0:
                 assert time.monotonic() < deadline, f"last inventory: {seen}"
                 frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 15)
                 if frame.startswith(b"event: inventory"):
+                    frames += 1
                     seen = json.loads(frame.split(b"data: ", 1)[1])
-            assert seen["id"] == str(ev) and (seen["held"], seen["sold"]) == (10, 0)
+            elapsed = time.monotonic() - started
+            assert seen["id"] == str(ev) and (seen["held"], seen["sold"]) == (50, 0)
+            # coalesced: one read of the event per interval at most, not one per hold
+            assert frames <= elapsed / console_routes.FEED_INTERVAL + 2, (frames, elapsed)
+            assert frames < 50
 
 
 async def test_expiry_lag_and_event_errors(db: asyncpg.Pool, start_service) -> None:

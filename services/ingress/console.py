@@ -137,6 +137,9 @@ class Feed:
                 except errors.BoxofficeError as exc:
                     log.info("console feed: event %s not read (%s)", event_id, exc.code)
                     continue
+                except Exception:  # noqa: BLE001 - the feed outlives one bad read
+                    log.warning("console feed: event %s not read", event_id, exc_info=True)
+                    continue
                 self.broadcast("inventory", msgspec.json.encode(event))
             await asyncio.sleep(FEED_INTERVAL)
 
