@@ -280,8 +280,19 @@ async def test_the_cli_replays_all_failed_events_with_progress(db: asyncpg.Pool,
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=10)
     ids = await failed_webhook_events(db, ingress.url, ev, count=2)
-    await allow_payments(db)
     env = dict(os.environ, INGRESS_URL=ingress.url, ADMIN_API_TOKEN=ADMIN_TOKEN)
+    shown = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "boxoffice.cli", "webhooks", "show", ids[0], "--json"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    detail = json.loads(shown.stdout)
+    assert detail["event"]["processing_status"] == "failed"
+    assert detail["payload"]["data"]["object"]["client_secret"] == "[Filtered]"
+    listed = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "boxoffice.cli", "events", "list", "--json"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert [e["id"] for e in json.loads(listed.stdout)["events"]] == [str(ev)]
+    await allow_payments(db)
     done = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-m", "boxoffice.cli", "webhooks", "replay-all", "--status", "failed"],
         env=env, capture_output=True, text=True, timeout=120)
