@@ -120,7 +120,13 @@ function startFeed() {
   stopFeed();
   const live = document.getElementById("live");
   const feed = new EventSource("/console/stream");
-  feed.addEventListener("open", () => { live.className = "on"; });
+  let opened = false;
+  feed.addEventListener("open", () => {
+    live.className = "on";
+    // after a reconnect, what changed meanwhile was not sent: read the events once
+    if (opened && state.tab === "events") loadEvents().catch(failed);
+    opened = true;
+  });
   feed.addEventListener("error", () => { live.className = "off"; });
   feed.addEventListener("inventory", (e) => drawEvent(JSON.parse(e.data)));
   // a payment changes the holds' figures: refreshed at most every 5 s, however many arrive
