@@ -21,6 +21,7 @@ RELAYS = {"payment": "SELECT INSERT DELETE UPDATE(created_at)",
 # table -> service -> privileges
 TABLES: dict[str, dict[str, str]] = {
     "schema_migrations": {s: "SELECT" for s in ALL},
+    "schema_functions": {s: "SELECT" for s in ALL},
     "outbox": RELAYS,
     "ticketed_events": {"payment": "SELECT INSERT", "webhook": "SELECT", "reaper": "SELECT"},
     "inventory_buckets": {"payment": "SELECT INSERT UPDATE(held)",
