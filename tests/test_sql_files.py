@@ -85,3 +85,11 @@ async def test_a_service_refuses_stale_functions(service: str, start_service,
     assert proc.proc.wait(60) != 0
     assert "database functions are stale" in proc.logs()
     assert "boxoffice migrate" in proc.logs()
+
+
+async def test_a_recovery_point_the_code_never_writes_is_refused(db: asyncpg.Pool) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(
+            "INSERT INTO payment_intents_log (client_id, idempotency_key, request_path, "
+            "request_fingerprint, recovery_point, stripe_idempotency_key) "
+            "VALUES ('c', 'k', '/v1/payment_intents', 'f', 'stripe_called', 's')")

@@ -83,7 +83,8 @@ CREATE TABLE payment_intents_log (
     request_fingerprint       text NOT NULL,
     reservation_id            uuid,
     recovery_point            text NOT NULL DEFAULT 'started'
-                              CHECK (recovery_point IN ('started', 'stripe_called', 'finished')),
+                              -- no state between: Stripe's answer and its effects commit together
+                              CHECK (recovery_point IN ('started', 'finished')),
     locked_at                 timestamptz,
     stripe_idempotency_key    text NOT NULL,
     stripe_payment_intent_id  text,
