@@ -55,6 +55,12 @@ CREATE TABLE reservations (
     updated_at         timestamptz NOT NULL DEFAULT now(),
     completed_at       timestamptz,
     released_at        timestamptz,
+    -- idempotent holds (POST /v1/reservations with an Idempotency-Key): the fingerprint of the
+    -- request that created the hold, and the exact body answered, replayed byte for byte
+    request_fingerprint text,
+    response_body      text,
+    -- one live PaymentIntent per hold: the one key that may create it
+    payment_idempotency_key text,
     CONSTRAINT released_when_ended CHECK ((status IN ('expired', 'cancelled')) = (released_at IS NOT NULL)),
     CONSTRAINT completed_when_sold CHECK ((status = 'completed') = (completed_at IS NOT NULL))
 );
@@ -96,6 +102,7 @@ CREATE TABLE payment_intents_log (
     last_error                text,
     created_at                timestamptz NOT NULL DEFAULT now(),
     updated_at                timestamptz NOT NULL DEFAULT now(),
+    lease_token               uuid,  -- the claim's own: only the claimed row is recorded
     CONSTRAINT payment_intents_log_key UNIQUE (client_id, idempotency_key),
     CONSTRAINT finished_has_response CHECK (recovery_point <> 'finished' OR response_status IS NOT NULL)
 );
@@ -148,7 +155,13 @@ CREATE TABLE error_groups (
     last_seen        timestamptz NOT NULL,
     count            bigint NOT NULL DEFAULT 0,
     resolved_at      timestamptz,
-    last_alerted_at  timestamptz
+    last_alerted_at  timestamptz,
+    -- rate alerts: each group counts its reports in a fixed window that restarts when it is
+    -- over, so "passes N reports a minute" is decided in the same statement that counts them
+    -- (replicas of the error-sink agree)
+    rate_window_start timestamptz,
+    rate_window_count bigint NOT NULL DEFAULT 0,
+    regressed_at     timestamptz  -- when a new report reopened a resolved group
 );
 CREATE INDEX error_groups_last_seen ON error_groups (status, last_seen DESC);
 
@@ -199,19 +212,6 @@ CREATE TABLE reaper_runs (
 );
 CREATE INDEX reaper_runs_started ON reaper_runs (started_at DESC);
 
--- Idempotent holds (POST /v1/reservations with an Idempotency-Key): the fingerprint of the
--- request that created the hold, and the exact body answered, replayed byte for byte.
-ALTER TABLE reservations
-    ADD COLUMN request_fingerprint text,
-    ADD COLUMN response_body text;
-
--- Rate alerts: each group counts its reports in a fixed window that restarts when it is over,
--- so "passes N reports a minute" is decided in the same statement that counts them (replicas
--- of the error-sink agree). regressed_at: when a new report reopened a resolved group.
-ALTER TABLE error_groups
-    ADD COLUMN rate_window_start timestamptz,
-    ADD COLUMN rate_window_count bigint NOT NULL DEFAULT 0,
-    ADD COLUMN regressed_at      timestamptz;
 CREATE INDEX error_groups_service ON error_groups (service, last_seen DESC);
 
 -- Alerts decided in the same transaction as the reports that caused them, then published to
@@ -228,24 +228,19 @@ CREATE TABLE error_alerts (
     notified_at   timestamptz,
     attempts      integer NOT NULL DEFAULT 0,
     next_attempt  timestamptz NOT NULL DEFAULT now(),
-    last_error    text
+    last_error    text,
+    -- failures to publish to ALERTS and to reach ALERT_WEBHOOK_URL are counted apart: a bus
+    -- outage must not use up the webhook's attempts, nor stop the publishing, which never
+    -- gives up (ALERTS is the record other systems read)
+    publish_attempts integer NOT NULL DEFAULT 0
 );
 CREATE INDEX error_alerts_pending ON error_alerts (next_attempt)
     WHERE published_at IS NULL OR notified_at IS NULL;
 CREATE INDEX error_alerts_group ON error_alerts (group_id, created_at DESC);
 
--- Guarantees under combined faults.
---
--- 1. Every Stripe side effect (a refund, a cancel) is decided durably, in the transaction that
---    decides it, before it is made: a row in stripe_actions with what, why and the idempotency
---    key. A worker then performs it and confirms it; a crash anywhere resumes from the row.
--- 2. Tickets go back only on the refund or cancel of the payment that holds them
---    (reservations.payment_intent_id), never on those of another PaymentIntent naming the hold.
--- 3. A PaymentIntent claim is durable before Stripe is called, leased with a token of its own,
---    and recorded only against the very row that was claimed.
--- 4. One live PaymentIntent per hold rests on the reservation row itself (never purged):
---    reservations.payment_idempotency_key names the one key that may create it.
-
+-- Stripe side effects (a refund, a cancel), each decided durably in the transaction that
+-- decides it, before it is made: what, why and the idempotency key. A worker then performs it and
+-- confirms it; a crash anywhere resumes from the row (libs/boxoffice/sql/stripe_actions.sql).
 CREATE TABLE stripe_actions (
     id                 bigserial PRIMARY KEY,
     kind               text NOT NULL CHECK (kind IN ('refund', 'cancel')),
@@ -269,17 +264,10 @@ CREATE TABLE stripe_actions (
 );
 CREATE INDEX stripe_actions_due ON stripe_actions (next_attempt_at) WHERE status = 'pending';
 
-
-ALTER TABLE payment_intents_log ADD COLUMN lease_token uuid;
-ALTER TABLE reservations ADD COLUMN payment_idempotency_key text;
 -- retention forgets holds' idempotency keys after IDEMPOTENCY_KEY_TTL_HOURS, oldest first
 CREATE INDEX reservations_keyed_created ON reservations (created_at)
     WHERE idempotency_key IS NOT NULL;
 
--- An alert's failures to publish to ALERTS and to reach ALERT_WEBHOOK_URL are counted apart: a
--- bus outage must not use up the webhook's attempts, nor stop the publishing, which never gives
--- up (ALERTS is the record other systems read).
-ALTER TABLE error_alerts ADD COLUMN publish_attempts integer NOT NULL DEFAULT 0;
 COMMENT ON COLUMN error_alerts.attempts IS 'failed posts to ALERT_WEBHOOK_URL (at most MAX_ATTEMPTS)';
 COMMENT ON COLUMN error_alerts.publish_attempts IS 'failed publishes to ALERTS (retried without end)';
 
@@ -770,16 +758,15 @@ CREATE TABLE source_maps (
     map         bytea NOT NULL,
     size        integer NOT NULL,
     uploaded_at timestamptz NOT NULL DEFAULT now(),
+    -- a source map may name its Debug ID (also in the bundle's ``//# debugId=``); an event's
+    -- ``debug_meta.images`` then finds it whatever the file's URL or release
+    debug_id    uuid,
     PRIMARY KEY (release, name)
 );
-
-GRANT SELECT, INSERT, UPDATE (map, size, uploaded_at) ON source_maps TO boxoffice_error_sink;
-
--- A source map may name its Debug ID (``debug_id``, also in the bundle's ``//# debugId=``); an
--- event's ``debug_meta.images`` then finds it whatever the file's URL or release.
-ALTER TABLE source_maps ADD COLUMN debug_id uuid;
 CREATE INDEX source_maps_debug_id ON source_maps (debug_id) WHERE debug_id IS NOT NULL;
-GRANT UPDATE (debug_id) ON source_maps TO boxoffice_error_sink;
+
+GRANT SELECT, INSERT, UPDATE (map, size, uploaded_at, debug_id) ON source_maps
+    TO boxoffice_error_sink;
 
 -- migrate:down
 

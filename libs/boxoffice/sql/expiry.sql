@@ -42,7 +42,8 @@ CREATE OR REPLACE TRIGGER reservations_due_on_shorten AFTER UPDATE OF expires_at
 -- last (held only until commit) and in one fixed order (event, bucket), as hold_tickets
 -- gathers them, so replicas expiring overlapping buckets queue instead of deadlocking
 -- (NO KEY UPDATE, the lock the UPDATE takes anyway: foreign-key checks are not blocked).
-CREATE OR REPLACE FUNCTION reap_due_reservations(p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
+CREATE OR REPLACE FUNCTION reap_due_reservations(
+    p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
 RETURNS TABLE (reservation_id uuid, lag_seconds double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -100,17 +101,20 @@ BEGIN
     END IF;
     RETURN QUERY SELECT u.id, u.lag FROM unnest(ids, lags) AS u(id, lag);
 END $$;
-GRANT EXECUTE ON FUNCTION reap_due_reservations TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
+GRANT EXECUTE ON FUNCTION reap_due_reservations
+    TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
 
-CREATE OR REPLACE FUNCTION expire_due_reservations(p_limit integer DEFAULT 1000,
-                                                   p_event_id uuid DEFAULT NULL)
+-- How many reap_due_reservations expired (for callers that need only the count).
+CREATE OR REPLACE FUNCTION expire_due_reservations(
+    p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
 RETURNS integer LANGUAGE sql AS $$
     SELECT count(*)::integer FROM reap_due_reservations(p_limit, p_event_id)
 $$;
-GRANT EXECUTE ON FUNCTION expire_due_reservations TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
+GRANT EXECUTE ON FUNCTION expire_due_reservations
+    TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
 
--- The operators' function keeps its meaning (expire every overdue hold now, return how many)
--- and now leaves a 'manual' row in reaper_runs like every other run.
+-- The operators' function: expire every overdue hold now and return how many, leaving a
+-- 'manual' row in reaper_runs like every other run.
 CREATE OR REPLACE FUNCTION cleanup_expired_reservations() RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     total   integer := 0;

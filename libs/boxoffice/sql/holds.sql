@@ -5,8 +5,9 @@
 -- (idempotent). Grants beside the function: each service role gets EXECUTE on what it calls.
 
 -- Create an event and spread its capacity over its buckets, in one statement.
-CREATE OR REPLACE FUNCTION create_ticketed_event(p_id uuid, p_name text, p_capacity integer, p_price bigint,
-                                      p_currency text, p_buckets integer DEFAULT 1)
+CREATE OR REPLACE FUNCTION create_ticketed_event(
+    p_id uuid, p_name text, p_capacity integer, p_price bigint, p_currency text,
+    p_buckets integer DEFAULT 1)
 RETURNS uuid LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO ticketed_events (id, name, capacity, price, currency, buckets)
@@ -18,21 +19,6 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION create_ticketed_event TO boxoffice_payment;
 
--- hold_tickets, deadlock-free and with the same signature and meaning; the work is in
--- hold_tickets_in, which the batch entry point below shares.
--- The foundation version could deadlock under load (measured: 7 of 200 concurrent holds on an
--- 8-bucket event): a SKIP LOCKED probe from a random start can keep locks on rows it locked and
--- then skipped (a row that fails the re-check after a concurrent update stays locked), and the
--- waiting passes then queued for lower buckets while holding those. Here a pass that does not
--- take its bucket runs in a subtransaction that is rolled back, which releases whatever it
--- locked, so a hold waits only while holding nothing, or while holding buckets in bucket order.
---  1. one bucket with enough tickets, from a random start, skipping rows others hold (the
---     common case on a hot event: holds spread over the rows instead of queueing on one);
---     with p_fast_only this is the only pass, and a miss returns NULL (the caller, a batch
---     that never waits for a lock, carries on; what the probe locked is released at its commit);
---  2. the first bucket with enough tickets in bucket order, waiting for it;
---  3. every bucket of the event, locked in bucket order; overdue holds of the event are expired
---     (they never count), then the tickets are taken from one bucket or gathered across several.
 -- One bucket of the event with at least p_quantity tickets that no other transaction holds,
 -- locked; from p_start upwards, then wrapping round (two short index scans, no sort).
 CREATE OR REPLACE FUNCTION hold_probe(p_event_id uuid, p_quantity integer, p_start integer)
@@ -54,9 +40,22 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION hold_probe TO boxoffice_payment, boxoffice_webhook;
 
-CREATE OR REPLACE FUNCTION hold_tickets_in(p_event_id uuid, p_quantity integer, p_client_id text,
-                                p_ttl_seconds integer, p_customer_ref text,
-                                p_idempotency_key text, p_fast_only boolean)
+-- Take p_quantity tickets of an event for a new hold (the work of hold_tickets and of the batch
+-- entry point below), deadlock-free: a SKIP LOCKED probe can keep locks on rows it locked and
+-- then skipped (a row that fails the re-check after a concurrent update stays locked), so a pass
+-- that does not take its bucket runs in a subtransaction that is rolled back, which releases
+-- whatever it locked; a hold waits only while holding nothing, or while holding buckets in
+-- bucket order. The passes:
+--  1. one bucket with enough tickets, from a random start, skipping rows others hold (the
+--     common case on a hot event: holds spread over the rows instead of queueing on one);
+--     with p_fast_only this is the only pass, and a miss returns NULL (the caller, a batch
+--     that never waits for a lock, carries on; what the probe locked is released at its commit);
+--  2. the first bucket with enough tickets in bucket order, waiting for it;
+--  3. every bucket of the event, locked in bucket order; overdue holds of the event are expired
+--     (they never count), then the tickets are taken from one bucket or gathered across several.
+CREATE OR REPLACE FUNCTION hold_tickets_in(
+    p_event_id uuid, p_quantity integer, p_client_id text, p_ttl_seconds integer,
+    p_customer_ref text, p_idempotency_key text, p_fast_only boolean)
 RETURNS reservations LANGUAGE plpgsql AS $$
 DECLARE
     ev         ticketed_events;
@@ -156,9 +155,10 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION hold_tickets_in TO boxoffice_payment, boxoffice_webhook;
 
-CREATE OR REPLACE FUNCTION hold_tickets(p_event_id uuid, p_quantity integer, p_client_id text,
-                                        p_ttl_seconds integer, p_customer_ref text DEFAULT NULL,
-                                        p_idempotency_key text DEFAULT NULL)
+-- One hold: hold_tickets_in with every pass.
+CREATE OR REPLACE FUNCTION hold_tickets(
+    p_event_id uuid, p_quantity integer, p_client_id text, p_ttl_seconds integer,
+    p_customer_ref text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
 RETURNS SETOF reservations LANGUAGE sql AS $$
     SELECT * FROM hold_tickets_in(p_event_id, p_quantity, p_client_id, p_ttl_seconds,
                                   p_customer_ref, p_idempotency_key, false)
@@ -174,9 +174,9 @@ GRANT EXECUTE ON FUNCTION hold_tickets TO boxoffice_payment, boxoffice_webhook;
 -- already made a hold: its fingerprint decides; response_body is the stored answer, NULL when
 -- the hold was made earlier in this same batch). A keyed hold gets its fingerprint here; the
 -- caller stores its response body in the same transaction.
-CREATE OR REPLACE FUNCTION hold_tickets_batch(p_event_id uuid, p_ttl_seconds integer,
-                                   p_quantities integer[], p_client_ids text[],
-                                   p_customer_refs text[], p_keys text[], p_fingerprints text[])
+CREATE OR REPLACE FUNCTION hold_tickets_batch(
+    p_event_id uuid, p_ttl_seconds integer, p_quantities integer[], p_client_ids text[],
+    p_customer_refs text[], p_keys text[], p_fingerprints text[])
 RETURNS TABLE (idx integer, outcome text, id uuid, expires_at timestamptz,
                created_at timestamptz, amount bigint, currency text, response_body text)
 LANGUAGE plpgsql AS $$
@@ -230,7 +230,8 @@ END $$;
 GRANT EXECUTE ON FUNCTION hold_tickets_batch TO boxoffice_payment;
 
 -- Release an active hold's tickets (cancel): returns true if this call released it.
-CREATE OR REPLACE FUNCTION release_reservation(p_reservation_id uuid, p_status text DEFAULT 'cancelled')
+CREATE OR REPLACE FUNCTION release_reservation(
+    p_reservation_id uuid, p_status text DEFAULT 'cancelled')
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     r reservations;
@@ -306,8 +307,8 @@ GRANT EXECUTE ON FUNCTION complete_reservation TO boxoffice_webhook;
 -- whose PaymentIntent this is becomes cancelled and its tickets available; an active hold whose
 -- PaymentIntent this is is released. Returns 'returned', 'released', 'not_holder' (the hold is
 -- held or sold by another PaymentIntent, or by none), 'not_held' (ended already) or 'unknown'.
-CREATE OR REPLACE FUNCTION return_reservation_tickets(p_reservation_id uuid,
-                                                      p_payment_intent_id text)
+CREATE OR REPLACE FUNCTION return_reservation_tickets(
+    p_reservation_id uuid, p_payment_intent_id text)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     r reservations;

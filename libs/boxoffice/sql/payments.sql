@@ -21,9 +21,9 @@
 -- may create it, set by the claim that first gets the hold and cleared only when that key ends
 -- without a PaymentIntent (a definitive refusal by Stripe). It lives on the reservation, which
 -- retention never deletes, not on payment_intents_log, which it does.
-CREATE OR REPLACE FUNCTION claim_payment_intent(p_client_id text, p_key text, p_fingerprint text,
-                                        p_reservation_id uuid, p_stripe_key text, p_path text,
-                                        p_lease_seconds double precision)
+CREATE OR REPLACE FUNCTION claim_payment_intent(
+    p_client_id text, p_key text, p_fingerprint text, p_reservation_id uuid, p_stripe_key text,
+    p_path text, p_lease_seconds double precision)
 RETURNS TABLE (outcome text, log_id bigint, stripe_key text, amount bigint, currency text,
                response_status integer, response_body text, retry_after double precision,
                detail text, lease_token uuid)
@@ -120,9 +120,9 @@ GRANT EXECUTE ON FUNCTION claim_payment_intent TO boxoffice_payment;
 -- and the payments.events.created outbox row (p_event); if the hold ended while Stripe was being
 -- called, the PaymentIntent's cancel is decided at once. A definitive refusal frees the hold for
 -- another key.
-CREATE OR REPLACE FUNCTION record_payment_intent(p_log_id bigint, p_client_id text, p_key text,
-                                         p_stripe_key text, p_status integer, p_body text,
-                                         p_payment_intent_id text, p_event jsonb)
+CREATE OR REPLACE FUNCTION record_payment_intent(
+    p_log_id bigint, p_client_id text, p_key text, p_stripe_key text, p_status integer, p_body text,
+    p_payment_intent_id text, p_event jsonb)
 RETURNS TABLE (outcome text, response_status integer, response_body text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -187,10 +187,10 @@ GRANT EXECUTE ON FUNCTION payment_status_rank TO boxoffice_webhook;
 -- checkout wrote it). Returns one row: whether it moved, the state before, and the payment's
 -- reservation. The row stays locked for the caller's transaction, so two events of one payment
 -- are applied one after the other, whatever order they arrive in.
-CREATE OR REPLACE FUNCTION advance_payment(p_payment_intent_id text, p_reservation_id uuid, p_amount bigint,
-                                p_currency text, p_status text, p_event_created timestamptz,
-                                OUT moved boolean, OUT previous text, OUT reservation_id uuid,
-                                OUT amount bigint, OUT currency text)
+CREATE OR REPLACE FUNCTION advance_payment(
+    p_payment_intent_id text, p_reservation_id uuid, p_amount bigint, p_currency text,
+    p_status text, p_event_created timestamptz, OUT moved boolean, OUT previous text,
+    OUT reservation_id uuid, OUT amount bigint, OUT currency text)
 LANGUAGE plpgsql AS $$
 DECLARE
     cur payments;
@@ -237,9 +237,9 @@ END $$;
 GRANT EXECUTE ON FUNCTION advance_payment TO boxoffice_webhook;
 
 -- A payment event on the outbox (payments.events.<kind>), in the caller's transaction.
-CREATE OR REPLACE FUNCTION emit_payment_event(p_kind text, p_payment_intent_id text, p_reservation_id uuid,
-                                   p_amount bigint, p_currency text, p_occurred_at timestamptz,
-                                   p_reason text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION emit_payment_event(
+    p_kind text, p_payment_intent_id text, p_reservation_id uuid, p_amount bigint, p_currency text,
+    p_occurred_at timestamptz, p_reason text DEFAULT NULL)
 RETURNS void LANGUAGE sql AS $$
     INSERT INTO outbox (subject, payload) VALUES ('payments.events.' || p_kind,
         jsonb_build_object('payment_intent_id', p_payment_intent_id,

@@ -15,8 +15,8 @@ CREATE OR REPLACE TRIGGER stripe_actions_notify AFTER INSERT ON stripe_actions
 
 -- Decide a Stripe side effect: once per kind and PaymentIntent, whoever asks and however often.
 -- Returns the action's id (the existing one when it was decided before).
-CREATE OR REPLACE FUNCTION request_stripe_action(p_kind text, p_payment_intent_id text,
-                                      p_reservation_id uuid, p_reason text, p_amount bigint)
+CREATE OR REPLACE FUNCTION request_stripe_action(
+    p_kind text, p_payment_intent_id text, p_reservation_id uuid, p_reason text, p_amount bigint)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     got bigint;
@@ -33,7 +33,8 @@ BEGIN
     END IF;
     RETURN got;
 END $$;
-GRANT EXECUTE ON FUNCTION request_stripe_action TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
+GRANT EXECUTE ON FUNCTION request_stripe_action
+    TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
 
 -- Lease up to p_limit due actions to the caller for p_lease_seconds: each attempt is counted
 -- before it is made, and an action whose worker died is due again when its lease lapses.
@@ -58,8 +59,9 @@ GRANT EXECUTE ON FUNCTION claim_stripe_actions TO boxoffice_webhook;
 --   failed Stripe refused for good (p_detail): an operator must look
 --   retry  a transient failure (p_detail): due again in p_retry_seconds
 -- Returns the action's status after (NULL if there is no such pending action: done already).
-CREATE OR REPLACE FUNCTION finish_stripe_action(p_id bigint, p_outcome text, p_result_id text,
-                                     p_detail text, p_retry_seconds double precision DEFAULT 0)
+CREATE OR REPLACE FUNCTION finish_stripe_action(
+    p_id bigint, p_outcome text, p_result_id text, p_detail text,
+    p_retry_seconds double precision DEFAULT 0)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     act stripe_actions;

@@ -15,13 +15,12 @@
 -- is decided here, durably, as a 'refund' stripe_action in this same transaction; the webhook
 -- service's action worker makes the refund and confirms it (finish_stripe_action). No Stripe call
 -- happens while an event is applied. p_refund_id is the refund named by a charge.refunded event.
-CREATE OR REPLACE FUNCTION apply_stripe_event(p_event_id text, p_type text, p_created timestamptz,
-                                   p_payload text, p_payment_intent_id text DEFAULT NULL,
-                                   p_reservation_id uuid DEFAULT NULL, p_amount bigint DEFAULT NULL,
-                                   p_currency text DEFAULT NULL, p_reason text DEFAULT NULL,
-                                   p_refund_id text DEFAULT NULL, p_refunded boolean DEFAULT NULL,
-                                   OUT outcome text, OUT reservation_id uuid, OUT amount bigint,
-                                   OUT currency text)
+CREATE OR REPLACE FUNCTION apply_stripe_event(
+    p_event_id text, p_type text, p_created timestamptz, p_payload text,
+    p_payment_intent_id text DEFAULT NULL, p_reservation_id uuid DEFAULT NULL,
+    p_amount bigint DEFAULT NULL, p_currency text DEFAULT NULL, p_reason text DEFAULT NULL,
+    p_refund_id text DEFAULT NULL, p_refunded boolean DEFAULT NULL, OUT outcome text,
+    OUT reservation_id uuid, OUT amount bigint, OUT currency text)
 LANGUAGE plpgsql AS $$
 DECLARE
     kinds   CONSTANT text[] := ARRAY['payment_intent.succeeded', 'payment_intent.payment_failed',
