@@ -29,7 +29,8 @@ async def test_each_function_and_trigger_is_defined_once_in_the_files(db: asyncp
             defined.setdefault(m.group(1), []).append(name)
     functions = {r[0] for r in await db.fetch(
         "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace")}
-    triggers = {r[0] for r in await db.fetch("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")}
+    triggers = {r[0] for r in await db.fetch(
+        "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")}
     # outbox_notify and stripe_actions_notify name a function and its trigger, in one file
     assert set(defined) == functions | triggers
     assert all(len(set(files)) == 1 for files in defined.values()), defined
@@ -93,3 +94,16 @@ async def test_a_recovery_point_the_code_never_writes_is_refused(db: asyncpg.Poo
             "INSERT INTO payment_intents_log (client_id, idempotency_key, request_path, "
             "request_fingerprint, recovery_point, stripe_idempotency_key) "
             "VALUES ('c', 'k', '/v1/payment_intents', 'f', 'stripe_called', 's')")
+
+
+async def test_migrate_status_says_whether_the_functions_are_current(database_url: str) -> None:
+    mine = migrate.functions_digest()[:12]
+    result = migrate.run(database_url, "status", check=False)
+    assert result.returncode == 0 and f"[X] functions {mine}" in result.stdout, result.stdout
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE schema_functions SET digest = 'stale'")
+    finally:
+        await conn.close()
+    result = migrate.run(database_url, "status", check=False)
+    assert f"[ ] functions {mine} (the database has stale)" in result.stdout, result.stdout

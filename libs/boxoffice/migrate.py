@@ -15,7 +15,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -43,9 +45,9 @@ def functions_digest() -> str:
     return h.hexdigest()
 
 
-async def apply_functions(database_url: str) -> None:
+async def apply_functions(database_url: str) -> str:
     """Create or replace every function, trigger and grant of ``sql/`` in one transaction and
-    record their digest."""
+    record their digest; says what it applied."""
     import asyncpg
 
     conn = await asyncpg.connect(database_url)
@@ -60,6 +62,26 @@ async def apply_functions(database_url: str) -> None:
                 functions_digest())
     finally:
         await conn.close()
+    return f"Applied: functions {functions_digest()[:12]} ({', '.join(FUNCTION_FILES)})"
+
+
+async def functions_state(database_url: str) -> str:
+    """Whether the functions in the database are the ones this release ships."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        applied = None
+        if await conn.fetchval("SELECT to_regclass('schema_functions') IS NOT NULL"):
+            applied = await conn.fetchval("SELECT digest FROM schema_functions")
+    finally:
+        await conn.close()
+    mine = functions_digest()[:12]
+    if applied is None:
+        return f"[ ] functions {mine} (not applied)"
+    if applied == functions_digest():
+        return f"[X] functions {mine}"
+    return f"[ ] functions {mine} (the database has {applied[:12]})"
 
 
 def dbmate_binary() -> str:
@@ -86,40 +108,43 @@ def _dbmate_url(url: str) -> str:
 def run(database_url: str, command: str, *, wait: bool = True, check: bool = True
         ) -> subprocess.CompletedProcess[str]:
     """Run ``dbmate <command>`` (up, down, status) against ``database_url``; after a successful
-    ``up``, apply the functions (``apply_functions``)."""
+    ``up``, apply the functions (``apply_functions``), after ``status`` say whether they are
+    current (``functions_state``)."""
     args = [dbmate_binary(), "--url", _dbmate_url(database_url), "--migrations-dir",
             str(MIGRATIONS_DIR), "--no-dump-schema", "--migration-lock"]
     if wait:
         args += ["--wait", "--wait-timeout", "60s"]
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     result = subprocess.run(args + [command], capture_output=True, text=True, check=check, env=env)
-    if command != "up" or result.returncode != 0:
+    if result.returncode != 0 or command not in ("up", "status"):
         return result
     try:
-        _in_own_loop(apply_functions(database_url))
+        said = _in_own_loop(apply_functions(database_url) if command == "up"
+                            else functions_state(database_url))
     except Exception as exc:  # noqa: BLE001 - reported like dbmate's own failures
         if check:
             raise
         # the exception's class and PostgreSQL's message, never the URL (a secret)
-        return subprocess.CompletedProcess(result.args, 1, result.stdout,
-                                           f"{result.stderr}functions: {type(exc).__name__}: {exc}\n")
-    return subprocess.CompletedProcess(result.args, 0, result.stdout + "Applied: functions "
-                                       f"({', '.join(FUNCTION_FILES)})\n", result.stderr)
+        said = f"functions: {type(exc).__name__}: {exc}\n"
+        return subprocess.CompletedProcess(result.args, 1, result.stdout, result.stderr + said)
+    return subprocess.CompletedProcess(result.args, 0, f"{result.stdout}{said}\n", result.stderr)
 
 
-def _in_own_loop(coro) -> None:  # type: ignore[no-untyped-def]
+def _in_own_loop(coro: Coroutine[Any, Any, str]) -> str:
     # callers may be inside a running event loop (to_thread from a test, or not): a thread of its
     # own runs this one to completion either way
     import threading
+    outcome: list[str] = []
     failure: list[BaseException] = []
 
     def target() -> None:
         try:
-            asyncio.run(coro)
+            outcome.append(asyncio.run(coro))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
-    t = threading.Thread(target=target, name="boxoffice-apply-functions")
+    t = threading.Thread(target=target, name="boxoffice-migrate-functions")
     t.start()
     t.join()
     if failure:
         raise failure[0]
+    return outcome[0]
