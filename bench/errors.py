@@ -181,7 +181,7 @@ async def main() -> None:
     pg = Postgres(tmp / "pg" / "data").start(create_db=None)
     nats_srv = NatsServer(tmp / "nats", sync_always=False).start()
     n = args.reports
-    out: dict[str, object] = {"reports": n}
+    out: dict[str, object] = {"bench": "errors", "reports": n}
     try:
         admin = pg.url("postgres")
         bodies = make_reports(n)
