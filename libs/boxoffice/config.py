@@ -40,7 +40,7 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
                "REAPER_RETENTION_INTERVAL_SECONDS", "AUDIT_INTERVAL_SECONDS", "AUDIT_GRACE_SECONDS"),
 }
 COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE", "ERROR_SPOOL_DIR",
-                   "NATS_CA_FILE")
+                   "NATS_CA_FILE", "NATS_STREAM_REPLICAS")
 SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
                     "CLIENT_API_TOKENS", "ADMIN_API_TOKENS", "SENTRY_DSN", "NATS_URL",
                     "ALERT_WEBHOOK_URL", "ALERT_WEBHOOK_SECRET", "ADMIN_READ_API_TOKENS"})
@@ -66,6 +66,8 @@ class Config:
     service: str
     nats_url: str = "nats://127.0.0.1:4222"
     nats_ca_file: str | None = None  # the CA that signed nats-server's certificate (tls://)
+    # copies of each JetStream stream the service declares: 3 on a cluster of three nodes
+    nats_stream_replicas: int = 1
     database_url: str | None = None
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
@@ -186,6 +188,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         if not os.access(v, os.R_OK) or not os.path.isfile(v):
             raise ConfigError("NATS_CA_FILE", "must name a readable file (PEM certificates)")
         kw["nats_ca_file"] = v
+    if v := get("NATS_STREAM_REPLICAS"):
+        kw["nats_stream_replicas"] = _int("NATS_STREAM_REPLICAS", v, 1, 5)  # JetStream's limit
     if service != "ingress" and (v := get("DATABASE_URL")):
         kw["database_url"] = _url("DATABASE_URL", v, ("postgres", "postgresql"))
     if service in ("payment", "webhook"):
