@@ -39,7 +39,7 @@ class Row:
 
 
 def _cpu(per_process_us: dict[str, float]) -> str:
-    return ", ".join(f"{name} {us / 1000:.2f} ms" for name, us in per_process_us.items())
+    return " · ".join(f"{name} {us / 1000:.2f}" for name, us in per_process_us.items()) + " ms"
 
 
 def webhooks(f: dict[str, Any]) -> list[Row]:
@@ -164,7 +164,7 @@ def render(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = 
         baseline = f"{_num(r.baseline, r.unit)} {r.baseline_name}" if r.baseline is not None else "—"
         met = "—" if r.met is None else ("[green]yes[/]" if r.met else "[red]NO[/]")
         table.add_row(r.figure, _num(r.value, r.unit), baseline,
-                      "—" if ratio is None else f"{ratio:.2f}", r.goal or "—", met, r.cpu or "—")
+                      "—" if ratio is None else f"{ratio:.3g}", r.goal or "—", met, r.cpu or "—")
     for module in missing:
         table.add_row(f"[red]bench.{module}: no figures[/]", "", "", "", "", "", "")
     console = console or Console(width=None if sys.stdout.isatty() else 200)

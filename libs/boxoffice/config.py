@@ -129,6 +129,19 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw
 
 
+def _nats_urls(raw: str) -> str:
+    """NATS_URL: comma-separated servers; one given as ``host:port`` after a whole URL takes
+    that URL's scheme, user and password (``nats://u:p@nats-1:4222,nats-2:4222,nats-3:4222``)."""
+    out: list[str] = []
+    for one in (u.strip() for u in raw.split(",")):
+        if out and "://" not in one:
+            first = urlsplit(out[0])
+            user = first.netloc.rpartition("@")[0]
+            one = f"{first.scheme}://{user + '@' if user else ''}{one}"
+        out.append(_url("NATS_URL", one, ("nats", "tls", "ws", "wss")))
+    return ",".join(out)
+
+
 def _int(name: str, raw: str, lo: int, hi: int) -> int:
     if not re.fullmatch(r"\d+", raw.strip()):
         raise ConfigError(name, f"must be an integer between {lo} and {hi}")
@@ -182,8 +195,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
 
     kw: dict[str, object] = {"service": service}
     if v := get("NATS_URL"):
-        kw["nats_url"] = ",".join(_url("NATS_URL", u.strip(), ("nats", "tls", "ws", "wss"))
-                                  for u in v.split(","))
+        kw["nats_url"] = _nats_urls(v)
     if v := get("NATS_CA_FILE"):
         if not os.access(v, os.R_OK) or not os.path.isfile(v):
             raise ConfigError("NATS_CA_FILE", "must name a readable file (PEM certificates)")
