@@ -283,3 +283,16 @@ def test_stream_replicas_setting() -> None:
             config.load("reaper", dict(env, NATS_STREAM_REPLICAS=bad))
         assert refused.value.name == "NATS_STREAM_REPLICAS"
     assert busmod.stream_config("ERRORS", 3).num_replicas == 3
+
+
+def test_nats_url_servers_take_the_first_ones_credentials() -> None:
+    env = {"NATS_URL": "nats://reaper:pw-1@nats:4222,nats-2:4222, nats-3:4222",
+           "DATABASE_URL": "postgresql://x@y/z"}
+    assert config.load("reaper", env).nats_url == (
+        "nats://reaper:pw-1@nats:4222,nats://reaper:pw-1@nats-2:4222,"
+        "nats://reaper:pw-1@nats-3:4222")
+    env["NATS_URL"] = "tls://a:4222,nats://b:4222"  # whole URLs stay as they are
+    assert config.load("reaper", env).nats_url == "tls://a:4222,nats://b:4222"
+    with pytest.raises(config.ConfigError) as refused:
+        config.load("reaper", dict(env, NATS_URL="nats-2:4222"))  # no whole URL first
+    assert refused.value.name == "NATS_URL"
