@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import table
 
-HELPERS = ("run_all", "table")
+HELPERS = ("run_all", "table", "cpu")  # modules that are no benchmark
 QUICK = {"checkout": ["--quick"], "webhooks": ["--quick"], "reaper": ["--quick"],
          "errors": ["--reports", "20000", "--http-seconds", "2", "--replicas", "1"],
          "audit": ["--holds", "50000", "--changes", "2000"]}

@@ -39,7 +39,13 @@ class Row:
 
 
 def _cpu(per_process_us: dict[str, float]) -> str:
-    return " · ".join(f"{name} {us / 1000:.2f}" for name, us in per_process_us.items()) + " ms"
+    return _cpu_ms({name: us / 1000 for name, us in per_process_us.items()})
+
+
+def _cpu_ms(per_process_ms: dict[str, float] | None) -> str:
+    if not per_process_ms:
+        return ""
+    return " · ".join(f"{name} {ms:.2f}" for name, ms in per_process_ms.items()) + " ms"
 
 
 def webhooks(f: dict[str, Any]) -> list[Row]:
@@ -51,7 +57,8 @@ def webhooks(f: dict[str, Any]) -> list[Row]:
         always = key == "fsync_always"
         rows.append(Row(f"webhooks accepted ({label})", ing["per_second"], "/s",
                         bare["per_second"], "bare aiohttp awaiting the same publish",
-                        "≥ 0.8" if always else "", ratio >= 0.8 if always else None))
+                        "≥ 0.8" if always else "", ratio >= 0.8 if always else None,
+                        cpu=_cpu_ms(ing.get("cpu_ms_per_request"))))
         rows.append(Row(f"webhooks accepted p99 ({label})", ing["p99_ms"], "ms",
                         bare["p99_ms"], "bare aiohttp awaiting the same publish, p99",
                         "≤ 50 ms" if always else "", ing["p99_ms"] <= 50 if always else None))
@@ -59,7 +66,8 @@ def webhooks(f: dict[str, Any]) -> list[Row]:
     inserts = a["plain_insert_transactions_16_connections"]["per_second"]
     applied = a["webhook_applied"]["per_second"]
     rows.append(Row("webhook events applied", applied, "/s", inserts,
-                    "plain single-row insert transactions", "≥ 1.0", applied / inserts >= 1.0))
+                    "plain single-row insert transactions", "≥ 1.0", applied / inserts >= 1.0,
+                    cpu=_cpu_ms(a["webhook_applied"].get("cpu_ms_per_event"))))
     rows.append(Row("webhook events only recorded", a["webhook_recorded_only"]["per_second"], "/s",
                     inserts, "plain single-row insert transactions"))
     return rows

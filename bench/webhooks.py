@@ -40,6 +40,7 @@ import asyncpg
 from aiohttp import web
 from nats.js import JetStreamContext
 
+from bench.cpu import cpu_seconds, tree
 from boxoffice import bus as busmod
 from boxoffice import migrate
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
@@ -102,7 +103,11 @@ def summary(latencies: list[float], seconds: float) -> dict[str, float]:
             "p99_ms": round(q[98] * 1000, 2)}
 
 
-async def load(url: str, bodies: list[tuple[bytes, str]]) -> dict[str, float]:
+async def load(url: str, bodies: list[tuple[bytes, str]],
+               pids: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """POST ``bodies`` from CONCURRENCY clients; with ``pids``, the CPU milliseconds each of
+    those processes spent per request meanwhile."""
+    before = {name: cpu_seconds(p) for name, p in (pids or {}).items()}
     latencies: list[float] = []
     failures = 0
     queue = iter(bodies)
@@ -123,8 +128,10 @@ async def load(url: str, bodies: list[tuple[bytes, str]]) -> dict[str, float]:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(s) for _ in range(CONCURRENCY)))
         took = time.perf_counter() - t0
-    out = summary(latencies, took)
-    out["failed"] = failures
+    out: dict[str, Any] = {**summary(latencies, took), "failed": failures}
+    if pids:
+        out["cpu_ms_per_request"] = {name: round((cpu_seconds(p) - before[name]) * 1000
+                                                 / len(bodies), 3) for name, p in pids.items()}
     return out
 
 
@@ -183,13 +190,18 @@ async def ingress_round(root: Path, sync_always: bool, sizes: Sizes) -> dict[str
         bodies = [(b, sign(b)) for b in (body_for(i) for i in range(sizes.requests))]
         warm, half = bodies[:WARM_UP], (sizes.requests - WARM_UP) // 2
         urls = {name: f"http://127.0.0.1:{port}/v1/webhooks/stripe" for name, port in ports.items()}
+        assert nats.proc is not None
+        # whose CPU each request costs: the handler's process, and nats-server's
+        pids = {name: {name: [proc.pid], "nats": [nats.proc.pid]}
+                for name, proc in zip(ports, procs)}
+        pids["plain"].pop("nats")
         for url in urls.values():
             await load(url, warm)
         # alternate, best of two: the machine is shared, so a burst elsewhere hits one run only
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
         for part in (bodies[WARM_UP:WARM_UP + half], bodies[WARM_UP + half:]):
             for name, url in urls.items():
-                runs[name].append(await load(url, part))
+                runs[name].append(await load(url, part, pids[name]))
         best = {name: max(r, key=lambda one: one["per_second"]) for name, r in runs.items()}
         ingress, plain, publish = best["ingress"], best["plain"], best["publish"]
         return {"ingress": ingress, "plain_aiohttp": plain,
@@ -270,9 +282,18 @@ async def apply_round(root: Path, sizes: Sizes) -> dict[str, Any]:
         proc = spawn([sys.executable, "-m", "boxoffice.cli", "run", "webhook"],
                      service_env(nats.url, DATABASE_URL=url, HEALTH_PORT=str(port)),
                      root / "webhook.log")
+        wait_port(port, 60, proc)  # (its start-up's CPU is not the events')
+        assert pg.proc is not None and nats.proc is not None
+        pids = {"webhook": [proc.pid], "postgres": tree(pg.proc.pid), "nats": [nats.proc.pid]}
         conn = await asyncpg.connect(url)
         try:
+            first = await conn.fetchval("SELECT count(*) FROM webhook_events_log "
+                                        "WHERE processed_at IS NOT NULL")
+            before = {name: cpu_seconds(p) for name, p in pids.items()}
             done, span = await applied(conn, "payment_intent.succeeded", sizes.apply_events)
+            pids["postgres"] = tree(pg.proc.pid)  # the backends as they are now
+            cpu = {name: round((cpu_seconds(p) - before[name]) * 1000 / max(1, done - first), 3)
+                   for name, p in pids.items()}
             completed = await conn.fetchval("SELECT count(*) FROM reservations "
                                             "WHERE status = 'completed'")
             # the floor of the pipeline: events that are only recorded (no effects)
@@ -287,7 +308,8 @@ async def apply_round(root: Path, sizes: Sizes) -> dict[str, Any]:
             await conn.close()
         return {"webhook_applied": {"event_type": "payment_intent.succeeded", "events": done,
                                     "completed_reservations": completed,
-                                    "per_second": round(done / span)},
+                                    "per_second": round(done / span),
+                                    "cpu_ms_per_event": cpu},
                 "webhook_recorded_only": {"event_type": "charge.succeeded", "events": recorded,
                                           "per_second": round(recorded / recorded_span)},
                 "plain_insert_transactions_16_connections": inserts,

@@ -265,10 +265,14 @@ class NatsCluster:
         return any(n.running for n in self.nodes)
 
     def start(self, timeout: float = 60.0) -> "NatsCluster":
-        for node in self.nodes:
-            node.start()
-        for node in self.nodes:
-            node.wait_healthy(timeout)
+        try:
+            for node in self.nodes:
+                node.start()
+            for node in self.nodes:
+                node.wait_healthy(timeout)
+        except BaseException:
+            self.kill()  # no node left behind by a cluster that never formed
+            raise
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
