@@ -96,7 +96,8 @@ def test_cluster_profile_runs_three_nats_nodes_and_the_services_use_them() -> No
         env = cfg["services"][COMPOSE_NAMES[service]]["environment"]
         loaded = config.load(service, {k: (v or "") for k, v in env.items()})
         servers = loaded.nats_url.split(",")
-        assert [s.rpartition("@")[2] for s in servers] == ["nats:4222", "nats-2:4222", "nats-3:4222"]
+        assert [s.rpartition("@")[2] for s in servers] == [
+            "nats:4222", "nats-2:4222", "nats-3:4222"]
         assert {bus_access.user_of(s) for s in servers} == {service}
         assert loaded.nats_stream_replicas == 3
         single_env = single["services"][COMPOSE_NAMES[service]]["environment"]

@@ -173,7 +173,8 @@ class NatsServer(Child):
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; see {self.log}")
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; "
+                                   f"see {self.log}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status == 200:
