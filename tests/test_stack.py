@@ -187,12 +187,7 @@ def test_up_with_a_nats_cluster_of_three(tmp_path: Path) -> None:
             assert {bus_access.user_of(s) for s in senv["NATS_URL"].split(",")} == {service}
             assert senv["NATS_STREAM_REPLICAS"] == "3"
 
-        async def replicas() -> dict[str, int]:
-            async with busmod.connect(env["NATS_URL"], "test") as bus:
-                return {name: (await bus.js.stream_info(name)).config.num_replicas
-                        for name in ("STRIPE_EVENTS", "ERRORS", "RESERVATIONS", "PAYMENTS")}
-
-        assert set(asyncio.run(replicas()).values()) == {3}
+        assert {r for r, _ in asyncio.run(_streams(env["NATS_URL"])).values()} == {3}
         req = urllib.request.Request(
             f"{env['INGRESS_URL']}/v1/reservations", method="POST",
             data=json.dumps({"event_id": env["DEMO_EVENT_ID"], "quantity": 1}).encode(),
@@ -200,11 +195,35 @@ def test_up_with_a_nats_cluster_of_three(tmp_path: Path) -> None:
                      "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 201
+        deadline = time.monotonic() + 20
+        while (kept := asyncio.run(_streams(env["NATS_URL"])))["RESERVATIONS"][1] < 1:
+            assert time.monotonic() < deadline, "the hold's event never reached RESERVATIONS"
+            time.sleep(0.2)
     finally:
         family = stop_stack(proc)
     assert len(family) >= 10  # five services, three nats-servers, PostgreSQL, localstripe
     _, alive = psutil.wait_procs(list(family), timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
+
+    # started again on the same stores, the cluster has every message it had
+    proc, _ = start_stack(home, free_port(), BOXOFFICE_NATS_NODES="3")
+    try:
+        again = asyncio.run(_streams(read_env(home / "stack.env")["NATS_URL"]))
+        assert all(again[name][1] >= kept[name][1] for name in kept), (kept, again)
+    finally:
+        family = stop_stack(proc)
+    _, alive = psutil.wait_procs(list(family), timeout=10)
+    assert not alive
+
+
+async def _streams(url: str) -> dict[str, tuple[int, int]]:
+    """Each stream's replicas and messages."""
+    async with busmod.connect(url, "test") as bus:
+        out = {}
+        for name in ("STRIPE_EVENTS", "ERRORS", "RESERVATIONS", "PAYMENTS"):
+            info = await bus.js.stream_info(name)
+            out[name] = (info.config.num_replicas, info.state.messages)
+        return out
 
 
 def test_up_refuses_another_number_of_nats_nodes(tmp_path: Path) -> None:
