@@ -79,10 +79,12 @@ def errors(f: dict[str, Any]) -> list[Row]:
     one = f["sink_1_replica_persisted_per_s"]
     rows = [Row("error reports persisted (1 sink)", one, "/s", copy,
                 "plain COPY, 10,000 rows each", "≥ 0.5",
-                one / copy >= 0.5 and f["sink_1_replica_lost"] == 0)]
+                one / copy >= 0.5 and f["sink_1_replica_lost"] == 0,
+                cpu=_cpu_ms(f.get("sink_1_replica_cpu_ms_per_report")))]
     if "sink_2_replicas_persisted_per_s" in f:
         rows.append(Row("error reports persisted (2 sinks)", f["sink_2_replicas_persisted_per_s"],
-                        "/s", copy, "plain COPY, 10,000 rows each"))
+                        "/s", copy, "plain COPY, 10,000 rows each",
+                        cpu=_cpu_ms(f.get("sink_2_replicas_cpu_ms_per_report"))))
     rows.append(Row("error reports accepted over HTTP", f["ingress_accepted_per_s"], "/s",
                     f["bare_aiohttp_per_s"], "bare aiohttp answering 202"))
     return rows
