@@ -38,6 +38,7 @@ import aiohttp
 import asyncpg
 import stripe
 
+from bench.cpu import cpu_seconds, tree
 from boxoffice import migrate
 from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
 
@@ -45,25 +46,6 @@ CLIENT = "bench-client-token-aaaaaaaaaaaa"
 ADMIN = "bench-admin-token-bbbbbbbbbbbbb"
 STRIPE_KEY = "sk_test_boxoffice_bench"
 CONCURRENCY = 64
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time of these processes so far (Linux /proc)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
-
-
-def tree(pid: int) -> list[int]:
-    """A process and its children (PostgreSQL's postmaster and its backends)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [pid, *(int(p) for p in out.split())]
 
 
 def pct(samples: list[float], q: float) -> float:

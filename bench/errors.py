@@ -4,7 +4,8 @@
    contexts, some secrets to scrub) are published to ERRORS; then real error-sink processes
    (`boxoffice run error_sink`, 1 and then 2 replicas, each time from the first report into an
    empty database) start, and we measure reports persisted per second from the first stored
-   row to the last. Checked: every report stored exactly once. Baseline in the same run: a
+   row to the last, and the CPU per report of the sinks and PostgreSQL meanwhile. Checked:
+   every report stored exactly once. Baseline in the same run: a
    plain COPY of the same rows (already converted to columns, so no decoding, scrubbing or
    grouping) into an identical, empty error_logs, 10,000 rows per COPY (and 1,000, the
    sink's batch size).
@@ -38,6 +39,7 @@ import nats.js.errors
 
 from types import SimpleNamespace
 
+from bench.cpu import cpu_seconds, tree
 from boxoffice import migrate
 from boxoffice.error_sink import store
 from boxoffice.error_sink.sink import COLUMNS, prepare
@@ -105,8 +107,10 @@ async def plain_copy(url: str, bodies: list[dict], rows_per_copy: int) -> float:
     return len(rows) / elapsed
 
 
-async def sink_rate(env: dict[str, str], url: str, n: int, logdir: Path, replicas: int = 1
-                    ) -> tuple[float, int, int]:
+async def sink_rate(env: dict[str, str], url: str, n: int, logdir: Path, replicas: int,
+                    pg_pid: int) -> tuple[float, int, int, dict[str, float]]:
+    """Reports persisted per second from the first stored row to the last, distinct reports,
+    groups, and the CPU milliseconds per report of the sinks and of PostgreSQL meanwhile."""
     procs = [ServiceProcess("error_sink", dict(env, DATABASE_URL=url), logdir / f"error_sink{i}.log")
              for i in range(replicas)]
     conn = await asyncpg.connect(url)
@@ -114,20 +118,28 @@ async def sink_rate(env: dict[str, str], url: str, n: int, logdir: Path, replica
         for proc in procs:
             proc.start(wait=False)
         t0 = c0 = None
+        cpu0: dict[str, float] = {}
+        pids: dict[str, list[int]] = {}
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             c = await conn.fetchval("SELECT count(*) FROM error_logs")
             now = time.perf_counter()
             if t0 is None and c > 0:
                 t0, c0 = now, c
+                pids = {"error_sink": [p.proc.pid for p in procs if p.proc],
+                        "postgres": tree(pg_pid)}
+                cpu0 = {name: cpu_seconds(ps) for name, ps in pids.items()}
             if c >= n:
                 break
             await asyncio.sleep(0.05)
         assert t0 is not None and c0 is not None, "the sink stored nothing"
+        pids["postgres"] = tree(pg_pid)  # the backends as they are now
+        cpu = {name: round((cpu_seconds(ps) - cpu0[name]) * 1000 / max(1, c - c0), 4)
+               for name, ps in pids.items()}
         rate = (c - c0) / (now - t0)
         distinct = await conn.fetchval("SELECT count(DISTINCT id) FROM error_logs")
         groups = await conn.fetchval("SELECT count(*) FROM error_groups")
-        return rate, distinct, groups
+        return rate, distinct, groups, cpu
     finally:
         await conn.close()
         for proc in procs:
@@ -181,7 +193,7 @@ async def main() -> None:
     pg = Postgres(tmp / "pg" / "data").start(create_db=None)
     nats_srv = NatsServer(tmp / "nats", sync_always=False).start()
     n = args.reports
-    out: dict[str, object] = {"reports": n}
+    out: dict[str, object] = {"bench": "errors", "reports": n}
     try:
         admin = pg.url("postgres")
         bodies = make_reports(n)
@@ -195,9 +207,11 @@ async def main() -> None:
         for replicas in (int(r) for r in args.replicas.split(",")):
             await forget_consumer(nats_srv.url)  # the sink starts again from the first report
             db = await create_db(admin, f"sink{replicas}")
-            rate, distinct, groups = await sink_rate(env, db, n, tmp, replicas)
+            assert pg.proc is not None
+            rate, distinct, groups, cpu = await sink_rate(env, db, n, tmp, replicas, pg.proc.pid)
             key = f"sink_{replicas}_replica{'s' if replicas > 1 else ''}"
             out.update({f"{key}_persisted_per_s": round(rate), f"{key}_lost": n - distinct,
+                        f"{key}_cpu_ms_per_report": cpu,
                         f"{key}_vs_plain_copy": round(rate / out["plain_copy_per_s"], 3)})  # type: ignore[operator]
             out["sink_groups"] = groups
         port = free_port()

@@ -10,11 +10,12 @@
    event while the reaper works (they must not starve). Goal <= 5 s.
 
 Runs its own PostgreSQL and nats-server; prints one JSON object.
-Usage: .venv/bin/python -m bench.reaper
+Usage: .venv/bin/python -m bench.reaper [--quick]   (--quick: 2,000 and 20,000 holds)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -70,10 +71,10 @@ async def wait_until(conn: asyncpg.Connection, sql: str, *args: object, timeout:
         await asyncio.sleep(0.02)
 
 
-async def spread_lag(pool: asyncpg.Pool) -> dict:
+async def spread_lag(pool: asyncpg.Pool, holds: int) -> dict:
     event = await pool.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'spread', $1, "
-                                "100, 'eur', $2)", SPREAD_HOLDS, BUCKETS)
-    clients, per_client = 8, SPREAD_HOLDS // 8
+                                "100, 'eur', $2)", holds, BUCKETS)
+    clients, per_client = 8, holds // 8
     started = time.monotonic()
 
     async def client(k: int) -> None:
@@ -110,11 +111,11 @@ BULK = """
     WHERE b.event_id = $1 AND b.bucket = c.bucket"""
 
 
-async def mass_expiry(pool: asyncpg.Pool) -> dict:
+async def mass_expiry(pool: asyncpg.Pool, holds: int) -> dict:
     event = await pool.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'flash', $1, "
-                                "100, 'eur', $2)", MASS_HOLDS + 2000, BUCKETS)
+                                "100, 'eur', $2)", holds + 2000, BUCKETS)
     async with pool.acquire() as conn:
-        await conn.execute(BULK, event, MASS_HOLDS, BUCKETS)
+        await conn.execute(BULK, event, holds, BUCKETS)
         # baseline: a plain UPDATE of the same rows (no tickets returned, no events), undone
         tx = conn.transaction()
         await tx.start()
@@ -168,17 +169,21 @@ async def mass_expiry(pool: asyncpg.Pool) -> dict:
             "runs_recorded": [{"expired": r["expired"], "seconds": round(r["secs"], 3)} for r in runs],
             "new_holds_meanwhile": {"count": len(hold_latency), "p50_ms": ms[0], "p99_ms": ms[1]},
             "baseline_plain_update": {"seconds": round(plain, 3),
-                                      "rows_per_s": round(MASS_HOLDS / plain)},
+                                      "rows_per_s": round(holds / plain)},
             "reaper_vs_plain_update": round(row["span"] / plain, 1),
             "goal_s": 5.0}
 
 
-async def run(db_url: str) -> dict:
+async def run(db_url: str, spread: int, mass: int) -> dict:
     async with asyncpg.create_pool(db_url, min_size=2, max_size=12) as pool:
-        return {"spread": await spread_lag(pool), "mass": await mass_expiry(pool)}
+        return {"spread": await spread_lag(pool, spread), "mass": await mass_expiry(pool, mass)}
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench.reaper")
+    parser.add_argument("--quick", action="store_true", help="2,000 and 20,000 holds")
+    args = parser.parse_args()
+    spread, mass = (2_000, 20_000) if args.quick else (SPREAD_HOLDS, MASS_HOLDS)
     with tempfile.TemporaryDirectory(prefix="bench-reaper-") as tmp:
         root = Path(tmp)
         pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
@@ -189,7 +194,7 @@ def main() -> int:
             migrate.run(db_url, "up")
             reaper, _ = start_reaper(root, nats.url, db_url)
             t = time.monotonic()
-            figures = asyncio.run(run(db_url))
+            figures = asyncio.run(run(db_url, spread, mass))
             figures["bench_seconds"] = round(time.monotonic() - t, 1)
             figures["nats_fsync"] = "default (not sync_interval: always)"
             figures["reaper_batch_size"] = int(os.environ.get("REAPER_BATCH_SIZE", "0")) or "default"

@@ -1,22 +1,48 @@
-"""Run every benchmark module in bench/ and print their JSON figures, one object per line."""
+"""Run every benchmark module in bench/: print their JSON figures, one object per line, then
+one table of every figure against its baseline from the same run (``bench.table``).
+
+    .venv/bin/python -m bench.run_all [--quick] [--only webhooks,reaper]
+
+``--quick`` runs each module with reduced sizes: to check that everything runs, not to measure.
+"""
 
 from __future__ import annotations
 
+import argparse
 import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
+from bench import table
+
+HELPERS = ("run_all", "table", "cpu")  # modules that are no benchmark
+QUICK = {"checkout": ["--quick"], "webhooks": ["--quick"], "reaper": ["--quick"],
+         "errors": ["--reports", "20000", "--http-seconds", "2", "--replicas", "1"],
+         "audit": ["--holds", "50000", "--changes", "2000"]}
+
 
 def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench.run_all")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (a smoke run)")
+    parser.add_argument("--only", default="", help="comma-separated modules to run")
+    args = parser.parse_args()
     here = Path(__file__).parent
+    modules = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name not in HELPERS)
+    if args.only:
+        modules = [m for m in modules if m in args.only.split(",")]
     failed = 0
-    for mod in sorted(m.name for m in pkgutil.iter_modules([str(here)])):
-        if mod in ("run_all", "common"):
-            continue
+    lines: list[str] = []
+    for mod in modules:
         print(f"# bench.{mod}", file=sys.stderr, flush=True)
-        r = subprocess.run([sys.executable, "-m", f"bench.{mod}"], cwd=here.parent)
+        extra = QUICK.get(mod, []) if args.quick else []
+        r = subprocess.run([sys.executable, "-m", f"bench.{mod}", *extra], cwd=here.parent,
+                           stdout=subprocess.PIPE, text=True)
+        print(r.stdout, end="", flush=True)  # the JSON lines, as the module printed them
+        lines += r.stdout.splitlines()
         failed += r.returncode != 0
+    figures = table.read(lines)
+    table.render(figures, modules)
     return 1 if failed else 0
 
 

@@ -4,18 +4,22 @@ Run: ``.venv/bin/python -m bench.webhooks`` (about a minute). Prints one JSON ob
 figures and the baselines measured in the same run, on the same machine:
 
 - ingress: signed ~1.5 kB Stripe events POSTed by 64 concurrent clients to a real ingress
-  process, against (a) a plain aiohttp handler in its own process (read the body, answer JSON)
-  and (b) plain JetStream publishes with PubAck (64 concurrent, from this process); once with
-  nats-server's default fsync and once with ``sync_interval: always``.
+  process, against (a) a plain aiohttp handler in its own process (read the body, answer JSON),
+  (b) a bare aiohttp handler in its own process that awaits the same JetStream publish (PubAck)
+  before answering, and (c) plain JetStream publishes with PubAck (64 concurrent, from this
+  process); once with nats-server's default fsync and once with ``sync_interval: always``.
 - webhook service: a real webhook process applying ``payment_intent.succeeded`` events (each
   completes a hold: log row, payment row, reservation, inventory, two outbox rows relayed to
   JetStream, one transaction) from STRIPE_EVENTS, and then events that are only recorded
   (``charge.succeeded``), against plain single-row insert transactions on 16 connections into
   the same PostgreSQL.
+
+``--quick`` runs each phase on about a fifth of the requests and events.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import hmac
@@ -27,22 +31,35 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+from aiohttp import web
+from nats.js import JetStreamContext
 
+from bench.cpu import cpu_seconds, tree
 from boxoffice import bus as busmod
 from boxoffice import migrate
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
 
 SECRET = "whsec_bench_secret_0123456789"
 CONCURRENCY = 64
-REQUESTS = 16_500
-APPLY_EVENTS = 10_000
-INSERTS = 10_000
-RECORDED_EVENTS = 5_000
+WARM_UP = 500
+
+
+@dataclass(frozen=True)
+class Sizes:
+    requests: int = 16_500  # per ingress round, warm-up included
+    apply_events: int = 10_000
+    inserts: int = 10_000
+    recorded_events: int = 5_000
+
+
+JS = web.AppKey("js", JetStreamContext)  # the bare publishing baseline's JetStream
+QUICK = Sizes(requests=3_500, apply_events=2_000, inserts=2_000, recorded_events=1_000)
 
 
 def body_for(i: int, reservation: str | None = None) -> bytes:
@@ -86,7 +103,11 @@ def summary(latencies: list[float], seconds: float) -> dict[str, float]:
             "p99_ms": round(q[98] * 1000, 2)}
 
 
-async def load(url: str, bodies: list[tuple[bytes, str]]) -> dict[str, float]:
+async def load(url: str, bodies: list[tuple[bytes, str]],
+               pids: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """POST ``bodies`` from CONCURRENCY clients; with ``pids``, the CPU milliseconds each of
+    those processes spent per request meanwhile."""
+    before = {name: cpu_seconds(p) for name, p in (pids or {}).items()}
     latencies: list[float] = []
     failures = 0
     queue = iter(bodies)
@@ -107,8 +128,10 @@ async def load(url: str, bodies: list[tuple[bytes, str]]) -> dict[str, float]:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(s) for _ in range(CONCURRENCY)))
         took = time.perf_counter() - t0
-    out = summary(latencies, took)
-    out["failed"] = failures
+    out: dict[str, Any] = {**summary(latencies, took), "failed": failures}
+    if pids:
+        out["cpu_ms_per_request"] = {name: round((cpu_seconds(p) - before[name]) * 1000
+                                                 / len(bodies), 3) for name, p in pids.items()}
     return out
 
 
@@ -147,35 +170,46 @@ def service_env(nats_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-async def ingress_round(root: Path, sync_always: bool) -> dict[str, Any]:
+async def ingress_round(root: Path, sync_always: bool, sizes: Sizes) -> dict[str, Any]:
     nats = NatsServer(root / ("nats-sync" if sync_always else "nats-default"),
                       sync_always=sync_always).start()
     procs: list[subprocess.Popen] = []
     try:
-        publishes = await plain_publishes(nats.url, REQUESTS)
-        plain_port, ingress_port = free_port(), free_port()
+        publishes = await plain_publishes(nats.url, sizes.requests)
+        ports = {"plain": free_port(), "publish": free_port(), "ingress": free_port()}
         procs.append(spawn([sys.executable, "-m", "bench.webhooks", "--plain-server",
-                            str(plain_port)], dict(os.environ), root / "plain.log"))
+                            str(ports["plain"])], dict(os.environ), root / "plain.log"))
+        procs.append(spawn([sys.executable, "-m", "bench.webhooks", "--plain-server",
+                            str(ports["publish"]), nats.url], dict(os.environ),
+                           root / "publish.log"))
         procs.append(spawn([sys.executable, "-m", "boxoffice.cli", "run", "ingress"],
-                           service_env(nats.url, INGRESS_PORT=str(ingress_port)),
+                           service_env(nats.url, INGRESS_PORT=str(ports["ingress"])),
                            root / "ingress.log"))
-        wait_port(plain_port, 30, procs[0])
-        wait_port(ingress_port, 30, procs[1])
-        bodies = [(b, sign(b)) for b in (body_for(i) for i in range(REQUESTS))]
-        warm, half = bodies[:500], (REQUESTS - 500) // 2
-        plain_url = f"http://127.0.0.1:{plain_port}/v1/webhooks/stripe"
-        ingress_url = f"http://127.0.0.1:{ingress_port}/v1/webhooks/stripe"
-        await load(plain_url, warm)
-        await load(ingress_url, warm)
+        for proc, port in zip(procs, ports.values()):
+            wait_port(port, 30, proc)
+        bodies = [(b, sign(b)) for b in (body_for(i) for i in range(sizes.requests))]
+        warm, half = bodies[:WARM_UP], (sizes.requests - WARM_UP) // 2
+        urls = {name: f"http://127.0.0.1:{port}/v1/webhooks/stripe" for name, port in ports.items()}
+        assert nats.proc is not None
+        # whose CPU each request costs: the handler's process, and nats-server's
+        pids = {name: {name: [proc.pid], "nats": [nats.proc.pid]}
+                for name, proc in zip(ports, procs)}
+        pids["plain"].pop("nats")
+        for url in urls.values():
+            await load(url, warm)
         # alternate, best of two: the machine is shared, so a burst elsewhere hits one run only
-        runs: dict[str, list[dict[str, float]]] = {"plain": [], "ingress": []}
-        for part in (bodies[500:500 + half], bodies[500 + half:]):
-            runs["plain"].append(await load(plain_url, part))
-            runs["ingress"].append(await load(ingress_url, part))
-        plain = max(runs["plain"], key=lambda r: r["per_second"])
-        ingress = max(runs["ingress"], key=lambda r: r["per_second"])
-        return {"ingress": ingress, "plain_aiohttp": plain, "plain_jetstream_publish": publishes,
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+        for part in (bodies[WARM_UP:WARM_UP + half], bodies[WARM_UP + half:]):
+            for name, url in urls.items():
+                runs[name].append(await load(url, part, pids[name]))
+        best = {name: max(r, key=lambda one: one["per_second"]) for name, r in runs.items()}
+        ingress, plain, publish = best["ingress"], best["plain"], best["publish"]
+        return {"ingress": ingress, "plain_aiohttp": plain,
+                "plain_aiohttp_awaiting_publish": publish,
+                "plain_jetstream_publish": publishes,
                 "ingress_vs_aiohttp": round(ingress["per_second"] / plain["per_second"], 2),
+                "ingress_vs_aiohttp_publish": round(ingress["per_second"] / publish["per_second"],
+                                                    2),
                 "ingress_vs_jetstream": round(ingress["per_second"] / publishes["per_second"], 2)}
     finally:
         for p in procs:
@@ -221,21 +255,21 @@ async def applied(conn: asyncpg.Connection, event_type: str, n: int) -> tuple[in
         await asyncio.sleep(0.2)
 
 
-async def apply_round(root: Path) -> dict[str, Any]:
+async def apply_round(root: Path, sizes: Sizes) -> dict[str, Any]:
     pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
     nats = NatsServer(root / "nats-apply", sync_always=False).start()
     proc = None
     try:
         url = pg.url("boxoffice")
         await asyncio.to_thread(migrate.run, url, "up")
-        inserts = await plain_inserts(url, INSERTS)
+        inserts = await plain_inserts(url, sizes.inserts)
         conn = await asyncpg.connect(url)
         try:
             ev = await conn.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'bench', $1,"
-                                     " 2500, 'eur', 64)", APPLY_EVENTS)
+                                     " 2500, 'eur', 64)", sizes.apply_events)
             holds = [str(r[0]) for r in await conn.fetch(
                 "SELECT (hold_tickets($1, 1, 'bench', 3600)).id FROM generate_series(1, $2)",
-                ev, APPLY_EVENTS)]
+                ev, sizes.apply_events)]
         finally:
             await conn.close()
         async with busmod.connect(nats.url, "bench") as bus:
@@ -248,23 +282,34 @@ async def apply_round(root: Path) -> dict[str, Any]:
         proc = spawn([sys.executable, "-m", "boxoffice.cli", "run", "webhook"],
                      service_env(nats.url, DATABASE_URL=url, HEALTH_PORT=str(port)),
                      root / "webhook.log")
+        wait_port(port, 60, proc)  # (its start-up's CPU is not the events')
+        assert pg.proc is not None and nats.proc is not None
+        pids = {"webhook": [proc.pid], "postgres": tree(pg.proc.pid), "nats": [nats.proc.pid]}
         conn = await asyncpg.connect(url)
         try:
-            done, span = await applied(conn, "payment_intent.succeeded", APPLY_EVENTS)
+            first = await conn.fetchval("SELECT count(*) FROM webhook_events_log "
+                                        "WHERE processed_at IS NOT NULL")
+            before = {name: cpu_seconds(p) for name, p in pids.items()}
+            done, span = await applied(conn, "payment_intent.succeeded", sizes.apply_events)
+            pids["postgres"] = tree(pg.proc.pid)  # the backends as they are now
+            cpu = {name: round((cpu_seconds(p) - before[name]) * 1000 / max(1, done - first), 3)
+                   for name, p in pids.items()}
             completed = await conn.fetchval("SELECT count(*) FROM reservations "
                                             "WHERE status = 'completed'")
             # the floor of the pipeline: events that are only recorded (no effects)
             async with busmod.connect(nats.url, "bench") as bus:
                 other = [body_for(i).replace(b'"payment_intent.succeeded"', b'"charge.succeeded"')
-                         for i in range(RECORDED_EVENTS)]
+                         for i in range(sizes.recorded_events)]
                 await asyncio.gather(*(bus.publish("stripe.events.charge.succeeded", b,
                                                    json.loads(b)["id"]) for b in other))
-            recorded, recorded_span = await applied(conn, "charge.succeeded", RECORDED_EVENTS)
+            recorded, recorded_span = await applied(conn, "charge.succeeded",
+                                                    sizes.recorded_events)
         finally:
             await conn.close()
         return {"webhook_applied": {"event_type": "payment_intent.succeeded", "events": done,
                                     "completed_reservations": completed,
-                                    "per_second": round(done / span)},
+                                    "per_second": round(done / span),
+                                    "cpu_ms_per_event": cpu},
                 "webhook_recorded_only": {"event_type": "charge.succeeded", "events": recorded,
                                           "per_second": round(recorded / recorded_span)},
                 "plain_insert_transactions_16_connections": inserts,
@@ -277,35 +322,52 @@ async def apply_round(root: Path) -> dict[str, Any]:
         pg.stop()
 
 
-async def main() -> dict[str, Any]:
+async def main(sizes: Sizes) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as tmp:
         root = Path(tmp)
         out: dict[str, Any] = {"benchmark": "webhooks", "concurrency": CONCURRENCY,
-                               "requests_per_run": (REQUESTS - 500) // 2, "best_of": 2}
-        out["fsync_default"] = await ingress_round(root, sync_always=False)
-        out["fsync_always"] = await ingress_round(root, sync_always=True)
-        out["apply"] = await apply_round(root)
+                               "requests_per_run": (sizes.requests - WARM_UP) // 2, "best_of": 2}
+        out["fsync_default"] = await ingress_round(root, False, sizes)
+        out["fsync_always"] = await ingress_round(root, True, sizes)
+        out["apply"] = await apply_round(root, sizes)
         return out
 
 
-def plain_server(port: int) -> None:
-    """The baseline: one aiohttp process that reads the body and answers JSON."""
-    from aiohttp import web
-
-    async def handle(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"received": True})
+def plain_server(port: int, nats_url: str | None) -> None:
+    """A baseline: one aiohttp process that reads the body and answers JSON; with ``nats_url``,
+    it first awaits the JetStream publish of the body (its PubAck), as ingress does."""
+    import nats
+    import uvloop
 
     app = web.Application()
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        if nats_url:
+            await app[JS].publish("stripe.events.payment_intent.succeeded", body,
+                                  headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        return web.json_response({"received": True})
+
+    async def bus(app: web.Application) -> Any:
+        nc = await nats.connect(nats_url) if nats_url else None
+        if nc is not None:
+            app[JS] = nc.jetstream()
+        yield
+        if nc is not None:
+            await nc.drain()
+
+    app.cleanup_ctx.append(bus)
     app.router.add_post("/v1/webhooks/stripe", handle)
-    import uvloop
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
                 loop=uvloop.new_event_loop())
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--plain-server":
-        plain_server(int(sys.argv[2]))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--plain-server":
+        plain_server(int(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else None)
     else:
+        parser = argparse.ArgumentParser(prog="bench.webhooks")
+        parser.add_argument("--quick", action="store_true", help="about a fifth of the sizes")
+        args = parser.parse_args()
         import uvloop
-        print(json.dumps(uvloop.run(main())))
+        print(json.dumps(uvloop.run(main(QUICK if args.quick else Sizes()))))

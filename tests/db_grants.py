@@ -1,10 +1,10 @@
 """What each service's PostgreSQL role may do: the decision, object by object.
 
 tests/test_db_roles.py compares it with the catalog of a migrated database, both ways. A table,
-sequence or function added by a migration is in the catalog, so it must be listed here (with no
-role when no service may touch it) and granted by a migration to exactly the roles listed. The
-owner (the role that runs the migrations) holds everything and is not listed; PUBLIC holds
-nothing.
+sequence or function added by a migration (or a function file of libs/boxoffice/sql) is in the
+catalog, so it must be listed here (with no role when no service may touch it) and granted there
+to exactly the roles listed. The owner (the role that runs the migrations) holds everything and
+is not listed; PUBLIC holds nothing.
 
 Privileges are written as PostgreSQL names them; ``UPDATE(a,b)`` is a grant on those columns
 only. A service's row lock (FOR UPDATE) needs UPDATE on one column, which is why the outbox
@@ -21,6 +21,7 @@ RELAYS = {"payment": "SELECT INSERT DELETE UPDATE(created_at)",
 # table -> service -> privileges
 TABLES: dict[str, dict[str, str]] = {
     "schema_migrations": {s: "SELECT" for s in ALL},
+    "schema_functions": {s: "SELECT" for s in ALL},
     "outbox": RELAYS,
     "ticketed_events": {"payment": "SELECT INSERT", "webhook": "SELECT", "reaper": "SELECT"},
     "inventory_buckets": {"payment": "SELECT INSERT UPDATE(held)",

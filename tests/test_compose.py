@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from boxoffice import SERVICES, config
+from boxoffice import SERVICES, bus_access, config
+from boxoffice.embedded import venv_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_NAMES = {"ingress": "ingress", "payment": "payment", "webhook": "webhook",
@@ -18,10 +19,10 @@ COMPOSE_NAMES = {"ingress": "ingress", "payment": "payment", "webhook": "webhook
 DB_SERVICES = {"payment", "webhook", "error_sink", "reaper"}
 
 
-def compose_config() -> dict:
+def compose_config(*options: str) -> dict:
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is required for this test: apt-get install docker-compose"
-    r = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "config"], cwd=ROOT,
+    r = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), *options, "config"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60,
                        env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
     assert r.returncode == 0, r.stderr
@@ -72,3 +73,33 @@ def test_migrate_step_and_nats_configuration() -> None:
 def test_dockerfile_installs_the_pinned_project() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "constraints.txt" in text and 'ENTRYPOINT ["boxoffice"]' in text
+
+
+def test_cluster_profile_runs_three_nats_nodes_and_the_services_use_them() -> None:
+    single = compose_config()
+    assert single["services"]["nats"]["command"] == ["-c", "/etc/nats/nats.conf"]
+    cfg = compose_config("--env-file", "deploy/nats/cluster.env")
+    nodes = {name: cfg["services"][name] for name in ("nats", "nats-2", "nats-3")}
+    for name in ("nats-2", "nats-3"):
+        assert nodes[name]["profiles"] == ["cluster"]
+    assert {n["environment"]["NATS_SERVER_NAME"] for n in nodes.values()} == set(nodes)
+    assert len({v for n in nodes.values() for v in n["volumes"] if v.endswith(":/data:rw")}) == 3
+    for name, node in nodes.items():
+        assert node["command"] == ["-c", "/etc/nats/cluster.conf"]
+        assert all(f"@{other}:6222" in node["environment"]["NATS_ROUTES"] for other in nodes)
+        # the node's configuration as nats-server reads it, from its environment in compose
+        r = subprocess.run([venv_bin("nats-server"), "-t", "-c", "cluster.conf"],
+                           cwd=ROOT / "deploy" / "nats", capture_output=True, text=True,
+                           env={k: str(v) for k, v in node["environment"].items()}, timeout=30)
+        assert r.returncode == 0, r.stderr
+    for service in SERVICES:
+        env = cfg["services"][COMPOSE_NAMES[service]]["environment"]
+        loaded = config.load(service, {k: (v or "") for k, v in env.items()})
+        servers = loaded.nats_url.split(",")
+        assert [s.rpartition("@")[2] for s in servers] == [
+            "nats:4222", "nats-2:4222", "nats-3:4222"]
+        assert {bus_access.user_of(s) for s in servers} == {service}
+        assert loaded.nats_stream_replicas == 3
+        single_env = single["services"][COMPOSE_NAMES[service]]["environment"]
+        assert config.load(service, {k: (v or "") for k, v in single_env.items()}
+                           ).nats_stream_replicas == 1

@@ -137,9 +137,11 @@ def test_every_compose_command_exists_in_the_built_image(built: Path) -> None:
     assert {"ingress", "payment", "webhook", "error-sink", "reaper", "migrate"} <= set(checked)
 
 
-def test_the_built_image_ships_every_migration(built: Path) -> None:
-    shipped = {p.name for p in (built / "boxoffice" / "migrations").glob("*.sql")}
-    assert shipped == {p.name for p in (ROOT / "libs" / "boxoffice" / "migrations").glob("*.sql")}
+@pytest.mark.parametrize("folder", ["migrations", "sql"])
+def test_the_built_image_ships_every_migration_and_function_file(built: Path, folder: str) -> None:
+    shipped = {p.name for p in (built / "boxoffice" / folder).glob("*.sql")}
+    kept = {p.name for p in (ROOT / "libs" / "boxoffice" / folder).glob("*.sql")}
+    assert shipped and shipped == kept
 
 
 def _owner_names(df: Dockerfile) -> set[str]:

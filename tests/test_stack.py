@@ -18,16 +18,18 @@ import asyncpg
 import psutil
 import pytest
 
+from boxoffice import bus as busmod
 from boxoffice import bus_access, roles
 from boxoffice.embedded import free_port
 from boxoffice.stack import STACK_KEYS, read_env
 from tests.harness import http_ready
 
 
-def start_stack(home: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
+def start_stack(home: Path, port: int, **extra: str) -> tuple[subprocess.Popen, list[str]]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("NATS_URL", "DATABASE_URL", "STRIPE_API_KEY", "STRIPE_API_BASE")}
-    env.update(BOXOFFICE_HOME=str(home), INGRESS_PORT=str(port), RESERVATION_TTL_SECONDS="120")
+    env.update(BOXOFFICE_HOME=str(home), INGRESS_PORT=str(port), RESERVATION_TTL_SECONDS="120",
+               **extra)
     proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "up"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -163,3 +165,72 @@ def test_up_ready_restart_and_clean_stop(tmp_path: Path) -> None:
         family = stop_stack(proc)
     _, alive = psutil.wait_procs(list(family), timeout=10)
     assert not alive
+
+
+def test_up_with_a_nats_cluster_of_three(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc, lines = start_stack(home, free_port(), BOXOFFICE_NATS_NODES="3")
+    try:
+        assert any("cluster of 3 nodes" in line for line in lines), lines
+        env = read_env(home / "stack.env")
+        servers = env["NATS_URL"].split(",")
+        assert len(servers) == 3
+        assert {bus_access.user_of(s) for s in servers} == {bus_access.OPERATOR}
+        for n in (1, 2, 3):  # each node its own store; its configuration (passwords) private
+            node = home / "nats" / f"n{n}"
+            assert (node / "nats.conf").stat().st_mode & 0o777 == 0o600
+            assert (node / "jetstream").is_dir()
+        for service, info in json.loads((home / "services.json").read_text()).items():
+            senv = psutil.Process(info["pid"]).environ()
+            assert [bus_access.without_user(s) for s in senv["NATS_URL"].split(",")] == [
+                bus_access.without_user(s) for s in servers], service
+            assert {bus_access.user_of(s) for s in senv["NATS_URL"].split(",")} == {service}
+            assert senv["NATS_STREAM_REPLICAS"] == "3"
+
+        assert {r for r, _ in asyncio.run(_streams(env["NATS_URL"])).values()} == {3}
+        req = urllib.request.Request(
+            f"{env['INGRESS_URL']}/v1/reservations", method="POST",
+            data=json.dumps({"event_id": env["DEMO_EVENT_ID"], "quantity": 1}).encode(),
+            headers={"Authorization": f"Bearer {env['CLIENT_API_TOKEN']}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 201
+        deadline = time.monotonic() + 20
+        while (kept := asyncio.run(_streams(env["NATS_URL"])))["RESERVATIONS"][1] < 1:
+            assert time.monotonic() < deadline, "the hold's event never reached RESERVATIONS"
+            time.sleep(0.2)
+    finally:
+        family = stop_stack(proc)
+    assert len(family) >= 10  # five services, three nats-servers, PostgreSQL, localstripe
+    _, alive = psutil.wait_procs(list(family), timeout=10)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+
+    # started again on the same stores, the cluster has every message it had
+    proc, _ = start_stack(home, free_port(), BOXOFFICE_NATS_NODES="3")
+    try:
+        again = asyncio.run(_streams(read_env(home / "stack.env")["NATS_URL"]))
+        assert all(again[name][1] >= kept[name][1] for name in kept), (kept, again)
+    finally:
+        family = stop_stack(proc)
+    _, alive = psutil.wait_procs(list(family), timeout=10)
+    assert not alive
+
+
+async def _streams(url: str) -> dict[str, tuple[int, int]]:
+    """Each stream's replicas and messages."""
+    async with busmod.connect(url, "test") as bus:
+        out = {}
+        for name in ("STRIPE_EVENTS", "ERRORS", "RESERVATIONS", "PAYMENTS"):
+            info = await bus.js.stream_info(name)
+            out[name] = (info.config.num_replicas, info.state.messages)
+        return out
+
+
+def test_up_refuses_another_number_of_nats_nodes(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    r = subprocess.run([sys.executable, "-m", "boxoffice.cli", "up"], capture_output=True,
+                       text=True, timeout=60,
+                       env={**env, "BOXOFFICE_HOME": str(tmp_path), "BOXOFFICE_NATS_NODES": "2"})
+    assert r.returncode == 1
+    assert "BOXOFFICE_NATS_NODES must be 1 or 3" in r.stderr
+    assert not (tmp_path / "nats").exists()

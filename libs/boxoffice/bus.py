@@ -51,20 +51,23 @@ REQUEST_ID_HEADER = "Boxoffice-Request-Id"
 NO_RESPONDER_RETRIES = (0.05, 0.1, 0.2, None)
 
 
-def stream_config(name: str) -> StreamConfig:
+def stream_config(name: str, replicas: int = 1) -> StreamConfig:
+    """``replicas``: copies kept on as many nodes of a cluster (an acknowledged message is on a
+    majority of them); streams declared again with more are scaled up by nats-server."""
     return StreamConfig(
         name=name, subjects=STREAMS[name], retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE, discard=DiscardPolicy.OLD, max_age=STREAM_MAX_AGE[name],
-        duplicate_window=DUPLICATE_WINDOW[name], max_msg_size=8 << 20,
+        duplicate_window=DUPLICATE_WINDOW[name], max_msg_size=8 << 20, num_replicas=replicas,
     )
 
 
 class Bus:
     """A connected NATS client with JetStream, shared by everything in one process."""
 
-    def __init__(self, nc: Client, js: JetStreamContext):
+    def __init__(self, nc: Client, js: JetStreamContext, stream_replicas: int = 1):
         self.nc = nc
         self.js = js
+        self.stream_replicas = stream_replicas
         self._subs: list[Subscription] = []
         self._inflight: set[asyncio.Task[Any]] = set()
         self._limit = asyncio.Semaphore(512)
@@ -76,7 +79,7 @@ class Bus:
     # -- JetStream declarations ---------------------------------------------------------
     async def declare_streams(self, *names: str) -> None:
         for name in names or tuple(STREAMS):
-            cfg = stream_config(name)
+            cfg = stream_config(name, self.stream_replicas)
             try:
                 await self.js.add_stream(cfg)
             except nats.js.errors.BadRequestError:
@@ -221,11 +224,13 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
 
 @contextlib.asynccontextmanager
 async def connect(url: str, name: str, *, ca_file: str | None = None,
-                  first_connect_timeout: float = 60.0) -> AsyncIterator[Bus]:
+                  first_connect_timeout: float = 60.0, stream_replicas: int = 1
+                  ) -> AsyncIterator[Bus]:
     """Connect (retrying the first connection with back-off), yield a ``Bus``, drain on exit.
 
     ``url`` carries the user and password (comma-separated servers; ``tls://`` for TLS, the
     server's certificate verified against ``ca_file`` when given, else the system's CAs).
+    Streams are declared with ``stream_replicas`` copies (``NATS_STREAM_REPLICAS``).
     Replies come to the user's own inbox prefix (``bus_access.inbox_prefix``). Credentials that
     the server refuses stop the first connection at once; a subject the user may not use is
     logged as an error (and so reported), naming the subject.
@@ -284,7 +289,7 @@ async def connect(url: str, name: str, *, ca_file: str | None = None,
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
     connected = True
-    bus = Bus(nc, nc.jetstream(timeout=5.0))
+    bus = Bus(nc, nc.jetstream(timeout=5.0), stream_replicas)
     try:
         yield bus
     finally:

@@ -115,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run one service: " + ", ".join(SERVICES))
     p.add_argument("service")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("migrate", help="apply migrations (or --down: roll back one); then give each "
+    p = sub.add_parser("migrate", help="apply migrations and then the functions (or --down: roll "
+                       "back one migration); then give each "
                        "service role whose PG_<SERVICE>_PASSWORD is set LOGIN and that password")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--down", action="store_true", help="roll back the newest migration")
-    g.add_argument("--status", action="store_true", help="list applied and pending migrations")
+    g.add_argument("--status", action="store_true",
+                   help="list applied and pending migrations; are the functions current")
     p.set_defaults(func=cmd_migrate)
     sub.add_parser("up", help="run the whole stack on this machine").set_defaults(func=cmd_up)
     sub.add_parser("status", help="exit 0 once every service is ready").set_defaults(func=cmd_status)

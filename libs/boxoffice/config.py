@@ -40,7 +40,7 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
                "REAPER_RETENTION_INTERVAL_SECONDS", "AUDIT_INTERVAL_SECONDS", "AUDIT_GRACE_SECONDS"),
 }
 COMMON_OPTIONAL = ("SENTRY_DSN", "BOXOFFICE_ENV", "LOG_LEVEL", "BOXOFFICE_RELEASE", "ERROR_SPOOL_DIR",
-                   "NATS_CA_FILE")
+                   "NATS_CA_FILE", "NATS_STREAM_REPLICAS")
 SECRET = frozenset({"DATABASE_URL", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET",
                     "CLIENT_API_TOKENS", "ADMIN_API_TOKENS", "SENTRY_DSN", "NATS_URL",
                     "ALERT_WEBHOOK_URL", "ALERT_WEBHOOK_SECRET", "ADMIN_READ_API_TOKENS"})
@@ -66,6 +66,8 @@ class Config:
     service: str
     nats_url: str = "nats://127.0.0.1:4222"
     nats_ca_file: str | None = None  # the CA that signed nats-server's certificate (tls://)
+    # copies of each JetStream stream the service declares: 3 on a cluster of three nodes
+    nats_stream_replicas: int = 1
     database_url: str | None = None
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
@@ -127,6 +129,19 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw
 
 
+def _nats_urls(raw: str) -> str:
+    """NATS_URL: comma-separated servers; one given as ``host:port`` after a whole URL takes
+    that URL's scheme, user and password (``nats://u:p@nats-1:4222,nats-2:4222,nats-3:4222``)."""
+    out: list[str] = []
+    for one in (u.strip() for u in raw.split(",")):
+        if out and "://" not in one:
+            first = urlsplit(out[0])
+            user = first.netloc.rpartition("@")[0]
+            one = f"{first.scheme}://{user + '@' if user else ''}{one}"
+        out.append(_url("NATS_URL", one, ("nats", "tls", "ws", "wss")))
+    return ",".join(out)
+
+
 def _int(name: str, raw: str, lo: int, hi: int) -> int:
     if not re.fullmatch(r"\d+", raw.strip()):
         raise ConfigError(name, f"must be an integer between {lo} and {hi}")
@@ -180,12 +195,13 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
 
     kw: dict[str, object] = {"service": service}
     if v := get("NATS_URL"):
-        kw["nats_url"] = ",".join(_url("NATS_URL", u.strip(), ("nats", "tls", "ws", "wss"))
-                                  for u in v.split(","))
+        kw["nats_url"] = _nats_urls(v)
     if v := get("NATS_CA_FILE"):
         if not os.access(v, os.R_OK) or not os.path.isfile(v):
             raise ConfigError("NATS_CA_FILE", "must name a readable file (PEM certificates)")
         kw["nats_ca_file"] = v
+    if v := get("NATS_STREAM_REPLICAS"):
+        kw["nats_stream_replicas"] = _int("NATS_STREAM_REPLICAS", v, 1, 5)  # JetStream's limit
     if service != "ingress" and (v := get("DATABASE_URL")):
         kw["database_url"] = _url("DATABASE_URL", v, ("postgres", "postgresql"))
     if service in ("payment", "webhook"):

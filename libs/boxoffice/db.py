@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from boxoffice import errors
-from boxoffice.migrate import expected_version
+from boxoffice.migrate import expected_version, functions_digest
 
 log = logging.getLogger("boxoffice.db")
 
@@ -39,6 +39,26 @@ async def schema_version(conn: asyncpg.Connection) -> str | None:
     return await conn.fetchval("SELECT max(version) FROM schema_migrations")
 
 
+async def functions_applied(conn: asyncpg.Connection) -> str | None:
+    """The digest of the function files last applied (None: never applied)."""
+    if not await conn.fetchval("SELECT to_regclass('schema_functions') IS NOT NULL"):
+        return None
+    return await conn.fetchval("SELECT digest FROM schema_functions")
+
+
+def schema_problem(version: str | None, digest: str | None) -> str | None:
+    """Why this release must not run on a database at ``version`` whose functions have
+    ``digest``, or None. A newer schema is accepted (a release being rolled out migrated it);
+    at this release's own version the functions must be exactly the ones it ships."""
+    want = expected_version()
+    if version is None or version < want:
+        return f"database schema is at {version or 'nothing'}, this release needs {want}"
+    if version == want and digest != functions_digest():
+        return (f"database functions are {(digest or 'none')[:12]}, this release ships "
+                f"{functions_digest()[:12]}")
+    return None
+
+
 @contextlib.asynccontextmanager
 async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
                first_connect_timeout: float = 60.0, check_schema: bool = True
@@ -62,12 +82,9 @@ async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
     try:
         if check_schema:
             async with p.acquire() as conn:
-                have = await schema_version(conn)
-            want = expected_version()
-            if have is None or have < want:
-                raise errors.NotMigrated(
-                    f"database schema is at {have or 'nothing'}, this release needs {want}: "
-                    "run `boxoffice migrate`")
+                problem = schema_problem(await schema_version(conn), await functions_applied(conn))
+            if problem:
+                raise errors.NotMigrated(f"{problem}: run `boxoffice migrate`")
         yield p
     finally:
         await p.close()

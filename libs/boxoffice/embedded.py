@@ -1,13 +1,15 @@
 """Embedded servers for the local stack and the tests: nats-server, PostgreSQL, localstripe.
 
 Each runs as a real child process that this module can start, stop gracefully, kill and
-restart on the same data, which is what the fault tests need.
+restart on the same data, which is what the fault tests need. ``NatsCluster`` is three (or more)
+nats-servers on loopback in one cluster, each with its own JetStream store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -18,6 +20,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from boxoffice import bus_access
@@ -113,12 +116,13 @@ class NatsServer(Child):
 
     def __init__(self, root: Path, port: int | None = None, *, sync_always: bool = True,
                  passwords: Mapping[str, str] | None = None,
-                 tls: tuple[Path, Path] | None = None):
+                 tls: tuple[Path, Path] | None = None, cluster: "Route | None" = None):
         self.root = Path(root)
         self.port = port or free_port()
         self.sync_always = sync_always
         self.passwords = dict(passwords) if passwords is not None else None
         self.tls = tls
+        self.cluster = cluster
         self.log = self.root / "nats.log"
 
     @property
@@ -146,6 +150,8 @@ class NatsServer(Child):
         if self.tls:
             cert, key = self.tls
             text += f"tls {{\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n}}\n"
+        if self.cluster:
+            text += self.cluster.config()
         if self.passwords is not None:
             text += bus_access.authorization(self.passwords)
         # the passwords are in it: readable by this user only, from its first byte
@@ -158,6 +164,125 @@ class NatsServer(Child):
                                          stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
         wait_port(self.port, 20, self.proc)
         return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Wait until the node's JetStream is in its cluster and current (monitoring's
+        ``/healthz``): a meta leader elected, its streams caught up."""
+        assert self.cluster is not None, "a single nats-server is ready once it listens"
+        url = f"http://127.0.0.1:{self.cluster.monitor_port}/healthz"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; "
+                                   f"see {self.log}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nats-server {self.cluster.server_name} not healthy after "
+                                   f"{timeout:g}s; see {self.log}")
+            time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A node's place in a cluster: its name, its route and monitoring ports (loopback), the
+    route ports of every node, and the password the nodes route to each other with."""
+
+    cluster: str
+    server_name: str
+    port: int
+    monitor_port: int
+    peers: tuple[int, ...]  # every node's route port, this one's included (nats-server skips it)
+    password: str
+
+    def config(self) -> str:
+        routes = ", ".join(json.dumps(f"nats-route://route:{self.password}@127.0.0.1:{p}")
+                           for p in self.peers)
+        return (f"server_name: {json.dumps(self.server_name)}\n"
+                f'http: "127.0.0.1:{self.monitor_port}"\n'
+                "cluster {\n"
+                f"    name: {json.dumps(self.cluster)}\n"
+                f'    listen: "127.0.0.1:{self.port}"\n'
+                # clients use the servers in their NATS_URL, each with its user and password:
+                # a server they learnt of from the cluster would take them without credentials
+                "    no_advertise: true\n"
+                f"    authorization {{ user: route, password: {json.dumps(self.password)} }}\n"
+                f"    routes: [{routes}]\n"
+                "}\n")
+
+
+class NatsCluster:
+    """``nodes`` nats-servers on loopback in one cluster (routes with a password of their own),
+    each with its own JetStream store under ``root/n<i>`` and the same users as ``NatsServer``.
+
+    ``address`` and ``url_for`` list every node, comma-separated, as ``NATS_URL`` takes them.
+    Each node is a ``NatsServer`` (``nodes[i]``) that can be killed and started again on its data.
+    """
+
+    name = "nats cluster"
+
+    def __init__(self, root: Path, nodes: int = 3, *, ports: list[int] | None = None,
+                 sync_always: bool = True, passwords: Mapping[str, str] | None = None,
+                 cluster_name: str = "boxoffice"):
+        self.root = Path(root)
+        self.passwords = dict(passwords) if passwords is not None else None
+        taken: set[int] = set()
+
+        def port(preferred: int | None = None) -> int:
+            while (p := free_port(preferred)) in taken:
+                preferred = None
+            taken.add(p)
+            return p
+
+        client_ports = [port(ports[i] if ports else None) for i in range(nodes)]
+        route_ports = tuple(port() for _ in range(nodes))
+        route_password = bus_access.new_password()
+        self.nodes = [
+            NatsServer(self.root / f"n{i + 1}", client_ports[i], sync_always=sync_always,
+                       passwords=passwords,
+                       cluster=Route(cluster_name, f"n{i + 1}", route_ports[i], port(),
+                                     route_ports, route_password))
+            for i in range(nodes)]
+
+    @property
+    def address(self) -> str:
+        """Every node's URL without credentials (what may be printed)."""
+        return ",".join(n.address for n in self.nodes)
+
+    @property
+    def url(self) -> str:
+        return self.url_for(bus_access.OPERATOR) if self.passwords else self.address
+
+    def url_for(self, user: str) -> str:
+        assert self.passwords is not None, "this cluster has no users"
+        return bus_access.with_user(self.address, user, self.passwords[user])
+
+    @property
+    def running(self) -> bool:
+        return any(n.running for n in self.nodes)
+
+    def start(self, timeout: float = 60.0) -> "NatsCluster":
+        try:
+            for node in self.nodes:
+                node.start()
+            for node in self.nodes:
+                node.wait_healthy(timeout)
+        except BaseException:
+            self.kill()  # no node left behind by a cluster that never formed
+            raise
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
 
 
 class Postgres(Child):

@@ -1,21 +1,87 @@
-"""Schema migrations: versioned SQL files run by dbmate (``-- migrate:up`` / ``-- migrate:down``)."""
+"""Schema migrations and functions.
+
+Tables, indexes, constraints, roles and their grants on tables are versioned SQL files run by
+dbmate (``migrations/``, ``-- migrate:up`` / ``-- migrate:down``). The current body of every
+function, with its triggers and grants, is in one idempotent file per domain (``sql/``), applied
+after the migrations on every ``up``; the digest of those files is recorded in
+``schema_functions``, so a service can tell a database whose functions are stale.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+FUNCTIONS_DIR = Path(__file__).parent / "sql"
+# applied in this order: a function in SQL (not PL/pgSQL) is checked against the functions it
+# calls when it is created, and a trigger needs its function
+FUNCTION_FILES = ("outbox.sql", "holds.sql", "expiry.sql", "payments.sql", "stripe_actions.sql",
+                  "webhooks.sql")
+# one applier at a time (two replicas' `migrate` steps): any constant key, this one spells "bxfn"
+_APPLY_LOCK = 0x6278666E
 
 
 def expected_version() -> str:
     """The newest migration this release ships (the version the services require)."""
     versions = sorted(p.name.split("_", 1)[0] for p in MIGRATIONS_DIR.glob("*.sql"))
     return versions[-1]
+
+
+def functions_digest() -> str:
+    """The digest of the function files this release ships (what ``schema_functions`` holds
+    once they are applied)."""
+    h = hashlib.sha256()
+    for name in FUNCTION_FILES:
+        h.update(name.encode() + b"\0" + (FUNCTIONS_DIR / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+async def apply_functions(database_url: str) -> str:
+    """Create or replace every function, trigger and grant of ``sql/`` in one transaction and
+    record their digest; says what it applied."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _APPLY_LOCK)
+            for name in FUNCTION_FILES:
+                await conn.execute((FUNCTIONS_DIR / name).read_text())
+            await conn.execute(
+                "INSERT INTO schema_functions (digest) VALUES ($1) ON CONFLICT (singleton) "
+                "DO UPDATE SET digest = EXCLUDED.digest, applied_at = clock_timestamp()",
+                functions_digest())
+    finally:
+        await conn.close()
+    return f"Applied: functions {functions_digest()[:12]} ({', '.join(FUNCTION_FILES)})"
+
+
+async def functions_state(database_url: str) -> str:
+    """Whether the functions in the database are the ones this release ships."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        applied = None
+        if await conn.fetchval("SELECT to_regclass('schema_functions') IS NOT NULL"):
+            applied = await conn.fetchval("SELECT digest FROM schema_functions")
+    finally:
+        await conn.close()
+    mine = functions_digest()[:12]
+    if applied is None:
+        return f"[ ] functions {mine} (not applied)"
+    if applied == functions_digest():
+        return f"[X] functions {mine}"
+    return f"[ ] functions {mine} (the database has {applied[:12]})"
 
 
 def dbmate_binary() -> str:
@@ -41,10 +107,44 @@ def _dbmate_url(url: str) -> str:
 
 def run(database_url: str, command: str, *, wait: bool = True, check: bool = True
         ) -> subprocess.CompletedProcess[str]:
-    """Run ``dbmate <command>`` (up, down, status) against ``database_url``."""
+    """Run ``dbmate <command>`` (up, down, status) against ``database_url``; after a successful
+    ``up``, apply the functions (``apply_functions``), after ``status`` say whether they are
+    current (``functions_state``)."""
     args = [dbmate_binary(), "--url", _dbmate_url(database_url), "--migrations-dir",
             str(MIGRATIONS_DIR), "--no-dump-schema", "--migration-lock"]
     if wait:
         args += ["--wait", "--wait-timeout", "60s"]
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    return subprocess.run(args + [command], capture_output=True, text=True, check=check, env=env)
+    result = subprocess.run(args + [command], capture_output=True, text=True, check=check, env=env)
+    if result.returncode != 0 or command not in ("up", "status"):
+        return result
+    try:
+        said = _in_own_loop(apply_functions(database_url) if command == "up"
+                            else functions_state(database_url))
+    except Exception as exc:  # noqa: BLE001 - reported like dbmate's own failures
+        if check:
+            raise
+        # the exception's class and PostgreSQL's message, never the URL (a secret)
+        said = f"functions: {type(exc).__name__}: {exc}\n"
+        return subprocess.CompletedProcess(result.args, 1, result.stdout, result.stderr + said)
+    return subprocess.CompletedProcess(result.args, 0, f"{result.stdout}{said}\n", result.stderr)
+
+
+def _in_own_loop(coro: Coroutine[Any, Any, str]) -> str:
+    # callers may be inside a running event loop (to_thread from a test, or not): a thread of its
+    # own runs this one to completion either way
+    import threading
+    outcome: list[str] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(asyncio.run(coro))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(exc)
+    t = threading.Thread(target=target, name="boxoffice-migrate-functions")
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]

@@ -1,8 +1,8 @@
 """PostgreSQL roles: each service that uses the database logs in with a role of its own.
 
 The migrations create the roles (without LOGIN) and grant each one exactly what its service
-uses (``migrations/20261201000600_roles.sql``); the role that runs the migrations owns the
-schema. Whoever deploys gives the roles LOGIN and a password: ``boxoffice up`` with random
+uses (tables in ``migrations/``, functions beside each one in ``sql/``); the role that runs the
+migrations owns the schema. Whoever deploys gives the roles LOGIN and a password: ``boxoffice up`` with random
 passwords, ``boxoffice migrate`` from ``PG_<SERVICE>_PASSWORD`` (the compose file). Ingress has
 no role: it never touches the database.
 """

@@ -9,6 +9,11 @@ The embedded nats-server takes no anonymous connection: each service connects as
 (``boxoffice.bus_access``), with a random password kept in ``.boxoffice/secrets.env``; the
 ``.boxoffice/stack.env`` of local tools has the operator's ``NATS_URL`` and the reporter's
 ``NATS_REPORTER_URL``.
+
+``BOXOFFICE_NATS_NODES=3`` runs three nats-servers on loopback in one cluster instead (each
+with its own JetStream store under ``.boxoffice/nats/n<i>``): every ``NATS_URL`` lists the three,
+and the services keep three copies of each stream (``NATS_STREAM_REPLICAS=3``), so the stack
+carries on when any one node dies.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from boxoffice import SERVICES, bus_access, migrate, roles
-from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
+from boxoffice.embedded import (LocalStripe, NatsCluster, NatsServer, Postgres, die_with_parent,
+                                free_port)
 
 DEMO_EVENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://boxoffice.dev/demo-event"))
 SENTRY_PROJECT_ID = 1
@@ -37,6 +43,7 @@ STACK_KEYS = ("INGRESS_URL", "NATS_URL", "NATS_REPORTER_URL", "DATABASE_URL", "S
               "FRONTEND_SENTRY_DSN", "DEMO_EVENT_ID")
 # what each service must not be given (ingress holds no database or Stripe credentials)
 WITHHELD = {"ingress": ("DATABASE_URL", "STRIPE_API_KEY")}
+NATS_NODES = ("1", "3")  # BOXOFFICE_NATS_NODES: one nats-server, or a cluster of three
 
 
 def home() -> Path:
@@ -212,14 +219,22 @@ def up() -> int:
     try:
         nats_urls: dict[str, str] = {}  # the embedded nats-server's users' URLs
         if not env.get("NATS_URL"):
-            nats = NatsServer(root / "nats", free_port(4222), sync_always=True,
-                              passwords={u: keys[bus_access.password_variable(u)]
-                                         for u in bus_access.USERS}).start()
+            nats = _start_nats(root, env.get("BOXOFFICE_NATS_NODES", "").strip() or "1",
+                               {u: keys[bus_access.password_variable(u)]
+                                for u in bus_access.USERS})
+            if nats is None:
+                return 1
             stack.children.append(nats)
             nats_urls = {u: nats.url_for(u) for u in bus_access.USERS}
             env["NATS_URL"] = nats.url  # the operator's, for stack.env only
-            say(f"nats-server (JetStream, sync_interval always, a user per service) on "
-                f"{nats.address}")
+            if isinstance(nats, NatsCluster):
+                env.setdefault("NATS_STREAM_REPLICAS", str(len(nats.nodes)))
+                say(f"nats-server cluster of {len(nats.nodes)} nodes (JetStream, streams "
+                    f"replicated {env['NATS_STREAM_REPLICAS']} times, sync_interval always, a "
+                    f"user per service) on {nats.address}")
+            else:
+                say(f"nats-server (JetStream, sync_interval always, a user per service) on "
+                    f"{nats.address}")
         if not env.get("DATABASE_URL"):
             pg = Postgres(root / "pgdata", free_port(5432)).start()
             stack.children.append(pg)
@@ -296,6 +311,20 @@ def up() -> int:
     finally:
         stack.stop()
         say("stopped")
+
+
+def _start_nats(root: Path, nodes: str, passwords: dict[str, str]
+                ) -> NatsServer | NatsCluster | None:
+    """The embedded nats-server, or cluster of three (``nodes``: BOXOFFICE_NATS_NODES)."""
+    if nodes not in NATS_NODES:
+        print("boxoffice up: configuration error: BOXOFFICE_NATS_NODES must be 1 or 3",
+              file=sys.stderr)
+        return None
+    if nodes == "1":
+        return NatsServer(root / "nats", free_port(4222), sync_always=True,
+                          passwords=passwords).start()
+    return NatsCluster(root / "nats", int(nodes), ports=[4222, 4223, 4224], sync_always=True,
+                       passwords=passwords).start()
 
 
 def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:

@@ -26,7 +26,8 @@ async def build(svc: runtime.Service) -> None:
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=4))
     bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "error-sink", ca_file=cfg.nats_ca_file))
+        busmod.connect(cfg.nats_url, "error-sink", ca_file=cfg.nats_ca_file,
+                       stream_replicas=cfg.nats_stream_replicas))
     await bus.declare_streams("ERRORS", "ALERTS")
     stream, durable = ERROR_SINK_CONSUMER
     await bus.declare_consumer(stream, durable, ack_wait=ACK_WAIT, max_ack_pending=MAX_ACK_PENDING)

@@ -41,7 +41,8 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
 async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "ingress", ca_file=cfg.nats_ca_file))
+        busmod.connect(cfg.nats_url, "ingress", ca_file=cfg.nats_ca_file,
+                       stream_replicas=cfg.nats_stream_replicas))
     await bus.declare_streams("STRIPE_EVENTS", "ERRORS", "AUDIT", "SENTRY_ITEMS")
     runtime.standard_checks(svc, bus=bus)
     svc.app = create_app(cfg, bus, svc)

@@ -33,7 +33,8 @@ async def build(svc: runtime.Service) -> None:
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=20))
     gateway = await svc.stack.enter_async_context(stripe_client.gateway(cfg))
     bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "payment", ca_file=cfg.nats_ca_file))
+        busmod.connect(cfg.nats_url, "payment", ca_file=cfg.nats_ca_file,
+                       stream_replicas=cfg.nats_stream_replicas))
     await bus.declare_streams("RESERVATIONS", "PAYMENTS", "ERRORS")
     await svc.stack.enter_async_context(outbox.relay(
         cfg.database_url, pool, bus, bus_access.ACCESS[cfg.service].relays))

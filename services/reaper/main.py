@@ -19,7 +19,8 @@ async def build(svc: runtime.Service) -> None:
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=6))
     bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "reaper", ca_file=cfg.nats_ca_file))
+        busmod.connect(cfg.nats_url, "reaper", ca_file=cfg.nats_ca_file,
+                       stream_replicas=cfg.nats_stream_replicas))
     await bus.declare_streams("RESERVATIONS", "ERRORS")
     await svc.stack.enter_async_context(outbox.relay(
         cfg.database_url, pool, bus, bus_access.ACCESS[cfg.service].relays))

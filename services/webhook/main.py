@@ -23,7 +23,8 @@ async def build(svc: runtime.Service) -> None:
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=CONCURRENCY + 4))
     bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "webhook", ca_file=cfg.nats_ca_file))
+        busmod.connect(cfg.nats_url, "webhook", ca_file=cfg.nats_ca_file,
+                       stream_replicas=cfg.nats_stream_replicas))
     await bus.declare_streams("STRIPE_EVENTS", "PAYMENTS", "RESERVATIONS", "ERRORS")
     stream, durable = WEBHOOK_CONSUMER
     # No max_deliver: a delivery that fails because PostgreSQL is down must never be the last

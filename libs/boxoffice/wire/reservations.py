@@ -74,3 +74,5 @@ class ReservationEvent(Event):
     occurred_at: datetime
     expires_at: datetime | None = None
     payment_intent_id: str | None = None
+    # why a sold hold was cancelled: ``refunded`` (its tickets went back: return_reservation_tickets)
+    reason: str | None = None

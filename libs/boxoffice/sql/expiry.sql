@@ -1,10 +1,14 @@
--- migrate:up
+-- Expiry of overdue holds: the reaper is woken when a hold is due, and expires a batch
+-- of them in one statement (holds and payments do the same before saying sold out).
+--
+-- The current body of each function; applied after the migrations on every `boxoffice migrate`
+-- (idempotent). Grants beside the function: each service role gets EXECUTE on what it calls.
 
 -- Wake the reaper when a hold appears (or is shortened): NOTIFY carries the soonest new
 -- expires_at as epoch seconds, so a reaper sleeping until a later expiry wakes for this one.
 -- One notification per statement; NOTIFY is delivered on commit only, so the reaper never wakes
 -- for a hold that was rolled back, and a periodic sweep covers wake-ups lost while not listening.
-CREATE FUNCTION reservations_due_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION reservations_due_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     due timestamptz;
 BEGIN
@@ -14,16 +18,18 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER reservations_due_on_insert AFTER INSERT ON reservations
+
+CREATE OR REPLACE TRIGGER reservations_due_on_insert AFTER INSERT ON reservations
     REFERENCING NEW TABLE AS new_reservations
     FOR EACH STATEMENT EXECUTE FUNCTION reservations_due_notify();
 
-CREATE FUNCTION reservation_shortened_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION reservation_shortened_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('boxoffice_reservations_due', extract(epoch FROM NEW.expires_at)::text);
     RETURN NULL;
 END $$;
-CREATE TRIGGER reservations_due_on_shorten AFTER UPDATE OF expires_at ON reservations
+
+CREATE OR REPLACE TRIGGER reservations_due_on_shorten AFTER UPDATE OF expires_at ON reservations
     FOR EACH ROW WHEN (NEW.status = 'active' AND NEW.expires_at < OLD.expires_at)
     EXECUTE FUNCTION reservation_shortened_notify();
 
@@ -36,7 +42,8 @@ CREATE TRIGGER reservations_due_on_shorten AFTER UPDATE OF expires_at ON reserva
 -- last (held only until commit) and in one fixed order (event, bucket), as hold_tickets
 -- gathers them, so replicas expiring overlapping buckets queue instead of deadlocking
 -- (NO KEY UPDATE, the lock the UPDATE takes anyway: foreign-key checks are not blocked).
-CREATE FUNCTION reap_due_reservations(p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
+CREATE OR REPLACE FUNCTION reap_due_reservations(
+    p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
 RETURNS TABLE (reservation_id uuid, lag_seconds double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -94,15 +101,20 @@ BEGIN
     END IF;
     RETURN QUERY SELECT u.id, u.lag FROM unnest(ids, lags) AS u(id, lag);
 END $$;
+GRANT EXECUTE ON FUNCTION reap_due_reservations
+    TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
 
-CREATE OR REPLACE FUNCTION expire_due_reservations(p_limit integer DEFAULT 1000,
-                                                   p_event_id uuid DEFAULT NULL)
+-- How many reap_due_reservations expired (for callers that need only the count).
+CREATE OR REPLACE FUNCTION expire_due_reservations(
+    p_limit integer DEFAULT 1000, p_event_id uuid DEFAULT NULL)
 RETURNS integer LANGUAGE sql AS $$
     SELECT count(*)::integer FROM reap_due_reservations(p_limit, p_event_id)
 $$;
+GRANT EXECUTE ON FUNCTION expire_due_reservations
+    TO boxoffice_payment, boxoffice_webhook, boxoffice_reaper;
 
--- The operators' function keeps its meaning (expire every overdue hold now, return how many)
--- and now leaves a 'manual' row in reaper_runs like every other run.
+-- The operators' function: expire every overdue hold now and return how many, leaving a
+-- 'manual' row in reaper_runs like every other run.
 CREATE OR REPLACE FUNCTION cleanup_expired_reservations() RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     total   integer := 0;
@@ -118,63 +130,3 @@ BEGIN
     VALUES ('manual', 'sql:' || current_user, started, clock_timestamp(), total);
     RETURN total;
 END $$;
-
--- migrate:down
-
-CREATE OR REPLACE FUNCTION cleanup_expired_reservations() RETURNS integer LANGUAGE plpgsql AS $$
-DECLARE
-    total integer := 0;
-    n integer;
-BEGIN
-    LOOP
-        n := expire_due_reservations(5000);
-        total := total + n;
-        EXIT WHEN n = 0;
-    END LOOP;
-    RETURN total;
-END $$;
-
-CREATE OR REPLACE FUNCTION expire_due_reservations(p_limit integer DEFAULT 1000,
-                                                   p_event_id uuid DEFAULT NULL)
-RETURNS integer LANGUAGE plpgsql AS $$
-DECLARE
-    n integer;
-BEGIN
-    WITH due AS (
-        SELECT id FROM reservations
-        WHERE status = 'active' AND expires_at <= clock_timestamp()
-          AND (p_event_id IS NULL OR event_id = p_event_id)
-        ORDER BY expires_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), expired AS (
-        UPDATE reservations r
-        SET status = 'expired', released_at = clock_timestamp(), updated_at = clock_timestamp()
-        FROM due WHERE r.id = due.id
-        RETURNING r.id, r.event_id, r.quantity, r.expires_at
-    ), released AS (
-        SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
-        FROM reservation_allocations a JOIN expired e ON e.id = a.reservation_id
-        GROUP BY a.event_id, a.bucket
-    ), returned AS (
-        UPDATE inventory_buckets b SET held = b.held - released.quantity
-        FROM released WHERE b.event_id = released.event_id AND b.bucket = released.bucket
-        RETURNING 1
-    ), announced AS (
-        INSERT INTO outbox (subject, payload)
-        SELECT 'reservations.events.expired',
-               jsonb_build_object('reservation_id', e.id, 'event_id', e.event_id,
-                                  'quantity', e.quantity, 'expires_at', e.expires_at,
-                                  'occurred_at', clock_timestamp())
-        FROM expired e
-        RETURNING 1
-    )
-    SELECT count(*) INTO n FROM expired;
-    RETURN n;
-END $$;
-
-DROP FUNCTION reap_due_reservations(integer, uuid);
-DROP TRIGGER reservations_due_on_shorten ON reservations;
-DROP FUNCTION reservation_shortened_notify();
-DROP TRIGGER reservations_due_on_insert ON reservations;
-DROP FUNCTION reservations_due_notify();

@@ -1,0 +1,198 @@
+"""The benchmarks' figures in one table: each figure, its baseline from the same run, the ratio,
+the goal and whether it is met, and CPU per operation per process where the module measures it.
+
+``bench.run_all`` prints it after the JSON lines; ``python -m bench.table < figures.jsonl``
+prints it again from saved lines (each module's object names it in ``bench``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    value: float
+    unit: str  # "/s", "ms", "s" or "" (a count)
+    baseline: float | None = None
+    baseline_name: str = ""
+    goal: str = ""  # as the issue states it; empty: no goal, the figure is for reading
+    met: bool | None = None
+    ratio: float | None = None  # value / baseline unless given
+    cpu: str = ""
+
+    @property
+    def shown_ratio(self) -> float | None:
+        if self.ratio is not None:
+            return self.ratio
+        if self.baseline:
+            return self.value / self.baseline
+        return None
+
+
+def _cpu(per_process_us: dict[str, float]) -> str:
+    return _cpu_ms({name: us / 1000 for name, us in per_process_us.items()})
+
+
+def _cpu_ms(per_process_ms: dict[str, float] | None) -> str:
+    if not per_process_ms:
+        return ""
+    return " · ".join(f"{name} {ms:.2f}" for name, ms in per_process_ms.items()) + " ms"
+
+
+def webhooks(f: dict[str, Any]) -> list[Row]:
+    rows = []
+    for key, label in (("fsync_always", "sync_interval always"),
+                       ("fsync_default", "default fsync")):
+        r = f[key]
+        ing, bare = r["ingress"], r["plain_aiohttp_awaiting_publish"]
+        ratio = ing["per_second"] / bare["per_second"]
+        always = key == "fsync_always"
+        rows.append(Row(f"webhooks accepted ({label})", ing["per_second"], "/s",
+                        bare["per_second"], "bare aiohttp awaiting the same publish",
+                        "≥ 0.8" if always else "", ratio >= 0.8 if always else None,
+                        cpu=_cpu_ms(ing.get("cpu_ms_per_request"))))
+        rows.append(Row(f"webhooks accepted p99 ({label})", ing["p99_ms"], "ms",
+                        bare["p99_ms"], "bare aiohttp awaiting the same publish, p99",
+                        "≤ 50 ms" if always else "", ing["p99_ms"] <= 50 if always else None))
+    a = f["apply"]
+    inserts = a["plain_insert_transactions_16_connections"]["per_second"]
+    applied = a["webhook_applied"]["per_second"]
+    rows.append(Row("webhook events applied", applied, "/s", inserts,
+                    "plain single-row insert transactions", "≥ 1.0", applied / inserts >= 1.0,
+                    cpu=_cpu_ms(a["webhook_applied"].get("cpu_ms_per_event"))))
+    rows.append(Row("webhook events only recorded", a["webhook_recorded_only"]["per_second"], "/s",
+                    inserts, "plain single-row insert transactions"))
+    return rows
+
+
+def errors(f: dict[str, Any]) -> list[Row]:
+    copy = f["plain_copy_per_s"]
+    one = f["sink_1_replica_persisted_per_s"]
+    rows = [Row("error reports persisted (1 sink)", one, "/s", copy,
+                "plain COPY, 10,000 rows each", "≥ 0.5",
+                one / copy >= 0.5 and f["sink_1_replica_lost"] == 0,
+                cpu=_cpu_ms(f.get("sink_1_replica_cpu_ms_per_report")))]
+    if "sink_2_replicas_persisted_per_s" in f:
+        rows.append(Row("error reports persisted (2 sinks)", f["sink_2_replicas_persisted_per_s"],
+                        "/s", copy, "plain COPY, 10,000 rows each",
+                        cpu=_cpu_ms(f.get("sink_2_replicas_cpu_ms_per_report"))))
+    rows.append(Row("error reports accepted over HTTP", f["ingress_accepted_per_s"], "/s",
+                    f["bare_aiohttp_per_s"], "bare aiohttp answering 202"))
+    return rows
+
+
+def checkout(f: dict[str, Any]) -> list[Row]:
+    pi, db, http = f["payment_intents"], f["holds_hot_event_db"], f["holds_hot_event_http"]
+    plain = db["plain_update_per_s"]
+    cpu = {k: v for k, v in http["cpu_us_per_hold"].items() if k != "bench_client"}
+    cpu_ms = sum(cpu.values()) / 1000
+    return [
+        Row("PaymentIntent overhead over a direct Stripe call, p50", pi["overhead_p50_ms"], "ms",
+            pi["direct_sdk_p50_ms"], "direct stripe-python call, p50", "≤ 3 ms",
+            pi["overhead_p50_ms"] <= 3.0, ratio=pi["ingress_p50_ms"] / pi["direct_sdk_p50_ms"]),
+        Row("holds on one hot event, through ingress", http["per_s"], "/s", plain,
+            "plain single-row UPDATE", "≥ 2.0", http["per_s"] / plain >= 2.0,
+            cpu=_cpu(http["cpu_us_per_hold"])),
+        Row("CPU per hold, servers together", cpu_ms, "ms", goal="≤ 0.7 ms", met=cpu_ms <= 0.7,
+            cpu=_cpu(cpu)),
+        Row("hold_tickets on one hot event, SQL", db["hold_tickets_per_s"], "/s", plain,
+            "plain single-row UPDATE", "≥ 2.0", db["hold_tickets_per_s"] / plain >= 2.0),
+        Row("replays of a stored Idempotency-Key", f["replays"]["per_s"], "/s", goal="≥ 3,000/s",
+            met=f["replays"]["per_s"] >= 3000),
+        Row("tickets oversold in a sell-out race", f["sell_out_race"]["oversold"], "", goal="0",
+            met=f["goals"]["zero_oversell"]),
+    ]
+
+
+def reaper(f: dict[str, Any]) -> list[Row]:
+    m, s = f["mass"], f["spread"]
+    ratio = m["reaper_vs_plain_update"]
+    return [
+        Row(f"{m['holds']:,} holds expiring at once", m["expire_all_s"], "s",
+            m["baseline_plain_update"]["seconds"], "plain UPDATE of the same rows", "≤ 2×",
+            m["expire_all_s"] / m["baseline_plain_update"]["seconds"] <= 2.0, ratio=ratio),
+        Row("expiry lag p99, holds spread over 10 s", s["lag_p99_s"], "s",
+            s["original_pg_cron_every_5_min"]["lag_p99_s"], "pg_cron every 5 min (computed)",
+            "≤ 1 s", s["lag_p99_s"] <= 1.0),
+    ]
+
+
+def audit(f: dict[str, Any]) -> list[Row]:
+    return [Row(f"incremental self-audit, {f['changes']:,} changes on {f['holds']:,} holds",
+                f["incremental"]["seconds"], "s", f["full_after"]["seconds"],
+                "full pass over the same history")]
+
+
+EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "webhooks": webhooks, "errors": errors, "checkout": checkout, "reaper": reaper,
+    "audit": audit}
+
+
+def rows(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = None
+         ) -> tuple[list[Row], list[str]]:
+    """The table's rows from each module's figures, and the modules (of ``expected``, default
+    all) that gave none usable."""
+    out: list[Row] = []
+    missing = []
+    wanted = set(EXTRACTORS if expected is None else expected)
+    for module, extract in EXTRACTORS.items():
+        if module not in wanted:
+            continue
+        if module not in figures:
+            missing.append(module)
+            continue
+        try:
+            out += extract(figures[module])
+        except (KeyError, TypeError, ZeroDivisionError):
+            missing.append(module)
+    return out, missing
+
+
+def _num(value: float, unit: str) -> str:
+    if unit == "/s" or (unit == "" and float(value).is_integer()):
+        return f"{value:,.0f}{unit}"
+    return f"{value:,.3g} {unit}".rstrip() if value < 100 else f"{value:,.0f} {unit}".rstrip()
+
+
+def render(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = None,
+           console: Console | None = None) -> None:
+    table = Table(title="boxoffice benchmarks: figure against its baseline from the same run")
+    for name, kw in (("figure", {}), ("value", {"justify": "right"}),
+                     ("baseline (same run)", {}), ("ratio", {"justify": "right"}),
+                     ("goal", {}), ("met", {}), ("CPU per operation, per process", {})):
+        table.add_column(name, **kw)  # type: ignore[arg-type]
+    found, missing = rows(figures, expected)
+    for r in found:
+        ratio = r.shown_ratio
+        baseline = "—" if r.baseline is None else f"{_num(r.baseline, r.unit)} {r.baseline_name}"
+        met = "—" if r.met is None else ("[green]yes[/]" if r.met else "[red]NO[/]")
+        shown = "—" if ratio is None else f"{ratio:.3g}"
+        table.add_row(r.figure, _num(r.value, r.unit), baseline, shown, r.goal or "—", met,
+                      r.cpu or "—")
+    for module in missing:
+        table.add_row(f"[red]bench.{module}: no figures[/]", "", "", "", "", "", "")
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+
+
+def read(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
+    figures = {}
+    for line in lines:
+        if line.strip().startswith("{"):
+            obj = json.loads(line)
+            figures[obj.get("bench") or obj.get("benchmark")] = obj
+    return figures
+
+
+if __name__ == "__main__":
+    given = read(sys.stdin)
+    render(given, given)

@@ -1,0 +1,356 @@
+-- Ticketed events, holds and their buckets: a hold takes tickets in one round trip,
+-- locking buckets in one order; a hold ends by completing or by giving its tickets back.
+--
+-- The current body of each function; applied after the migrations on every `boxoffice migrate`
+-- (idempotent). Grants beside the function: each service role gets EXECUTE on what it calls.
+
+-- Create an event and spread its capacity over its buckets, in one statement.
+CREATE OR REPLACE FUNCTION create_ticketed_event(
+    p_id uuid, p_name text, p_capacity integer, p_price bigint, p_currency text,
+    p_buckets integer DEFAULT 1)
+RETURNS uuid LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO ticketed_events (id, name, capacity, price, currency, buckets)
+    VALUES (p_id, p_name, p_capacity, p_price, p_currency, p_buckets);
+    INSERT INTO inventory_buckets (event_id, bucket, capacity)
+    SELECT p_id, b, p_capacity / p_buckets + CASE WHEN b < p_capacity % p_buckets THEN 1 ELSE 0 END
+    FROM generate_series(0, p_buckets - 1) AS b;
+    RETURN p_id;
+END $$;
+GRANT EXECUTE ON FUNCTION create_ticketed_event TO boxoffice_payment;
+
+-- One bucket of the event with at least p_quantity tickets that no other transaction holds,
+-- locked; from p_start upwards, then wrapping round (two short index scans, no sort).
+CREATE OR REPLACE FUNCTION hold_probe(p_event_id uuid, p_quantity integer, p_start integer)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    got integer;
+BEGIN
+    SELECT ib.bucket INTO got FROM inventory_buckets ib
+    WHERE ib.event_id = p_event_id AND ib.bucket >= p_start
+      AND ib.capacity - ib.held - ib.sold >= p_quantity
+    ORDER BY ib.bucket LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED;
+    IF got IS NULL AND p_start > 0 THEN
+        SELECT ib.bucket INTO got FROM inventory_buckets ib
+        WHERE ib.event_id = p_event_id AND ib.bucket < p_start
+          AND ib.capacity - ib.held - ib.sold >= p_quantity
+        ORDER BY ib.bucket LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED;
+    END IF;
+    RETURN got;
+END $$;
+GRANT EXECUTE ON FUNCTION hold_probe TO boxoffice_payment, boxoffice_webhook;
+
+-- Take p_quantity tickets of an event for a new hold (the work of hold_tickets and of the batch
+-- entry point below), deadlock-free: a SKIP LOCKED probe can keep locks on rows it locked and
+-- then skipped (a row that fails the re-check after a concurrent update stays locked), so a pass
+-- that does not take its bucket runs in a subtransaction that is rolled back, which releases
+-- whatever it locked; a hold waits only while holding nothing, or while holding buckets in
+-- bucket order. The passes:
+--  1. one bucket with enough tickets, from a random start, skipping rows others hold (the
+--     common case on a hot event: holds spread over the rows instead of queueing on one);
+--     with p_fast_only this is the only pass, and a miss returns NULL (the caller, a batch
+--     that never waits for a lock, carries on; what the probe locked is released at its commit);
+--  2. the first bucket with enough tickets in bucket order, waiting for it;
+--  3. every bucket of the event, locked in bucket order; overdue holds of the event are expired
+--     (they never count), then the tickets are taken from one bucket or gathered across several.
+CREATE OR REPLACE FUNCTION hold_tickets_in(
+    p_event_id uuid, p_quantity integer, p_client_id text, p_ttl_seconds integer,
+    p_customer_ref text, p_idempotency_key text, p_fast_only boolean)
+RETURNS reservations LANGUAGE plpgsql AS $$
+DECLARE
+    ev         ticketed_events;
+    r          reservations;
+    start_at   integer;
+    got        integer;
+    free_total bigint;
+    need       integer;
+    take       integer;
+    b          record;
+    taken      integer[] := '{}';
+    amounts    integer[] := '{}';
+BEGIN
+    SELECT * INTO ev FROM ticketed_events WHERE id = p_event_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'event_not_found' USING ERRCODE = 'BX404';
+    END IF;
+    IF p_quantity IS NULL OR p_quantity < 1 THEN
+        RAISE EXCEPTION 'quantity must be positive' USING ERRCODE = '22023';
+    END IF;
+    start_at := floor(random() * ev.buckets)::integer;
+    IF p_fast_only THEN
+        -- no subtransaction: a batch never waits, so locks left by a miss harm no one
+        got := hold_probe(p_event_id, p_quantity, start_at);
+        IF got IS NULL THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    FOR pass IN 1..2 LOOP
+        EXIT WHEN got IS NOT NULL;
+        BEGIN
+            IF pass = 1 THEN
+                got := hold_probe(p_event_id, p_quantity, start_at);
+            ELSE
+                SELECT ib.bucket INTO got FROM inventory_buckets ib
+                WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
+                ORDER BY ib.bucket LIMIT 1
+                FOR NO KEY UPDATE;
+            END IF;
+            IF got IS NULL THEN
+                RAISE EXCEPTION 'no bucket' USING ERRCODE = 'BX001';  -- roll back: unlock
+            END IF;
+        EXCEPTION WHEN SQLSTATE 'BX001' THEN
+            got := NULL;
+        END;
+    END LOOP;
+    IF got IS NULL THEN
+        PERFORM 1 FROM inventory_buckets WHERE event_id = p_event_id ORDER BY bucket
+        FOR NO KEY UPDATE;
+        SELECT coalesce(sum(capacity - held - sold), 0) INTO free_total
+        FROM inventory_buckets WHERE event_id = p_event_id;
+        IF free_total < p_quantity THEN
+            LOOP
+                EXIT WHEN expire_due_reservations(1000, p_event_id) < 1000;
+            END LOOP;
+        END IF;
+        SELECT ib.bucket INTO got FROM inventory_buckets ib
+        WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
+        ORDER BY ib.bucket LIMIT 1;
+    END IF;
+    IF got IS NOT NULL THEN
+        taken := ARRAY[got];
+        amounts := ARRAY[p_quantity];
+    ELSE
+        need := p_quantity;
+        FOR b IN SELECT ib.bucket, ib.capacity - ib.held - ib.sold AS free
+                 FROM inventory_buckets ib WHERE ib.event_id = p_event_id
+                 ORDER BY ib.bucket LOOP
+            EXIT WHEN need = 0;
+            IF b.free > 0 THEN
+                take := least(b.free, need);
+                taken := taken || b.bucket;
+                amounts := amounts || take;
+                need := need - take;
+            END IF;
+        END LOOP;
+        IF need > 0 THEN
+            RAISE EXCEPTION 'sold_out' USING ERRCODE = 'BX409';
+        END IF;
+    END IF;
+    UPDATE inventory_buckets ib SET held = ib.held + t.quantity
+    FROM unnest(taken, amounts) AS t(bucket, quantity)
+    WHERE ib.event_id = p_event_id AND ib.bucket = t.bucket;
+    INSERT INTO reservations (event_id, client_id, customer_ref, quantity, amount, currency,
+                              expires_at, idempotency_key)
+    VALUES (p_event_id, p_client_id, p_customer_ref, p_quantity, ev.price * p_quantity,
+            ev.currency, clock_timestamp() + make_interval(secs => p_ttl_seconds),
+            p_idempotency_key)
+    RETURNING * INTO r;
+    INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
+    SELECT r.id, p_event_id, t.bucket, t.quantity
+    FROM unnest(taken, amounts) AS t(bucket, quantity);
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.held',
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'expires_at', r.expires_at, 'occurred_at', r.created_at));
+    RETURN r;
+END $$;
+GRANT EXECUTE ON FUNCTION hold_tickets_in TO boxoffice_payment, boxoffice_webhook;
+
+-- One hold: hold_tickets_in with every pass.
+CREATE OR REPLACE FUNCTION hold_tickets(
+    p_event_id uuid, p_quantity integer, p_client_id text, p_ttl_seconds integer,
+    p_customer_ref text DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
+RETURNS SETOF reservations LANGUAGE sql AS $$
+    SELECT * FROM hold_tickets_in(p_event_id, p_quantity, p_client_id, p_ttl_seconds,
+                                  p_customer_ref, p_idempotency_key, false)
+$$;
+GRANT EXECUTE ON FUNCTION hold_tickets TO boxoffice_payment, boxoffice_webhook;
+
+-- Many holds of one event in one transaction (the payment service batches concurrent holds:
+-- one commit and one round trip for the lot). Each item takes the fast path only, so the batch
+-- never waits for a lock (batches cannot deadlock) and needs no subtransactions.
+-- Outcomes per item (idx from 0): held; retry (no unlocked
+-- bucket had enough, or no such event: the caller runs the full hold_tickets for it); and for
+-- keyed items in_use (the key is locked by another transaction), replay or mismatch (the key
+-- already made a hold: its fingerprint decides; response_body is the stored answer, NULL when
+-- the hold was made earlier in this same batch). A keyed hold gets its fingerprint here; the
+-- caller stores its response body in the same transaction.
+CREATE OR REPLACE FUNCTION hold_tickets_batch(
+    p_event_id uuid, p_ttl_seconds integer, p_quantities integer[], p_client_ids text[],
+    p_customer_refs text[], p_keys text[], p_fingerprints text[])
+RETURNS TABLE (idx integer, outcome text, id uuid, expires_at timestamptz,
+               created_at timestamptz, amount bigint, currency text, response_body text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r     reservations;
+    prior record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ticketed_events e WHERE e.id = p_event_id) THEN
+        RETURN QUERY SELECT g.i - 1, 'retry', NULL::uuid, NULL::timestamptz,
+                            NULL::timestamptz, NULL::bigint, NULL::text, NULL::text
+                     FROM generate_series(1, coalesce(array_length(p_quantities, 1), 0)) g(i);
+        RETURN;
+    END IF;
+    FOR i IN 1..coalesce(array_length(p_quantities, 1), 0) LOOP
+        idx := i - 1;
+        id := NULL; expires_at := NULL; created_at := NULL; amount := NULL; currency := NULL;
+        response_body := NULL;
+        IF p_keys[i] IS NOT NULL THEN
+            IF NOT pg_try_advisory_xact_lock(
+                    hashtextextended('hold:' || p_client_ids[i] || ':' || p_keys[i], 3)) THEN
+                outcome := 'in_use';
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+            SELECT x.request_fingerprint, x.response_body AS body INTO prior FROM reservations x
+            WHERE x.client_id = p_client_ids[i] AND x.idempotency_key = p_keys[i];
+            IF FOUND THEN
+                outcome := CASE WHEN prior.request_fingerprint = p_fingerprints[i]
+                                THEN 'replay' ELSE 'mismatch' END;
+                response_body := prior.body;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+        r := hold_tickets_in(p_event_id, p_quantities[i], p_client_ids[i], p_ttl_seconds,
+                             p_customer_refs[i], p_keys[i], true);
+        IF r.id IS NULL THEN
+            outcome := 'retry';
+        ELSE
+            IF p_keys[i] IS NOT NULL THEN
+                UPDATE reservations x SET request_fingerprint = p_fingerprints[i]
+                WHERE x.id = r.id;
+            END IF;
+            outcome := 'held';
+            id := r.id; expires_at := r.expires_at; created_at := r.created_at;
+            amount := r.amount; currency := r.currency;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+GRANT EXECUTE ON FUNCTION hold_tickets_batch TO boxoffice_payment;
+
+-- Release an active hold's tickets (cancel): returns true if this call released it.
+CREATE OR REPLACE FUNCTION release_reservation(
+    p_reservation_id uuid, p_status text DEFAULT 'cancelled')
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+BEGIN
+    UPDATE reservations SET status = p_status, released_at = clock_timestamp(),
+                            updated_at = clock_timestamp()
+    WHERE id = p_reservation_id AND status = 'active'
+    RETURNING * INTO r;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE inventory_buckets b SET held = b.held - a.quantity
+    FROM reservation_allocations a
+    WHERE a.reservation_id = r.id AND b.event_id = a.event_id AND b.bucket = a.bucket;
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.' || p_status,
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'expires_at', r.expires_at, 'occurred_at', clock_timestamp()));
+    RETURN true;
+END $$;
+GRANT EXECUTE ON FUNCTION release_reservation TO boxoffice_payment, boxoffice_webhook;
+
+-- A payment succeeded: sell the hold's tickets, decided once inside the database.
+-- Returns 'completed' (sold now), 'already_completed', or 'unavailable' when the hold had
+-- ended and its tickets could not be taken again (the caller refunds). An active hold is
+-- completed even if its expires_at has just passed and the reaper has not taken it: the
+-- row lock makes the reaper and this function exclude each other, so it is one or the other.
+CREATE OR REPLACE FUNCTION complete_reservation(p_reservation_id uuid, p_payment_intent_id text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    r     reservations;
+    fresh reservations;
+BEGIN
+    SELECT * INTO r FROM reservations WHERE id = p_reservation_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'unknown';
+    END IF;
+    IF r.status = 'completed' THEN
+        RETURN 'already_completed';
+    END IF;
+    IF r.status = 'active' THEN
+        UPDATE inventory_buckets b SET held = b.held - a.quantity, sold = b.sold + a.quantity
+        FROM reservation_allocations a
+        WHERE a.reservation_id = r.id AND b.event_id = a.event_id AND b.bucket = a.bucket;
+    ELSE
+        -- the hold ended (expired or cancelled): take the tickets again if any are left
+        BEGIN
+            SELECT * INTO fresh FROM hold_tickets(r.event_id, r.quantity, r.client_id, 0);
+        EXCEPTION WHEN SQLSTATE 'BX409' THEN
+            RETURN 'unavailable';
+        END;
+        -- move the new allocation onto this reservation and sell it
+        UPDATE inventory_buckets b SET held = b.held - a.quantity, sold = b.sold + a.quantity
+        FROM reservation_allocations a
+        WHERE a.reservation_id = fresh.id AND b.event_id = a.event_id AND b.bucket = a.bucket;
+        DELETE FROM reservation_allocations WHERE reservation_id = r.id;
+        UPDATE reservation_allocations SET reservation_id = r.id WHERE reservation_id = fresh.id;
+        DELETE FROM outbox WHERE subject = 'reservations.events.held'
+                             AND payload->>'reservation_id' = fresh.id::text;
+        DELETE FROM reservations WHERE id = fresh.id;
+    END IF;
+    UPDATE reservations SET status = 'completed', completed_at = clock_timestamp(),
+           released_at = NULL, updated_at = clock_timestamp(),
+           payment_intent_id = coalesce(p_payment_intent_id, payment_intent_id)
+    WHERE id = r.id;
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.completed',
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'payment_intent_id', p_payment_intent_id, 'occurred_at', clock_timestamp()));
+    RETURN 'completed';
+END $$;
+GRANT EXECUTE ON FUNCTION complete_reservation TO boxoffice_webhook;
+
+-- Tickets go back only on the refund or cancel of the payment that holds them: a sold hold
+-- whose PaymentIntent this is becomes cancelled and its tickets available; an active hold whose
+-- PaymentIntent this is is released. Returns 'returned', 'released', 'not_holder' (the hold is
+-- held or sold by another PaymentIntent, or by none), 'not_held' (ended already) or 'unknown'.
+CREATE OR REPLACE FUNCTION return_reservation_tickets(
+    p_reservation_id uuid, p_payment_intent_id text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    r reservations;
+BEGIN
+    SELECT * INTO r FROM reservations WHERE id = p_reservation_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'unknown';
+    END IF;
+    IF r.status NOT IN ('active', 'completed') THEN
+        RETURN 'not_held';
+    END IF;
+    IF r.payment_intent_id IS DISTINCT FROM p_payment_intent_id THEN
+        RETURN 'not_holder';
+    END IF;
+    IF r.status = 'active' THEN
+        PERFORM release_reservation(r.id, 'cancelled');
+        RETURN 'released';
+    END IF;
+    UPDATE inventory_buckets b SET sold = b.sold - a.quantity
+    FROM reservation_allocations a
+    WHERE a.reservation_id = r.id AND b.event_id = a.event_id AND b.bucket = a.bucket;
+    UPDATE reservations SET status = 'cancelled', completed_at = NULL,
+           released_at = clock_timestamp(), updated_at = clock_timestamp()
+    WHERE id = r.id;
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.cancelled',
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'payment_intent_id', p_payment_intent_id, 'reason', 'refunded',
+                           'occurred_at', clock_timestamp()));
+    RETURN 'returned';
+END $$;
+GRANT EXECUTE ON FUNCTION return_reservation_tickets TO boxoffice_webhook;
+
+CREATE OR REPLACE FUNCTION get_reservation_stats()
+RETURNS TABLE (active_count bigint, expired_count bigint, completed_count bigint,
+               cancelled_count bigint, oldest_active_hold timestamptz, next_expiry timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT count(*) FILTER (WHERE status = 'active'),
+           count(*) FILTER (WHERE status = 'expired'),
+           count(*) FILTER (WHERE status = 'completed'),
+           count(*) FILTER (WHERE status = 'cancelled'),
+           min(created_at) FILTER (WHERE status = 'active'),
+           (SELECT min(expires_at) FROM reservations WHERE status = 'active')
+    FROM reservations
+$$;
+GRANT EXECUTE ON FUNCTION get_reservation_stats TO boxoffice_reaper;
