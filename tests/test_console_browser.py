@@ -119,8 +119,9 @@ async def test_console_in_chromium(db: asyncpg.Pool, start_service, localstripe)
                 new_pi(), holds[0], amount=5000)))
             await expect(row.locator('[data-count="sold"]')).to_have_text("2")
             await expect(row.locator('[data-count="held"]')).to_have_text("4")
-            async with http.post(f"{ingress.url}/v1/payment_intents", json={
-                    "reservation_id": holds[1]}, headers={**client, "Idempotency-Key": "pay-1"}) as r:
+            async with http.post(f"{ingress.url}/v1/payment_intents",
+                                 json={"reservation_id": holds[1]},
+                                 headers={**client, "Idempotency-Key": "pay-1"}) as r:
                 assert r.status == 201, await r.text()
             sold_width = float(await row.locator("rect.sold").get_attribute("width") or 0)
             assert sold_width == pytest.approx(300 * 2 / 6, rel=0.01)
@@ -157,7 +158,8 @@ async def test_console_in_chromium(db: asyncpg.Pool, start_service, localstripe)
             await line.click()
             detail = page.locator("#webhook-detail")
             await expect(detail.locator(".last-error")).to_contain_text("effects refused")
-            await expect(detail.locator(".payload")).to_contain_text('"client_secret": "[Filtered]"')
+            await expect(detail.locator(".payload")).to_contain_text(
+                '"client_secret": "[Filtered]"')
             await allow_payments(db)
             await line.locator("button.replay").click()
             await expect(page.locator("#message")).to_contain_text(f"Replayed {failed}")

@@ -5,8 +5,8 @@
 - ``boxoffice dev pay <payment_intent> [--card N]``: pay a PaymentIntent at localstripe the way
   a test card would, so that Stripe's webhook reaches ingress and the hold is sold;
 - ``boxoffice dev webhook-outage on|off``: a drill on a development stack: while on, recording a
-  payment as succeeded fails in the database, so Stripe's payment events fail, are retried, are marked failed
-  and reported, as they would in a real outage; off, they can be replayed.
+  payment as succeeded fails in the database, so Stripe's payment events fail, are retried, are
+  marked failed and reported, as they would in a real outage; off, they can be replayed.
 
 They read ``.boxoffice/stack.env`` (``BOXOFFICE_HOME``) where the environment does not say.
 """
@@ -141,8 +141,8 @@ DROP FUNCTION IF EXISTS boxoffice_webhook_outage();
 
 
 def cmd_webhook_outage(args: argparse.Namespace) -> int:
-    """Refuse (``on``) or allow again (``off``) recording a payment as succeeded: a drill, for the stack of
-    ``boxoffice up`` only (its operator's ``DATABASE_URL``)."""
+    """Refuse (``on``) or allow again (``off``) recording a payment as succeeded: a drill, for
+    the stack of ``boxoffice up`` only (its operator's ``DATABASE_URL``)."""
     import asyncio
 
     import asyncpg

@@ -33,7 +33,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    return ops.call("GET", f"/v1/admin/webhooks/events/{urllib.parse.quote(args.event_id, safe='')}")
+    event_id = urllib.parse.quote(args.event_id, safe="")
+    return ops.call("GET", f"/v1/admin/webhooks/events/{event_id}")
 
 
 def _replay_all(args: argparse.Namespace) -> int:

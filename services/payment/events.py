@@ -54,7 +54,8 @@ def _event(row: asyncpg.Record) -> TicketedEvent:
     held = row["held"] - row["overdue"]  # an overdue hold never counts, reaped or not
     return TicketedEvent(id=str(row["id"]), name=row["name"], capacity=row["capacity"],
                          price=row["price"], currency=row["currency"], buckets=row["buckets"],
-                         held=held, sold=row["sold"], available=row["capacity"] - held - row["sold"])
+                         held=held, sold=row["sold"],
+                         available=row["capacity"] - held - row["sold"])
 
 
 async def list_events(pool: asyncpg.Pool, limit: int) -> list[TicketedEvent]:

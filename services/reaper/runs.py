@@ -110,6 +110,6 @@ async def expiry_lag(pool: asyncpg.Pool, minutes: int) -> wire.ExpiryLag:
             "AND released_at >= clock_timestamp() - make_interval(mins => $1) "
             "GROUP BY 1 ORDER BY 1", minutes)
     return wire.ExpiryLag(minutes=minutes, points=[
-        wire.LagPoint(minute=r["minute"], holds=r["holds"],
-                      max_seconds=max(0.0, r["max_seconds"]), avg_seconds=max(0.0, r["avg_seconds"]))
+        wire.LagPoint(minute=r["minute"], holds=r["holds"], max_seconds=max(0.0, r["max_seconds"]),
+                      avg_seconds=max(0.0, r["avg_seconds"]))
         for r in rows])
