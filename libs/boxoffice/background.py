@@ -52,7 +52,7 @@ def backoff(on: type[BaseException] | tuple[type[BaseException], ...], *,
     """Attempts of one step, retried on ``on`` without end (or until ``timeout`` seconds), waiting
     ``initial`` seconds doubled each time up to ``most``, with jitter; use as
     ``async for attempt in backoff(...): with attempt: ...``. Log a failure in the block."""
-    return stamina.retry_context(  # type: ignore[return-value]on=on, attempts=None, timeout=timeout, wait_initial=initial,
+    return stamina.retry_context(on=on, attempts=None, timeout=timeout, wait_initial=initial,
                                  wait_max=most, wait_jitter=min(1.0, most / 2))
 
 
@@ -77,13 +77,14 @@ async def repeat(name: str, step: Callable[[], Awaitable[float | None]], stoppin
 
 
 async def _keep(name: str, work: Work, stopping: asyncio.Event) -> None:
-    while not stopping.is_set():
+    while True:  # started once even if stopped at once: its own stop path runs
         try:
             await work(stopping)
             return
         except Exception:  # noqa: BLE001 - reported, then the work starts again
             log.exception("%s crashed; starting it again", name)
-        await pause(stopping, RESTART_AFTER)
+        if await pause(stopping, RESTART_AFTER):
+            return
 
 
 @contextlib.asynccontextmanager
