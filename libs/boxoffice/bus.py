@@ -9,6 +9,9 @@
   ``ServiceTimeout``, or the remote ``BoxofficeError`` rebuilt from its code.
 - ``serve()`` answers a subject in a queue group; every exception becomes an error reply in
   one place (``_reply_error``); ``stop_serving()`` stops taking work and waits for in-flight work.
+- ``PullConsumer`` is the one way to consume a durable: batches or single messages handed over,
+  settled by the handler (``settle``), outages waited out with back-off; ``pull_consumer()`` runs
+  lanes of it in the background.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import nats
@@ -302,7 +305,7 @@ IDLE_GAP = 0.02  # a partly filled batch is handed over after this long without 
 PULL_WAIT = 1.0  # seconds a pull request waits on the server for a first message
 
 
-async def settle(msg: Msg, how: str, delay: float | None = None) -> None:
+async def settle(msg: Msg, how: Literal["ack", "nak", "term"], delay: float | None = None) -> None:
     """``ack``, ``nak`` (after ``delay`` seconds) or ``term`` ``msg``; the bus may be gone, and
     then JetStream redelivers it, which is harmless."""
     with contextlib.suppress(nats.errors.Error, OSError):
@@ -424,6 +427,9 @@ class PullConsumer:
             msgs = await self.fetch()
         except (nats.errors.Error, OSError) as exc:
             log.warning("consumer %s: bus unavailable (%s)", self.durable, type(exc).__name__)
+            raise
+        except Exception:
+            log.exception("consumer %s: fetch failed", self.durable)
             raise
         if not msgs:
             return
