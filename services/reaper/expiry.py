@@ -9,7 +9,7 @@
   every ``sweep_seconds`` whatever happens.
 - Several replicas run the same loop: SKIP LOCKED gives each hold to one of them, and the outbox
   relay publishes each event once (the outbox row id is the ``Nats-Msg-Id``).
-- A failing database is retried with back-off; the outage is logged once and recorded in
+- A failing database is retried with back-off and jitter; the outage is logged once and recorded in
   ``reaper_runs`` as soon as the database answers again, and the sweep then catches up.
 """
 
@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -175,7 +176,11 @@ class Expirer:
             except Exception as exc:  # noqa: BLE001 - nothing stops the timer; retried, recorded
                 self._failed(exc)
                 self.backoff = min(max(self.backoff * 2, 0.25), self.settings.max_backoff)
-                self.deadline = min(self.deadline, loop.time() + self.backoff)
+                # its own back-off, not stamina's: this wait is also the alarm that a new hold
+                # moves forward. Jittered, so replicas do not all retry a returning PostgreSQL
+                # at once.
+                retry_in = self.backoff * random.uniform(0.5, 1.0)  # noqa: S311 - not secret
+                self.deadline = min(self.deadline, loop.time() + retry_in)
                 last_sweep = loop.time()  # the back-off, not the catch-up period, paces retries
                 continue
             self.deadline = min(self.deadline, loop.time() + due_in)
