@@ -170,3 +170,26 @@ async def test_a_refused_statement_is_not_the_database_away() -> None:
 
     with pytest.raises(asyncpg.UniqueViolationError):
         await db.guarded(work())
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_a_first_database_connection_is_retried_with_back_off_then_refused(
+        caplog: pytest.LogCaptureFixture) -> None:
+    port = _closed_port()
+    loop = asyncio.get_running_loop()
+    with caplog.at_level(logging.WARNING, logger="boxoffice.db"):
+        started = loop.time()
+        with pytest.raises(errors.DatabaseUnavailable, match="cannot reach PostgreSQL"):
+            async with db.pool(f"postgresql://nobody@127.0.0.1:{port}/none",
+                               first_connect_timeout=1.0):
+                pass
+    assert 1.0 <= loop.time() - started < 10
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("postgres: not reachable yet (ConnectionRefusedError)" in m for m in said) >= 2

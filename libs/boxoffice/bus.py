@@ -271,16 +271,18 @@ async def connect(url: str, name: str, *, ca_file: str | None = None,
         async for attempt in background.backoff((nats.errors.Error, OSError, asyncio.TimeoutError),
                                                 most=2.0, timeout=first_connect_timeout):
             with attempt:
-                if attempt.num > 1:
-                    log.warning("nats: not reachable yet, retrying")
                 nc = Client()
-                await nc.connect(
-                    servers=url.split(","), name=name, max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
-                    error_cb=on_error, disconnected_cb=on_disconnected,
-                    reconnected_cb=on_reconnected, drain_timeout=30, ping_interval=5,
-                    max_outstanding_pings=3, **options,
-                )
+                try:
+                    await nc.connect(
+                        servers=url.split(","), name=name, max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                        error_cb=on_error, disconnected_cb=on_disconnected,
+                        reconnected_cb=on_reconnected, drain_timeout=30, ping_interval=5,
+                        max_outstanding_pings=3, **options,
+                    )
+                except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                    log.warning("nats: not reachable yet (%s)", type(exc).__name__)
+                    raise
     except _Refused as refused:
         # (nats-py may wait forever for a socket whose TLS handshake failed to close)
         with contextlib.suppress(Exception):

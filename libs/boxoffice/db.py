@@ -87,11 +87,13 @@ async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
                                                    wait_initial=0.1, wait_max=2.0,
                                                    wait_jitter=0.5):
             with attempt:
-                if attempt.num > 1:
-                    log.warning("postgres: not reachable yet, retrying")
-                p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
-                                              init=_init, command_timeout=30, timeout=5,
-                                              max_inactive_connection_lifetime=60)
+                try:
+                    p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
+                                                  init=_init, command_timeout=30, timeout=5,
+                                                  max_inactive_connection_lifetime=60)
+                except FAILURES as exc:
+                    log.warning("postgres: not reachable yet (%s)", type(exc).__name__)
+                    raise
     except FAILURES as exc:
         raise errors.DatabaseUnavailable(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
     try:
