@@ -104,20 +104,6 @@ class Checkout:
     ingress: ServiceProcess
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, every: float = 0.05,
-                   what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(every)
-
-
 @dataclass
 class StreamMessage:
     subject: str

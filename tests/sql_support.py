@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+from tests.harness import eventually
 
 
 async def new_event(db: asyncpg.Pool | asyncpg.Connection, capacity: int = 10, buckets: int = 1,
@@ -84,20 +85,12 @@ async def no_wait(conn: asyncpg.Connection) -> None:
     await conn.execute("SET lock_timeout = '2s'")
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def waiting_for_lock(db: asyncpg.Pool) -> None:
     """Return once some session of this test's database waits for a lock."""
     async def waits() -> bool:
         return await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                                  "current_database() AND wait_event_type = 'Lock'") > 0
-    await eventually(waits)
+    await eventually(waits, 5, "a session waiting for a lock", interval=0.02)
 
 
 class Heard:

@@ -23,9 +23,9 @@ from boxoffice.embedded import LocalStripe
 from tests.audit_support import (AuditListsProxy, own_stripe,  # noqa: F401 - fixtures
                                  stripe_api)
 from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
-from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET
-from tests.reaper_helpers import metrics
-from tests.test_webhooks_support import deliver, event, wait_for
+from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually
+from tests.reaper_support import metrics
+from tests.webhooks_support import deliver, event
 
 TTL = 3  # seconds a hold lives: some expire, some are paid late
 AUDIT = {"AUDIT_INTERVAL_SECONDS": "2", "AUDIT_GRACE_SECONDS": "30"}
@@ -48,7 +48,7 @@ async def refund_in_dashboard(api: Api, sc: stripe.StripeClient, hold: str, pi: 
     async def sold() -> bool:
         r = await api.call("GET", f"/v1/reservations/{hold}")
         return r.json["status"] == "completed"
-    await wait_for(sold, 30, "the sale")
+    await eventually(sold, 30, "the sale")
     refund = await asyncio.to_thread(sc.v1.refunds.create, params={"payment_intent": pi})
     charge = {"id": f"ch_{uuid.uuid4().hex[:20]}", "object": "charge", "payment_intent": pi,
               "amount": refund.amount, "amount_refunded": refund.amount, "currency": "eur",
@@ -144,7 +144,7 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
             "SELECT NOT EXISTS (SELECT 1 FROM reservations WHERE status = 'active') "
             "AND NOT EXISTS (SELECT 1 FROM stripe_actions WHERE status = 'pending') "
             "AND NOT EXISTS (SELECT 1 FROM outbox)")
-    await wait_for(settled, 60, "the stack to settle")
+    await eventually(settled, 60, "the stack to settle")
     sold = await db.fetchval("SELECT count(*) FROM reservations WHERE status = 'completed'")
     refunded = await db.fetchval("SELECT count(*) FROM payments WHERE status = 'refunded'")
     assert sold >= 5 and refunded >= 3, (sold, refunded)
@@ -168,7 +168,7 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
         r = await api.call("GET", "/v1/admin/invariants", token=ADMIN_TOKEN)
         assert r.status == 200, r.body
         return r.json if r.json["findings"] else None
-    shown = await wait_for(listed, 30, "the timer to find the damage")
+    shown = await eventually(listed, 30, "the timer to find the damage")
     assert not shown["holds"]
     [f] = shown["findings"]
     assert (f["check"], f["kind"], f["subject"]) == ("inventory", "bucket_sold", subject)
@@ -182,7 +182,7 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
             "SELECT g.id, g.level, g.title, a.reason FROM error_groups g "
             "JOIN error_alerts a ON a.group_id = g.id "
             "WHERE g.service = 'reaper' AND g.title LIKE 'audit: inventory.bucket_sold%'")
-    group = await wait_for(alerted, 30, "the critical report grouped and alerted")
+    group = await eventually(alerted, 30, "the critical report grouped and alerted")
     assert (group["level"], group["reason"]) == ("critical", "level")
     assert subject in group["title"]
 
@@ -195,7 +195,7 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
     async def resolved() -> bool:
         return await db.fetchval("SELECT resolved_at IS NOT NULL FROM audit_findings "
                                  "WHERE id = $1", f["id"])
-    await wait_for(resolved, 30, "the timer to resolve the finding")
+    await eventually(resolved, 30, "the timer to resolve the finding")
     r = await api.call("GET", "/v1/admin/invariants", token=ADMIN_TOKEN)
     assert r.json["holds"] and r.json["findings"] == [], r.json
     assert metrics(reaper.url)['boxoffice_audit_violations{check="inventory"}'] == 0

@@ -26,8 +26,8 @@ from boxoffice.webhook.audit_stripe_reads import StripeReads
 from tests.audit_support import (AuditListsProxy, auditor, named, open_findings,  # noqa: F401
                                  own_stripe, run, stripe_api)  # (own_stripe, stripe_api: fixtures)
 from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
-from tests.harness import STRIPE_KEY, WEBHOOK_SECRET
-from tests.test_webhooks_support import deliver, event, wait_for
+from tests.harness import STRIPE_KEY, WEBHOOK_SECRET, eventually
+from tests.webhooks_support import deliver, event
 
 GRACE = 2
 
@@ -75,14 +75,14 @@ async def test_stripe_books_agree_then_damage_is_found_and_resolved(
     unpaid = await checkout(api, event_id, 1)
     for _, pi in paid:
         pay_at_stripe(sc, pi)
-    await wait_for(lambda: db.fetchval("SELECT count(*) = 3 FROM reservations "
+    await eventually(lambda: db.fetchval("SELECT count(*) = 3 FROM reservations "
                                        "WHERE status = 'completed'"), 30, "three sales")
     # a refund boxoffice decides and makes itself (a cancel of the unpaid hold, too)
     refunded_res, refunded_pi = paid[2]
     await db.execute("SELECT request_stripe_action('refund', $1, $2, 'test', 3000)",
                      refunded_pi, refunded_res)
     await api.call("POST", f"/v1/reservations/{unpaid[0]}/cancel")
-    await wait_for(lambda: db.fetchval("SELECT count(*) = 0 FROM stripe_actions "
+    await eventually(lambda: db.fetchval("SELECT count(*) = 0 FROM stripe_actions "
                                        "WHERE status = 'pending'"), 30, "the actions made")
 
     a = auditor(db, StripeCheck(db, reads, grace=GRACE))
@@ -131,7 +131,7 @@ async def test_stripe_books_agree_then_damage_is_found_and_resolved(
                      orphan.id, other_res)
     await db.execute("UPDATE payments SET status = 'succeeded', updated_at = now() "
                      "WHERE payment_intent_id = $1", ghost_pi)
-    await wait_for(lambda: db.fetchval(
+    await eventually(lambda: db.fetchval(
         "SELECT count(*) = 2 FROM payments WHERE payment_intent_id = ANY($1) "
         "AND status IN ('refunded', 'canceled')", [dash_pi, orphan.id]), 30, "the repairs")
     await asyncio.sleep(GRACE + 1)  # the repairs' own events are younger than the grace

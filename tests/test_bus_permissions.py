@@ -29,11 +29,11 @@ from boxoffice import bus as busmod
 from boxoffice import bus_access, config, errors
 from boxoffice.embedded import NatsServer, venv_bin
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, STREAMS, WEBHOOK_CONSUMER
-from tests.bus_users import connected, connection_refused
+from tests.bus_support import connected, connection_refused
 from tests.checkout_support import Api
-from tests.harness import ADMIN_TOKEN, NATS_PASSWORDS
+from tests.harness import ADMIN_TOKEN, NATS_PASSWORDS, eventually
 from tests.test_compose import COMPOSE_NAMES, compose_config
-from tests.test_webhooks_support import deliver, event, payment_intent, wait_for
+from tests.webhooks_support import deliver, event, payment_intent
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTBOX_SUBJECTS = sorted({s for a in bus_access.ACCESS.values() for s in a.relays})
@@ -333,9 +333,9 @@ async def test_every_service_does_its_job_as_its_own_user(
                 "reservations.events.expired"}
 
         # each relay published its own events: payment's hold, webhook's sale, reaper's expiry
-        await wait_for(every_event_out, 30, "every service's events on RESERVATIONS")
+        await eventually(every_event_out, 30, "every service's events on RESERVATIONS")
         assert "payments.events.succeeded" in await subjects("PAYMENTS")
-        await wait_for(lambda: db.fetchval("SELECT 1 FROM error_logs WHERE id = $1",
+        await eventually(lambda: db.fetchval("SELECT 1 FROM error_logs WHERE id = $1",
                                            uuid.UUID(report["id"])), 20, "the report stored")
         assert await subjects("ALERTS") == {"alerts.critical"}  # the error-sink's alert
         for path in ("/v1/admin/errors?limit=5", "/v1/admin/webhooks/events?limit=5",

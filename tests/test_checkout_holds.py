@@ -8,9 +8,8 @@ import uuid
 
 import asyncpg
 
-from tests.checkout_support import (http, start_checkout, stream_messages,  # noqa: F401
-                                    wait_for)
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2
+from tests.checkout_support import http, start_checkout, stream_messages  # noqa: F401
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, eventually
 
 
 async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa: F811
@@ -48,7 +47,7 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa
                              uuid.UUID(event_id))
     assert held == 0
     # the hold and its release went out on RESERVATIONS, once each
-    events = await wait_for(lambda: stream_messages(nats_url, "RESERVATIONS", 2),
+    events = await eventually(lambda: stream_messages(nats_url, "RESERVATIONS", 2),
                             what="reservation events")
     assert [(m.subject, m.data["reservation_id"]) for m in events] == [
         ("reservations.events.held", hold["id"]), ("reservations.events.cancelled", hold["id"])]
@@ -148,7 +147,7 @@ async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):
         got = await api.call("GET", f"/v1/reservations/{r.json['id']}")
         return got.json["status"] == "expired"
 
-    await wait_for(overdue, timeout=10, what="the hold to be past its expires_at")
+    await eventually(overdue, timeout=10, what="the hold to be past its expires_at")
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1",
                              uuid.UUID(r.json["id"])) == "active"  # not reaped yet
     assert (await api.event(event_id))["available"] == 4

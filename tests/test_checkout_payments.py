@@ -18,9 +18,9 @@ import pytest_asyncio
 
 from boxoffice import idempotency
 from boxoffice.embedded import LocalStripe
-from tests.checkout_support import (Api, Checkout, http, nobody_answers,  # noqa: F401
-                                    start_checkout, stream_messages, wait_for)
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, STRIPE_KEY
+from tests.checkout_support import (Api, Checkout, http, nobody_answers, start_checkout,  # noqa: F401
+                                    stream_messages)
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, STRIPE_KEY, eventually
 from tests.stripe_keys_proxy import StripeKeysProxy
 
 PI_PATH = "/v1/payment_intents"
@@ -157,7 +157,7 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
     assert (await api.call("GET", "/v1/admin/payments?limit=0", token=ADMIN_TOKEN)).status == 422
     assert (await api.call("GET", "/v1/admin/payments?bogus=1", token=ADMIN_TOKEN)).status == 422
     assert (await api.call("GET", "/v1/admin/payments")).status == 403
-    events = await wait_for(lambda: stream_messages(nats_url, "PAYMENTS", 4), what="PAYMENTS")
+    events = await eventually(lambda: stream_messages(nats_url, "PAYMENTS", 4), what="PAYMENTS")
     created = [m.data for m in events if m.data["payment_intent_id"] == pi["id"]]
     assert [(m["reservation_id"], m["amount"], m["currency"]) for m in created] == [
         (rid, 8400, "eur")]
@@ -206,7 +206,7 @@ async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, 
     checkout.payment.start(BOXOFFICE_FAILPOINT=failpoint, STRIPE_API_BASE=stripe_proxy.url)
     rid = await new_hold(api, await api.create_event(capacity=5))
     first = asyncio.ensure_future(api.pay(rid, "crash-key"))
-    await wait_for(lambda: not checkout.payment.running, timeout=15, what="the crash")
+    await eventually(lambda: not checkout.payment.running, timeout=15, what="the crash")
     assert checkout.payment.proc.returncode == -9  # a real SIGKILL, mid-request
     first.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -276,7 +276,7 @@ async def test_stripe_unreachable_then_back(start_service, http, db, localstripe
     # a finished key is still replayed (ingress keeps finished answers for a minute)
     rid2 = await new_hold(api, await api.create_event(capacity=5))
     checkout.payment.kill()
-    await wait_for(lambda: nobody_answers(nats_url, "payments.intents.create"),
+    await eventually(lambda: nobody_answers(nats_url, "payments.intents.create"),
                    what="NATS to drop the killed service's subscription")
     down = await api.pay(rid2, "outage-key-2", timeout=5)
     assert (down.status, down.code) == (503, "service_unavailable")

@@ -17,9 +17,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from boxoffice import bus as busmod
 from boxoffice.embedded import free_port
 from boxoffice.error_sink import alerts
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import (deliver, event, hold, log_status, new_event, new_pi,
-                                         payment_intent, wait_for)
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
+from tests.webhooks_support import (deliver, event, hold, log_status, new_event, new_pi,
+                                    payment_intent)
 
 READ_TOKEN = "admin-read-token-dddddddddddddddd"
 EVENT = {"name": "Scoped", "capacity": 10, "price": 1000, "currency": "eur"}
@@ -63,7 +63,7 @@ async def test_read_scope_reads_operate_scope_acts_and_every_action_is_logged(
             assert status == 200
             done = [a for a in log["actions"] if a["status"] is not None]
             return log["actions"] if len(done) == 2 else None
-        actions = await wait_for(logged, what="both actions in the log")
+        actions = await eventually(logged, what="both actions in the log")
     assert [(a["action"], a["status"]) for a in actions] == [
         ("POST /v1/admin/errors/{group_id}/{action}", 404),
         ("POST /v1/admin/events", 201)]
@@ -88,7 +88,7 @@ async def test_actions_wait_on_the_bus_for_the_reaper(db: asyncpg.Pool, start_se
         async def logged() -> list | None:
             status, log = await call(s, "GET", f"{ingress.url}/v1/admin/audit", ADMIN_TOKEN)
             return [(a["action"], a["status"]) for a in log["actions"]] or None
-        assert await wait_for(logged, what="the action in the log") == [
+        assert await eventually(logged, what="the action in the log") == [
             ("POST /v1/admin/events", 201)]
 
 
@@ -154,18 +154,18 @@ async def test_events_of_the_other_stripe_mode_are_refused_and_recorded(
     raw = json.dumps(body).encode()
     async with aiohttp.ClientSession() as s:
         await deliver(s, ingress.url, raw)
-    row = await wait_for(lambda: db.fetchrow(
+    row = await eventually(lambda: db.fetchrow(
         "SELECT * FROM webhook_events_log WHERE event_id = $1 AND processing_status = 'failed'",
         body["id"]), what="the event to be refused")
     assert "live-mode event for a test-mode key" in row["last_error"]
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", res) == "active"
     assert await db.fetchval("SELECT count(*) FROM payments") == 0
-    await wait_for(lambda: _logged(webhook, "live-mode event"), what="the refusal reported")
+    await eventually(lambda: _logged(webhook, "live-mode event"), what="the refusal reported")
     # the same event in test mode is applied
     body["id"], body["livemode"] = f"evt_{uuid.uuid4().hex}", False
     async with aiohttp.ClientSession() as s:
         await deliver(s, ingress.url, json.dumps(body).encode())
-    await wait_for(lambda: log_status(db, body["id"]), what="the test-mode event")
+    await eventually(lambda: log_status(db, body["id"]), what="the test-mode event")
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", res) == "completed"
 
 

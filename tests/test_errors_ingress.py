@@ -13,8 +13,8 @@ import uuid
 import brotli
 import nats
 
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, SENTRY_KEY
-from tests.test_errors_support import ahttp, count, eventually, report
+from tests.errors_support import ahttp, count, report
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, SENTRY_KEY, eventually
 
 AUTH = {"X-Sentry-Auth": f"Sentry sentry_key={SENTRY_KEY}, sentry_version=7, sentry_client=test/1.0"}
 

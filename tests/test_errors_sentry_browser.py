@@ -12,9 +12,9 @@ import uuid
 
 from aiohttp import web
 
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY, free_port
+from tests.errors_support import ahttp
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually, free_port
 from tests.test_errors_sentry_node import node_sdk  # noqa: F401 - the fixture
-from tests.test_errors_support import ahttp, eventually
 
 PAGE = """<!doctype html>
 <html><head><script type="importmap">{importmap}</script></head>

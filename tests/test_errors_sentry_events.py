@@ -13,9 +13,9 @@ import uuid
 import zlib
 from pathlib import Path
 
-from tests.harness import SENTRY_KEY
+from tests.errors_support import ahttp
+from tests.harness import SENTRY_KEY, eventually
 from tests.test_errors_ingress import AUTH, browser_event, envelope
-from tests.test_errors_support import ahttp, eventually
 
 JOBS = """
 def settle(order_id):

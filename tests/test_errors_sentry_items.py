@@ -12,9 +12,9 @@ import subprocess
 import sys
 import uuid
 
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY
+from tests.errors_support import ahttp
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
 from tests.test_errors_ingress import AUTH, browser_event, envelope
-from tests.test_errors_support import ahttp, eventually
 
 SCRIPT = r"""
 import sys, time, sentry_sdk

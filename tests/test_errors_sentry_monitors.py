@@ -12,8 +12,8 @@ import time
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY
-from tests.test_errors_support import ahttp, eventually
+from tests.errors_support import ahttp
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
 
 SCRIPT = r"""
 import sys, sentry_sdk

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY
-from tests.test_errors_support import ahttp, eventually
+from tests.errors_support import ahttp
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
 
 NODE_DIR = Path(__file__).parent / "node"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

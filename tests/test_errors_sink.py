@@ -15,7 +15,8 @@ from boxoffice import migrate, wire
 from boxoffice.embedded import Postgres, free_port
 from boxoffice.error_sink import store
 from boxoffice.error_sink.sink import prepare
-from tests.test_errors_support import count, eventually, publish, publish_raw, report
+from tests.errors_support import count, publish, publish_raw, report
+from tests.harness import eventually
 
 N = 10_000
 

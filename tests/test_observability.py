@@ -15,7 +15,7 @@ from boxoffice import bus as busmod
 from boxoffice import logs, wire
 from boxoffice.wire import admin
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import event, sign
+from tests.webhooks_support import event, sign
 
 
 def metrics(proc) -> dict[str, float]:  # type: ignore[no-untyped-def]

@@ -12,8 +12,8 @@ import asyncpg
 
 from boxoffice import db as dbmod
 from boxoffice.reaper import expiry
-from tests.harness import login_url
-from tests.reaper_helpers import (assert_inventory_consistent, eventually, expired_events, hold,
+from tests.harness import eventually, login_url
+from tests.reaper_support import (assert_inventory_consistent, expired_events, hold,
                                   hold_unannounced, make_event, metrics)
 
 

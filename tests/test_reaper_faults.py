@@ -11,9 +11,9 @@ import asyncpg
 from boxoffice import migrate
 from boxoffice.db import pool as open_pool
 from boxoffice.embedded import Postgres
-from tests.harness import base_env, http_ready
-from tests.reaper_helpers import (assert_inventory_consistent, bulk_holds, eventually,
-                                  expired_events, get_json, hold, make_event, metrics)
+from tests.harness import base_env, eventually, http_ready
+from tests.reaper_support import (assert_inventory_consistent, bulk_holds, expired_events, get_json,
+                                  hold, make_event, metrics)
 
 
 async def _all_expired_and_published(db: asyncpg.Pool, n: int) -> bool:

@@ -10,8 +10,8 @@ import aiohttp
 import asyncpg
 import stripe
 
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY, WEBHOOK_SECRET
-from tests.test_webhooks_support import inventory, wait_for
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually
+from tests.webhooks_support import inventory
 
 
 async def test_paid_hold_is_completed_by_stripes_own_webhook(
@@ -53,7 +53,7 @@ async def test_paid_hold_is_completed_by_stripes_own_webhook(
         async def completed() -> bool:
             return await db.fetchval("SELECT status FROM reservations WHERE id = $1",
                                      rid) == "completed"
-        await wait_for(completed, 30, "Stripe's webhook to complete the reservation")
+        await eventually(completed, 30, "Stripe's webhook to complete the reservation")
         row = await db.fetchrow("SELECT * FROM webhook_events_log "
                                 "WHERE event_type = 'payment_intent.succeeded'")
         assert row["processing_status"] == "processed"

@@ -1,15 +1,13 @@
-"""Helpers of the webhook tests (no tests here): signed Stripe events, holds made in SQL,
-and polling with a deadline."""
+"""Helpers of the webhook tests: signed Stripe events, holds made in SQL, and payments made at
+Stripe (localstripe)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -75,19 +73,6 @@ async def relayed(db: asyncpg.Pool | asyncpg.Connection, service: str = "webhook
     in SQL leaves a held row that only payment's relay may publish)."""
     return await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE subject = ANY($1::text[])",
                              list(bus_access.ACCESS[service].relays))
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
-                   what: str = "condition") -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes,

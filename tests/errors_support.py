@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,19 +58,6 @@ async def publish_raw(nats_url: str, subject: str, data: bytes, msg_id: str | No
         await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
     finally:
         await nc.close()
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0,
-                     interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 async def count(db: asyncpg.Pool, sql: str = "SELECT count(*) FROM error_logs", *args: Any) -> int:

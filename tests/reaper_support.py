@@ -1,24 +1,18 @@
 """Helpers of the reaper tests: events and holds through the SQL functions, the inventory
-invariant, polling with a deadline, metrics, and counting expiry events in the stream."""
+invariant, metrics, and counting expiry events in the stream."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import asyncpg
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-T = TypeVar("T")
-
 
 async def make_event(db: asyncpg.Pool, capacity: int, buckets: int = 1, price: int = 1000) -> str:
     return str(await db.fetchval(
@@ -86,19 +80,6 @@ async def assert_inventory_consistent(db: asyncpg.Pool) -> None:
                          AND r.status = 'active')
         GROUP BY b.event_id, b.bucket, b.held HAVING b.held <> coalesce(sum(a.quantity), 0)""")
     assert not bad, [dict(r) for r in bad]
-
-
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0,
-                     interval: float = 0.05, what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout:g}s (last: {last!r})")
 
 
 def get_json(url: str, token: str | None = None) -> tuple[int, dict]:
