@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,6 @@ import aiohttp
 import nats
 import nats.errors
 import nats.js.errors
-import pytest_asyncio
 
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, ServiceProcess
 
@@ -144,12 +143,6 @@ async def nobody_answers(nats_url: str, subject: str) -> bool:
     finally:
         await nc.close()
     return False
-
-
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as session:
-        yield session
 
 
 def start_checkout(start_service: Callable[..., ServiceProcess], http: aiohttp.ClientSession,

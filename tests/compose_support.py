@@ -98,7 +98,7 @@ class Mount:
     read_only: bool = False
 
 
-def _mounts_of(spec: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+def mounts_of(spec: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(kind, source, target, read_only) for each entry of a service's ``volumes``."""
     out = []
     for v in spec.get("volumes", []):
@@ -191,7 +191,7 @@ class ComposeStack:
 
     def _mount(self, c: Container) -> list[Mount]:
         mounts = []
-        for kind, source, target, ro in _mounts_of(c.spec):
+        for kind, source, target, ro in mounts_of(c.spec):
             if kind == "bind":
                 host = Path(source)
                 assert host.exists(), f"{c.name}: bind mount source {source} does not exist"

@@ -223,7 +223,7 @@ class Cluster:
         assert self.pg.proc is not None
         await asyncio.to_thread(self.pg.proc.wait)
         await eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
-                       what="every PostgreSQL process gone")
+                         what="every PostgreSQL process gone")
         await asyncio.sleep(down)
         await asyncio.to_thread(self.pg.start, create_db=None)
         return len(pids)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -73,6 +73,11 @@ def _named(check: Callable[..., object]) -> str:
         with contextlib.suppress(OSError, TypeError):
             return inspect.getsource(check).strip()
     return name
+
+
+def with_db(url: str, name: str) -> str:
+    """``url`` with its database replaced by ``name`` (same server, same user)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def as_service(nats_url: str, service: str) -> str:

@@ -20,9 +20,8 @@ import pytest
 import stripe
 
 from boxoffice.embedded import LocalStripe
-from tests.audit_support import (AuditListsProxy, own_stripe,  # noqa: F401 - fixtures
-                                 stripe_api)
-from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
+from tests.audit_support import AuditListsProxy
+from tests.checkout_support import Api
 from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually
 from tests.reaper_support import metrics
 from tests.webhooks_support import deliver, event
@@ -99,10 +98,10 @@ async def cli(ingress_url: str, *args: str) -> tuple[int, str]:
 
 @pytest.mark.timeout(300)
 async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
-        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, stripe_api: AuditListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
-    start_service("payment", STRIPE_API_BASE=stripe_api.url, RESERVATION_TTL_SECONDS=str(TTL))
-    start_service("webhook", STRIPE_API_BASE=stripe_api.url, **AUDIT)
+        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, own_stripe_api: AuditListsProxy,
+        http: aiohttp.ClientSession) -> None:
+    start_service("payment", STRIPE_API_BASE=own_stripe_api.url, RESERVATION_TTL_SECONDS=str(TTL))
+    start_service("webhook", STRIPE_API_BASE=own_stripe_api.url, **AUDIT)
     start_service("error_sink")
     reaper = start_service("reaper", **AUDIT)
     ingress = start_service("ingress")

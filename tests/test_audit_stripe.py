@@ -23,9 +23,8 @@ import stripe
 from boxoffice.embedded import LocalStripe
 from boxoffice.webhook.audit_stripe import StripeCheck
 from boxoffice.webhook.audit_stripe_reads import StripeReads
-from tests.audit_support import (AuditListsProxy, auditor, named, open_findings,  # noqa: F401
-                                 own_stripe, run, stripe_api)  # (own_stripe, stripe_api: fixtures)
-from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
+from tests.audit_support import AuditListsProxy, auditor, named, open_findings, run
+from tests.checkout_support import Api
 from tests.harness import STRIPE_KEY, WEBHOOK_SECRET, eventually
 from tests.webhooks_support import deliver, event
 
@@ -33,11 +32,11 @@ GRACE = 2
 
 
 @pytest_asyncio.fixture
-async def reads(stripe_api: AuditListsProxy) -> AsyncIterator[StripeReads]:
+async def reads(own_stripe_api: AuditListsProxy) -> AsyncIterator[StripeReads]:
     """What the webhook service reads Stripe with: an async client, no retries, short calls."""
     http = stripe.AIOHTTPClient(timeout=5)
     client = stripe.StripeClient(STRIPE_KEY, http_client=http, max_network_retries=0,
-                                 base_addresses={"api": stripe_api.url})
+                                 base_addresses={"api": own_stripe_api.url})
     try:
         yield StripeReads(client, timeout=5)
     finally:
@@ -60,10 +59,10 @@ async def checkout(api: Api, event_id: str, quantity: int = 2) -> tuple[uuid.UUI
 
 
 async def test_stripe_books_agree_then_damage_is_found_and_resolved(
-        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, stripe_api: AuditListsProxy,
-        reads: StripeReads, http: aiohttp.ClientSession) -> None:  # noqa: F811
-    start_service("payment", STRIPE_API_BASE=stripe_api.url)
-    start_service("webhook", STRIPE_API_BASE=stripe_api.url)
+        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, own_stripe_api: AuditListsProxy,
+        reads: StripeReads, http: aiohttp.ClientSession) -> None:
+    start_service("payment", STRIPE_API_BASE=own_stripe_api.url)
+    start_service("webhook", STRIPE_API_BASE=own_stripe_api.url)
     start_service("reaper")
     ingress = start_service("ingress")
     own_stripe.configure_webhook(f"{ingress.url}/v1/webhooks/stripe", WEBHOOK_SECRET)
@@ -142,10 +141,10 @@ async def test_stripe_books_agree_then_damage_is_found_and_resolved(
 
 
 async def test_stripe_unreachable_is_a_failed_run_not_a_violation(
-        db: asyncpg.Pool, stripe_api: AuditListsProxy, reads: StripeReads) -> None:
+        db: asyncpg.Pool, own_stripe_api: AuditListsProxy, reads: StripeReads) -> None:
     a = auditor(db, StripeCheck(db, reads, grace=GRACE))
     assert (await run(a)).holds
-    await stripe_api.stop()
+    await own_stripe_api.stop()
     started = time.monotonic()
     down = await run(a)
     assert not down.holds and down.findings == []
@@ -153,5 +152,5 @@ async def test_stripe_unreachable_is_a_failed_run_not_a_violation(
     assert time.monotonic() - started < 10
     row = await db.fetchrow("SELECT * FROM audit_checks WHERE check_name = 'stripe'")
     assert row["error"] == down.checks[0].error and json.loads(json.dumps(row["checkpoint"]))
-    await stripe_api.start()
+    await own_stripe_api.start()
     assert (await run(a)).holds

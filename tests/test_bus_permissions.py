@@ -12,7 +12,6 @@ so the whole suite proves that the permissions suffice; the end-to-end test here
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 import uuid
@@ -28,7 +27,7 @@ import yaml
 from boxoffice import bus as busmod
 from boxoffice import bus_access, config, errors
 from boxoffice.embedded import NatsServer, venv_bin
-from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, STREAMS, WEBHOOK_CONSUMER
+from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, WEBHOOK_CONSUMER
 from tests.bus_support import connected, connection_refused
 from tests.checkout_support import Api
 from tests.harness import ADMIN_TOKEN, NATS_PASSWORDS, eventually

@@ -8,11 +8,11 @@ import uuid
 
 import asyncpg
 
-from tests.checkout_support import http, start_checkout, stream_messages  # noqa: F401
+from tests.checkout_support import start_checkout, stream_messages
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, eventually
 
 
-async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa: F811
+async def test_hold_read_cancel_and_idempotent_hold(start_service, http,
                                                      db: asyncpg.Pool, nats_url: str):
     api = start_checkout(start_service, http).api
     event_id = await api.create_event(capacity=10, price=4500)
@@ -48,7 +48,7 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa
     assert held == 0
     # the hold and its release went out on RESERVATIONS, once each
     events = await eventually(lambda: stream_messages(nats_url, "RESERVATIONS", 2),
-                            what="reservation events")
+                              what="reservation events")
     assert [(m.subject, m.data["reservation_id"]) for m in events] == [
         ("reservations.events.held", hold["id"]), ("reservations.events.cancelled", hold["id"])]
 
@@ -87,7 +87,7 @@ async def _burst(api, event_id: str, n: int, quantity: int) -> collections.Count
     return out
 
 
-async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.Pool):  # noqa: F811
+async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.Pool):
     checkout = start_checkout(start_service, http)
     api = checkout.api
     # 200 buyers, 50 tickets left (of 80), one at a time and then several at a time
@@ -135,7 +135,7 @@ async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.
     assert batches["boxoffice_hold_slow_path_total"] > 0
 
 
-async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):  # noqa: F811
+async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):
     # no reaper runs here: availability must ignore overdue holds by itself
     api = start_checkout(start_service, http, RESERVATION_TTL_SECONDS="1").api
     event_id = await api.create_event(capacity=4)
@@ -159,7 +159,7 @@ async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):
                              uuid.UUID(r.json["id"])) == "expired"
 
 
-async def test_bad_input_changes_nothing(start_service, http, db: asyncpg.Pool):  # noqa: F811
+async def test_bad_input_changes_nothing(start_service, http, db: asyncpg.Pool):
     api = start_checkout(start_service, http).api
     event_id = await api.create_event(capacity=5)
     good = {"event_id": event_id, "quantity": 1}

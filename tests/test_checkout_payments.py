@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from boxoffice import idempotency
 from boxoffice.embedded import LocalStripe
-from tests.checkout_support import (Api, Checkout, http, nobody_answers, start_checkout,  # noqa: F401
+from tests.checkout_support import (Api, Checkout, nobody_answers, start_checkout,
                                     stream_messages)
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, STRIPE_KEY, eventually
 from tests.stripe_keys_proxy import StripeKeysProxy
@@ -51,7 +51,7 @@ async def new_hold(api: Api, event_id: str, token: str = CLIENT_TOKEN, quantity:
     return r.json["id"]
 
 
-async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: F811
+async def test_create_replay_mismatch_and_scoping(start_service, http,
                                                   db: asyncpg.Pool, localstripe, stripe_proxy,
                                                   nats_url):
     api = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url).api
@@ -179,7 +179,7 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
                              "WHERE idempotency_key = 'free-1'") == "finished"
 
 
-async def test_one_key_fifty_concurrent_requests(start_service, http,  # noqa: F811
+async def test_one_key_fifty_concurrent_requests(start_service, http,
                                                  db: asyncpg.Pool, localstripe, stripe_proxy):
     api = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url).api
     rid = await new_hold(api, await api.create_event(capacity=5))
@@ -196,7 +196,7 @@ async def test_one_key_fifty_concurrent_requests(start_service, http,  # noqa: F
     assert await db.fetchval("SELECT count(*) FROM payments") == 1
 
 
-async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, db,  # noqa: F811
+async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, db,
                            failpoint: str) -> tuple[str, dict, list]:
     """Arm a failpoint, send one request (the service SIGKILLs itself there), restart the
     service without it and retry the same key until a final answer."""
@@ -219,7 +219,7 @@ async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, 
     return rid, final.json, tried
 
 
-async def test_crash_after_stripe_answered(start_service, http, db, localstripe,  # noqa: F811
+async def test_crash_after_stripe_answered(start_service, http, db, localstripe,
                                            stripe_proxy):
     checkout = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url)
     rid, pi, tried = await _crash_and_retry(checkout, http, localstripe, stripe_proxy, db,
@@ -240,7 +240,7 @@ async def test_crash_after_stripe_answered(start_service, http, db, localstripe,
     assert replay.json == pi and replay.headers["Idempotent-Replayed"] == "true"
 
 
-async def test_crash_before_stripe_called(start_service, http, db, localstripe,  # noqa: F811
+async def test_crash_before_stripe_called(start_service, http, db, localstripe,
                                           stripe_proxy):
     checkout = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url)
     rid, pi, _ = await _crash_and_retry(checkout, http, localstripe, stripe_proxy, db,
@@ -252,7 +252,7 @@ async def test_crash_before_stripe_called(start_service, http, db, localstripe, 
                              uuid.UUID(rid)) == 1
 
 
-async def test_stripe_unreachable_then_back(start_service, http, db, localstripe,  # noqa: F811
+async def test_stripe_unreachable_then_back(start_service, http, db, localstripe,
                                             stripe_proxy, nats_url):
     checkout = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url)
     api = checkout.api
@@ -277,7 +277,7 @@ async def test_stripe_unreachable_then_back(start_service, http, db, localstripe
     rid2 = await new_hold(api, await api.create_event(capacity=5))
     checkout.payment.kill()
     await eventually(lambda: nobody_answers(nats_url, "payments.intents.create"),
-                   what="NATS to drop the killed service's subscription")
+                     what="NATS to drop the killed service's subscription")
     down = await api.pay(rid2, "outage-key-2", timeout=5)
     assert (down.status, down.code) == (503, "service_unavailable")
     assert down.headers["Retry-After"]

@@ -1,38 +1,18 @@
 """The unmodified @sentry/node (pinned in tests/node/package.json and its lockfile, installed
-with `npm ci` by this test) reports an error with its breadcrumb, attachment and the user's
-feedback, and a cron check-in; transactions are refused so it stops sending them."""
+with `npm ci` by the ``node_sdk`` fixture) reports an error with its breadcrumb, attachment and
+the user's feedback, and a cron check-in; transactions are refused so it stops sending them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import uuid
-from pathlib import Path
-
-import pytest
 
 from tests.errors_support import ahttp
 from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
 
-NODE_DIR = Path(__file__).parent / "node"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture(scope="session")
-def node_sdk() -> Path:
-    """tests/node with its node_modules exactly as the lockfile says (npm ci, once per lockfile)."""
-    npm = shutil.which("npm")
-    assert npm and shutil.which("node"), "Node.js 20 and npm are needed (Debian: nodejs, npm)"
-    stamp = NODE_DIR / "node_modules" / ".boxoffice-lock"
-    digest = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
-    if not stamp.exists() or stamp.read_text() != digest:
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
-                       capture_output=True, timeout=600)
-        stamp.write_text(digest)
-    return NODE_DIR
 
 
 async def _get(url: str) -> dict:

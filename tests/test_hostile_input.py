@@ -20,15 +20,14 @@ import time
 import uuid
 from collections import Counter
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import asyncpg
 import pytest
 
 from tests.checkout_support import Api
-from tests.harness import (ADMIN_TOKEN, CLIENT_TOKEN, SENTRY_KEY, WEBHOOK_SECRET, ServiceProcess,
-                           eventually, http_ready)
+from tests.harness import (ADMIN_TOKEN, CLIENT_TOKEN, SENTRY_KEY, ServiceProcess, eventually,
+                           http_ready)
 from tests.hostile_support import (CODE, Case, RawResponse, Route, db_snapshot, deep,
                                    ingress_routes, send, stream_snapshot)
 from tests.webhooks_support import sign

@@ -193,7 +193,7 @@ async def test_no_secret_in_logs_reports_or_responses(
         # -- Stripe unreachable: the payment service answers 503, and says why without the key --
         payment.kill()
         await eventually(lambda: nobody_answers(nats_url, "payments.intents.create"),
-                       what="the killed payment service's subscription gone")
+                         what="the killed payment service's subscription gone")
         dead = f"http://127.0.0.1:{free_port()}"
         payment2 = start("payment", STRIPE_API_BASE=dead)
         r = await api.call("POST", "/v1/reservations", token=CLIENT,
@@ -219,14 +219,14 @@ async def test_no_secret_in_logs_reports_or_responses(
     refused = start_service("reaper", wait=False, env=dict(env, DATABASE_URL=no_db))
     procs.append(refused)
     await eventually(lambda: refused.proc is not None and refused.proc.poll() is not None,
-                   timeout=60, what="the reaper giving up on a missing database")
+                     timeout=60, what="the reaper giving up on a missing database")
     assert refused.proc.returncode != 0
     # -- NATS credentials refused: start-up stops at once, naming the variable ------------------
     wrong_nats = bus_access.with_user(bus_access.without_user(nats_url), "payment", NATS_WRONG)
     refused_bus = start_service("payment", wait=False, env=dict(env, NATS_URL=wrong_nats))
     procs.append(refused_bus)
     await eventually(lambda: refused_bus.proc is not None and refused_bus.proc.poll() is not None,
-                   timeout=30, what="the payment service refused by nats-server")
+                     timeout=30, what="the payment service refused by nats-server")
     assert refused_bus.proc.returncode == 1 and "NATS_URL" in refused_bus.logs()
     # -- malformed settings: one line naming the variable, never its value ---------------------
     bad_settings = [("ingress", "ADMIN_API_TOKENS", f"{ADMIN},short", "ADMIN_API_TOKENS"),

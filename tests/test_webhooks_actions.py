@@ -40,7 +40,7 @@ async def test_stripe_down_delays_the_refund_not_the_events(db: asyncpg.Pool, st
     async with aiohttp.ClientSession() as s:
         await deliver(s, ingress.url, oversold)
         await eventually(lambda: log_status(db, json.loads(oversold)["id"]),
-                       what="the oversold payment to apply")
+                         what="the oversold payment to apply")
         # Stripe is down and the refund waits: the next event is applied all the same
         await deliver(s, ingress.url, fine)
         await eventually(lambda: log_status(db, json.loads(fine)["id"]), what="the next event")
@@ -82,7 +82,7 @@ async def test_hold_that_ends_cancels_its_payment_intent_at_stripe(db: asyncpg.P
     await asyncio.sleep(1.1)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
     await eventually(lambda: db.fetchval("SELECT status = 'done' FROM stripe_actions"),
-                   what="the cancel to be made")
+                     what="the cancel to be made")
     assert sc.v1.payment_intents.retrieve(pi.id).status == "canceled"
     row = await db.fetchrow("SELECT kind, reason, idempotency_key FROM stripe_actions")
     assert tuple(row) == ("cancel", "hold_expired", f"cancel-{pi.id}")
@@ -106,7 +106,7 @@ async def test_cancel_too_late_applies_the_payment_at_once(db: asyncpg.Pool, sta
     await asyncio.sleep(1.1)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
     await eventually(lambda: db.fetchval("SELECT status = 'completed' FROM reservations"),
-                   what="the late payment to sell the hold")
+                     what="the late payment to sell the hold")
     assert await inventory(db, ev) == (0, 2)
     action = await db.fetchrow("SELECT status, detail FROM stripe_actions")
     assert tuple(action) == ("moot", "PaymentIntent is succeeded")

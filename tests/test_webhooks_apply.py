@@ -214,7 +214,7 @@ async def test_second_payment_for_one_hold_is_refunded(db: asyncpg.Pool, start_s
     assert await inventory(db, ev) == (0, 2)
     await eventually(lambda: db.fetchval("SELECT 1 FROM payments WHERE payment_intent_id = $1 "
                                        "AND status = 'refunded'", second["id"]),
-                   what="the second payment's refund")
+                     what="the second payment's refund")
     rows = {p["payment_intent_id"]: p for p in await db.fetch("SELECT * FROM payments")}
     assert rows[first["id"]]["status"] == "succeeded"
     assert (rows[second["id"]]["status"], rows[second["id"]]["refund_reason"]) == (

@@ -162,7 +162,8 @@ async def test_postgres_stopped_mid_stream(tmp_path: Path, start_service, nats_u
         try:
             await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
                                       schema="pg_catalog")
-            await eventually(lambda: _count_is(conn, 1500), 90, "every event once PostgreSQL is back")
+            await eventually(lambda: _count_is(conn, 1500), 90,
+                             "every event once PostgreSQL is back")
             assert await conn.fetchval("SELECT count(*) FROM webhook_events_log "
                                        "WHERE processing_status = 'failed'") == 0
             await assert_applied_once(conn, nats_url, ev, holds)

@@ -28,7 +28,7 @@ import stripe
 from boxoffice import bus as busmod
 from boxoffice.webhook import reconcile_runs as runs
 from boxoffice.webhook.reconcile import OVERLAP
-from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
+from tests.checkout_support import Api
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, WEBHOOK_SECRET, eventually, http_ready
 from tests.stripe_lists_proxy import StripeListsProxy
 from tests.webhooks_support import hold, inventory, new_event, paid_intent, stripe_client
@@ -105,7 +105,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_applied_once(
         db: asyncpg.Pool, start_service, localstripe, stripe_api: StripeListsProxy,
-        nats_url: str, http: aiohttp.ClientSession) -> None:  # noqa: F811
+        nats_url: str, http: aiohttp.ClientSession) -> None:
     await start_points(db)
     t0 = int(await db.fetchval("SELECT extract(epoch FROM now())"))
     start_service("payment", STRIPE_API_BASE=localstripe.url)
@@ -163,7 +163,7 @@ async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_app
 
 async def test_payment_that_succeeded_at_stripe_without_its_events_is_applied(
         db: asyncpg.Pool, start_service, dead_endpoint, stripe_api: StripeListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
+        http: aiohttp.ClientSession) -> None:
     await start_points(db, events=False)
     start_service("payment", STRIPE_API_BASE=dead_endpoint.url)
     ingress = start_service("ingress")
@@ -204,7 +204,7 @@ async def test_payment_that_succeeded_at_stripe_without_its_events_is_applied(
 
 async def test_orphan_payment_intents_naming_our_holds_are_cancelled_or_applied(
         db: asyncpg.Pool, start_service, dead_endpoint, stripe_api: StripeListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
+        http: aiohttp.ClientSession) -> None:
     await start_points(db, events=False)
     ev = await new_event(db, capacity=10)
     h_cancel, h_paid, h_other = [await hold(db, ev, 2) for _ in range(3)]
@@ -222,7 +222,7 @@ async def test_orphan_payment_intents_naming_our_holds_are_cancelled_or_applied(
 
     await eventually(lambda: db.fetchval("SELECT status = 'done' FROM stripe_actions "
                                        "WHERE payment_intent_id = $1", to_cancel), 30,
-                   "the orphan's cancel to be made")
+                     "the orphan's cancel to be made")
     assert sc.v1.payment_intents.retrieve(to_cancel).status == "canceled"
     await eventually(lambda: reservation_status(db, h_paid), 10, "the paid hold")
     await eventually(lambda: db.fetchval("SELECT status = 'completed' FROM reservations "
@@ -258,7 +258,7 @@ async def test_orphan_payment_intents_naming_our_holds_are_cancelled_or_applied(
 
 async def test_admin_route_and_command_report_the_last_run(
         db: asyncpg.Pool, start_service, dead_endpoint, stripe_api: StripeListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
+        http: aiohttp.ClientSession) -> None:
     await start_points(db)
     sc = stripe_client(dead_endpoint)
     customer = sc.v1.customers.create(params={"email": "reconcile@example.com"}).id
