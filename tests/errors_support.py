@@ -1,4 +1,5 @@
-"""Helpers shared by the tests/test_errors_*.py files (no tests here)."""
+"""Helpers of the tests/test_errors_*.py files: error reports published to ERRORS, Sentry
+envelopes and browser events sent to ingress, and HTTP calls."""
 
 from __future__ import annotations
 
@@ -14,6 +15,34 @@ import asyncpg
 import nats
 
 from boxoffice import bus as busmod
+from tests.harness import SENTRY_KEY
+
+# what a Sentry SDK sends with every envelope
+AUTH = {"X-Sentry-Auth": f"Sentry sentry_key={SENTRY_KEY}, sentry_version=7, sentry_client=test/1.0"}
+
+
+def browser_event(**fields) -> dict:
+    """An error event as a Sentry browser SDK sends it; ``fields`` replace its own."""
+    event = {"event_id": uuid.uuid4().hex, "timestamp": 1_790_000_000.5, "platform": "javascript",
+             "level": "error", "tags": {"service": "checkout-web"}, "environment": "production",
+             "exception": {"values": [{"type": "TypeError", "value": "cart is undefined",
+                                       "stacktrace": {"frames": [
+                                           {"filename": "https://shop.example/node_modules/react/index.js",
+                                            "function": "render", "lineno": 1, "in_app": False},
+                                           {"filename": "https://shop.example/static/cart.js",
+                                            "function": "addToCart", "lineno": 88, "in_app": True}]}}]},
+             "request": {"url": "https://shop.example/cart", "headers": {"Cookie": "session=s3cr3tvalue"}},
+             "user": {"id": "u-1", "email": "bob@example.com", "ip_address": "10.0.0.1"}}
+    event.update(fields)
+    return event
+
+
+def envelope(*items: tuple[dict, bytes], header: dict | None = None) -> bytes:
+    """A Sentry envelope of ``items`` (item header, payload) under ``header``."""
+    out = [json.dumps(header if header is not None else {"event_id": uuid.uuid4().hex}).encode()]
+    for item_header, payload in items:
+        out += [json.dumps(item_header).encode(), payload]
+    return b"\n".join(out) + b"\n"
 
 
 def report(i: int = 0, **fields: Any) -> dict[str, Any]:

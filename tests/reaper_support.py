@@ -1,5 +1,5 @@
-"""Helpers of the reaper tests: events and holds through the SQL functions, the inventory
-invariant, metrics, and counting expiry events in the stream."""
+"""Helpers of the reaper tests: the reaper's own database role, events and holds through the SQL
+functions, the inventory invariant, metrics, and counting expiry events in the stream."""
 
 from __future__ import annotations
 
@@ -9,10 +9,20 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 
 import asyncpg
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from boxoffice import db as dbmod
+from tests.harness import login_url
+
+
+def as_reaper(database_url: str) -> AbstractAsyncContextManager[asyncpg.Pool]:
+    """A pool logged in as the reaper's own role, as deployed (retention runs as it)."""
+    return dbmod.pool(login_url("reaper", database_url), min_size=1, max_size=2)
+
 
 async def make_event(db: asyncpg.Pool, capacity: int, buckets: int = 1, price: int = 1000) -> str:
     return str(await db.fetchval(

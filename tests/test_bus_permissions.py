@@ -30,8 +30,8 @@ from boxoffice.embedded import NatsServer, venv_bin
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, WEBHOOK_CONSUMER
 from tests.bus_support import connected, connection_refused
 from tests.checkout_support import Api
+from tests.compose_support import COMPOSE_NAMES, compose_config
 from tests.harness import ADMIN_TOKEN, NATS_PASSWORDS, eventually
-from tests.test_compose import COMPOSE_NAMES, compose_config
 from tests.webhooks_support import deliver, event, payment_intent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_deploy_configuration_is_the_generated_one_and_nats_server_accepts_it(
 
 
 def test_compose_gives_each_service_its_own_user_with_the_servers_password() -> None:
-    cfg = compose_config()
+    cfg = compose_config(every_profile=False)
     nats_env = cfg["services"]["nats"]["environment"]
     assert set(nats_env) >= {bus_access.password_variable(u) for u in bus_access.USERS}
     for service, name in COMPOSE_NAMES.items():

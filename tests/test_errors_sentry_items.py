@@ -12,9 +12,8 @@ import subprocess
 import sys
 import uuid
 
-from tests.errors_support import ahttp
+from tests.errors_support import AUTH, ahttp, browser_event, envelope
 from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
-from tests.test_errors_ingress import AUTH, browser_event, envelope
 
 SCRIPT = r"""
 import sys, time, sentry_sdk
@@ -232,7 +231,7 @@ async def test_the_user_feedback_endpoint(db, start_service) -> None:
 
 async def test_retention_purges_old_sentry_items(db, database_url) -> None:
     from boxoffice.reaper import retention
-    from tests.test_reaper_retention import as_reaper
+    from tests.reaper_support import as_reaper
     for age in ("91 days", "1 day"):
         at = f"now() - interval '{age}'"
         await db.execute(f"INSERT INTO error_attachments (id, received_at, service, project_id, filename, "
