@@ -10,21 +10,24 @@ holds has one of its own (``own_stripe``). Every fixture more than one test file
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from boxoffice import migrate
-from boxoffice.embedded import LocalStripe, NatsServer, Postgres
+from boxoffice.embedded import LocalStripe, NatsServer, Postgres, free_port
 from tests.audit_support import AuditListsProxy
 from tests.harness import NATS_PASSWORDS, ServiceProcess, base_env, with_db
 
@@ -202,6 +205,40 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client for the test's services (many connections: tests send bursts)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as session:
         yield session
+
+
+@dataclass
+class AlertEndpoint:
+    """An alert webhook endpoint: what it received (``posted`` as JSON, ``received`` as body and
+    headers), answering the statuses of ``fail_with`` first, one a post, then 204."""
+
+    url: str
+    posted: list = field(default_factory=list)
+    received: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
+    fail_with: list[int] = field(default_factory=list)
+
+    async def hook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.received.append((body, dict(request.headers)))
+        self.posted.append(json.loads(body))
+        return web.Response(status=self.fail_with.pop(0) if self.fail_with else 204)
+
+
+@pytest_asyncio.fixture
+async def alert_endpoint() -> AsyncIterator[AlertEndpoint]:
+    """An alert webhook endpoint on 127.0.0.1 (a secret token in its path, as a chat
+    service's)."""
+    port = free_port()
+    endpoint = AlertEndpoint(f"http://127.0.0.1:{port}/hook/secret-token")
+    app = web.Application()
+    app.router.add_post("/hook/{token}", endpoint.hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield endpoint
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,9 @@ from datetime import datetime, timezone
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from boxoffice import bus as busmod
-from boxoffice.embedded import free_port
 from boxoffice.error_sink import alerts
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
 from tests.webhooks_support import (deliver, event, hold, log_status, new_event, new_pi,
@@ -104,30 +102,11 @@ async def test_an_action_that_cannot_be_logged_is_not_carried_out(
     assert await db.fetchval("SELECT count(*) FROM ticketed_events") == 0
 
 
-@pytest.fixture
-async def receiver():
-    """An alert webhook endpoint on 127.0.0.1 that keeps what it receives (body and headers)."""
-    got: list[tuple[bytes, dict[str, str]]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        got.append((await request.read(), dict(request.headers)))
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/hook", got
-    await runner.cleanup()
-
-
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
-async def test_alert_posts_are_signed_as_standard_webhooks(receiver) -> None:
-    url, got = receiver
+async def test_alert_posts_are_signed_as_standard_webhooks(alert_endpoint) -> None:
+    url, got = alert_endpoint.url, alert_endpoint.received
     payload = {"id": "g1:1", "level": "critical", "reason": "level", "title": "Boom",
                "service": "payment", "count": 1, "window_count": 1}
     async with aiohttp.ClientSession() as s:
