@@ -15,8 +15,10 @@ import asyncpg
 import nats
 
 from boxoffice import bus as busmod
-from tests.harness import SENTRY_KEY
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY
 
+# an operator's credentials on the admin routes
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # what a Sentry SDK sends with every envelope
 AUTH = {"X-Sentry-Auth": f"Sentry sentry_key={SENTRY_KEY}, sentry_version=7, sentry_client=test/1.0"}
 
@@ -106,3 +108,10 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
 async def ahttp(method: str, url: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     return await asyncio.to_thread(http, method, url, body, headers)
+
+
+async def admin_json(url: str) -> Any:
+    """GET an admin route as an operator: it answers 200; its JSON."""
+    status, _, body = await ahttp("GET", url, None, ADMIN)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)

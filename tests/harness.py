@@ -176,6 +176,18 @@ class ServiceProcess:
         return self.log.read_text() if self.log.exists() else ""
 
 
+def metrics(service: ServiceProcess) -> dict[str, float]:
+    """``service``'s /metrics (on its health port) as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"{service.health_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def login_url(service: str, url: str) -> str:
     """The URL ``service`` logs in with: ``url``'s server and database, as the service's own
     role. ``url`` is the owner's: through it the role gets LOGIN and its test password first,

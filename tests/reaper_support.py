@@ -1,5 +1,5 @@
 """Helpers of the reaper tests: the reaper's own database role, events and holds through the SQL
-functions, the inventory invariant, metrics, and counting expiry events in the stream."""
+functions, the inventory invariant, and counting expiry events in the stream."""
 
 from __future__ import annotations
 
@@ -100,18 +100,6 @@ def get_json(url: str, token: str | None = None) -> tuple[int, dict]:
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, json.loads(exc.read() or b"null")
-
-
-def metrics(base_url: str) -> dict[str, float]:
-    """The service's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 async def expired_events(nats_url: str, expect: int, timeout: float = 20.0) -> Counter[str]:

@@ -22,8 +22,7 @@ import stripe
 from boxoffice.embedded import LocalStripe
 from tests.audit_support import AuditListsProxy
 from tests.checkout_support import Api
-from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually
-from tests.reaper_support import metrics
+from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually, metrics
 from tests.webhooks_support import deliver, event
 
 TTL = 3  # seconds a hold lives: some expire, some are paid late
@@ -173,7 +172,7 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
     assert (f["check"], f["kind"], f["subject"]) == ("inventory", "bucket_sold", subject)
     assert {c["check"] for c in shown["checks"]} == {"inventory", "money", "stripe",
                                                       "timeliness", "errors"}
-    assert metrics(reaper.url)['boxoffice_audit_violations{check="inventory"}'] == 1
+    assert metrics(reaper)['boxoffice_audit_violations{check="inventory"}'] == 1
 
     # reported as a critical error: stored, grouped and alerted by the error-sink
     async def alerted() -> asyncpg.Record | None:
@@ -197,6 +196,6 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
     await eventually(resolved, 30, "the timer to resolve the finding")
     r = await api.call("GET", "/v1/admin/invariants", token=ADMIN_TOKEN)
     assert r.json["holds"] and r.json["findings"] == [], r.json
-    assert metrics(reaper.url)['boxoffice_audit_violations{check="inventory"}'] == 0
+    assert metrics(reaper)['boxoffice_audit_violations{check="inventory"}'] == 0
     code, out = await cli(ingress.url)
     assert code == 0, out

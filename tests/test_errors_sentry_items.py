@@ -12,7 +12,7 @@ import subprocess
 import sys
 import uuid
 
-from tests.errors_support import AUTH, ahttp, browser_event, envelope
+from tests.errors_support import ADMIN, AUTH, ahttp, browser_event, envelope
 from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
 
 SCRIPT = r"""
@@ -57,8 +57,6 @@ with sentry_sdk.new_scope() as scope:
 sentry_sdk.flush(timeout=10)
 print(event_id)
 """
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def _get(url: str):

@@ -9,16 +9,8 @@ import os
 import subprocess
 import uuid
 
-from tests.errors_support import ahttp
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def _get(url: str) -> dict:
-    status, _, body = await ahttp("GET", url, None, ADMIN)
-    assert status == 200, body
-    return json.loads(body)
+from tests.errors_support import admin_json
+from tests.harness import SENTRY_KEY, eventually
 
 
 async def test_sentry_node_error_attachment_feedback_check_in(db, start_service, node_sdk) -> None:
@@ -38,7 +30,7 @@ async def test_sentry_node_error_attachment_feedback_check_in(db, start_service,
     assert ctx["exception"][-1]["mechanism"]["handled"] is True
 
     async def detail():
-        d = await _get(f"{ingress.url}/v1/admin/errors/{row['group_id']}")
+        d = await admin_json(f"{ingress.url}/v1/admin/errors/{row['group_id']}")
         return d if d["feedback"] and d["attachments"] else None
     group = await eventually(detail)
     assert [(f["message"], f["name"], f["source"]) for f in group["feedback"]] == [
@@ -47,7 +39,7 @@ async def test_sentry_node_error_attachment_feedback_check_in(db, start_service,
     assert (att["filename"], att["content_type"], att["size"]) == ("job.json", "application/json", 11)
 
     async def monitor():
-        ms = (await _get(f"{ingress.url}/v1/admin/monitors?service=box-office-app"))["monitors"]
+        ms = (await admin_json(f"{ingress.url}/v1/admin/monitors?service=box-office-app"))["monitors"]
         return ms if ms and ms[0]["status"] == "ok" else None
     [m] = await eventually(monitor)
     assert (m["slug"], m["schedule_value"], m["checkin_margin"], m["max_runtime"], m["last_duration"]) == (
