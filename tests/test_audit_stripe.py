@@ -26,7 +26,7 @@ from boxoffice.webhook.audit_stripe_reads import StripeReads
 from tests.audit_support import AuditListsProxy, auditor, named, open_findings, run
 from tests.checkout_support import Api
 from tests.harness import STRIPE_KEY, WEBHOOK_SECRET, eventually
-from tests.webhooks_support import deliver, event
+from tests.webhooks_support import deliver, event, pay_at_stripe
 
 GRACE = 2
 
@@ -41,13 +41,6 @@ async def reads(own_stripe_api: AuditListsProxy) -> AsyncIterator[StripeReads]:
         yield StripeReads(client, timeout=5)
     finally:
         await http.close_async()
-
-
-def pay_at_stripe(sc: stripe.StripeClient, pi: str) -> None:
-    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    sc.v1.payment_intents.update(pi, params={"payment_method": pm.id})
-    assert sc.v1.payment_intents.confirm(pi).status == "succeeded"
 
 
 async def checkout(api: Api, event_id: str, quantity: int = 2) -> tuple[uuid.UUID, str]:
@@ -73,7 +66,7 @@ async def test_stripe_books_agree_then_damage_is_found_and_resolved(
     paid = [await checkout(api, event_id) for _ in range(3)]
     unpaid = await checkout(api, event_id, 1)
     for _, pi in paid:
-        pay_at_stripe(sc, pi)
+        assert pay_at_stripe(sc, pi) == "succeeded"
     await eventually(lambda: db.fetchval("SELECT count(*) = 3 FROM reservations "
                                        "WHERE status = 'completed'"), 30, "three sales")
     # a refund boxoffice decides and makes itself (a cancel of the unpaid hold, too)

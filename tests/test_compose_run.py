@@ -26,7 +26,7 @@ from tests.bus_support import connection_refused
 from tests.compose_images import PostgresImage, ProjectImage
 from tests.compose_support import ComposeStack, compose_config
 from tests.harness import eventually
-from tests.webhooks_support import event, sign
+from tests.webhooks_support import event, pay_at_stripe, sign
 
 # what a user would set in the shell before `docker compose up`, so that a hold expires in the test
 TTL = 10
@@ -173,13 +173,8 @@ async def test_checkout_payment_expiry_and_error_report(stack: ComposeStack) -> 
                 pi = await r.json()
             assert pi["amount"] == 1500
 
-            def pay() -> str:  # the buyer's card, confirmed at Stripe (Stripe.js in a browser)
-                pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-                    "number": "4242424242424242", "exp_month": 12, "exp_year": 2030,
-                    "cvc": "123"}})
-                sc.v1.payment_intents.update(pi["id"], params={"payment_method": pm.id})
-                return sc.v1.payment_intents.confirm(pi["id"]).status
-            assert await asyncio.to_thread(pay) == "succeeded"
+            # the buyer's card, confirmed at Stripe (Stripe.js in a browser)
+            assert await asyncio.to_thread(pay_at_stripe, sc, pi["id"]) == "succeeded"
 
             async def status(rid: str) -> str:
                 return await db.fetchval("SELECT status FROM reservations WHERE id = $1",

@@ -11,7 +11,7 @@ import asyncpg
 import stripe
 
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually
-from tests.webhooks_support import inventory
+from tests.webhooks_support import inventory, pay_at_stripe
 
 
 async def test_paid_hold_is_completed_by_stripes_own_webhook(
@@ -43,10 +43,7 @@ async def test_paid_hold_is_completed_by_stripes_own_webhook(
 
         # the buyer's card, confirmed at Stripe (what Stripe.js does in the browser)
         sc = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": localstripe.url})
-        pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-            "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-        sc.v1.payment_intents.update(pi["id"], params={"payment_method": pm.id})
-        assert sc.v1.payment_intents.confirm(pi["id"]).status == "succeeded"
+        assert pay_at_stripe(sc, pi["id"]) == "succeeded"
 
         rid = uuid.UUID(reservation)
 

@@ -31,7 +31,8 @@ from boxoffice.webhook.reconcile import OVERLAP
 from tests.checkout_support import Api
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, WEBHOOK_SECRET, eventually, http_ready
 from tests.stripe_lists_proxy import StripeListsProxy
-from tests.webhooks_support import hold, inventory, new_event, paid_intent, stripe_client
+from tests.webhooks_support import (hold, inventory, new_event, paid_intent, pay_at_stripe,
+                                    stripe_client)
 
 RECONCILE = {"STRIPE_RECONCILE_INTERVAL_SECONDS": "1", "STRIPE_RECONCILE_GRACE_SECONDS": "2"}
 ENDPOINT = "reconcile"
@@ -72,17 +73,6 @@ async def finished_run(db: asyncpg.Pool, after: int = 0, *, ok: bool = True,
         "SELECT * FROM stripe_reconcile_runs WHERE id > $1 AND finished_at IS NOT NULL "
         "AND (error IS NULL) = $2 ORDER BY id LIMIT 1", after, ok),
         timeout, f"a reconciliation run after run {after} ({'ok' if ok else 'failed'})")
-
-
-def card(sc: stripe.StripeClient, number: str = "4242424242424242") -> str:
-    return sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}).id
-
-
-def pay_at_stripe(sc: stripe.StripeClient, pi: str, number: str = "4242424242424242") -> None:
-    """What Stripe.js does in the buyer's browser."""
-    sc.v1.payment_intents.update(pi, params={"payment_method": card(sc, number)})
-    sc.v1.payment_intents.confirm(pi)
 
 
 async def checkout(api: Api, event_id: str) -> tuple[uuid.UUID, str]:

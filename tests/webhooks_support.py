@@ -17,6 +17,8 @@ import stripe
 from boxoffice import bus_access
 from tests.harness import STRIPE_KEY, WEBHOOK_SECRET
 
+GOOD_CARD = "4242424242424242"
+
 
 def sign(body: bytes, secret: str = WEBHOOK_SECRET, t: int | None = None) -> str:
     """A Stripe-Signature header, computed the way Stripe does."""
@@ -105,12 +107,22 @@ def stripe_client(localstripe: Any) -> stripe.StripeClient:
     return stripe.StripeClient(STRIPE_KEY, base_addresses={"api": localstripe.url})
 
 
+def card(sc: stripe.StripeClient, number: str = GOOD_CARD) -> str:
+    """A card PaymentMethod at Stripe: its id."""
+    return sc.v1.payment_methods.create(params={"type": "card", "card": {
+        "number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}).id
+
+
+def pay_at_stripe(sc: stripe.StripeClient, pi: str, number: str = GOOD_CARD) -> str:
+    """What Stripe.js does in the buyer's browser: a card attached to the PaymentIntent, then
+    confirmed. Returns the PaymentIntent's status."""
+    sc.v1.payment_intents.update(pi, params={"payment_method": card(sc, number)})
+    return sc.v1.payment_intents.confirm(pi).status
+
+
 def paid_intent(sc: stripe.StripeClient, reservation_id: Any, amount: int = 5000) -> dict[str, Any]:
     """A PaymentIntent paid by card at Stripe (localstripe), as its webhook event carries it."""
     pi = sc.v1.payment_intents.create(params={
         "amount": amount, "currency": "eur", "metadata": {"reservation_id": str(reservation_id)}})
-    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    sc.v1.payment_intents.update(pi.id, params={"payment_method": pm.id})
-    assert sc.v1.payment_intents.confirm(pi.id).status == "succeeded"
+    assert pay_at_stripe(sc, pi.id) == "succeeded"
     return sc.v1.payment_intents.retrieve(pi.id).to_dict()
