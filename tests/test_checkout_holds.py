@@ -1,4 +1,5 @@
-"""Holds through the real stack (ingress and payment processes, NATS, PostgreSQL)."""
+"""Holds through the real stack (ingress and payment processes, NATS, PostgreSQL), one behaviour
+a test."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import collections
 import uuid
 
 import asyncpg
+import pytest
 
-from tests.checkout_support import start_checkout, stream_messages
+from tests.checkout_support import Api, start_checkout, stream_messages
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, eventually
 
 
-async def test_hold_read_cancel_and_idempotent_hold(start_service, http,
-                                                     db: asyncpg.Pool, nats_url: str):
-    api = start_checkout(start_service, http).api
-    event_id = await api.create_event(capacity=10, price=4500)
+@pytest.fixture
+def api(start_service, http) -> Api:
+    """A client of ingress, with payment behind it."""
+    return start_checkout(start_service, http).api
 
+
+async def test_a_hold_takes_tickets_at_the_events_price(api: Api, db: asyncpg.Pool):
+    event_id = await api.create_event(capacity=10, price=4500)
     r = await api.hold(event_id, 3, customer_ref="cust-1")
     assert r.status == 201, r.body
     hold = r.json
@@ -28,16 +33,24 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,
     assert abs(float(ttl) - 900) < 1  # RESERVATION_TTL_SECONDS default
     state = await api.event(event_id)
     assert (state["held"], state["sold"], state["available"]) == (3, 0, 7)
-
     got = await api.call("GET", f"/v1/reservations/{hold['id']}")
     assert got.status == 200 and got.json["status"] == "active" and got.json["id"] == hold["id"]
-    # another client's hold does not exist for this client
+
+
+async def test_another_clients_hold_does_not_exist(api: Api):
+    event_id = await api.create_event(capacity=10, price=4500)
+    hold = (await api.hold(event_id, 3)).json
     other = await api.call("GET", f"/v1/reservations/{hold['id']}", token=CLIENT_TOKEN_2)
     assert (other.status, other.code) == (404, "reservation_not_found")
     other = await api.call("POST", f"/v1/reservations/{hold['id']}/cancel", token=CLIENT_TOKEN_2)
     assert (other.status, other.code) == (404, "reservation_not_found")
     assert (await api.event(event_id))["held"] == 3
 
+
+async def test_cancel_releases_the_tickets_once_and_says_so_on_the_bus(
+        api: Api, db: asyncpg.Pool, nats_url: str):
+    event_id = await api.create_event(capacity=10, price=4500)
+    hold = (await api.hold(event_id, 3)).json
     # cancel releases the tickets once; a second cancel changes nothing
     for _ in range(2):
         c = await api.call("POST", f"/v1/reservations/{hold['id']}/cancel")
@@ -52,6 +65,9 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,
     assert [(m.subject, m.data["reservation_id"]) for m in events] == [
         ("reservations.events.held", hold["id"]), ("reservations.events.cancelled", hold["id"])]
 
+
+async def test_an_idempotency_key_makes_a_hold_happen_once_per_client(api: Api):
+    event_id = await api.create_event(capacity=10, price=4500)
     # an Idempotency-Key makes the hold happen once; the retry replays the stored body
     first = await api.hold(event_id, 2, key="hold-key-1")
     again = await api.hold(event_id, 2, key="hold-key-1")
@@ -67,6 +83,10 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,
     assert "Idempotent-Replayed" not in theirs.headers
     assert (await api.event(event_id))["held"] == 4
 
+
+async def test_sold_out_and_unknown_get_clear_answers_and_store_nothing(api: Api):
+    event_id = await api.create_event(capacity=10, price=4500)
+    assert (await api.hold(event_id, 4)).status == 201
     # sold out and unknown events: clear answers, nothing stored under the key
     sold_out = await api.hold(event_id, 7, key="hold-key-2")
     assert (sold_out.status, sold_out.code) == (409, "sold_out")
