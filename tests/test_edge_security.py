@@ -16,8 +16,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from boxoffice import bus as busmod
 from boxoffice.error_sink import alerts
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
-from tests.webhooks_support import (deliver, event, hold, log_status, new_event, new_pi,
-                                    payment_intent)
+from tests.sql_support import new_event, new_hold
+from tests.webhooks_support import deliver, event, log_status, new_pi, payment_intent
 
 READ_TOKEN = "admin-read-token-dddddddddddddddd"
 EVENT = {"name": "Scoped", "capacity": 10, "price": 1000, "currency": "eur"}
@@ -127,7 +127,7 @@ async def test_events_of_the_other_stripe_mode_are_refused_and_recorded(
     webhook = start_service("webhook")  # a test-mode key (sk_test_...)
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     body = json.loads(event("payment_intent.succeeded", payment_intent(new_pi(), res)))
     body["livemode"] = True
     raw = json.dumps(body).encode()

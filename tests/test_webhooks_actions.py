@@ -12,16 +12,17 @@ import asyncpg
 
 from boxoffice.embedded import free_port
 from tests.harness import eventually
-from tests.webhooks_support import (deliver, event, hold, inventory, log_status, new_event, new_pi,
-                                    paid_intent, payment_intent, stripe_client)
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import (deliver, event, log_status, new_pi, paid_intent, payment_intent,
+                                    stripe_client)
 
 
 async def _sold_out_hold(db: asyncpg.Pool) -> asyncpg.Record:
     """A hold that expired, whose tickets someone else then took."""
     ev = await new_event(db, capacity=2)
-    gone = await hold(db, ev, 2, ttl=0)
+    gone = await new_hold(db, ev, 2, ttl=0)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
-    await hold(db, ev, 2)
+    await new_hold(db, ev, 2)
     return gone
 
 
@@ -34,7 +35,7 @@ async def test_stripe_down_delays_the_refund_not_the_events(db: asyncpg.Pool, st
     gone = await _sold_out_hold(db)
     paid = paid_intent(sc, gone)
     roomy = await new_event(db, capacity=10)
-    fine_hold = await hold(db, roomy, 2)
+    fine_hold = await new_hold(db, roomy, 2)
     oversold = event("payment_intent.succeeded", paid)
     fine = event("payment_intent.succeeded", payment_intent(new_pi(), fine_hold))
     async with aiohttp.ClientSession() as s:
@@ -73,7 +74,7 @@ async def test_hold_that_ends_cancels_its_payment_intent_at_stripe(db: asyncpg.P
     start_service("webhook", STRIPE_API_BASE=localstripe.url)
     sc = stripe_client(localstripe)
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2, ttl=1)
+    res = await new_hold(db, ev, 2, ttl=1)
     pi = sc.v1.payment_intents.create(params={
         "amount": 5000, "currency": "eur", "metadata": {"reservation_id": str(res)}})
     await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, "
@@ -97,7 +98,7 @@ async def test_cancel_too_late_applies_the_payment_at_once(db: asyncpg.Pool, sta
     start_service("webhook", STRIPE_API_BASE=localstripe.url)
     sc = stripe_client(localstripe)
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2, ttl=1)
+    res = await new_hold(db, ev, 2, ttl=1)
     paid = paid_intent(sc, res)
     await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, "
                      "status) VALUES ($1, $2, 5000, 'eur', 'created')", paid["id"], res)

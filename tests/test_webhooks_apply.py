@@ -12,8 +12,9 @@ import asyncpg
 
 from boxoffice import bus as busmod
 from tests.harness import eventually
-from tests.webhooks_support import (charge, deliver, event, hold, inventory, log_status, new_event,
-                                    new_pi, paid_intent, payment_intent, relayed, stripe_client)
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import (charge, deliver, event, log_status, new_pi, paid_intent,
+                                    payment_intent, relayed, stripe_client)
 
 
 async def drained(nats_url: str) -> None:
@@ -40,7 +41,7 @@ async def test_one_event_delivered_200_times_concurrently_applies_once(
     start_service("webhook", STRIPE_API_BASE=localstripe.url)
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=10)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     pi = new_pi()
     body = event("payment_intent.succeeded", payment_intent(pi, res))
     event_id = json.loads(body)["id"]
@@ -73,7 +74,7 @@ async def test_state_machine_never_moves_back_whatever_the_order(
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=20)
     t = int(time.time())
-    holds = {name: await hold(db, ev, 2) for name in "ABCDEF"}
+    holds = {name: await new_hold(db, ev, 2) for name in "ABCDEF"}
     pis = {name: new_pi() for name in holds}
     for name in "CDEF":  # the checkout's rows (A and B: events that beat the checkout's write)
         await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, "
@@ -154,12 +155,12 @@ async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, l
     sc = stripe_client(localstripe)
 
     roomy = await new_event(db, capacity=10)
-    late = await hold(db, roomy, 2, ttl=1)
+    late = await new_hold(db, roomy, 2, ttl=1)
     full = await new_event(db, capacity=2)
-    gone = await hold(db, full, 2, ttl=1)
+    gone = await new_hold(db, full, 2, ttl=1)
     await asyncio.sleep(1.1)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") >= 2
-    taker = await hold(db, full, 2)  # someone else takes the released tickets
+    taker = await new_hold(db, full, 2)  # someone else takes the released tickets
 
     paid = paid_intent(sc, gone)
     oversold = event("payment_intent.succeeded", paid)
@@ -202,7 +203,7 @@ async def test_second_payment_for_one_hold_is_refunded(db: asyncpg.Pool, start_s
     ingress = start_service("ingress")
     sc = stripe_client(localstripe)
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     first, second = paid_intent(sc, res), paid_intent(sc, res)
     async with aiohttp.ClientSession() as s:
         for pi in (first, second):

@@ -17,7 +17,8 @@ from boxoffice import bus as busmod
 from boxoffice import migrate
 from boxoffice.embedded import NatsServer, Postgres
 from tests.harness import base_env, eventually
-from tests.webhooks_support import event, inventory, new_pi, payment_intent, post, relayed, sign
+from tests.sql_support import inventory
+from tests.webhooks_support import event, new_pi, payment_intent, post, relayed, sign
 
 
 async def make_holds(conn: asyncpg.Pool | asyncpg.Connection, n: int) -> tuple[uuid.UUID, list[uuid.UUID]]:

@@ -11,7 +11,8 @@ import asyncpg
 import stripe
 
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually
-from tests.webhooks_support import inventory, pay_at_stripe
+from tests.sql_support import inventory
+from tests.webhooks_support import pay_at_stripe
 
 
 async def test_paid_hold_is_completed_by_stripes_own_webhook(

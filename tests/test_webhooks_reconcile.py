@@ -31,8 +31,8 @@ from boxoffice.webhook.reconcile import OVERLAP
 from tests.checkout_support import Api
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, WEBHOOK_SECRET, eventually, http_ready
 from tests.stripe_lists_proxy import StripeListsProxy
-from tests.webhooks_support import (hold, inventory, new_event, paid_intent, pay_at_stripe,
-                                    stripe_client)
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import paid_intent, pay_at_stripe, stripe_client
 
 RECONCILE = {"STRIPE_RECONCILE_INTERVAL_SECONDS": "1", "STRIPE_RECONCILE_GRACE_SECONDS": "2"}
 ENDPOINT = "reconcile"
@@ -197,7 +197,7 @@ async def test_orphan_payment_intents_naming_our_holds_are_cancelled_or_applied(
         http: aiohttp.ClientSession) -> None:
     await start_points(db, events=False)
     ev = await new_event(db, capacity=10)
-    h_cancel, h_paid, h_other = [await hold(db, ev, 2) for _ in range(3)]
+    h_cancel, h_paid, h_other = [await new_hold(db, ev, 2) for _ in range(3)]
     sc = stripe_client(dead_endpoint)
     # PaymentIntents made at Stripe for our holds, never recorded (a checkout that died)
     to_cancel = sc.v1.payment_intents.create(params={

@@ -13,8 +13,8 @@ import aiohttp
 import asyncpg
 
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
-from tests.webhooks_support import (deliver, event, hold, inventory, new_event, new_pi,
-                                    payment_intent)
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import deliver, event, new_pi, payment_intent
 
 
 def cli(ingress_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -29,7 +29,7 @@ async def test_failed_event_is_kept_reported_and_replayable(
     broken = start_service("webhook", WEBHOOK_RETRY_DELAYS="0.2,0.3")
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=2)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     pi_id = new_pi()
     await db.execute(f"""
         CREATE FUNCTION refuse_payment() RETURNS trigger LANGUAGE plpgsql AS $$

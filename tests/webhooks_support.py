@@ -1,5 +1,6 @@
-"""Helpers of the webhook tests: signed Stripe events, holds made in SQL, and payments made at
-Stripe (localstripe)."""
+"""Helpers of the webhook tests: signed Stripe events delivered to ingress, the webhook log and
+outbox, and payments made at Stripe (localstripe). Events and holds made in SQL come from
+sql_support."""
 
 from __future__ import annotations
 
@@ -51,23 +52,6 @@ def charge(pi_id: str, amount: int = 5000, refunded: bool = True) -> dict[str, A
 
 def new_pi() -> str:
     return f"pi_{uuid.uuid4().hex[:24]}"
-
-
-async def new_event(db: asyncpg.Pool, capacity: int, price: int = 2500, buckets: int = 1) -> uuid.UUID:
-    return await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'show', $1, $2, "
-                             "'eur', $3)", capacity, price, buckets)
-
-
-async def hold(db: asyncpg.Pool, event_id: uuid.UUID, quantity: int = 2,
-               ttl: int = 900) -> uuid.UUID:
-    return await db.fetchval("SELECT id FROM hold_tickets($1, $2, 'client', $3)",
-                             event_id, quantity, ttl)
-
-
-async def inventory(db: asyncpg.Pool, event_id: uuid.UUID) -> tuple[int, int]:
-    row = await db.fetchrow("SELECT sum(held)::int AS held, sum(sold)::int AS sold "
-                            "FROM inventory_buckets WHERE event_id = $1", event_id)
-    return row["held"], row["sold"]
 
 
 async def relayed(db: asyncpg.Pool | asyncpg.Connection, service: str = "webhook") -> bool:
