@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==26.3
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local]'
+	# setuptools says, as information, that an editable install of a package-dir layout uses an
+	# import finder; nothing to act on, so the notice is filtered (by its text, nothing else)
+	PYTHONWARNINGS='ignore:Editable installation' \
+		$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local]'
 	touch $(STAMP)
 
 install: $(STAMP)
