@@ -12,7 +12,9 @@ import aiohttp
 import asyncpg
 
 from boxoffice.ingress import sessions
-from tests.test_webhooks_support import deliver, event, hold, new_pi, payment_intent, wait_for
+from tests.harness import eventually
+from tests.sql_support import new_hold
+from tests.webhooks_support import deliver, event, new_pi, payment_intent
 
 
 @dataclass
@@ -86,7 +88,7 @@ async def failed_webhook_events(db: asyncpg.Pool, ingress_url: str, event_id: An
     ids = []
     async with aiohttp.ClientSession() as http:
         for _ in range(count):
-            reservation = await hold(db, event_id, 1)
+            reservation = await new_hold(db, event_id, 1)
             pi = "pi_refused_" + new_pi()[3:]
             body = event("payment_intent.succeeded", payment_intent(
                 pi, reservation, amount=2500, client_secret=f"{pi}_secret_do_not_show"))
@@ -97,7 +99,7 @@ async def failed_webhook_events(db: asyncpg.Pool, ingress_url: str, event_id: An
         return await db.fetchval("SELECT count(*) FROM webhook_events_log WHERE event_id = ANY($1)"
                                  " AND processing_status = 'failed'", ids) == len(ids)
 
-    await wait_for(all_failed, 60, "the events to be marked failed")
+    await eventually(all_failed, 60, "the events to be marked failed")
     return ids
 
 

@@ -25,8 +25,9 @@ from boxoffice.ingress import console as console_routes
 from boxoffice.ingress import sessions
 from tests.console_support import allow_payments, console, failed_webhook_events
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import (deliver, event, hold, log_status, new_event, new_pi,
-                                         payment_intent, wait_for)
+from tests.harness import eventually
+from tests.sql_support import new_event, new_hold
+from tests.webhooks_support import deliver, event, log_status, new_pi, payment_intent
 
 READ_TOKEN = "admin-read-token-console-000000"
 
@@ -188,7 +189,7 @@ async def test_expiry_lag_and_event_errors(db: asyncpg.Pool, start_service) -> N
     start_service("reaper")
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=10)
-    await hold(db, ev, 2, ttl=1)
+    await new_hold(db, ev, 2, ttl=1)
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with aiohttp.ClientSession(headers=admin) as http:
         async def lag() -> dict | None:
@@ -197,7 +198,7 @@ async def test_expiry_lag_and_event_errors(db: asyncpg.Pool, start_service) -> N
                 body = await resp.json()
             return body if body["points"] else None
 
-        body = await wait_for(lag, 20, "the hold to expire")
+        body = await eventually(lag, 20, "the hold to expire")
         assert body["minutes"] == 60 and body["points"][0]["holds"] == 1
         assert 0 <= body["points"][0]["max_seconds"] < 5
         async with http.get(ingress.url + "/v1/admin/reservations/expiry-lag?minutes=0") as resp:
@@ -336,7 +337,7 @@ async def test_error_groups_carry_a_sparkline_of_the_last_day(start_service) -> 
                 groups = (await resp.json())["groups"]
             return groups[0] if groups and groups[0]["count"] == 4 else None
 
-        g = await wait_for(group, 20, "the reports to be grouped")
+        g = await eventually(group, 20, "the reports to be grouped")
         assert len(g["hourly"]) == 24 and sum(g["hourly"]) == 4
         assert g["hourly"][23] == 3 and g["hourly"][23 - 5] == 1
 
@@ -367,7 +368,7 @@ async def test_the_walk_throughs_webhook_outage_drill(db: asyncpg.Pool, database
     on = await asyncio.to_thread(cli, "dev", "webhook-outage", "on")
     assert on.returncode == 0, on.stderr
     ev = await new_event(db, capacity=4)
-    reservation = await hold(db, ev, 2)
+    reservation = await new_hold(db, ev, 2)
     body = event("payment_intent.succeeded", payment_intent(new_pi(), reservation))
     event_id = json.loads(body)["id"]
     async with aiohttp.ClientSession() as http:
@@ -376,7 +377,7 @@ async def test_the_walk_throughs_webhook_outage_drill(db: asyncpg.Pool, database
     async def failed() -> bool:
         return await log_status(db, event_id) == "failed"
 
-    await wait_for(failed, 30, "the event to fail during the drill")
+    await eventually(failed, 30, "the event to fail during the drill")
     assert "webhook outage drill" in await db.fetchval(
         "SELECT last_error FROM webhook_events_log WHERE event_id = $1", event_id)
     off = await asyncio.to_thread(cli, "dev", "webhook-outage", "off")

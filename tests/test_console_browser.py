@@ -17,8 +17,8 @@ from playwright.async_api import Page, async_playwright, expect
 
 from tests.console_support import allow_payments, failed_webhook_events
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import (deliver, event, log_status, new_pi, payment_intent,
-                                         wait_for)
+from tests.harness import eventually
+from tests.webhooks_support import deliver, event, log_status, new_pi, payment_intent
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "console"
@@ -61,7 +61,7 @@ async def test_console_in_chromium(db: asyncpg.Pool, start_service, localstripe)
                 groups = (await r.json())["groups"]
             return next((g["id"] for g in groups if "Checkout exploded" in g["title"]), None)
 
-        gid = await wait_for(group_id, 20, "the error group")
+        gid = await eventually(group_id, 20, "the error group")
 
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True)

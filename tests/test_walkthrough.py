@@ -19,7 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 from boxoffice.embedded import free_port
 from boxoffice.stack import read_env
 from tests.test_console_browser import ARTIFACTS, CHROMIUM
-from tests.test_stack import start_stack, stop_stack
+from tests.stack_support import start_stack, stop_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## A walk-through: a sale, a failed webhook replayed, an error resolved"

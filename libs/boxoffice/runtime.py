@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import prometheus_client
+import stamina.instrumentation
 from aiohttp import web
 
 from boxoffice import config as configmod
@@ -115,6 +116,8 @@ def run(service: str, build: Build) -> int:
         print(f"boxoffice {service}: {exc}", file=sys.stderr)
         return 2
     logs.setup(service, cfg.log_level)
+    # retries are counted (stamina_retries_total); our loops log their own, naming what waits
+    stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.PrometheusOnRetryHook])
     reporter = report.install(cfg)  # ERROR logs, crashes and loop errors go to the bus
 
     async def main() -> int:

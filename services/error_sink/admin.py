@@ -6,10 +6,7 @@ Resolving or ignoring a group also marks its ``error_logs`` rows resolved, so th
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
 import asyncpg
 
@@ -51,19 +48,7 @@ SETTLE_ROWS = "UPDATE error_logs SET resolved = TRUE WHERE group_id = $1 AND NOT
 GroupNotFound = errors.define("ErrorGroupNotFound", "error_group_not_found", 404,
                               "No such error group")
 
-
-T = TypeVar("T")
-
-
-def _db(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """PostgreSQL unreachable is a 503 for the operator, not an internal error."""
-    @functools.wraps(fn)
-    async def wrapper(*args: Any) -> T:
-        try:
-            return await fn(*args)
-        except db.UNAVAILABLE as exc:
-            raise errors.DatabaseUnavailable(f"error store unreachable: {type(exc).__name__}") from None
-    return wrapper
+_db = db.guard  # PostgreSQL unreachable is a 503 for the operator, not an internal error
 
 
 def _group(row: asyncpg.Record) -> w.ErrorGroup:

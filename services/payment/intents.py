@@ -52,7 +52,7 @@ from typing import TypeVar
 import asyncpg
 import prometheus_client
 
-from boxoffice import db, errors, idempotency, wire
+from boxoffice import background, db, errors, idempotency, wire
 from boxoffice.payment.reservations import RETRYABLE, ReservationNotActive, ReservationNotFound
 from boxoffice.payment.stripe_client import CreatedIntent, Definitive, StripeGateway, Transient
 from boxoffice.wire.payments import (CreateIntentRequest, ListPayments, PaymentEvent,
@@ -220,7 +220,7 @@ async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
                            "last_error = $3, updated_at = clock_timestamp() "
                            "WHERE id = $1 AND lease_token = $2 AND recovery_point <> 'finished'",
                            claim.log_id, claim.lease_token, error[:500])
-    except (asyncpg.PostgresError, *db.UNAVAILABLE) as exc:
+    except db.FAILURES as exc:
         log.warning("could not release key %s (%s); its lease will lapse", claim.log_id,
                     type(exc).__name__)
 
@@ -229,25 +229,19 @@ async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
 async def _leased(pool: asyncpg.Pool, claim: Claim) -> AsyncIterator[None]:
     """Renew the key's lease while the block runs (only slow Stripe calls ever renew)."""
 
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(RENEW_EVERY)
+    async def renew(stopping: asyncio.Event) -> None:
+        while not await background.pause(stopping, RENEW_EVERY):
             try:
                 await pool.execute("UPDATE payment_intents_log SET locked_at = clock_timestamp() "
                                    "WHERE id = $1 AND lease_token = $2 "
                                    "AND recovery_point <> 'finished'",
                                    claim.log_id, claim.lease_token)
-            except (asyncpg.PostgresError, *db.UNAVAILABLE) as exc:
+            except db.FAILURES as exc:
                 log.warning("lease renewal of key %s failed (%s)", claim.log_id,
                             type(exc).__name__)
 
-    task = asyncio.create_task(renew())
-    try:
+    async with background.running("lease renewal", renew, grace=2):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _failpoint(deps: Deps, name: str) -> None:

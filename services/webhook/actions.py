@@ -42,7 +42,7 @@ import asyncpg
 import prometheus_client
 import stripe
 
-from boxoffice import db, outbox, wire
+from boxoffice import background, db, outbox, wire
 from boxoffice.webhook import effects
 from boxoffice.webhook.refunds import Refunds
 from boxoffice.wire.stripe import StripeEvent, synthesized
@@ -160,49 +160,42 @@ async def apply_success(pool: asyncpg.Pool, intent: dict[str, Any]) -> str:
     return outcome.name
 
 
-async def run_worker(url: str, pool: asyncpg.Pool, refunds: Refunds,
-                     stopping: asyncio.Event, *, sweep: float = SWEEP_SECONDS) -> None:
-    """Until ``stopping``: perform actions as they are decided (NOTIFY) and on every sweep."""
-    wake = asyncio.Event()
-    listener = asyncio.create_task(outbox.listen(url, wake, stopping, CHANNEL))
-    delay = 0.1
-    try:
-        while not stopping.is_set():
-            try:
-                n = await run_once(pool, refunds)
-                delay = 0.1
-            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
-                log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            except Exception:  # noqa: BLE001 - the worker never dies; leased rows come back
-                log.exception("stripe actions: sweep failed")
-                await asyncio.sleep(SWEEP_SECONDS)
-                continue
-            if n:
-                continue
-            wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), sweep)
-    finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Event,
+                     wake: asyncio.Event, *, sweep: float = SWEEP_SECONDS) -> None:
+    """Until ``stopping``: perform actions as they are decided (``wake``) and on every sweep."""
+    while not stopping.is_set():
+        n = 0
+        try:
+            async for attempt in background.backoff(db.FAILURES, initial=0.1, most=5.0):
+                with attempt:
+                    if stopping.is_set():
+                        return
+                    try:
+                        n = await run_once(pool, refunds)
+                    except db.FAILURES as exc:
+                        log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
+                        raise
+        except Exception:  # noqa: BLE001 - the worker never dies; leased rows come back
+            log.exception("stripe actions: sweep failed")
+            await background.pause(stopping, sweep)
+            continue
+        if n:
+            continue
+        wake.clear()
+        await background.pause(stopping, sweep, wake)
 
 
 @contextlib.asynccontextmanager
 async def worker(url: str, pool: asyncpg.Pool, refunds: Refunds) -> AsyncIterator[None]:
     """Run the worker in the background; on exit, let its batch in hand finish (bounded)."""
-    stopping = asyncio.Event()
-    task = asyncio.create_task(run_worker(url, pool, refunds, stopping))
-    try:
+    wake = asyncio.Event()
+
+    async def listening(stopping: asyncio.Event) -> None:
+        await outbox.listen(url, stopping, CHANNEL, lambda _payload: wake.set(),
+                            lambda up: up and wake.set())
+
+    async def working(stopping: asyncio.Event) -> None:
+        await run_worker(pool, refunds, stopping, wake)
+
+    async with background.running("stripe actions", working, listening, grace=25, wake=wake):
         yield
-    finally:
-        stopping.set()
-        try:
-            await asyncio.wait_for(task, 25)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

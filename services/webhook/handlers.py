@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import msgspec
 
-from boxoffice import errors, scrub
+from boxoffice import db, errors, scrub
 from boxoffice.bus import Bus
 from boxoffice.webhook import eventlog, reconcile_runs
-from boxoffice.webhook.consumer import DB_DOWN, Processor
+from boxoffice.webhook.consumer import Processor
 from boxoffice.wire import stripe as w
 
 WebhookEventNotFound = errors.WebhookEventNotFound
@@ -28,7 +28,7 @@ async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
     try:
         event = msgspec.json.decode(payload, type=w.StripeEvent)
         outcome = (await processor.process(event, payload)).name
-    except DB_DOWN:
+    except db.UNAVAILABLE:
         raise
     except Exception as exc:  # noqa: BLE001 - the failure is recorded on the event and returned
         if not isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
@@ -55,29 +55,18 @@ async def detail(processor: Processor, event_id: str) -> w.LoggedEventDetail:
 
 async def register(bus: Bus, processor: Processor) -> None:
     async def list_events(req: w.ListEventsRequest) -> w.LoggedEvents:
-        try:
-            return w.LoggedEvents(events=await eventlog.list_events(
-                processor.pool, req.status, req.type, req.limit))
-        except DB_DOWN:
-            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+        events = await db.guarded(eventlog.list_events(processor.pool, req.status, req.type,
+                                                       req.limit))
+        return w.LoggedEvents(events=events)
 
     async def replay_event(req: w.ReplayRequest) -> w.ReplayResult:
-        try:
-            return await replay(processor, req.event_id)
-        except DB_DOWN:
-            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+        return await db.guarded(replay(processor, req.event_id))
 
     async def get_event(req: w.GetEventRequest) -> w.LoggedEventDetail:
-        try:
-            return await detail(processor, req.event_id)
-        except DB_DOWN:
-            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+        return await db.guarded(detail(processor, req.event_id))
 
     async def reconciliation(req: w.ReconciliationRequest) -> w.Reconciliation:
-        try:
-            return await reconcile_runs.report(processor.pool, req.limit)
-        except DB_DOWN:
-            raise errors.DatabaseUnavailable("PostgreSQL is unreachable") from None
+        return await db.guarded(reconcile_runs.report(processor.pool, req.limit))
 
     await bus.serve(w.EVENTS_LIST, w.ListEventsRequest, list_events, queue=QUEUE)
     await bus.serve(w.EVENTS_REPLAY, w.ReplayRequest, replay_event, queue=QUEUE)
