@@ -129,6 +129,7 @@ FUNCTIONS: dict[str, set[str]] = {
     "payment_status_rank": {"webhook"},
     "emit_payment_event": {"webhook"},
     "complete_reservation": {"webhook"},
+    "lock_hold_buckets": {"webhook"},
     "return_reservation_tickets": {"webhook"},
     "claim_stripe_actions": {"webhook"},
     "finish_stripe_action": {"webhook"},

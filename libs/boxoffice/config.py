@@ -30,7 +30,7 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
                 "SENTRY_FEEDBACK_EMAIL"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
                 "IDEMPOTENCY_KEY_TTL_HOURS"),
-    "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS",
+    "webhook": ("HEALTH_PORT", "STRIPE_API_BASE", "WEBHOOK_RETRY_DELAYS", "WEBHOOK_BATCH_SIZE",
                 "STRIPE_RECONCILE_INTERVAL_SECONDS", "STRIPE_RECONCILE_GRACE_SECONDS",
                 "AUDIT_INTERVAL_SECONDS", "AUDIT_GRACE_SECONDS"),
     "error_sink": ("HEALTH_PORT", "ALERT_WEBHOOK_URL", "ALERT_WEBHOOK_SECRET", "ALERT_RATE_PER_MINUTE",
@@ -103,6 +103,8 @@ class Config:
     reaper_retention_interval_seconds: int = 600
     # seconds between attempts to apply a failing Stripe event; attempts = len + 1
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
+    # webhook: Stripe events applied in one transaction (each in a savepoint of its own)
+    webhook_batch_size: int = 32
     # webhook: seconds between reconciliations with Stripe, and how old an event, a payment or a
     # PaymentIntent must be before reconciliation looks at it (younger ones are webhooks and
     # checkouts still in flight)
@@ -285,6 +287,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["error_spool_dir"] = v
     if v := get("WEBHOOK_RETRY_DELAYS"):
         kw["webhook_retry_delays"] = _delays("WEBHOOK_RETRY_DELAYS", v)
+    if v := get("WEBHOOK_BATCH_SIZE"):
+        kw["webhook_batch_size"] = _int("WEBHOOK_BATCH_SIZE", v, 1, 1000)
     if v := get("STRIPE_RECONCILE_INTERVAL_SECONDS"):
         kw["stripe_reconcile_interval_seconds"] = _int("STRIPE_RECONCILE_INTERVAL_SECONDS", v,
                                                        1, 86400)

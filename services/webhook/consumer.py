@@ -1,18 +1,26 @@
-"""Applies Stripe events from STRIPE_EVENTS exactly once.
+"""Applies Stripe events from STRIPE_EVENTS exactly once, in batches.
 
-For each message, one transaction: claim the event's row in ``webhook_events_log``, apply its
-effects, commit; only then ack. A crash before the commit leaves nothing and the message is
-redelivered; a crash after it finds the row done on redelivery and acks without effect.
+A worker takes up to ``WEBHOOK_BATCH_SIZE`` queued messages and applies them in one
+transaction, each event in a savepoint of its own: claim the event's row in
+``webhook_events_log``, apply its effects. An event that fails is rolled back to its savepoint
+alone and its failed attempt counted in the same transaction, so its neighbours still commit.
+Only after the commit are the messages settled (acked, or nak'ed / terminated for the failed
+ones) and the reports logged. A crash before the commit leaves nothing and the whole batch is
+redelivered and applied from scratch; a crash after it finds each row done on redelivery and
+acks without effect. A batch is applied in delivery order, so events of one PaymentIntent keep
+their order within it.
 
 Failures, and how often they are retried:
-- PostgreSQL unreachable: nothing can be recorded, so the message is nak'ed with a delay and
+- PostgreSQL unreachable (or the commit fails): nothing can be recorded, so the batch is nak'ed
+  with a delay and
   the consumer pauses until the database answers. These retries are not counted: the JetStream
   consumer has no ``max_deliver``, so an outage of any length loses no event.
 - the event's own failure (an effect raised): the attempt is counted in
   the event's row and the message nak'ed with the next delay of ``WEBHOOK_RETRY_DELAYS``; after
   the last attempt the row is marked ``failed`` (replayable by an operator), an error reported,
   and the message terminated.
-- a deadlock or serialization failure is retried at once, a few times, before it counts.
+- a deadlock or serialization failure rolls back the event's savepoint, which is run again at
+  once, a few times, before it counts.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 import msgspec
@@ -63,8 +72,17 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+@dataclass
+class Failure:
+    """An event whose attempt failed: why, and its row after the count (``record_failure``)."""
+
+    exc: BaseException
+    result: tuple[int, str] | None  # (attempts, status); None: the event was applied meanwhile
+
+
 class Processor:
-    """Applies one event in one transaction (used by the consumer and by operator replays)."""
+    """Applies events: one in a transaction of its own (``process``, also for operator
+    replays), or a batch in one transaction (``apply_batch``)."""
 
     def __init__(self, pool: asyncpg.Pool, retry_delays: Sequence[float],
                  relay_wake: asyncio.Event | None = None, *, live: bool = False):
@@ -81,13 +99,16 @@ class Processor:
     def delay(self, attempts: int) -> float:
         return self.retry_delays[min(attempts, len(self.retry_delays)) - 1] if self.retry_delays else 0
 
-    async def process(self, event: StripeEvent, raw: str,
-                      conn: asyncpg.Connection | None = None) -> Outcome:
-        """Apply ``event`` once (on ``conn``, else a pooled connection); raises if not applied."""
+    def _refuse_other_mode(self, event: StripeEvent) -> None:
         if event.livemode is not None and event.livemode != self.live:
             raise LivemodeMismatch(
                 f"a {'live' if event.livemode else 'test'}-mode event for a "
                 f"{'live' if self.live else 'test'}-mode key: refused")
+
+    async def process(self, event: StripeEvent, raw: str,
+                      conn: asyncpg.Connection | None = None) -> Outcome:
+        """Apply ``event`` once (on ``conn``, else a pooled connection); raises if not applied."""
+        self._refuse_other_mode(event)
         for attempt in range(3):
             try:
                 outcome = await effects.apply(conn or self.pool, event, raw)
@@ -95,23 +116,72 @@ class Processor:
             except TRANSIENT:
                 if attempt == 2:
                     raise
+        self.applied(event, outcome)
+        return outcome
+
+    async def apply_batch(self, events: Sequence[tuple[StripeEvent, str]],
+                          conn: asyncpg.Connection) -> list[Outcome | Failure]:
+        """Apply ``events`` in order in one transaction on ``conn``, each in a savepoint; an
+        event that fails is rolled back alone and its attempt counted in the same transaction.
+
+        Raises (and nothing is committed, nothing counted) if the transaction itself fails.
+        Once this returns, the caller tells each result (``applied``, ``failed``).
+        """
+        results: list[Outcome | Failure] = []
+        async with conn.transaction():
+            if len(events) > 1:
+                with contextlib.suppress(*TRANSIENT):  # then each event's savepoint retries
+                    async with conn.transaction():
+                        await effects.lock_holds(conn, (event for event, _ in events))
+            for event, raw in events:
+                try:
+                    self._refuse_other_mode(event)
+                    results.append(await self._apply_in_savepoint(event, raw, conn))
+                except db.UNAVAILABLE:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the event's own failure: counted
+                    results.append(Failure(exc, await self._record(event, raw, exc, conn)))
+        return results
+
+    @staticmethod
+    async def _apply_in_savepoint(event: StripeEvent, raw: str,
+                                  conn: asyncpg.Connection) -> Outcome:
+        for attempt in range(3):
+            try:
+                async with conn.transaction():  # nested: a savepoint
+                    return await effects.apply(conn, event, raw)
+            except TRANSIENT:  # rolled back to the savepoint, which released its locks
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def applied(self, event: StripeEvent, outcome: Outcome) -> None:
+        """Count and report an applied event; only once it is committed."""
         APPLIED.labels(event.type, outcome.name).inc()
         if self.relay_wake is not None and outcome.name not in QUIET_OUTCOMES:
             self.relay_wake.set()
         for report in outcome.reports:  # committed: now it may be told
             log.log(report.level, report.message, extra=report.context)
-        return outcome
 
     async def fail(self, event: StripeEvent, raw: str, exc: BaseException,
                    conn: asyncpg.Connection | None = None) -> tuple[int, str] | None:
         """Count a failed attempt (see ``eventlog.record_failure``); report a final failure."""
-        FAILED_ATTEMPTS.inc()
         async with contextlib.AsyncExitStack() as stack:
             if conn is None:
                 conn = await stack.enter_async_context(self.pool.acquire())
-            result = await eventlog.record_failure(conn, event, raw, describe(exc),
-                                                   self.max_attempts,
-                                                   final=isinstance(exc, PERMANENT))
+            failure = Failure(exc, await self._record(event, raw, exc, conn))
+        self.failed(event, failure)
+        return failure.result
+
+    async def _record(self, event: StripeEvent, raw: str, exc: BaseException,
+                      conn: asyncpg.Connection) -> tuple[int, str] | None:
+        return await eventlog.record_failure(conn, event, raw, describe(exc), self.max_attempts,
+                                             final=isinstance(exc, PERMANENT))
+
+    def failed(self, event: StripeEvent, failure: Failure) -> None:
+        """Count and report a failed attempt; only once its count is committed."""
+        FAILED_ATTEMPTS.inc()
+        result, exc = failure.result, failure.exc
         if result is not None and result[1] == "failed":
             log.error("stripe event %s (%s) failed after %d attempts: %s", event.id, event.type,
                       result[0], describe(exc),
@@ -120,21 +190,23 @@ class Processor:
         else:
             log.warning("stripe event %s (%s) failed, will retry: %s", event.id, event.type,
                         describe(exc))
-        return result
 
 
 class Consumer:
-    """The JetStream handler: messages applied concurrently, each acked after its commit.
+    """The JetStream handler: messages applied concurrently in batches, acked after the commit.
 
-    ``concurrency`` workers, each on a connection of its own (no pool round per event), take
-    messages from a queue. A batch is not waited for to its end: once fewer than ``backlog``
-    messages are left, the next batch is fetched, so the database always has work in hand.
+    ``concurrency`` workers, each on a connection of its own (no pool round per batch), take up
+    to ``batch_size`` messages from a queue (what is there: a worker does not wait to fill a
+    batch). A fetch is not waited for to its end: once fewer than ``backlog`` messages are
+    left, the next one is fetched, so the database always has work in hand.
     """
 
-    def __init__(self, processor: Processor, *, concurrency: int = 16, backlog: int = 256):
+    def __init__(self, processor: Processor, *, concurrency: int = 16, backlog: int = 256,
+                 batch_size: int = 32):
         self.processor = processor
         self.concurrency = concurrency
         self.backlog = backlog
+        self.batch_size = batch_size
         self._queue: asyncio.Queue[tuple[Msg, StripeEvent, str]] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0  # queued or being applied
@@ -163,33 +235,39 @@ class Consumer:
         if self._db_down:
             await self._wait_for_database()
 
+    async def _take(self) -> list[tuple[Msg, StripeEvent, str]]:
+        batch = [await self._queue.get()]
+        while len(batch) < self.batch_size and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
     async def _work(self) -> None:
         conn: asyncpg.Connection | None = None
         try:
             while True:
-                msg, event, raw = await self._queue.get()
-                busmod.adopt_request_id(msg)
+                batch = await self._take()
                 try:
                     if self._db_down:
-                        await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+                        await _put_back(batch, DB_RETRY_DELAY)
                         continue
                     if conn is None:
                         conn = await self.processor.pool.acquire()
-                    if not await self._apply(msg, event, raw, conn):
+                    if not await self._apply(batch, conn):
                         await self.processor.pool.release(conn)  # broken: take a fresh one
                         conn = None
                 except db.UNAVAILABLE:
-                    self._database_lost(msg)
-                    await busmod.settle(msg, "nak", DB_RETRY_DELAY)
-                except Exception:  # noqa: BLE001 - a worker never dies; the message comes back
-                    log.exception("applying stripe event %s crashed", event.id)
-                    await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+                    self._database_lost(batch[0][0])
+                    await _put_back(batch, DB_RETRY_DELAY)
+                except Exception:  # noqa: BLE001 - a worker never dies; the messages come back
+                    log.exception("applying %d stripe events crashed", len(batch))
+                    await _put_back(batch, DB_RETRY_DELAY)
                 finally:
-                    self._inflight.pop(id(msg), None)
-                    self._pending -= 1
+                    for msg, _, _ in batch:
+                        self._inflight.pop(id(msg), None)
+                        self._queue.task_done()
+                    self._pending -= len(batch)
                     if self._pending <= self.backlog:
                         self._room.set()
-                    self._queue.task_done()
         finally:
             if conn is not None:
                 await self.processor.pool.release(conn)
@@ -203,31 +281,29 @@ class Consumer:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
 
-    async def _apply(self, msg: Msg, event: StripeEvent, raw: str,
+    async def _apply(self, batch: list[tuple[Msg, StripeEvent, str]],
                      conn: asyncpg.Connection) -> bool:
-        """Apply, then ack / nak / term; False if the connection turned out to be broken."""
+        """Apply, commit, then ack / nak / term each; False if the connection is broken."""
         try:
-            await self.processor.process(event, raw, conn)
-        except db.UNAVAILABLE:
-            self._database_lost(msg)
-            await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+            results = await self.processor.apply_batch([(e, raw) for _, e, raw in batch], conn)
+        except db.UNAVAILABLE:  # the commit too: nothing applied, nothing counted
+            self._database_lost(batch[0][0])
+            await _put_back(batch, DB_RETRY_DELAY)
             return False
-        except Exception as exc:  # noqa: BLE001 - any failure of the event is counted and retried
-            try:
-                result = await self.processor.fail(event, raw, exc, conn)
-            except db.UNAVAILABLE:
-                self._database_lost(msg)
-                await busmod.settle(msg, "nak", DB_RETRY_DELAY)
-                return False
-            if result is None:  # applied meanwhile (a concurrent delivery)
+        for (msg, event, _), result in zip(batch, results, strict=True):
+            busmod.adopt_request_id(msg)
+            if not isinstance(result, Failure):
+                self.processor.applied(event, result)
                 await busmod.settle(msg, "ack")
-            elif result[1] == "failed":
+                continue
+            self.processor.failed(event, result)
+            if result.result is None:  # applied meanwhile (a concurrent delivery)
+                await busmod.settle(msg, "ack")
+            elif result.result[1] == "failed":
                 await busmod.settle(msg, "term")
             else:
-                await busmod.settle(msg, "nak", self.processor.delay(result[0]))
-            return not conn.is_closed()
-        await busmod.settle(msg, "ack")
-        return True
+                await busmod.settle(msg, "nak", self.processor.delay(result.result[0]))
+        return not conn.is_closed()
 
     def _database_lost(self, msg: Msg) -> None:
         DB_WAITS.inc()
@@ -254,6 +330,12 @@ class Consumer:
                 if now - started >= every:
                     with contextlib.suppress(nats.errors.Error, OSError):
                         await msg.in_progress()
+
+
+async def _put_back(batch: list[tuple[Msg, StripeEvent, str]], delay: float) -> None:
+    """Nothing of ``batch`` was committed: redeliver each message after ``delay``, uncounted."""
+    for msg, _, _ in batch:
+        await busmod.settle(msg, "nak", delay)
 
 
 class _StillDown(Exception):

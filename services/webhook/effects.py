@@ -32,16 +32,19 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from boxoffice.webhook.eventlog import created_at
 from boxoffice.wire.stripe import (ChargeObject, DisputeObject, PaymentIntentObject, StripeEvent,
                                    read_object)
 
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+LOCK_HOLDS = "SELECT lock_hold_buckets($1::uuid[])"
 
 # outcome -> what is reported (the error-sink alerts on critical)
 REPORTS: dict[str, tuple[int, str]] = {
@@ -136,3 +139,19 @@ async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw
             context["reason"] = a.reason
         outcome.reports.append(Report(level, message, context))
     return outcome
+
+
+async def lock_holds(conn: asyncpg.Connection, events: Iterable[StripeEvent]) -> None:
+    """Lock the buckets of the holds ``events`` name, in one order (``lock_hold_buckets``):
+    done first in a transaction that applies several events, so that two such transactions
+    never deadlock on buckets taken in the order of their events."""
+    holds: set[uuid.UUID] = set()
+    for event in events:
+        try:
+            hold = arguments(event).reservation_id
+        except msgspec.ValidationError:  # the event fails on its own when applied
+            continue
+        if hold is not None:
+            holds.add(hold)
+    if holds:
+        await conn.execute(LOCK_HOLDS, sorted(holds))

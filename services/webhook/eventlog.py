@@ -2,8 +2,10 @@
 
 The claim of an event (its row inserted already marked done, committed only together with its
 effects; or the row of an event seen before locked) is the first step of ``apply_stripe_event``
-in SQL. Here: ``record_failure`` runs in a transaction of its own after a failed attempt, so
-attempts and the last error survive the failure they describe; and the operators' reads.
+in SQL. Here: ``record_failure`` runs after a failed attempt was rolled back (to the event's
+savepoint in a batch, whose transaction then commits it with its neighbours; or in a
+transaction of its own), so attempts and the last error survive the failure they describe; and
+the operators' reads.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str,
     args = (event.id, event.type, created_at(event), raw, error[:MAX_ERROR_CHARS], final,
             max_attempts)
     try:
-        row = await conn.fetchrow(_FAILURE.format(payload="$4::text::jsonb"), *args)
+        # in a savepoint when the caller's transaction is open: a payload refused as jsonb
+        # leaves that transaction usable for the second try
+        async with conn.transaction():
+            row = await conn.fetchrow(_FAILURE.format(payload="$4::text::jsonb"), *args)
     except asyncpg.exceptions.DataError:
         row = await conn.fetchrow(_FAILURE.format(payload="to_jsonb($4::text)"), *args)
     return None if row is None else (row["attempts"], row["processing_status"])

@@ -48,7 +48,8 @@ async def build(svc: runtime.Service) -> None:
     await svc.stack.enter_async_context(audit.running(cfg, bus, stripe.client))
     svc.stack.push_async_callback(bus.stop_serving)
     handle = await svc.stack.enter_async_context(
-        consumer.running(consumer.Consumer(processor, concurrency=CONCURRENCY, backlog=BATCH // 2)))
+        consumer.running(consumer.Consumer(processor, concurrency=CONCURRENCY, backlog=BATCH // 2,
+                                           batch_size=cfg.webhook_batch_size)))
     await svc.stack.enter_async_context(
         busmod.pull_consumer(bus, stream, durable, handle, batch=BATCH))
     runtime.standard_checks(svc, bus=bus, pool=pool)

@@ -253,6 +253,21 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION release_reservation TO boxoffice_payment, boxoffice_webhook;
 
+-- Lock the buckets of the given holds, in bucket order, until the end of the transaction. A
+-- transaction that is to complete or release several holds (the webhook service applies Stripe
+-- events in batches) takes them all first: two such transactions then wait for each other
+-- instead of deadlocking on buckets taken in the order their events came.
+CREATE OR REPLACE FUNCTION lock_hold_buckets(p_reservation_ids uuid[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM inventory_buckets b
+    WHERE (b.event_id, b.bucket) IN (SELECT a.event_id, a.bucket FROM reservation_allocations a
+                                     WHERE a.reservation_id = ANY (p_reservation_ids))
+    ORDER BY b.event_id, b.bucket
+    FOR NO KEY UPDATE OF b;
+END $$;
+GRANT EXECUTE ON FUNCTION lock_hold_buckets TO boxoffice_webhook;
+
 -- A payment succeeded: sell the hold's tickets, decided once inside the database.
 -- Returns 'completed' (sold now), 'already_completed', or 'unavailable' when the hold had
 -- ended and its tickets could not be taken again (the caller refunds). An active hold is
