@@ -121,39 +121,32 @@ class Processor:
 
     async def apply_batch(self, events: Sequence[tuple[StripeEvent, str]],
                           conn: asyncpg.Connection) -> list[Outcome | Failure]:
-        """Apply ``events`` in order in one transaction on ``conn``, each in a savepoint; an
-        event that fails is rolled back alone and its attempt counted in the same transaction.
+        """Apply ``events`` in order in one transaction on ``conn``, each in a savepoint
+        (``effects.apply_many``); an event that fails is rolled back alone and its attempt
+        counted in the same transaction.
 
         Raises (and nothing is committed, nothing counted) if the transaction itself fails.
         Once this returns, the caller tells each result (``applied``, ``failed``).
         """
-        results: list[Outcome | Failure] = []
-        async with conn.transaction():
-            if len(events) > 1:
-                with contextlib.suppress(*TRANSIENT):  # then each event's savepoint retries
-                    async with conn.transaction():
-                        await effects.lock_holds(conn, (event for event, _ in events))
-            for event, raw in events:
-                try:
-                    self._refuse_other_mode(event)
-                    results.append(await self._apply_in_savepoint(event, raw, conn))
-                except db.UNAVAILABLE:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the event's own failure: counted
-                    results.append(Failure(exc, await self._record(event, raw, exc, conn)))
-        return results
-
-    @staticmethod
-    async def _apply_in_savepoint(event: StripeEvent, raw: str,
-                                  conn: asyncpg.Connection) -> Outcome:
-        for attempt in range(3):
+        results: list[Outcome | Failure | None] = [None] * len(events)
+        todo: list[int] = []
+        for n, (event, _) in enumerate(events):
             try:
-                async with conn.transaction():  # nested: a savepoint
-                    return await effects.apply(conn, event, raw)
-            except TRANSIENT:  # rolled back to the savepoint, which released its locks
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                self._refuse_other_mode(event)
+                todo.append(n)
+            except LivemodeMismatch as exc:
+                results[n] = Failure(exc, None)
+        async with conn.transaction():
+            applied = await effects.apply_many(conn, [events[n] for n in todo])
+            for n, result in zip(todo, applied, strict=True):
+                results[n] = Failure(result, None) if isinstance(result, Exception) else result
+            for n, result in enumerate(results):
+                if isinstance(result, Failure):
+                    event, raw = events[n]
+                    result.result = await self._record(event, raw, result.exc, conn)
+        done = [r for r in results if r is not None]
+        assert len(done) == len(events)
+        return done
 
     def applied(self, event: StripeEvent, outcome: Outcome) -> None:
         """Count and report an applied event; only once it is committed."""

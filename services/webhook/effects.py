@@ -21,7 +21,8 @@ Tickets only ever go back on the refund or cancel of the PaymentIntent that hold
 changes nothing but that payment.
 
 The claim and the effects are one SQL function, ``apply_stripe_event``, run as one statement:
-one transaction, one round trip, and no call to Stripe. Money that must go back is decided in
+one round trip, and no call to Stripe; a batch of events is one statement too
+(``apply_stripe_events``: each event in a savepoint of its own). Money that must go back is decided in
 that transaction as a ``stripe_actions`` row and refunded by the action worker (actions.py),
 which resumes from the row after any crash. This module reads the event's object into the
 function's arguments and turns outcomes into error reports, which the caller sends only after
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,8 @@ from boxoffice.wire.stripe import (ChargeObject, DisputeObject, PaymentIntentObj
                                    read_object)
 
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
-LOCK_HOLDS = "SELECT lock_hold_buckets($1::uuid[])"
+APPLY_MANY = ("SELECT * FROM apply_stripe_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+              "ORDER BY i")
 
 # outcome -> what is reported (the error-sink alerts on critical)
 REPORTS: dict[str, tuple[int, str]] = {
@@ -126,7 +128,46 @@ async def _run(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw:
 async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw: str) -> Outcome:
     """Apply ``event`` once, committed when this returns; raises if nothing was applied."""
     a = arguments(event)
-    row = await _run(pool, event, raw, a)
+    return _outcome(event, a, await _run(pool, event, raw, a))
+
+
+async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEvent, str]]
+                     ) -> list[Outcome | Exception]:
+    """Apply ``events`` in order, in one statement of the caller's transaction, each in a
+    savepoint of its own (``apply_stripe_events``): committed with that transaction.
+
+    One result an event: its outcome, or what it failed with (``msgspec.ValidationError`` for
+    an object that does not fit its type, else the ``asyncpg.PostgresError`` its savepoint was
+    rolled back for). Raises, and nothing is applied, if the statement itself fails.
+    """
+    results: list[Outcome | Exception | None] = [None] * len(events)
+    todo: list[tuple[int, StripeEvent, Args]] = []
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(11))
+    for n, (event, raw) in enumerate(events):
+        try:
+            a = arguments(event)
+        except msgspec.ValidationError as exc:
+            results[n] = exc
+            continue
+        todo.append((n, event, a))
+        for column, value in zip(columns, (
+                event.id, event.type, created_at(event), raw, a.payment_intent_id,
+                a.reservation_id, a.amount, a.currency, a.reason, a.refund_id, a.refunded)):
+            column.append(value)
+    if todo:
+        rows = await conn.fetch(APPLY_MANY, *columns)
+        for (n, event, a), row in zip(todo, rows, strict=True):
+            if row["error_state"] is None:
+                results[n] = _outcome(event, a, row)
+            else:  # the exception the event's statement raised, as asyncpg would have raised it
+                results[n] = asyncpg.PostgresError.new({"C": row["error_state"],
+                                                        "M": row["error"]})
+    done = [r for r in results if r is not None]
+    assert len(done) == len(events)
+    return done
+
+
+def _outcome(event: StripeEvent, a: Args, row: asyncpg.Record) -> Outcome:
     outcome = Outcome(row["outcome"])
     if outcome.name in REPORTS:
         level, message = REPORTS[outcome.name]
@@ -140,18 +181,3 @@ async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw
         outcome.reports.append(Report(level, message, context))
     return outcome
 
-
-async def lock_holds(conn: asyncpg.Connection, events: Iterable[StripeEvent]) -> None:
-    """Lock the buckets of the holds ``events`` name, in one order (``lock_hold_buckets``):
-    done first in a transaction that applies several events, so that two such transactions
-    never deadlock on buckets taken in the order of their events."""
-    holds: set[uuid.UUID] = set()
-    for event in events:
-        try:
-            hold = arguments(event).reservation_id
-        except msgspec.ValidationError:  # the event fails on its own when applied
-            continue
-        if hold is not None:
-            holds.add(hold)
-    if holds:
-        await conn.execute(LOCK_HOLDS, sorted(holds))

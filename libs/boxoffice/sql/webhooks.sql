@@ -146,3 +146,50 @@ BEGIN
     outcome := done;
 END $$;
 GRANT EXECUTE ON FUNCTION apply_stripe_event TO boxoffice_webhook;
+
+-- Apply Stripe events in order, in one statement of the caller's transaction, each in a
+-- subtransaction of its own (a savepoint): an event that raises is rolled back alone and its
+-- SQLSTATE and message returned in its row (the caller counts the failed attempt in the same
+-- transaction), and its neighbours stay applied. A deadlock or serialization failure is run
+-- again, twice at most, before it is returned as the event's failure. The buckets of the holds
+-- named are locked first, in bucket order, so that two batches wait for each other instead of
+-- deadlocking. The arrays are apply_stripe_event's arguments, one element an event; one row an
+-- event, in order: i (1-based), and either apply_stripe_event's result or the error.
+CREATE OR REPLACE FUNCTION apply_stripe_events(
+    p_event_ids text[], p_types text[], p_created timestamptz[], p_payloads text[],
+    p_payment_intent_ids text[], p_reservation_ids uuid[], p_amounts bigint[],
+    p_currencies text[], p_reasons text[], p_refund_ids text[], p_refunded boolean[])
+RETURNS TABLE (i integer, outcome text, reservation_id uuid, amount bigint, currency text,
+               error_state text, error text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    PERFORM lock_hold_buckets(p_reservation_ids);
+    FOR n IN 1 .. coalesce(cardinality(p_event_ids), 0) LOOP
+        i := n;
+        FOR attempt IN 1 .. 3 LOOP
+            BEGIN
+                SELECT * INTO r FROM apply_stripe_event(p_event_ids[n], p_types[n], p_created[n],
+                    p_payloads[n], p_payment_intent_ids[n], p_reservation_ids[n], p_amounts[n],
+                    p_currencies[n], p_reasons[n], p_refund_ids[n], p_refunded[n]);
+                outcome := r.outcome;
+                reservation_id := r.reservation_id;
+                amount := r.amount;
+                currency := r.currency;
+                error_state := NULL;
+                error := NULL;
+                EXIT;
+            EXCEPTION WHEN OTHERS THEN
+                outcome := NULL;
+                reservation_id := NULL;
+                amount := NULL;
+                currency := NULL;
+                GET STACKED DIAGNOSTICS error_state = RETURNED_SQLSTATE, error = MESSAGE_TEXT;
+                EXIT WHEN error_state NOT IN ('40P01', '40001');  -- not a conflict: no retry
+            END;
+        END LOOP;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+GRANT EXECUTE ON FUNCTION apply_stripe_events TO boxoffice_webhook;
