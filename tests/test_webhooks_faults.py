@@ -1,5 +1,5 @@
-"""Faults: the bus stopped while Stripe delivers, the webhook service SIGKILLed mid-stream,
-PostgreSQL stopped mid-stream. Every accepted event is applied, and applied once."""
+"""Faults: the bus stopped while Stripe delivers, the webhook service SIGKILLed mid-stream (and
+mid-batch), PostgreSQL stopped mid-stream. Every accepted event is applied, and applied once."""
 
 from __future__ import annotations
 
@@ -127,6 +127,30 @@ async def test_webhook_service_killed_mid_stream(db: asyncpg.Pool, start_service
             return info.num_pending == 0 and info.num_ack_pending == 0
         await eventually(idle, 30, "the consumer to drain")
     await assert_applied_once(db, nats_url, ev, holds)
+
+
+async def test_webhook_service_killed_mid_batch(db: asyncpg.Pool, start_service,
+                                                nats_url: str) -> None:
+    ev, holds = await make_holds(db, 3000)
+    bodies = succeeded_events(holds)
+    await publish_all(nats_url, bodies)
+    await publish_all(nats_url, bodies[:300], suffix="-again")
+    # large batches: the kill finds transactions of hundreds of events open
+    webhook = start_service("webhook", WEBHOOK_BATCH_SIZE="300")
+    await eventually(lambda: _count_is(db, 600), 60, "a first part to be applied")
+    webhook.kill()
+    done_at_kill = await processed(db)
+    assert done_at_kill < 3000, "the kill came too late to test anything"
+    webhook.start()
+    await eventually(lambda: _count_is(db, 3000), 90, "all 3,000 events after the restart")
+    async with busmod.connect(nats_url, "probe") as bus:
+        async def idle() -> bool:
+            info = await bus.js.consumer_info("STRIPE_EVENTS", "webhook")
+            return info.num_pending == 0 and info.num_ack_pending == 0
+        await eventually(idle, 30, "the consumer to drain")
+    await assert_applied_once(db, nats_url, ev, holds)
+    # a batch cut by the kill left nothing: every event was claimed in one committed attempt
+    assert await db.fetchval("SELECT count(*) FROM webhook_events_log WHERE attempts <> 1") == 0
 
 
 def _ready(url: str) -> int:
