@@ -337,3 +337,45 @@ async def test_apply_stripe_event_writes_its_outbox_rows_quietly(db: asyncpg.Poo
         assert len(await outbox(db, "payments.events.succeeded")) == 1
         await conn.execute(INSERT_OUTBOX)  # the quiet flag ended with the event's transaction
         assert await heard.next() == ""
+
+
+# --- apply_stripe_events, lock_hold_buckets ---------------------------------------------------
+
+APPLY_MANY = ("SELECT * FROM apply_stripe_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+              "ORDER BY i")
+
+
+async def test_apply_many_rolls_back_a_failing_event_alone(db: asyncpg.Pool) -> None:
+    ev = await new_event(db, capacity=6, buckets=3)
+    sales = [await hold_with_intent(db, ev) for _ in range(3)]
+    ids = [f"evt_{uuid.uuid4().hex}" for _ in sales]
+    payloads = [json.dumps({"id": i}) for i in ids]
+    payloads[1] = "not json"  # the middle event fails in its own subtransaction
+    n = len(sales)
+    now = datetime.now(timezone.utc)
+    async with db.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(APPLY_MANY, ids, ["payment_intent.succeeded"] * n, [now] * n,
+                                payloads, [p for _, p in sales], [r for r, _ in sales],
+                                [5000] * n, ["eur"] * n, [None] * n, [None] * n, [None] * n)
+    assert [(r["i"], r["outcome"], r["error_state"]) for r in rows] == [
+        (1, "completed", None), (2, None, "22P02"), (3, "completed", None)]
+    assert "json" in rows[1]["error"]
+    assert [await status(db, r) for r, _ in sales] == ["completed", "active", "completed"]
+    assert await db.fetchval("SELECT count(*) FROM webhook_events_log") == 2
+    assert await db.fetchval("SELECT count(*) FROM payments WHERE status = 'succeeded'") == 2
+    assert await inventory(db, ev) == (2, 4)
+
+
+async def test_lock_hold_buckets_holds_them_until_the_commit(db: asyncpg.Pool) -> None:
+    ev = await new_event(db, capacity=4, buckets=2)
+    res = (await hold(db, ev, 1))["id"]
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT lock_hold_buckets($1::uuid[])", [res])
+        assert await free_buckets(db, ev) == 1  # the hold's, taken by this transaction
+    assert await free_buckets(db, ev) == 2
+
+
+async def free_buckets(db: asyncpg.Pool, ev: uuid.UUID) -> int:
+    """How many of the event's buckets another transaction could lock now."""
+    return await db.fetchval("SELECT count(*) FROM (SELECT 1 FROM inventory_buckets "
+                             "WHERE event_id = $1 FOR NO KEY UPDATE SKIP LOCKED) b", ev)

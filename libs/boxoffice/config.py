@@ -103,8 +103,9 @@ class Config:
     reaper_retention_interval_seconds: int = 600
     # seconds between attempts to apply a failing Stripe event; attempts = len + 1
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
-    # webhook: Stripe events applied in one transaction (each in a savepoint of its own)
-    webhook_batch_size: int = 32
+    # webhook: Stripe events applied in one transaction (each in a savepoint of its own); a
+    # batch holds the inventory buckets of its holds until its commit
+    webhook_batch_size: int = 128
     # webhook: seconds between reconciliations with Stripe, and how old an event, a payment or a
     # PaymentIntent must be before reconciliation looks at it (younger ones are webhooks and
     # checkouts still in flight)

@@ -195,7 +195,7 @@ class Consumer:
     """
 
     def __init__(self, processor: Processor, *, concurrency: int = 16, backlog: int = 256,
-                 batch_size: int = 32):
+                 batch_size: int = 128):
         self.processor = processor
         self.concurrency = concurrency
         self.backlog = backlog
