@@ -14,7 +14,7 @@ from aiohttp import web
 from boxoffice import migrate, wire
 from boxoffice.embedded import Postgres, free_port
 from boxoffice.error_sink import store
-from boxoffice.error_sink.sink import prepare
+from boxoffice.error_sink.report_rows import prepare
 from tests.test_errors_support import count, eventually, publish, publish_raw, report
 
 N = 10_000

@@ -89,22 +89,11 @@ def call(method: str, path: str, body: Any = None, *, timeout: float = 30,
 
 
 # Modules (libs/boxoffice/ops_<area>.py) that add their own commands with add_commands(sub).
-AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors", "ops_checkout", "ops_audit")
+AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors", "ops_payments", "ops_audit",
+                          "ops_ticketed_events")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     import importlib
     for area in AREAS:
         importlib.import_module(f"boxoffice.{area}").add_commands(sub)
-    p = sub.add_parser("events", help="ticketed events: create, show")
-    s = p.add_subparsers(dest="verb", required=True)
-    c = s.add_parser("create")
-    c.add_argument("--name", required=True)
-    c.add_argument("--capacity", type=int, required=True)
-    c.add_argument("--price", type=int, required=True, help="in minor units")
-    c.add_argument("--currency", default="eur")
-    c.set_defaults(func=lambda a: call("POST", "/v1/admin/events", {
-        "name": a.name, "capacity": a.capacity, "price": a.price, "currency": a.currency}))
-    g = s.add_parser("show")
-    g.add_argument("event_id")
-    g.set_defaults(func=lambda a: call("GET", f"/v1/admin/events/{a.event_id}"))

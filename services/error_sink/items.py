@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import db, errors, wire
+from boxoffice.consumer import pull_consumer, settle
 from boxoffice.error_sink import monitors, releases, source_maps
 from boxoffice.wire import sentry_items as si
 
@@ -111,11 +112,11 @@ async def store(pool: asyncpg.Pool, msgs: list[Msg]) -> None:
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError,
                     asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
                 log.error("message on %s is not a valid Sentry item: dropped", msg.subject)
-                await busmod.settle(msg, "term")
+                await settle(msg, "term")
     for origin, reason, category, n in counted:
         DISCARDED.labels(origin, reason, category).inc(n)
     for msg in done:
-        await busmod.settle(msg, "ack")
+        await settle(msg, "ack")
 
 
 @contextlib.asynccontextmanager
@@ -128,7 +129,7 @@ async def keeping(bus: busmod.Bus, pool: asyncpg.Pool) -> AsyncIterator[None]:
     async def handle(msgs: list[Msg]) -> None:
         await store(pool, msgs)
 
-    async with busmod.pull_consumer(bus, stream, durable, handle, batch=50):
+    async with pull_consumer(bus, stream, durable, handle, batch=50):
         yield
 
 

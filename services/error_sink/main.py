@@ -10,7 +10,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import db, runtime
-from boxoffice.error_sink import admin, alerts, consume, items, store
+from boxoffice.error_sink import admin, alerts, items, report_intake, store
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER
 
 LANES = 3
@@ -37,8 +37,8 @@ async def build(svc: runtime.Service) -> None:
     policy = store.AlertPolicy(rate_per_minute=cfg.alert_rate_per_minute,
                                window_seconds=cfg.alert_window_seconds)
     await svc.stack.enter_async_context(
-        consume.lanes(bus, writers, stream, durable, policy, wake_alerts.set, count=LANES,
-                      batch=BATCH))
+        report_intake.lanes(bus, writers, stream, durable, policy, wake_alerts.set,
+                            count=LANES, batch=BATCH))
     await svc.stack.enter_async_context(items.keeping(bus, pool))
     await admin.register(bus, pool)
     await items.register(bus, pool)

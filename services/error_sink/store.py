@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 
 from boxoffice.error_sink import grouping
-from boxoffice.error_sink.sink import COLUMNS, Row
+from boxoffice.error_sink.report_rows import COLUMNS, Row
 from boxoffice.wire.errors import Alert
 
 LEVELS = ("debug", "info", "warning", "error", "critical", "fatal")

@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import background, db, wire
+from boxoffice.consumer import settle
 from boxoffice.webhook import effects, eventlog
 from boxoffice.webhook.effects import Outcome
 from boxoffice.wire.stripe import StripeEvent
@@ -152,7 +153,7 @@ class Consumer:
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
                 # ingress checks every event before publishing: this did not come from Stripe
                 log.error("message on %s is not a Stripe event: dropped", msg.subject)
-                await busmod.settle(msg, "term")
+                await settle(msg, "term")
                 continue
             self._inflight[id(msg)] = (msg, time.monotonic())
             self._pending += 1
@@ -171,7 +172,7 @@ class Consumer:
                 busmod.adopt_request_id(msg)
                 try:
                     if self._db_down:
-                        await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+                        await settle(msg, "nak", DB_RETRY_DELAY)
                         continue
                     if conn is None:
                         conn = await self.processor.pool.acquire()
@@ -180,10 +181,10 @@ class Consumer:
                         conn = None
                 except db.UNAVAILABLE:
                     self._database_lost(msg)
-                    await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+                    await settle(msg, "nak", DB_RETRY_DELAY)
                 except Exception:  # noqa: BLE001 - a worker never dies; the message comes back
                     log.exception("applying stripe event %s crashed", event.id)
-                    await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+                    await settle(msg, "nak", DB_RETRY_DELAY)
                 finally:
                     self._inflight.pop(id(msg), None)
                     self._pending -= 1
@@ -210,23 +211,23 @@ class Consumer:
             await self.processor.process(event, raw, conn)
         except db.UNAVAILABLE:
             self._database_lost(msg)
-            await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+            await settle(msg, "nak", DB_RETRY_DELAY)
             return False
         except Exception as exc:  # noqa: BLE001 - any failure of the event is counted and retried
             try:
                 result = await self.processor.fail(event, raw, exc, conn)
             except db.UNAVAILABLE:
                 self._database_lost(msg)
-                await busmod.settle(msg, "nak", DB_RETRY_DELAY)
+                await settle(msg, "nak", DB_RETRY_DELAY)
                 return False
             if result is None:  # applied meanwhile (a concurrent delivery)
-                await busmod.settle(msg, "ack")
+                await settle(msg, "ack")
             elif result[1] == "failed":
-                await busmod.settle(msg, "term")
+                await settle(msg, "term")
             else:
-                await busmod.settle(msg, "nak", self.processor.delay(result[0]))
+                await settle(msg, "nak", self.processor.delay(result[0]))
             return not conn.is_closed()
-        await busmod.settle(msg, "ack")
+        await settle(msg, "ack")
         return True
 
     def _database_lost(self, msg: Msg) -> None:

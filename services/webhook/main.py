@@ -11,6 +11,7 @@ import sys
 
 from boxoffice import bus as busmod
 from boxoffice import bus_access, db, outbox, runtime
+from boxoffice.consumer import pull_consumer
 from boxoffice.webhook import actions, audit, consumer, handlers, reconcile, refunds
 from boxoffice.wire.subjects import WEBHOOK_CONSUMER
 
@@ -50,7 +51,7 @@ async def build(svc: runtime.Service) -> None:
     handle = await svc.stack.enter_async_context(
         consumer.running(consumer.Consumer(processor, concurrency=CONCURRENCY, backlog=BATCH // 2)))
     await svc.stack.enter_async_context(
-        busmod.pull_consumer(bus, stream, durable, handle, batch=BATCH))
+        pull_consumer(bus, stream, durable, handle, batch=BATCH))
     runtime.standard_checks(svc, bus=bus, pool=pool)
 
 
