@@ -8,8 +8,8 @@ import json
 import urllib.parse
 
 from boxoffice import ops
+from boxoffice.wire.stripe import WebhookStatus
 
-STATUSES = ("received", "processed", "failed", "ignored")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -40,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("webhooks", help="Stripe webhook events: list, replay, reconciliation")
     s = p.add_subparsers(dest="verb", required=True)
     ls = s.add_parser("list", help="events newest first (e.g. --status failed)")
-    ls.add_argument("--status", choices=STATUSES)
+    ls.add_argument("--status", choices=[s.value for s in WebhookStatus])
     ls.add_argument("--type", help="a Stripe event type, e.g. payment_intent.succeeded")
     ls.add_argument("--limit", type=int, default=50)
     ls.set_defaults(func=_list)

@@ -8,9 +8,9 @@ Holds normally arrive through ``hold_batch`` (concurrent holds of one event shar
 transaction); ``hold`` here is the full path, for a hold the batch's fast path could not serve.
 
 A hold sent with an ``Idempotency-Key`` is taken at most once per client and key: the key is
-locked for the transaction (``pg_try_advisory_xact_lock``; a concurrent duplicate gets
-``idempotency_key_in_use``), the reservation row keeps the request's fingerprint and the exact
-body answered, and a retry replays that body. A sold-out or unknown-event answer creates
+locked for the transaction (``try_lock_hold_key``, the lock the batch takes too; a concurrent
+duplicate gets ``idempotency_key_in_use``), the reservation row keeps the request's fingerprint
+and the exact body answered, and a retry replays that body. A sold-out or unknown-event answer creates
 nothing and is not stored, so the client may retry the same key later.
 """
 
@@ -98,8 +98,8 @@ async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int) -> Stored
 async def _hold_keyed(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int
                       ) -> StoredResponse:
     assert req.idempotency_key is not None and req.fingerprint is not None
-    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 3))",
-                               f"hold:{req.client_id}:{req.idempotency_key}"):
+    if not await conn.fetchval("SELECT try_lock_hold_key($1, $2)", req.client_id,
+                               req.idempotency_key):
         raise idempotency.IdempotencyKeyInUse("a hold with this Idempotency-Key is in progress",
                                               retry_after=1)
     prior = await conn.fetchrow(

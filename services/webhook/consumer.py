@@ -33,15 +33,16 @@ from boxoffice import bus as busmod
 from boxoffice import background, db, wire
 from boxoffice.consumer import settle
 from boxoffice.webhook import effects, eventlog
-from boxoffice.webhook.effects import Outcome
-from boxoffice.wire.stripe import StripeEvent
+from boxoffice.webhook.effects import ApplyOutcome, Outcome
+from boxoffice.wire.stripe import StripeEvent, WebhookStatus
 
 log = logging.getLogger("boxoffice.webhook")
 
 ACK_WAIT = 10.0  # seconds; work that takes longer is kept alive with in_progress()
 DB_RETRY_DELAY = 2.0  # PostgreSQL away (db.UNAVAILABLE): waited for, never counted against an event
 TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-QUIET_OUTCOMES = frozenset({"duplicate", "ignored", "stale", "partial_refund", "no_payment_intent"})
+QUIET_OUTCOMES = frozenset({ApplyOutcome.DUPLICATE, ApplyOutcome.IGNORED, ApplyOutcome.STALE,
+                            ApplyOutcome.PARTIAL_REFUND, ApplyOutcome.NO_PAYMENT_INTENT})
 
 
 class LivemodeMismatch(Exception):
@@ -113,7 +114,7 @@ class Processor:
             result = await eventlog.record_failure(conn, event, raw, describe(exc),
                                                    self.max_attempts,
                                                    final=isinstance(exc, PERMANENT))
-        if result is not None and result[1] == "failed":
+        if result is not None and result[1] is WebhookStatus.FAILED:
             log.error("stripe event %s (%s) failed after %d attempts: %s", event.id, event.type,
                       result[0], describe(exc),
                       extra={"event_id": event.id, "event_type": event.type,
@@ -222,7 +223,7 @@ class Consumer:
                 return False
             if result is None:  # applied meanwhile (a concurrent delivery)
                 await settle(msg, "ack")
-            elif result[1] == "failed":
+            elif result[1] is WebhookStatus.FAILED:
                 await settle(msg, "term")
             else:
                 await settle(msg, "nak", self.processor.delay(result[0]))

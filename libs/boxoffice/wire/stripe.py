@@ -9,6 +9,7 @@ adds fields in every API version.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -82,7 +83,19 @@ def read_object(event: StripeEvent, type_: type[Any]) -> Any:
 EVENTS_LIST = "admin.webhooks.events.list"
 EVENTS_REPLAY = "admin.webhooks.events.replay"
 
-ProcessingStatus = Literal["received", "processed", "failed", "ignored"]
+
+
+class WebhookStatus(StrEnum):
+    """``webhook_events_log.processing_status``: where a Stripe event is."""
+
+    RECEIVED = "received"  # not applied yet (a failed attempt is retried)
+    PROCESSED = "processed"
+    FAILED = "failed"  # given up on: an operator replays it
+    IGNORED = "ignored"  # a type without effects
+
+
+# The same values as the wire's type: a Literal keeps the schemas an inline enum.
+ProcessingStatus = Literal[tuple(s.value for s in WebhookStatus)]  # type: ignore[misc]
 
 
 class ListEventsRequest(Message):
