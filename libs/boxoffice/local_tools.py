@@ -100,6 +100,8 @@ def cmd_logs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 def cmd_pay(args: argparse.Namespace) -> int:
     import stripe
 
+    from boxoffice import stripe_api
+
     base, key = _setting("STRIPE_API_BASE"), _setting("STRIPE_API_KEY")
     if not base or not key:
         print("boxoffice dev pay: STRIPE_API_BASE and STRIPE_API_KEY are needed (localstripe's, "
@@ -109,7 +111,7 @@ def cmd_pay(args: argparse.Namespace) -> int:
         print("boxoffice dev pay: only with a test key (localstripe or Stripe's test mode)",
               file=sys.stderr)
         return 2
-    client = stripe.StripeClient(key, base_addresses={"api": base}, max_network_retries=2)
+    client = stripe_api.client(key, base)
     try:
         pm = client.v1.payment_methods.create(params={"type": "card", "card": {
             "number": args.card, "exp_month": 12, "exp_year": 2040, "cvc": "123"}})

@@ -40,7 +40,8 @@ def created_at(event: StripeEvent) -> datetime:
 
 
 async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str, error: str,
-                         max_attempts: int, *, final: bool = False) -> tuple[int, WebhookStatus] | None:
+                         max_attempts: int, *, final: bool = False
+                         ) -> tuple[int, WebhookStatus] | None:
     """Count a failed attempt; the row turns 'failed' at ``max_attempts`` (or at once if ``final``).
 
     Returns (attempts, status) after, or None if the event was processed meanwhile.
