@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from boxoffice import errors, idempotency, wire
-from boxoffice.payment.events import EventNotFound
+from boxoffice.payment.ticketed_events import TicketedEventNotFound
 from boxoffice.wire.payments import StoredResponse
 from boxoffice.wire.reservations import HoldRequest, Reservation
 
@@ -70,7 +70,7 @@ async def _take(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int) ->
         if exc.sqlstate == "BX409":
             raise SoldOut(f"fewer than {req.quantity} tickets are available") from None
         if exc.sqlstate == "BX404":
-            raise EventNotFound(f"no event {req.event_id}") from None
+            raise TicketedEventNotFound(f"no event {req.event_id}") from None
         raise
 
 

@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from boxoffice import bus as busmod
 from boxoffice import background, db, wire
 from boxoffice.consumer import settle
-from boxoffice.webhook import effects, eventlog
+from boxoffice.webhook import effects, stripe_event_log
 from boxoffice.webhook.effects import ApplyOutcome, Outcome
 from boxoffice.wire.stripe import StripeEvent, WebhookStatus
 
@@ -105,15 +105,15 @@ class Processor:
         return outcome
 
     async def fail(self, event: StripeEvent, raw: str, exc: BaseException,
-                   conn: asyncpg.Connection | None = None) -> tuple[int, str] | None:
-        """Count a failed attempt (see ``eventlog.record_failure``); report a final failure."""
+                   conn: asyncpg.Connection | None = None) -> tuple[int, WebhookStatus] | None:
+        """Count a failed attempt (``stripe_event_log.record_failure``); report a final failure."""
         FAILED_ATTEMPTS.inc()
         async with contextlib.AsyncExitStack() as stack:
             if conn is None:
                 conn = await stack.enter_async_context(self.pool.acquire())
-            result = await eventlog.record_failure(conn, event, raw, describe(exc),
-                                                   self.max_attempts,
-                                                   final=isinstance(exc, PERMANENT))
+            result = await stripe_event_log.record_failure(conn, event, raw, describe(exc),
+                                                           self.max_attempts,
+                                                           final=isinstance(exc, PERMANENT))
         if result is not None and result[1] is WebhookStatus.FAILED:
             log.error("stripe event %s (%s) failed after %d attempts: %s", event.id, event.type,
                       result[0], describe(exc),

@@ -38,7 +38,7 @@ from typing import Any
 
 import asyncpg
 
-from boxoffice.webhook.eventlog import created_at
+from boxoffice.webhook.stripe_event_log import created_at
 from boxoffice.wire.stripe import (ChargeObject, DisputeObject, PaymentIntentObject, StripeEvent,
                                    read_object)
 

@@ -9,7 +9,8 @@ import asyncpg
 from boxoffice import errors
 from boxoffice.wire.admin import CreateEvent, TicketedEvent
 
-EventNotFound = errors.define("EventNotFound", "event_not_found", 404, "Event not found")
+TicketedEventNotFound = errors.define("TicketedEventNotFound", "event_not_found", 404,
+                                      "Event not found")
 
 # A bucket per ~50 tickets, at most 64: small events keep one row, hot ones spread their holds.
 TICKETS_PER_BUCKET = 50
@@ -27,16 +28,16 @@ def parse_uuid(value: str, what: str = "id") -> uuid.UUID:
         raise errors.NotFound(f"no such {what}") from None
 
 
-async def create_event(pool: asyncpg.Pool, req: CreateEvent) -> TicketedEvent:
+async def create(pool: asyncpg.Pool, req: CreateEvent) -> TicketedEvent:
     event_id = uuid.uuid4()
     buckets = req.buckets or default_buckets(req.capacity)
     async with pool.acquire() as conn:
         await conn.execute("SELECT create_ticketed_event($1, $2, $3, $4, $5, $6)", event_id,
                            req.name, req.capacity, req.price, req.currency.lower(), buckets)
-    return await get_event(pool, str(event_id))
+    return await get(pool, str(event_id))
 
 
-async def get_event(pool: asyncpg.Pool, event_id: str) -> TicketedEvent:
+async def get(pool: asyncpg.Pool, event_id: str) -> TicketedEvent:
     eid = parse_uuid(event_id, "event")
     async with pool.acquire() as conn:
         row = await conn.fetchrow(
@@ -50,7 +51,7 @@ async def get_event(pool: asyncpg.Pool, event_id: str) -> TicketedEvent:
             WHERE e.id = $1 GROUP BY e.id
             """, eid)
     if row is None:
-        raise EventNotFound(f"no event {event_id}")
+        raise TicketedEventNotFound(f"no event {event_id}")
     held = row["held"] - row["overdue"]  # an overdue hold never counts, reaped or not
     return TicketedEvent(id=str(row["id"]), name=row["name"], capacity=row["capacity"],
                          price=row["price"], currency=row["currency"], buckets=row["buckets"],
