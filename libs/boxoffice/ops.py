@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -77,6 +78,14 @@ def show(result: Any) -> None:
     else:
         from boxoffice import tables
         tables.render(result)
+
+
+def with_query(path: str, **params: Any) -> str:
+    """``path`` with the ``params`` that are set as its query string: None, "" and False are
+    left out, True is ``true``."""
+    query = {name: "true" if value is True else str(value) for name, value in params.items()
+             if value is not None and value is not False and value != ""}
+    return f"{path}?{urllib.parse.urlencode(query)}" if query else path
 
 
 def call(method: str, path: str, body: Any = None, *, timeout: float = 30,

@@ -13,12 +13,8 @@ from boxoffice.wire.stripe import WebhookStatus
 
 
 def _list(args: argparse.Namespace) -> int:
-    query = {"limit": str(args.limit)}
-    if args.status:
-        query["status"] = args.status
-    if args.type:
-        query["type"] = args.type
-    return ops.call("GET", "/v1/admin/webhooks/events?" + urllib.parse.urlencode(query))
+    return ops.call("GET", ops.with_query("/v1/admin/webhooks/events", limit=args.limit,
+                                          status=args.status, type=args.type))
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -32,8 +28,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _reconciliation(args: argparse.Namespace) -> int:
-    return ops.call("GET", "/v1/admin/webhooks/reconciliation?"
-                    + urllib.parse.urlencode({"limit": str(args.limit)}))
+    return ops.call("GET", ops.with_query("/v1/admin/webhooks/reconciliation", limit=args.limit))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
