@@ -8,7 +8,7 @@ import msgspec
 from boxoffice import db, errors
 from boxoffice.bus import Bus
 from boxoffice.webhook import reconcile_runs, stripe_event_log
-from boxoffice.webhook.consumer import Processor
+from boxoffice.webhook.stripe_events import Processor
 from boxoffice.wire import stripe as w
 
 WebhookEventNotFound = errors.define("WebhookEventNotFound", "webhook_event_not_found", 404,
