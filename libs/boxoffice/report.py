@@ -402,7 +402,7 @@ def report(level: str, message: str, *, error_type: str | None = None,
     Before ``install()`` (scripts, tests) the report is only logged.
     """
     if _current is None:
-        log.log(logging.ERROR if level in ("error", "critical", "fatal") else logging.WARNING,
+        log.log(logging.ERROR if level in LEVELS[LEVELS.index("error"):] else logging.WARNING,
                 "%s", message, exc_info=exc)
         return None
     return _current.report(level, message, error_type=error_type, context=context,
