@@ -54,7 +54,7 @@ import asyncpg
 import prometheus_client
 
 from boxoffice import background, db, errors, idempotency, wire
-from boxoffice.payment.reservations import RETRYABLE, ReservationNotActive, ReservationNotFound
+from boxoffice.payment.reservations import ReservationNotActive, ReservationNotFound
 from boxoffice.payment.stripe_client import CreatedIntent, Definitive, StripeGateway, Transient
 from boxoffice.wire.payments import (CreateIntentRequest, ListPayments, PaymentEvent,
                                      PaymentIntent, PaymentLog, PaymentLogEntry, StoredResponse)
@@ -134,14 +134,7 @@ async def create_intent(deps: Deps, req: CreateIntentRequest) -> StoredResponse:
 
 async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
     """Run one transaction, again if PostgreSQL aborted it for a deadlock or serialization."""
-    for attempt in range(4):
-        try:
-            return await phase()
-        except RETRYABLE:
-            if attempt == 3:
-                raise
-            await asyncio.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return await db.retrying(phase, attempts=4, pause=0.01)
 
 
 async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | StoredResponse:

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from boxoffice import errors, idempotency, wire
+from boxoffice import db, errors, idempotency, wire
 from boxoffice.payment.ticketed_events import TicketedEventNotFound
 from boxoffice.wire.payments import StoredResponse
 from boxoffice.wire.reservations import HoldRequest, Reservation
@@ -34,7 +34,7 @@ ReservationNotActive = errors.define("ReservationNotActive", "reservation_not_ac
 
 HOLD_ROUTE = "POST /v1/reservations"
 # transient conflicts between concurrent releases of multi-bucket holds: retried here
-RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+ATTEMPTS = 5
 
 # The client's view: an active hold past its expires_at is shown (and treated) as expired.
 VIEW_COLUMNS = """
@@ -76,7 +76,7 @@ async def _take(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int) ->
 
 async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int) -> StoredResponse:
     """Hold ``req.quantity`` tickets for ``ttl_seconds``; the 201 answer, stored when keyed."""
-    for attempt in range(5):
+    async def attempt() -> StoredResponse:
         try:
             async with pool.acquire() as conn:
                 if req.idempotency_key is None:
@@ -89,10 +89,8 @@ async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int) -> Stored
         except asyncpg.UniqueViolationError:
             # only reachable if two requests with one key raced past the advisory lock
             raise idempotency.IdempotencyKeyInUse(retry_after=1) from None
-        except RETRYABLE:
-            if attempt == 4:
-                raise
-    raise AssertionError("unreachable")
+
+    return await db.retrying(attempt, attempts=ATTEMPTS)
 
 
 async def _hold_keyed(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int
@@ -129,14 +127,12 @@ async def get(pool: asyncpg.Pool, client_id: str, reservation_id: str) -> Reserv
 async def cancel(pool: asyncpg.Pool, client_id: str, reservation_id: str) -> Reservation:
     """Release an active hold's tickets, once; cancelling a cancelled hold changes nothing."""
     rid = parse_id(reservation_id)
-    for attempt in range(5):
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                return await _cancel(conn, client_id, rid, reservation_id)
-        except RETRYABLE:
-            if attempt == 4:
-                raise
-    raise AssertionError("unreachable")
+
+    async def attempt() -> Reservation:
+        async with pool.acquire() as conn, conn.transaction():
+            return await _cancel(conn, client_id, rid, reservation_id)
+
+    return await db.retrying(attempt, attempts=ATTEMPTS)
 
 
 async def _cancel(conn: asyncpg.Connection, client_id: str, rid: uuid.UUID, reservation_id: str

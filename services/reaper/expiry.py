@@ -55,8 +55,7 @@ LISTENING = prometheus_client.Gauge("boxoffice_reaper_listening",
                                     "1 while the reaper listens for new holds (NOTIFY)")
 
 # lock conflicts that a retry of the same batch resolves
-RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.LockNotAvailableError,
-             asyncpg.exceptions.SerializationError)
+RETRYABLE = (*db.CONFLICTS, asyncpg.exceptions.LockNotAvailableError)
 FAILURES = db.FAILURES
 NEXT_DUE = ("SELECT extract(epoch FROM clock_timestamp())::float8 AS now, "
             "extract(epoch FROM (SELECT min(expires_at) FROM reservations "

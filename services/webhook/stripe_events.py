@@ -40,7 +40,6 @@ log = logging.getLogger("boxoffice.webhook")
 
 ACK_WAIT = 10.0  # seconds; work that takes longer is kept alive with in_progress()
 DB_RETRY_DELAY = 2.0  # PostgreSQL away (db.UNAVAILABLE): waited for, never counted against an event
-TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 QUIET_OUTCOMES = frozenset({ApplyOutcome.DUPLICATE, ApplyOutcome.IGNORED, ApplyOutcome.STALE,
                             ApplyOutcome.PARTIAL_REFUND, ApplyOutcome.NO_PAYMENT_INTENT})
 
@@ -90,13 +89,8 @@ class Processor:
             raise LivemodeMismatch(
                 f"a {'live' if event.livemode else 'test'}-mode event for a "
                 f"{'live' if self.live else 'test'}-mode key: refused")
-        for attempt in range(3):
-            try:
-                outcome = await effects.apply(conn or self.pool, event, raw)
-                break
-            except TRANSIENT:
-                if attempt == 2:
-                    raise
+        outcome = await db.retrying(lambda: effects.apply(conn or self.pool, event, raw),
+                                    attempts=3)
         APPLIED.labels(event.type, outcome.name).inc()
         if self.relay_wake is not None and outcome.name not in QUIET_OUTCOMES:
             self.relay_wake.set()
