@@ -57,7 +57,8 @@ class ApplyOutcome(StrEnum):
     STALE = "stale"  # it did not move the payment forward
     COMPLETED = "completed"  # the hold sold
     ALREADY_COMPLETED = "already_completed"  # the hold was sold by this PaymentIntent already
-    NO_RESERVATION = "no_reservation"  # a success for no known hold
+    NO_RESERVATION = "no_reservation"  # a success whose PaymentIntent names no hold
+    UNKNOWN = "unknown"  # a success for a hold id that is not in the database
     REFUND_DUPLICATE_PAYMENT = "refund_duplicate_payment"
     REFUND_OVERSOLD = "refund_oversold"
     RECORDED = "recorded"
