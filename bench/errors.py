@@ -45,7 +45,7 @@ from boxoffice.error_sink import store
 from boxoffice.error_sink.report_rows import COLUMNS, prepare
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
-from tests.test_errors_support import publish
+from tests.errors_support import publish
 
 KINDS = 40
 

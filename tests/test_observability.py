@@ -8,26 +8,13 @@ import io
 import json
 import logging
 import re
-import urllib.request
 
 import aiohttp
 from boxoffice import bus as busmod
 from boxoffice import logs, wire
 from boxoffice.wire import admin
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import event, sign
-
-
-def metrics(proc) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """``name{labels}`` -> value of a service's /metrics (on its health port)."""
-    with urllib.request.urlopen(f"{proc.health_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, metrics
+from tests.webhooks_support import event, sign
 
 
 def find(figures: dict[str, float], name: str, **labels: str) -> float | None:

@@ -23,26 +23,7 @@ from boxoffice import bus_access, roles
 from boxoffice.embedded import free_port
 from boxoffice.stack import STACK_KEYS, read_env
 from tests.harness import http_ready
-
-
-def start_stack(home: Path, port: int, **extra: str) -> tuple[subprocess.Popen, list[str]]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NATS_URL", "DATABASE_URL", "STRIPE_API_KEY", "STRIPE_API_BASE")}
-    env.update(BOXOFFICE_HOME=str(home), INGRESS_PORT=str(port), RESERVATION_TTL_SECONDS="120",
-               **extra)
-    proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "up"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError("boxoffice up exited:\n" + "".join(lines))
-        lines.append(line)
-        if "ingress listening on" in line:
-            return proc, lines
-    raise AssertionError("not ready in time:\n" + "".join(lines))
+from tests.stack_support import start_stack, stop_stack
 
 
 def admin(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -51,17 +32,6 @@ def admin(url: str, token: str, method: str, path: str, body: dict | None = None
                                  headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
-
-
-def stop_stack(proc: subprocess.Popen) -> set[psutil.Process]:
-    family = set(psutil.Process(proc.pid).children(recursive=True))
-    proc.send_signal(signal.SIGINT)
-    try:
-        assert proc.wait(60) == 0
-    finally:
-        assert proc.stdout is not None
-        proc.stdout.close()
-    return family
 
 
 async def _services_use_their_own_roles(home: Path, owner_url: str) -> None:
