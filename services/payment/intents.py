@@ -56,13 +56,13 @@ import prometheus_client
 from boxoffice import background, db, errors, idempotency, wire
 from boxoffice.payment.reservations import ReservationNotActive, ReservationNotFound
 from boxoffice.payment.stripe_client import CreatedIntent, Definitive, StripeGateway, Transient
-from boxoffice.wire.payments import (CreateIntentRequest, ListPayments, PaymentEvent,
-                                     PaymentIntent, PaymentLog, PaymentLogEntry, StoredResponse)
+from boxoffice.wire.payments import (CREATE_INTENT_ROUTE, CreateIntentRequest, ListPayments,
+                                     PaymentEvent, PaymentIntent, PaymentLog, PaymentLogEntry,
+                                     StoredResponse)
 
 log = logging.getLogger("boxoffice.payment.intents")
 T = TypeVar("T")
 
-ROUTE = "POST /v1/payment_intents"
 LEASE_SECONDS = 5.0
 RENEW_EVERY = 1.5
 FAILPOINTS = ("before_stripe_call", "after_stripe_call")
@@ -142,8 +142,8 @@ async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | Stored
     row = await pool.fetchrow(
         "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
         req.idempotency_key, req.fingerprint, uuid.UUID(req.reservation_id),
-        idempotency.stripe_key(req.client_id, req.idempotency_key, req.fingerprint), ROUTE,
-        LEASE_SECONDS)
+        idempotency.stripe_key(req.client_id, req.idempotency_key, req.fingerprint),
+        CREATE_INTENT_ROUTE, LEASE_SECONDS)
     outcome = ClaimOutcome(row["outcome"])
     if outcome not in (ClaimOutcome.REPLAY, ClaimOutcome.CLAIMED):
         OUTCOMES.labels(outcome).inc()

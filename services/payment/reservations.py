@@ -32,7 +32,6 @@ ReservationNotFound = errors.define("ReservationNotFound", "reservation_not_foun
 ReservationNotActive = errors.define("ReservationNotActive", "reservation_not_active", 409,
                                      "Reservation is not active")
 
-HOLD_ROUTE = "POST /v1/reservations"
 # transient conflicts between concurrent releases of multi-bucket holds: retried here
 ATTEMPTS = 5
 
