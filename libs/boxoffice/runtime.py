@@ -18,11 +18,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import prometheus_client
 import stamina.instrumentation
 from aiohttp import web
-
-import asyncpg
 
 from boxoffice import bus as busmod
 from boxoffice import bus_access
