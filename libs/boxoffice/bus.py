@@ -98,7 +98,7 @@ class Bus:
 
     async def pull(self, stream: str, durable: str) -> JetStreamContext.PullSubscription:
         """nats-py's pull subscription on ``durable`` (for inspection; services use
-        ``PullConsumer``)."""
+        ``boxoffice.consumer.PullConsumer``)."""
         return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
 
     # -- publish --------------------------------------------------------------------------
