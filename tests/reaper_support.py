@@ -119,7 +119,7 @@ async def expired_events(nats_url: str, expect: int, timeout: float = 20.0) -> C
         while time.monotonic() < deadline:
             try:
                 msgs = await sub.fetch(1000, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio.TimeoutError, by path
                 msgs = []
             for m in msgs:
                 counts[json.loads(m.data)["reservation_id"]] += 1

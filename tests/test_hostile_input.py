@@ -33,7 +33,8 @@ from tests.hostile_support import (CODE, Case, RawResponse, Route, db_snapshot, 
 from tests.webhooks_support import sign
 
 SERVICES = ("payment", "webhook", "error_sink", "reaper", "ingress")
-PUBLIC = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/asyncapi.json", "/docs")
+PUBLIC = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/asyncapi.json", "/docs",
+          "/console", "/console/app.js", "/console/console.css")  # the console's page and files
 MAX_BODY = 1 << 20
 ENVELOPE = "/api/{project_id}/envelope/"
 WEBHOOK = "/v1/webhooks/stripe"

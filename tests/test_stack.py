@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import asyncpg
+import nats
 import psutil
 import pytest
 
@@ -178,7 +179,8 @@ def test_up_with_a_nats_cluster_of_three(tmp_path: Path) -> None:
     # started again on the same stores, the cluster has every message it had
     proc, _ = start_stack(home, free_port(), BOXOFFICE_NATS_NODES="3")
     try:
-        again = asyncio.run(_streams(read_env(home / "stack.env")["NATS_URL"]))
+        # a restarted cluster answers for a stream once it has elected that stream's leader
+        again = asyncio.run(_streams(read_env(home / "stack.env")["NATS_URL"], patience=60))
         assert all(again[name][1] >= kept[name][1] for name in kept), (kept, again)
     finally:
         family = stop_stack(proc)
@@ -186,12 +188,21 @@ def test_up_with_a_nats_cluster_of_three(tmp_path: Path) -> None:
     assert not alive
 
 
-async def _streams(url: str) -> dict[str, tuple[int, int]]:
-    """Each stream's replicas and messages."""
+async def _streams(url: str, patience: float = 0.0) -> dict[str, tuple[int, int]]:
+    """Each stream's replicas and messages; a stream that does not answer yet (no leader) is
+    asked again for up to ``patience`` seconds."""
     async with busmod.connect(url, "test") as bus:
         out = {}
         for name in ("STRIPE_EVENTS", "ERRORS", "RESERVATIONS", "PAYMENTS"):
-            info = await bus.js.stream_info(name)
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    info = await bus.js.stream_info(name)
+                    break
+                except (TimeoutError, nats.errors.Error):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
             out[name] = (info.config.num_replicas, info.state.messages)
         return out
 

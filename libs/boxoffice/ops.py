@@ -13,6 +13,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from boxoffice import stack
@@ -49,6 +50,26 @@ def fetch(method: str, path: str, body: Any = None, *, timeout: float = 30,
     except urllib.error.URLError as exc:
         print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
     return False, None
+
+
+def lines(method: str, path: str, body: Any, *, timeout: float = 60) -> Iterator[Any]:
+    """Call a route that answers NDJSON and yield each line decoded, as it arrives; on an error
+    print why (as ``fetch``) and raise ``SystemExit(1)``."""
+    url, token = _settings()
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+            return
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"), file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def download(path: str, *, timeout: float = 60) -> bytes | None:

@@ -1,4 +1,4 @@
-"""``boxoffice events``: ticketed events (create, show).
+"""``boxoffice events``: ticketed events (list, create, show).
 
 It calls ingress's admin API (see ``boxoffice.ops``)."""
 
@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 
-from boxoffice.ops import call
+from boxoffice.ops import call, with_query
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("events", help="ticketed events: create, show")
+    p = sub.add_parser("events", help="ticketed events: list, create, show")
     s = p.add_subparsers(dest="verb", required=True)
+    ls = s.add_parser("list", help="events and their inventory, newest first")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(func=lambda a: call("GET", with_query("/v1/admin/events", limit=a.limit)))
     c = s.add_parser("create")
     c.add_argument("--name", required=True)
     c.add_argument("--capacity", type=int, required=True)

@@ -23,6 +23,9 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
     async def get_event(req: admin.GetEvent) -> admin.TicketedEvent:
         return await ticketed_events.get(pool, req.event_id)
 
+    async def list_events(req: admin.ListEvents) -> admin.TicketedEvents:
+        return admin.TicketedEvents(events=await ticketed_events.newest(pool, req.limit))
+
     async def hold(req: rw.HoldRequest) -> pw.StoredResponse:
         return await holds.hold(req)
 
@@ -40,6 +43,7 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
 
     await bus.serve(admin.EVENTS_CREATE, admin.CreateEvent, db.guard(create_event), queue=queue)
     await bus.serve(admin.EVENTS_GET, admin.GetEvent, db.guard(get_event), queue=queue)
+    await bus.serve(admin.EVENTS_LIST, admin.ListEvents, db.guard(list_events), queue=queue)
     await bus.serve(subjects.RESERVATIONS_HOLD, rw.HoldRequest, db.guard(hold), queue=queue)
     await bus.serve(subjects.RESERVATIONS_GET, rw.GetRequest, db.guard(get_reservation),
                     queue=queue)

@@ -10,8 +10,8 @@ transaction); ``hold`` here is the full path, for a hold the batch's fast path c
 A hold sent with an ``Idempotency-Key`` is taken at most once per client and key: the key is
 locked for the transaction (``try_lock_hold_key``, the lock the batch takes too; a concurrent
 duplicate gets ``idempotency_key_in_use``), the reservation row keeps the request's fingerprint
-and the exact body answered, and a retry replays that body. A sold-out or unknown-event answer creates
-nothing and is not stored, so the client may retry the same key later.
+and the exact body answered, and a retry replays that body. A sold-out or unknown-event answer
+creates nothing and is not stored, so the client may retry the same key later.
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ def default_buckets(capacity: int) -> int:
     return max(1, min(MAX_BUCKETS, capacity // TICKETS_PER_BUCKET))
 
 
-def parse_uuid(value: str, what: str = "id") -> uuid.UUID:
+def parse_event_id(value: str) -> uuid.UUID:
+    """An event id that is not a UUID names no event: the same 404, code and words as an
+    unknown one."""
     try:
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
-        raise errors.NotFound(f"no such {what}") from None
+        raise TicketedEventNotFound(f"no event {value[:64]!r}") from None
 
 
 async def create(pool: asyncpg.Pool, req: CreateEvent) -> TicketedEvent:
@@ -37,22 +39,37 @@ async def create(pool: asyncpg.Pool, req: CreateEvent) -> TicketedEvent:
     return await get(pool, str(event_id))
 
 
-async def get(pool: asyncpg.Pool, event_id: str) -> TicketedEvent:
-    eid = parse_uuid(event_id, "event")
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            """
-            SELECT e.id, e.name, e.capacity, e.price, e.currency, e.buckets,
-                   coalesce(sum(b.held), 0) AS held, coalesce(sum(b.sold), 0) AS sold,
-                   (SELECT coalesce(sum(r.quantity), 0) FROM reservations r
-                     WHERE r.event_id = e.id AND r.status = 'active'
-                       AND r.expires_at <= clock_timestamp()) AS overdue
-            FROM ticketed_events e LEFT JOIN inventory_buckets b ON b.event_id = e.id
-            WHERE e.id = $1 GROUP BY e.id
-            """, eid)
-    if row is None:
-        raise TicketedEventNotFound(f"no event {event_id}")
+_EVENTS = """
+SELECT e.id, e.name, e.capacity, e.price, e.currency, e.buckets,
+       coalesce(b.held, 0) AS held, coalesce(b.sold, 0) AS sold,
+       (SELECT coalesce(sum(r.quantity), 0) FROM reservations r
+         WHERE r.event_id = e.id AND r.status = 'active'
+           AND r.expires_at <= clock_timestamp()) AS overdue
+FROM ticketed_events e
+LEFT JOIN LATERAL (SELECT sum(held) AS held, sum(sold) AS sold FROM inventory_buckets
+                   WHERE event_id = e.id) b ON TRUE
+"""
+
+
+def _event(row: asyncpg.Record) -> TicketedEvent:
     held = row["held"] - row["overdue"]  # an overdue hold never counts, reaped or not
     return TicketedEvent(id=str(row["id"]), name=row["name"], capacity=row["capacity"],
                          price=row["price"], currency=row["currency"], buckets=row["buckets"],
-                         held=held, sold=row["sold"], available=row["capacity"] - held - row["sold"])
+                         held=held, sold=row["sold"],
+                         available=row["capacity"] - held - row["sold"])
+
+
+async def newest(pool: asyncpg.Pool, limit: int) -> list[TicketedEvent]:
+    """Ticketed events with their inventory, newest first."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(_EVENTS + "ORDER BY e.created_at DESC, e.id LIMIT $1", limit)
+    return [_event(r) for r in rows]
+
+
+async def get(pool: asyncpg.Pool, event_id: str) -> TicketedEvent:
+    eid = parse_event_id(event_id)
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(_EVENTS + "WHERE e.id = $1", eid)
+    if row is None:
+        raise TicketedEventNotFound(f"no event {event_id[:64]!r}")
+    return _event(row)

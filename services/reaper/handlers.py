@@ -25,7 +25,11 @@ async def register(bus: Bus, pool: asyncpg.Pool, batch: int) -> None:
     async def recent(req: wire.RunsRequest) -> wire.ReaperRuns:
         return wire.ReaperRuns(runs=await db.guarded(runs.recent(pool, req)))
 
+    async def expiry_lag(req: wire.ExpiryLagRequest) -> wire.ExpiryLag:
+        return await db.guarded(runs.expiry_lag(pool, req.minutes))
+
     await bus.serve(wire.STATS, wire.StatsRequest, stats, queue=QUEUE)
+    await bus.serve(wire.EXPIRY_LAG, wire.ExpiryLagRequest, expiry_lag, queue=QUEUE)
     await bus.serve(wire.CLEANUP, wire.CleanupRequest, cleanup, queue=QUEUE)
     await bus.serve(wire.RUNS, wire.RunsRequest, recent, queue=QUEUE)
 

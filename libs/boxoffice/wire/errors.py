@@ -93,6 +93,8 @@ class ErrorGroup(msgspec.Struct):
     resolved_at: datetime | None = None
     regressed_at: datetime | None = None
     last_alerted_at: datetime | None = None
+    # reports in each of the last 24 hours, oldest first (in lists; empty elsewhere)
+    hourly: list[int] = []
 
 
 class GroupList(msgspec.Struct):

@@ -82,6 +82,7 @@ def read_object(event: StripeEvent, type_: type[Any]) -> Any:
 # -- operators: admin.webhooks.* (owned by the webhook service) ------------------------------
 EVENTS_LIST = "admin.webhooks.events.list"
 EVENTS_REPLAY = "admin.webhooks.events.replay"
+EVENTS_GET = "admin.webhooks.events.get"
 
 
 
@@ -123,6 +124,42 @@ class LoggedEvent(msgspec.Struct):
 
 class LoggedEvents(msgspec.Struct):
     events: list[LoggedEvent]
+
+
+class GetEventRequest(Message):
+    event_id: EventId
+
+
+class LoggedEventDetail(msgspec.Struct):
+    """One row of ``webhook_events_log`` with its payload, secrets (a PaymentIntent's
+    ``client_secret``, ...) replaced by ``[Filtered]``."""
+
+    event: LoggedEvent
+    payload: Any
+
+
+class ReplayManyBody(Message):
+    """Body of ``POST /v1/admin/webhooks/replay``: every event with this status (and type),
+    oldest first, at most ``limit``."""
+
+    status: Literal["failed", "received"]
+    type: EventType | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
+class ReplayProgress(msgspec.Struct):
+    """A line of the bulk replay's answer (NDJSON): one per event as it is replayed, then a last
+    one with ``finished`` true and the totals. ``outcome`` is the effect, ``failed``, or
+    ``error`` (the replay itself was refused: ``code``)."""
+
+    done: int
+    total: int
+    event_id: str | None = None
+    outcome: str | None = None
+    code: str | None = None
+    finished: bool = False
+    succeeded: int = 0
+    failed: int = 0
 
 
 class ReplayResult(msgspec.Struct):
