@@ -9,7 +9,7 @@ import sys
 import urllib.parse
 
 from boxoffice import ops
-from boxoffice.wire.stripe import WebhookStatus
+from boxoffice.wire.stripe import REPLAYABLE, WebhookStatus
 
 
 
@@ -70,7 +70,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sh.set_defaults(func=_show)
     ra = s.add_parser("replay-all", help="replay every failed (or waiting) event, oldest first, "
                                          "with progress (e.g. --type payment_intent.succeeded)")
-    ra.add_argument("--status", choices=("failed", "received"), default="failed")
+    ra.add_argument("--status", choices=[s.value for s in REPLAYABLE],
+                    default=WebhookStatus.FAILED.value)
     ra.add_argument("--type", help="only events of this Stripe type")
     ra.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     ra.set_defaults(func=_replay_all)

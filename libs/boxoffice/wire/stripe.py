@@ -85,7 +85,6 @@ EVENTS_REPLAY = "admin.webhooks.events.replay"
 EVENTS_GET = "admin.webhooks.events.get"
 
 
-
 class WebhookStatus(StrEnum):
     """``webhook_events_log.processing_status``: where a Stripe event is."""
 
@@ -97,6 +96,9 @@ class WebhookStatus(StrEnum):
 
 # The same values as the wire's type: a Literal keeps the schemas an inline enum.
 ProcessingStatus = Literal[tuple(s.value for s in WebhookStatus)]  # type: ignore[misc]
+# What an operator may replay: the events whose effects are not applied.
+REPLAYABLE = (WebhookStatus.FAILED, WebhookStatus.RECEIVED)
+ReplayableStatus = Literal[tuple(s.value for s in REPLAYABLE)]  # type: ignore[misc]
 
 
 class ListEventsRequest(Message):
@@ -142,7 +144,7 @@ class ReplayManyBody(Message):
     """Body of ``POST /v1/admin/webhooks/replay``: every event with this status (and type),
     oldest first, at most ``limit``."""
 
-    status: Literal["failed", "received"]
+    status: ReplayableStatus
     type: EventType | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 
