@@ -42,7 +42,7 @@ async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
 async def detail(processor: Processor, event_id: str) -> w.LoggedEventDetail:
     """A logged event with its payload as operators may see it: secrets filtered, long strings
     and lists cut."""
-    found = await eventlog.get(processor.pool, event_id)
+    found = await stripe_event_log.get(processor.pool, event_id)
     if found is None:
         raise WebhookEventNotFound(f"no webhook event {event_id!r}")
     row, payload = found
