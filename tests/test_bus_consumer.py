@@ -1,5 +1,5 @@
-"""The one pull consumer (``boxoffice.bus.PullConsumer``): batches or single messages handed
-over and settled, a failed batch put back at once when asked, and messages fetched but not
+"""The one pull consumer (``boxoffice.consumer.PullConsumer``): batches or single messages
+handed over and settled, a failed batch put back at once when asked, and messages fetched but not
 handed over nak'ed at stop, so that they come back at once rather than after ``ack_wait``."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import uuid
 from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
+from boxoffice.consumer import PullConsumer, pull_consumer, settle
 
 STREAM = "ERRORS"
 ACK_WAIT = 30.0  # longer than any test waits: what comes back early was nak'ed
@@ -41,13 +42,13 @@ async def test_batches_are_handed_over_and_acked(nats_url: str) -> None:
             assert 1 <= len(msgs) <= 8
             for msg in msgs:
                 got.append(msg.data)
-                await busmod.settle(msg, "ack")
+                await settle(msg, "ack")
 
         async def all_acked() -> bool:
             info = await bus.js.consumer_info(STREAM, durable)
             return len(got) == 20 and info.num_pending == 0 and info.num_ack_pending == 0
 
-        async with busmod.pull_consumer(bus, STREAM, durable, handle, batch=8, lanes=2):
+        async with pull_consumer(bus, STREAM, durable, handle, batch=8, lanes=2):
             await _until(all_acked)
         assert sorted(got, key=int) == [str(i).encode() for i in range(20)]
 
@@ -60,13 +61,13 @@ async def test_single_messages_are_handed_over_one_by_one(nats_url: str) -> None
         async def handle(msg: Msg) -> None:
             assert isinstance(msg, Msg)
             got.append(msg.data)
-            await busmod.settle(msg, "term" if msg.data == b"3" else "ack")
+            await settle(msg, "term" if msg.data == b"3" else "ack")
 
         async def all_settled() -> bool:
             info = await bus.js.consumer_info(STREAM, durable)
             return len(got) == 5 and info.num_ack_pending == 0
 
-        async with busmod.pull_consumer(bus, STREAM, durable, handle, batched=False):
+        async with pull_consumer(bus, STREAM, durable, handle, batched=False):
             await _until(all_settled)
         assert got == [b"0", b"1", b"2", b"3", b"4"]
 
@@ -84,13 +85,13 @@ async def test_a_failed_batch_is_put_back_at_once(nats_url: str) -> None:
                 failed = True
                 raise ConnectionResetError("the database went away")
             for msg in msgs:
-                await busmod.settle(msg, "ack")
+                await settle(msg, "ack")
 
         async def all_acked() -> bool:
             info = await bus.js.consumer_info(STREAM, durable)
             return failed and info.num_pending == 0 and info.num_ack_pending == 0
 
-        async with busmod.pull_consumer(bus, STREAM, durable, handle, batch=10, nak_delay=0.1):
+        async with pull_consumer(bus, STREAM, durable, handle, batch=10, nak_delay=0.1):
             await _until(all_acked)  # well before ack_wait: they were nak'ed
         assert sorted(deliveries) == [b"0", b"0", b"1", b"1", b"2", b"2"]
 
@@ -98,7 +99,7 @@ async def test_a_failed_batch_is_put_back_at_once(nats_url: str) -> None:
 async def test_what_was_fetched_but_not_handed_over_is_naked_at_close(nats_url: str) -> None:
     async with busmod.connect(nats_url, "test") as bus:
         subject, durable = await _consumer(bus, 1)
-        lane = busmod.PullConsumer(bus, STREAM, durable, lambda _msgs: asyncio.sleep(0))
+        lane = PullConsumer(bus, STREAM, durable, lambda _msgs: asyncio.sleep(0))
         first = await lane.fetch(batch=10, wait=3.0)
         assert [m.data for m in first] == [b"0"]
         # the pull request still asks for 9 more: these arrive after the batch was handed over
@@ -106,9 +107,9 @@ async def test_what_was_fetched_but_not_handed_over_is_naked_at_close(nats_url: 
             await bus.publish(subject, str(i).encode(), f"{durable}-late-{i}")
         await asyncio.sleep(0.3)
         await lane.close()
-        await busmod.settle(first[0], "ack")
+        await settle(first[0], "ack")
 
-        again = busmod.PullConsumer(bus, STREAM, durable, lambda _msgs: asyncio.sleep(0))
+        again = PullConsumer(bus, STREAM, durable, lambda _msgs: asyncio.sleep(0))
         try:
             back = await again.fetch(batch=10, wait=2.0)
         finally:

@@ -13,7 +13,7 @@ import nats
 from boxoffice import migrate, wire
 from boxoffice.embedded import Postgres
 from boxoffice.error_sink import store
-from boxoffice.error_sink.sink import prepare
+from boxoffice.error_sink.report_rows import prepare
 from tests.errors_support import count, publish, publish_raw, report
 from tests.harness import eventually
 

@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 
 from boxoffice import wire
-from boxoffice.webhook.consumer import Failure, Processor, describe
+from boxoffice.webhook.stripe_events import Failure, Processor, describe
 from boxoffice.wire.stripe import StripeEvent
 from tests.harness import eventually
 from tests.sql_support import inventory, new_event, new_hold

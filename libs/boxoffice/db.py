@@ -1,5 +1,6 @@
-"""The asyncpg pool, the check that refuses to run on an unmigrated database, and the one
-definition of "the database is unavailable" (``UNAVAILABLE``, ``guarded``)."""
+"""The asyncpg pool, the check that refuses to run on an unmigrated database, the one
+definition of "the database is unavailable" (``UNAVAILABLE``, ``guarded``), and of a transaction
+to run again (``CONFLICTS``, ``retrying``)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,27 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 # What a background loop waits out and tries again: the database away, or a statement refused
 FAILURES: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
 
+# A transaction PostgreSQL aborted because it conflicted with another (a deadlock, a
+# serialization failure): nothing of it was committed, and running it again is safe.
+CONFLICTS: tuple[type[BaseException], ...] = (asyncpg.exceptions.DeadlockDetectedError,
+                                              asyncpg.exceptions.SerializationError)
+
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+async def retrying(run: Callable[[], Awaitable[T]], *, attempts: int, pause: float = 0.0) -> T:
+    """``run()``'s result, run again while it fails with one of ``CONFLICTS``: ``attempts`` in
+    all, the n-th retry after ``pause * n`` seconds; the last attempt's failure is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await run()
+        except CONFLICTS:
+            if attempt == attempts:
+                raise
+            if pause:
+                await asyncio.sleep(pause * attempt)
+    raise AssertionError("attempts must be at least 1")
 
 
 async def guarded(work: Awaitable[T]) -> T:

@@ -81,7 +81,7 @@ def cmd_logs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(readable(line), file=out, flush=True)
     if not args.follow:
         return 0
-    handles = {p: open(p, "r", errors="replace") for p in files}
+    handles = {p: open(p, errors="replace") for p in files}  # noqa: SIM115 - followed until Ctrl-C
     for h in handles.values():
         h.seek(0, os.SEEK_END)
     try:
@@ -103,6 +103,8 @@ def cmd_logs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 def cmd_pay(args: argparse.Namespace) -> int:
     import stripe
 
+    from boxoffice import stripe_api
+
     base, key = _setting("STRIPE_API_BASE"), _setting("STRIPE_API_KEY")
     if not base or not key:
         print("boxoffice dev pay: STRIPE_API_BASE and STRIPE_API_KEY are needed (localstripe's, "
@@ -112,7 +114,7 @@ def cmd_pay(args: argparse.Namespace) -> int:
         print("boxoffice dev pay: only with a test key (localstripe or Stripe's test mode)",
               file=sys.stderr)
         return 2
-    client = stripe.StripeClient(key, base_addresses={"api": base}, max_network_retries=2)
+    client = stripe_api.client(key, base)
     try:
         pm = client.v1.payment_methods.create(params={"type": "card", "card": {
             "number": args.card, "exp_month": 12, "exp_year": 2040, "cvc": "123"}})

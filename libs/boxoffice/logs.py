@@ -6,11 +6,12 @@ import contextvars
 import logging
 import sys
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# The attributes every LogRecord has: anything else on a record came from ``extra=``.
+RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _enc = msgspec.json.Encoder()
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
@@ -20,22 +21,25 @@ in the ``Boxoffice-Request-Id`` header (``boxoffice.bus``): every log line and e
 every service written while working on it names it."""
 
 
+def extra_fields(record: logging.LogRecord) -> dict[str, object]:
+    """What the caller added to ``record`` (``extra=``), private (``_``) attributes left out."""
+    return {k: v for k, v in vars(record).items() if k not in RESERVED and not k.startswith("_")}
+
+
 class JSONFormatter(logging.Formatter):
     def __init__(self, service: str):
         super().__init__()
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+        out: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
+        out.update(extra_fields(record))
         if "request_id" not in out and (rid := REQUEST_ID.get()):
             out["request_id"] = rid
         if record.exc_info and record.exc_info[0] is not None:

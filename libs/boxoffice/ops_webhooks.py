@@ -9,17 +9,12 @@ import sys
 import urllib.parse
 
 from boxoffice import ops
-
-STATUSES = ("received", "processed", "failed", "ignored")
+from boxoffice.wire.stripe import REPLAYABLE, WebhookStatus
 
 
 def _list(args: argparse.Namespace) -> int:
-    query = {"limit": str(args.limit)}
-    if args.status:
-        query["status"] = args.status
-    if args.type:
-        query["type"] = args.type
-    return ops.call("GET", "/v1/admin/webhooks/events?" + urllib.parse.urlencode(query))
+    return ops.call("GET", ops.with_query("/v1/admin/webhooks/events", limit=args.limit,
+                                          status=args.status, type=args.type))
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -54,8 +49,7 @@ def _replay_all(args: argparse.Namespace) -> int:
 
 
 def _reconciliation(args: argparse.Namespace) -> int:
-    return ops.call("GET", "/v1/admin/webhooks/reconciliation?"
-                    + urllib.parse.urlencode({"limit": str(args.limit)}))
+    return ops.call("GET", ops.with_query("/v1/admin/webhooks/reconciliation", limit=args.limit))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +57,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                        "reconciliation")
     s = p.add_subparsers(dest="verb", required=True)
     ls = s.add_parser("list", help="events newest first (e.g. --status failed)")
-    ls.add_argument("--status", choices=STATUSES)
+    ls.add_argument("--status", choices=[s.value for s in WebhookStatus])
     ls.add_argument("--type", help="a Stripe event type, e.g. payment_intent.succeeded")
     ls.add_argument("--limit", type=int, default=50)
     ls.set_defaults(func=_list)
@@ -75,7 +69,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sh.set_defaults(func=_show)
     ra = s.add_parser("replay-all", help="replay every failed (or waiting) event, oldest first, "
                                          "with progress (e.g. --type payment_intent.succeeded)")
-    ra.add_argument("--status", choices=("failed", "received"), default="failed")
+    ra.add_argument("--status", choices=[s.value for s in REPLAYABLE],
+                    default=WebhookStatus.FAILED.value)
     ra.add_argument("--type", help="only events of this Stripe type")
     ra.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     ra.set_defaults(func=_replay_all)

@@ -34,7 +34,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -56,7 +56,6 @@ FOLDED = prometheus_client.Counter("boxoffice_error_reports_folded_total",
 DROPPED = prometheus_client.Counter("boxoffice_error_reports_dropped_total",
                                     "Error reports lost because the spool was full")
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _LEVEL_OF = {logging.CRITICAL: "critical", logging.ERROR: "error", logging.WARNING: "warning",
              logging.INFO: "info", logging.DEBUG: "debug"}
 _enc = msgspec.json.Encoder()
@@ -155,7 +154,7 @@ class Reporter:
                 return None
             self._enqueue(r)
             return r.id
-        except Exception:  # noqa: BLE001 - reporting never raises into its caller
+        except Exception:
             return None
         finally:
             _local.busy = False
@@ -168,7 +167,7 @@ class Reporter:
             error_type = error_type or type_name(exc)
             stacktrace = "".join(traceback.format_exception(exc))
         return ErrorReport(
-            id=str(uuid.uuid4()), occurred_at=datetime.now(timezone.utc), service=self.service,
+            id=str(uuid.uuid4()), occurred_at=datetime.now(UTC), service=self.service,
             level=level if level in LEVELS else "error",  # type: ignore[arg-type]
             # scrubbed here, not only in the sink: reports wait on the bus and in the spool
             message=scrub.truncate(scrub.text(str(message)), 8192),
@@ -377,10 +376,9 @@ class BusHandler(logging.Handler):
             return
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string still gets reported
+        except Exception:
             message = str(record.msg)
-        context = {k: v for k, v in vars(record).items()
-                   if k not in _RESERVED and not k.startswith("_")}
+        context: dict[str, Any] = logs.extra_fields(record)
         context.update(logger=record.name, function=f"{record.module}.{record.funcName}",
                        line=record.lineno)
         exc = record.exc_info[1] if record.exc_info else None
@@ -404,7 +402,7 @@ def report(level: str, message: str, *, error_type: str | None = None,
     Before ``install()`` (scripts, tests) the report is only logged.
     """
     if _current is None:
-        log.log(logging.ERROR if level in ("error", "critical", "fatal") else logging.WARNING,
+        log.log(logging.ERROR if level in LEVELS[LEVELS.index("error"):] else logging.WARNING,
                 "%s", message, exc_info=exc)
         return None
     return _current.report(level, message, error_type=error_type, context=context,

@@ -18,12 +18,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import prometheus_client
 import stamina.instrumentation
 from aiohttp import web
 
+from boxoffice import bus as busmod
+from boxoffice import bus_access, errors, logs, observe, outbox, report
 from boxoffice import config as configmod
-from boxoffice import errors, logs, observe, report
 
 log = logging.getLogger("boxoffice.runtime")
 
@@ -47,9 +49,26 @@ class Service:
         for name, check in self.checks.items():
             try:
                 results[name] = bool(await asyncio.wait_for(check(), 3))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 results[name] = False
         return (all(results.values()) and not self.stopping.is_set()), results
+
+    async def connect_bus(self, name: str, *streams: str) -> busmod.Bus:
+        """The service's NATS connection as user ``name``, drained at exit (after what is
+        registered later has stopped), with ``streams`` declared."""
+        cfg = self.config
+        bus = await self.stack.enter_async_context(
+            busmod.connect(cfg.nats_url, name, ca_file=cfg.nats_ca_file,
+                           stream_replicas=cfg.nats_stream_replicas))
+        await bus.declare_streams(*streams)
+        return bus
+
+    async def relay_outbox(self, pool: asyncpg.Pool, bus: busmod.Bus) -> asyncio.Event:
+        """Relay the service's outbox subjects (``bus_access``) for its lifetime; returns the
+        relay's wake-up event."""
+        assert self.config.database_url is not None
+        return await self.stack.enter_async_context(outbox.relay(
+            self.config.database_url, pool, bus, bus_access.ACCESS[self.config.service].relays))
 
 
 Build = Callable[[Service], Awaitable[None]]
@@ -161,5 +180,5 @@ def standard_checks(svc: Service, *, bus: object | None = None, pool: object | N
             svc.stack.push_async_callback(flush_reports)
     if pool is not None:
         async def pg_ok() -> bool:
-            return await db.ping(pool)  # type: ignore[arg-type]
+            return await db.ping(pool)
         svc.checks["postgres"] = pg_ok

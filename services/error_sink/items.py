@@ -19,7 +19,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import db, errors, wire
+from boxoffice.consumer import pull_consumer, settle
 from boxoffice.error_sink import monitors, releases, source_maps
 from boxoffice.wire import sentry_items as si
 
@@ -111,11 +112,11 @@ async def store(pool: asyncpg.Pool, msgs: list[Msg]) -> None:
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError,
                     asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
                 log.error("message on %s is not a valid Sentry item: dropped", msg.subject)
-                await busmod.settle(msg, "term")
+                await settle(msg, "term")
     for origin, reason, category, n in counted:
         DISCARDED.labels(origin, reason, category).inc(n)
     for msg in done:
-        await busmod.settle(msg, "ack")
+        await settle(msg, "ack")
 
 
 @contextlib.asynccontextmanager
@@ -128,7 +129,7 @@ async def keeping(bus: busmod.Bus, pool: asyncpg.Pool) -> AsyncIterator[None]:
     async def handle(msgs: list[Msg]) -> None:
         await store(pool, msgs)
 
-    async with busmod.pull_consumer(bus, stream, durable, handle, batch=50):
+    async with pull_consumer(bus, stream, durable, handle, batch=50):
         yield
 
 
@@ -171,7 +172,7 @@ async def get_attachment(pool: asyncpg.Pool, q: si.GetAttachment) -> si.Attachme
 
 
 async def dropped(pool: asyncpg.Pool, q: si.ListDropped) -> si.DroppedList:
-    since = q.since or datetime.now(timezone.utc) - timedelta(days=1)
+    since = q.since or datetime.now(UTC) - timedelta(days=1)
     rows = await pool.fetch(
         "SELECT service, origin, reason, category, sum(quantity)::bigint AS quantity "
         "FROM error_discards WHERE received_at >= $1 AND ($2::text IS NULL OR service = $2) "
@@ -183,8 +184,8 @@ async def dropped(pool: asyncpg.Pool, q: si.ListDropped) -> si.DroppedList:
 async def register(bus: busmod.Bus, pool: asyncpg.Pool) -> None:
     queue = "error-sink"
 
-    def guarded(fn):  # type: ignore[no-untyped-def]
-        async def call(q):  # type: ignore[no-untyped-def]
+    def guarded(fn):
+        async def call(q):
             return await db.guarded(fn(pool, q))
         return call
 

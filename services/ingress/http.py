@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from boxoffice import errors, logs
+from boxoffice import errors, logs, tokens
 from boxoffice.config import Config
 from boxoffice.ingress import sessions
 from boxoffice.ingress.sessions import actor_id
@@ -98,11 +98,7 @@ def _bearer(request: web.Request) -> str:
 
 
 def _match(token: str, allowed: tuple[str, ...]) -> str | None:
-    found = None
-    for candidate in allowed:  # compare against all, in constant time, without early exit
-        if hmac.compare_digest(token.encode(), candidate.encode()):
-            found = candidate
-    return found
+    return tokens.match(token, allowed)
 
 
 def client_id(request: web.Request) -> str:

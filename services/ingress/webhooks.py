@@ -17,7 +17,7 @@ import time
 import msgspec
 from aiohttp import web
 
-from boxoffice import errors
+from boxoffice import errors, tokens
 from boxoffice.ingress.http import (CONFIG, REQUEST_ID, json_response, operate, read_json,
                                     read_query, require_admin)
 from boxoffice.ingress.state import BUS
@@ -68,8 +68,7 @@ def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...],
     matched = False
     for secret in secrets:
         expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest().encode()
-        for candidate in candidates:
-            matched |= hmac.compare_digest(expected, candidate)
+        matched |= tokens.match(expected, candidates) is not None
     if not matched:
         raise InvalidSignature("no signature matches")
 

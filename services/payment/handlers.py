@@ -6,11 +6,12 @@ import asyncpg
 
 from boxoffice import db
 from boxoffice.bus import Bus
-from boxoffice.payment import events, intents, reservations
+from boxoffice.payment import intents, reservations, ticketed_events
 from boxoffice.payment.hold_batch import HoldBatcher
 from boxoffice.wire import admin, subjects
 from boxoffice.wire import payments as pw
 from boxoffice.wire import reservations as rw
+
 
 async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
                    reservation_ttl_seconds: int) -> None:
@@ -18,13 +19,13 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
     holds = HoldBatcher(pool, reservation_ttl_seconds)
 
     async def create_event(req: admin.CreateEvent) -> admin.TicketedEvent:
-        return await events.create_event(pool, req)
+        return await ticketed_events.create(pool, req)
 
     async def get_event(req: admin.GetEvent) -> admin.TicketedEvent:
-        return await events.get_event(pool, req.event_id)
+        return await ticketed_events.get(pool, req.event_id)
 
     async def list_events(req: admin.ListEvents) -> admin.TicketedEvents:
-        return admin.TicketedEvents(events=await events.list_events(pool, req.limit))
+        return admin.TicketedEvents(events=await ticketed_events.newest(pool, req.limit))
 
     async def hold(req: rw.HoldRequest) -> pw.StoredResponse:
         return await holds.hold(req)

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import wire
+from boxoffice.consumer import pull_consumer, settle
 from boxoffice.wire import admin_actions as w
 from boxoffice.wire.subjects import ADMIN_ACTIONS_CONSUMER
 
@@ -50,7 +51,7 @@ async def store(pool: asyncpg.Pool, msgs: list[Msg]) -> None:
             keep.append(msg)
         except (msgspec.ValidationError, msgspec.DecodeError):
             log.error("message on %s is not an action record: dropped", msg.subject)
-            await busmod.settle(msg, "term")
+            await settle(msg, "term")
     # PostgreSQL away: raised, and the batch, unacked, is redelivered after ack_wait
     async with pool.acquire() as conn, conn.transaction():
         if begun:
@@ -58,7 +59,7 @@ async def store(pool: asyncpg.Pool, msgs: list[Msg]) -> None:
         if finished:
             await conn.executemany(UPSERT_FINISHED, finished)
     for msg in keep:
-        await busmod.settle(msg, "ack")
+        await settle(msg, "ack")
 
 
 @contextlib.asynccontextmanager
@@ -71,7 +72,7 @@ async def keeping(bus: busmod.Bus, pool: asyncpg.Pool) -> AsyncIterator[None]:
     async def handle(msgs: list[Msg]) -> None:
         await store(pool, msgs)
 
-    async with busmod.pull_consumer(bus, stream, durable, handle, batch=100):
+    async with pull_consumer(bus, stream, durable, handle, batch=100):
         yield
 
 

@@ -7,8 +7,8 @@ import msgspec
 
 from boxoffice import db, errors, scrub
 from boxoffice.bus import Bus
-from boxoffice.webhook import eventlog, reconcile_runs
-from boxoffice.webhook.consumer import Processor
+from boxoffice.webhook import reconcile_runs, stripe_event_log
+from boxoffice.webhook.stripe_events import Processor
 from boxoffice.wire import stripe as w
 
 WebhookEventNotFound = errors.WebhookEventNotFound
@@ -19,11 +19,11 @@ QUEUE = "webhook"
 
 async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
     """Apply a logged event now, from its stored payload (for events that failed or wait)."""
-    found = await eventlog.get(processor.pool, event_id)
+    found = await stripe_event_log.get(processor.pool, event_id)
     if found is None:
         raise WebhookEventNotFound(f"no webhook event {event_id!r}")
     row, payload = found
-    if row.processing_status in eventlog.DONE:
+    if row.processing_status in stripe_event_log.DONE:
         raise AlreadyProcessed(f"event {event_id} is {row.processing_status}: nothing to replay")
     try:
         event = msgspec.json.decode(payload, type=w.StripeEvent)
@@ -34,7 +34,7 @@ async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
         if not isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
             await processor.fail(event, payload, exc)
         outcome = "failed"
-    found = await eventlog.get(processor.pool, event_id)
+    found = await stripe_event_log.get(processor.pool, event_id)
     assert found is not None
     return w.ReplayResult(outcome=outcome, event=found[0])
 
@@ -42,7 +42,7 @@ async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
 async def detail(processor: Processor, event_id: str) -> w.LoggedEventDetail:
     """A logged event with its payload as operators may see it: secrets filtered, long strings
     and lists cut."""
-    found = await eventlog.get(processor.pool, event_id)
+    found = await stripe_event_log.get(processor.pool, event_id)
     if found is None:
         raise WebhookEventNotFound(f"no webhook event {event_id!r}")
     row, payload = found
@@ -55,8 +55,8 @@ async def detail(processor: Processor, event_id: str) -> w.LoggedEventDetail:
 
 async def register(bus: Bus, processor: Processor) -> None:
     async def list_events(req: w.ListEventsRequest) -> w.LoggedEvents:
-        events = await db.guarded(eventlog.list_events(processor.pool, req.status, req.type,
-                                                       req.limit))
+        events = await db.guarded(stripe_event_log.list_events(processor.pool, req.status,
+                                                               req.type, req.limit))
         return w.LoggedEvents(events=events)
 
     async def replay_event(req: w.ReplayRequest) -> w.ReplayResult:

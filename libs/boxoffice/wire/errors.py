@@ -6,18 +6,23 @@ import hashlib
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
 from boxoffice.wire.sentry_items import AttachmentInfo, FeedbackItem
 
+# Severity levels, least to most severe (the order ranks a group's level and alerts).
 Level = Literal["debug", "info", "warning", "error", "critical", "fatal"]
-LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical", "fatal")
+LEVELS: tuple[str, ...] = get_args(Level)
+
+
+_UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
+_Frame = Annotated[str, msgspec.Meta(max_length=512)]
 
 
 class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")]
+    id: Annotated[str, msgspec.Meta(pattern=_UUID)]
     occurred_at: datetime
     service: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+\Z")]
     level: Level
@@ -25,7 +30,7 @@ class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     error_type: Annotated[str, msgspec.Meta(max_length=512)] | None = None
     stacktrace: Annotated[str, msgspec.Meta(max_length=262144)] | None = None
     context: dict[str, Any] | None = None
-    fingerprint: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=32)] | None = None
+    fingerprint: Annotated[list[_Frame], msgspec.Meta(max_length=32)] | None = None
     environment: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     release: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     request_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
@@ -57,7 +62,7 @@ GROUPS_RESOLVE = "admin.errors.resolve"
 GROUPS_IGNORE = "admin.errors.ignore"
 
 Status = Literal["unresolved", "resolved", "ignored"]
-STATUSES: tuple[str, ...] = ("unresolved", "resolved", "ignored")
+STATUSES: tuple[str, ...] = get_args(Status)
 _UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
 
 

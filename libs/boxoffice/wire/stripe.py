@@ -9,7 +9,8 @@ adds fields in every API version.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -83,7 +84,24 @@ EVENTS_LIST = "admin.webhooks.events.list"
 EVENTS_REPLAY = "admin.webhooks.events.replay"
 EVENTS_GET = "admin.webhooks.events.get"
 
+
+class WebhookStatus(StrEnum):
+    """``webhook_events_log.processing_status``: where a Stripe event is."""
+
+    RECEIVED = "received"  # not applied yet (a failed attempt is retried)
+    PROCESSED = "processed"
+    FAILED = "failed"  # given up on: an operator replays it
+    IGNORED = "ignored"  # a type without effects
+
+
+# The same values as the wire's type: a Literal keeps the schemas an inline enum (checked
+# against the enum below, so the two cannot drift).
 ProcessingStatus = Literal["received", "processed", "failed", "ignored"]
+# What an operator may replay: the events whose effects are not applied.
+REPLAYABLE = (WebhookStatus.FAILED, WebhookStatus.RECEIVED)
+ReplayableStatus = Literal["failed", "received"]
+assert get_args(ProcessingStatus) == tuple(WebhookStatus)
+assert get_args(ReplayableStatus) == REPLAYABLE
 
 
 class ListEventsRequest(Message):
@@ -129,7 +147,7 @@ class ReplayManyBody(Message):
     """Body of ``POST /v1/admin/webhooks/replay``: every event with this status (and type),
     oldest first, at most ``limit``."""
 
-    status: Literal["failed", "received"]
+    status: ReplayableStatus
     type: EventType | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 

@@ -12,8 +12,7 @@ their order within it.
 
 Failures, and how often they are retried:
 - PostgreSQL unreachable (or the commit fails): nothing can be recorded, so the batch is nak'ed
-  with a delay and
-  the consumer pauses until the database answers. These retries are not counted: the JetStream
+  with a delay and the consumer pauses until the database answers. These retries are not counted: the JetStream
   consumer has no ``max_deliver``, so an outage of any length loses no event.
 - the event's own failure (an effect raised): the attempt is counted in
   the event's row and the message nak'ed with the next delay of ``WEBHOOK_RETRY_DELAYS``; after
@@ -40,16 +39,17 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import background, db, wire
-from boxoffice.webhook import effects, eventlog
-from boxoffice.webhook.effects import Outcome
-from boxoffice.wire.stripe import StripeEvent
+from boxoffice.consumer import settle
+from boxoffice.webhook import effects, stripe_event_log
+from boxoffice.webhook.effects import ApplyOutcome, Outcome
+from boxoffice.wire.stripe import StripeEvent, WebhookStatus
 
 log = logging.getLogger("boxoffice.webhook")
 
 ACK_WAIT = 10.0  # seconds; work that takes longer is kept alive with in_progress()
 DB_RETRY_DELAY = 2.0  # PostgreSQL away (db.UNAVAILABLE): waited for, never counted against an event
-TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-QUIET_OUTCOMES = frozenset({"duplicate", "ignored", "stale", "partial_refund", "no_payment_intent"})
+QUIET_OUTCOMES = frozenset({ApplyOutcome.DUPLICATE, ApplyOutcome.IGNORED, ApplyOutcome.STALE,
+                            ApplyOutcome.PARTIAL_REFUND, ApplyOutcome.NO_PAYMENT_INTENT})
 
 
 class LivemodeMismatch(Exception):
@@ -77,7 +77,8 @@ class Failure:
     """An event whose attempt failed: why, and its row after the count (``record_failure``)."""
 
     exc: BaseException
-    result: tuple[int, str] | None  # (attempts, status); None: the event was applied meanwhile
+    # (attempts, status) after the count; None: the event was applied meanwhile
+    result: tuple[int, WebhookStatus] | None
 
 
 class Processor:
@@ -109,13 +110,8 @@ class Processor:
                       conn: asyncpg.Connection | None = None) -> Outcome:
         """Apply ``event`` once (on ``conn``, else a pooled connection); raises if not applied."""
         self._refuse_other_mode(event)
-        for attempt in range(3):
-            try:
-                outcome = await effects.apply(conn or self.pool, event, raw)
-                break
-            except TRANSIENT:
-                if attempt == 2:
-                    raise
+        outcome = await db.retrying(lambda: effects.apply(conn or self.pool, event, raw),
+                                    attempts=3)
         self.applied(event, outcome)
         return outcome
 
@@ -157,8 +153,8 @@ class Processor:
             log.log(report.level, report.message, extra=report.context)
 
     async def fail(self, event: StripeEvent, raw: str, exc: BaseException,
-                   conn: asyncpg.Connection | None = None) -> tuple[int, str] | None:
-        """Count a failed attempt (see ``eventlog.record_failure``); report a final failure."""
+                   conn: asyncpg.Connection | None = None) -> tuple[int, WebhookStatus] | None:
+        """Count a failed attempt (``stripe_event_log.record_failure``); report a final failure."""
         async with contextlib.AsyncExitStack() as stack:
             if conn is None:
                 conn = await stack.enter_async_context(self.pool.acquire())
@@ -167,15 +163,16 @@ class Processor:
         return failure.result
 
     async def _record(self, event: StripeEvent, raw: str, exc: BaseException,
-                      conn: asyncpg.Connection) -> tuple[int, str] | None:
-        return await eventlog.record_failure(conn, event, raw, describe(exc), self.max_attempts,
-                                             final=isinstance(exc, PERMANENT))
+                      conn: asyncpg.Connection) -> tuple[int, WebhookStatus] | None:
+        return await stripe_event_log.record_failure(conn, event, raw, describe(exc),
+                                                     self.max_attempts,
+                                                     final=isinstance(exc, PERMANENT))
 
     def failed(self, event: StripeEvent, failure: Failure) -> None:
         """Count and report a failed attempt; only once its count is committed."""
         FAILED_ATTEMPTS.inc()
         result, exc = failure.result, failure.exc
-        if result is not None and result[1] == "failed":
+        if result is not None and result[1] is WebhookStatus.FAILED:
             log.error("stripe event %s (%s) failed after %d attempts: %s", event.id, event.type,
                       result[0], describe(exc),
                       extra={"event_id": event.id, "event_type": event.type,
@@ -217,7 +214,7 @@ class Consumer:
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
                 # ingress checks every event before publishing: this did not come from Stripe
                 log.error("message on %s is not a Stripe event: dropped", msg.subject)
-                await busmod.settle(msg, "term")
+                await settle(msg, "term")
                 continue
             self._inflight[id(msg)] = (msg, time.monotonic())
             self._pending += 1
@@ -287,15 +284,15 @@ class Consumer:
             busmod.adopt_request_id(msg)
             if not isinstance(result, Failure):
                 self.processor.applied(event, result)
-                await busmod.settle(msg, "ack")
+                await settle(msg, "ack")
                 continue
             self.processor.failed(event, result)
             if result.result is None:  # applied meanwhile (a concurrent delivery)
-                await busmod.settle(msg, "ack")
-            elif result.result[1] == "failed":
-                await busmod.settle(msg, "term")
+                await settle(msg, "ack")
+            elif result.result[1] is WebhookStatus.FAILED:
+                await settle(msg, "term")
             else:
-                await busmod.settle(msg, "nak", self.processor.delay(result.result[0]))
+                await settle(msg, "nak", self.processor.delay(result.result[0]))
         return not conn.is_closed()
 
     def _database_lost(self, msg: Msg) -> None:
@@ -328,7 +325,7 @@ class Consumer:
 async def _put_back(batch: list[tuple[Msg, StripeEvent, str]], delay: float) -> None:
     """Nothing of ``batch`` was committed: redeliver each message after ``delay``, uncounted."""
     for msg, _, _ in batch:
-        await busmod.settle(msg, "nak", delay)
+        await settle(msg, "nak", delay)
 
 
 class _StillDown(Exception):

@@ -1,9 +1,10 @@
-"""The sink's consumer lanes: fetch a batch, prepare it, store it in one transaction, ack.
+"""Error reports taken from ERRORS: consumer lanes fetch a batch, turn it into rows, store it in one
+transaction, ack.
 
 Several lanes share the durable consumer, so while one waits for PostgreSQL another decodes
 and scrubs. A batch is acked only after its commit; when the database is unavailable the batch
 is nak'ed with a delay (redelivered soon, not after ``ack_wait``) and the lane backs off
-(``boxoffice.bus.PullConsumer``).
+(``boxoffice.consumer.PullConsumer``).
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from types import SimpleNamespace
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 
 import asyncpg
 import nats.errors
 import prometheus_client
 from nats.aio.msg import Msg
 
-from boxoffice import bus as busmod
 from boxoffice import wire
 from boxoffice.bus import Bus
+from boxoffice.consumer import pull_consumer
 from boxoffice.error_sink import store
-from boxoffice.error_sink.sink import Row, prepare
+from boxoffice.error_sink.report_rows import Row, prepare
 
 log = logging.getLogger("boxoffice.error_sink")
 
@@ -40,12 +41,12 @@ NAK_DELAY = 1.0  # seconds before a batch that was not stored comes back
 
 def _safe_prepare(msg: Msg, now: object) -> Row:
     try:
-        return prepare(msg, now)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - a bug here must not block the stream
+        return prepare(msg, now)
+    except Exception as exc:
         log.exception("error report could not be prepared; stored as a placeholder")
         body = wire.encode({"message": f"[report could not be processed: {type(exc).__name__}]",
                             "context": {"raw": msg.data[:4096].decode(errors="replace")}})
-        return prepare(SimpleNamespace(subject=msg.subject, data=body,  # type: ignore[arg-type]
+        return prepare(SimpleNamespace(subject=msg.subject, data=body,
                                        headers=msg.headers), now)
 
 
@@ -86,6 +87,6 @@ async def lanes(bus: Bus, pool: asyncpg.Pool, stream: str, durable: str,
     async def handle(msgs: list[Msg]) -> None:
         await store_batch(bus, pool, policy, on_alert, msgs)
 
-    async with busmod.pull_consumer(bus, stream, durable, handle, lanes=count, batch=batch,
-                                    nak_delay=NAK_DELAY, grace=30):
+    async with pull_consumer(bus, stream, durable, handle, lanes=count, batch=batch,
+                             nak_delay=NAK_DELAY, grace=30):
         yield

@@ -9,7 +9,8 @@ import asyncpg
 from boxoffice import errors
 from boxoffice.wire.admin import CreateEvent, TicketedEvent
 
-EventNotFound = errors.define("EventNotFound", "event_not_found", 404, "Event not found")
+TicketedEventNotFound = errors.define("TicketedEventNotFound", "event_not_found", 404,
+                                      "Event not found")
 
 # A bucket per ~50 tickets, at most 64: small events keep one row, hot ones spread their holds.
 TICKETS_PER_BUCKET = 50
@@ -26,16 +27,16 @@ def parse_event_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
-        raise EventNotFound(f"no event {value[:64]!r}") from None
+        raise TicketedEventNotFound(f"no event {value[:64]!r}") from None
 
 
-async def create_event(pool: asyncpg.Pool, req: CreateEvent) -> TicketedEvent:
+async def create(pool: asyncpg.Pool, req: CreateEvent) -> TicketedEvent:
     event_id = uuid.uuid4()
     buckets = req.buckets or default_buckets(req.capacity)
     async with pool.acquire() as conn:
         await conn.execute("SELECT create_ticketed_event($1, $2, $3, $4, $5, $6)", event_id,
                            req.name, req.capacity, req.price, req.currency.lower(), buckets)
-    return await get_event(pool, str(event_id))
+    return await get(pool, str(event_id))
 
 
 _EVENTS = """
@@ -58,17 +59,17 @@ def _event(row: asyncpg.Record) -> TicketedEvent:
                          available=row["capacity"] - held - row["sold"])
 
 
-async def list_events(pool: asyncpg.Pool, limit: int) -> list[TicketedEvent]:
+async def newest(pool: asyncpg.Pool, limit: int) -> list[TicketedEvent]:
     """Ticketed events with their inventory, newest first."""
     async with pool.acquire() as conn:
         rows = await conn.fetch(_EVENTS + "ORDER BY e.created_at DESC, e.id LIMIT $1", limit)
     return [_event(r) for r in rows]
 
 
-async def get_event(pool: asyncpg.Pool, event_id: str) -> TicketedEvent:
+async def get(pool: asyncpg.Pool, event_id: str) -> TicketedEvent:
     eid = parse_event_id(event_id)
     async with pool.acquire() as conn:
         row = await conn.fetchrow(_EVENTS + "WHERE e.id = $1", eid)
     if row is None:
-        raise EventNotFound(f"no event {event_id[:64]!r}")
+        raise TicketedEventNotFound(f"no event {event_id[:64]!r}")
     return _event(row)
