@@ -351,7 +351,7 @@ async def test_apply_many_rolls_back_a_failing_event_alone(db: asyncpg.Pool) -> 
     payloads = [json.dumps({"id": i}) for i in ids]
     payloads[1] = "not json"  # the middle event fails in its own subtransaction
     n = len(sales)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     async with db.acquire() as conn, conn.transaction():
         rows = await conn.fetch(APPLY_MANY, ids, ["payment_intent.succeeded"] * n, [now] * n,
                                 payloads, [p for _, p in sales], [r for r, _ in sales],

@@ -90,7 +90,7 @@ async def test_an_event_of_the_other_mode_fails_at_once_and_alone(db: asyncpg.Po
 
 async def test_the_service_commits_the_neighbours_of_a_failing_event(
         db: asyncpg.Pool, start_service, nats_url: str) -> None:
-    ev, holds, pis, bodies = await paid_holds(db, 120, buckets=8)
+    ev, _, pis, bodies = await paid_holds(db, 120, buckets=8)
     await refuse_payments_of(db, pis[60])
     refused = json.loads(bodies[60])["id"]
     await publish_all(nats_url, bodies)  # all waiting: the service takes them in full batches

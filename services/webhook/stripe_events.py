@@ -12,8 +12,9 @@ their order within it.
 
 Failures, and how often they are retried:
 - PostgreSQL unreachable (or the commit fails): nothing can be recorded, so the batch is nak'ed
-  with a delay and the consumer pauses until the database answers. These retries are not counted: the JetStream
-  consumer has no ``max_deliver``, so an outage of any length loses no event.
+  with a delay and the consumer pauses until the database answers. These retries are not
+  counted: the JetStream consumer has no ``max_deliver``, so an outage of any length loses no
+  event.
 - the event's own failure (an effect raised): the attempt is counted in
   the event's row and the message nak'ed with the next delay of ``WEBHOOK_RETRY_DELAYS``; after
   the last attempt the row is marked ``failed`` (replayable by an operator), an error reported,
