@@ -108,3 +108,26 @@ async def test_the_service_commits_the_neighbours_of_a_failing_event(
     assert len(others) == 119
     assert {(r["processing_status"], r["attempts"]) for r in others} == {("processed", 1)}
     assert await inventory(db, ev) == (1, 119)
+
+
+async def test_an_event_that_fails_its_whole_batch_is_found_and_counted_alone(
+        db: asyncpg.Pool, start_service, nats_url: str) -> None:
+    ev, _, pis, bodies = await paid_holds(db, 60, buckets=4)
+    # an amount PostgreSQL cannot take as bigint: the batch's statement itself is refused
+    huge = json.loads(bodies[30])
+    huge["data"]["object"]["amount"] = 2**63 + 5
+    bodies[30] = json.dumps(huge).encode()
+    await publish_all(nats_url, bodies)
+    webhook = start_service("webhook", WEBHOOK_RETRY_DELAYS="0.2,0.3", WEBHOOK_BATCH_SIZE="60")
+
+    async def failed() -> asyncpg.Record | None:
+        return await db.fetchrow("SELECT * FROM webhook_events_log WHERE event_id = $1 "
+                                 "AND processing_status = 'failed'", huge["id"])
+    row = await eventually(failed, 60, "the event to be marked failed")
+    assert row["attempts"] == 3
+    assert "applied one at a time" in webhook.logs()
+    others = await db.fetch("SELECT processing_status, attempts FROM webhook_events_log "
+                            "WHERE event_id <> $1", huge["id"])
+    assert len(others) == 59
+    assert {(r["processing_status"], r["attempts"]) for r in others} == {("processed", 1)}
+    assert await inventory(db, ev) == (1, 59)

@@ -21,6 +21,9 @@ Failures, and how often they are retried:
   and the message terminated.
 - a deadlock or serialization failure rolls back the event's savepoint, which is run again at
   once, a few times, before it counts.
+- an event that fails the batch's statement itself (an argument PostgreSQL cannot take): the
+  batch, of which nothing was committed, is applied again one event at a time, so that only
+  that event's attempt is counted.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ class Processor:
             for n, result in enumerate(results):
                 if isinstance(result, Failure):
                     event, raw = events[n]
-                    result.result = await self._record(event, raw, result.exc, conn)
+                    result.result = await self.record(event, raw, result.exc, conn)
         done = [r for r in results if r is not None]
         assert len(done) == len(events)
         return done
@@ -159,12 +162,14 @@ class Processor:
         async with contextlib.AsyncExitStack() as stack:
             if conn is None:
                 conn = await stack.enter_async_context(self.pool.acquire())
-            failure = Failure(exc, await self._record(event, raw, exc, conn))
+            failure = Failure(exc, await self.record(event, raw, exc, conn))
         self.failed(event, failure)
         return failure.result
 
-    async def _record(self, event: StripeEvent, raw: str, exc: BaseException,
-                      conn: asyncpg.Connection) -> tuple[int, WebhookStatus] | None:
+    async def record(self, event: StripeEvent, raw: str, exc: BaseException,
+                     conn: asyncpg.Connection) -> tuple[int, WebhookStatus] | None:
+        """Count a failed attempt on ``conn`` (in its transaction, if one is open); tell it with
+        ``failed`` once that is committed."""
         return await stripe_event_log.record_failure(conn, event, raw, describe(exc),
                                                      self.max_attempts,
                                                      final=isinstance(exc, PERMANENT))
@@ -275,12 +280,28 @@ class Consumer:
     async def _apply(self, batch: list[tuple[Msg, StripeEvent, str]],
                      conn: asyncpg.Connection) -> bool:
         """Apply, commit, then ack / nak / term each; False if the connection is broken."""
+        events = [(event, raw) for _, event, raw in batch]
         try:
-            results = await self.processor.apply_batch([(e, raw) for _, e, raw in batch], conn)
+            results = await self.processor.apply_batch(events, conn)
         except db.UNAVAILABLE:  # the commit too: nothing applied, nothing counted
             self._database_lost(batch[0][0])
             await _put_back(batch, DB_RETRY_DELAY)
             return False
+        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: nothing committed
+            if len(batch) > 1:  # an event fails the batch's statement itself: each alone
+                log.warning("%d stripe events failed together (%s): applied one at a time",
+                            len(batch), describe(exc))
+                for n in range(len(batch)):
+                    if not await self._apply(batch[n:n + 1], conn):
+                        await _put_back(batch[n + 1:], DB_RETRY_DELAY)
+                        return False
+                return True
+            try:  # an argument PostgreSQL cannot take, say: the event's own failure, counted
+                results = [Failure(exc, await self.processor.record(*events[0], exc, conn))]
+            except db.UNAVAILABLE:
+                self._database_lost(batch[0][0])
+                await _put_back(batch, DB_RETRY_DELAY)
+                return False
         for (msg, event, _), result in zip(batch, results, strict=True):
             busmod.adopt_request_id(msg)
             if not isinstance(result, Failure):

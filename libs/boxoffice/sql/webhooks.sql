@@ -165,7 +165,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r record;
 BEGIN
-    PERFORM lock_hold_buckets(p_reservation_ids);
+    BEGIN
+        PERFORM lock_hold_buckets(p_reservation_ids);
+    EXCEPTION WHEN deadlock_detected THEN
+        NULL;  -- with a transaction that took buckets out of order: each event retries its own
+    END;
     FOR n IN 1 .. coalesce(cardinality(p_event_ids), 0) LOOP
         i := n;
         FOR attempt IN 1 .. 3 LOOP
