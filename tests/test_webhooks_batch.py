@@ -112,7 +112,7 @@ async def test_the_service_commits_the_neighbours_of_a_failing_event(
 
 async def test_an_event_that_fails_its_whole_batch_is_found_and_counted_alone(
         db: asyncpg.Pool, start_service, nats_url: str) -> None:
-    ev, _, pis, bodies = await paid_holds(db, 60, buckets=4)
+    ev, _, _, bodies = await paid_holds(db, 60, buckets=4)
     # an amount PostgreSQL cannot take as bigint: the batch's statement itself is refused
     huge = json.loads(bodies[30])
     huge["data"]["object"]["amount"] = 2**63 + 5
