@@ -1,0 +1,180 @@
+"""PostgreSQL failover: a primary and a synchronous streaming standby (``PostgresPair``), the
+services on a multi-host ``DATABASE_URL`` with ``target_session_attrs=read-write``. The primary's
+postmaster is SIGKILLed in the middle of holds, webhook ingest and error reports; the standby is
+promoted.
+
+Checked: the services carry on (each kind of work acknowledged again after the promotion, no
+service died), and nothing they acknowledged is lost: every webhook answered 200 applied once,
+every hold answered 201 in the promoted database (those acknowledged before the kill too) and,
+once due, expired with one event on the stream, every report answered 202 stored once, the
+inventory consistent with the holds (the fault run's invariants, ``fault_checks``).
+
+No payments here: the holds, expiries, webhooks and reports are what a commit acknowledged to a
+client; a PaymentIntent adds Stripe, whose side is the fault run's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from boxoffice import SERVICES, config, migrate
+from boxoffice.embedded import PostgresPair
+from tests.checkout_support import wait_for
+from tests.conftest import PgRefusals
+from tests.fault_checks import (errors_stored, expiry_announced, gather_evidence,
+                                no_event_oversold, promises_kept)
+from tests.fault_workload import Ledger
+from tests.harness import ServiceProcess, base_env
+from tests.test_nats_cluster import Accepted, workload
+
+pytestmark = pytest.mark.timeout(150)
+
+TTL = 2  # seconds a hold lives: holds made before the kill expire on the promoted primary
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[PostgresPair]:
+    p = PostgresPair(tmp_path / "pg").start(create_db="boxoffice")
+    refusals = [PgRefusals(n.log) for n in p.nodes.values()]
+    try:
+        migrate.run(p.url("boxoffice"), "up")
+        yield p
+    finally:
+        p.kill()
+    # whatever the test did, neither server refused a service anything for want of a grant
+    refused = [line for r in refusals for line in r.take()]
+    assert not refused, "PostgreSQL refused:\n" + "\n".join(refused[:20])
+
+
+@pytest_asyncio.fixture
+async def services(pair: PostgresPair, nats_url: str, tmp_path: Path
+                   ) -> AsyncIterator[dict[str, ServiceProcess]]:
+    env = base_env(nats_url, pair.url("boxoffice"))
+    env.update(LOG_LEVEL="WARNING")
+    extra = {"payment": {"RESERVATION_TTL_SECONDS": str(TTL)},
+             "ingress": {"ERROR_RATE_LIMIT_PER_MINUTE": "1000000"}}
+    procs = {}
+    for service in SERVICES:
+        e = dict(env, **extra.get(service, {}))
+        if service == "ingress":
+            e.pop("DATABASE_URL")
+            e.pop("STRIPE_API_KEY")
+        procs[service] = ServiceProcess(service, e, tmp_path / f"{service}.log")
+    try:
+        for proc in procs.values():
+            proc.start(wait=False)
+        for proc in procs.values():
+            await asyncio.to_thread(proc.wait_ready, 60)
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.running:
+                proc.kill()
+
+
+class NoStripe:
+    """Stripe's lists for ``gather_evidence``: this test creates nothing at Stripe."""
+
+    async def list_all(self, _path: str) -> list[dict[str, Any]]:
+        return []
+
+
+async def test_a_promoted_standby_has_everything_acknowledged(
+        services: dict[str, ServiceProcess], pair: PostgresPair, nats_url: str) -> None:
+    url = pair.url("boxoffice")
+    old_primary, standby = pair.primary, pair.standby
+    db = await asyncpg.connect(url)
+    event_id = await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'failover', "
+                                 "100000, 2500, 'eur', 8)")
+    await db.close()
+    accepted, stop = Accepted(), asyncio.Event()
+    load = asyncio.create_task(workload(services["ingress"].url, str(event_id), accepted, stop))
+    try:
+        await wait_for(lambda: accepted.webhooks and accepted.holds and accepted.reports, 30,
+                       what="the workload to be acknowledged")
+        await asyncio.sleep(2)
+        killed = time.monotonic()
+        old_primary.kill()  # SIGKILL to the postmaster alone: its backends follow it
+        await asyncio.sleep(1)  # the time a watcher takes to notice
+        await asyncio.to_thread(pair.promote)
+        promoted = time.monotonic()
+        assert pair.primary is standby
+        # the services carry on: each kind of work acknowledged again on the promoted primary
+        await wait_for(lambda: all(accepted.since(promoted).values()), 45,
+                       what="webhooks, holds and reports acknowledged after the promotion")
+        await asyncio.sleep(2)
+        for name, proc in services.items():
+            assert proc.running, f"{name} died:\n{proc.logs()[-2000:]}"
+    finally:
+        stop.set()
+        await load
+    before = {kind: sum(1 for at in getattr(accepted, kind).values() if at < killed)
+              for kind in ("webhooks", "holds", "reports")}
+    assert all(before.values()), before  # the kill took acknowledged work with it, or none
+
+    db = await asyncpg.connect(url)
+    try:
+        assert await db.fetchval("SELECT inet_server_port()") == standby.port
+        assert await db.fetchval("SELECT pg_is_in_recovery()") is False
+        # every acknowledged webhook logged once and applied
+        ids = list(accepted.webhooks)
+        await wait_for(lambda: _count(db, "SELECT count(*) FROM webhook_events_log WHERE "
+                                          "event_id = ANY($1::text[]) AND processed_at IS NOT NULL",
+                                      ids, len(ids)), 60, what="every accepted webhook applied")
+        assert await db.fetchval("SELECT count(*) FROM webhook_events_log WHERE "
+                                 "event_id = ANY($1::text[])", ids) == len(ids)
+        # every hold kept and, once due, expired; every report stored; nothing left to publish
+        mine = await db.fetchval("SELECT count(*) FROM reservations WHERE event_id = $1", event_id)
+        assert mine >= len(accepted.holds)
+        await wait_for(lambda: _count(db, "SELECT count(*) FROM reservations WHERE "
+                                          "event_id = $1 AND status = 'expired'", event_id, mine),
+                       60, what="every due hold expired")
+        await wait_for(lambda: _count(db, "SELECT count(*) FROM error_logs WHERE "
+                                          "id::text = ANY($1::text[])", list(accepted.reports),
+                                      len(accepted.reports)), 60,
+                       what="every accepted error report stored")
+        await wait_for(lambda: _count(db, "SELECT count(*) FROM outbox", None, 0), 60,
+                       what="every outbox row published")
+    finally:
+        await db.close()
+
+    # the fault run's invariants, on the promoted primary and the streams
+    ledger = Ledger(holds={rid: 1 for rid in accepted.holds},
+                    errors_acked=set(accepted.reports))
+    evidence = await gather_evidence(
+        SimpleNamespace(database_url=url, nats=SimpleNamespace(url=nats_url)),  # type: ignore[arg-type]
+        NoStripe(), ledger)  # type: ignore[arg-type]
+    invariants = [no_event_oversold(evidence), expiry_announced(evidence),
+                  errors_stored(evidence, ledger), promises_kept(evidence, ledger)]
+    for inv in invariants:
+        assert inv.checked, inv.name
+    broken = [f"[{i.name}] {v}" for i in invariants for v in i.violations[:10]]
+    assert not broken, "\n".join(broken)
+
+
+async def _count(db: asyncpg.Connection, sql: str, arg: Any, want: int) -> bool:
+    n = await (db.fetchval(sql) if arg is None else db.fetchval(sql, arg))
+    return n == want
+
+
+def test_database_url_may_list_a_primary_and_its_standby() -> None:
+    env = {"NATS_URL": "nats://a:1"}
+    two = ("postgresql://boxoffice_reaper:pw@10.0.0.1:5432,10.0.0.2:5433/boxoffice"
+           "?target_session_attrs=read-write")
+    assert config.load("reaper", dict(env, DATABASE_URL=two)).database_url == two
+    for bad in ("postgresql://u@h:5432,h2:99999/db", "postgresql://u@h:5432,/db",
+                "http://h:1,h:2/db"):
+        with pytest.raises(config.ConfigError) as refused:
+            config.load("reaper", dict(env, DATABASE_URL=bad))
+        assert refused.value.name == "DATABASE_URL"
+    assert migrate.hosts(two) == ["10.0.0.1:5432", "10.0.0.2:5433"]
+
