@@ -16,6 +16,10 @@ client; a PaymentIntent adds Stripe, whose side is the fault run's.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -43,15 +47,21 @@ TTL = 2  # seconds a hold lives: holds made before the kill expire on the promot
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[PostgresPair]:
-    p = PostgresPair(tmp_path / "pg").start(create_db="boxoffice")
+    # not under pytest's basetemp: a pytest session starting meanwhile makes pytest-of-<user>
+    # private again (0700), and the servers' own user could no longer reach their data
+    root = Path(tempfile.mkdtemp(prefix="boxoffice-test-pgha-"))
+    p = PostgresPair(root / "pg").start(create_db="boxoffice")
     refusals = [PgRefusals(n.log) for n in p.nodes.values()]
     try:
         migrate.run(p.url("boxoffice"), "up")
         yield p
     finally:
         p.kill()
-    # whatever the test did, neither server refused a service anything for want of a grant
-    refused = [line for r in refusals for line in r.take()]
+        # whatever the test did, neither server refused a service anything for want of a grant
+        refused = [line for r in refusals for line in r.take()]
+        for name, node in p.nodes.items():  # kept with the test's other logs
+            shutil.copy(node.log, tmp_path / f"postgres-{name}.log")
+        shutil.rmtree(root, ignore_errors=True)
     assert not refused, "PostgreSQL refused:\n" + "\n".join(refused[:20])
 
 
@@ -178,3 +188,51 @@ def test_database_url_may_list_a_primary_and_its_standby() -> None:
         assert refused.value.name == "DATABASE_URL"
     assert migrate.hosts(two) == ["10.0.0.1:5432", "10.0.0.2:5433"]
 
+
+
+async def test_a_commit_waits_for_the_standby(pair: PostgresPair) -> None:
+    """Synchronous replication: while the standby's WAL receiver is stopped, a commit on the
+    primary does not return (nothing is acknowledged that the standby lacks); it returns once
+    the standby has the WAL."""
+    receiver = int(pair.standby.psql("SELECT pid FROM pg_stat_wal_receiver"))
+    conn = await asyncpg.connect(pair.url("boxoffice"))
+    try:
+        os.kill(receiver, signal.SIGSTOP)
+        try:
+            insert = asyncio.create_task(conn.execute(
+                "SELECT create_ticketed_event(gen_random_uuid(), 'sync', 10, 100, 'eur', 1)"))
+            done, _ = await asyncio.wait([insert], timeout=2)
+            assert not done, "a commit returned while the standby could not have it"
+            waiting = pair.primary.psql("SELECT wait_event FROM pg_stat_activity "
+                                        "WHERE backend_type = 'client backend' AND "
+                                        "wait_event = 'SyncRep'", database="boxoffice")
+            assert waiting == "SyncRep"
+        finally:
+            os.kill(receiver, signal.SIGCONT)
+        await asyncio.wait_for(insert, 10)
+    finally:
+        await conn.close()
+    assert pair.standby.psql("SELECT count(*) FROM ticketed_events WHERE name = 'sync'",
+                             database="boxoffice") == "1"
+
+
+def test_a_pair_started_again_after_a_failover_keeps_the_promoted_primary(
+        pair: PostgresPair) -> None:
+    old, new = pair.primary, pair.standby
+    pair.primary.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)",
+                      database="boxoffice")
+    old.kill()
+    pair.promote()
+    pair.primary.psql("INSERT INTO kept VALUES (2)", database="boxoffice")
+    pair.stop()
+    again = PostgresPair(pair.root, (pair.nodes["a"].port, pair.nodes["b"].port))
+    again.start(create_db=None)
+    try:
+        assert again.primary.datadir == new.datadir
+        # the old primary was made again as the new one's standby, streaming synchronously
+        assert (again.standby.datadir / "standby.signal").exists()
+        assert again.standby.datadir == old.datadir
+        assert again.standby.psql("SELECT array_agg(x ORDER BY x) FROM kept",
+                                  database="boxoffice") == "{1,2}"
+    finally:
+        again.kill()
