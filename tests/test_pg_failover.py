@@ -16,22 +16,29 @@ client; a PaymentIntent adds Stripe, whose side is the fault run's.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
 from boxoffice import SERVICES, config, migrate
-from boxoffice.embedded import PostgresPair
+from boxoffice.embedded import PostgresPair, free_port
+from boxoffice.stack import read_env
 from tests.checkout_support import wait_for
 from tests.conftest import PgRefusals
 from tests.fault_checks import (errors_stored, expiry_announced, gather_evidence,
@@ -39,6 +46,7 @@ from tests.fault_checks import (errors_stored, expiry_announced, gather_evidence
 from tests.fault_workload import Ledger
 from tests.harness import ServiceProcess, base_env
 from tests.test_nats_cluster import Accepted, workload
+from tests.test_stack import start_stack, stop_stack
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -236,3 +244,69 @@ def test_a_pair_started_again_after_a_failover_keeps_the_promoted_primary(
                                   database="boxoffice") == "{1,2}"
     finally:
         again.kill()
+
+
+def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
+    # not under pytest's basetemp (see ``pair``)
+    home = Path(tempfile.mkdtemp(prefix="boxoffice-test-pgha-up-"))
+    proc, lines = start_stack(home, free_port(), BOXOFFICE_PG_STANDBY="1")
+    try:
+        assert any("synchronous standby on" in line for line in lines), "".join(lines)
+        env = read_env(home / "stack.env")
+        url = urlsplit(env["DATABASE_URL"])
+        assert len(url.netloc.split(",")) == 2 and "target_session_attrs=read-write" in url.query
+        before = _hold(env)
+        assert before is not None
+        primary = (home / "pg" / "primary").read_text().strip()
+        postmaster = int((home / "pg" / primary / "data" / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        assert proc.stdout is not None
+        said = []
+        while not any("PostgreSQL primary now on" in line for line in said):
+            line = proc.stdout.readline()
+            assert line, "boxoffice up exited:\n" + "".join(said)
+            said.append(line)
+        assert any("promoting the standby" in line for line in said), said
+        assert (home / "pg" / "primary").read_text().strip() != primary
+        deadline = time.monotonic() + 45
+        while (after := _hold(env)) is None:
+            assert time.monotonic() < deadline, "no hold taken after the promotion"
+            time.sleep(0.5)
+
+        async def holds() -> int:
+            conn = await asyncpg.connect(env["DATABASE_URL"])
+            try:
+                assert await conn.fetchval("SELECT pg_is_in_recovery()") is False
+                return await conn.fetchval("SELECT count(*) FROM reservations "
+                                           "WHERE id = ANY($1::uuid[])", [before, after])
+            finally:
+                await conn.close()
+
+        assert asyncio.run(holds()) == 2
+    finally:
+        stop_stack(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _hold(env: dict[str, str]) -> str | None:
+    """A hold of one demo ticket through ingress: its id, or None when it was not taken."""
+    req = urllib.request.Request(
+        f"{env['INGRESS_URL']}/v1/reservations", method="POST",
+        data=json.dumps({"event_id": env["DEMO_EVENT_ID"], "quantity": 1}).encode(),
+        headers={"Authorization": f"Bearer {env['CLIENT_API_TOKEN']}",
+                 "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            return json.loads(resp.read())["id"] if resp.status == 201 else None
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def test_up_refuses_another_standby_setting(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL")}
+    r = subprocess.run([sys.executable, "-m", "boxoffice.cli", "up"], capture_output=True,
+                       text=True, timeout=60,
+                       env={**env, "BOXOFFICE_HOME": str(tmp_path), "BOXOFFICE_PG_STANDBY": "2"})
+    assert r.returncode == 1
+    assert "BOXOFFICE_PG_STANDBY must be 0 or 1" in r.stderr
+    assert not (tmp_path / "pg").exists() and not (tmp_path / "nats").exists()
