@@ -255,17 +255,16 @@ def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
         env = read_env(home / "stack.env")
         url = urlsplit(env["DATABASE_URL"])
         assert len(url.netloc.split(",")) == 2 and "target_session_attrs=read-write" in url.query
-        before = _hold(env)
-        assert before is not None
         primary = (home / "pg" / "primary").read_text().strip()
-        postmaster = int((home / "pg" / primary / "data" / "postmaster.pid").read_text().split()[0])
-        os.kill(postmaster, signal.SIGKILL)
-        assert proc.stdout is not None
-        said = []
-        while not any("PostgreSQL primary now on" in line for line in said):
-            line = proc.stdout.readline()
-            assert line, "boxoffice up exited:\n" + "".join(said)
-            said.append(line)
+        standby = "b" if primary == "a" else "a"
+        # the standby dies: it is started again, and commits (which wait for it) go on
+        os.kill(_postmaster(home, standby), signal.SIGKILL)
+        _read_until(proc, "PostgreSQL standby on", "exited; starting it again")
+        before = _hold(env, 30)
+        assert before is not None, "no hold taken once the standby was started again"
+        # the primary dies: the standby is promoted, and the services carry on on it
+        os.kill(_postmaster(home, primary), signal.SIGKILL)
+        said = _read_until(proc, "PostgreSQL primary now on")
         assert any("promoting the standby" in line for line in said), said
         assert (home / "pg" / "primary").read_text().strip() != primary
         deadline = time.monotonic() + 45
@@ -288,7 +287,22 @@ def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _hold(env: dict[str, str]) -> str | None:
+def _postmaster(home: Path, node: str) -> int:
+    return int((home / "pg" / node / "data" / "postmaster.pid").read_text().split()[0])
+
+
+def _read_until(proc: subprocess.Popen, *marks: str) -> list[str]:
+    """``boxoffice up``'s lines up to the first that holds every one of ``marks``."""
+    assert proc.stdout is not None
+    said: list[str] = []
+    while not said or not all(m in said[-1] for m in marks):
+        line = proc.stdout.readline()
+        assert line, "boxoffice up exited:\n" + "".join(said)
+        said.append(line)
+    return said
+
+
+def _hold(env: dict[str, str], timeout: float = 15) -> str | None:
     """A hold of one demo ticket through ingress: its id, or None when it was not taken."""
     req = urllib.request.Request(
         f"{env['INGRESS_URL']}/v1/reservations", method="POST",
@@ -296,7 +310,7 @@ def _hold(env: dict[str, str]) -> str | None:
         headers={"Authorization": f"Bearer {env['CLIENT_API_TOKEN']}",
                  "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())["id"] if resp.status == 201 else None
     except (urllib.error.URLError, OSError):
         return None

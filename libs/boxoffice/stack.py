@@ -126,6 +126,7 @@ class Stack:
     children: list = field(default_factory=list)  # embedded servers, in start order
     procs: list[Proc] = field(default_factory=list)
     pg_pair: PostgresPair | None = None  # BOXOFFICE_PG_STANDBY=1: promoted when its primary dies
+    standby_restart_at: float = 0.0  # a dead standby is started again, at most every 10 s
 
     def stop(self) -> None:
         for p in self.procs:
@@ -377,10 +378,22 @@ def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
 
 
 def _fail_over(stack: Stack) -> None:
-    """The primary of the pair died: promote its standby (once; the promoted primary runs
-    alone until the next ``boxoffice up`` makes the old one its standby again)."""
+    """Keep the pair going: when its primary dies, promote the standby (the promoted primary
+    runs alone until the next ``boxoffice up`` makes the old one its standby again); when its
+    standby dies, start it again (the primary's commits wait for it meanwhile)."""
     pair = stack.pg_pair
-    if pair is None or pair.primary.running or not pair.standby.running:
+    if pair is None:
+        return
+    if pair.primary.running and not pair.standby.running \
+            and time.monotonic() >= stack.standby_restart_at:
+        stack.standby_restart_at = time.monotonic() + 10
+        say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} exited; starting it again")
+        try:
+            pair.standby.start(create_db=None)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            say(f"the standby did not start ({type(exc).__name__}); see {pair.standby.log}")
+        return
+    if pair.primary.running or not pair.standby.running:
         return
     say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port} exited; promoting the standby")
     try:
