@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ import pytest
 import pytest_asyncio
 
 from boxoffice import SERVICES, config, migrate
+from boxoffice import db as dbmod
 from boxoffice.embedded import PostgresPair, free_port
 from boxoffice.stack import read_env
 from tests.checkout_support import wait_for
@@ -184,6 +186,30 @@ async def _count(db: asyncpg.Connection, sql: str, arg: Any, want: int) -> bool:
     return n == want
 
 
+async def test_a_server_that_never_answers_does_not_hide_the_next(pg_admin_url: str) -> None:
+    """A primary whose machine is gone does not refuse: it never answers. The pool gives each
+    server of the URL its own connection timeout, so it reaches the next one (asyncpg alone
+    spends its one timeout on the first and never tries the standby)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does) and never says a word
+    try:
+        server = urlsplit(pg_admin_url)
+        url = (f"postgresql://{server.netloc.rpartition('@')[0]}@127.0.0.1:"
+               f"{silent.getsockname()[1]},{server.hostname}:{server.port}/postgres"
+               "?target_session_attrs=read-write")
+        t0 = time.monotonic()
+        async with dbmod.pool(url, min_size=1, max_size=2, check_schema=False) as p:
+            assert await p.fetchval("SELECT inet_server_port()") == server.port
+            # and a connection made again (the pool's after a failover) goes the same way
+            async with p.acquire() as conn:
+                await conn.close()
+            assert await p.fetchval("SELECT inet_server_port()") == server.port
+        assert time.monotonic() - t0 < 20
+    finally:
+        silent.close()
+
+
 def test_database_url_may_list_a_primary_and_its_standby() -> None:
     env = {"NATS_URL": "nats://a:1"}
     two = ("postgresql://boxoffice_reaper:pw@10.0.0.1:5432,10.0.0.2:5433/boxoffice"
@@ -195,6 +221,9 @@ def test_database_url_may_list_a_primary_and_its_standby() -> None:
             config.load("reaper", dict(env, DATABASE_URL=bad))
         assert refused.value.name == "DATABASE_URL"
     assert migrate.hosts(two) == ["10.0.0.1:5432", "10.0.0.2:5433"]
+    assert migrate.server_urls(two) == [
+        "postgresql://boxoffice_reaper:pw@10.0.0.1:5432/boxoffice?target_session_attrs=read-write",
+        "postgresql://boxoffice_reaper:pw@10.0.0.2:5433/boxoffice?target_session_attrs=read-write"]
 
 
 

@@ -7,11 +7,12 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 
 from boxoffice import errors
-from boxoffice.migrate import expected_version, functions_digest
+from boxoffice.migrate import expected_version, functions_digest, server_urls
 
 log = logging.getLogger("boxoffice.db")
 
@@ -25,6 +26,24 @@ UNAVAILABLE = (asyncpg.exceptions.ConnectionDoesNotExistError,
                # a connection left mid-protocol by a server that went away (seen on shutdown)
                asyncpg.InternalClientError,
                ConnectionError, OSError, asyncio.TimeoutError)
+
+
+async def connect(dsn: str, *, timeout: float = 5.0, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, where a URL listing several servers (a primary and its standby)
+    gives each server ``timeout`` of its own, in order. asyncpg spends one ``timeout`` on all
+    of them: a dead primary that does not refuse (its machine gone, packets dropped) would use
+    it up, and the standby promoted in its place would never be tried."""
+    servers = server_urls(dsn)
+    if len(servers) == 1:
+        return await asyncpg.connect(dsn, timeout=timeout, **kwargs)
+    failure: BaseException | None = None
+    for one in servers:
+        try:
+            return await asyncpg.connect(one, timeout=timeout, **kwargs)
+        except (*UNAVAILABLE, asyncpg.exceptions.PostgresError) as exc:
+            failure = exc  # a refusal, a timeout, a standby (not read-write): the next one
+    assert failure is not None
+    raise failure
 
 
 async def _init(conn: asyncpg.Connection) -> None:
@@ -70,7 +89,7 @@ async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
     while True:
         try:
             p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init,
-                                          command_timeout=30, timeout=5,
+                                          connect=connect, command_timeout=30, timeout=5,
                                           max_inactive_connection_lifetime=60)
             break
         except UNAVAILABLE + (asyncpg.exceptions.PostgresError,) as exc:

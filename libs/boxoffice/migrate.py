@@ -111,27 +111,34 @@ def hosts(url: str) -> list[str]:
     return urlsplit(url).netloc.rpartition("@")[2].split(",")
 
 
-async def primary_url(url: str, timeout: float = 5.0) -> str:
-    """``url`` narrowed to its first host that takes writes (the primary of a multi-host URL;
-    a single-host URL as it is). dbmate's driver cannot pick among several hosts itself."""
-    import asyncpg
-
-    candidates = hosts(url)
-    if len(candidates) == 1:
-        return url
+def server_urls(url: str) -> list[str]:
+    """``url`` once for each of its servers, in order, each with every other part of ``url``
+    (user, password, database, parameters, ``target_session_attrs`` included)."""
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "target_session_attrs"]
-    for host in candidates:
-        one = urlunsplit(parts._replace(netloc=f"{userinfo}@{host}" if userinfo else host,
-                                        query=urlencode(query)))
+    return [urlunsplit(parts._replace(netloc=f"{userinfo}@{host}" if userinfo else host))
+            for host in hosts(url)]
+
+
+async def primary_url(url: str, timeout: float = 5.0) -> str:
+    """``url`` narrowed to its first server that takes writes (the primary of a multi-host
+    URL; a single-host URL as it is). dbmate's driver cannot pick among several hosts itself."""
+    import asyncpg
+
+    servers = server_urls(url)
+    if len(servers) == 1:
+        return url
+    for one in servers:
         try:
             conn = await asyncpg.connect(one, timeout=timeout, target_session_attrs="read-write")
         except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
                 asyncpg.InternalClientError, asyncpg.PostgresError):
             continue
         await conn.close()
-        return one
+        # dbmate's driver knows no target_session_attrs: the server is chosen already
+        parts = urlsplit(one)
+        return urlunsplit(parts._replace(query=urlencode(
+            [(k, v) for k, v in parse_qsl(parts.query) if k != "target_session_attrs"])))
     return url  # none answers now: dbmate waits for the first and says what it found
 
 

@@ -54,7 +54,7 @@ async def listen(url: str, wake: asyncio.Event, stopping: asyncio.Event,
     while not stopping.is_set():
         conn = None
         try:
-            conn = await asyncpg.connect(url, timeout=5)
+            conn = await dbmod.connect(url, timeout=5)  # each server of a failover pair in turn
             await conn.add_listener(channel, lambda *_: wake.set())
             wake.set()  # catch up on anything written while we were not listening
             while not stopping.is_set() and not conn.is_closed():
