@@ -33,20 +33,24 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
 
 from boxoffice import SERVICES, config, migrate
 from boxoffice import db as dbmod
-from boxoffice.embedded import PostgresPair, free_port
+from boxoffice.embedded import LocalStripe, PostgresPair, free_port
 from boxoffice.stack import read_env
 from tests.checkout_support import wait_for
 from tests.conftest import PgRefusals
-from tests.fault_checks import (errors_stored, expiry_announced, gather_evidence,
-                                no_event_oversold, promises_kept)
+from tests.checkout_support import Api
+from tests.fault_checks import (answers_well_formed, errors_stored, expiry_announced,
+                                gather_evidence, no_event_oversold, one_intent_per_key,
+                                promises_kept)
+from tests.fault_stripe import StripeBuyer
 from tests.fault_workload import Ledger
-from tests.harness import ServiceProcess, base_env
+from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
 from tests.test_nats_cluster import Accepted, workload
 from tests.test_stack import start_stack, stop_stack
 
@@ -76,9 +80,9 @@ def pair(tmp_path: Path) -> Iterator[PostgresPair]:
 
 
 @pytest_asyncio.fixture
-async def services(pair: PostgresPair, nats_url: str, tmp_path: Path
+async def services(pair: PostgresPair, nats_url: str, localstripe: LocalStripe, tmp_path: Path
                    ) -> AsyncIterator[dict[str, ServiceProcess]]:
-    env = base_env(nats_url, pair.url("boxoffice"))
+    env = base_env(nats_url, pair.url("boxoffice"), localstripe.url)
     env.update(LOG_LEVEL="WARNING")
     extra = {"payment": {"RESERVATION_TTL_SECONDS": str(TTL)},
              "ingress": {"ERROR_RATE_LIMIT_PER_MINUTE": "1000000"}}
@@ -101,26 +105,70 @@ async def services(pair: PostgresPair, nats_url: str, tmp_path: Path
                 proc.kill()
 
 
-class NoStripe:
-    """Stripe's lists for ``gather_evidence``: this test creates nothing at Stripe."""
+class OurIntents:
+    """Stripe's lists for ``gather_evidence``: the PaymentIntents of this test's reservations
+    (the session's localstripe has other tests' too); no events (nothing is paid here)."""
 
-    async def list_all(self, _path: str) -> list[dict[str, Any]]:
-        return []
+    def __init__(self, stripe: StripeBuyer, reservations: set[str]):
+        self.stripe = stripe
+        self.reservations = reservations
+
+    async def list_all(self, path: str) -> list[dict[str, Any]]:
+        if path != "/v1/payment_intents":
+            return []
+        return [pi for pi in await self.stripe.list_all(path)
+                if pi.get("metadata", {}).get("reservation_id") in self.reservations]
+
+
+async def payer(base: str, event_id: str, ledger: Ledger, stop: asyncio.Event, n: int) -> None:
+    """Holds a ticket and asks for its PaymentIntent, the same key again until the answer is
+    final (a 503 or a timeout is not: the key makes the retry safe); records each 201."""
+    async with aiohttp.ClientSession() as http:
+        api, tries = Api(http, base), 0
+        while not stop.is_set():
+            tries += 1
+            try:
+                r = await api.call("POST", "/v1/reservations",
+                                   body={"event_id": event_id, "quantity": 1}, timeout=15)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                continue
+            ledger.answer("hold", r)
+            if r.status != 201:
+                await asyncio.sleep(0.1)
+                continue
+            rid, key = r.json["id"], f"failover-{n}-{tries}"
+            ledger.hold_made(CLIENT_TOKEN, None, rid, 1)
+            for _ in range(20):
+                try:
+                    r = await api.call("POST", "/v1/payment_intents", key=key,
+                                       body={"reservation_id": rid}, timeout=15)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    continue
+                ledger.answer("payment_intent", r)
+                if r.status == 201:
+                    ledger.intent_made(CLIENT_TOKEN, key, r.json["id"], rid)
+                if r.status not in (503, 504):
+                    break
+                await asyncio.sleep(0.2)
 
 
 async def test_a_promoted_standby_has_everything_acknowledged(
-        services: dict[str, ServiceProcess], pair: PostgresPair, nats_url: str) -> None:
+        services: dict[str, ServiceProcess], pair: PostgresPair, nats_url: str,
+        localstripe: LocalStripe) -> None:
     url = pair.url("boxoffice")
     old_primary, standby = pair.primary, pair.standby
     db = await asyncpg.connect(url)
     event_id = await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'failover', "
                                  "100000, 2500, 'eur', 8)")
     await db.close()
-    accepted, stop = Accepted(), asyncio.Event()
-    load = asyncio.create_task(workload(services["ingress"].url, str(event_id), accepted, stop))
+    accepted, stop, ledger = Accepted(), asyncio.Event(), Ledger()
+    base = services["ingress"].url
+    load = [asyncio.create_task(workload(base, str(event_id), accepted, stop))]
+    load += [asyncio.create_task(payer(base, str(event_id), ledger, stop, n)) for n in range(2)]
     try:
-        await wait_for(lambda: accepted.webhooks and accepted.holds and accepted.reports, 30,
-                       what="the workload to be acknowledged")
+        await wait_for(lambda: accepted.webhooks and accepted.holds and accepted.reports
+                       and ledger.intents, 30, what="the workload to be acknowledged")
+        intents_before = len(ledger.intents)
         await asyncio.sleep(2)
         killed = time.monotonic()
         old_primary.kill()  # SIGKILL to the postmaster alone: its backends follow it
@@ -131,12 +179,16 @@ async def test_a_promoted_standby_has_everything_acknowledged(
         # the services carry on: each kind of work acknowledged again on the promoted primary
         await wait_for(lambda: all(accepted.since(promoted).values()), 45,
                        what="webhooks, holds and reports acknowledged after the promotion")
+        intents_promoted = len(ledger.intents)
+        await wait_for(lambda: len(ledger.intents) > intents_promoted, 45,
+                       what="PaymentIntents answered 201 after the promotion")
         await asyncio.sleep(2)
         for name, proc in services.items():
             assert proc.running, f"{name} died:\n{proc.logs()[-2000:]}"
     finally:
         stop.set()
-        await load
+        await asyncio.gather(*load)
+    assert intents_before, "no PaymentIntent before the kill"
     before = {kind: sum(1 for at in getattr(accepted, kind).values() if at < killed)
               for kind in ("webhooks", "holds", "reports")}
     assert all(before.values()), before  # the kill took acknowledged work with it, or none
@@ -167,14 +219,25 @@ async def test_a_promoted_standby_has_everything_acknowledged(
     finally:
         await db.close()
 
-    # the fault run's invariants, on the promoted primary and the streams
-    ledger = Ledger(holds={rid: 1 for rid in accepted.holds},
-                    errors_acked=set(accepted.reports))
-    evidence = await gather_evidence(
-        SimpleNamespace(database_url=url, nats=SimpleNamespace(url=nats_url)),  # type: ignore[arg-type]
-        NoStripe(), ledger)  # type: ignore[arg-type]
+    # the fault run's invariants, on the promoted primary, the streams and Stripe
+    ledger.holds.update({rid: 1 for rid in accepted.holds})
+    ledger.errors_acked.update(accepted.reports)
+    db = await asyncpg.connect(url)
+    try:
+        ours = {str(r) for r in await db.fetchval(
+            "SELECT array_agg(id) FROM reservations WHERE event_id = $1", event_id)}
+    finally:
+        await db.close()
+    async with aiohttp.ClientSession() as http:
+        evidence = await gather_evidence(
+            SimpleNamespace(database_url=url, nats=SimpleNamespace(url=nats_url)),  # type: ignore[arg-type]
+            OurIntents(StripeBuyer(http, localstripe.url), ours), ledger)  # type: ignore[arg-type]
     invariants = [no_event_oversold(evidence), expiry_announced(evidence),
-                  errors_stored(evidence, ledger), promises_kept(evidence, ledger)]
+                  errors_stored(evidence, ledger), promises_kept(evidence, ledger),
+                  one_intent_per_key(evidence, ledger),
+                  # no relay here: the webhooks went straight to ingress (their answers in
+                  # ``accepted``)
+                  answers_well_formed(ledger, SimpleNamespace(answers={}, violations=[]))]
     for inv in invariants:
         assert inv.checked, inv.name
     broken = [f"[{i.name}] {v}" for i in invariants for v in i.violations[:10]]
