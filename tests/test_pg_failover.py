@@ -339,6 +339,18 @@ async def test_a_commit_waits_for_the_standby(pair: PostgresPair) -> None:
                              database="boxoffice") == "1"
 
 
+def test_a_pair_started_again_on_other_ports_streams_again(pair: PostgresPair) -> None:
+    primary, standby = pair.primary.datadir, pair.standby.datadir
+    pair.stop()
+    again = PostgresPair(pair.root).start(create_db=None)  # start() waits for it to stream
+    try:
+        assert (again.primary.datadir, again.standby.datadir) == (primary, standby)
+        assert again.standby.psql("SELECT sender_port FROM pg_stat_wal_receiver") == str(
+            again.primary.port)
+    finally:
+        again.kill()
+
+
 def test_a_pair_started_again_after_a_failover_keeps_the_promoted_primary(
         pair: PostgresPair) -> None:
     old, new = pair.primary, pair.standby
@@ -348,7 +360,7 @@ def test_a_pair_started_again_after_a_failover_keeps_the_promoted_primary(
     pair.promote()
     pair.primary.psql("INSERT INTO kept VALUES (2)", database="boxoffice")
     pair.stop()
-    again = PostgresPair(pair.root, (pair.nodes["a"].port, pair.nodes["b"].port))
+    again = PostgresPair(pair.root)  # on other ports (5432 may be taken by then)
     again.start(create_db=None)
     try:
         assert again.primary.datadir == new.datadir

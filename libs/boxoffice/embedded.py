@@ -461,8 +461,12 @@ class PostgresPair:
             if not (standby.datadir / "standby.signal").exists():
                 self._base_backup(primary, standby)
             # the standby waits for no one, even once promoted (the copied ALTER SYSTEM would
-            # make its commits wait for a standby it does not have)
-            standby.settings = {"synchronous_standby_names": ""}
+            # make its commits wait for a standby it does not have); it streams from the
+            # primary's port of this start (the one pg_basebackup wrote may have changed)
+            standby.settings = {"synchronous_standby_names": "",
+                                "primary_conninfo": f"host=127.0.0.1 port={primary.port} "
+                                                    f"user={REPLICATOR}",
+                                "primary_slot_name": SLOT}
             standby.start(create_db=None)
             # only now: a commit before the standby streams would wait for it
             primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
