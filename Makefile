@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install up test bench lint clean
 
+# setuptools says, as information, that an editable install of a package-dir layout uses an import
+# finder; there is nothing to act on, so that notice is filtered (by its text, nothing else)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==26.3
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local]'
+	PYTHONWARNINGS='ignore:Editable installation' \
+		$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -39,7 +39,7 @@ from boxoffice.reaper.audit_inventory import Inventory
 from boxoffice.reaper.audit_money import Money
 from boxoffice.reaper.audit_timeliness import Timeliness
 from tests.harness import ServiceProcess, base_env
-from tests.test_errors_support import publish
+from tests.errors_support import publish
 
 EVENTS = 1000
 BUCKETS = 16

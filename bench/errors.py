@@ -42,10 +42,10 @@ from types import SimpleNamespace
 from bench.cpu import cpu_seconds, tree
 from boxoffice import migrate
 from boxoffice.error_sink import store
-from boxoffice.error_sink.sink import COLUMNS, prepare
+from boxoffice.error_sink.report_rows import COLUMNS, prepare
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
-from tests.test_errors_support import publish
+from tests.errors_support import publish
 
 KINDS = 40
 

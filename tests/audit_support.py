@@ -7,19 +7,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
-import pytest_asyncio
 from aiohttp import web
 
 from boxoffice import audit
-from boxoffice.embedded import LocalStripe
 from boxoffice.wire.audit import Invariants
-from tests.stripe_keys_proxy import Seen, _error
+from tests.stripe_keys_proxy import Seen, stripe_error
 from tests.stripe_lists_proxy import BOUNDS, StripeListsProxy
 
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, to_timestamp($3), $4, $5, $6, $7, $8, $9, "
@@ -94,7 +89,8 @@ class AuditListsProxy(StripeListsProxy):
             elif name == "payment_intent":
                 pi = value
             elif name not in ("limit", "starting_after"):
-                return _error(400, "invalid_request_error", f"Received unknown parameter: {name}")
+                return stripe_error(400, "invalid_request_error",
+                                    f"Received unknown parameter: {name}")
         everything = await self._everything(request)
         kept = [r for r in everything if all(t(r["created"], v) for t, v in tests)
                 and (pi is None or r.get("payment_intent") == pi)]
@@ -105,22 +101,3 @@ class AuditListsProxy(StripeListsProxy):
             start = [r["id"] for r in kept].index(after) + 1
         return web.json_response({"object": "list", "url": request.path, "data":
                                   kept[start:start + limit], "has_more": start + limit < len(kept)})
-
-
-# fixtures of the tests that need a localstripe of their own behind Stripe's list filters
-@pytest.fixture
-def own_stripe(tmp_path: Path) -> Iterator[LocalStripe]:
-    ls = LocalStripe(log=tmp_path / "localstripe.log").start()
-    try:
-        yield ls
-    finally:
-        ls.stop()
-
-
-@pytest_asyncio.fixture
-async def stripe_api(own_stripe: LocalStripe) -> AsyncIterator[AuditListsProxy]:
-    proxy = await AuditListsProxy(own_stripe.url).start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()

@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,6 @@ import aiohttp
 import nats
 import nats.errors
 import nats.js.errors
-import pytest_asyncio
 
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, ServiceProcess
 
@@ -104,20 +103,6 @@ class Checkout:
     ingress: ServiceProcess
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, every: float = 0.05,
-                   what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(every)
-
-
 @dataclass
 class StreamMessage:
     subject: str
@@ -158,12 +143,6 @@ async def nobody_answers(nats_url: str, subject: str) -> bool:
     finally:
         await nc.close()
     return False
-
-
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as session:
-        yield session
 
 
 def start_checkout(start_service: Callable[..., ServiceProcess], http: aiohttp.ClientSession,

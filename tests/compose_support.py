@@ -32,6 +32,9 @@ from tests.compose_images import Image, image_for
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# each boxoffice service's name in docker-compose.yml
+COMPOSE_NAMES = {"ingress": "ingress", "payment": "payment", "webhook": "webhook",
+                 "error_sink": "error-sink", "reaper": "reaper"}
 
 _HOST_REF = re.compile(r"(?P<pre>//|@)(?P<host>[A-Za-z0-9][A-Za-z0-9_.-]*):(?P<port>\d{1,5})\b")
 _LOCAL = r"(?:127\.0\.0\.1|localhost|0\.0\.0\.0|\[::\]|::)"
@@ -49,19 +52,23 @@ NOT_RUN = {"observability": "Prometheus and Grafana images: checked by tests/tes
                       "runs in tests/test_nats_cluster.py"}
 
 
-def compose_config(overrides: dict[str, str] | None = None) -> dict[str, Any]:
+def compose_config(overrides: dict[str, str] | None = None, *, options: tuple[str, ...] = (),
+                   every_profile: bool = True) -> dict[str, Any]:
     """``docker-compose config`` with every profile on (but ``NOT_RUN``), interpolated from
-    ``overrides`` alone."""
+    ``overrides`` alone; with ``every_profile=False``, what a plain ``docker-compose up`` runs;
+    ``options`` go before ``config`` (e.g. ``--env-file``)."""
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is required for this test: apt-get install docker-compose"
     env = {"PATH": "/usr/bin:/bin:/usr/local/bin", **(overrides or {})}
 
     def run(*args: str) -> str:
-        r = subprocess.run([exe, "-f", str(COMPOSE_FILE), *args], cwd=ROOT, env=env,
+        r = subprocess.run([exe, "-f", str(COMPOSE_FILE), *options, *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
+    if not every_profile:
+        return yaml.safe_load(run("config"))
     profiles = [p for p in run("config", "--profiles").split() if p not in NOT_RUN]
     cfg = yaml.safe_load(run(*[a for p in profiles for a in ("--profile", p)], "config"))
     left_out = {name for name, spec in cfg["services"].items()
@@ -102,7 +109,7 @@ class Mount:
     read_only: bool = False
 
 
-def _mounts_of(spec: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+def mounts_of(spec: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(kind, source, target, read_only) for each entry of a service's ``volumes``."""
     out = []
     for v in spec.get("volumes", []):
@@ -195,7 +202,7 @@ class ComposeStack:
 
     def _mount(self, c: Container) -> list[Mount]:
         mounts = []
-        for kind, source, target, ro in _mounts_of(c.spec):
+        for kind, source, target, ro in mounts_of(c.spec):
             if kind == "bind":
                 host = Path(source)
                 assert host.exists(), f"{c.name}: bind mount source {source} does not exist"

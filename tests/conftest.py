@@ -3,33 +3,36 @@
 PostgreSQL starts once per session (or ``DATABASE_URL`` names a server to use); every test gets
 its own database, cloned from a migrated template. Every test gets its own nats-server (or, with
 ``NATS_URL`` set, that server), so streams and consumers never leak between tests. localstripe
-starts once per session for the tests that need Stripe.
+starts once per session for the tests that need Stripe; a test that lists everything Stripe
+holds has one of its own (``own_stripe``). Every fixture more than one test file uses is here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from boxoffice import migrate
-from boxoffice.embedded import LocalStripe, NatsServer, Postgres
-from tests.harness import NATS_PASSWORDS, ServiceProcess, base_env
+from boxoffice.embedded import LocalStripe, NatsServer, Postgres, free_port
+from tests.audit_support import AuditListsProxy
+from tests.harness import NATS_PASSWORDS, ServiceProcess, base_env, with_db
 
 TEMPLATE_DB = "boxoffice_template"
-
-
-def _with_db(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+NODE_DIR = Path(__file__).parent / "node"
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,7 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a maintenance database on the session's PostgreSQL server."""
     given = os.environ.get("DATABASE_URL")
     if given:
-        yield _with_db(given, "postgres")
+        yield with_db(given, "postgres")
         return
     # Not under pytest's basetemp: pytest prunes old numbered basetemps when another session
     # starts, which would pull the data directory from under a long run.
@@ -108,7 +111,7 @@ def template_db(pg_admin_url: str) -> str:
             await conn.close()
 
     asyncio.run(make())
-    url = _with_db(pg_admin_url, TEMPLATE_DB)
+    url = with_db(pg_admin_url, TEMPLATE_DB)
     migrate.run(url, "up")
     return TEMPLATE_DB
 
@@ -126,7 +129,7 @@ async def database_url(pg_admin_url: str, template_db: str, pg_refusals: PgRefus
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     finally:
         await conn.close()
-    yield _with_db(pg_admin_url, name)
+    yield with_db(pg_admin_url, name)
     conn = await asyncpg.connect(pg_admin_url)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -171,6 +174,82 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStrip
         yield ls
     finally:
         ls.stop()
+
+
+@pytest.fixture
+def own_stripe(tmp_path: Path) -> Iterator[LocalStripe]:
+    """A localstripe of this test's own, for tests that list everything Stripe holds."""
+    ls = LocalStripe(log=tmp_path / "localstripe.log").start()
+    try:
+        yield ls
+    finally:
+        ls.stop()
+
+
+@pytest_asyncio.fixture
+async def own_stripe_api(own_stripe: LocalStripe) -> AsyncIterator[AuditListsProxy]:
+    """``own_stripe`` behind Stripe's list filters (refunds included); stopping it is Stripe
+    going down."""
+    proxy = await AuditListsProxy(own_stripe.url).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for the test's services (many connections: tests send bursts)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as session:
+        yield session
+
+
+@dataclass
+class AlertEndpoint:
+    """An alert webhook endpoint: what it received (``posted`` as JSON, ``received`` as body and
+    headers), answering the statuses of ``fail_with`` first, one a post, then 204."""
+
+    url: str
+    posted: list = field(default_factory=list)
+    received: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
+    fail_with: list[int] = field(default_factory=list)
+
+    async def hook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.received.append((body, dict(request.headers)))
+        self.posted.append(json.loads(body))
+        return web.Response(status=self.fail_with.pop(0) if self.fail_with else 204)
+
+
+@pytest_asyncio.fixture
+async def alert_endpoint() -> AsyncIterator[AlertEndpoint]:
+    """An alert webhook endpoint on 127.0.0.1 (a secret token in its path, as a chat
+    service's)."""
+    port = free_port()
+    endpoint = AlertEndpoint(f"http://127.0.0.1:{port}/hook/secret-token")
+    app = web.Application()
+    app.router.add_post("/hook/{token}", endpoint.hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield endpoint
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def node_sdk() -> Path:
+    """tests/node with its node_modules exactly as the lockfile says (npm ci, once per lockfile)."""
+    npm = shutil.which("npm")
+    assert npm and shutil.which("node"), "Node.js 20 and npm are needed (Debian: nodejs, npm)"
+    stamp = NODE_DIR / "node_modules" / ".boxoffice-lock"
+    digest = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != digest:
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
+                       capture_output=True, timeout=600)
+        stamp.write_text(digest)
+    return NODE_DIR
 
 
 @pytest.fixture

@@ -118,6 +118,7 @@ FUNCTIONS: dict[str, set[str]] = {
     "hold_tickets_in": HOLDS,
     "hold_probe": HOLDS,
     "hold_tickets_batch": {"payment"},
+    "try_lock_hold_key": {"payment"},
     "release_reservation": HOLDS,
     "expire_due_reservations": ENDS_HOLDS,
     "reap_due_reservations": ENDS_HOLDS,

@@ -17,10 +17,10 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from tests.checkout_support import wait_for
 from tests.fault_cluster import Cluster
 from tests.fault_stripe import StripeBuyer, WebhookRelay
 from tests.fault_workload import Ledger
+from tests.harness import eventually
 
 OVERDUE_GRACE = 5.0  # seconds an active hold may be past expires_at ("about a second", generously)
 CONSUMERS = (("STRIPE_EVENTS", "webhook"), ("ERRORS", "error-sink"))
@@ -97,7 +97,7 @@ async def settle(cluster: Cluster, relay: WebhookRelay, stripe: StripeBuyer, tim
         return not last
 
     try:
-        await wait_for(quiet, timeout=timeout, every=0.5, what="the stack to settle")
+        await eventually(quiet, timeout=timeout, interval=0.5, what="the stack to settle")
     except AssertionError:
         return last
     return []

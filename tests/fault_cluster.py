@@ -22,8 +22,7 @@ import aiohttp
 
 from boxoffice import migrate
 from boxoffice.embedded import LocalStripe, NatsServer, Postgres
-from tests.checkout_support import wait_for
-from tests.harness import ServiceProcess, base_env
+from tests.harness import ServiceProcess, base_env, eventually
 
 # Replicas where the README says they share the work (holds and keys, Stripe events, expiry);
 # one ingress (the run's only address). Instances are named "<service>-<n>".
@@ -159,7 +158,7 @@ class Cluster:
             return not missing
 
         with contextlib.suppress(AssertionError):
-            await wait_for(all_ready, timeout=timeout, every=0.2, what="every service ready")
+            await eventually(all_ready, timeout=timeout, interval=0.2, what="every service ready")
         return missing
 
     # -- faults ----------------------------------------------------------------------------------
@@ -223,8 +222,8 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
         assert self.pg.proc is not None
         await asyncio.to_thread(self.pg.proc.wait)
-        await wait_for(lambda: not any(_alive(p) for p in pids), timeout=10,
-                       what="every PostgreSQL process gone")
+        await eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
+                         what="every PostgreSQL process gone")
         await asyncio.sleep(down)
         await asyncio.to_thread(self.pg.start, create_db=None)
         return len(pids)

@@ -1,4 +1,5 @@
-"""Test harness: real servers and real service processes.
+"""Test harness: real servers and real service processes, and the one polling helper
+(``eventually``) every test waits with.
 
 The tests' nats-server has every user of ``boxoffice.bus_access`` (passwords ``NATS_PASSWORDS``);
 the tests themselves connect as the operator, and a service started here with the operator's
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import inspect
 import os
 import signal
 import subprocess
@@ -17,9 +20,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -38,6 +43,41 @@ STRIPE_KEY = "sk_test_boxoffice_tests"
 DB_PASSWORDS = {service: f"pg-{service.replace('_', '-')}-SECRET-{n}e41c9a7"
                 for n, service in enumerate(roles.ROLES)}
 NATS_PASSWORDS = {user: f"nats-{user}-test-password" for user in bus_access.USERS}
+
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 30.0,
+                     what: str | None = None, *, interval: float = 0.05) -> T:
+    """Call ``check`` (a plain or an async function) until it returns something truthy, and
+    return that. After ``timeout`` seconds fail, naming ``what`` was awaited (by default the
+    check's own name, or a lambda's source line) and the check's last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            last = repr(value)
+            raise AssertionError(f"timed out after {timeout:g}s waiting for "
+                                 f"{what or _named(check)} (last: {last[:500]})")
+        await asyncio.sleep(interval)
+
+
+def _named(check: Callable[..., object]) -> str:
+    name = getattr(check, "__qualname__", None) or repr(check)
+    if name.endswith("<lambda>"):
+        with contextlib.suppress(OSError, TypeError):
+            return inspect.getsource(check).strip()
+    return name
+
+
+def with_db(url: str, name: str) -> str:
+    """``url`` with its database replaced by ``name`` (same server, same user)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def as_service(nats_url: str, service: str) -> str:
@@ -134,6 +174,18 @@ class ServiceProcess:
 
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+
+def metrics(service: ServiceProcess) -> dict[str, float]:
+    """``service``'s /metrics (on its health port) as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"{service.health_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def login_url(service: str, url: str) -> str:

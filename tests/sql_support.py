@@ -1,18 +1,19 @@
-"""Helpers of the tests that call the SQL functions directly: seed events and holds, read back
-the rows a function changed (inventory, reservations, outbox), hear NOTIFY on a connection of
-its own, and wait for another session to block on a lock."""
+"""Helpers of the tests that call the SQL functions directly: seed events, holds and their
+PaymentIntents, read back the rows a function changed (inventory, reservations, outbox), hear
+NOTIFY on a connection of its own, and wait for another session to block on a lock."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+from tests.harness import eventually
 
 
 async def new_event(db: asyncpg.Pool | asyncpg.Connection, capacity: int = 10, buckets: int = 1,
@@ -27,6 +28,26 @@ async def hold(db: asyncpg.Pool | asyncpg.Connection, ev: uuid.UUID, quantity: i
     """hold_tickets: the new reservation's row."""
     return await db.fetchrow("SELECT * FROM hold_tickets($1, $2, $3, $4, $5, $6)", ev, quantity,
                              client, ttl, customer_ref, key)
+
+
+async def new_hold(db: asyncpg.Pool | asyncpg.Connection, ev: uuid.UUID, quantity: int = 2,
+                   ttl: int = 900, client: str = "client") -> uuid.UUID:
+    """hold_tickets: the new reservation's id."""
+    return (await hold(db, ev, quantity, ttl, client))["id"]
+
+
+async def paid_by(db: asyncpg.Pool, res: uuid.UUID, pi_id: str) -> None:
+    """The checkout's record: the hold's PaymentIntent is ``pi_id``."""
+    await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, "
+                     "status) VALUES ($1, $2, 5000, 'eur', 'created')", pi_id, res)
+    await db.execute("UPDATE reservations SET payment_intent_id = $1 WHERE id = $2", pi_id, res)
+
+
+async def hold_with_intent(db: asyncpg.Pool, ev: uuid.UUID) -> tuple[uuid.UUID, str]:
+    """A hold of two tickets and the PaymentIntent checkout recorded for it: (hold, intent)."""
+    res, pi_id = await new_hold(db, ev), pi()
+    await paid_by(db, res, pi_id)
+    return res, pi_id
 
 
 async def inventory(db: asyncpg.Pool, ev: uuid.UUID) -> tuple[int, int]:
@@ -84,20 +105,12 @@ async def no_wait(conn: asyncpg.Connection) -> None:
     await conn.execute("SET lock_timeout = '2s'")
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def waiting_for_lock(db: asyncpg.Pool) -> None:
     """Return once some session of this test's database waits for a lock."""
     async def waits() -> bool:
         return await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                                  "current_database() AND wait_event_type = 'Lock'") > 0
-    await eventually(waits)
+    await eventually(waits, 5, "a session waiting for a lock", interval=0.02)
 
 
 class Heard:

@@ -91,11 +91,11 @@ class StripeKeysProxy:
         stored = self._keys.get(scope)
         if stored is not None:
             if stored.params != body:
-                return _error(400, "idempotency_error",
+                return stripe_error(400, "idempotency_error",
                               "Keys for idempotent requests can only be used with the same "
                               "parameters they were first used with.")
             if not stored.done.is_set():
-                return _error(409, "idempotency_error",
+                return stripe_error(409, "idempotency_error",
                               "There is currently another in-progress request using this "
                               "Idempotent Key.")
             seen.replayed = True
@@ -124,6 +124,6 @@ class StripeKeysProxy:
             return resp.status, data, resp.content_type or "application/json"
 
 
-def _error(status: int, kind: str, message: str) -> web.Response:
+def stripe_error(status: int, kind: str, message: str) -> web.Response:
     return web.Response(status=status, content_type="application/json",
                         body=json.dumps({"error": {"type": kind, "message": message}}))

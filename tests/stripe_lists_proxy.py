@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.stripe_keys_proxy import Seen, StripeKeysProxy, _error
+from tests.stripe_keys_proxy import Seen, StripeKeysProxy, stripe_error
 
 LISTS = ("/v1/events", "/v1/payment_intents")
 BOUNDS = {"gt": lambda c, v: c > v, "gte": lambda c, v: c >= v,
@@ -33,15 +33,16 @@ class StripeListsProxy(StripeKeysProxy):
         for name, value in query.items():
             if name.startswith("created[") and name.endswith("]") and name[8:-1] in BOUNDS:
                 if not value.isdigit():
-                    return _error(400, "invalid_request_error", f"Invalid integer: {value}")
+                    return stripe_error(400, "invalid_request_error", f"Invalid integer: {value}")
                 tests.append((BOUNDS[name[8:-1]], int(value)))
             elif name == "type" and request.path == "/v1/events":
                 tests.append((None, value))
             elif name not in ("limit", "starting_after"):
-                return _error(400, "invalid_request_error", f"Received unknown parameter: {name}")
+                return stripe_error(400, "invalid_request_error",
+                                    f"Received unknown parameter: {name}")
         limit = int(query.get("limit", "10"))
         if not 1 <= limit <= 100:
-            return _error(400, "invalid_request_error", "limit must be between 1 and 100")
+            return stripe_error(400, "invalid_request_error", "limit must be between 1 and 100")
         everything = await self._everything(request)
         kept = [o for o in everything
                 if all(o.get("type") == v if t is None else t(o["created"], v) for t, v in tests)]
@@ -51,7 +52,7 @@ class StripeListsProxy(StripeKeysProxy):
         if after := query.get("starting_after"):
             ids = [o["id"] for o in kept]
             if after not in ids:
-                return _error(400, "invalid_request_error", f"No such object: '{after}'")
+                return stripe_error(400, "invalid_request_error", f"No such object: '{after}'")
             start = ids.index(after) + 1
         page = kept[start:start + limit]
         return web.json_response({"object": "list", "url": request.path,

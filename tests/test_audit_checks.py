@@ -16,8 +16,7 @@ from boxoffice import bus as busmod
 from boxoffice.reaper.audit_inventory import Inventory
 from boxoffice.reaper.audit_money import Money
 from boxoffice.reaper.audit_timeliness import Timeliness
-from tests.audit_support import (apply, auditor, hold, named, new_event, open_findings, run,
-                                 sold)
+from tests.audit_support import apply, auditor, hold, named, new_event, run, sold
 
 
 async def busy_books(db: asyncpg.Pool) -> tuple[uuid.UUID, list[uuid.UUID]]:

@@ -14,7 +14,7 @@ from boxoffice.reaper import audit_streams as streams
 from boxoffice.reaper.audit_errors import Errors
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER
 from tests.audit_support import auditor, named, run
-from tests.test_webhooks_support import wait_for
+from tests.harness import eventually
 
 
 def report(i: int, **over: object) -> dict[str, object]:
@@ -31,7 +31,7 @@ async def stored_all(db: asyncpg.Pool, bus: busmod.Bus, count: int) -> None:
         got = await streams.progress(bus, *ERROR_SINK_CONSUMER)
         return (await db.fetchval("SELECT count(*) FROM error_logs") == count
                 and got is not None and got.ack_floor == got.last_seq)
-    await wait_for(done, 30, "the sink to store and acknowledge every report")
+    await eventually(done, 30, "the sink to store and acknowledge every report")
 
 
 async def test_a_deleted_report_is_found_and_resolved_once_back(
@@ -74,7 +74,7 @@ async def test_a_deleted_report_is_found_and_resolved_once_back(
         await publish(bus, report(101), str(uuid.uuid4()))
         await publish(bus, report(102), str(uuid.uuid4()))
         behind = auditor(db, Errors(db, bus, retention_days=90, backlog=0.5))
-        await wait_for(lambda: _aged(bus), 10, "a report older than the bound")
+        await eventually(lambda: _aged(bus), 10, "a report older than the bound")
         late = await run(behind)
         assert named(late) == {("errors", "sink_behind", "ERRORS consumer error-sink")}
         assert late.findings[0].found.startswith("2 not acknowledged, the oldest (seq 43)")

@@ -20,24 +20,19 @@ import pytest
 import stripe
 
 from boxoffice.embedded import LocalStripe
-from tests.audit_support import (AuditListsProxy, own_stripe,  # noqa: F401 - fixtures
-                                 stripe_api)
-from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
-from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET
-from tests.reaper_helpers import metrics
-from tests.test_webhooks_support import deliver, event, wait_for
+from tests.audit_support import AuditListsProxy
+from tests.checkout_support import Api
+from tests.harness import ADMIN_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually, metrics
+from tests.webhooks_support import deliver, event, pay_at_stripe
 
 TTL = 3  # seconds a hold lives: some expire, some are paid late
 AUDIT = {"AUDIT_INTERVAL_SECONDS": "2", "AUDIT_GRACE_SECONDS": "30"}
 
 
-def pay_at_stripe(sc: stripe.StripeClient, pi: str) -> None:
+def pay_unless_cancelled(sc: stripe.StripeClient, pi: str) -> None:
     """What Stripe.js does; a PaymentIntent cancelled when its hold ended can no longer be paid."""
-    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
     try:
-        sc.v1.payment_intents.update(pi, params={"payment_method": pm.id})
-        sc.v1.payment_intents.confirm(pi)
+        pay_at_stripe(sc, pi)
     except stripe.InvalidRequestError:
         assert sc.v1.payment_intents.retrieve(pi).status == "canceled"
 
@@ -48,7 +43,7 @@ async def refund_in_dashboard(api: Api, sc: stripe.StripeClient, hold: str, pi: 
     async def sold() -> bool:
         r = await api.call("GET", f"/v1/reservations/{hold}")
         return r.json["status"] == "completed"
-    await wait_for(sold, 30, "the sale")
+    await eventually(sold, 30, "the sale")
     refund = await asyncio.to_thread(sc.v1.refunds.create, params={"payment_intent": pi})
     charge = {"id": f"ch_{uuid.uuid4().hex[:20]}", "object": "charge", "payment_intent": pi,
               "amount": refund.amount, "amount_refunded": refund.amount, "currency": "eur",
@@ -76,7 +71,7 @@ async def buyer(api: Api, sc: stripe.StripeClient, event_id: str, i: int) -> Non
         await asyncio.sleep(TTL + 1)  # pays after the hold expired: sold anew or refunded
     elif i % 6 == 3:
         return  # never pays: the PaymentIntent is cancelled when the hold expires
-    await asyncio.to_thread(pay_at_stripe, sc, p.json["id"])
+    await asyncio.to_thread(pay_unless_cancelled, sc, p.json["id"])
     if i % 6 == 4:
         await refund_in_dashboard(api, sc, hold, p.json["id"])
 
@@ -99,10 +94,10 @@ async def cli(ingress_url: str, *args: str) -> tuple[int, str]:
 
 @pytest.mark.timeout(300)
 async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
-        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, stripe_api: AuditListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
-    start_service("payment", STRIPE_API_BASE=stripe_api.url, RESERVATION_TTL_SECONDS=str(TTL))
-    start_service("webhook", STRIPE_API_BASE=stripe_api.url, **AUDIT)
+        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, own_stripe_api: AuditListsProxy,
+        http: aiohttp.ClientSession) -> None:
+    start_service("payment", STRIPE_API_BASE=own_stripe_api.url, RESERVATION_TTL_SECONDS=str(TTL))
+    start_service("webhook", STRIPE_API_BASE=own_stripe_api.url, **AUDIT)
     start_service("error_sink")
     reaper = start_service("reaper", **AUDIT)
     ingress = start_service("ingress")
@@ -144,7 +139,7 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
             "SELECT NOT EXISTS (SELECT 1 FROM reservations WHERE status = 'active') "
             "AND NOT EXISTS (SELECT 1 FROM stripe_actions WHERE status = 'pending') "
             "AND NOT EXISTS (SELECT 1 FROM outbox)")
-    await wait_for(settled, 60, "the stack to settle")
+    await eventually(settled, 60, "the stack to settle")
     sold = await db.fetchval("SELECT count(*) FROM reservations WHERE status = 'completed'")
     refunded = await db.fetchval("SELECT count(*) FROM payments WHERE status = 'refunded'")
     assert sold >= 5 and refunded >= 3, (sold, refunded)
@@ -168,13 +163,13 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
         r = await api.call("GET", "/v1/admin/invariants", token=ADMIN_TOKEN)
         assert r.status == 200, r.body
         return r.json if r.json["findings"] else None
-    shown = await wait_for(listed, 30, "the timer to find the damage")
+    shown = await eventually(listed, 30, "the timer to find the damage")
     assert not shown["holds"]
     [f] = shown["findings"]
     assert (f["check"], f["kind"], f["subject"]) == ("inventory", "bucket_sold", subject)
     assert {c["check"] for c in shown["checks"]} == {"inventory", "money", "stripe",
                                                       "timeliness", "errors"}
-    assert metrics(reaper.url)['boxoffice_audit_violations{check="inventory"}'] == 1
+    assert metrics(reaper)['boxoffice_audit_violations{check="inventory"}'] == 1
 
     # reported as a critical error: stored, grouped and alerted by the error-sink
     async def alerted() -> asyncpg.Record | None:
@@ -182,7 +177,7 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
             "SELECT g.id, g.level, g.title, a.reason FROM error_groups g "
             "JOIN error_alerts a ON a.group_id = g.id "
             "WHERE g.service = 'reaper' AND g.title LIKE 'audit: inventory.bucket_sold%'")
-    group = await wait_for(alerted, 30, "the critical report grouped and alerted")
+    group = await eventually(alerted, 30, "the critical report grouped and alerted")
     assert (group["level"], group["reason"]) == ("critical", "level")
     assert subject in group["title"]
 
@@ -195,9 +190,9 @@ async def test_busy_stack_is_clean_then_damage_is_found_alerted_and_resolved(
     async def resolved() -> bool:
         return await db.fetchval("SELECT resolved_at IS NOT NULL FROM audit_findings "
                                  "WHERE id = $1", f["id"])
-    await wait_for(resolved, 30, "the timer to resolve the finding")
+    await eventually(resolved, 30, "the timer to resolve the finding")
     r = await api.call("GET", "/v1/admin/invariants", token=ADMIN_TOKEN)
     assert r.json["holds"] and r.json["findings"] == [], r.json
-    assert metrics(reaper.url)['boxoffice_audit_violations{check="inventory"}'] == 0
+    assert metrics(reaper)['boxoffice_audit_violations{check="inventory"}'] == 0
     code, out = await cli(ingress.url)
     assert code == 0, out

@@ -23,32 +23,24 @@ import stripe
 from boxoffice.embedded import LocalStripe
 from boxoffice.webhook.audit_stripe import StripeCheck
 from boxoffice.webhook.audit_stripe_reads import StripeReads
-from tests.audit_support import (AuditListsProxy, auditor, named, open_findings,  # noqa: F401
-                                 own_stripe, run, stripe_api)  # (own_stripe, stripe_api: fixtures)
-from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
-from tests.harness import STRIPE_KEY, WEBHOOK_SECRET
-from tests.test_webhooks_support import deliver, event, wait_for
+from tests.audit_support import AuditListsProxy, auditor, named, open_findings, run
+from tests.checkout_support import Api
+from tests.harness import STRIPE_KEY, WEBHOOK_SECRET, eventually
+from tests.webhooks_support import deliver, event, pay_at_stripe
 
 GRACE = 2
 
 
 @pytest_asyncio.fixture
-async def reads(stripe_api: AuditListsProxy) -> AsyncIterator[StripeReads]:
+async def reads(own_stripe_api: AuditListsProxy) -> AsyncIterator[StripeReads]:
     """What the webhook service reads Stripe with: an async client, no retries, short calls."""
     http = stripe.AIOHTTPClient(timeout=5)
     client = stripe.StripeClient(STRIPE_KEY, http_client=http, max_network_retries=0,
-                                 base_addresses={"api": stripe_api.url})
+                                 base_addresses={"api": own_stripe_api.url})
     try:
         yield StripeReads(client, timeout=5)
     finally:
         await http.close_async()
-
-
-def pay_at_stripe(sc: stripe.StripeClient, pi: str) -> None:
-    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    sc.v1.payment_intents.update(pi, params={"payment_method": pm.id})
-    assert sc.v1.payment_intents.confirm(pi).status == "succeeded"
 
 
 async def checkout(api: Api, event_id: str, quantity: int = 2) -> tuple[uuid.UUID, str]:
@@ -60,10 +52,10 @@ async def checkout(api: Api, event_id: str, quantity: int = 2) -> tuple[uuid.UUI
 
 
 async def test_stripe_books_agree_then_damage_is_found_and_resolved(
-        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, stripe_api: AuditListsProxy,
-        reads: StripeReads, http: aiohttp.ClientSession) -> None:  # noqa: F811
-    start_service("payment", STRIPE_API_BASE=stripe_api.url)
-    start_service("webhook", STRIPE_API_BASE=stripe_api.url)
+        db: asyncpg.Pool, start_service, own_stripe: LocalStripe, own_stripe_api: AuditListsProxy,
+        reads: StripeReads, http: aiohttp.ClientSession) -> None:
+    start_service("payment", STRIPE_API_BASE=own_stripe_api.url)
+    start_service("webhook", STRIPE_API_BASE=own_stripe_api.url)
     start_service("reaper")
     ingress = start_service("ingress")
     own_stripe.configure_webhook(f"{ingress.url}/v1/webhooks/stripe", WEBHOOK_SECRET)
@@ -74,15 +66,15 @@ async def test_stripe_books_agree_then_damage_is_found_and_resolved(
     paid = [await checkout(api, event_id) for _ in range(3)]
     unpaid = await checkout(api, event_id, 1)
     for _, pi in paid:
-        pay_at_stripe(sc, pi)
-    await wait_for(lambda: db.fetchval("SELECT count(*) = 3 FROM reservations "
+        assert pay_at_stripe(sc, pi) == "succeeded"
+    await eventually(lambda: db.fetchval("SELECT count(*) = 3 FROM reservations "
                                        "WHERE status = 'completed'"), 30, "three sales")
     # a refund boxoffice decides and makes itself (a cancel of the unpaid hold, too)
     refunded_res, refunded_pi = paid[2]
     await db.execute("SELECT request_stripe_action('refund', $1, $2, 'test', 3000)",
                      refunded_pi, refunded_res)
     await api.call("POST", f"/v1/reservations/{unpaid[0]}/cancel")
-    await wait_for(lambda: db.fetchval("SELECT count(*) = 0 FROM stripe_actions "
+    await eventually(lambda: db.fetchval("SELECT count(*) = 0 FROM stripe_actions "
                                        "WHERE status = 'pending'"), 30, "the actions made")
 
     a = auditor(db, StripeCheck(db, reads, grace=GRACE))
@@ -131,7 +123,7 @@ async def test_stripe_books_agree_then_damage_is_found_and_resolved(
                      orphan.id, other_res)
     await db.execute("UPDATE payments SET status = 'succeeded', updated_at = now() "
                      "WHERE payment_intent_id = $1", ghost_pi)
-    await wait_for(lambda: db.fetchval(
+    await eventually(lambda: db.fetchval(
         "SELECT count(*) = 2 FROM payments WHERE payment_intent_id = ANY($1) "
         "AND status IN ('refunded', 'canceled')", [dash_pi, orphan.id]), 30, "the repairs")
     await asyncio.sleep(GRACE + 1)  # the repairs' own events are younger than the grace
@@ -142,10 +134,10 @@ async def test_stripe_books_agree_then_damage_is_found_and_resolved(
 
 
 async def test_stripe_unreachable_is_a_failed_run_not_a_violation(
-        db: asyncpg.Pool, stripe_api: AuditListsProxy, reads: StripeReads) -> None:
+        db: asyncpg.Pool, own_stripe_api: AuditListsProxy, reads: StripeReads) -> None:
     a = auditor(db, StripeCheck(db, reads, grace=GRACE))
     assert (await run(a)).holds
-    await stripe_api.stop()
+    await own_stripe_api.stop()
     started = time.monotonic()
     down = await run(a)
     assert not down.holds and down.findings == []
@@ -153,5 +145,5 @@ async def test_stripe_unreachable_is_a_failed_run_not_a_violation(
     assert time.monotonic() - started < 10
     row = await db.fetchrow("SELECT * FROM audit_checks WHERE check_name = 'stripe'")
     assert row["error"] == down.checks[0].error and json.loads(json.dumps(row["checkpoint"]))
-    await stripe_api.start()
+    await own_stripe_api.start()
     assert (await run(a)).holds

@@ -12,7 +12,6 @@ so the whole suite proves that the permissions suffice; the end-to-end test here
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 import uuid
@@ -28,12 +27,12 @@ import yaml
 from boxoffice import bus as busmod
 from boxoffice import bus_access, config, errors
 from boxoffice.embedded import NatsServer, venv_bin
-from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, STREAMS, WEBHOOK_CONSUMER
-from tests.bus_users import connected, connection_refused
+from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, WEBHOOK_CONSUMER
+from tests.bus_support import connected, connection_refused
 from tests.checkout_support import Api
-from tests.harness import ADMIN_TOKEN, NATS_PASSWORDS
-from tests.test_compose import COMPOSE_NAMES, compose_config
-from tests.test_webhooks_support import deliver, event, payment_intent, wait_for
+from tests.compose_support import COMPOSE_NAMES, compose_config
+from tests.harness import ADMIN_TOKEN, NATS_PASSWORDS, eventually
+from tests.webhooks_support import deliver, event, payment_intent
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTBOX_SUBJECTS = sorted({s for a in bus_access.ACCESS.values() for s in a.relays})
@@ -82,7 +81,7 @@ def test_deploy_configuration_is_the_generated_one_and_nats_server_accepts_it(
 
 
 def test_compose_gives_each_service_its_own_user_with_the_servers_password() -> None:
-    cfg = compose_config()
+    cfg = compose_config(every_profile=False)
     nats_env = cfg["services"]["nats"]["environment"]
     assert set(nats_env) >= {bus_access.password_variable(u) for u in bus_access.USERS}
     for service, name in COMPOSE_NAMES.items():
@@ -333,9 +332,9 @@ async def test_every_service_does_its_job_as_its_own_user(
                 "reservations.events.expired"}
 
         # each relay published its own events: payment's hold, webhook's sale, reaper's expiry
-        await wait_for(every_event_out, 30, "every service's events on RESERVATIONS")
+        await eventually(every_event_out, 30, "every service's events on RESERVATIONS")
         assert "payments.events.succeeded" in await subjects("PAYMENTS")
-        await wait_for(lambda: db.fetchval("SELECT 1 FROM error_logs WHERE id = $1",
+        await eventually(lambda: db.fetchval("SELECT 1 FROM error_logs WHERE id = $1",
                                            uuid.UUID(report["id"])), 20, "the report stored")
         assert await subjects("ALERTS") == {"alerts.critical"}  # the error-sink's alert
         for path in ("/v1/admin/errors?limit=5", "/v1/admin/webhooks/events?limit=5",

@@ -1,4 +1,5 @@
-"""Holds through the real stack (ingress and payment processes, NATS, PostgreSQL)."""
+"""Holds through the real stack (ingress and payment processes, NATS, PostgreSQL), one behaviour
+a test."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import collections
 import uuid
 
 import asyncpg
+import pytest
 
-from tests.checkout_support import (http, start_checkout, stream_messages,  # noqa: F401
-                                    wait_for)
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2
+from tests.checkout_support import Api, start_checkout, stream_messages
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, eventually
 
 
-async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa: F811
-                                                     db: asyncpg.Pool, nats_url: str):
-    api = start_checkout(start_service, http).api
+@pytest.fixture
+def api(start_service, http) -> Api:
+    """A client of ingress, with payment behind it."""
+    return start_checkout(start_service, http).api
+
+
+async def test_a_hold_takes_tickets_at_the_events_price(api: Api, db: asyncpg.Pool):
     event_id = await api.create_event(capacity=10, price=4500)
-
     r = await api.hold(event_id, 3, customer_ref="cust-1")
     assert r.status == 201, r.body
     hold = r.json
@@ -29,16 +33,24 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa
     assert abs(float(ttl) - 900) < 1  # RESERVATION_TTL_SECONDS default
     state = await api.event(event_id)
     assert (state["held"], state["sold"], state["available"]) == (3, 0, 7)
-
     got = await api.call("GET", f"/v1/reservations/{hold['id']}")
     assert got.status == 200 and got.json["status"] == "active" and got.json["id"] == hold["id"]
-    # another client's hold does not exist for this client
+
+
+async def test_another_clients_hold_does_not_exist(api: Api):
+    event_id = await api.create_event(capacity=10, price=4500)
+    hold = (await api.hold(event_id, 3)).json
     other = await api.call("GET", f"/v1/reservations/{hold['id']}", token=CLIENT_TOKEN_2)
     assert (other.status, other.code) == (404, "reservation_not_found")
     other = await api.call("POST", f"/v1/reservations/{hold['id']}/cancel", token=CLIENT_TOKEN_2)
     assert (other.status, other.code) == (404, "reservation_not_found")
     assert (await api.event(event_id))["held"] == 3
 
+
+async def test_cancel_releases_the_tickets_once_and_says_so_on_the_bus(
+        api: Api, db: asyncpg.Pool, nats_url: str):
+    event_id = await api.create_event(capacity=10, price=4500)
+    hold = (await api.hold(event_id, 3)).json
     # cancel releases the tickets once; a second cancel changes nothing
     for _ in range(2):
         c = await api.call("POST", f"/v1/reservations/{hold['id']}/cancel")
@@ -48,11 +60,14 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa
                              uuid.UUID(event_id))
     assert held == 0
     # the hold and its release went out on RESERVATIONS, once each
-    events = await wait_for(lambda: stream_messages(nats_url, "RESERVATIONS", 2),
-                            what="reservation events")
+    events = await eventually(lambda: stream_messages(nats_url, "RESERVATIONS", 2),
+                              what="reservation events")
     assert [(m.subject, m.data["reservation_id"]) for m in events] == [
         ("reservations.events.held", hold["id"]), ("reservations.events.cancelled", hold["id"])]
 
+
+async def test_an_idempotency_key_makes_a_hold_happen_once_per_client(api: Api):
+    event_id = await api.create_event(capacity=10, price=4500)
     # an Idempotency-Key makes the hold happen once; the retry replays the stored body
     first = await api.hold(event_id, 2, key="hold-key-1")
     again = await api.hold(event_id, 2, key="hold-key-1")
@@ -68,6 +83,10 @@ async def test_hold_read_cancel_and_idempotent_hold(start_service, http,  # noqa
     assert "Idempotent-Replayed" not in theirs.headers
     assert (await api.event(event_id))["held"] == 4
 
+
+async def test_sold_out_and_unknown_get_clear_answers_and_store_nothing(api: Api):
+    event_id = await api.create_event(capacity=10, price=4500)
+    assert (await api.hold(event_id, 4)).status == 201
     # sold out and unknown events: clear answers, nothing stored under the key
     sold_out = await api.hold(event_id, 7, key="hold-key-2")
     assert (sold_out.status, sold_out.code) == (409, "sold_out")
@@ -88,7 +107,7 @@ async def _burst(api, event_id: str, n: int, quantity: int) -> collections.Count
     return out
 
 
-async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.Pool):  # noqa: F811
+async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.Pool):
     checkout = start_checkout(start_service, http)
     api = checkout.api
     # 200 buyers, 50 tickets left (of 80), one at a time and then several at a time
@@ -136,7 +155,7 @@ async def test_concurrent_holds_never_oversell(start_service, http, db: asyncpg.
     assert batches["boxoffice_hold_slow_path_total"] > 0
 
 
-async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):  # noqa: F811
+async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):
     # no reaper runs here: availability must ignore overdue holds by itself
     api = start_checkout(start_service, http, RESERVATION_TTL_SECONDS="1").api
     event_id = await api.create_event(capacity=4)
@@ -148,7 +167,7 @@ async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):
         got = await api.call("GET", f"/v1/reservations/{r.json['id']}")
         return got.json["status"] == "expired"
 
-    await wait_for(overdue, timeout=10, what="the hold to be past its expires_at")
+    await eventually(overdue, timeout=10, what="the hold to be past its expires_at")
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1",
                              uuid.UUID(r.json["id"])) == "active"  # not reaped yet
     assert (await api.event(event_id))["available"] == 4
@@ -160,7 +179,7 @@ async def test_overdue_holds_never_count(start_service, http, db: asyncpg.Pool):
                              uuid.UUID(r.json["id"])) == "expired"
 
 
-async def test_bad_input_changes_nothing(start_service, http, db: asyncpg.Pool):  # noqa: F811
+async def test_bad_input_changes_nothing(start_service, http, db: asyncpg.Pool):
     api = start_checkout(start_service, http).api
     event_id = await api.create_event(capacity=5)
     good = {"event_id": event_id, "quantity": 1}

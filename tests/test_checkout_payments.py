@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
+import pytest
 import pytest_asyncio
 
 from boxoffice import idempotency
 from boxoffice.embedded import LocalStripe
-from tests.checkout_support import (Api, Checkout, http, nobody_answers,  # noqa: F401
-                                    start_checkout, stream_messages, wait_for)
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, STRIPE_KEY
+from tests.checkout_support import (Api, Checkout, nobody_answers, start_checkout,
+                                    stream_messages)
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, STRIPE_KEY, eventually
 from tests.stripe_keys_proxy import StripeKeysProxy
 
 PI_PATH = "/v1/payment_intents"
@@ -51,13 +52,15 @@ async def new_hold(api: Api, event_id: str, token: str = CLIENT_TOKEN, quantity:
     return r.json["id"]
 
 
-async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: F811
-                                                  db: asyncpg.Pool, localstripe, stripe_proxy,
-                                                  nats_url):
-    api = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url).api
-    event_id = await api.create_event(capacity=20, price=4200)
-    rid = await new_hold(api, event_id)
+@pytest.fixture
+def api(start_service, http, stripe_proxy: StripeKeysProxy) -> Api:
+    """A client of ingress, with payment behind it talking to Stripe through ``stripe_proxy``."""
+    return start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url).api
 
+
+async def test_a_payment_intent_is_created_once_and_replayed(
+        api: Api, http, db: asyncpg.Pool, localstripe, stripe_proxy):
+    rid = await new_hold(api, await api.create_event(capacity=20, price=4200))
     r = await api.pay(rid, "order-1")
     assert r.status == 201, r.body
     pi = r.json
@@ -81,6 +84,11 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
         assert again.headers["Idempotent-Replayed"] == "true"
     assert len(stripe_proxy.keys_for(PI_PATH)) == 1  # replays never reach Stripe
 
+
+async def test_a_key_or_a_reservation_used_twice_is_refused(api: Api, http, localstripe):
+    event_id = await api.create_event(capacity=20, price=4200)
+    rid = await new_hold(api, event_id)
+    assert (await api.pay(rid, "order-1")).status == 201
     # the same key for another request: 422, nothing done
     other_rid = await new_hold(api, event_id)
     mismatch = await api.pay(other_rid, "order-1")
@@ -90,20 +98,27 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
     second = await api.pay(rid, "order-1-again")
     assert (second.status, second.code) == (409, "payment_intent_exists")
 
-    # missing and invalid keys
+
+async def test_a_missing_or_invalid_key_is_refused(api: Api):
+    rid = await new_hold(api, await api.create_event(capacity=20, price=4200))
     for key, code in ((None, "idempotency_key_missing"), ("", "idempotency_key_invalid"),
                       ("x" * 256, "idempotency_key_invalid"),
                       ("caf\u00e9", "idempotency_key_invalid"),
                       ("new\nline", "idempotency_key_invalid")):
         try:
-            bad = await api.pay(other_rid, key)
+            bad = await api.pay(rid, key)
         except ValueError:  # aiohttp refuses to send some of these header values at all
             continue
         assert (bad.status, bad.code) == (400, code), (key, bad.body)
         assert bad.headers["Content-Type"].startswith("application/problem+json")
-    assert (await api.pay(other_rid, "k" * 255)).status == 201
+    assert (await api.pay(rid, "k" * 255)).status == 201
 
-    # keys are scoped to the client token: the same key from client 2 is its own
+
+async def test_keys_and_reservations_are_scoped_to_the_client(api: Api):
+    event_id = await api.create_event(capacity=20, price=4200)
+    rid = await new_hold(api, event_id)
+    pi = (await api.pay(rid, "order-1")).json
+    # the same key from client 2 is its own
     rid2 = await new_hold(api, event_id, token=CLIENT_TOKEN_2)
     theirs = await api.pay(rid2, "order-1", token=CLIENT_TOKEN_2)
     assert theirs.status == 201 and theirs.json["id"] != pi["id"]
@@ -112,6 +127,9 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
     stolen = await api.pay(rid, "steal-1", token=CLIENT_TOKEN_2)
     assert (stolen.status, stolen.code) == (404, "reservation_not_found")
 
+
+async def test_a_refused_request_leaves_its_key_free(api: Api, db: asyncpg.Pool):
+    event_id = await api.create_event(capacity=20, price=4200)
     # validation failures are not stored: the key is free for the corrected request
     unknown = await api.pay(str(uuid.uuid4()), "order-3")
     assert (unknown.status, unknown.code) == (404, "reservation_not_found")
@@ -135,6 +153,11 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
     assert await db.fetchval("SELECT count(*) FROM payment_intents_log WHERE idempotency_key "
                              "IN ('order-3', 'order-4')") == 1
 
+
+async def test_a_payment_intent_is_recorded_audited_and_announced(
+        api: Api, db: asyncpg.Pool, nats_url):
+    rid = await new_hold(api, await api.create_event(capacity=20, price=4200))
+    pi = (await api.pay(rid, "order-1")).json
     # the record: payments row, reservation, audit trail, PAYMENTS event
     row = await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", pi["id"])
     assert (row["status"], row["amount"], str(row["reservation_id"])) == ("created", 8400, rid)
@@ -157,12 +180,14 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
     assert (await api.call("GET", "/v1/admin/payments?limit=0", token=ADMIN_TOKEN)).status == 422
     assert (await api.call("GET", "/v1/admin/payments?bogus=1", token=ADMIN_TOKEN)).status == 422
     assert (await api.call("GET", "/v1/admin/payments")).status == 403
-    events = await wait_for(lambda: stream_messages(nats_url, "PAYMENTS", 4), what="PAYMENTS")
+    events = await eventually(lambda: stream_messages(nats_url, "PAYMENTS", 1), what="PAYMENTS")
     created = [m.data for m in events if m.data["payment_intent_id"] == pi["id"]]
     assert [(m["reservation_id"], m["amount"], m["currency"]) for m in created] == [
         (rid, 8400, "eur")]
     assert {m.subject for m in events} == {"payments.events.created"}
 
+
+async def test_stripes_definitive_refusal_is_stored_and_replayed(api: Api, db: asyncpg.Pool):
     # a definitive refusal from Stripe (here: a free ticket, amount 0) is stored and replayed;
     # it holds no PaymentIntent, so the client may try again under a new key
     free = await new_hold(api, await api.create_event(capacity=5, price=0))
@@ -179,7 +204,7 @@ async def test_create_replay_mismatch_and_scoping(start_service, http,  # noqa: 
                              "WHERE idempotency_key = 'free-1'") == "finished"
 
 
-async def test_one_key_fifty_concurrent_requests(start_service, http,  # noqa: F811
+async def test_one_key_fifty_concurrent_requests(start_service, http,
                                                  db: asyncpg.Pool, localstripe, stripe_proxy):
     api = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url).api
     rid = await new_hold(api, await api.create_event(capacity=5))
@@ -196,7 +221,7 @@ async def test_one_key_fifty_concurrent_requests(start_service, http,  # noqa: F
     assert await db.fetchval("SELECT count(*) FROM payments") == 1
 
 
-async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, db,  # noqa: F811
+async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, db,
                            failpoint: str) -> tuple[str, dict, list]:
     """Arm a failpoint, send one request (the service SIGKILLs itself there), restart the
     service without it and retry the same key until a final answer."""
@@ -206,7 +231,7 @@ async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, 
     checkout.payment.start(BOXOFFICE_FAILPOINT=failpoint, STRIPE_API_BASE=stripe_proxy.url)
     rid = await new_hold(api, await api.create_event(capacity=5))
     first = asyncio.ensure_future(api.pay(rid, "crash-key"))
-    await wait_for(lambda: not checkout.payment.running, timeout=15, what="the crash")
+    await eventually(lambda: not checkout.payment.running, timeout=15, what="the crash")
     assert checkout.payment.proc.returncode == -9  # a real SIGKILL, mid-request
     first.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -219,7 +244,7 @@ async def _crash_and_retry(checkout: Checkout, http, localstripe, stripe_proxy, 
     return rid, final.json, tried
 
 
-async def test_crash_after_stripe_answered(start_service, http, db, localstripe,  # noqa: F811
+async def test_crash_after_stripe_answered(start_service, http, db, localstripe,
                                            stripe_proxy):
     checkout = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url)
     rid, pi, tried = await _crash_and_retry(checkout, http, localstripe, stripe_proxy, db,
@@ -240,7 +265,7 @@ async def test_crash_after_stripe_answered(start_service, http, db, localstripe,
     assert replay.json == pi and replay.headers["Idempotent-Replayed"] == "true"
 
 
-async def test_crash_before_stripe_called(start_service, http, db, localstripe,  # noqa: F811
+async def test_crash_before_stripe_called(start_service, http, db, localstripe,
                                           stripe_proxy):
     checkout = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url)
     rid, pi, _ = await _crash_and_retry(checkout, http, localstripe, stripe_proxy, db,
@@ -252,7 +277,7 @@ async def test_crash_before_stripe_called(start_service, http, db, localstripe, 
                              uuid.UUID(rid)) == 1
 
 
-async def test_stripe_unreachable_then_back(start_service, http, db, localstripe,  # noqa: F811
+async def test_stripe_unreachable_then_back(start_service, http, db, localstripe,
                                             stripe_proxy, nats_url):
     checkout = start_checkout(start_service, http, STRIPE_API_BASE=stripe_proxy.url)
     api = checkout.api
@@ -276,8 +301,8 @@ async def test_stripe_unreachable_then_back(start_service, http, db, localstripe
     # a finished key is still replayed (ingress keeps finished answers for a minute)
     rid2 = await new_hold(api, await api.create_event(capacity=5))
     checkout.payment.kill()
-    await wait_for(lambda: nobody_answers(nats_url, "payments.intents.create"),
-                   what="NATS to drop the killed service's subscription")
+    await eventually(lambda: nobody_answers(nats_url, "payments.intents.create"),
+                     what="NATS to drop the killed service's subscription")
     down = await api.pay(rid2, "outage-key-2", timeout=5)
     assert (down.status, down.code) == (503, "service_unavailable")
     assert down.headers["Retry-After"]

@@ -102,7 +102,7 @@ def test_up_refuses_a_second_instance_on_the_same_home(tmp_path: Path) -> None:
 
 def test_a_running_stack_refuses_a_second_up_and_status_follows_it(tmp_path: Path) -> None:
     from boxoffice.embedded import free_port
-    from tests.test_stack import start_stack, stop_stack
+    from tests.stack_support import start_stack, stop_stack
 
     import re
     import time

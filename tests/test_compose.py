@@ -4,33 +4,17 @@ code reads (boxoffice.config.REQUIRED / OPTIONAL)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-from pathlib import Path
-
-import yaml
 
 from boxoffice import SERVICES, bus_access, config
 from boxoffice.embedded import venv_bin
+from tests.compose_support import COMPOSE_NAMES, ROOT, compose_config
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPOSE_NAMES = {"ingress": "ingress", "payment": "payment", "webhook": "webhook",
-                 "error_sink": "error-sink", "reaper": "reaper"}
 DB_SERVICES = {"payment", "webhook", "error_sink", "reaper"}
 
 
-def compose_config(*options: str) -> dict:
-    exe = shutil.which("docker-compose")
-    assert exe, "docker-compose is required for this test: apt-get install docker-compose"
-    r = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), *options, "config"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60,
-                       env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
-    assert r.returncode == 0, r.stderr
-    return yaml.safe_load(r.stdout)
-
-
 def test_compose_names_the_whole_stack() -> None:
-    cfg = compose_config()
+    cfg = compose_config(every_profile=False)
     names = set(cfg["services"])
     assert {"nats", "postgres", "localstripe", "migrate", *COMPOSE_NAMES.values()} <= names
     for name in ["nats", "postgres", "localstripe", *COMPOSE_NAMES.values()]:
@@ -38,7 +22,7 @@ def test_compose_names_the_whole_stack() -> None:
 
 
 def test_each_service_command_and_variables_match_the_code() -> None:
-    cfg = compose_config()
+    cfg = compose_config(every_profile=False)
     for service in SERVICES:
         spec = cfg["services"][COMPOSE_NAMES[service]]
         assert spec["command"] == ["run", service]
@@ -61,7 +45,7 @@ def test_each_service_command_and_variables_match_the_code() -> None:
 
 
 def test_migrate_step_and_nats_configuration() -> None:
-    cfg = compose_config()
+    cfg = compose_config(every_profile=False)
     assert cfg["services"]["migrate"]["command"] == ["migrate"]
     assert "DATABASE_URL" in cfg["services"]["migrate"]["environment"]
     nats = cfg["services"]["nats"]
@@ -76,9 +60,9 @@ def test_dockerfile_installs_the_pinned_project() -> None:
 
 
 def test_cluster_profile_runs_three_nats_nodes_and_the_services_use_them() -> None:
-    single = compose_config()
+    single = compose_config(every_profile=False)
     assert single["services"]["nats"]["command"] == ["-c", "/etc/nats/nats.conf"]
-    cfg = compose_config("--env-file", "deploy/nats/cluster.env")
+    cfg = compose_config(options=("--env-file", "deploy/nats/cluster.env"), every_profile=False)
     nodes = {name: cfg["services"][name] for name in ("nats", "nats-2", "nats-3")}
     for name in ("nats-2", "nats-3"):
         assert nodes[name]["profiles"] == ["cluster"]

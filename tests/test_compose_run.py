@@ -22,10 +22,11 @@ import stripe
 
 from boxoffice import SERVICES, roles
 from boxoffice.spool import bus_digest
-from tests.bus_users import connection_refused
+from tests.bus_support import connection_refused
 from tests.compose_images import PostgresImage, ProjectImage
 from tests.compose_support import ComposeStack, compose_config
-from tests.test_webhooks_support import event, sign, wait_for
+from tests.harness import eventually
+from tests.webhooks_support import event, pay_at_stripe, sign
 
 # what a user would set in the shell before `docker compose up`, so that a hold expires in the test
 TTL = 10
@@ -172,13 +173,8 @@ async def test_checkout_payment_expiry_and_error_report(stack: ComposeStack) -> 
                 pi = await r.json()
             assert pi["amount"] == 1500
 
-            def pay() -> str:  # the buyer's card, confirmed at Stripe (Stripe.js in a browser)
-                pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-                    "number": "4242424242424242", "exp_month": 12, "exp_year": 2030,
-                    "cvc": "123"}})
-                sc.v1.payment_intents.update(pi["id"], params={"payment_method": pm.id})
-                return sc.v1.payment_intents.confirm(pi["id"]).status
-            assert await asyncio.to_thread(pay) == "succeeded"
+            # the buyer's card, confirmed at Stripe (Stripe.js in a browser)
+            assert await asyncio.to_thread(pay_at_stripe, sc, pi["id"]) == "succeeded"
 
             async def status(rid: str) -> str:
                 return await db.fetchval("SELECT status FROM reservations WHERE id = $1",
@@ -191,12 +187,12 @@ async def test_checkout_payment_expiry_and_error_report(stack: ComposeStack) -> 
                 return await status(abandoned) == "expired"
 
             # Stripe's webhook, signed with the file's secret, reaches ingress and the webhook service
-            await wait_for(completed, 30, "the paid hold completed")
+            await eventually(completed, 30, "the paid hold completed")
             assert await db.fetchval("SELECT processing_status FROM webhook_events_log WHERE "
                                      "event_type = 'payment_intent.succeeded' AND "
                                      "payload->'data'->'object'->>'id' = $1", pi["id"]) == "processed"
             # the other hold is released by the reaper (its status in the table, not only read so)
-            await wait_for(expired, TTL + 15, "the hold expired")
+            await eventually(expired, TTL + 15, "the hold expired")
             async with s.get(f"{base}/v1/admin/events/{event_id}", headers=admin) as r:
                 counts = await r.json()
             assert (counts["sold"], counts["held"], counts["available"]) == (1, 0, 2), counts
@@ -205,7 +201,7 @@ async def test_checkout_payment_expiry_and_error_report(stack: ComposeStack) -> 
                       "service": "shop-web", "level": "error", "message": "checkout button broke"}
             async with s.post(f"{base}/v1/errors", headers=client, json=report) as r:
                 assert r.status == 202, await r.text()
-        stored = await wait_for(lambda: db.fetchrow(
+        stored = await eventually(lambda: db.fetchrow(
             "SELECT service, severity, error_message FROM error_logs WHERE id = $1",
             uuid.UUID(report["id"])), 20, "the error report stored")
         assert tuple(stored) == ("shop-web", "error", "checkout button broke")
@@ -265,7 +261,7 @@ async def test_volumes_hold_what_the_services_write(stack: ComposeStack) -> None
             assert r.status == 200, await r.text()
     db = await asyncpg.connect(stack.containers["migrate"].env["DATABASE_URL"])
     try:
-        await wait_for(lambda: db.fetchval(
+        await eventually(lambda: db.fetchval(
             "SELECT 1 FROM error_logs WHERE service = 'webhook' AND severity = 'critical' "
             "AND context->>'payment_intent_id' = $1", pi), 30, "the dispute's report stored")
     finally:

@@ -31,7 +31,10 @@ def test_every_route_is_documented_and_every_documented_route_exists() -> None:
     routed = {(r.method, r.template) for r in ingress_routes()}
     documented = {(method.upper(), path) for path, ops in contract.openapi()["paths"].items()
                   for method in ops}
-    assert routed - documented == set(), "routes missing from the OpenAPI document"
+    left_out = set(contract.UNDOCUMENTED)
+    assert left_out <= routed and not left_out & documented, "UNDOCUMENTED names a route wrongly"
+    assert all(len(reason) > 20 for reason in contract.UNDOCUMENTED.values())
+    assert routed - documented - left_out == set(), "routes missing from the OpenAPI document"
     assert documented - routed == set(), "documented routes that ingress does not have"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.compose_images import Dockerfile, ProjectImage, image_for
-from tests.compose_support import ROOT, _mounts_of, compose_config
+from tests.compose_support import ROOT, compose_config, mounts_of
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -163,7 +163,7 @@ def test_the_image_user_owns_where_the_services_write() -> None:
     runs = " && ".join(df.all("RUN"))
     written: set[str] = set()
     for name, spec in project_services(compose_config()).items():
-        mounts = {target: (kind, ro) for kind, _, target, ro in _mounts_of(spec)}
+        mounts = {target: (kind, ro) for kind, _, target, ro in mounts_of(spec)}
         spool = (spec.get("environment") or {}).get("ERROR_SPOOL_DIR")
         if spool:  # the spool must outlive the container: it is on a volume
             assert spool in mounts and not mounts[spool][1], f"{name}: {spool} is not a volume"

@@ -11,15 +11,13 @@ from datetime import datetime, timezone
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from boxoffice import bus as busmod
-from boxoffice.embedded import free_port
 from boxoffice.error_sink import alerts
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import (deliver, event, hold, log_status, new_event, new_pi,
-                                         payment_intent, wait_for)
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
+from tests.sql_support import new_event, new_hold
+from tests.webhooks_support import deliver, event, log_status, new_pi, payment_intent
 
 READ_TOKEN = "admin-read-token-dddddddddddddddd"
 EVENT = {"name": "Scoped", "capacity": 10, "price": 1000, "currency": "eur"}
@@ -63,7 +61,7 @@ async def test_read_scope_reads_operate_scope_acts_and_every_action_is_logged(
             assert status == 200
             done = [a for a in log["actions"] if a["status"] is not None]
             return log["actions"] if len(done) == 2 else None
-        actions = await wait_for(logged, what="both actions in the log")
+        actions = await eventually(logged, what="both actions in the log")
     assert [(a["action"], a["status"]) for a in actions] == [
         ("POST /v1/admin/errors/{group_id}/{action}", 404),
         ("POST /v1/admin/events", 201)]
@@ -88,7 +86,7 @@ async def test_actions_wait_on_the_bus_for_the_reaper(db: asyncpg.Pool, start_se
         async def logged() -> list | None:
             status, log = await call(s, "GET", f"{ingress.url}/v1/admin/audit", ADMIN_TOKEN)
             return [(a["action"], a["status"]) for a in log["actions"]] or None
-        assert await wait_for(logged, what="the action in the log") == [
+        assert await eventually(logged, what="the action in the log") == [
             ("POST /v1/admin/events", 201)]
 
 
@@ -104,30 +102,11 @@ async def test_an_action_that_cannot_be_logged_is_not_carried_out(
     assert await db.fetchval("SELECT count(*) FROM ticketed_events") == 0
 
 
-@pytest.fixture
-async def receiver():
-    """An alert webhook endpoint on 127.0.0.1 that keeps what it receives (body and headers)."""
-    got: list[tuple[bytes, dict[str, str]]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        got.append((await request.read(), dict(request.headers)))
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/hook", got
-    await runner.cleanup()
-
-
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
-async def test_alert_posts_are_signed_as_standard_webhooks(receiver) -> None:
-    url, got = receiver
+async def test_alert_posts_are_signed_as_standard_webhooks(alert_endpoint) -> None:
+    url, got = alert_endpoint.url, alert_endpoint.received
     payload = {"id": "g1:1", "level": "critical", "reason": "level", "title": "Boom",
                "service": "payment", "count": 1, "window_count": 1}
     async with aiohttp.ClientSession() as s:
@@ -148,24 +127,24 @@ async def test_events_of_the_other_stripe_mode_are_refused_and_recorded(
     webhook = start_service("webhook")  # a test-mode key (sk_test_...)
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     body = json.loads(event("payment_intent.succeeded", payment_intent(new_pi(), res)))
     body["livemode"] = True
     raw = json.dumps(body).encode()
     async with aiohttp.ClientSession() as s:
         await deliver(s, ingress.url, raw)
-    row = await wait_for(lambda: db.fetchrow(
+    row = await eventually(lambda: db.fetchrow(
         "SELECT * FROM webhook_events_log WHERE event_id = $1 AND processing_status = 'failed'",
         body["id"]), what="the event to be refused")
     assert "live-mode event for a test-mode key" in row["last_error"]
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", res) == "active"
     assert await db.fetchval("SELECT count(*) FROM payments") == 0
-    await wait_for(lambda: _logged(webhook, "live-mode event"), what="the refusal reported")
+    await eventually(lambda: _logged(webhook, "live-mode event"), what="the refusal reported")
     # the same event in test mode is applied
     body["id"], body["livemode"] = f"evt_{uuid.uuid4().hex}", False
     async with aiohttp.ClientSession() as s:
         await deliver(s, ingress.url, json.dumps(body).encode())
-    await wait_for(lambda: log_status(db, body["id"]), what="the test-mode event")
+    await eventually(lambda: log_status(db, body["id"]), what="the test-mode event")
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", res) == "completed"
 
 

@@ -9,10 +9,8 @@ import uuid
 
 import aiohttp
 import nats
-from aiohttp import web
 
 from boxoffice import bus as busmod
-from boxoffice.embedded import free_port
 from boxoffice.error_sink import alerts
 
 PAYLOAD = {"id": "", "group_id": "", "level": "critical", "reason": "level",
@@ -31,20 +29,9 @@ async def _alert(db) -> str:
 
 
 async def test_publish_failures_are_logged_and_spare_the_webhooks_attempts(
-        db, nats_url, caplog) -> None:
-    posted: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        posted.append(await request.json())
-        return web.Response(status=502 if len(posted) == 1 else 204)  # the first post fails
-
-    app = web.Application()
-    app.router.add_post("/hook/{token}", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}/hook/secret-token"
+        db, nats_url, caplog, alert_endpoint) -> None:
+    alert_endpoint.fail_with.append(502)  # the first post fails
+    url, posted = alert_endpoint.url, alert_endpoint.posted
     alert_id = await _alert(db)
 
     async def row() -> dict:
@@ -56,33 +43,30 @@ async def test_publish_failures_are_logged_and_spare_the_webhooks_attempts(
         await db.execute("UPDATE error_alerts SET next_attempt = now()")  # due again at once
         return await alerts.relay_once(db, bus, session, url)
 
-    try:
-        async with busmod.connect(nats_url, "alerts-test") as bus, aiohttp.ClientSession() as session:
-            # no ALERTS stream yet: every publish is refused, more times than the webhook may fail
-            caplog.set_level(logging.WARNING, logger="boxoffice.error_sink.alerts")
-            for _ in range(alerts.MAX_ATTEMPTS + 2):
-                await relay(session, bus)
-            r = await row()
-            assert r["publish_attempts"] == alerts.MAX_ATTEMPTS + 2 and r["attempts"] == 0
-            assert r["published_at"] is None and not posted  # no post before the publish
-            assert r["last_error"].startswith("publish to ALERTS failed")
-            failures = [m for m in caplog.messages if alert_id in m and "publish" in m]
-            assert len(failures) == alerts.MAX_ATTEMPTS + 2
-            assert any(rec.levelno == logging.ERROR for rec in caplog.records)  # said loudly once
-            # the bus takes it: published, then the webhook's own attempts begin
-            await bus.declare_streams("ALERTS")
-            assert await relay(session, bus) == 1
-            r = await row()
-            assert r["published_at"] is not None and r["notified_at"] is None
-            assert r["attempts"] == 1 and r["publish_attempts"] == alerts.MAX_ATTEMPTS + 2
-            assert r["last_error"] == "webhook answered 502"
-            assert await relay(session, bus) == 1
-            r = await row()
-            assert r["notified_at"] is not None and r["attempts"] == 1 and r["last_error"] is None
-            assert [p["alert"]["id"] for p in posted] == [alert_id, alert_id]
-            assert await relay(session, bus) == 0  # nothing left to do
-    finally:
-        await runner.cleanup()
+    async with busmod.connect(nats_url, "alerts-test") as bus, aiohttp.ClientSession() as session:
+        # no ALERTS stream yet: every publish is refused, more times than the webhook may fail
+        caplog.set_level(logging.WARNING, logger="boxoffice.error_sink.alerts")
+        for _ in range(alerts.MAX_ATTEMPTS + 2):
+            await relay(session, bus)
+        r = await row()
+        assert r["publish_attempts"] == alerts.MAX_ATTEMPTS + 2 and r["attempts"] == 0
+        assert r["published_at"] is None and not posted  # no post before the publish
+        assert r["last_error"].startswith("publish to ALERTS failed")
+        failures = [m for m in caplog.messages if alert_id in m and "publish" in m]
+        assert len(failures) == alerts.MAX_ATTEMPTS + 2
+        assert any(rec.levelno == logging.ERROR for rec in caplog.records)  # said loudly once
+        # the bus takes it: published, then the webhook's own attempts begin
+        await bus.declare_streams("ALERTS")
+        assert await relay(session, bus) == 1
+        r = await row()
+        assert r["published_at"] is not None and r["notified_at"] is None
+        assert r["attempts"] == 1 and r["publish_attempts"] == alerts.MAX_ATTEMPTS + 2
+        assert r["last_error"] == "webhook answered 502"
+        assert await relay(session, bus) == 1
+        r = await row()
+        assert r["notified_at"] is not None and r["attempts"] == 1 and r["last_error"] is None
+        assert [p["alert"]["id"] for p in posted] == [alert_id, alert_id]
+        assert await relay(session, bus) == 0  # nothing left to do
     nc = await nats.connect(nats_url)
     try:
         sub = await nc.jetstream().subscribe("alerts.>", ordered_consumer=True)

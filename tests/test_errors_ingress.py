@@ -13,10 +13,9 @@ import uuid
 import brotli
 import nats
 
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, SENTRY_KEY
-from tests.test_errors_support import ahttp, count, eventually, report
+from tests.errors_support import AUTH, ahttp, browser_event, count, envelope, report
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, SENTRY_KEY, eventually
 
-AUTH = {"X-Sentry-Auth": f"Sentry sentry_key={SENTRY_KEY}, sentry_version=7, sentry_client=test/1.0"}
 
 SDK_SCRIPT = """
 import sys, sentry_sdk
@@ -32,28 +31,6 @@ except ValueError:
 sentry_sdk.flush(timeout=10)
 print(event_id)
 """
-
-
-def envelope(*items: tuple[dict, bytes], header: dict | None = None) -> bytes:
-    out = [json.dumps(header if header is not None else {"event_id": uuid.uuid4().hex}).encode()]
-    for item_header, payload in items:
-        out += [json.dumps(item_header).encode(), payload]
-    return b"\n".join(out) + b"\n"
-
-
-def browser_event(**fields) -> dict:
-    event = {"event_id": uuid.uuid4().hex, "timestamp": 1_790_000_000.5, "platform": "javascript",
-             "level": "error", "tags": {"service": "checkout-web"}, "environment": "production",
-             "exception": {"values": [{"type": "TypeError", "value": "cart is undefined",
-                                       "stacktrace": {"frames": [
-                                           {"filename": "https://shop.example/node_modules/react/index.js",
-                                            "function": "render", "lineno": 1, "in_app": False},
-                                           {"filename": "https://shop.example/static/cart.js",
-                                            "function": "addToCart", "lineno": 88, "in_app": True}]}}]},
-             "request": {"url": "https://shop.example/cart", "headers": {"Cookie": "session=s3cr3tvalue"}},
-             "user": {"id": "u-1", "email": "bob@example.com", "ip_address": "10.0.0.1"}}
-    event.update(fields)
-    return event
 
 
 async def _stream_count(nats_url: str) -> int:

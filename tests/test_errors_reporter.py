@@ -16,7 +16,6 @@ import nats.js.errors
 
 from boxoffice import bus as busmod
 from boxoffice.report import BusHandler, Reporter
-from tests.test_errors_support import eventually
 
 
 async def _errors_in_stream(nats_url: str) -> list[dict]:
@@ -32,6 +31,7 @@ async def _errors_in_stream(nats_url: str) -> list[dict]:
         return out
     finally:
         await nc.close()
+from tests.harness import eventually
 
 
 async def _stream_has(nats_url: str, n: int) -> bool:
@@ -54,7 +54,7 @@ async def test_reports_wait_in_the_spool_while_nats_is_down(nats_server, tmp_pat
         reporter.report("error", "before the outage")
         await eventually(lambda: _stream_has(nats_server.url, 1))
         nats_server.kill()
-        await eventually(lambda: _true(not bus.connected))
+        await eventually(lambda: not bus.connected)
         slowest = 0.0
         for i in range(3000):  # distinct errors: no folding
             started = time.perf_counter()
@@ -65,10 +65,10 @@ async def test_reports_wait_in_the_spool_while_nats_is_down(nats_server, tmp_pat
         assert files and sum(f.stat().st_size for f in files) > 3000 * 50
         nats_server.start()
         await eventually(lambda: _stream_has(nats_server.url, 3001), timeout=60)
-        await eventually(lambda: _true(not _spooled_bytes(spool)))  # what was sent is freed
+        await eventually(lambda: not _spooled_bytes(spool))  # what was sent is freed
         # a process that stops while the bus is down leaves its reports to its successor
         nats_server.kill()
-        await eventually(lambda: _true(not bus.connected))
+        await eventually(lambda: not bus.connected)
         reporter.report("critical", "said while going down")
         await reporter.close()
         assert _spooled_bytes(spool)
@@ -84,10 +84,6 @@ async def test_reports_wait_in_the_spool_while_nats_is_down(nats_server, tmp_pat
     assert len({r["id"] for r in reports}) == len(reports) == 3002
     assert {r["message"] for r in reports} >= {"during the outage #0", "during the outage #2999",
                                                 "said while going down"}
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def _spooled_bytes(spool) -> int:

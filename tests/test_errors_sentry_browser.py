@@ -12,9 +12,8 @@ import uuid
 
 from aiohttp import web
 
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY, free_port
-from tests.test_errors_sentry_node import node_sdk  # noqa: F401 - the fixture
-from tests.test_errors_support import ahttp, eventually
+from tests.errors_support import ahttp
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually, free_port
 
 PAGE = """<!doctype html>
 <html><head><script type="importmap">{importmap}</script></head>
@@ -37,7 +36,7 @@ def _chromium() -> str:
     return found
 
 
-async def test_sentry_browser_in_chromium(db, start_service, node_sdk, tmp_path) -> None:  # noqa: F811
+async def test_sentry_browser_in_chromium(db, start_service, node_sdk, tmp_path) -> None:
     ingress = start_service("ingress", SENTRY_PROJECTS="1=shop-web")
     start_service("error_sink")
     importmap = subprocess.run(["node", "importmap.mjs"], cwd=node_sdk, capture_output=True,

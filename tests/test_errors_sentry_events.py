@@ -13,9 +13,8 @@ import uuid
 import zlib
 from pathlib import Path
 
-from tests.harness import SENTRY_KEY
-from tests.test_errors_ingress import AUTH, browser_event, envelope
-from tests.test_errors_support import ahttp, eventually
+from tests.errors_support import AUTH, ahttp, browser_event, envelope
+from tests.harness import SENTRY_KEY, eventually
 
 JOBS = """
 def settle(order_id):

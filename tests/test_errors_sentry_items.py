@@ -12,9 +12,8 @@ import subprocess
 import sys
 import uuid
 
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY
-from tests.test_errors_ingress import AUTH, browser_event, envelope
-from tests.test_errors_support import ahttp, eventually
+from tests.errors_support import ADMIN, AUTH, ahttp, browser_event, envelope
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
 
 SCRIPT = r"""
 import sys, time, sentry_sdk
@@ -58,8 +57,6 @@ with sentry_sdk.new_scope() as scope:
 sentry_sdk.flush(timeout=10)
 print(event_id)
 """
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def _get(url: str):
@@ -232,7 +229,7 @@ async def test_the_user_feedback_endpoint(db, start_service) -> None:
 
 async def test_retention_purges_old_sentry_items(db, database_url) -> None:
     from boxoffice.reaper import retention
-    from tests.test_reaper_retention import as_reaper
+    from tests.reaper_support import as_reaper
     for age in ("91 days", "1 day"):
         at = f"now() - interval '{age}'"
         await db.execute(f"INSERT INTO error_attachments (id, received_at, service, project_id, filename, "

@@ -12,8 +12,8 @@ import time
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY
-from tests.test_errors_support import ahttp, eventually
+from tests.errors_support import ADMIN, admin_json, ahttp
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY, eventually
 
 SCRIPT = r"""
 import sys, sentry_sdk
@@ -43,14 +43,6 @@ for user, crash in (("user-a", False), ("user-b", True)):
 sentry_sdk.flush(timeout=10)
 """
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def _get(url: str) -> dict:
-    status, _, body = await ahttp("GET", url, None, ADMIN)
-    assert status == 200, body
-    return json.loads(body)
-
 
 async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -> None:
     ingress = start_service("ingress", SENTRY_PROJECTS="1=shop-web")
@@ -64,7 +56,7 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
     assert out.returncode == 0, out.stderr
 
     async def monitors():
-        got = {m["slug"]: m for m in (await _get(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
+        got = {m["slug"]: m for m in (await admin_json(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
         ok = got.get("nightly-export", {}).get("status") == "ok" and "stuck-job" in got
         return got if ok else None
     got = await eventually(monitors)
@@ -79,7 +71,7 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
 
     # release health: two sessions of shop@4.0.0, one crashed
     async def releases():
-        rel = (await _get(f"{ingress.url}/v1/admin/releases"))["releases"]
+        rel = (await admin_json(f"{ingress.url}/v1/admin/releases"))["releases"]
         return rel if rel and rel[0]["sessions"] == 2 else None
     [rel] = await eventually(releases)
     assert (rel["service"], rel["release"], rel["environment"]) == ("shop-web", "shop@4.0.0", "production")
@@ -109,7 +101,7 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
     # alerted like any critical error, once per run
     alerts = await eventually(lambda: _alerts(db, [missed["group_id"], timeout["group_id"]]))
     assert {a["level"] for a in alerts} == {"critical"}
-    got = {m["slug"]: m for m in (await _get(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
+    got = {m["slug"]: m for m in (await admin_json(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
     assert got["nightly-export"]["status"] == "missed" and got["stuck-job"]["status"] == "timeout"
     assert datetime.fromisoformat(got["nightly-export"]["next_expected_at"]) > datetime.now(timezone.utc)
     # the same from the CLI
@@ -127,7 +119,7 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
         {"service": "shop-web", "slug": "bad", "schedule_type": "crontab", "schedule_value": "61 * * * *"}
     ).encode(), ADMIN)
     assert status == 422 and json.loads(raw)["code"] == "invalid_monitor"
-    got = {m["slug"]: m for m in (await _get(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
+    got = {m["slug"]: m for m in (await admin_json(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
     assert got["hourly-report"]["status"] == "new" and "bad" not in got
     due = datetime.fromisoformat(got["hourly-report"]["next_expected_at"])
     assert 3590 < (due - datetime.now(timezone.utc)).total_seconds() <= 3600

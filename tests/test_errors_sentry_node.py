@@ -1,44 +1,16 @@
 """The unmodified @sentry/node (pinned in tests/node/package.json and its lockfile, installed
-with `npm ci` by this test) reports an error with its breadcrumb, attachment and the user's
-feedback, and a cron check-in; transactions are refused so it stops sending them."""
+with `npm ci` by the ``node_sdk`` fixture) reports an error with its breadcrumb, attachment and
+the user's feedback, and a cron check-in; transactions are refused so it stops sending them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import uuid
-from pathlib import Path
 
-import pytest
-
-from tests.harness import ADMIN_TOKEN, SENTRY_KEY
-from tests.test_errors_support import ahttp, eventually
-
-NODE_DIR = Path(__file__).parent / "node"
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture(scope="session")
-def node_sdk() -> Path:
-    """tests/node with its node_modules exactly as the lockfile says (npm ci, once per lockfile)."""
-    npm = shutil.which("npm")
-    assert npm and shutil.which("node"), "Node.js 20 and npm are needed (Debian: nodejs, npm)"
-    stamp = NODE_DIR / "node_modules" / ".boxoffice-lock"
-    digest = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
-    if not stamp.exists() or stamp.read_text() != digest:
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
-                       capture_output=True, timeout=600)
-        stamp.write_text(digest)
-    return NODE_DIR
-
-
-async def _get(url: str) -> dict:
-    status, _, body = await ahttp("GET", url, None, ADMIN)
-    assert status == 200, body
-    return json.loads(body)
+from tests.errors_support import admin_json
+from tests.harness import SENTRY_KEY, eventually
 
 
 async def test_sentry_node_error_attachment_feedback_check_in(db, start_service, node_sdk) -> None:
@@ -58,7 +30,7 @@ async def test_sentry_node_error_attachment_feedback_check_in(db, start_service,
     assert ctx["exception"][-1]["mechanism"]["handled"] is True
 
     async def detail():
-        d = await _get(f"{ingress.url}/v1/admin/errors/{row['group_id']}")
+        d = await admin_json(f"{ingress.url}/v1/admin/errors/{row['group_id']}")
         return d if d["feedback"] and d["attachments"] else None
     group = await eventually(detail)
     assert [(f["message"], f["name"], f["source"]) for f in group["feedback"]] == [
@@ -67,7 +39,7 @@ async def test_sentry_node_error_attachment_feedback_check_in(db, start_service,
     assert (att["filename"], att["content_type"], att["size"]) == ("job.json", "application/json", 11)
 
     async def monitor():
-        ms = (await _get(f"{ingress.url}/v1/admin/monitors?service=box-office-app"))["monitors"]
+        ms = (await admin_json(f"{ingress.url}/v1/admin/monitors?service=box-office-app"))["monitors"]
         return ms if ms and ms[0]["status"] == "ok" else None
     [m] = await eventually(monitor)
     assert (m["slug"], m["schedule_value"], m["checkin_margin"], m["max_runtime"], m["last_duration"]) == (

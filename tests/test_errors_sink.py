@@ -9,13 +9,13 @@ from types import SimpleNamespace
 
 import asyncpg
 import nats
-from aiohttp import web
 
 from boxoffice import migrate, wire
-from boxoffice.embedded import Postgres, free_port
+from boxoffice.embedded import Postgres
 from boxoffice.error_sink import store
-from boxoffice.error_sink.sink import prepare
-from tests.test_errors_support import count, eventually, publish, publish_raw, report
+from boxoffice.error_sink.report_rows import prepare
+from tests.errors_support import count, publish, publish_raw, report
+from tests.harness import eventually
 
 N = 10_000
 
@@ -162,21 +162,12 @@ async def test_a_report_id_is_stored_once_whatever_its_batch_holds(db, database_
     assert await db.fetchval("SELECT sum(count) FROM error_groups") == 3
 
 
-async def test_alerts_decided_once_per_window_and_published(db, nats_url, start_service) -> None:
-    posted: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        posted.append(await request.json())
-        return web.Response(status=500 if len(posted) == 1 else 204)  # the first post fails
-
-    app = web.Application()
-    app.router.add_post("/hook/{token}", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+async def test_alerts_decided_once_per_window_and_published(db, nats_url, start_service,
+                                                            alert_endpoint) -> None:
+    alert_endpoint.fail_with.append(500)  # the first post fails
+    posted = alert_endpoint.posted
     sink = start_service("error_sink", ALERT_WINDOW_SECONDS="3", ALERT_RATE_PER_MINUTE="50",
-                         ALERT_WEBHOOK_URL=f"http://127.0.0.1:{port}/hook/secret-token")
+                         ALERT_WEBHOOK_URL=alert_endpoint.url)
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
@@ -214,4 +205,3 @@ async def test_alerts_decided_once_per_window_and_published(db, nats_url, start_
         assert sink.running and "secret-token" not in sink.logs()
     finally:
         await nc.close()
-        await runner.cleanup()

@@ -15,7 +15,8 @@ import nats.js.errors
 from boxoffice import bus as busmod
 from boxoffice.report import Reporter
 from boxoffice.spool import Spool
-from tests.test_errors_support import count, eventually
+from tests.errors_support import count
+from tests.harness import eventually
 
 
 async def _ids_in_stream(nats_url: str) -> list[str]:
@@ -39,10 +40,6 @@ async def _ids_in_stream(nats_url: str) -> list[str]:
 async def _at_least(nats_url: str, n: int) -> list[str] | None:
     ids = await _ids_in_stream(nats_url)
     return ids if len(ids) >= n else None
-
-
-async def _true(value: object) -> object:
-    return value
 
 
 async def _at_least_rows(db, sql: str, n: int) -> bool:
@@ -72,7 +69,7 @@ async def test_two_reporters_with_one_pid_leave_each_others_live_files_alone(
         ids = await eventually(lambda: _at_least(nats_url, 40), timeout=10)
         assert sorted(ids) == sorted(mine + kept)
         assert await other.flush(5)
-        await eventually(lambda: _true(not any(p.exists() for p in live_files)))
+        await eventually(lambda: not any(p.exists() for p in live_files))
         await other.close()
 
 
@@ -187,7 +184,7 @@ async def test_errors_logged_just_before_a_sigkill_are_stored_once(
     start_service("reaper", ERROR_SPOOL_DIR=str(spool))
     stored = "SELECT count(*) FROM error_logs WHERE service = 'reaper'"
     await eventually(lambda: _at_least_rows(db, stored, n), timeout=30)
-    await eventually(lambda: _true(not list(spool.rglob("reaper.*.spool"))), timeout=30)
+    await eventually(lambda: not list(spool.rglob("reaper.*.spool")), timeout=30)
     assert await count(db, stored) == n
     messages = {r["error_message"] for r in await db.fetch(
         "SELECT error_message FROM error_logs WHERE service = 'reaper'")}

@@ -20,21 +20,21 @@ import time
 import uuid
 from collections import Counter
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import asyncpg
 import pytest
 
-from tests.checkout_support import Api, wait_for
-from tests.harness import (ADMIN_TOKEN, CLIENT_TOKEN, SENTRY_KEY, WEBHOOK_SECRET, ServiceProcess,
+from tests.checkout_support import Api
+from tests.harness import (ADMIN_TOKEN, CLIENT_TOKEN, SENTRY_KEY, ServiceProcess, eventually,
                            http_ready)
 from tests.hostile_support import (CODE, Case, RawResponse, Route, db_snapshot, deep,
                                    ingress_routes, send, stream_snapshot)
-from tests.test_webhooks_support import sign
+from tests.webhooks_support import sign
 
 SERVICES = ("payment", "webhook", "error_sink", "reaper", "ingress")
-PUBLIC = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/asyncapi.json", "/docs")
+PUBLIC = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/asyncapi.json", "/docs",
+          "/console", "/console/app.js", "/console/console.css")  # the console's page and files
 MAX_BODY = 1 << 20
 ENVELOPE = "/api/{project_id}/envelope/"
 WEBHOOK = "/v1/webhooks/stripe"
@@ -413,7 +413,7 @@ async def test_hostile_requests_get_4xx_and_change_nothing(
     async def settled() -> bool:
         return await db.fetchval("SELECT count(*) FROM outbox") == 0
 
-    await wait_for(settled, what="the outbox relayed the hold")
+    await eventually(settled, what="the outbox relayed the hold")
     hostile_from = await db.fetchval("SELECT clock_timestamp()")  # (the set-up's actions: 2xx)
     before_db = await db_snapshot(db)
     before_streams = await stream_snapshot(nats_url)
@@ -487,6 +487,6 @@ async def test_hostile_requests_get_4xx_and_change_nothing(
         return await db.fetchval("SELECT error_message FROM error_logs WHERE id = $1",
                                  uuid.UUID(report["id"]))
 
-    message = await wait_for(stored, what="the report with a NUL stored")
+    message = await eventually(stored, what="the report with a NUL stored")
     assert "\x00" not in message and message.startswith("bad")
     assert procs["error_sink"].running and http_ready(f"{procs['error_sink'].url}/readyz")

@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 
 from boxoffice.migrate import MIGRATIONS_DIR, expected_version
-from tests.conftest import _with_db
+from tests.harness import with_db
 
 TABLES = {"error_logs", "error_groups", "payment_intents_log", "webhook_events_log",
           "ticketed_events", "inventory_buckets", "reservations", "outbox", "reaper_runs",
@@ -41,7 +41,7 @@ async def inventory(url: str) -> tuple[set[str], set[str], list[str]]:
 
 async def test_up_down_up(pg_admin_url: str) -> None:
     name = f"m_{uuid.uuid4().hex[:8]}"
-    url = _with_db(pg_admin_url, name)
+    url = with_db(pg_admin_url, name)
     r = migrate(url)  # dbmate creates the database when it does not exist
     assert r.returncode == 0, r.stdout + r.stderr
     tables, funcs, versions = await inventory(url)

@@ -35,9 +35,9 @@ from boxoffice import SERVICES, bus_access, config
 from boxoffice import bus as busmod
 from boxoffice.embedded import NatsCluster, NatsServer
 from tests.harness import CLIENT_TOKEN, NATS_PASSWORDS, ServiceProcess, base_env
-from tests.test_errors_support import report
-from tests.checkout_support import wait_for
-from tests.test_webhooks_support import charge, event, new_pi, sign
+from tests.errors_support import report
+from tests.harness import eventually
+from tests.webhooks_support import charge, event, new_pi, sign
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -214,7 +214,7 @@ async def test_killing_the_leading_node_loses_nothing(services: dict[str, Servic
         accepted, stop = Accepted(), asyncio.Event()
         load = asyncio.create_task(workload(services["ingress"].url, str(event_id), accepted, stop))
         try:
-            await wait_for(lambda: _some(accepted), 30, what="the workload to be acknowledged")
+            await eventually(lambda: _some(accepted), 30, what="the workload to be acknowledged")
             await asyncio.sleep(2)
             before = await leaders(cluster.url)
             assert all(before.values()), before
@@ -227,10 +227,10 @@ async def test_killing_the_leading_node_loses_nothing(services: dict[str, Servic
                 now = await leaders(cluster.url)
                 return now if all(v not in (None, name) for v in now.values()) else None
 
-            await wait_for(new_leaders, 30, what="new stream leaders")
+            await eventually(new_leaders, 30, what="new stream leaders")
             # the services carry on: each kind of work acknowledged again after the election
             elected = time.monotonic()
-            await wait_for(lambda: _all_since(accepted, elected), 30,
+            await eventually(lambda: _all_since(accepted, elected), 30,
                            what="webhooks, holds and reports acknowledged on the new leaders")
             for proc in services.values():
                 assert proc.running, proc.logs()[-2000:]
@@ -243,14 +243,14 @@ async def test_killing_the_leading_node_loses_nothing(services: dict[str, Servic
 
         # every acknowledged webhook applied exactly once
         ids = list(accepted.webhooks)
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM webhook_events_log WHERE "
+        await eventually(lambda: _count(db, "SELECT count(*) FROM webhook_events_log WHERE "
                                           "event_id = ANY($1::text[]) AND processed_at IS NOT NULL",
                                       ids, len(ids)), 60, what="every accepted webhook applied")
         assert await db.fetchval("SELECT count(*) FROM webhook_events_log WHERE "
                                  "event_id = ANY($1::text[])", ids) == len(ids)
         # every accepted report stored exactly once
         reports = list(accepted.reports)
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM error_logs WHERE "
+        await eventually(lambda: _count(db, "SELECT count(*) FROM error_logs WHERE "
                                           "id::text = ANY($1::text[])", reports, len(reports)),
                        60, what="every accepted error report stored")
         # every hold kept, and expired once due; the inventory agrees with the holds
@@ -259,14 +259,14 @@ async def test_killing_the_leading_node_loses_nothing(services: dict[str, Servic
                                  holds) == len(holds)
         # (a hold whose answer was lost with the node is kept too: it expires like the others)
         mine = await db.fetchval("SELECT count(*) FROM reservations WHERE event_id = $1", event_id)
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM reservations WHERE "
+        await eventually(lambda: _count(db, "SELECT count(*) FROM reservations WHERE "
                                           "event_id = $1 AND status = 'expired'",
                                       event_id, mine, exact=True), 60,
                        what="every due hold expired")
         held, sold = await db.fetchrow("SELECT sum(held), sum(sold) FROM inventory_buckets "
                                        "WHERE event_id = $1", event_id)
         assert (held, sold) == (0, 0)
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM outbox", None, 0, exact=True),
+        await eventually(lambda: _count(db, "SELECT count(*) FROM outbox", None, 0, exact=True),
                        60, what="every outbox row published")
         # each hold's held and expired event on the stream once (ids deduplicated by JetStream)
         async with busmod.connect(cluster.url, "test") as bus:
@@ -283,7 +283,7 @@ async def test_killing_the_leading_node_loses_nothing(services: dict[str, Servic
         return all(stream in states[0] and all(s.get(stream) == states[0][stream] for s in states)
                    for stream in WATCHED)
 
-    await wait_for(caught_up, 60, what=f"{name} to catch up")
+    await eventually(caught_up, 60, what=f"{name} to catch up")
 
 
 def _some(accepted: Accepted) -> bool:

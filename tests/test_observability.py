@@ -8,26 +8,13 @@ import io
 import json
 import logging
 import re
-import urllib.request
 
 import aiohttp
 from boxoffice import bus as busmod
 from boxoffice import logs, wire
 from boxoffice.wire import admin
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import event, sign
-
-
-def metrics(proc) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """``name{labels}`` -> value of a service's /metrics (on its health port)."""
-    with urllib.request.urlopen(f"{proc.health_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, metrics
+from tests.webhooks_support import event, sign
 
 
 def find(figures: dict[str, float], name: str, **labels: str) -> float | None:
@@ -119,7 +106,7 @@ async def test_consumer_lag_counts_what_waits_and_what_came_back(nats_url: str) 
         assert await figures() == (5, 0, 0)
         sub = await bus.pull("STRIPE_EVENTS", "webhook")
         got = await sub.fetch(3, timeout=5)
-        await got[0].ack()
+        await got[0].ack_sync()  # the figures read right after must see it
         await got[1].nak()
         assert await figures() == (2, 2, 0)  # one acked; one nak'd and one unanswered wait
         again = await sub.fetch(1, timeout=5)

@@ -45,17 +45,17 @@ from boxoffice import SERVICES, config, migrate
 from boxoffice import db as dbmod
 from boxoffice.embedded import LocalStripe, PostgresPair, free_port
 from boxoffice.stack import read_env
-from tests.checkout_support import Api, wait_for
+from tests.checkout_support import Api
 from tests.conftest import PgRefusals
 from tests.fault_checks import (answers_well_formed, errors_stored, expiry_announced,
                                 gather_evidence, no_event_oversold, one_intent_per_key,
                                 promises_kept)
 from tests.fault_stripe import StripeBuyer
 from tests.fault_workload import Ledger, code_of
-from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
+from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env, eventually
 from tests.stripe_keys_proxy import StripeKeysProxy
 from tests.test_nats_cluster import Accepted, workload
-from tests.test_stack import start_stack, stop_stack
+from tests.stack_support import start_stack, stop_stack
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -189,7 +189,7 @@ async def test_a_promoted_standby_has_everything_acknowledged(
     load = [asyncio.create_task(workload(base, str(event_id), accepted, stop))]
     load += [asyncio.create_task(payer(base, str(event_id), ledger, stop, n)) for n in range(2)]
     try:
-        await wait_for(lambda: accepted.webhooks and accepted.holds and accepted.reports
+        await eventually(lambda: accepted.webhooks and accepted.holds and accepted.reports
                        and ledger.intents, 30, what="the workload to be acknowledged")
         intents_before = len(ledger.intents)
         await asyncio.sleep(2)
@@ -200,10 +200,10 @@ async def test_a_promoted_standby_has_everything_acknowledged(
         promoted = time.monotonic()
         assert pair.primary is standby
         # the services carry on: each kind of work acknowledged again on the promoted primary
-        await wait_for(lambda: all(accepted.since(promoted).values()), 45,
+        await eventually(lambda: all(accepted.since(promoted).values()), 45,
                        what="webhooks, holds and reports acknowledged after the promotion")
         intents_promoted = len(ledger.intents)
-        await wait_for(lambda: len(ledger.intents) > intents_promoted, 45,
+        await eventually(lambda: len(ledger.intents) > intents_promoted, 45,
                        what="PaymentIntents answered 201 after the promotion")
         await asyncio.sleep(2)
         for name, proc in services.items():
@@ -222,7 +222,7 @@ async def test_a_promoted_standby_has_everything_acknowledged(
         assert await db.fetchval("SELECT pg_is_in_recovery()") is False
         # every acknowledged webhook logged once and applied
         ids = list(accepted.webhooks)
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM webhook_events_log WHERE "
+        await eventually(lambda: _count(db, "SELECT count(*) FROM webhook_events_log WHERE "
                                           "event_id = ANY($1::text[]) AND processed_at IS NOT NULL",
                                       ids, len(ids)), 60, what="every accepted webhook applied")
         assert await db.fetchval("SELECT count(*) FROM webhook_events_log WHERE "
@@ -230,14 +230,14 @@ async def test_a_promoted_standby_has_everything_acknowledged(
         # every hold kept and, once due, expired; every report stored; nothing left to publish
         mine = await db.fetchval("SELECT count(*) FROM reservations WHERE event_id = $1", event_id)
         assert mine >= len(accepted.holds)
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM reservations WHERE "
+        await eventually(lambda: _count(db, "SELECT count(*) FROM reservations WHERE "
                                           "event_id = $1 AND status = 'expired'", event_id, mine),
                        60, what="every due hold expired")
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM error_logs WHERE "
+        await eventually(lambda: _count(db, "SELECT count(*) FROM error_logs WHERE "
                                           "id::text = ANY($1::text[])", list(accepted.reports),
                                       len(accepted.reports)), 60,
                        what="every accepted error report stored")
-        await wait_for(lambda: _count(db, "SELECT count(*) FROM outbox", None, 0), 60,
+        await eventually(lambda: _count(db, "SELECT count(*) FROM outbox", None, 0), 60,
                        what="every outbox row published")
     finally:
         await db.close()

@@ -10,9 +10,9 @@ import sys
 import urllib.request
 from datetime import timedelta
 
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.reaper_helpers import (assert_inventory_consistent, eventually, get_json, hold,
-                                  hold_unannounced, make_event)
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
+from tests.reaper_support import (assert_inventory_consistent, get_json, hold, hold_unannounced,
+                                  make_event)
 
 
 def _request(method: str, url: str, body: bytes | None = None,

@@ -12,9 +12,9 @@ import asyncpg
 
 from boxoffice import db as dbmod
 from boxoffice.reaper import expiry
-from tests.harness import login_url
-from tests.reaper_helpers import (assert_inventory_consistent, eventually, expired_events, hold,
-                                  hold_unannounced, make_event, metrics)
+from tests.harness import eventually, login_url, metrics
+from tests.reaper_support import (assert_inventory_consistent, expired_events, hold,
+                                  hold_unannounced, make_event)
 
 
 async def _status(db: asyncpg.Pool, ids: list) -> dict[str, int]:
@@ -46,7 +46,7 @@ async def test_holds_expire_within_a_second_and_tickets_return(db, start_service
     # every expiry announced once, counted in the metrics and in reaper_runs
     counts = await expired_events(nats_url, expect=8)
     assert counts == {str(i): 1 for i in short}
-    m = metrics(reaper.url)
+    m = metrics(reaper)
     assert m["boxoffice_holds_expired_total"] == 8
     assert m["boxoffice_hold_expiry_lag_seconds_count"] == 8
     assert m["boxoffice_hold_expiry_lag_seconds_bucket{le=\"1.0\"}"] == 8

@@ -11,9 +11,9 @@ import asyncpg
 from boxoffice import migrate
 from boxoffice.db import pool as open_pool
 from boxoffice.embedded import Postgres
-from tests.harness import base_env, http_ready
-from tests.reaper_helpers import (assert_inventory_consistent, bulk_holds, eventually,
-                                  expired_events, get_json, hold, make_event, metrics)
+from tests.harness import base_env, eventually, http_ready, metrics
+from tests.reaper_support import (assert_inventory_consistent, bulk_holds, expired_events, get_json,
+                                  hold, make_event)
 
 
 async def _all_expired_and_published(db: asyncpg.Pool, n: int) -> bool:
@@ -42,7 +42,7 @@ async def test_three_replicas_expire_and_announce_each_hold_once(db, start_servi
     # each hold counted once across the replicas' runs and metrics
     await eventually(lambda: db.fetchval(
         "SELECT sum(expired) = $1 FROM reaper_runs WHERE kind = 'expiry'", n), what="runs recorded")
-    assert sum(metrics(r.url)["boxoffice_holds_expired_total"] for r in replicas) == n
+    assert sum(metrics(r)["boxoffice_holds_expired_total"] for r in replicas) == n
     workers = await db.fetchval("SELECT count(DISTINCT replica) FROM reaper_runs")
     print(f"{workers} of 3 replicas expired holds")
 
@@ -87,7 +87,7 @@ async def test_postgres_stopped_and_restarted_the_reaper_reports_and_catches_up(
         pg.stop()  # the holds fall due while PostgreSQL is down
 
         def reports_outage() -> bool:
-            m = metrics(reaper.url)
+            m = metrics(reaper)
             status, body = get_json(f"{reaper.url}/readyz")
             return (m.get('boxoffice_reaper_errors_total{kind="expiry"}', 0) > 0
                     and status == 503 and body["checks"]["postgres"] is False)

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
-from boxoffice import db as dbmod
 from boxoffice.reaper import retention
-from tests.harness import login_url
+from tests.reaper_support import as_reaper
 
 NOW = datetime.now(timezone.utc)
-
-
-def as_reaper(database_url: str) -> AbstractAsyncContextManager[asyncpg.Pool]:
-    """Retention runs as the reaper's own role, as deployed."""
-    return dbmod.pool(login_url("reaper", database_url), min_size=1, max_size=2)
 
 
 async def _key(db: asyncpg.Pool, key: str, age: timedelta) -> None:

@@ -10,8 +10,7 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.conftest import _with_db
-from tests.harness import http_ready
+from tests.harness import http_ready, with_db
 
 SERVICES = ["ingress", "payment", "webhook", "error_sink", "reaper"]
 
@@ -69,7 +68,7 @@ async def test_refuses_to_start_on_unmigrated_database(service: str, start_servi
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
     try:
-        proc = start_service(service, wait=False, DATABASE_URL=_with_db(pg_admin_url, name))
+        proc = start_service(service, wait=False, DATABASE_URL=with_db(pg_admin_url, name))
         assert proc.proc is not None
         code = proc.proc.wait(60)
         assert code != 0

@@ -29,9 +29,9 @@ import pytest
 
 from boxoffice import bus_access, roles
 from boxoffice.embedded import free_port
-from tests.checkout_support import Api, Resp, nobody_answers, wait_for
-from tests.harness import DB_PASSWORDS, NATS_PASSWORDS, ServiceProcess, base_env
-from tests.test_webhooks_support import event, payment_intent, sign
+from tests.checkout_support import Api, Resp, nobody_answers
+from tests.harness import DB_PASSWORDS, NATS_PASSWORDS, ServiceProcess, base_env, eventually
+from tests.webhooks_support import event, payment_intent, sign
 
 CLIENT = "client-SECRET-7b1e0c5a9f2d4e68"
 ADMIN = "admin-SECRET-3c9d1f7e2a5b8d40"
@@ -147,7 +147,7 @@ async def test_no_secret_in_logs_reports_or_responses(
             return await db.fetchval("SELECT status FROM reservations WHERE id = $1",
                                      uuid.UUID(hold_id)) == "completed"
 
-        await wait_for(completed, what="the hold completed by the webhook")
+        await eventually(completed, what="the hold completed by the webhook")
 
         # -- wrong credentials of every kind ----------------------------------------------------
         for token, path, method in [
@@ -192,8 +192,8 @@ async def test_no_secret_in_logs_reports_or_responses(
 
         # -- Stripe unreachable: the payment service answers 503, and says why without the key --
         payment.kill()
-        await wait_for(lambda: nobody_answers(nats_url, "payments.intents.create"),
-                       what="the killed payment service's subscription gone")
+        await eventually(lambda: nobody_answers(nats_url, "payments.intents.create"),
+                         what="the killed payment service's subscription gone")
         dead = f"http://127.0.0.1:{free_port()}"
         payment2 = start("payment", STRIPE_API_BASE=dead)
         r = await api.call("POST", "/v1/reservations", token=CLIENT,
@@ -212,21 +212,21 @@ async def test_no_secret_in_logs_reports_or_responses(
         r = await api.call("POST", "/v1/payment_intents", token=CLIENT, key="order-3",
                            body={"reservation_id": r.json["id"]}, timeout=30)
         assert r.status in (503, 504), r.body
-        await wait_for(lambda: not crashing.running, what="the failpoint crash")
+        await eventually(lambda: not crashing.running, what="the failpoint crash")
 
     # -- a database that refuses: start-up fails, is logged and reported ------------------------
     no_db = _with_password(database_url).rsplit("/", 1)[0] + "/no_such_database"
     refused = start_service("reaper", wait=False, env=dict(env, DATABASE_URL=no_db))
     procs.append(refused)
-    await wait_for(lambda: refused.proc is not None and refused.proc.poll() is not None,
-                   timeout=60, what="the reaper giving up on a missing database")
+    await eventually(lambda: refused.proc is not None and refused.proc.poll() is not None,
+                     timeout=60, what="the reaper giving up on a missing database")
     assert refused.proc.returncode != 0
     # -- NATS credentials refused: start-up stops at once, naming the variable ------------------
     wrong_nats = bus_access.with_user(bus_access.without_user(nats_url), "payment", NATS_WRONG)
     refused_bus = start_service("payment", wait=False, env=dict(env, NATS_URL=wrong_nats))
     procs.append(refused_bus)
-    await wait_for(lambda: refused_bus.proc is not None and refused_bus.proc.poll() is not None,
-                   timeout=30, what="the payment service refused by nats-server")
+    await eventually(lambda: refused_bus.proc is not None and refused_bus.proc.poll() is not None,
+                     timeout=30, what="the payment service refused by nats-server")
     assert refused_bus.proc.returncode == 1 and "NATS_URL" in refused_bus.logs()
     # -- malformed settings: one line naming the variable, never its value ---------------------
     bad_settings = [("ingress", "ADMIN_API_TOKENS", f"{ADMIN},short", "ADMIN_API_TOKENS"),
@@ -252,7 +252,7 @@ async def test_no_secret_in_logs_reports_or_responses(
         return await db.fetchval("SELECT count(*) FROM error_logs WHERE id = ANY($1::uuid[])",
                                  report_ids) == len(report_ids)
 
-    await wait_for(reports_stored, timeout=30, what="the quoted-credential reports stored")
+    await eventually(reports_stored, timeout=30, what="the quoted-credential reports stored")
     # the sink drains the ERRORS stream: everything on it is stored before we look
     async def sink_caught_up() -> bool:
         nc = await nats.connect(nats_url)
@@ -263,7 +263,7 @@ async def test_no_secret_in_logs_reports_or_responses(
         finally:
             await nc.close()
 
-    await wait_for(sink_caught_up, timeout=30, what="the error-sink caught up with ERRORS")
+    await eventually(sink_caught_up, timeout=30, what="the error-sink caught up with ERRORS")
     assert sink.running
 
     # -- the search ------------------------------------------------------------------------------

@@ -13,31 +13,7 @@ import asyncpg
 import pytest
 
 from boxoffice.payment import intents
-
-
-async def new_event(db: asyncpg.Pool, capacity: int = 10) -> uuid.UUID:
-    return await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'show', $1, 2500, "
-                             "'eur')", capacity)
-
-
-async def hold(db: asyncpg.Pool, ev: uuid.UUID, quantity: int = 2, ttl: int = 900,
-               client: str = "client") -> uuid.UUID:
-    return await db.fetchval("SELECT id FROM hold_tickets($1, $2, $3, $4)", ev, quantity,
-                             client, ttl)
-
-
-async def inventory(db: asyncpg.Pool, ev: uuid.UUID) -> tuple[int, int]:
-    row = await db.fetchrow("SELECT sum(held)::int AS held, sum(sold)::int AS sold "
-                            "FROM inventory_buckets WHERE event_id = $1", ev)
-    return row["held"], row["sold"]
-
-
-async def status(db: asyncpg.Pool, res: uuid.UUID) -> str:
-    return await db.fetchval("SELECT status FROM reservations WHERE id = $1", res)
-
-
-def pi() -> str:
-    return f"pi_{uuid.uuid4().hex[:24]}"
+from tests.sql_support import inventory, new_event, new_hold, paid_by, pi, status
 
 
 async def apply(db: asyncpg.Pool, kind: str, pi_id: str, res: uuid.UUID | None, *,
@@ -54,13 +30,6 @@ async def apply(db: asyncpg.Pool, kind: str, pi_id: str, res: uuid.UUID | None, 
     return row["outcome"]
 
 
-async def paid_by(db: asyncpg.Pool, res: uuid.UUID, pi_id: str) -> None:
-    """The checkout's record: the hold's PaymentIntent is ``pi_id``."""
-    await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, "
-                     "status) VALUES ($1, $2, 5000, 'eur', 'created')", pi_id, res)
-    await db.execute("UPDATE reservations SET payment_intent_id = $1 WHERE id = $2", pi_id, res)
-
-
 async def actions(db: asyncpg.Pool) -> list[tuple[Any, ...]]:
     rows = await db.fetch("SELECT kind, payment_intent_id, reason, status FROM stripe_actions "
                           "ORDER BY id")
@@ -72,12 +41,12 @@ async def actions(db: asyncpg.Pool) -> list[tuple[Any, ...]]:
 async def test_return_tickets_outcomes(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
     a, b = pi(), pi()
-    sold = await hold(db, ev)
+    sold = await new_hold(db, ev)
     await paid_by(db, sold, a)
     assert await db.fetchval("SELECT complete_reservation($1, $2)", sold, a) == "completed"
-    active = await hold(db, ev)
+    active = await new_hold(db, ev)
     await paid_by(db, active, a.replace("pi_", "pi_b"))
-    ended = await hold(db, ev)
+    ended = await new_hold(db, ev)
     await db.execute("SELECT release_reservation($1)", ended)
     fn = "SELECT return_reservation_tickets($1, $2)"
     assert await db.fetchval(fn, uuid.uuid4(), a) == "unknown"
@@ -95,7 +64,7 @@ async def test_refund_of_another_payment_never_resells_a_paid_hold(db: asyncpg.P
     """A pays hold R; B, a second payment for R, is refunded and its charge.refunded arrives
     before its succeeded: R stays sold to A, its tickets stay sold, B ends refunded."""
     ev = await new_event(db, capacity=2)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     a, b = pi(), pi()
     await paid_by(db, res, a)
     assert await apply(db, "payment_intent.succeeded", a, res) == "completed"
@@ -108,12 +77,12 @@ async def test_refund_of_another_payment_never_resells_a_paid_hold(db: asyncpg.P
                              b) == "refunded"
     # no one can hold the sold tickets
     with pytest.raises(asyncpg.PostgresError, match="sold_out"):
-        await hold(db, ev, 1)
+        await new_hold(db, ev, 1)
 
 
 async def test_cancel_of_another_payment_never_releases_a_hold(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     a, b = pi(), pi()
     await paid_by(db, res, a)
     assert await apply(db, "payment_intent.canceled", b, res) == "recorded"
@@ -126,9 +95,9 @@ async def test_cancel_of_another_payment_never_releases_a_hold(db: asyncpg.Pool)
 
 async def test_oversold_payment_decides_a_refund(db: asyncpg.Pool) -> None:
     ev = await new_event(db, capacity=2)
-    res = await hold(db, ev, ttl=0)
+    res = await new_hold(db, ev, ttl=0)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
-    await hold(db, ev)  # someone else takes the tickets
+    await new_hold(db, ev)  # someone else takes the tickets
     a = pi()
     assert await apply(db, "payment_intent.succeeded", a, res) == "refund_oversold"
     assert await actions(db) == [("refund", a, "oversold", "pending")]
@@ -150,7 +119,7 @@ async def test_oversold_payment_decides_a_refund(db: asyncpg.Pool) -> None:
 
 async def test_second_payment_of_a_sold_hold_decides_a_refund(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     a, b = pi(), pi()
     await paid_by(db, res, a)
     assert await apply(db, "payment_intent.succeeded", a, res) == "completed"
@@ -161,7 +130,7 @@ async def test_second_payment_of_a_sold_hold_decides_a_refund(db: asyncpg.Pool) 
 
 async def test_dispute_before_success_sells_the_hold(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     a = pi()
     await paid_by(db, res, a)
     assert await apply(db, "charge.dispute.created", a, res) == "disputed"
@@ -202,7 +171,7 @@ async def test_finish_stripe_action_outcomes(db: asyncpg.Pool) -> None:
     fn = "SELECT finish_stripe_action($1, $2, $3, $4, $5)"
     ids = {}
     for name in ("refund", "cancel", "moot", "failed", "retry"):
-        res = await hold(db, ev, 1)
+        res = await new_hold(db, ev, 1)
         p = pi()
         await paid_by(db, res, p)
         await db.execute("UPDATE payments SET status = 'succeeded' WHERE payment_intent_id = $1 "
@@ -235,8 +204,8 @@ async def test_finish_stripe_action_outcomes(db: asyncpg.Pool) -> None:
 
 async def test_hold_ending_decides_the_cancel_of_its_payment_intents(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    expiring, cancelled, sold, bare = (await hold(db, ev, 1, ttl=0), await hold(db, ev, 1),
-                                       await hold(db, ev, 1), await hold(db, ev, 1, ttl=0))
+    expiring, cancelled, sold, bare = (await new_hold(db, ev, 1, ttl=0), await new_hold(db, ev, 1),
+                                       await new_hold(db, ev, 1), await new_hold(db, ev, 1, ttl=0))
     p_exp, p_can, p_sold, p_other = pi(), pi(), pi(), pi()
     await paid_by(db, expiring, p_exp)
     await paid_by(db, cancelled, p_can)
@@ -273,7 +242,7 @@ async def record(db: asyncpg.Pool, row: asyncpg.Record, key: str = "k1", fp: str
 
 async def test_claim_outcomes(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     first = await claim(db, res)
     assert first["outcome"] == "claimed" and first["lease_token"] is not None
     assert await db.fetchval("SELECT payment_idempotency_key FROM reservations WHERE id = $1",
@@ -289,7 +258,7 @@ async def test_claim_outcomes(db: asyncpg.Pool) -> None:
     assert (await record(db, first, pi_id=p))["outcome"] == "recorded"
     replay = await claim(db, res)
     assert (replay["outcome"], replay["response_status"]) == ("replay", 201)
-    ended = await hold(db, ev)
+    ended = await new_hold(db, ev)
     await db.execute("SELECT release_reservation($1)", ended)
     not_active = await claim(db, ended, key="k3")
     assert (not_active["outcome"], not_active["detail"]) == ("not_active", "cancelled")
@@ -299,7 +268,7 @@ async def test_claim_is_durable(db: asyncpg.Pool) -> None:
     """Nothing in the claim turns off the WAL flush at commit: a claim that returned survives a
     PostgreSQL crash, before Stripe is ever called."""
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     async with db.acquire() as conn, conn.transaction():
         assert (await claim(conn, res))["outcome"] == "claimed"
         assert await conn.fetchval("SELECT current_setting('synchronous_commit')") == "on"
@@ -307,7 +276,7 @@ async def test_claim_is_durable(db: asyncpg.Pool) -> None:
 
 async def test_one_live_payment_intent_per_hold_survives_key_retention(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     row = await claim(db, res)
     assert (await record(db, row, pi_id=pi()))["outcome"] == "recorded"
     await db.execute("DELETE FROM payment_intents_log")  # retention purged the key
@@ -316,7 +285,7 @@ async def test_one_live_payment_intent_per_hold_survives_key_retention(db: async
 
 async def test_definitive_refusal_frees_the_hold_for_another_key(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     row = await claim(db, res)
     assert (await record(db, row, status=402))["outcome"] == "recorded"
     assert (await claim(db, res, key="k2"))["outcome"] == "claimed"
@@ -324,7 +293,7 @@ async def test_definitive_refusal_frees_the_hold_for_another_key(db: asyncpg.Poo
 
 async def test_record_outcomes(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     row = await claim(db, res)
     p = pi()
     assert (await record(db, row, pi_id=p))["outcome"] == "recorded"
@@ -339,7 +308,7 @@ async def test_record_of_a_lost_claim_writes_nothing(db: asyncpg.Pool) -> None:
     """The claim vanished (a crash erased it) or its id now names another client's key (an id
     recycled after the crash): the record refuses instead of finishing someone else's key."""
     ev = await new_event(db)
-    mine, theirs = await hold(db, ev), await hold(db, ev, client="other")
+    mine, theirs = await new_hold(db, ev), await new_hold(db, ev, client="other")
     row = await claim(db, mine)
     await db.execute("DELETE FROM payment_intents_log")
     await db.execute("UPDATE reservations SET payment_idempotency_key = NULL")
@@ -358,7 +327,7 @@ async def test_record_of_a_lost_claim_writes_nothing(db: asyncpg.Pool) -> None:
 
 async def test_record_after_the_hold_ended_decides_a_cancel(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     row = await claim(db, res)
     await db.execute("SELECT release_reservation($1)", res)  # ended while Stripe was called
     p = pi()
@@ -368,7 +337,7 @@ async def test_record_after_the_hold_ended_decides_a_cancel(db: asyncpg.Pool) ->
 
 async def test_a_lapsed_lease_is_not_cleared_by_its_first_worker(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = await hold(db, ev)
+    res = await new_hold(db, ev)
     first = await claim(db, res, lease=0)
     second = await claim(db, res, lease=0)  # the first worker's lease lapsed: taken over
     assert second["outcome"] == "resumed"

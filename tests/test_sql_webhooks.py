@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from tests.sql_support import hold, inventory, listening, new_event, outbox, pi, status, ts
+from tests.sql_support import (hold, hold_with_intent, inventory, listening, new_event, outbox,
+                               pi, status, ts)
 
 ADVANCE = "SELECT * FROM advance_payment($1, $2, $3, $4, $5, to_timestamp($6))"
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, to_timestamp($3), $4, $5, $6, $7, $8, $9, "
@@ -20,13 +21,6 @@ APPLY = ("SELECT * FROM apply_stripe_event($1, $2, to_timestamp($3), $4, $5, $6,
 
 async def payment(db: asyncpg.Pool, pi_id: str) -> asyncpg.Record | None:
     return await db.fetchrow("SELECT * FROM payments WHERE payment_intent_id = $1", pi_id)
-
-
-async def paid_by(db: asyncpg.Pool, res: uuid.UUID, pi_id: str) -> None:
-    """The checkout's record: the hold's PaymentIntent is ``pi_id``."""
-    await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, "
-                     "status) VALUES ($1, $2, 5000, 'eur', 'created')", pi_id, res)
-    await db.execute("UPDATE reservations SET payment_intent_id = $1 WHERE id = $2", pi_id, res)
 
 
 async def apply(db: asyncpg.Pool | asyncpg.Connection, kind: str, pi_id: str | None,
@@ -78,9 +72,7 @@ async def test_advance_inserts_a_missing_payment(db: asyncpg.Pool) -> None:
 
 
 async def test_advance_moves_forward_only(db: asyncpg.Pool) -> None:
-    res = (await hold(db, await new_event(db)))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, await new_event(db))
     row = await db.fetchrow(ADVANCE, p, None, 9999, "usd", "succeeded", 200.0)
     # the row's reservation, amount and currency, whatever the event said
     assert tuple(row) == (True, "created", res, 5000, "eur")
@@ -153,9 +145,7 @@ async def test_emit_payment_event_writes_one_outbox_row(db: asyncpg.Pool) -> Non
 
 async def test_apply_a_duplicate_event_changes_nothing(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     assert (await apply(db, "payment_intent.succeeded", p, res, event_id="evt_1"))[
         "outcome"] == "completed"
     rows = len(await outbox(db))
@@ -199,9 +189,7 @@ async def test_apply_without_a_payment_intent(db: asyncpg.Pool) -> None:
 
 async def test_apply_a_partial_refund_leaves_the_sale(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     assert (await apply(db, "payment_intent.succeeded", p, res))["outcome"] == "completed"
     rows = len(await outbox(db))
     for refunded in (False, None):
@@ -216,9 +204,7 @@ async def test_apply_a_partial_refund_leaves_the_sale(db: asyncpg.Pool) -> None:
 
 async def test_apply_a_stale_event_changes_nothing(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     assert (await apply(db, "payment_intent.succeeded", p, res))["outcome"] == "completed"
     rows = len(await outbox(db))
     for kind in ("payment_intent.processing", "payment_intent.payment_failed",
@@ -247,9 +233,7 @@ async def test_apply_a_success_for_no_reservation(db: asyncpg.Pool) -> None:
 
 async def test_apply_a_failed_payment_is_recorded_and_the_hold_stays(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     row = await apply(db, "payment_intent.payment_failed", p, res, reason="card_declined")
     assert tuple(row) == ("recorded", res, 5000, "eur")
     assert (await payment(db, p))["status"] == "failed"
@@ -262,9 +246,7 @@ async def test_apply_a_failed_payment_is_recorded_and_the_hold_stays(db: asyncpg
 
 async def test_apply_processing_is_recorded_without_an_event(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     assert tuple(await apply(db, "payment_intent.processing", p, res)) == (
         "recorded", res, 5000, "eur")
     assert (await payment(db, p))["status"] == "processing"
@@ -274,9 +256,7 @@ async def test_apply_processing_is_recorded_without_an_event(db: asyncpg.Pool) -
 
 async def test_apply_a_success_completes_the_hold(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     created = time.time() - 3
     assert tuple(await apply(db, "payment_intent.succeeded", p, res, created=created)) == (
         "completed", res, 5000, "eur")
@@ -296,9 +276,7 @@ async def test_apply_a_success_completes_the_hold(db: asyncpg.Pool) -> None:
 
 async def test_apply_a_full_refund_of_a_sale_returns_its_tickets(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     assert (await apply(db, "payment_intent.succeeded", p, res))["outcome"] == "completed"
     before = len(await outbox(db))
     row = await apply(db, "charge.refunded", p, None, refunded=True, refund_id="re_1")
@@ -317,9 +295,7 @@ async def test_apply_a_full_refund_of_a_sale_returns_its_tickets(db: asyncpg.Poo
 
 async def test_apply_a_full_refund_of_a_hold_releases_it(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
-    res = (await hold(db, ev))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, ev)
     row = await apply(db, "charge.refunded", p, res, refunded=True, refund_id="re_1")
     assert row["outcome"] == "tickets_returned"
     assert await status(db, res) == "cancelled"
@@ -354,9 +330,7 @@ async def test_outbox_notifies_unless_its_transaction_is_quiet(db: asyncpg.Pool)
 
 
 async def test_apply_stripe_event_writes_its_outbox_rows_quietly(db: asyncpg.Pool) -> None:
-    res = (await hold(db, await new_event(db)))["id"]
-    p = pi()
-    await paid_by(db, res, p)
+    res, p = await hold_with_intent(db, await new_event(db))
     async with listening(db, "boxoffice_outbox") as heard, db.acquire() as conn:
         assert (await apply(conn, "payment_intent.succeeded", p, res))["outcome"] == "completed"
         await heard.nothing_more()

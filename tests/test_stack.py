@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import asyncpg
+import nats
 import psutil
 import pytest
 
@@ -23,26 +24,7 @@ from boxoffice import bus_access, roles
 from boxoffice.embedded import free_port
 from boxoffice.stack import STACK_KEYS, read_env
 from tests.harness import http_ready
-
-
-def start_stack(home: Path, port: int, **extra: str) -> tuple[subprocess.Popen, list[str]]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NATS_URL", "DATABASE_URL", "STRIPE_API_KEY", "STRIPE_API_BASE")}
-    env.update(BOXOFFICE_HOME=str(home), INGRESS_PORT=str(port), RESERVATION_TTL_SECONDS="120",
-               **extra)
-    proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "up"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError("boxoffice up exited:\n" + "".join(lines))
-        lines.append(line)
-        if "ingress listening on" in line:
-            return proc, lines
-    raise AssertionError("not ready in time:\n" + "".join(lines))
+from tests.stack_support import start_stack, stop_stack
 
 
 def admin(url: str, token: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -51,17 +33,6 @@ def admin(url: str, token: str, method: str, path: str, body: dict | None = None
                                  headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
-
-
-def stop_stack(proc: subprocess.Popen) -> set[psutil.Process]:
-    family = set(psutil.Process(proc.pid).children(recursive=True))
-    proc.send_signal(signal.SIGINT)
-    try:
-        assert proc.wait(60) == 0
-    finally:
-        assert proc.stdout is not None
-        proc.stdout.close()
-    return family
 
 
 async def _services_use_their_own_roles(home: Path, owner_url: str) -> None:
@@ -208,7 +179,8 @@ def test_up_with_a_nats_cluster_of_three(tmp_path: Path) -> None:
     # started again on the same stores, the cluster has every message it had
     proc, _ = start_stack(home, free_port(), BOXOFFICE_NATS_NODES="3")
     try:
-        again = asyncio.run(_streams(read_env(home / "stack.env")["NATS_URL"]))
+        # a restarted cluster answers for a stream once it has elected that stream's leader
+        again = asyncio.run(_streams(read_env(home / "stack.env")["NATS_URL"], patience=60))
         assert all(again[name][1] >= kept[name][1] for name in kept), (kept, again)
     finally:
         family = stop_stack(proc)
@@ -216,12 +188,21 @@ def test_up_with_a_nats_cluster_of_three(tmp_path: Path) -> None:
     assert not alive
 
 
-async def _streams(url: str) -> dict[str, tuple[int, int]]:
-    """Each stream's replicas and messages."""
+async def _streams(url: str, patience: float = 0.0) -> dict[str, tuple[int, int]]:
+    """Each stream's replicas and messages; a stream that does not answer yet (no leader) is
+    asked again for up to ``patience`` seconds."""
     async with busmod.connect(url, "test") as bus:
         out = {}
         for name in ("STRIPE_EVENTS", "ERRORS", "RESERVATIONS", "PAYMENTS"):
-            info = await bus.js.stream_info(name)
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    info = await bus.js.stream_info(name)
+                    break
+                except (TimeoutError, nats.errors.Error):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
             out[name] = (info.config.num_replicas, info.state.messages)
         return out
 

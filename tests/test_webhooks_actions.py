@@ -11,17 +11,18 @@ import aiohttp
 import asyncpg
 
 from boxoffice.embedded import free_port
-from tests.test_webhooks_support import (deliver, event, hold, inventory, log_status, new_event,
-                                         new_pi, paid_intent, payment_intent, stripe_client,
-                                         wait_for)
+from tests.harness import eventually
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import (deliver, event, log_status, new_pi, paid_intent, payment_intent,
+                                    stripe_client)
 
 
 async def _sold_out_hold(db: asyncpg.Pool) -> asyncpg.Record:
     """A hold that expired, whose tickets someone else then took."""
     ev = await new_event(db, capacity=2)
-    gone = await hold(db, ev, 2, ttl=0)
+    gone = await new_hold(db, ev, 2, ttl=0)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
-    await hold(db, ev, 2)
+    await new_hold(db, ev, 2)
     return gone
 
 
@@ -34,22 +35,22 @@ async def test_stripe_down_delays_the_refund_not_the_events(db: asyncpg.Pool, st
     gone = await _sold_out_hold(db)
     paid = paid_intent(sc, gone)
     roomy = await new_event(db, capacity=10)
-    fine_hold = await hold(db, roomy, 2)
+    fine_hold = await new_hold(db, roomy, 2)
     oversold = event("payment_intent.succeeded", paid)
     fine = event("payment_intent.succeeded", payment_intent(new_pi(), fine_hold))
     async with aiohttp.ClientSession() as s:
         await deliver(s, ingress.url, oversold)
-        await wait_for(lambda: log_status(db, json.loads(oversold)["id"]),
-                       what="the oversold payment to apply")
+        await eventually(lambda: log_status(db, json.loads(oversold)["id"]),
+                         what="the oversold payment to apply")
         # Stripe is down and the refund waits: the next event is applied all the same
         await deliver(s, ingress.url, fine)
-        await wait_for(lambda: log_status(db, json.loads(fine)["id"]), what="the next event")
+        await eventually(lambda: log_status(db, json.loads(fine)["id"]), what="the next event")
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1",
                              fine_hold) == "completed"
     logged = await db.fetchrow("SELECT processing_status, attempts FROM webhook_events_log "
                                "WHERE event_id = $1", json.loads(oversold)["id"])
     assert tuple(logged) == ("processed", 1)  # the event is done: only the refund waits
-    action = await wait_for(lambda: db.fetchrow(
+    action = await eventually(lambda: db.fetchrow(
         "SELECT * FROM stripe_actions WHERE attempts >= 2"), what="the refund to be retried")
     assert (action["kind"], action["status"], action["reason"]) == ("refund", "pending", "oversold")
     assert "APIConnectionError" in action["last_error"]
@@ -59,7 +60,7 @@ async def test_stripe_down_delays_the_refund_not_the_events(db: asyncpg.Pool, st
     assert broken.stop() == 0
     await db.execute("UPDATE stripe_actions SET next_attempt_at = now()")  # skip the back-off
     start_service("webhook", STRIPE_API_BASE=localstripe.url)
-    pay = await wait_for(lambda: db.fetchrow(
+    pay = await eventually(lambda: db.fetchrow(
         "SELECT * FROM payments WHERE payment_intent_id = $1 AND status = 'refunded'",
         paid["id"]), what="the refund")
     assert pay["refund_reason"] == "oversold"
@@ -73,7 +74,7 @@ async def test_hold_that_ends_cancels_its_payment_intent_at_stripe(db: asyncpg.P
     start_service("webhook", STRIPE_API_BASE=localstripe.url)
     sc = stripe_client(localstripe)
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2, ttl=1)
+    res = await new_hold(db, ev, 2, ttl=1)
     pi = sc.v1.payment_intents.create(params={
         "amount": 5000, "currency": "eur", "metadata": {"reservation_id": str(res)}})
     await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, "
@@ -81,8 +82,8 @@ async def test_hold_that_ends_cancels_its_payment_intent_at_stripe(db: asyncpg.P
     await db.execute("UPDATE reservations SET payment_intent_id = $1 WHERE id = $2", pi.id, res)
     await asyncio.sleep(1.1)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
-    await wait_for(lambda: db.fetchval("SELECT status = 'done' FROM stripe_actions"),
-                   what="the cancel to be made")
+    await eventually(lambda: db.fetchval("SELECT status = 'done' FROM stripe_actions"),
+                     what="the cancel to be made")
     assert sc.v1.payment_intents.retrieve(pi.id).status == "canceled"
     row = await db.fetchrow("SELECT kind, reason, idempotency_key FROM stripe_actions")
     assert tuple(row) == ("cancel", "hold_expired", f"cancel-{pi.id}")
@@ -97,7 +98,7 @@ async def test_cancel_too_late_applies_the_payment_at_once(db: asyncpg.Pool, sta
     start_service("webhook", STRIPE_API_BASE=localstripe.url)
     sc = stripe_client(localstripe)
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2, ttl=1)
+    res = await new_hold(db, ev, 2, ttl=1)
     paid = paid_intent(sc, res)
     await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, "
                      "status) VALUES ($1, $2, 5000, 'eur', 'created')", paid["id"], res)
@@ -105,8 +106,8 @@ async def test_cancel_too_late_applies_the_payment_at_once(db: asyncpg.Pool, sta
                      paid["id"], res)
     await asyncio.sleep(1.1)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
-    await wait_for(lambda: db.fetchval("SELECT status = 'completed' FROM reservations"),
-                   what="the late payment to sell the hold")
+    await eventually(lambda: db.fetchval("SELECT status = 'completed' FROM reservations"),
+                     what="the late payment to sell the hold")
     assert await inventory(db, ev) == (0, 2)
     action = await db.fetchrow("SELECT status, detail FROM stripe_actions")
     assert tuple(action) == ("moot", "PaymentIntent is succeeded")

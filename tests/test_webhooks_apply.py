@@ -11,9 +11,10 @@ import aiohttp
 import asyncpg
 
 from boxoffice import bus as busmod
-from tests.test_webhooks_support import (charge, deliver, event, hold, inventory, log_status,
-                                         new_event, new_pi, paid_intent, payment_intent,
-                                         relayed, stripe_client, wait_for)
+from tests.harness import eventually
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import (charge, deliver, event, log_status, new_pi, paid_intent,
+                                    payment_intent, relayed, stripe_client)
 
 
 async def drained(nats_url: str) -> None:
@@ -22,7 +23,7 @@ async def drained(nats_url: str) -> None:
         async def idle() -> bool:
             info = await bus.js.consumer_info("STRIPE_EVENTS", "webhook")
             return info.num_pending == 0 and info.num_ack_pending == 0
-        await wait_for(idle, 30, "the webhook consumer to drain")
+        await eventually(idle, 30, "the webhook consumer to drain")
 
 
 async def subject_counts(nats_url: str, stream: str) -> dict[str, int]:
@@ -40,7 +41,7 @@ async def test_one_event_delivered_200_times_concurrently_applies_once(
     start_service("webhook", STRIPE_API_BASE=localstripe.url)
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=10)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     pi = new_pi()
     body = event("payment_intent.succeeded", payment_intent(pi, res))
     event_id = json.loads(body)["id"]
@@ -52,7 +53,7 @@ async def test_one_event_delivered_200_times_concurrently_applies_once(
             *(bus.publish("stripe.events.payment_intent.succeeded", body, f"{event_id}-{i}")
               for i in range(100)))
     assert sum(1 for r in results[:100] if not r["duplicate"]) == 1
-    await wait_for(lambda: log_status(db, event_id), what="the event to be logged")
+    await eventually(lambda: log_status(db, event_id), what="the event to be logged")
     await drained(nats_url)
     row = await db.fetchrow("SELECT count(*) OVER () AS n, * FROM webhook_events_log")
     assert (row["n"], row["event_id"], row["processing_status"]) == (1, event_id, "processed")
@@ -62,7 +63,7 @@ async def test_one_event_delivered_200_times_concurrently_applies_once(
     assert (r["status"], r["payment_intent_id"]) == ("completed", pi)
     assert await inventory(db, ev) == (0, 2)
     assert await db.fetchval("SELECT status FROM payments WHERE payment_intent_id = $1", pi) == "succeeded"
-    await wait_for(lambda: outbox_empty(db), what="the outbox to be relayed")
+    await eventually(lambda: outbox_empty(db), what="the outbox to be relayed")
     assert (await subject_counts(nats_url, "PAYMENTS")) == {"payments.events.succeeded": 1}
     assert (await subject_counts(nats_url, "RESERVATIONS")).get("reservations.events.completed") == 1
 
@@ -73,7 +74,7 @@ async def test_state_machine_never_moves_back_whatever_the_order(
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=20)
     t = int(time.time())
-    holds = {name: await hold(db, ev, 2) for name in "ABCDEF"}
+    holds = {name: await new_hold(db, ev, 2) for name in "ABCDEF"}
     pis = {name: new_pi() for name in holds}
     for name in "CDEF":  # the checkout's rows (A and B: events that beat the checkout's write)
         await db.execute("INSERT INTO payments (payment_intent_id, reservation_id, amount, "
@@ -112,7 +113,7 @@ async def test_state_machine_never_moves_back_whatever_the_order(
     async with aiohttp.ClientSession() as s:
         for body in sequence:  # one after the other: this order is the point of the test
             await deliver(s, ingress.url, body)
-            await wait_for(lambda: _done(db, json.loads(body)["id"]), what="the event to apply")
+            await eventually(lambda: _done(db, json.loads(body)["id"]), what="the event to apply")
 
     status = {n: await db.fetchval("SELECT status FROM payments WHERE payment_intent_id = $1", p)
               for n, p in pis.items()}
@@ -132,7 +133,7 @@ async def test_state_machine_never_moves_back_whatever_the_order(
                           "FROM webhook_events_log ORDER BY processed_at DESC LIMIT 20")
     assert len(rows) == len(ids) and rows[0]["event_id"] == ids[-1]
 
-    await wait_for(lambda: outbox_empty(db), what="the outbox to be relayed")
+    await eventually(lambda: outbox_empty(db), what="the outbox to be relayed")
     assert await subject_counts(nats_url, "PAYMENTS") == {
         "payments.events.succeeded": 3,  # A, B, F (C's came after its refund: stale)
         "payments.events.failed": 3,  # B's failure, D's first failure, E's cancel (not A's)
@@ -154,12 +155,12 @@ async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, l
     sc = stripe_client(localstripe)
 
     roomy = await new_event(db, capacity=10)
-    late = await hold(db, roomy, 2, ttl=1)
+    late = await new_hold(db, roomy, 2, ttl=1)
     full = await new_event(db, capacity=2)
-    gone = await hold(db, full, 2, ttl=1)
+    gone = await new_hold(db, full, 2, ttl=1)
     await asyncio.sleep(1.1)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") >= 2
-    taker = await hold(db, full, 2)  # someone else takes the released tickets
+    taker = await new_hold(db, full, 2)  # someone else takes the released tickets
 
     paid = paid_intent(sc, gone)
     oversold = event("payment_intent.succeeded", paid)
@@ -168,7 +169,7 @@ async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, l
         for body in (fine, oversold):
             await deliver(s, ingress.url, body)
         for body in (fine, oversold):
-            await wait_for(lambda: _done(db, json.loads(body)["id"]), what="the late payments")
+            await eventually(lambda: _done(db, json.loads(body)["id"]), what="the late payments")
     # delivered again after the stream's dedup window (a new message): no second refund
     async with busmod.connect(nats_url, "stripe-again") as bus:
         await bus.publish("stripe.events.payment_intent.succeeded", oversold, "again-1")
@@ -177,7 +178,7 @@ async def test_payment_after_the_hold_expired(db: asyncpg.Pool, start_service, l
     assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", late) == "completed"
     assert await inventory(db, roomy) == (0, 2)
     # the refund was decided with the event and is made by the action worker, just after
-    pay = await wait_for(lambda: db.fetchrow(
+    pay = await eventually(lambda: db.fetchrow(
         "SELECT * FROM payments WHERE payment_intent_id = $1 AND status = 'refunded'", paid["id"]),
         what="the refund to be made")
     assert (pay["status"], pay["refund_reason"]) == ("refunded", "oversold")
@@ -202,19 +203,19 @@ async def test_second_payment_for_one_hold_is_refunded(db: asyncpg.Pool, start_s
     ingress = start_service("ingress")
     sc = stripe_client(localstripe)
     ev = await new_event(db, capacity=4)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     first, second = paid_intent(sc, res), paid_intent(sc, res)
     async with aiohttp.ClientSession() as s:
         for pi in (first, second):
             body = event("payment_intent.succeeded", pi)
             await deliver(s, ingress.url, body)
-            await wait_for(lambda: _done(db, json.loads(body)["id"]), what="the payment")
+            await eventually(lambda: _done(db, json.loads(body)["id"]), what="the payment")
     r = await db.fetchrow("SELECT status, payment_intent_id FROM reservations WHERE id = $1", res)
     assert (r["status"], r["payment_intent_id"]) == ("completed", first["id"])
     assert await inventory(db, ev) == (0, 2)
-    await wait_for(lambda: db.fetchval("SELECT 1 FROM payments WHERE payment_intent_id = $1 "
+    await eventually(lambda: db.fetchval("SELECT 1 FROM payments WHERE payment_intent_id = $1 "
                                        "AND status = 'refunded'", second["id"]),
-                   what="the second payment's refund")
+                     what="the second payment's refund")
     rows = {p["payment_intent_id"]: p for p in await db.fetch("SELECT * FROM payments")}
     assert rows[first["id"]]["status"] == "succeeded"
     assert (rows[second["id"]]["status"], rows[second["id"]]["refund_reason"]) == (

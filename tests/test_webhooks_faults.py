@@ -16,9 +16,9 @@ import asyncpg
 from boxoffice import bus as busmod
 from boxoffice import migrate
 from boxoffice.embedded import NatsServer, Postgres
-from tests.harness import base_env
-from tests.test_webhooks_support import (event, inventory, new_pi, payment_intent, post, relayed,
-                                         sign, wait_for)
+from tests.harness import base_env, eventually
+from tests.sql_support import inventory
+from tests.webhooks_support import event, new_pi, payment_intent, post, relayed, sign
 
 
 async def make_holds(conn: asyncpg.Pool | asyncpg.Connection, n: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
@@ -57,7 +57,7 @@ async def assert_applied_once(conn: asyncpg.Pool | asyncpg.Connection, nats_url:
                                "AND id = ANY($1::uuid[])", holds) == n
     assert await conn.fetchval("SELECT count(*) FROM payments WHERE status = 'succeeded'") == n
     assert await inventory(conn, ev) == (0, n)  # every ticket sold once, none twice
-    await wait_for(lambda: relayed(conn), 30, "the outbox relay")
+    await eventually(lambda: relayed(conn), 30, "the outbox relay")
     async with busmod.connect(nats_url, "probe") as bus:
         pay = await bus.js.stream_info("PAYMENTS", subjects_filter=">")
         res = await bus.js.stream_info("RESERVATIONS", subjects_filter="reservations.events.completed")
@@ -100,7 +100,7 @@ async def test_bus_stopped_while_stripe_delivers(db: asyncpg.Pool, start_service
                 break
             await asyncio.sleep(0.3)
         assert not refused
-    await wait_for(lambda: _count_is(db, 300), 60, "all 300 events applied")
+    await eventually(lambda: _count_is(db, 300), 60, "all 300 events applied")
     await assert_applied_once(db, nats_url, ev, holds)
 
 
@@ -115,17 +115,17 @@ async def test_webhook_service_killed_mid_stream(db: asyncpg.Pool, start_service
     await publish_all(nats_url, bodies)
     await publish_all(nats_url, bodies[:500], suffix="-again")  # redeliveries from Stripe too
     webhook = start_service("webhook")
-    await wait_for(lambda: _count_is(db, 1000), 60, "a first part to be applied")
+    await eventually(lambda: _count_is(db, 1000), 60, "a first part to be applied")
     webhook.kill()  # SIGKILL: whatever was in flight is neither acked nor (maybe) committed
     done_at_kill = await processed(db)
     assert done_at_kill < 5000, "the kill came too late to test anything"
     webhook.start()
-    await wait_for(lambda: _count_is(db, 5000), 90, "all 5,000 events after the restart")
+    await eventually(lambda: _count_is(db, 5000), 90, "all 5,000 events after the restart")
     async with busmod.connect(nats_url, "probe") as bus:
         async def idle() -> bool:
             info = await bus.js.consumer_info("STRIPE_EVENTS", "webhook")
             return info.num_pending == 0 and info.num_ack_pending == 0
-        await wait_for(idle, 30, "the consumer to drain")
+        await eventually(idle, 30, "the consumer to drain")
     await assert_applied_once(db, nats_url, ev, holds)
 
 
@@ -151,7 +151,7 @@ async def test_postgres_stopped_mid_stream(tmp_path: Path, start_service, nats_u
         await publish_all(nats_url, succeeded_events(holds))
         conn = await asyncpg.connect(url)
         try:
-            await wait_for(lambda: _count_is(conn, 200), 60, "a first part to be applied")
+            await eventually(lambda: _count_is(conn, 200), 60, "a first part to be applied")
         finally:
             await conn.close()
         pg.stop()  # mid-stream
@@ -163,7 +163,8 @@ async def test_postgres_stopped_mid_stream(tmp_path: Path, start_service, nats_u
         try:
             await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
                                       schema="pg_catalog")
-            await wait_for(lambda: _count_is(conn, 1500), 90, "every event once PostgreSQL is back")
+            await eventually(lambda: _count_is(conn, 1500), 90,
+                             "every event once PostgreSQL is back")
             assert await conn.fetchval("SELECT count(*) FROM webhook_events_log "
                                        "WHERE processing_status = 'failed'") == 0
             await assert_applied_once(conn, nats_url, ev, holds)

@@ -10,8 +10,9 @@ import aiohttp
 import asyncpg
 import stripe
 
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY, WEBHOOK_SECRET
-from tests.test_webhooks_support import inventory, wait_for
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, STRIPE_KEY, WEBHOOK_SECRET, eventually
+from tests.sql_support import inventory
+from tests.webhooks_support import pay_at_stripe
 
 
 async def test_paid_hold_is_completed_by_stripes_own_webhook(
@@ -43,17 +44,14 @@ async def test_paid_hold_is_completed_by_stripes_own_webhook(
 
         # the buyer's card, confirmed at Stripe (what Stripe.js does in the browser)
         sc = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": localstripe.url})
-        pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-            "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-        sc.v1.payment_intents.update(pi["id"], params={"payment_method": pm.id})
-        assert sc.v1.payment_intents.confirm(pi["id"]).status == "succeeded"
+        assert pay_at_stripe(sc, pi["id"]) == "succeeded"
 
         rid = uuid.UUID(reservation)
 
         async def completed() -> bool:
             return await db.fetchval("SELECT status FROM reservations WHERE id = $1",
                                      rid) == "completed"
-        await wait_for(completed, 30, "Stripe's webhook to complete the reservation")
+        await eventually(completed, 30, "Stripe's webhook to complete the reservation")
         row = await db.fetchrow("SELECT * FROM webhook_events_log "
                                 "WHERE event_type = 'payment_intent.succeeded'")
         assert row["processing_status"] == "processed"

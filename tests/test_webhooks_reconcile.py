@@ -28,11 +28,11 @@ import stripe
 from boxoffice import bus as busmod
 from boxoffice.webhook import reconcile_runs as runs
 from boxoffice.webhook.reconcile import OVERLAP
-from tests.checkout_support import Api, http  # noqa: F401 - the http fixture
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, WEBHOOK_SECRET, http_ready
+from tests.checkout_support import Api
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, WEBHOOK_SECRET, eventually, http_ready
 from tests.stripe_lists_proxy import StripeListsProxy
-from tests.test_webhooks_support import (hold, inventory, new_event, paid_intent, stripe_client,
-                                         wait_for)
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import paid_intent, pay_at_stripe, stripe_client
 
 RECONCILE = {"STRIPE_RECONCILE_INTERVAL_SECONDS": "1", "STRIPE_RECONCILE_GRACE_SECONDS": "2"}
 ENDPOINT = "reconcile"
@@ -69,21 +69,10 @@ async def start_points(db: asyncpg.Pool, *, events: bool = True) -> None:
 async def finished_run(db: asyncpg.Pool, after: int = 0, *, ok: bool = True,
                        timeout: float = 30.0) -> asyncpg.Record:
     """The first run after run ``after`` that finished (without error when ``ok``)."""
-    return await wait_for(lambda: db.fetchrow(
+    return await eventually(lambda: db.fetchrow(
         "SELECT * FROM stripe_reconcile_runs WHERE id > $1 AND finished_at IS NOT NULL "
         "AND (error IS NULL) = $2 ORDER BY id LIMIT 1", after, ok),
         timeout, f"a reconciliation run after run {after} ({'ok' if ok else 'failed'})")
-
-
-def card(sc: stripe.StripeClient, number: str = "4242424242424242") -> str:
-    return sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}).id
-
-
-def pay_at_stripe(sc: stripe.StripeClient, pi: str, number: str = "4242424242424242") -> None:
-    """What Stripe.js does in the buyer's browser."""
-    sc.v1.payment_intents.update(pi, params={"payment_method": card(sc, number)})
-    sc.v1.payment_intents.confirm(pi)
 
 
 async def checkout(api: Api, event_id: str) -> tuple[uuid.UUID, str]:
@@ -106,7 +95,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_applied_once(
         db: asyncpg.Pool, start_service, localstripe, stripe_api: StripeListsProxy,
-        nats_url: str, http: aiohttp.ClientSession) -> None:  # noqa: F811
+        nats_url: str, http: aiohttp.ClientSession) -> None:
     await start_points(db)
     t0 = int(await db.fetchval("SELECT extract(epoch FROM now())"))
     start_service("payment", STRIPE_API_BASE=localstripe.url)
@@ -123,7 +112,7 @@ async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_app
         sc = stripe_client(localstripe)
         pay_at_stripe(sc, pi)
 
-        await wait_for(lambda: db.fetchval("SELECT status = 'completed' FROM reservations "
+        await eventually(lambda: db.fetchval("SELECT status = 'completed' FROM reservations "
                                            "WHERE id = $1", rid), 30, "the hold to be sold")
         missed = [e for e in sc.v1.events.list(params={"created": {"gte": t0}, "limit": 100}).data
                   if e.type == "payment_intent.succeeded" and e.data.object.id == pi]
@@ -133,7 +122,7 @@ async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_app
         assert row["processing_status"] == "processed"
         assert row["payload"]["data"]["object"]["id"] == pi
 
-        recovering = await wait_for(lambda: db.fetchrow(
+        recovering = await eventually(lambda: db.fetchrow(
             "SELECT * FROM stripe_reconcile_runs WHERE events_recovered > 0 "
             "AND finished_at IS NOT NULL"), 10, "the run that recovered it")
         again = await finished_run(db, recovering["id"])
@@ -144,7 +133,7 @@ async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_app
         assert await inventory(db, uuid.UUID(event_id)) == (0, 2)
         assert await db.fetchval("SELECT status FROM payments WHERE payment_intent_id = $1",
                                  pi) == "succeeded"
-        await wait_for(lambda: db.fetchval("SELECT count(*) = 0 FROM outbox"), 20, "the outbox")
+        await eventually(lambda: db.fetchval("SELECT count(*) = 0 FROM outbox"), 20, "the outbox")
         async with busmod.connect(nats_url, "probe") as bus:
             info = await bus.js.stream_info("PAYMENTS", subjects_filter=">")
         assert (info.state.subjects or {}).get("payments.events.succeeded") == 1
@@ -164,7 +153,7 @@ async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_app
 
 async def test_payment_that_succeeded_at_stripe_without_its_events_is_applied(
         db: asyncpg.Pool, start_service, dead_endpoint, stripe_api: StripeListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
+        http: aiohttp.ClientSession) -> None:
     await start_points(db, events=False)
     start_service("payment", STRIPE_API_BASE=dead_endpoint.url)
     ingress = start_service("ingress")
@@ -178,7 +167,7 @@ async def test_payment_that_succeeded_at_stripe_without_its_events_is_applied(
         pay_at_stripe(sc, pi_declined, DECLINED)
     webhook = start_service("webhook", STRIPE_API_BASE=stripe_api.url, **RECONCILE)
 
-    await wait_for(lambda: db.fetchval("SELECT count(*) = 2 FROM payments WHERE status IN "
+    await eventually(lambda: db.fetchval("SELECT count(*) = 2 FROM payments WHERE status IN "
                                        "('succeeded', 'failed')"), 30, "both payments corrected")
     assert await reservation_status(db, paid) == "completed"
     assert await inventory(db, uuid.UUID(event_id)) == (4, 2)
@@ -190,11 +179,11 @@ async def test_payment_that_succeeded_at_stripe_without_its_events_is_applied(
     assert logged == {f"evt_reconcile_{pi_paid}_succeeded": "processed",
                       f"evt_reconcile_{pi_declined}_payment_failed": "processed"}
 
-    last = await wait_for(lambda: db.fetchrow(
+    last = await eventually(lambda: db.fetchrow(
         "SELECT * FROM stripe_reconcile_runs WHERE intents_corrected > 0 ORDER BY id DESC"),
         10, "the correcting run")
     # the two left non-final are compared again by later runs, and nothing more is fed
-    later = await wait_for(lambda: db.fetchrow(
+    later = await eventually(lambda: db.fetchrow(
         "SELECT * FROM stripe_reconcile_runs WHERE id > $1 AND intents_checked = 2 "
         "AND finished_at IS NOT NULL", last["id"]), 15, "a run comparing both again")
     assert later["intents_corrected"] == 0 and later["error"] is None
@@ -205,10 +194,10 @@ async def test_payment_that_succeeded_at_stripe_without_its_events_is_applied(
 
 async def test_orphan_payment_intents_naming_our_holds_are_cancelled_or_applied(
         db: asyncpg.Pool, start_service, dead_endpoint, stripe_api: StripeListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
+        http: aiohttp.ClientSession) -> None:
     await start_points(db, events=False)
     ev = await new_event(db, capacity=10)
-    h_cancel, h_paid, h_other = [await hold(db, ev, 2) for _ in range(3)]
+    h_cancel, h_paid, h_other = [await new_hold(db, ev, 2) for _ in range(3)]
     sc = stripe_client(dead_endpoint)
     # PaymentIntents made at Stripe for our holds, never recorded (a checkout that died)
     to_cancel = sc.v1.payment_intents.create(params={
@@ -221,12 +210,12 @@ async def test_orphan_payment_intents_naming_our_holds_are_cancelled_or_applied(
     webhook = start_service("webhook", STRIPE_API_BASE=stripe_api.url, **RECONCILE)
     ingress = start_service("ingress")
 
-    await wait_for(lambda: db.fetchval("SELECT status = 'done' FROM stripe_actions "
+    await eventually(lambda: db.fetchval("SELECT status = 'done' FROM stripe_actions "
                                        "WHERE payment_intent_id = $1", to_cancel), 30,
-                   "the orphan's cancel to be made")
+                     "the orphan's cancel to be made")
     assert sc.v1.payment_intents.retrieve(to_cancel).status == "canceled"
-    await wait_for(lambda: reservation_status(db, h_paid), 10, "the paid hold")
-    await wait_for(lambda: db.fetchval("SELECT status = 'completed' FROM reservations "
+    await eventually(lambda: reservation_status(db, h_paid), 10, "the paid hold")
+    await eventually(lambda: db.fetchval("SELECT status = 'completed' FROM reservations "
                                        "WHERE id = $1", h_paid), 10, "the paid hold to be sold")
     assert await inventory(db, ev) == (4, 2)
     assert await reservation_status(db, h_cancel) == "active"  # its own hold is not its to end
@@ -259,13 +248,13 @@ async def test_orphan_payment_intents_naming_our_holds_are_cancelled_or_applied(
 
 async def test_admin_route_and_command_report_the_last_run(
         db: asyncpg.Pool, start_service, dead_endpoint, stripe_api: StripeListsProxy,
-        http: aiohttp.ClientSession) -> None:  # noqa: F811
+        http: aiohttp.ClientSession) -> None:
     await start_points(db)
     sc = stripe_client(dead_endpoint)
     customer = sc.v1.customers.create(params={"email": "reconcile@example.com"}).id
     start_service("webhook", STRIPE_API_BASE=stripe_api.url, **RECONCILE)
     ingress = start_service("ingress")
-    recovered = await wait_for(lambda: db.fetchrow(
+    recovered = await eventually(lambda: db.fetchrow(
         "SELECT * FROM stripe_reconcile_runs WHERE events_recovered = 1 "
         "AND finished_at IS NOT NULL"),
         30, "the customer.created event to be recovered")
@@ -318,7 +307,7 @@ async def test_run_while_stripe_is_down_is_recorded_and_the_next_one_recovers(
     async def third_failure_reported() -> bool:
         return any('"level":"error"' in line and "failed (3 in a row)" in line
                    for line in webhook.logs().splitlines())
-    await wait_for(third_failure_reported, 20, "the third failure to be logged as an error")
+    await eventually(third_failure_reported, 20, "the third failure to be logged as an error")
     assert webhook.running and http_ready(f"{webhook.url}/readyz")
     assert await db.fetchval("SELECT count(*) FROM webhook_events_log") == 0
 
@@ -348,7 +337,7 @@ async def test_one_replica_at_a_time_and_points_only_move_forward(db: asyncpg.Po
 
     b = await runs.acquire(db, "b", interval=0, lease_seconds=0.05)
     assert b is not None and b.events_until == now
-    await wait_for(lambda: db.fetchval("SELECT lease_until < clock_timestamp() "
+    await eventually(lambda: db.fetchval("SELECT lease_until < clock_timestamp() "
                                        "FROM stripe_reconciliation"), 5, "b's lease to lapse")
     c = await runs.acquire(db, "c", interval=0, lease_seconds=60)  # b died mid-run
     assert c is not None

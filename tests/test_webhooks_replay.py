@@ -12,10 +12,9 @@ import sys
 import aiohttp
 import asyncpg
 
-from boxoffice.embedded import free_port
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.test_webhooks_support import (deliver, event, hold, inventory, new_event, new_pi,
-                                         payment_intent, wait_for)
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
+from tests.sql_support import inventory, new_event, new_hold
+from tests.webhooks_support import deliver, event, new_pi, payment_intent
 
 
 def cli(ingress_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -30,7 +29,7 @@ async def test_failed_event_is_kept_reported_and_replayable(
     broken = start_service("webhook", WEBHOOK_RETRY_DELAYS="0.2,0.3")
     ingress = start_service("ingress")
     ev = await new_event(db, capacity=2)
-    res = await hold(db, ev, 2)
+    res = await new_hold(db, ev, 2)
     pi_id = new_pi()
     await db.execute(f"""
         CREATE FUNCTION refuse_payment() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -51,14 +50,14 @@ async def test_failed_event_is_kept_reported_and_replayable(
         async def failed() -> asyncpg.Record | None:
             return await db.fetchrow("SELECT * FROM webhook_events_log WHERE event_id = $1 "
                                      "AND processing_status = 'failed'", event_id)
-        row = await wait_for(failed, 60, "the event to be marked failed")
+        row = await eventually(failed, 60, "the event to be marked failed")
         assert row["attempts"] == 3 and row["processed_at"] is None
         assert "effects refused for this test" in row["last_error"]
         # nothing of the failed attempts stayed: no payment recorded, nothing sold
         assert await db.fetchval("SELECT count(*) FROM payments") == 0
         assert await inventory(db, ev) == (2, 0)
-        await wait_for(lambda: asyncio.to_thread(lambda: "failed after 3 attempts" in broken.logs()),
-                       what="the final failure to be reported")
+        await eventually(lambda: "failed after 3 attempts" in broken.logs(),
+                         what="the final failure to be reported")
 
         # operators see it, through the API and the CLI
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

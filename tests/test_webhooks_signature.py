@@ -12,7 +12,7 @@ import stripe
 from boxoffice import bus as busmod
 from boxoffice.ingress.webhooks import InvalidSignature, verify_signature
 from tests.harness import WEBHOOK_SECRET, WEBHOOK_SECRET_OLD
-from tests.test_webhooks_support import event, new_pi, payment_intent, post, sign
+from tests.webhooks_support import event, new_pi, payment_intent, post, sign
 
 
 def test_signature_agrees_with_stripe_library() -> None:

@@ -64,10 +64,12 @@ REQUESTS: dict[str, tuple[type, type, str]] = {
                                        "payment"),
     admin.EVENTS_CREATE: (admin.CreateEvent, admin.TicketedEvent, "payment"),
     admin.EVENTS_GET: (admin.GetEvent, admin.TicketedEvent, "payment"),
+    admin.EVENTS_LIST: (admin.ListEvents, admin.TicketedEvents, "payment"),
     payments.ADMIN_PAYMENTS_LIST: (payments.ListPayments, payments.PaymentLog, "payment"),
     reaper.STATS: (reaper.StatsRequest, reaper.ReservationStats, "reaper"),
     reaper.CLEANUP: (reaper.CleanupRequest, reaper.CleanupResult, "reaper"),
     reaper.RUNS: (reaper.RunsRequest, reaper.ReaperRuns, "reaper"),
+    reaper.EXPIRY_LAG: (reaper.ExpiryLagRequest, reaper.ExpiryLag, "reaper"),
     actions.LIST: (actions.ListRequest, actions.Actions, "reaper"),
     audit.INVARIANTS: (audit.InvariantsRequest, audit.Invariants, "reaper"),
     audit.RUN_REAPER: (audit.RunRequest, audit.Invariants, "reaper"),
@@ -85,6 +87,7 @@ REQUESTS: dict[str, tuple[type, type, str]] = {
     si.RELEASES: (si.ListReleases, si.ReleaseList, "error-sink"),
     stripe.EVENTS_LIST: (stripe.ListEventsRequest, stripe.LoggedEvents, "webhook"),
     stripe.EVENTS_REPLAY: (stripe.ReplayRequest, stripe.ReplayResult, "webhook"),
+    stripe.EVENTS_GET: (stripe.GetEventRequest, stripe.LoggedEventDetail, "webhook"),
     stripe.RECONCILIATION: (stripe.ReconciliationRequest, stripe.Reconciliation, "webhook"),
 }
 

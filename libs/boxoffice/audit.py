@@ -28,15 +28,15 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import asyncpg
 import prometheus_client
 
-from boxoffice import db, errors
+from boxoffice import background, db, errors
 from boxoffice.wire import audit as wire
 
 log = logging.getLogger("boxoffice.audit")
@@ -57,7 +57,6 @@ LAST_RUN = prometheus_client.Gauge("boxoffice_audit_last_run_timestamp_seconds",
                                    "When a check last finished a run without error", ["check"])
 
 Checkpoint = dict[str, Any]
-T = TypeVar("T")
 
 AuditBusy = errors.define("AuditBusy", "audit_busy", 504,
                           "Another run of the audit did not end in time")
@@ -129,7 +128,7 @@ class Auditor:
 
     async def refresh_gauges(self) -> None:
         """Every replica shows the open findings, whichever replica ran the check."""
-        with contextlib.suppress(*db.UNAVAILABLE, asyncpg.PostgresError):
+        with contextlib.suppress(*db.FAILURES):
             rows = await self.pool.fetch(
                 "SELECT c.check_name, count(f.id) AS n FROM audit_checks c "
                 "LEFT JOIN audit_findings f "
@@ -150,7 +149,7 @@ class Auditor:
             try:
                 return await self._locked_run(conn, check, full=full, asked=wait_until is not None)
             finally:
-                with contextlib.suppress(*db.UNAVAILABLE, asyncpg.PostgresError):
+                with contextlib.suppress(*db.FAILURES):
                     await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     async def _locked_run(self, conn: asyncpg.Connection, check: Check, *, full: bool,
@@ -205,36 +204,16 @@ class Auditor:
         return _check_run(row, examined=exam.examined, in_flight=exam.in_flight, new=len(new),
                           resolved=resolved)
 
-    async def loop(self) -> None:
+    async def loop(self, stopping: asyncio.Event) -> None:
         """Until stopped: wait an interval, run what is due. Nothing that fails ends the loop."""
-        while not self.stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.interval)
-            if self.stopping.is_set():
-                return
-            try:
-                await self.tick()
-            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
-                log.warning("audit: database unavailable, next try in %gs (%s)", self.interval,
-                            type(exc).__name__)
-            except Exception:  # noqa: BLE001 - the audit must outlive any one run
-                log.exception("audit: run crashed")
+        await background.repeat("audit", self.tick, stopping, every=self.interval, logger=log)
 
 
 @contextlib.asynccontextmanager
 async def running(auditor: Auditor) -> AsyncIterator[Auditor]:
     """Audit in the background; on exit, stop between checks (a check in hand may finish)."""
-    task = asyncio.create_task(auditor.loop())
-    try:
+    async with background.running("audit", auditor.loop, grace=10, stopping=auditor.stopping):
         yield auditor
-    finally:
-        auditor.stopping.set()
-        try:
-            await asyncio.wait_for(task, 10)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def _lock(conn: asyncpg.Connection, key: int, wait_until: float | None) -> bool:
@@ -246,15 +225,6 @@ async def _lock(conn: asyncpg.Connection, key: int, wait_until: float | None) ->
         if time.monotonic() > wait_until:
             raise AuditBusy("another run of this check did not end in time")
         await asyncio.sleep(LOCK_WAIT)
-
-
-async def guard(work: Awaitable[T]) -> T:
-    """For the bus handlers: the database away is a 503 for the operator, not an internal error."""
-    try:
-        return await work
-    except db.UNAVAILABLE as exc:
-        raise errors.DatabaseUnavailable(
-            f"PostgreSQL is unavailable: {type(exc).__name__}") from None
 
 
 def _bounded(found: list[Violation], known: set[tuple[str, str]]

@@ -9,6 +9,7 @@
   ``ServiceTimeout``, or the remote ``BoxofficeError`` rebuilt from its code.
 - ``serve()`` answers a subject in a queue group; every exception becomes an error reply in
   one place (``_reply_error``); ``stop_serving()`` stops taking work and waits for in-flight work.
+- Durables are consumed with ``boxoffice.consumer`` (``PullConsumer``, ``pull_consumer()``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType,
                          StreamConfig)
 
-from boxoffice import bus_access, errors, logs, wire
+from boxoffice import background, bus_access, errors, logs, wire
 from boxoffice.wire.subjects import STREAMS
 
 log = logging.getLogger("boxoffice.bus")
@@ -96,6 +97,8 @@ class Bus:
         await self.js.add_consumer(stream, cfg)
 
     async def pull(self, stream: str, durable: str) -> JetStreamContext.PullSubscription:
+        """nats-py's pull subscription on ``durable`` (for inspection; services use
+        ``boxoffice.consumer.PullConsumer``)."""
         return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
 
     # -- publish --------------------------------------------------------------------------
@@ -264,30 +267,31 @@ async def connect(url: str, name: str, *, ca_file: str | None = None,
         options["inbox_prefix"] = bus_access.inbox_prefix(user)
     if (tls := tls_context(ca_file)) is not None:
         options["tls"] = tls
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + first_connect_timeout
-    delay = 0.1
-    while True:
-        nc = Client()
-        try:
-            await nc.connect(
-                servers=url.split(","), name=name, max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
-                error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-                drain_timeout=30, ping_interval=5, max_outstanding_pings=3, **options,
-            )
-            break
-        except _Refused as refused:
-            # (nats-py may wait forever for a socket whose TLS handshake failed to close)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), 2)
-            raise errors.ServiceUnavailable(str(refused)) from None
-        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
-            if loop.time() + delay > deadline:
-                raise errors.ServiceUnavailable(f"cannot reach NATS: {type(exc).__name__}") from None
-            log.warning("nats: not reachable yet (%s), retrying", type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    nc = Client()
+    try:
+        # with jitter: replicas waiting for the same NATS do not come back all at once
+        async for attempt in background.backoff((nats.errors.Error, OSError, asyncio.TimeoutError),
+                                                most=2.0, timeout=first_connect_timeout):
+            with attempt:
+                nc = Client()
+                try:
+                    await nc.connect(
+                        servers=url.split(","), name=name, max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                        error_cb=on_error, disconnected_cb=on_disconnected,
+                        reconnected_cb=on_reconnected, drain_timeout=30, ping_interval=5,
+                        max_outstanding_pings=3, **options,
+                    )
+                except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                    log.warning("nats: not reachable yet (%s)", type(exc).__name__)
+                    raise
+    except _Refused as refused:
+        # (nats-py may wait forever for a socket whose TLS handshake failed to close)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
+        raise errors.ServiceUnavailable(str(refused)) from None
+    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+        raise errors.ServiceUnavailable(f"cannot reach NATS: {type(exc).__name__}") from None
     connected = True
     bus = Bus(nc, nc.jetstream(timeout=5.0), stream_replicas)
     try:
@@ -299,59 +303,3 @@ async def connect(url: str, name: str, *, ca_file: str | None = None,
                 await nc.drain()
             except (nats.errors.Error, OSError, asyncio.TimeoutError):
                 await nc.close()
-
-
-async def run_pull_consumer(bus: Bus, stream: str, durable: str,
-                            handle: Callable[[list[Msg]], Awaitable[None]],
-                            stopping: asyncio.Event, *, batch: int = 256,
-                            wait: float = 1.0) -> None:
-    """Fetch batches from a durable pull consumer and hand them to ``handle`` until ``stopping``.
-
-    ``handle`` acks (or naks) what it processed; a batch in progress is finished before return.
-    Bus outages are waited out; an exception from ``handle`` is logged and the batch left
-    unacked, so JetStream redelivers it after ``ack_wait``.
-    """
-    sub = None
-    delay = 0.2
-    while not stopping.is_set():
-        try:
-            if sub is None:
-                sub = await bus.pull(stream, durable)
-            msgs = await sub.fetch(batch, timeout=wait)
-        except nats.errors.TimeoutError:
-            continue
-        except (nats.errors.Error, OSError) as exc:
-            log.warning("consumer %s: bus unavailable (%s)", durable, type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            if isinstance(exc, (nats.js.errors.NotFoundError, nats.errors.BadSubscriptionError)):
-                sub = None
-            continue
-        delay = 0.2
-        try:
-            await handle(msgs)
-        except Exception:  # noqa: BLE001 - never let one batch kill the consumer
-            log.exception("consumer %s: batch failed, left for redelivery", durable)
-            await asyncio.sleep(0.5)
-    if sub is not None:
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await sub.unsubscribe()
-
-
-@contextlib.asynccontextmanager
-async def pull_consumer(bus: Bus, stream: str, durable: str,
-                        handle: Callable[[list[Msg]], Awaitable[None]], **kw: Any
-                        ) -> AsyncIterator[asyncio.Task[None]]:
-    """Run ``run_pull_consumer`` in the background; on exit finish the batch in hand and stop."""
-    stopping = asyncio.Event()
-    task = asyncio.create_task(run_pull_consumer(bus, stream, durable, handle, stopping, **kw))
-    try:
-        yield task
-    finally:
-        stopping.set()
-        try:
-            await asyncio.wait_for(task, 30)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -1,8 +1,8 @@
 """Who may do what on the bus: one NATS user per service, the operator and the reporter.
 
 ``ACCESS`` says, for each service, what it publishes, what its outbox relay publishes, where it
-sends requests, what it answers, which streams it declares and which durable consumers it
-reads. Everything else follows from it, in this module only:
+sends requests, what it answers, what it only listens to, which streams it declares and which
+durable consumers it reads. Everything else follows from it, in this module only:
 
 - ``permissions(user)``: the user's nats-server permissions, allow lists (nats-server denies
   whatever a list does not allow): the subjects above, the JetStream API calls they need (its
@@ -53,6 +53,7 @@ class Access:
     relays: tuple[str, ...] = ()  # outbox subjects its relay claims and publishes
     requests: tuple[str, ...] = ()  # subjects it sends requests to
     answers: tuple[str, ...] = ()  # subjects it answers (in its queue group)
+    watches: tuple[str, ...] = ()  # subjects it only listens to (core NATS, no reply, no ack)
     declares: tuple[str, ...] = ()  # streams it declares at start
     consumes: tuple[tuple[str, str], ...] = ()  # its durable pull consumers: (stream, durable)
     # streams it audits, each with the durable consumer whose progress it checks: the stream's
@@ -75,7 +76,9 @@ ACCESS: dict[str, Access] = {
                    sentry_wire.SUBJECTS),  # and what Sentry SDKs send besides errors
         requests=(s.RESERVATIONS_HOLD, s.RESERVATIONS_GET, s.RESERVATIONS_CANCEL,
                   s.PAYMENTS_INTENTS_CREATE, f"{s.ADMIN}.>"),
-        declares=("STRIPE_EVENTS", "ERRORS", "AUDIT", sentry_wire.STREAM)),
+        declares=("STRIPE_EVENTS", "ERRORS", "AUDIT", sentry_wire.STREAM),
+        # the console's live inventory, while one is open (boxoffice.ingress.console)
+        watches=(*s.STREAMS["RESERVATIONS"], *s.STREAMS["PAYMENTS"])),
     "payment": Access(
         publishes=(s.error_report("payment", ">"),),
         relays=(s.reservation_event("held"), s.reservation_event("cancelled"),
@@ -158,7 +161,8 @@ def permissions(user: str) -> dict:
     publish += [f"$JS.API.CONSUMER.{verb}.{stream}.{AUDIT_READER}" for stream in a.reads
                 for verb in ("CREATE", "DELETE", "MSG.NEXT")]
     publish = list(dict.fromkeys(publish))  # (a stream declared and audited: once)
-    out: dict = {"publish": {"allow": publish}, "subscribe": {"allow": [*a.answers, inbox]}}
+    out: dict = {"publish": {"allow": publish},
+                 "subscribe": {"allow": [*a.answers, *a.watches, inbox]}}
     if a.answers:
         out["allow_responses"] = True
     return out

@@ -1,31 +1,83 @@
-"""The asyncpg pool, and the check that refuses to run on an unmigrated database."""
+"""The asyncpg pool and its connections (``connect``: each server of a failover pair in turn),
+the check that refuses to run on an unmigrated database, the one
+definition of "the database is unavailable" (``UNAVAILABLE``, ``guarded``), and of a transaction
+to run again (``CONFLICTS``, ``retrying``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
+import stamina
 
 from boxoffice import errors
 from boxoffice.migrate import expected_version, functions_digest, server_urls
 
 log = logging.getLogger("boxoffice.db")
 
-# asyncpg errors that mean "the database went away": retry later, answer 503.
-UNAVAILABLE = (asyncpg.exceptions.ConnectionDoesNotExistError,
-               asyncpg.exceptions.CannotConnectNowError,
-               asyncpg.exceptions.AdminShutdownError,
-               asyncpg.exceptions.CrashShutdownError,
-               asyncpg.exceptions.TooManyConnectionsError,
-               asyncpg.exceptions.InterfaceError,
-               # a connection left mid-protocol by a server that went away (seen on shutdown)
-               asyncpg.InternalClientError,
-               ConnectionError, OSError, asyncio.TimeoutError)
+# What means "the database is away" (unreachable, shutting down, starting, out of connections,
+# a connection dropped): wait and retry, answer 503, never count it against the work in hand.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,  # class 08: ConnectionDoesNotExistError...
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.IdleSessionTimeoutError,
+    asyncpg.exceptions.InterfaceError,
+    # a connection left mid-protocol by a server that went away (seen on shutdown)
+    asyncpg.InternalClientError,
+    ConnectionError, OSError, asyncio.TimeoutError)
+# What a background loop waits out and tries again: the database away, or a statement refused
+FAILURES: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
+
+# A transaction PostgreSQL aborted because it conflicted with another (a deadlock, a
+# serialization failure): nothing of it was committed, and running it again is safe.
+CONFLICTS: tuple[type[BaseException], ...] = (asyncpg.exceptions.DeadlockDetectedError,
+                                              asyncpg.exceptions.SerializationError)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+async def retrying(run: Callable[[], Awaitable[T]], *, attempts: int, pause: float = 0.0) -> T:
+    """``run()``'s result, run again while it fails with one of ``CONFLICTS``: ``attempts`` in
+    all, the n-th retry after ``pause * n`` seconds; the last attempt's failure is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await run()
+        except CONFLICTS:
+            if attempt == attempts:
+                raise
+            if pause:
+                await asyncio.sleep(pause * attempt)
+    raise AssertionError("attempts must be at least 1")
+
+
+async def guarded(work: Awaitable[T]) -> T:
+    """``work``'s result; the database away becomes ``DatabaseUnavailable`` (a 503 the caller may
+    retry after a moment), never an internal error."""
+    try:
+        return await work
+    except UNAVAILABLE as exc:
+        raise errors.DatabaseUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}",
+                                         retry_after=2) from None
+
+
+def guard(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """``fn`` with ``guarded`` around every call (for bus handlers)."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await guarded(fn(*args, **kwargs))
+
+    return call
 
 
 async def connect(dsn: str, *, timeout: float = 5.0, **kwargs: Any) -> asyncpg.Connection:
@@ -40,7 +92,7 @@ async def connect(dsn: str, *, timeout: float = 5.0, **kwargs: Any) -> asyncpg.C
     for one in servers:
         try:
             return await asyncpg.connect(one, timeout=timeout, **kwargs)
-        except (*UNAVAILABLE, asyncpg.exceptions.PostgresError) as exc:
+        except FAILURES as exc:
             failure = exc  # a refusal, a timeout, a standby (not read-write): the next one
     assert failure is not None
     raise failure
@@ -83,21 +135,27 @@ async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
                first_connect_timeout: float = 60.0, check_schema: bool = True
                ) -> AsyncIterator[asyncpg.Pool]:
     """Open a pool (retrying the first connection), check the schema is migrated, close on exit."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + first_connect_timeout
-    delay = 0.1
-    while True:
-        try:
-            p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init,
-                                          connect=connect, command_timeout=30, timeout=5,
-                                          max_inactive_connection_lifetime=60)
-            break
-        except UNAVAILABLE + (asyncpg.exceptions.PostgresError,) as exc:
-            if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError) or loop.time() + delay > deadline:
-                raise errors.DatabaseUnavailable(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
-            log.warning("postgres: not reachable yet (%s), retrying", type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    def refused(exc: Exception) -> bool:  # a database that does not exist will not appear
+        return (isinstance(exc, FAILURES)
+                and not isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError))
+
+    try:
+        # with jitter: replicas waiting for the same PostgreSQL do not come back all at once
+        async for attempt in stamina.retry_context(on=refused, attempts=None,
+                                                   timeout=first_connect_timeout,
+                                                   wait_initial=0.1, wait_max=2.0,
+                                                   wait_jitter=0.5):
+            with attempt:
+                try:
+                    p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
+                                                  init=_init, connect=connect,
+                                                  command_timeout=30, timeout=5,
+                                                  max_inactive_connection_lifetime=60)
+                except FAILURES as exc:
+                    log.warning("postgres: not reachable yet (%s)", type(exc).__name__)
+                    raise
+    except FAILURES as exc:
+        raise errors.DatabaseUnavailable(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
     try:
         if check_schema:
             async with p.acquire() as conn:

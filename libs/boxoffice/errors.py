@@ -41,6 +41,9 @@ ValidationFailed = _error("ValidationFailed", "validation_failed", 422, "Validat
 Unauthorized = _error("Unauthorized", "unauthorized", 401, "Missing or invalid credentials")
 Forbidden = _error("Forbidden", "forbidden", 403, "Not allowed")
 NotFound = _error("NotFound", "not_found", 404, "Not found")
+# a kind of thing that is not there has one code and one wording, whoever finds it missing
+WebhookEventNotFound = _error("WebhookEventNotFound", "webhook_event_not_found", 404,
+                              "No such webhook event")
 MethodNotAllowed = _error("MethodNotAllowed", "method_not_allowed", 405, "Method not allowed")
 Conflict = _error("Conflict", "conflict", 409, "Conflict")
 PayloadTooLarge = _error("PayloadTooLarge", "payload_too_large", 413, "Payload too large")

@@ -3,9 +3,12 @@
 - ``boxoffice logs [service] [-n N] [-f]``: the services' JSON log lines from
   ``.boxoffice/logs/``, one readable line each (time, level, service, message, request id);
 - ``boxoffice dev pay <payment_intent> [--card N]``: pay a PaymentIntent at localstripe the way
-  a test card would, so that Stripe's webhook reaches ingress and the hold is sold.
+  a test card would, so that Stripe's webhook reaches ingress and the hold is sold;
+- ``boxoffice dev webhook-outage on|off``: a drill on a development stack: while on, recording a
+  payment as succeeded fails in the database, so Stripe's payment events fail, are retried, are
+  marked failed and reported, as they would in a real outage; off, they can be replayed.
 
-Both read ``.boxoffice/stack.env`` (``BOXOFFICE_HOME``) where the environment does not say.
+They read ``.boxoffice/stack.env`` (``BOXOFFICE_HOME``) where the environment does not say.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def cmd_logs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 def cmd_pay(args: argparse.Namespace) -> int:
     import stripe
 
+    from boxoffice import stripe_api
+
     base, key = _setting("STRIPE_API_BASE"), _setting("STRIPE_API_KEY")
     if not base or not key:
         print("boxoffice dev pay: STRIPE_API_BASE and STRIPE_API_KEY are needed (localstripe's, "
@@ -109,7 +114,7 @@ def cmd_pay(args: argparse.Namespace) -> int:
         print("boxoffice dev pay: only with a test key (localstripe or Stripe's test mode)",
               file=sys.stderr)
         return 2
-    client = stripe.StripeClient(key, base_addresses={"api": base}, max_network_retries=2)
+    client = stripe_api.client(key, base)
     try:
         pm = client.v1.payment_methods.create(params={"type": "card", "card": {
             "number": args.card, "exp_month": 12, "exp_year": 2040, "cvc": "123"}})
@@ -120,6 +125,51 @@ def cmd_pay(args: argparse.Namespace) -> int:
         return 1
     print(f"{pi.id}: {pi.status}")
     return 0 if pi.status == "succeeded" else 1
+
+
+OUTAGE_ON = """
+CREATE OR REPLACE FUNCTION boxoffice_webhook_outage() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'webhook outage drill: boxoffice dev webhook-outage off ends it';
+END $$;
+DROP TRIGGER IF EXISTS boxoffice_webhook_outage ON payments;
+CREATE TRIGGER boxoffice_webhook_outage BEFORE INSERT OR UPDATE ON payments
+    FOR EACH ROW WHEN (NEW.status = 'succeeded') EXECUTE FUNCTION boxoffice_webhook_outage();
+"""
+OUTAGE_OFF = """
+DROP TRIGGER IF EXISTS boxoffice_webhook_outage ON payments;
+DROP FUNCTION IF EXISTS boxoffice_webhook_outage();
+"""
+
+
+def cmd_webhook_outage(args: argparse.Namespace) -> int:
+    """Refuse (``on``) or allow again (``off``) recording a payment as succeeded: a drill, for
+    the stack of ``boxoffice up`` only (its operator's ``DATABASE_URL``)."""
+    import asyncio
+
+    import asyncpg
+
+    url = _setting("DATABASE_URL")
+    if not url or (_setting("BOXOFFICE_ENV") or "development") != "development":
+        print("boxoffice dev webhook-outage: only on a development stack (boxoffice up's "
+              "DATABASE_URL, BOXOFFICE_ENV unset or development)", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(OUTAGE_ON if args.state == "on" else OUTAGE_OFF)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"boxoffice dev webhook-outage: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print("webhook outage drill " + ("on: payments are refused" if args.state == "on"
+                                     else "off: payments are recorded again"))
+    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction, dev: argparse._SubParsersAction) -> None:
@@ -133,3 +183,7 @@ def add_commands(sub: argparse._SubParsersAction, dev: argparse._SubParsersActio
     p.add_argument("--card", default=SUCCEEDS,
                    help=f"card number ({SUCCEEDS}: succeeds, 4000000000000341: declined)")
     p.set_defaults(func=cmd_pay)
+    p = dev.add_parser("webhook-outage", help="a drill: Stripe's payment events fail while on "
+                       "(development stacks only)")
+    p.add_argument("state", choices=("on", "off"))
+    p.set_defaults(func=cmd_webhook_outage)

@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 
 import msgspec
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# The attributes every LogRecord has: anything else on a record came from ``extra=``.
+RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _enc = msgspec.json.Encoder()
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
@@ -18,6 +19,11 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 """The id of the HTTP request being worked on (ingress's ``X-Request-Id``), carried over the bus
 in the ``Boxoffice-Request-Id`` header (``boxoffice.bus``): every log line and error report of
 every service written while working on it names it."""
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, object]:
+    """What the caller added to ``record`` (``extra=``), private (``_``) attributes left out."""
+    return {k: v for k, v in vars(record).items() if k not in RESERVED and not k.startswith("_")}
 
 
 class JSONFormatter(logging.Formatter):
@@ -33,9 +39,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
+        out.update(extra_fields(record))
         if "request_id" not in out and (rid := REQUEST_ID.get()):
             out["request_id"] = rid
         if record.exc_info and record.exc_info[0] is not None:

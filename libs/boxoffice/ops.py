@@ -11,7 +11,9 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from boxoffice import stack
@@ -50,6 +52,26 @@ def fetch(method: str, path: str, body: Any = None, *, timeout: float = 30,
     return False, None
 
 
+def lines(method: str, path: str, body: Any, *, timeout: float = 60) -> Iterator[Any]:
+    """Call a route that answers NDJSON and yield each line decoded, as it arrives; on an error
+    print why (as ``fetch``) and raise ``SystemExit(1)``."""
+    url, token = _settings()
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+            return
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"), file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"boxoffice: cannot reach ingress at {url}: {exc.reason}", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def download(path: str, *, timeout: float = 60) -> bytes | None:
     """GET a file from ingress's admin API: its bytes, or None after printing why not."""
     url, token = _settings()
@@ -79,6 +101,14 @@ def show(result: Any) -> None:
         tables.render(result)
 
 
+def with_query(path: str, **params: Any) -> str:
+    """``path`` with the ``params`` that are set as its query string: None, "" and False are
+    left out, True is ``true``."""
+    query = {name: "true" if value is True else str(value) for name, value in params.items()
+             if value is not None and value is not False and value != ""}
+    return f"{path}?{urllib.parse.urlencode(query)}" if query else path
+
+
 def call(method: str, path: str, body: Any = None, *, timeout: float = 30,
          raw: bytes | None = None) -> int:
     """``fetch`` and print the answer; the exit code of an operator command."""
@@ -89,22 +119,11 @@ def call(method: str, path: str, body: Any = None, *, timeout: float = 30,
 
 
 # Modules (libs/boxoffice/ops_<area>.py) that add their own commands with add_commands(sub).
-AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors", "ops_checkout", "ops_audit")
+AREAS: tuple[str, ...] = ("ops_webhooks", "ops_reaper", "ops_errors", "ops_payments", "ops_audit",
+                          "ops_ticketed_events")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     import importlib
     for area in AREAS:
         importlib.import_module(f"boxoffice.{area}").add_commands(sub)
-    p = sub.add_parser("events", help="ticketed events: create, show")
-    s = p.add_subparsers(dest="verb", required=True)
-    c = s.add_parser("create")
-    c.add_argument("--name", required=True)
-    c.add_argument("--capacity", type=int, required=True)
-    c.add_argument("--price", type=int, required=True, help="in minor units")
-    c.add_argument("--currency", default="eur")
-    c.set_defaults(func=lambda a: call("POST", "/v1/admin/events", {
-        "name": a.name, "capacity": a.capacity, "price": a.price, "currency": a.currency}))
-    g = s.add_parser("show")
-    g.add_argument("event_id")
-    g.set_defaults(func=lambda a: call("GET", f"/v1/admin/events/{a.event_id}"))

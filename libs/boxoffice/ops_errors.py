@@ -10,7 +10,7 @@ import urllib.parse
 
 import sys
 
-from boxoffice.ops import call, download
+from boxoffice.ops import call, download, with_query
 from boxoffice.wire.errors import LEVELS, STATUSES
 
 
@@ -76,8 +76,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _query(args: argparse.Namespace, *names: str) -> str:
-    query = {n: str(getattr(args, n)) for n in names if getattr(args, n) is not None}
-    return "?" + urllib.parse.urlencode(query) if query else ""
+    return with_query("", **{n: getattr(args, n) for n in names})
 
 
 def _set_monitor(args: argparse.Namespace) -> int:
@@ -95,8 +94,8 @@ def _set_monitor(args: argparse.Namespace) -> int:
 def _source_map(args: argparse.Namespace) -> int:
     with open(args.map_file, "rb") as f:
         data = f.read()
-    path = (f"/v1/admin/releases/{urllib.parse.quote(args.release, safe='')}/sourcemaps?"
-            + urllib.parse.urlencode({"name": args.name}))
+    path = with_query(f"/v1/admin/releases/{urllib.parse.quote(args.release, safe='')}/sourcemaps",
+                      name=args.name)
     return call("POST", path, raw=data)
 
 
@@ -113,8 +112,5 @@ def _attachment(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    query = {"limit": str(args.limit)}
-    for name in ("status", "level", "service", "since"):
-        if getattr(args, name):
-            query[name] = getattr(args, name)
-    return call("GET", "/v1/admin/errors?" + urllib.parse.urlencode(query))
+    return call("GET", with_query("/v1/admin/errors", limit=args.limit, status=args.status,
+                                  level=args.level, service=args.service, since=args.since))

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import urllib.parse
 
-from boxoffice.ops import call
+from boxoffice.ops import call, with_query
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +28,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    query: dict[str, str] = {"limit": str(args.limit)}
-    if args.kind:
-        query["kind"] = args.kind
-    if args.errors:
-        query["errors"] = "true"
-    return call("GET", "/v1/admin/reaper/runs?" + urllib.parse.urlencode(query))
+    return call("GET", with_query("/v1/admin/reaper/runs", limit=args.limit, kind=args.kind,
+                                  errors=bool(args.errors)))

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
 import prometheus_client
 
+from boxoffice import background
 from boxoffice import bus as busmod
 from boxoffice import db as dbmod
 from boxoffice import errors
@@ -48,54 +49,72 @@ async def publish_batch(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[
     return len(rows)
 
 
-async def listen(url: str, wake: asyncio.Event, stopping: asyncio.Event,
-                 channel: str = CHANNEL) -> None:
-    """Keep a LISTEN connection on ``channel`` open so that new rows wake their worker at once."""
+async def listen(url: str, stopping: asyncio.Event, channel: str,
+                 notified: Callable[[str], object],
+                 connected: Callable[[bool], object] = lambda _up: None) -> None:
+    """Keep a LISTEN connection on ``channel`` open until ``stopping``, so that new rows wake
+    their worker at once: ``notified(payload)`` on each NOTIFY, ``connected(True)`` once
+    listening (a worker catches up then on what was written while nobody listened) and
+    ``connected(False)`` when the connection is lost. Reconnects with back-off and jitter."""
+
+    async def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        notified(payload)
+
     while not stopping.is_set():
-        conn = None
+        conn: asyncpg.Connection | None = None
+        async for attempt in background.backoff(Exception, initial=0.5, most=5.0):
+            with attempt:
+                if stopping.is_set():
+                    return
+                try:
+                    # each server of a failover pair in turn, with a timeout of its own
+                    conn = await dbmod.connect(url, timeout=5)
+                    await conn.add_listener(channel, on_notify)
+                except Exception as exc:
+                    log.warning("%s listener cannot connect (%s), retrying", channel,
+                                type(exc).__name__)
+                    if conn is not None:
+                        await _close(conn)
+                    conn = None
+                    raise
+        assert conn is not None
         try:
-            conn = await dbmod.connect(url, timeout=5)  # each server of a failover pair in turn
-            await conn.add_listener(channel, lambda *_: wake.set())
-            wake.set()  # catch up on anything written while we were not listening
-            while not stopping.is_set() and not conn.is_closed():
-                await asyncio.sleep(1)
-                await conn.execute("SELECT 1", timeout=5)
-        except asyncio.CancelledError:
-            raise
+            connected(True)
+            while not conn.is_closed() and not await background.pause(stopping, 1.0):
+                await conn.execute("SELECT 1", timeout=5)  # notice a dead connection
         except Exception as exc:  # noqa: BLE001 - keep listening whatever happens
-            log.warning("%s listener lost (%s), retrying", channel, type(exc).__name__)
-            await asyncio.sleep(1)
+            log.warning("%s listener lost (%s), reconnecting", channel, type(exc).__name__)
         finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=2)
+            connected(False)
+            await _close(conn)
 
 
-async def run_relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
-                    stopping: asyncio.Event, *, sweep_interval: float = 1.0,
-                    wake: asyncio.Event | None = None) -> None:
-    wake = asyncio.Event() if wake is None else wake
-    listener = asyncio.create_task(listen(url, wake, stopping))
-    delay = 0.1
-    try:
-        while not stopping.is_set():
-            try:
-                n = await publish_batch(pool, bus, subjects)
-                delay = 0.1
-            except (errors.ServiceUnavailable, *dbmod.UNAVAILABLE, asyncpg.PostgresError) as exc:
-                log.warning("outbox relay paused (%s)", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if n:
-                continue
-            wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), sweep_interval)
-    finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+async def _close(conn: asyncpg.Connection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close(timeout=2)
+
+
+async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
+                    stopping: asyncio.Event, wake: asyncio.Event, *,
+                    sweep_interval: float = 1.0) -> None:
+    """Publish until ``stopping``: at once when ``wake`` is set (by the listener or a writer of
+    this process), else every ``sweep_interval`` seconds; an outage is waited out."""
+    while not stopping.is_set():
+        n = 0
+        async for attempt in background.backoff(
+                (errors.ServiceUnavailable, *dbmod.FAILURES), initial=0.1, most=5.0):
+            with attempt:
+                if stopping.is_set():
+                    return
+                try:
+                    n = await publish_batch(pool, bus, subjects)
+                except (errors.ServiceUnavailable, *dbmod.FAILURES) as exc:
+                    log.warning("outbox relay paused (%s)", type(exc).__name__)
+                    raise
+        if n:
+            continue
+        wake.clear()
+        await background.pause(stopping, sweep_interval, wake)
 
 
 @contextlib.asynccontextmanager
@@ -106,16 +125,14 @@ async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequenc
     Yields the relay's wake-up event: a writer in this process whose transactions skip the
     NOTIFY (``boxoffice.outbox_quiet``, for throughput) sets it after committing outbox rows.
     """
-    stopping = asyncio.Event()
     wake = asyncio.Event()
-    task = asyncio.create_task(run_relay(url, pool, bus, subjects, stopping, wake=wake))
-    try:
+
+    async def listening(stopping: asyncio.Event) -> None:
+        await listen(url, stopping, CHANNEL, lambda _payload: wake.set(),
+                     lambda up: up and wake.set())
+
+    async def relaying(stopping: asyncio.Event) -> None:
+        await run_relay(pool, bus, subjects, stopping, wake)
+
+    async with background.running("outbox relay", relaying, listening, grace=10, wake=wake):
         yield wake
-    finally:
-        stopping.set()
-        try:
-            await asyncio.wait_for(task, 10)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

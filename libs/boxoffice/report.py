@@ -56,7 +56,6 @@ FOLDED = prometheus_client.Counter("boxoffice_error_reports_folded_total",
 DROPPED = prometheus_client.Counter("boxoffice_error_reports_dropped_total",
                                     "Error reports lost because the spool was full")
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _LEVEL_OF = {logging.CRITICAL: "critical", logging.ERROR: "error", logging.WARNING: "warning",
              logging.INFO: "info", logging.DEBUG: "debug"}
 _enc = msgspec.json.Encoder()
@@ -379,8 +378,7 @@ class BusHandler(logging.Handler):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad format string still gets reported
             message = str(record.msg)
-        context = {k: v for k, v in vars(record).items()
-                   if k not in _RESERVED and not k.startswith("_")}
+        context: dict[str, Any] = logs.extra_fields(record)
         context.update(logger=record.name, function=f"{record.module}.{record.funcName}",
                        line=record.lineno)
         exc = record.exc_info[1] if record.exc_info else None
@@ -404,7 +402,7 @@ def report(level: str, message: str, *, error_type: str | None = None,
     Before ``install()`` (scripts, tests) the report is only logged.
     """
     if _current is None:
-        log.log(logging.ERROR if level in ("error", "critical", "fatal") else logging.WARNING,
+        log.log(logging.ERROR if level in LEVELS[LEVELS.index("error"):] else logging.WARNING,
                 "%s", message, exc_info=exc)
         return None
     return _current.report(level, message, error_type=error_type, context=context,

@@ -18,11 +18,15 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import prometheus_client
+import stamina.instrumentation
 from aiohttp import web
 
+from boxoffice import bus as busmod
+from boxoffice import bus_access
 from boxoffice import config as configmod
-from boxoffice import errors, logs, observe, report
+from boxoffice import errors, logs, observe, outbox, report
 
 log = logging.getLogger("boxoffice.runtime")
 
@@ -49,6 +53,23 @@ class Service:
             except Exception:  # noqa: BLE001
                 results[name] = False
         return (all(results.values()) and not self.stopping.is_set()), results
+
+    async def connect_bus(self, name: str, *streams: str) -> busmod.Bus:
+        """The service's NATS connection as user ``name``, drained at exit (after what is
+        registered later has stopped), with ``streams`` declared."""
+        cfg = self.config
+        bus = await self.stack.enter_async_context(
+            busmod.connect(cfg.nats_url, name, ca_file=cfg.nats_ca_file,
+                           stream_replicas=cfg.nats_stream_replicas))
+        await bus.declare_streams(*streams)
+        return bus
+
+    async def relay_outbox(self, pool: asyncpg.Pool, bus: busmod.Bus) -> asyncio.Event:
+        """Relay the service's outbox subjects (``bus_access``) for its lifetime; returns the
+        relay's wake-up event."""
+        assert self.config.database_url is not None
+        return await self.stack.enter_async_context(outbox.relay(
+            self.config.database_url, pool, bus, bus_access.ACCESS[self.config.service].relays))
 
 
 Build = Callable[[Service], Awaitable[None]]
@@ -115,6 +136,8 @@ def run(service: str, build: Build) -> int:
         print(f"boxoffice {service}: {exc}", file=sys.stderr)
         return 2
     logs.setup(service, cfg.log_level)
+    # retries are counted (stamina_retries_total); our loops log their own, naming what waits
+    stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.PrometheusOnRetryHook])
     reporter = report.install(cfg)  # ERROR logs, crashes and loop errors go to the bus
 
     async def main() -> int:

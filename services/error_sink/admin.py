@@ -6,10 +6,7 @@ Resolving or ignoring a group also marks its ``error_logs`` rows resolved, so th
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
 import asyncpg
 
@@ -20,8 +17,17 @@ from boxoffice.wire import errors as w
 
 GROUP_COLUMNS = """id::text, title, service, level, status, fingerprint, first_seen, last_seen,
                    count, resolved_at, regressed_at, last_alerted_at"""
+# with each group, its reports in each of the last 24 hours (a sparkline), oldest first
 LIST = f"""
-SELECT {GROUP_COLUMNS} FROM error_groups
+SELECT {GROUP_COLUMNS},
+       (SELECT array_agg(coalesce(c.n, 0) ORDER BY h.i)
+        FROM generate_series(0, 23) AS h(i)
+        LEFT JOIN (SELECT 23 - floor(extract(epoch FROM now() - l."timestamp") / 3600)::int AS i,
+                          sum(l.occurrences)::int AS n
+                   FROM error_logs l
+                   WHERE l.group_id = g.id AND l."timestamp" > now() - interval '24 hours'
+                   GROUP BY 1) c ON c.i = h.i) AS hourly
+FROM error_groups g
 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR level = $2)
   AND ($3::text IS NULL OR service = $3) AND ($4::timestamptz IS NULL OR last_seen >= $4)
 ORDER BY last_seen DESC LIMIT $5
@@ -42,19 +48,7 @@ SETTLE_ROWS = "UPDATE error_logs SET resolved = TRUE WHERE group_id = $1 AND NOT
 GroupNotFound = errors.define("ErrorGroupNotFound", "error_group_not_found", 404,
                               "No such error group")
 
-
-T = TypeVar("T")
-
-
-def _db(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """PostgreSQL unreachable is a 503 for the operator, not an internal error."""
-    @functools.wraps(fn)
-    async def wrapper(*args: Any) -> T:
-        try:
-            return await fn(*args)
-        except db.UNAVAILABLE as exc:
-            raise errors.DatabaseUnavailable(f"error store unreachable: {type(exc).__name__}") from None
-    return wrapper
+_db = db.guard  # PostgreSQL unreachable is a 503 for the operator, not an internal error
 
 
 def _group(row: asyncpg.Record) -> w.ErrorGroup:

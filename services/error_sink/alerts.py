@@ -31,7 +31,7 @@ import asyncpg
 import prometheus_client
 from standardwebhooks.webhooks import Webhook
 
-from boxoffice import db, errors
+from boxoffice import background, db, errors
 from boxoffice.bus import Bus
 from boxoffice.wire.subjects import alert as alert_subject
 
@@ -148,32 +148,24 @@ async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: async
         while not stopping.is_set():
             try:
                 n = await relay_once(pool, bus, session, webhook_url, sign)
-            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except db.FAILURES as exc:
                 log.warning("alert relay paused (%s)", type(exc).__name__)
                 n = 0
             if n:
                 continue  # more may be due
             wake.clear()
-            try:
-                async with asyncio.timeout(1.0):  # (wait_for may swallow a cancellation)
-                    await wake.wait()
-            except TimeoutError:
-                pass
+            await background.pause(stopping, 1.0, wake)
 
 
 @contextlib.asynccontextmanager
 async def relay(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None,
                 webhook_secret: str | None = None) -> AsyncIterator[asyncio.Event]:
     """Run the relay in the background; yields the event that wakes it for new alerts."""
-    wake, stopping = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run(pool, bus, webhook_url, wake, stopping,
-                                   signer(webhook_secret)), name="alert-relay")
-    try:
+    wake = asyncio.Event()
+    sign = signer(webhook_secret)
+
+    async def relaying(stopping: asyncio.Event) -> None:
+        await run(pool, bus, webhook_url, wake, stopping, sign)
+
+    async with background.running("alert relay", relaying, grace=10, wake=wake):
         yield wake
-    finally:
-        stopping.set()
-        wake.set()
-        done, _ = await asyncio.wait({task}, timeout=10)
-        if not done:
-            task.cancel()
-            await asyncio.wait({task}, timeout=5)

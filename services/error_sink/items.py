@@ -15,7 +15,6 @@ acked after the commit. Queries: ``admin.errors.feedback``, ``admin.errors.attac
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
@@ -24,12 +23,12 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import msgspec
-import nats.errors
 import prometheus_client
 from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice import db, errors, wire
+from boxoffice.consumer import pull_consumer, settle
 from boxoffice.error_sink import monitors, releases, source_maps
 from boxoffice.wire import sentry_items as si
 
@@ -103,27 +102,21 @@ async def store(pool: asyncpg.Pool, msgs: list[Msg]) -> None:
     out (terminated) with an error log, never retried forever."""
     counted: list[tuple[str, str, str, int]] = []
     done: list[Msg] = []
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            for msg in msgs:
-                try:
-                    async with conn.transaction():  # a savepoint: one bad item spoils nothing
-                        counted += await _store_one(conn, msg)
-                    done.append(msg)
-                except (msgspec.ValidationError, msgspec.DecodeError, ValueError,
-                        asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
-                    log.error("message on %s is not a valid Sentry item: dropped", msg.subject)
-                    with contextlib.suppress(nats.errors.Error, OSError):
-                        await msg.term()
-    except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
-        log.warning("Sentry items paused: PostgreSQL (%s); redelivered later", type(exc).__name__)
-        await asyncio.sleep(1)
-        return  # unacked: JetStream redelivers after ack_wait
+    # PostgreSQL away: raised, and the batch, unacked, is redelivered after ack_wait
+    async with pool.acquire() as conn, conn.transaction():
+        for msg in msgs:
+            try:
+                async with conn.transaction():  # a savepoint: one bad item spoils nothing
+                    counted += await _store_one(conn, msg)
+                done.append(msg)
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError,
+                    asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+                log.error("message on %s is not a valid Sentry item: dropped", msg.subject)
+                await settle(msg, "term")
     for origin, reason, category, n in counted:
         DISCARDED.labels(origin, reason, category).inc(n)
     for msg in done:
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await msg.ack()
+        await settle(msg, "ack")
 
 
 @contextlib.asynccontextmanager
@@ -136,7 +129,7 @@ async def keeping(bus: busmod.Bus, pool: asyncpg.Pool) -> AsyncIterator[None]:
     async def handle(msgs: list[Msg]) -> None:
         await store(pool, msgs)
 
-    async with busmod.pull_consumer(bus, stream, durable, handle, batch=50):
+    async with pull_consumer(bus, stream, durable, handle, batch=50):
         yield
 
 
@@ -193,11 +186,7 @@ async def register(bus: busmod.Bus, pool: asyncpg.Pool) -> None:
 
     def guarded(fn):  # type: ignore[no-untyped-def]
         async def call(q):  # type: ignore[no-untyped-def]
-            try:
-                return await fn(pool, q)
-            except db.UNAVAILABLE as exc:
-                raise errors.DatabaseUnavailable(
-                    f"error store unreachable: {type(exc).__name__}") from None
+            return await db.guarded(fn(pool, q))
         return call
 
     await bus.serve(si.FEEDBACK_LIST, si.ListFeedback, guarded(list_feedback), queue=queue)

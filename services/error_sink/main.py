@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from boxoffice import bus as busmod
 from boxoffice import db, runtime
-from boxoffice.error_sink import admin, alerts, consume, items, store
+from boxoffice.error_sink import admin, alerts, items, report_intake, store
 from boxoffice.wire.subjects import ERROR_SINK_CONSUMER
 
 LANES = 3
@@ -25,10 +24,7 @@ async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=4))
-    bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "error-sink", ca_file=cfg.nats_ca_file,
-                       stream_replicas=cfg.nats_stream_replicas))
-    await bus.declare_streams("ERRORS", "ALERTS")
+    bus = await svc.connect_bus("error-sink", "ERRORS", "ALERTS")
     stream, durable = ERROR_SINK_CONSUMER
     await bus.declare_consumer(stream, durable, ack_wait=ACK_WAIT, max_ack_pending=MAX_ACK_PENDING)
     wake_alerts = await svc.stack.enter_async_context(
@@ -37,8 +33,8 @@ async def build(svc: runtime.Service) -> None:
     policy = store.AlertPolicy(rate_per_minute=cfg.alert_rate_per_minute,
                                window_seconds=cfg.alert_window_seconds)
     await svc.stack.enter_async_context(
-        consume.lanes(bus, writers, stream, durable, policy, wake_alerts.set, count=LANES,
-                      batch=BATCH))
+        report_intake.lanes(bus, writers, stream, durable, policy, wake_alerts.set,
+                            count=LANES, batch=BATCH))
     await svc.stack.enter_async_context(items.keeping(bus, pool))
     await admin.register(bus, pool)
     await items.register(bus, pool)

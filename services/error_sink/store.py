@@ -16,13 +16,12 @@ import asyncpg
 import msgspec
 
 from boxoffice.error_sink import grouping
-from boxoffice.error_sink.sink import COLUMNS, Row
-from boxoffice.wire.errors import Alert
+from boxoffice.error_sink.report_rows import COLUMNS, Row
+from boxoffice.wire.errors import LEVELS, Alert
 
-LEVELS = ("debug", "info", "warning", "error", "critical", "fatal")
 LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
 _enc = msgspec.json.Encoder()
-_LEVELS_SQL = "ARRAY['debug','info','warning','error','critical','fatal']"
+_LEVELS_SQL = "ARRAY[" + ",".join(f"'{level}'" for level in LEVELS) + "]"
 
 STAGE = """
 CREATE TEMPORARY TABLE IF NOT EXISTS error_stage (

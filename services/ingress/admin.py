@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from boxoffice.ingress.http import json_response, operate, read_json, require_admin
+from boxoffice.ingress.http import json_response, operate, read_json, read_query, require_admin
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import admin
 
 routes = web.RouteTableDef()
 
 
+@routes.get("/v1/admin/events")
+async def list_events(request: web.Request) -> web.Response:
+    require_admin(request)
+    req = read_query(request, admin.ListEvents)
+    return json_response(await request.app[BUS].request(admin.EVENTS_LIST, req,
+                                                        admin.TicketedEvents))
 
 
 @routes.post("/v1/admin/events")

@@ -107,7 +107,7 @@ async def hold(request: web.Request) -> web.Response:
     body.event_id = body.event_id.lower()
     req = rw.HoldRequest(client_id=cid, event_id=body.event_id, quantity=body.quantity,
                          customer_ref=body.customer_ref, idempotency_key=key,
-                         fingerprint=idempotency.fingerprint("POST /v1/reservations", body)
+                         fingerprint=idempotency.fingerprint(rw.HOLD_ROUTE, body)
                          if key else None)
     return await forward(request, subjects.RESERVATIONS_HOLD, req, HOLD_TIMEOUT)
 
@@ -137,8 +137,7 @@ async def create_payment_intent(request: web.Request) -> web.Response:
     body.reservation_id = body.reservation_id.lower()
     req = pw.CreateIntentRequest(client_id=cid, idempotency_key=key,
                                  reservation_id=body.reservation_id,
-                                 fingerprint=idempotency.fingerprint("POST /v1/payment_intents",
-                                                                     body))
+                                 fingerprint=idempotency.fingerprint(pw.CREATE_INTENT_ROUTE, body))
     return await forward(request, subjects.PAYMENTS_INTENTS_CREATE, req, INTENT_TIMEOUT)
 
 

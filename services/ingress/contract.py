@@ -18,6 +18,7 @@ from aiohttp import web
 
 from boxoffice import __version__ as version
 from boxoffice import asyncapi
+from boxoffice.ingress import console
 from boxoffice.wire import admin, audit, payments, reaper, reservations, stripe
 from boxoffice.wire import admin_actions as actions
 from boxoffice.wire import errors as errw
@@ -121,7 +122,22 @@ OPS: tuple[Op, ...] = (
     Op("OPTIONS", "/api/{project_id}/{endpoint}/", "CORS preflight for browsers' SDKs",
        ok=(204, None), path_params={"project_id": PROJECT, "endpoint": {
            "type": "string", "enum": ["envelope", "store", "security"]}}, tag="ingest"),
+    # the operators' console (its page and files are public; its data comes from the routes
+    # below, with the session cookie standing for the token)
+    Op("GET", "/console", "The operators' console (a page)", ok=(200, "html"), tag="console"),
+    Op("GET", "/console/app.js", "The console's script", ok=(200, "text/javascript"),
+       tag="console"),
+    Op("GET", "/console/console.css", "The console's styles", ok=(200, "text/css"),
+       tag="console"),
+    Op("POST", "/console/session", "Sign in with an admin token: sets the session cookie",
+       body=console.SignIn, ok=(201, console.SessionInfo), tag="console"),
+    Op("GET", "/console/session", "The signed-in session (its CSRF token)", "session",
+       ok=(200, console.SessionInfo), tag="console"),
+    Op("DELETE", "/console/session", "Sign out (X-CSRF-Token required)", "session",
+       ok=(204, None), tag="console"),
     # operators
+    Op("GET", "/v1/admin/events", "Ticketed events and their inventory, newest first", "admin",
+       query=admin.ListEvents, ok=(200, admin.TicketedEvents)),
     Op("POST", "/v1/admin/events", "Create a ticketed event", "operate", admin.CreateEvent,
        ok=(201, admin.TicketedEvent)),
     Op("GET", "/v1/admin/events/{event_id}", "A ticketed event's inventory", "admin",
@@ -132,6 +148,8 @@ OPS: tuple[Op, ...] = (
        ok=(200, reaper.ReservationStats)),
     Op("POST", "/v1/admin/reservations/cleanup", "Expire every overdue hold now", "operate",
        reaper.CleanupRequest, ok=(200, reaper.CleanupResult)),
+    Op("GET", "/v1/admin/reservations/expiry-lag", "How late holds were released, per minute",
+       "admin", query=reaper.ExpiryLagRequest, ok=(200, reaper.ExpiryLag)),
     Op("GET", "/v1/admin/reaper/runs", "The reaper's runs", "admin", query=reaper.RunsRequest,
        ok=(200, reaper.ReaperRuns)),
     Op("GET", "/v1/admin/audit", "The operators' action log", "admin",
@@ -142,9 +160,17 @@ OPS: tuple[Op, ...] = (
        audit.RunRequest, ok=(200, audit.Invariants)),
     Op("GET", "/v1/admin/webhooks/events", "Stripe events received", "admin",
        query=stripe.ListEventsRequest, ok=(200, stripe.LoggedEvents)),
+    Op("GET", "/v1/admin/webhooks/events/{event_id}",
+       "A Stripe event: its payload (secrets filtered) and last error", "admin",
+       ok=(200, stripe.LoggedEventDetail),
+       path_params={"event_id": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,255}$"}}),
     Op("POST", "/v1/admin/webhooks/events/{event_id}/replay", "Apply a Stripe event again",
        "operate", ok=(200, stripe.ReplayResult),
        path_params={"event_id": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,255}$"}}),
+    Op("POST", "/v1/admin/webhooks/replay",
+       "Replay every event of a status (and type), oldest first: NDJSON, a ReplayProgress line "
+       "per event and a last one with the totals", "operate", stripe.ReplayManyBody,
+       ok=(200, "application/x-ndjson")),
     Op("GET", "/v1/admin/webhooks/reconciliation", "Reconciliation with Stripe", "admin",
        query=stripe.ReconciliationRequest, ok=(200, stripe.Reconciliation)),
     Op("GET", "/v1/admin/errors", "Error groups", "admin", query=errw.ListGroups,
@@ -173,11 +199,18 @@ OPS: tuple[Op, ...] = (
                                                  "enum": ["resolve", "ignore"]}}),
 )
 
+# Routes left out of the document, each with the reason.
+UNDOCUMENTED: dict[tuple[str, str], str] = {
+    ("GET", "/console/stream"): "the console's live feed: an endless text/event-stream for the "
+                                "page's session (no JSON answer to describe or to test)",
+}
+
 SECURITY = {
     "client": [{"clientToken": []}],
-    "admin": [{"adminToken": []}, {"adminReadToken": []}],
-    "operate": [{"adminToken": []}],
+    "admin": [{"adminToken": []}, {"adminReadToken": []}, {"consoleSession": []}],
+    "operate": [{"adminToken": []}, {"consoleSession": []}],
     "sentry": [{"sentryKey": []}],
+    "session": [{"consoleSession": []}],
 }
 SCHEMES = {
     "clientToken": {"type": "http", "scheme": "bearer",
@@ -186,6 +219,9 @@ SCHEMES = {
                    "description": "an operate-scoped admin token (ADMIN_API_TOKENS)"},
     "adminReadToken": {"type": "http", "scheme": "bearer",
                        "description": "a read-scoped admin token (ADMIN_READ_API_TOKENS)"},
+    "consoleSession": {"type": "apiKey", "in": "cookie", "name": "boxoffice_session",
+                       "description": "the console's session (POST /console/session); an "
+                                      "action also needs its X-CSRF-Token header"},
     "sentryKey": {"type": "apiKey", "in": "header", "name": "X-Sentry-Auth",
                   "description": "Sentry sentry_key=<SENTRY_INGEST_KEYS> (or ?sentry_key=, or "
                                  "the envelope's dsn)"},

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import logging
 import math
 import time
@@ -35,7 +34,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from boxoffice import errors, scrub, wire
+from boxoffice import errors, scrub, tokens, wire
 from boxoffice.config import Config
 from boxoffice.ingress import csp, envelope, errors_admin, sentry_items
 from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
@@ -154,10 +153,7 @@ def _key_from_dsn(header: dict) -> str | None:
 
 
 def _check_key(cfg: Config, key: str | None) -> str:
-    found = None
-    for candidate in cfg.sentry_ingest_keys:  # constant time, no early exit
-        if key is not None and hmac.compare_digest(key.encode(), candidate.encode()):
-            found = candidate
+    found = None if key is None else tokens.match(key, cfg.sentry_ingest_keys)
     if found is None:
         raise errors.Forbidden("a valid Sentry public key is required (X-Sentry-Auth or sentry_key)")
     return found

@@ -15,8 +15,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from boxoffice import errors, logs
+from boxoffice import errors, logs, tokens
 from boxoffice.config import Config
+from boxoffice.ingress import sessions
+from boxoffice.ingress.sessions import actor_id
 from boxoffice.wire.words import describe
 
 log = logging.getLogger("boxoffice.ingress")
@@ -96,11 +98,7 @@ def _bearer(request: web.Request) -> str:
 
 
 def _match(token: str, allowed: tuple[str, ...]) -> str | None:
-    found = None
-    for candidate in allowed:  # compare against all, in constant time, without early exit
-        if hmac.compare_digest(token.encode(), candidate.encode()):
-            found = candidate
-    return found
+    return tokens.match(token, allowed)
 
 
 def client_id(request: web.Request) -> str:
@@ -115,15 +113,19 @@ def client_id(request: web.Request) -> str:
     return "c_" + hmac.new(b"boxoffice-client", match.encode(), "sha256").hexdigest()[:24]
 
 
-def actor_id(token: str) -> str:
-    """An admin token's id in logs and the action log: a digest, never the token."""
-    return "a_" + hmac.new(b"boxoffice-admin", token.encode(), "sha256").hexdigest()[:16]
-
-
 def require_admin(request: web.Request, scope: str = "read") -> str:
     """The caller's admin id if its token has ``scope``: ``read`` (lists, stats) is granted by
-    ``ADMIN_READ_API_TOKENS`` and ``ADMIN_API_TOKENS``, ``operate`` (acting) by the latter only."""
+    ``ADMIN_READ_API_TOKENS`` and ``ADMIN_API_TOKENS``, ``operate`` (acting) by the latter only.
+
+    Without an ``Authorization`` header, the console's session cookie stands for the token it
+    was opened with (its scope kept); an action by cookie also needs the session's CSRF token."""
     cfg = request.app[CONFIG]
+    if "Authorization" not in request.headers and sessions.COOKIE in request.cookies:
+        session = sessions.read(cfg, request.cookies[sessions.COOKIE])
+        if scope != "read" and session.scope != "operate":
+            raise errors.Forbidden("this session may read but not act (its scope is read)")
+        sessions.check_csrf(session, request.method, request.headers.get(sessions.CSRF_HEADER))
+        return session.actor
     token = _bearer(request)
     operator = _match(token, cfg.admin_api_tokens)
     reader = _match(token, cfg.admin_read_api_tokens)

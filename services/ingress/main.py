@@ -14,7 +14,7 @@ from boxoffice import bus as busmod
 from boxoffice import runtime
 from boxoffice.config import Config
 from boxoffice.ingress import actions_admin, admin, audit_admin, checkout, reaper_admin, webhooks
-from boxoffice.ingress import contract, http_metrics
+from boxoffice.ingress import console, contract, http_metrics
 from boxoffice.ingress import errors as error_routes
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
@@ -34,6 +34,7 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
     app.add_routes(webhooks.routes)
     app.add_routes(error_routes.setup(app))
     contract.setup(app)  # /openapi.json, /asyncapi.json, /docs
+    console.setup(app)  # /console: the operators' page, its session and live feed
     return app
 
 

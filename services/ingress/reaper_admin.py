@@ -32,6 +32,14 @@ async def cleanup(request: web.Request) -> web.Response:
     return json_response(result)
 
 
+@routes.get("/v1/admin/reservations/expiry-lag")
+async def expiry_lag(request: web.Request) -> web.Response:
+    """How late holds were released, per minute (``?minutes=``, 60 by default)."""
+    require_admin(request)
+    req = read_query(request, reaper.ExpiryLagRequest)
+    return json_response(await request.app[BUS].request(reaper.EXPIRY_LAG, req, reaper.ExpiryLag))
+
+
 @routes.get("/v1/admin/reaper/runs")
 async def runs(request: web.Request) -> web.Response:
     require_admin(request)

@@ -17,14 +17,17 @@ import time
 import msgspec
 from aiohttp import web
 
-from boxoffice import errors
-from boxoffice.ingress.http import CONFIG, json_response, operate, read_query, require_admin
+from boxoffice import errors, tokens
+from boxoffice.ingress.http import (CONFIG, REQUEST_ID, json_response, operate, read_json,
+                                    read_query, require_admin)
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import stripe as w
 from boxoffice.wire.subjects import stripe_event
 
 log = logging.getLogger("boxoffice.ingress.webhooks")
 
+REPLAY_TIMEOUT = 45.0  # one event's effects, Stripe's refund included
+NDJSON = "application/x-ndjson"
 TOLERANCE = 300  # seconds, either side of now (Stripe's default; a future stamp is as suspect)
 MAX_SIGNATURES = 8
 
@@ -65,8 +68,7 @@ def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...],
     matched = False
     for secret in secrets:
         expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest().encode()
-        for candidate in candidates:
-            matched |= hmac.compare_digest(expected, candidate)
+        matched |= tokens.match(expected, candidates) is not None
     if not matched:
         raise InvalidSignature("no signature matches")
 
@@ -106,16 +108,68 @@ async def list_events(request: web.Request) -> web.Response:
     return json_response(await request.app[BUS].request(w.EVENTS_LIST, req, w.LoggedEvents))
 
 
+def _event_id(request: web.Request) -> str:
+    """The path's event id; one that Stripe could not have sent names no event (the same 404
+    as an unknown one)."""
+    event_id = request.match_info["event_id"]
+    try:
+        return msgspec.convert({"event_id": event_id}, w.ReplayRequest).event_id
+    except msgspec.ValidationError:
+        raise errors.WebhookEventNotFound(f"no webhook event {event_id[:64]!r}") from None
+
+
+@routes.get("/v1/admin/webhooks/events/{event_id}")
+async def get_event(request: web.Request) -> web.Response:
+    """One event with its payload (secrets filtered) and its last error."""
+    require_admin(request)
+    req = w.GetEventRequest(event_id=_event_id(request))
+    return json_response(await request.app[BUS].request(w.EVENTS_GET, req, w.LoggedEventDetail))
+
+
 @routes.post("/v1/admin/webhooks/events/{event_id}/replay")
 @operate
 async def replay_event(request: web.Request) -> web.Response:
     require_admin(request)
-    try:
-        req = msgspec.convert({"event_id": request.match_info["event_id"]}, w.ReplayRequest)
-    except msgspec.ValidationError:
-        raise errors.NotFound("no such webhook event") from None
-    result = await request.app[BUS].request(w.EVENTS_REPLAY, req, w.ReplayResult, timeout=45.0)
+    req = w.ReplayRequest(event_id=_event_id(request))
+    result = await request.app[BUS].request(w.EVENTS_REPLAY, req, w.ReplayResult,
+                                            timeout=REPLAY_TIMEOUT)
     return json_response(result)
+
+
+@routes.post("/v1/admin/webhooks/replay")
+@operate
+async def replay_matching(request: web.Request) -> web.StreamResponse:
+    """Replay every event with a status (and type), oldest first, one after the other through
+    the single replay; the answer is NDJSON, a ``ReplayProgress`` line per event as it is done
+    and a last line with the totals, so that a client shows progress."""
+    require_admin(request)
+    body = await read_json(request, w.ReplayManyBody)
+    bus = request.app[BUS]
+    listed = await bus.request(w.EVENTS_LIST, w.ListEventsRequest(
+        status=body.status, type=body.type, limit=body.limit), w.LoggedEvents)
+    todo = [e.event_id for e in reversed(listed.events)]  # the list is newest first
+    resp = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store",
+                                       "X-Request-Id": request.get(REQUEST_ID, "")})
+    await resp.prepare(request)
+    succeeded = failed = 0
+    for done, event_id in enumerate(todo, 1):
+        line = w.ReplayProgress(done=done, total=len(todo), event_id=event_id)
+        try:
+            result = await bus.request(w.EVENTS_REPLAY, w.ReplayRequest(event_id=event_id),
+                                       w.ReplayResult, timeout=REPLAY_TIMEOUT)
+            line.outcome = result.outcome
+        except errors.BoxofficeError as exc:  # e.g. applied meanwhile: said, and carry on
+            line.outcome, line.code = "error", exc.code
+        if line.outcome in ("failed", "error"):
+            failed += 1
+        else:
+            succeeded += 1
+        await resp.write(msgspec.json.encode(line) + b"\n")
+    await resp.write(msgspec.json.encode(w.ReplayProgress(
+        done=len(todo), total=len(todo), finished=True, succeeded=succeeded, failed=failed))
+        + b"\n")
+    await resp.write_eof()
+    return resp
 
 
 @routes.get("/v1/admin/webhooks/reconciliation")

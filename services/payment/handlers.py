@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
 import asyncpg
 
-from boxoffice import db, errors
+from boxoffice import db
 from boxoffice.bus import Bus
-from boxoffice.payment import events, intents, reservations
+from boxoffice.payment import intents, reservations, ticketed_events
 from boxoffice.payment.hold_batch import HoldBatcher
 from boxoffice.wire import admin, subjects
 from boxoffice.wire import payments as pw
 from boxoffice.wire import reservations as rw
-
-Req = TypeVar("Req")
-Res = TypeVar("Res")
-
-
-def _db_guard(fn: Callable[[Req], Awaitable[Res]]) -> Callable[[Req], Awaitable[Res]]:
-    """The database being away is a 503 the client may retry, never an internal error."""
-
-    @functools.wraps(fn)
-    async def guarded(req: Req) -> Res:
-        try:
-            return await fn(req)
-        except db.UNAVAILABLE as exc:
-            raise errors.DatabaseUnavailable(f"database unavailable ({type(exc).__name__})",
-                                             retry_after=2) from None
-
-    return guarded
-
 
 async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
                    reservation_ttl_seconds: int) -> None:
@@ -40,10 +18,13 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
     holds = HoldBatcher(pool, reservation_ttl_seconds)
 
     async def create_event(req: admin.CreateEvent) -> admin.TicketedEvent:
-        return await events.create_event(pool, req)
+        return await ticketed_events.create(pool, req)
 
     async def get_event(req: admin.GetEvent) -> admin.TicketedEvent:
-        return await events.get_event(pool, req.event_id)
+        return await ticketed_events.get(pool, req.event_id)
+
+    async def list_events(req: admin.ListEvents) -> admin.TicketedEvents:
+        return admin.TicketedEvents(events=await ticketed_events.newest(pool, req.limit))
 
     async def hold(req: rw.HoldRequest) -> pw.StoredResponse:
         return await holds.hold(req)
@@ -60,14 +41,15 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
     async def list_payments(req: pw.ListPayments) -> pw.PaymentLog:
         return await intents.list_payments(pool, req)
 
-    await bus.serve(admin.EVENTS_CREATE, admin.CreateEvent, _db_guard(create_event), queue=queue)
-    await bus.serve(admin.EVENTS_GET, admin.GetEvent, _db_guard(get_event), queue=queue)
-    await bus.serve(subjects.RESERVATIONS_HOLD, rw.HoldRequest, _db_guard(hold), queue=queue)
-    await bus.serve(subjects.RESERVATIONS_GET, rw.GetRequest, _db_guard(get_reservation),
+    await bus.serve(admin.EVENTS_CREATE, admin.CreateEvent, db.guard(create_event), queue=queue)
+    await bus.serve(admin.EVENTS_GET, admin.GetEvent, db.guard(get_event), queue=queue)
+    await bus.serve(admin.EVENTS_LIST, admin.ListEvents, db.guard(list_events), queue=queue)
+    await bus.serve(subjects.RESERVATIONS_HOLD, rw.HoldRequest, db.guard(hold), queue=queue)
+    await bus.serve(subjects.RESERVATIONS_GET, rw.GetRequest, db.guard(get_reservation),
                     queue=queue)
     await bus.serve(subjects.RESERVATIONS_CANCEL, rw.CancelRequest,
-                    _db_guard(cancel_reservation), queue=queue)
+                    db.guard(cancel_reservation), queue=queue)
     await bus.serve(subjects.PAYMENTS_INTENTS_CREATE, pw.CreateIntentRequest,
-                    _db_guard(create_intent), queue=queue)
-    await bus.serve(pw.ADMIN_PAYMENTS_LIST, pw.ListPayments, _db_guard(list_payments),
+                    db.guard(create_intent), queue=queue)
+    await bus.serve(pw.ADMIN_PAYMENTS_LIST, pw.ListPayments, db.guard(list_payments),
                     queue=queue)

@@ -20,6 +20,7 @@ import logging
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import asyncpg
 import prometheus_client
@@ -36,6 +37,17 @@ BATCH_SIZE = prometheus_client.Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64))
 SLOW_PATH = prometheus_client.Counter(
     "boxoffice_hold_slow_path_total", "Holds that missed the batch's fast path and ran alone")
+
+
+class BatchHoldOutcome(StrEnum):
+    """What ``hold_tickets_batch`` did with one item."""
+
+    HELD = "held"
+    RETRY = "retry"  # the fast path could not serve it: the full hold runs for it
+    IN_USE = "in_use"  # its key is locked by another transaction
+    REPLAY = "replay"  # its key already made a hold with this request
+    MISMATCH = "mismatch"  # its key already made a hold with another request
+
 
 MAX_BATCH = 64
 FLUSHERS_PER_EVENT = 3  # batches of one event in flight at once (one PostgreSQL backend each)
@@ -133,8 +145,8 @@ class HoldBatcher:
         to_store: list[tuple[uuid.UUID, str]] = []
         made: dict[tuple[str, str], str] = {}  # keyed holds made in this batch: their bodies
         for row in rows:
-            i, outcome, req = row["idx"], row["outcome"], reqs[row["idx"]]
-            if outcome == "held":
+            i, outcome, req = row["idx"], BatchHoldOutcome(row["outcome"]), reqs[row["idx"]]
+            if outcome is BatchHoldOutcome.HELD:
                 body = wire.encode(reservations.view({
                     "id": row["id"], "event_id": req.event_id, "quantity": req.quantity,
                     "expires_at": row["expires_at"], "amount": row["amount"],
@@ -145,15 +157,15 @@ class HoldBatcher:
                 if req.idempotency_key is not None:
                     to_store.append((row["id"], body))
                     made[(req.client_id, req.idempotency_key)] = body
-            elif outcome == "replay":
+            elif outcome is BatchHoldOutcome.REPLAY:
                 body = row["response_body"] or made[(req.client_id, req.idempotency_key or "")]
                 answers[i] = StoredResponse(status=201, body=body, replayed=True)
-            elif outcome == "mismatch":
+            elif outcome is BatchHoldOutcome.MISMATCH:
                 answers[i] = idempotency.IdempotencyKeyMismatch(
                     "this Idempotency-Key was used for another hold; use a new key")
-            elif outcome == "in_use":
+            elif outcome is BatchHoldOutcome.IN_USE:
                 answers[i] = idempotency.IdempotencyKeyInUse(
                     "a hold with this Idempotency-Key is in progress", retry_after=1)
-            else:
+            else:  # BatchHoldOutcome.RETRY
                 retry.append(i)
         return to_store

@@ -23,10 +23,10 @@ as both the audit trail and the recovery state:
    Definitive Stripe errors (card declined, invalid request) are recorded the same way; transient
    ones release the lease and leave the key at ``started`` for the client's retry.
 
-Recovery points used: ``started`` (Stripe may or may not have been called: resume by calling it
-again with the same key) and ``finished``. Stripe's answer and every local effect of it are
-committed in one transaction, so there is no state in between to resume from and
-``stripe_called`` is never written.
+Recovery points (``payment_intents_log.recovery_point``): ``started`` (Stripe may or may not have
+been called: resume by calling it again with the same key) and ``finished``. Stripe's answer and
+every local effect of it are committed in one transaction, so there is no point in between to
+resume from. The outcomes of the two SQL functions are ``ClaimOutcome`` and ``RecordOutcome``.
 
 The lease (``locked_at``, owned through ``lease_token``) lasts ``LEASE_SECONDS`` and is renewed
 every ``RENEW_EVERY`` while Stripe is being called, so a crashed worker's key is taken over within
@@ -47,21 +47,22 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TypeVar
 
 import asyncpg
 import prometheus_client
 
-from boxoffice import db, errors, idempotency, wire
-from boxoffice.payment.reservations import RETRYABLE, ReservationNotActive, ReservationNotFound
+from boxoffice import background, db, errors, idempotency, wire
+from boxoffice.payment.reservations import ReservationNotActive, ReservationNotFound
 from boxoffice.payment.stripe_client import CreatedIntent, Definitive, StripeGateway, Transient
-from boxoffice.wire.payments import (CreateIntentRequest, ListPayments, PaymentEvent,
-                                     PaymentIntent, PaymentLog, PaymentLogEntry, StoredResponse)
+from boxoffice.wire.payments import (CREATE_INTENT_ROUTE, CreateIntentRequest, ListPayments,
+                                     PaymentEvent, PaymentIntent, PaymentLog, PaymentLogEntry,
+                                     StoredResponse)
 
 log = logging.getLogger("boxoffice.payment.intents")
 T = TypeVar("T")
 
-ROUTE = "POST /v1/payment_intents"
 LEASE_SECONDS = 5.0
 RENEW_EVERY = 1.5
 FAILPOINTS = ("before_stripe_call", "after_stripe_call")
@@ -78,6 +79,27 @@ ClaimLost = errors.define(
 PaymentIntentExists = errors.define(
     "PaymentIntentExists", "payment_intent_exists", 409,
     "The reservation already has a PaymentIntent under another Idempotency-Key")
+
+
+class ClaimOutcome(StrEnum):
+    """What ``claim_payment_intent`` decided for a key."""
+
+    CLAIMED = "claimed"  # a new key, leased to this worker
+    RESUMED = "resumed"  # a started key whose lease lapsed, taken over
+    REPLAY = "replay"  # a finished key: its stored answer
+    MISMATCH = "mismatch"  # the key was used with another request
+    IN_USE = "in_use"  # another worker holds the key's lease
+    NOT_FOUND = "not_found"  # no such reservation of this client
+    NOT_ACTIVE = "not_active"  # the reservation has ended (``detail`` says how)
+    EXISTS = "exists"  # another key owns the reservation's PaymentIntent
+
+
+class RecordOutcome(StrEnum):
+    """What ``record_payment_intent`` did with Stripe's answer."""
+
+    RECORDED = "recorded"
+    REPLAYED = "replayed"  # another worker finished the key first: its stored answer
+    LOST = "lost"  # the claimed row is gone: nothing written
 
 
 @dataclass(frozen=True)
@@ -112,14 +134,7 @@ async def create_intent(deps: Deps, req: CreateIntentRequest) -> StoredResponse:
 
 async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
     """Run one transaction, again if PostgreSQL aborted it for a deadlock or serialization."""
-    for attempt in range(4):
-        try:
-            return await phase()
-        except RETRYABLE:
-            if attempt == 3:
-                raise
-            await asyncio.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return await db.retrying(phase, attempts=4, pause=0.01)
 
 
 async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | StoredResponse:
@@ -127,35 +142,37 @@ async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | Stored
     row = await pool.fetchrow(
         "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
         req.idempotency_key, req.fingerprint, uuid.UUID(req.reservation_id),
-        idempotency.stripe_key(req.client_id, req.idempotency_key, req.fingerprint), ROUTE,
-        LEASE_SECONDS)
-    outcome = row["outcome"]
-    if outcome not in ("replay", "claimed"):
+        idempotency.stripe_key(req.client_id, req.idempotency_key, req.fingerprint),
+        CREATE_INTENT_ROUTE, LEASE_SECONDS)
+    outcome = ClaimOutcome(row["outcome"])
+    if outcome not in (ClaimOutcome.REPLAY, ClaimOutcome.CLAIMED):
         OUTCOMES.labels(outcome).inc()
-    if outcome == "replay":
-        return StoredResponse(status=row["response_status"], body=row["response_body"],
-                              replayed=True)
-    if outcome in ("claimed", "resumed"):
-        return Claim(log_id=row["log_id"], client_id=req.client_id,
-                     idempotency_key=req.idempotency_key, lease_token=row["lease_token"],
-                     stripe_key=row["stripe_key"], amount=row["amount"],
-                     currency=row["currency"], reservation_id=req.reservation_id)
-    if outcome == "mismatch":
-        raise idempotency.IdempotencyKeyMismatch(
-            "this Idempotency-Key was used with another request; use a new key for a new request")
-    if outcome == "in_use":
-        raise idempotency.IdempotencyKeyInUse(
-            "the first request with this Idempotency-Key is still in progress",
-            retry_after=max(1, math.ceil(row["retry_after"])))
-    if outcome == "not_found":
-        raise ReservationNotFound(f"no reservation {req.reservation_id}")
-    if outcome == "not_active":
-        raise ReservationNotActive(f"the reservation is {row['detail']}",
-                                   reservation_status=row["detail"])
-    if outcome == "exists":
-        raise PaymentIntentExists("this reservation already has a PaymentIntent (or one in "
-                                  "progress): retry with its original Idempotency-Key")
-    raise AssertionError(f"unknown claim outcome {outcome!r}")
+    match outcome:
+        case ClaimOutcome.REPLAY:
+            return StoredResponse(status=row["response_status"], body=row["response_body"],
+                                  replayed=True)
+        case ClaimOutcome.CLAIMED | ClaimOutcome.RESUMED:
+            return Claim(log_id=row["log_id"], client_id=req.client_id,
+                         idempotency_key=req.idempotency_key, lease_token=row["lease_token"],
+                         stripe_key=row["stripe_key"], amount=row["amount"],
+                         currency=row["currency"], reservation_id=req.reservation_id)
+        case ClaimOutcome.MISMATCH:
+            raise idempotency.IdempotencyKeyMismatch(
+                "this Idempotency-Key was used with another request; use a new key for a new "
+                "request")
+        case ClaimOutcome.IN_USE:
+            raise idempotency.IdempotencyKeyInUse(
+                "the first request with this Idempotency-Key is still in progress",
+                retry_after=max(1, math.ceil(row["retry_after"])))
+        case ClaimOutcome.NOT_FOUND:
+            raise ReservationNotFound(f"no reservation {req.reservation_id}")
+        case ClaimOutcome.NOT_ACTIVE:
+            raise ReservationNotActive(f"the reservation is {row['detail']}",
+                                       reservation_status=row["detail"])
+        case ClaimOutcome.EXISTS:
+            raise PaymentIntentExists("this reservation already has a PaymentIntent (or one "
+                                      "in progress): retry with its original Idempotency-Key")
+    raise AssertionError(f"unhandled claim outcome {outcome!r}")
 
 
 async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
@@ -201,13 +218,14 @@ async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
         "SELECT * FROM record_payment_intent($1, $2, $3, $4, $5, $6, $7, ($8::text)::jsonb)",
         claim.log_id, claim.client_id, claim.idempotency_key, claim.stripe_key, status, body,
         pi.id if pi else None, event)
-    if row["outcome"] == "lost":
+    outcome = RecordOutcome(row["outcome"])
+    if outcome is RecordOutcome.LOST:
         OUTCOMES.labels("claim_lost").inc()
         log.warning("the claim of key row %s was lost before its record (database restarted?)",
                     claim.log_id)
         raise ClaimLost("retry with the same Idempotency-Key", retry_after=1)
     return StoredResponse(status=row["response_status"], body=row["response_body"],
-                          replayed=row["outcome"] == "replayed")
+                          replayed=outcome is RecordOutcome.REPLAYED)
 
 
 async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
@@ -220,7 +238,7 @@ async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
                            "last_error = $3, updated_at = clock_timestamp() "
                            "WHERE id = $1 AND lease_token = $2 AND recovery_point <> 'finished'",
                            claim.log_id, claim.lease_token, error[:500])
-    except (asyncpg.PostgresError, *db.UNAVAILABLE) as exc:
+    except db.FAILURES as exc:
         log.warning("could not release key %s (%s); its lease will lapse", claim.log_id,
                     type(exc).__name__)
 
@@ -229,25 +247,19 @@ async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
 async def _leased(pool: asyncpg.Pool, claim: Claim) -> AsyncIterator[None]:
     """Renew the key's lease while the block runs (only slow Stripe calls ever renew)."""
 
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(RENEW_EVERY)
+    async def renew(stopping: asyncio.Event) -> None:
+        while not await background.pause(stopping, RENEW_EVERY):
             try:
                 await pool.execute("UPDATE payment_intents_log SET locked_at = clock_timestamp() "
                                    "WHERE id = $1 AND lease_token = $2 "
                                    "AND recovery_point <> 'finished'",
                                    claim.log_id, claim.lease_token)
-            except (asyncpg.PostgresError, *db.UNAVAILABLE) as exc:
+            except db.FAILURES as exc:
                 log.warning("lease renewal of key %s failed (%s)", claim.log_id,
                             type(exc).__name__)
 
-    task = asyncio.create_task(renew())
-    try:
+    async with background.running("lease renewal", renew, grace=2):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _failpoint(deps: Deps, name: str) -> None:

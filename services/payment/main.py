@@ -6,8 +6,7 @@ import logging
 import os
 import sys
 
-from boxoffice import bus as busmod
-from boxoffice import bus_access, db, outbox, runtime
+from boxoffice import db, runtime
 from boxoffice.payment import handlers, intents, stripe_client
 
 log = logging.getLogger("boxoffice.payment")
@@ -32,12 +31,8 @@ async def build(svc: runtime.Service) -> None:
     points = failpoints()
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=20))
     gateway = await svc.stack.enter_async_context(stripe_client.gateway(cfg))
-    bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "payment", ca_file=cfg.nats_ca_file,
-                       stream_replicas=cfg.nats_stream_replicas))
-    await bus.declare_streams("RESERVATIONS", "PAYMENTS", "ERRORS")
-    await svc.stack.enter_async_context(outbox.relay(
-        cfg.database_url, pool, bus, bus_access.ACCESS[cfg.service].relays))
+    bus = await svc.connect_bus("payment", "RESERVATIONS", "PAYMENTS", "ERRORS")
+    await svc.relay_outbox(pool, bus)
     deps = intents.Deps(pool=pool, stripe=gateway, failpoints=points)
     await handlers.register(bus, pool, deps, reservation_ttl_seconds=cfg.reservation_ttl_seconds)
     svc.stack.push_async_callback(bus.stop_serving)  # first: stop taking requests, finish in-flight

@@ -8,10 +8,10 @@ Holds normally arrive through ``hold_batch`` (concurrent holds of one event shar
 transaction); ``hold`` here is the full path, for a hold the batch's fast path could not serve.
 
 A hold sent with an ``Idempotency-Key`` is taken at most once per client and key: the key is
-locked for the transaction (``pg_try_advisory_xact_lock``; a concurrent duplicate gets
-``idempotency_key_in_use``), the reservation row keeps the request's fingerprint and the exact
-body answered, and a retry replays that body. A sold-out or unknown-event answer creates
-nothing and is not stored, so the client may retry the same key later.
+locked for the transaction (``try_lock_hold_key``, the lock the batch takes too; a concurrent
+duplicate gets ``idempotency_key_in_use``), the reservation row keeps the request's fingerprint
+and the exact body answered, and a retry replays that body. A sold-out or unknown-event answer
+creates nothing and is not stored, so the client may retry the same key later.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import asyncpg
 
-from boxoffice import errors, idempotency, wire
-from boxoffice.payment.events import EventNotFound
+from boxoffice import db, errors, idempotency, wire
+from boxoffice.payment.ticketed_events import TicketedEventNotFound
 from boxoffice.wire.payments import StoredResponse
 from boxoffice.wire.reservations import HoldRequest, Reservation
 
@@ -32,9 +32,8 @@ ReservationNotFound = errors.define("ReservationNotFound", "reservation_not_foun
 ReservationNotActive = errors.define("ReservationNotActive", "reservation_not_active", 409,
                                      "Reservation is not active")
 
-HOLD_ROUTE = "POST /v1/reservations"
 # transient conflicts between concurrent releases of multi-bucket holds: retried here
-RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+ATTEMPTS = 5
 
 # The client's view: an active hold past its expires_at is shown (and treated) as expired.
 VIEW_COLUMNS = """
@@ -70,13 +69,13 @@ async def _take(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int) ->
         if exc.sqlstate == "BX409":
             raise SoldOut(f"fewer than {req.quantity} tickets are available") from None
         if exc.sqlstate == "BX404":
-            raise EventNotFound(f"no event {req.event_id}") from None
+            raise TicketedEventNotFound(f"no event {req.event_id}") from None
         raise
 
 
 async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int) -> StoredResponse:
     """Hold ``req.quantity`` tickets for ``ttl_seconds``; the 201 answer, stored when keyed."""
-    for attempt in range(5):
+    async def attempt() -> StoredResponse:
         try:
             async with pool.acquire() as conn:
                 if req.idempotency_key is None:
@@ -89,17 +88,15 @@ async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int) -> Stored
         except asyncpg.UniqueViolationError:
             # only reachable if two requests with one key raced past the advisory lock
             raise idempotency.IdempotencyKeyInUse(retry_after=1) from None
-        except RETRYABLE:
-            if attempt == 4:
-                raise
-    raise AssertionError("unreachable")
+
+    return await db.retrying(attempt, attempts=ATTEMPTS)
 
 
 async def _hold_keyed(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int
                       ) -> StoredResponse:
     assert req.idempotency_key is not None and req.fingerprint is not None
-    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 3))",
-                               f"hold:{req.client_id}:{req.idempotency_key}"):
+    if not await conn.fetchval("SELECT try_lock_hold_key($1, $2)", req.client_id,
+                               req.idempotency_key):
         raise idempotency.IdempotencyKeyInUse("a hold with this Idempotency-Key is in progress",
                                               retry_after=1)
     prior = await conn.fetchrow(
@@ -129,14 +126,12 @@ async def get(pool: asyncpg.Pool, client_id: str, reservation_id: str) -> Reserv
 async def cancel(pool: asyncpg.Pool, client_id: str, reservation_id: str) -> Reservation:
     """Release an active hold's tickets, once; cancelling a cancelled hold changes nothing."""
     rid = parse_id(reservation_id)
-    for attempt in range(5):
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                return await _cancel(conn, client_id, rid, reservation_id)
-        except RETRYABLE:
-            if attempt == 4:
-                raise
-    raise AssertionError("unreachable")
+
+    async def attempt() -> Reservation:
+        async with pool.acquire() as conn, conn.transaction():
+            return await _cancel(conn, client_id, rid, reservation_id)
+
+    return await db.retrying(attempt, attempts=ATTEMPTS)
 
 
 async def _cancel(conn: asyncpg.Connection, client_id: str, rid: uuid.UUID, reservation_id: str

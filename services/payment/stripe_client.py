@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import stripe
 
-from boxoffice import errors
+from boxoffice import errors, stripe_api
 from boxoffice.config import Config
 
 log = logging.getLogger("boxoffice.payment.stripe")
@@ -96,14 +96,6 @@ class StripeGateway:
 @contextlib.asynccontextmanager
 async def gateway(cfg: Config) -> AsyncIterator[StripeGateway]:
     """A Stripe client for the service's lifetime; its HTTP session is closed on exit."""
-    assert cfg.stripe_api_key is not None
-    logging.getLogger("stripe").setLevel(logging.WARNING)  # one line per request otherwise
-    http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT))
-    bases: dict[str, str] = {"api": cfg.stripe_api_base} if cfg.stripe_api_base else {}
-    client = stripe.StripeClient(cfg.stripe_api_key, http_client=http,
-                                 base_addresses=bases,  # type: ignore[arg-type]
-                                 max_network_retries=MAX_RETRIES)
-    try:
+    async with stripe_api.service_client(cfg, timeout=aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT),
+                                         max_network_retries=MAX_RETRIES) as client:
         yield StripeGateway(client)
-    finally:
-        await http.close_async()

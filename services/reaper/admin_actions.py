@@ -7,18 +7,17 @@ the commit redelivers, which changes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
-from boxoffice import db, wire
+from boxoffice import wire
+from boxoffice.consumer import pull_consumer, settle
 from boxoffice.wire import admin_actions as w
 from boxoffice.wire.subjects import ADMIN_ACTIONS_CONSUMER
 
@@ -52,21 +51,15 @@ async def store(pool: asyncpg.Pool, msgs: list[Msg]) -> None:
             keep.append(msg)
         except (msgspec.ValidationError, msgspec.DecodeError):
             log.error("message on %s is not an action record: dropped", msg.subject)
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await msg.term()
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            if begun:
-                await conn.executemany(UPSERT_BEGUN, begun)
-            if finished:
-                await conn.executemany(UPSERT_FINISHED, finished)
-    except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
-        log.warning("action log paused: PostgreSQL (%s); redelivered later", type(exc).__name__)
-        await asyncio.sleep(1)
-        return  # unacked: JetStream redelivers after ack_wait
+            await settle(msg, "term")
+    # PostgreSQL away: raised, and the batch, unacked, is redelivered after ack_wait
+    async with pool.acquire() as conn, conn.transaction():
+        if begun:
+            await conn.executemany(UPSERT_BEGUN, begun)
+        if finished:
+            await conn.executemany(UPSERT_FINISHED, finished)
     for msg in keep:
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await msg.ack()
+        await settle(msg, "ack")
 
 
 @contextlib.asynccontextmanager
@@ -79,7 +72,7 @@ async def keeping(bus: busmod.Bus, pool: asyncpg.Pool) -> AsyncIterator[None]:
     async def handle(msgs: list[Msg]) -> None:
         await store(pool, msgs)
 
-    async with busmod.pull_consumer(bus, stream, durable, handle, batch=100):
+    async with pull_consumer(bus, stream, durable, handle, batch=100):
         yield
 
 

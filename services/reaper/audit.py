@@ -43,10 +43,10 @@ async def running(cfg: Config, bus: Bus) -> AsyncIterator[audit.Auditor]:
 
 async def register(bus: Bus, auditor: audit.Auditor) -> None:
     async def run(req: wire.RunRequest) -> wire.Invariants:
-        return await audit.guard(auditor.run(req.full, timeout=RUN_TIMEOUT))
+        return await db.guarded(auditor.run(req.full, timeout=RUN_TIMEOUT))
 
     async def invariants(req: wire.InvariantsRequest) -> wire.Invariants:
-        return await audit.guard(audit.invariants(auditor.pool, wire.CHECKS, req.limit))
+        return await db.guarded(audit.invariants(auditor.pool, wire.CHECKS, req.limit))
 
     await bus.serve(wire.RUN_REAPER, wire.RunRequest, run, queue=QUEUE)
     await bus.serve(wire.INVARIANTS, wire.InvariantsRequest, invariants, queue=QUEUE)

@@ -9,7 +9,7 @@
   every ``sweep_seconds`` whatever happens.
 - Several replicas run the same loop: SKIP LOCKED gives each hold to one of them, and the outbox
   relay publishes each event once (the outbox row id is the ``Nats-Msg-Id``).
-- A failing database is retried with back-off; the outage is logged once and recorded in
+- A failing database is retried with back-off and jitter; the outage is logged once and recorded in
   ``reaper_runs`` as soon as the database answers again, and the sweep then catches up.
 """
 
@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import asyncpg
 import prometheus_client
 
-from boxoffice import db
+from boxoffice import background, db, outbox
 from boxoffice.reaper import runs
 from boxoffice.wire import reaper as wire
 
@@ -54,9 +55,8 @@ LISTENING = prometheus_client.Gauge("boxoffice_reaper_listening",
                                     "1 while the reaper listens for new holds (NOTIFY)")
 
 # lock conflicts that a retry of the same batch resolves
-RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.LockNotAvailableError,
-             asyncpg.exceptions.SerializationError)
-FAILURES = (asyncpg.exceptions.PostgresError, *db.UNAVAILABLE)
+RETRYABLE = (*db.CONFLICTS, asyncpg.exceptions.LockNotAvailableError)
+FAILURES = db.FAILURES
 NEXT_DUE = ("SELECT extract(epoch FROM clock_timestamp())::float8 AS now, "
             "extract(epoch FROM (SELECT min(expires_at) FROM reservations "
             "WHERE status = 'active'))::float8 AS due")
@@ -166,7 +166,7 @@ class Expirer:
             now = loop.time()
             if wake_at > now:
                 self.wake.clear()
-                await _wait(self.wake, stopping, wake_at - now)
+                await background.pause(stopping, wake_at - now, self.wake)
                 continue
             last_sweep = now
             self.deadline = math.inf  # nudges arriving during the sweep bring it back
@@ -175,7 +175,11 @@ class Expirer:
             except Exception as exc:  # noqa: BLE001 - nothing stops the timer; retried, recorded
                 self._failed(exc)
                 self.backoff = min(max(self.backoff * 2, 0.25), self.settings.max_backoff)
-                self.deadline = min(self.deadline, loop.time() + self.backoff)
+                # its own back-off, not stamina's: this wait is also the alarm that a new hold
+                # moves forward. Jittered, so replicas do not all retry a returning PostgreSQL
+                # at once.
+                retry_in = self.backoff * random.uniform(0.5, 1.0)  # noqa: S311 - not secret
+                self.deadline = min(self.deadline, loop.time() + retry_in)
                 last_sweep = loop.time()  # the back-off, not the catch-up period, paces retries
                 continue
             self.deadline = min(self.deadline, loop.time() + due_in)
@@ -234,65 +238,32 @@ class Expirer:
                 log.exception("expiry failed, retrying: %s", runs.describe(exc))
 
 
-async def _wait(wake: asyncio.Event, stopping: asyncio.Event, timeout: float) -> None:
-    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopping.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
+def _on_listening(expirer: Expirer, up: bool) -> None:
+    LISTENING.set(1 if up else 0)
+    if up:
+        expirer.listening_since = asyncio.get_running_loop().time()
+        expirer.sweep_soon()  # holds inserted while nobody listened
 
 
-async def listen(url: str, expirer: Expirer, stopping: asyncio.Event) -> None:
-    """Keep a LISTEN connection for new holds; each (re)connection starts a catch-up sweep."""
-
-    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-        with contextlib.suppress(ValueError):
-            expirer.nudge(float(payload))
-
-    while not stopping.is_set():
-        conn = None
-        try:
-            conn = await asyncpg.connect(url, timeout=5)
-            await conn.add_listener(CHANNEL, on_notify)
-            LISTENING.set(1)
-            expirer.listening_since = asyncio.get_running_loop().time()
-            expirer.sweep_soon()  # holds inserted while nobody listened
-            while not stopping.is_set() and not conn.is_closed():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), 2)
-                await conn.execute("SELECT 1", timeout=5)  # notice a dead connection
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - keep listening whatever happens
-            log.warning("listener for new holds lost (%s), retrying", type(exc).__name__)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 1)
-        finally:
-            LISTENING.set(0)
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=2)
+def _on_notify(expirer: Expirer, payload: str) -> None:
+    with contextlib.suppress(ValueError):
+        expirer.nudge(float(payload))
 
 
 @contextlib.asynccontextmanager
 async def run(pool: asyncpg.Pool, url: str, settings: Settings) -> AsyncIterator[Expirer]:
-    """Run the timer and its listener; on exit, finish the batch in hand and stop."""
-    stopping = asyncio.Event()
+    """Run the timer and its listener for new holds (each (re)connection starts a catch-up
+    sweep); on exit, finish the batch in hand and stop."""
     expirer = Expirer(pool, settings)
-    tasks = [asyncio.create_task(expirer.run(stopping)),
-             asyncio.create_task(listen(url, expirer, stopping))]
-    try:
+
+    async def listening(stopping: asyncio.Event) -> None:
+        await outbox.listen(url, stopping, CHANNEL, lambda payload: _on_notify(expirer, payload),
+                            lambda up: _on_listening(expirer, up))
+
+    async with background.running("expiry", expirer.run, listening, grace=15,
+                                  wake=expirer.wake):
         # ready once armed: listening for new holds and swept since (bounded: the database may
         # be slow; the timer keeps trying either way)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(expirer.armed.wait(), 10)
         yield expirer
-    finally:
-        stopping.set()
-        done, pending = await asyncio.wait(tasks, timeout=15)
-        for task in pending:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -3,46 +3,40 @@ encode (thin)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TypeVar
-
 import asyncpg
 
-from boxoffice import db, errors
+from boxoffice import db
 from boxoffice.bus import Bus
 from boxoffice.reaper import admin_actions, expiry, runs
 from boxoffice.wire import admin_actions as actions_wire
 from boxoffice.wire import reaper as wire
 
 QUEUE = "reaper"
-T = TypeVar("T")
 
 
 async def register(bus: Bus, pool: asyncpg.Pool, batch: int) -> None:
     async def stats(_: wire.StatsRequest) -> wire.ReservationStats:
-        return await _guard(expiry.stats(pool))
+        return await db.guarded(expiry.stats(pool))
 
     async def cleanup(req: wire.CleanupRequest) -> wire.CleanupResult:
-        expired, run_id = await _guard(expiry.expire_now(pool, batch, req.event_id))
+        expired, run_id = await db.guarded(expiry.expire_now(pool, batch, req.event_id))
         return wire.CleanupResult(expired=expired, run_id=run_id)
 
     async def recent(req: wire.RunsRequest) -> wire.ReaperRuns:
-        return wire.ReaperRuns(runs=await _guard(runs.recent(pool, req)))
+        return wire.ReaperRuns(runs=await db.guarded(runs.recent(pool, req)))
+
+    async def expiry_lag(req: wire.ExpiryLagRequest) -> wire.ExpiryLag:
+        return await db.guarded(runs.expiry_lag(pool, req.minutes))
 
     await bus.serve(wire.STATS, wire.StatsRequest, stats, queue=QUEUE)
+    await bus.serve(wire.EXPIRY_LAG, wire.ExpiryLagRequest, expiry_lag, queue=QUEUE)
     await bus.serve(wire.CLEANUP, wire.CleanupRequest, cleanup, queue=QUEUE)
     await bus.serve(wire.RUNS, wire.RunsRequest, recent, queue=QUEUE)
 
     # the operators' action log, kept from the AUDIT stream (admin_actions.py)
     async def list_actions(req: actions_wire.ListRequest) -> actions_wire.Actions:
-        return await _guard(admin_actions.recent(pool, req))
+        return await db.guarded(admin_actions.recent(pool, req))
 
     await bus.serve(actions_wire.LIST, actions_wire.ListRequest, list_actions, queue=QUEUE)
 
 
-async def _guard(work: Awaitable[T]) -> T:
-    """The database being away is a 503 for the operator, not an internal error."""
-    try:
-        return await work
-    except db.UNAVAILABLE as exc:
-        raise errors.DatabaseUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from None

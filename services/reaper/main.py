@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from boxoffice import bus as busmod
-from boxoffice import bus_access, db, outbox, runtime
+from boxoffice import db, runtime
 from boxoffice.reaper import admin_actions, audit, expiry, handlers, monitors, retention
 
 
@@ -18,12 +17,8 @@ async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=6))
-    bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "reaper", ca_file=cfg.nats_ca_file,
-                       stream_replicas=cfg.nats_stream_replicas))
-    await bus.declare_streams("RESERVATIONS", "ERRORS")
-    await svc.stack.enter_async_context(outbox.relay(
-        cfg.database_url, pool, bus, bus_access.ACCESS[cfg.service].relays))
+    bus = await svc.connect_bus("reaper", "RESERVATIONS", "ERRORS")
+    await svc.relay_outbox(pool, bus)
     settings = expiry.Settings(batch=cfg.reaper_batch_size, sweep_seconds=cfg.reaper_sweep_seconds)
     await svc.stack.enter_async_context(expiry.run(pool, cfg.database_url, settings))
     ages = retention.Ages(idempotency_key_hours=cfg.idempotency_key_ttl_hours,

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 
 from boxoffice import bus as busmod
-from boxoffice import db, schedule, wire
+from boxoffice import background, db, schedule, wire
 from boxoffice.wire.errors import ErrorReport
 from boxoffice.wire.subjects import error_report
 
@@ -100,27 +100,17 @@ async def sweep(pool: asyncpg.Pool, bus: busmod.Bus) -> int:
 
 @contextlib.asynccontextmanager
 async def watching(pool: asyncpg.Pool, bus: busmod.Bus, period: float = PERIOD) -> AsyncIterator[None]:
-    stopping = asyncio.Event()
-
-    async def loop() -> None:
-        while not stopping.is_set():
-            try:
-                await sweep(pool, bus)
-            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
-                log.warning("monitors not checked: PostgreSQL (%s)", type(exc).__name__)
-            except Exception:  # noqa: BLE001 - the bus may be away; the next sweep tries again
-                log.warning("monitors not checked", exc_info=True)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), period)
-
-    task = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        stopping.set()
+    async def once() -> None:
         try:
-            await asyncio.wait_for(task, 15)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await sweep(pool, bus)
+        except db.FAILURES as exc:
+            log.warning("monitors not checked: PostgreSQL (%s)", type(exc).__name__)
+        except Exception:  # noqa: BLE001 - the bus may be away; the next sweep tries again
+            log.warning("monitors not checked", exc_info=True)
+
+    async def loop(stopping: asyncio.Event) -> None:
+        await background.repeat("monitors", once, stopping, every=period, first_wait=False,
+                                logger=log)
+
+    async with background.running("monitors", loop, grace=15):
+        yield

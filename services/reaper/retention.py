@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import asyncpg
 import prometheus_client
 
-from boxoffice import db
+from boxoffice import background, db
 from boxoffice.reaper import runs
 from boxoffice.reaper.expiry import ERRORS, REPLICA
 
@@ -121,17 +121,17 @@ async def purge(pool: asyncpg.Pool, ages: Ages, *, batch: int = BATCH,
         try:
             for table in PURGES:
                 run.purged[table] = await purge_table(conn, table, ages.of(table), batch, stopping)
-        except (asyncpg.exceptions.PostgresError, *db.UNAVAILABLE) as exc:
+        except db.FAILURES as exc:
             run.error = runs.describe(exc)
         run.finished_at = runs.utcnow()
         if run.error is not None or any(run.purged.values()):
-            with contextlib.suppress(asyncpg.exceptions.PostgresError, *db.UNAVAILABLE):
+            with contextlib.suppress(*db.FAILURES):
                 await runs.insert(conn, REPLICA, run)
     return run
 
 
 async def loop(pool: asyncpg.Pool, ages: Ages, interval: float, stopping: asyncio.Event) -> None:
-    while not stopping.is_set():
+    async def once() -> float:
         try:
             run = await purge(pool, ages, stopping=stopping)
         except Exception as exc:  # noqa: BLE001 - retention must not die with its first failure
@@ -141,21 +141,16 @@ async def loop(pool: asyncpg.Pool, ages: Ages, interval: float, stopping: asynci
             log.error("retention run failed: %s", run.error)
         elif any((run.purged or {}).values()):
             log.info("retention purged %s", run.purged)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopping.wait(), interval if run.error is None else min(interval, 30))
+        return interval if run.error is None else min(interval, 30)
+
+    await background.repeat("retention", once, stopping, every=interval, first_wait=False,
+                            logger=log)
 
 
 @contextlib.asynccontextmanager
 async def run(pool: asyncpg.Pool, ages: Ages, interval: float) -> AsyncIterator[None]:
-    stopping = asyncio.Event()
-    task = asyncio.create_task(loop(pool, ages, interval, stopping))
-    try:
+    async def purging(stopping: asyncio.Event) -> None:
+        await loop(pool, ages, interval, stopping)
+
+    async with background.running("retention", purging, grace=15):
         yield
-    finally:
-        stopping.set()
-        try:
-            await asyncio.wait_for(task, 15)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -96,3 +96,20 @@ async def recent(pool: asyncpg.Pool, req: wire.RunsRequest) -> list[wire.ReaperR
                            started_at=r["started_at"], finished_at=r["finished_at"],
                            expired=r["expired"], purged=r["purged"], error=r["error"])
             for r in rows]
+
+
+async def expiry_lag(pool: asyncpg.Pool, minutes: int) -> wire.ExpiryLag:
+    """How long past ``expires_at`` the holds expired in each of the last ``minutes`` minutes
+    were released (by the reaper, or by a manual run)."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT date_trunc('minute', released_at) AS minute, count(*) AS holds, "
+            "max(extract(epoch FROM released_at - expires_at))::float8 AS max_seconds, "
+            "avg(extract(epoch FROM released_at - expires_at))::float8 AS avg_seconds "
+            "FROM reservations WHERE status = 'expired' "
+            "AND released_at >= clock_timestamp() - make_interval(mins => $1) "
+            "GROUP BY 1 ORDER BY 1", minutes)
+    return wire.ExpiryLag(minutes=minutes, points=[
+        wire.LagPoint(minute=r["minute"], holds=r["holds"], max_seconds=max(0.0, r["max_seconds"]),
+                      avg_seconds=max(0.0, r["avg_seconds"]))
+        for r in rows])

@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import aiohttp
@@ -42,7 +43,7 @@ import asyncpg
 import prometheus_client
 import stripe
 
-from boxoffice import db, outbox, wire
+from boxoffice import background, db, outbox, wire
 from boxoffice.webhook import effects
 from boxoffice.webhook.refunds import Refunds
 from boxoffice.wire.stripe import StripeEvent, synthesized
@@ -72,9 +73,27 @@ class StripeRefused(Exception):
     """Stripe answered with a final refusal."""
 
 
+class ActionOutcome(StrEnum):
+    """How an attempt at Stripe ended (passed to ``finish_stripe_action``)."""
+
+    DONE = "done"
+    MOOT = "moot"  # a cancel of a PaymentIntent that succeeded or is processing
+    FAILED = "failed"  # Stripe refused for good: an operator looks
+    RETRY = "retry"  # no final answer: the same call again later
+
+
+class ActionStatus(StrEnum):
+    """A ``stripe_actions`` row's status after ``finish_stripe_action``."""
+
+    PENDING = "pending"  # due again (after a retry)
+    DONE = "done"
+    MOOT = "moot"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class Result:
-    outcome: str            # done | moot | failed | retry
+    outcome: ActionOutcome
     result_id: str | None = None
     detail: str | None = None
     succeeded: dict[str, Any] | None = None  # a cancel too late: the PaymentIntent, as Stripe has it
@@ -104,25 +123,25 @@ async def perform(refunds: Refunds, row: asyncpg.Record) -> Result:
             refund_id = await _stripe(refunds.refund(
                 pi, row["amount"] or 0, row["reason"],
                 str(row["reservation_id"]) if row["reservation_id"] else None))
-            return Result("done", str(refund_id))
+            return Result(ActionOutcome.DONE, str(refund_id))
         try:
             await _stripe(refunds.client.v1.payment_intents.cancel_async(
                 pi, options={"idempotency_key": key}))
-            return Result("done", pi)
+            return Result(ActionOutcome.DONE, pi)
         except StripeRefused as refused:
             # not cancellable: find out why (already succeeded, processing, or canceled)
             intent = await _stripe(refunds.client.v1.payment_intents.retrieve_async(pi))
             status = getattr(intent, "status", None)
             if status == "canceled":
-                return Result("done", pi, "canceled already")
+                return Result(ActionOutcome.DONE, pi, "canceled already")
             if status in CANCELLABLE:
-                return Result("failed", None, str(refused))
-            return Result("moot", None, f"PaymentIntent is {status}",
+                return Result(ActionOutcome.FAILED, None, str(refused))
+            return Result(ActionOutcome.MOOT, None, f"PaymentIntent is {status}",
                           intent.to_dict() if status == "succeeded" else None)
     except StripeTransient as exc:
-        return Result("retry", None, str(exc))
+        return Result(ActionOutcome.RETRY, None, str(exc))
     except StripeRefused as exc:
-        return Result("failed", None, str(exc))
+        return Result(ActionOutcome.FAILED, None, str(exc))
 
 
 async def run_once(pool: asyncpg.Pool, refunds: Refunds, limit: int = BATCH) -> int:
@@ -131,22 +150,23 @@ async def run_once(pool: asyncpg.Pool, refunds: Refunds, limit: int = BATCH) -> 
     results = await asyncio.gather(*(perform(refunds, r) for r in rows))
     for row, res in zip(rows, results):
         ACTIONS.labels(row["kind"], res.outcome).inc()
-        status = await pool.fetchval("SELECT finish_stripe_action($1, $2, $3, $4, $5)",
-                                     row["id"], res.outcome, res.result_id, res.detail,
-                                     backoff(row["attempts"]))
+        finished = await pool.fetchval("SELECT finish_stripe_action($1, $2, $3, $4, $5)",
+                                       row["id"], res.outcome, res.result_id, res.detail,
+                                       backoff(row["attempts"]))
+        status = None if finished is None else ActionStatus(finished)  # None: not ours now
         context = {"payment_intent_id": row["payment_intent_id"], "kind": row["kind"],
                    "reason": row["reason"], "attempts": row["attempts"]}
-        if res.outcome == "failed":
+        if res.outcome is ActionOutcome.FAILED:
             log.error("Stripe refused to %s %s: %s", row["kind"], row["payment_intent_id"],
                       res.detail, extra=context)
-        elif res.outcome == "retry":
+        elif res.outcome is ActionOutcome.RETRY:
             level = logging.ERROR if row["attempts"] == REPORT_AFTER else logging.WARNING
             log.log(level, "%s of %s not made yet (attempt %d): %s", row["kind"],
                     row["payment_intent_id"], row["attempts"], res.detail, extra=context)
         elif status is not None:
             log.info("%s of %s: %s", row["kind"], row["payment_intent_id"], res.outcome,
                      extra=context)
-        if status == "moot" and res.succeeded is not None:
+        if status is ActionStatus.MOOT and res.succeeded is not None:
             await apply_success(pool, res.succeeded)
     return len(rows)
 
@@ -160,49 +180,42 @@ async def apply_success(pool: asyncpg.Pool, intent: dict[str, Any]) -> str:
     return outcome.name
 
 
-async def run_worker(url: str, pool: asyncpg.Pool, refunds: Refunds,
-                     stopping: asyncio.Event, *, sweep: float = SWEEP_SECONDS) -> None:
-    """Until ``stopping``: perform actions as they are decided (NOTIFY) and on every sweep."""
-    wake = asyncio.Event()
-    listener = asyncio.create_task(outbox.listen(url, wake, stopping, CHANNEL))
-    delay = 0.1
-    try:
-        while not stopping.is_set():
-            try:
-                n = await run_once(pool, refunds)
-                delay = 0.1
-            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
-                log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            except Exception:  # noqa: BLE001 - the worker never dies; leased rows come back
-                log.exception("stripe actions: sweep failed")
-                await asyncio.sleep(SWEEP_SECONDS)
-                continue
-            if n:
-                continue
-            wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), sweep)
-    finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Event,
+                     wake: asyncio.Event, *, sweep: float = SWEEP_SECONDS) -> None:
+    """Until ``stopping``: perform actions as they are decided (``wake``) and on every sweep."""
+    while not stopping.is_set():
+        n = 0
+        try:
+            async for attempt in background.backoff(db.FAILURES, initial=0.1, most=5.0):
+                with attempt:
+                    if stopping.is_set():
+                        return
+                    try:
+                        n = await run_once(pool, refunds)
+                    except db.FAILURES as exc:
+                        log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
+                        raise
+        except Exception:  # noqa: BLE001 - the worker never dies; leased rows come back
+            log.exception("stripe actions: sweep failed")
+            await background.pause(stopping, sweep)
+            continue
+        if n:
+            continue
+        wake.clear()
+        await background.pause(stopping, sweep, wake)
 
 
 @contextlib.asynccontextmanager
 async def worker(url: str, pool: asyncpg.Pool, refunds: Refunds) -> AsyncIterator[None]:
     """Run the worker in the background; on exit, let its batch in hand finish (bounded)."""
-    stopping = asyncio.Event()
-    task = asyncio.create_task(run_worker(url, pool, refunds, stopping))
-    try:
+    wake = asyncio.Event()
+
+    async def listening(stopping: asyncio.Event) -> None:
+        await outbox.listen(url, stopping, CHANNEL, lambda _payload: wake.set(),
+                            lambda up: up and wake.set())
+
+    async def working(stopping: asyncio.Event) -> None:
+        await run_worker(pool, refunds, stopping, wake)
+
+    async with background.running("stripe actions", working, listening, grace=25, wake=wake):
         yield
-    finally:
-        stopping.set()
-        try:
-            await asyncio.wait_for(task, 25)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -38,7 +38,7 @@ async def running(cfg: Config, bus: Bus, client: stripe.StripeClient
         auditor = audit.Auditor(pool, [check], interval=cfg.audit_interval_seconds)
         async with audit.running(auditor):
             async def run(req: wire.RunRequest) -> wire.Invariants:
-                return await audit.guard(auditor.run(req.full, timeout=RUN_TIMEOUT))
+                return await db.guarded(auditor.run(req.full, timeout=RUN_TIMEOUT))
 
             await bus.serve(wire.RUN_WEBHOOK, wire.RunRequest, run, queue=QUEUE)
             yield auditor

@@ -33,25 +33,49 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
 
-from boxoffice.webhook.eventlog import created_at
+from boxoffice.webhook.stripe_event_log import created_at
 from boxoffice.wire.stripe import (ChargeObject, DisputeObject, PaymentIntentObject, StripeEvent,
                                    read_object)
 
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
 
+
+
+class ApplyOutcome(StrEnum):
+    """What ``apply_stripe_event`` did with an event (also a metric label)."""
+
+    DUPLICATE = "duplicate"  # applied before: nothing done
+    IGNORED = "ignored"  # a type without effects: recorded only
+    NO_PAYMENT_INTENT = "no_payment_intent"  # a refund or dispute of a charge without one
+    PARTIAL_REFUND = "partial_refund"  # the sale stands
+    DISPUTED = "disputed"
+    STALE = "stale"  # it did not move the payment forward
+    COMPLETED = "completed"  # the hold sold
+    ALREADY_COMPLETED = "already_completed"  # the hold was sold by this PaymentIntent already
+    NO_RESERVATION = "no_reservation"  # a success whose PaymentIntent names no hold
+    UNKNOWN = "unknown"  # a success for a hold id that is not in the database
+    REFUND_DUPLICATE_PAYMENT = "refund_duplicate_payment"
+    REFUND_OVERSOLD = "refund_oversold"
+    RECORDED = "recorded"
+    RELEASED = "released"  # a cancel released the hold
+    TICKETS_RETURNED = "tickets_returned"  # a refund gave the tickets back
+
+
 # outcome -> what is reported (the error-sink alerts on critical)
-REPORTS: dict[str, tuple[int, str]] = {
-    "no_reservation": (logging.ERROR, "payment succeeded for no known reservation"),
-    "refund_oversold": (logging.ERROR, "payment arrived after the hold ended and the tickets "
-                                       "were sold: refund decided"),
-    "refund_duplicate_payment": (logging.ERROR, "second payment for an already completed "
-                                                "reservation: refund decided"),
-    "disputed": (logging.CRITICAL, "a charge was disputed"),
-    "no_payment_intent": (logging.WARNING, "refund or dispute of a charge without a PaymentIntent"),
+REPORTS: dict[ApplyOutcome, tuple[int, str]] = {
+    ApplyOutcome.NO_RESERVATION: (logging.ERROR, "payment succeeded for no known reservation"),
+    ApplyOutcome.REFUND_OVERSOLD: (logging.ERROR, "payment arrived after the hold ended and the "
+                                                  "tickets were sold: refund decided"),
+    ApplyOutcome.REFUND_DUPLICATE_PAYMENT: (logging.ERROR, "second payment for an already "
+                                                           "completed reservation: refund decided"),
+    ApplyOutcome.DISPUTED: (logging.CRITICAL, "a charge was disputed"),
+    ApplyOutcome.NO_PAYMENT_INTENT: (logging.WARNING, "refund or dispute of a charge without a "
+                                                      "PaymentIntent"),
 }
 
 
@@ -66,7 +90,7 @@ class Report:
 class Outcome:
     """What applying an event did (a short word, also a metric label) and what to report."""
 
-    name: str
+    name: ApplyOutcome
     reports: list[Report] = field(default_factory=list)
 
 
@@ -124,7 +148,7 @@ async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw
     """Apply ``event`` once, committed when this returns; raises if nothing was applied."""
     a = arguments(event)
     row = await _run(pool, event, raw, a)
-    outcome = Outcome(row["outcome"])
+    outcome = Outcome(ApplyOutcome(row["outcome"]))
     if outcome.name in REPORTS:
         level, message = REPORTS[outcome.name]
         context = {"event_id": event.id, "event_type": event.type,
@@ -132,7 +156,7 @@ async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw
                    "currency": row["currency"] or a.currency}
         if row["reservation_id"] is not None:
             context["reservation_id"] = str(row["reservation_id"])
-        if a.reason and outcome.name == "disputed":
+        if a.reason and outcome.name is ApplyOutcome.DISPUTED:
             context["reason"] = a.reason
         outcome.reports.append(Report(level, message, context))
     return outcome

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from boxoffice import bus as busmod
-from boxoffice import bus_access, db, outbox, runtime
-from boxoffice.webhook import actions, audit, consumer, handlers, reconcile, refunds
+from boxoffice import db, runtime
+from boxoffice.consumer import pull_consumer
+from boxoffice.webhook import actions, audit, handlers, reconcile, refunds, stripe_events
 from boxoffice.wire.subjects import WEBHOOK_CONSUMER
 
 BATCH = 512
@@ -22,19 +22,15 @@ async def build(svc: runtime.Service) -> None:
     cfg = svc.config
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=CONCURRENCY + 4))
-    bus = await svc.stack.enter_async_context(
-        busmod.connect(cfg.nats_url, "webhook", ca_file=cfg.nats_ca_file,
-                       stream_replicas=cfg.nats_stream_replicas))
-    await bus.declare_streams("STRIPE_EVENTS", "PAYMENTS", "RESERVATIONS", "ERRORS")
+    bus = await svc.connect_bus("webhook", "STRIPE_EVENTS", "PAYMENTS", "RESERVATIONS", "ERRORS")
     stream, durable = WEBHOOK_CONSUMER
     # No max_deliver: a delivery that fails because PostgreSQL is down must never be the last
     # one. Attempts that fail for the event's own sake are counted in webhook_events_log and
-    # end with the row marked failed (consumer.py); back-off is the nak delay.
-    await bus.declare_consumer(stream, durable, ack_wait=consumer.ACK_WAIT, max_deliver=-1,
+    # end with the row marked failed (stripe_events.py); back-off is the nak delay.
+    await bus.declare_consumer(stream, durable, ack_wait=stripe_events.ACK_WAIT, max_deliver=-1,
                                max_ack_pending=20000)
     stripe = await svc.stack.enter_async_context(refunds.client(cfg))
-    relay_wake = await svc.stack.enter_async_context(outbox.relay(
-        cfg.database_url, pool, bus, bus_access.ACCESS[cfg.service].relays))
+    relay_wake = await svc.relay_outbox(pool, bus)
     # refunds and cancels decided in the database are made at Stripe by this worker
     await svc.stack.enter_async_context(actions.worker(cfg.database_url, pool, stripe))
     # what webhooks missed is recovered from Stripe's own records (reconcile.py)
@@ -42,15 +38,16 @@ async def build(svc: runtime.Service) -> None:
         pool, bus, stripe.client, reconcile.Settings(cfg.stripe_reconcile_interval_seconds,
                                                      cfg.stripe_reconcile_grace_seconds))))
     live = (cfg.stripe_api_key or "").startswith(("sk_live_", "rk_live_"))
-    processor = consumer.Processor(pool, cfg.webhook_retry_delays, relay_wake, live=live)
+    processor = stripe_events.Processor(pool, cfg.webhook_retry_delays, relay_wake, live=live)
     await handlers.register(bus, processor)
     # the self-audit's check of our books against Stripe's (audit.py)
     await svc.stack.enter_async_context(audit.running(cfg, bus, stripe.client))
     svc.stack.push_async_callback(bus.stop_serving)
     handle = await svc.stack.enter_async_context(
-        consumer.running(consumer.Consumer(processor, concurrency=CONCURRENCY, backlog=BATCH // 2)))
+        stripe_events.running(stripe_events.Consumer(processor, concurrency=CONCURRENCY,
+                                                     backlog=BATCH // 2)))
     await svc.stack.enter_async_context(
-        busmod.pull_consumer(bus, stream, durable, handle, batch=BATCH))
+        pull_consumer(bus, stream, durable, handle, batch=BATCH))
     runtime.standard_checks(svc, bus=bus, pool=pool)
 
 

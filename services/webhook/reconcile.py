@@ -50,7 +50,7 @@ import msgspec
 import prometheus_client
 import stripe
 
-from boxoffice import db, errors
+from boxoffice import background, db, errors
 from boxoffice.bus import Bus
 from boxoffice.webhook import reconcile_runs as runs
 from boxoffice.webhook.actions import CANCELLABLE
@@ -310,7 +310,7 @@ class Reconciler:
         try:
             lease = await runs.acquire(self.pool, self.replica, interval=self.settings.interval,
                                        lease_seconds=LEASE_SECONDS)
-        except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except db.FAILURES as exc:
             self._failed(f"PostgreSQL: {describe(exc)}")
             return None
         if lease is None:
@@ -333,14 +333,14 @@ class Reconciler:
             error = str(exc)
         except errors.ServiceUnavailable as exc:
             error = f"NATS: {exc.detail}"
-        except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except db.FAILURES as exc:
             error = f"PostgreSQL: {describe(exc)}"
         except Exception as exc:  # noqa: BLE001 - a bug: recorded on the run, which is closed
             log.exception("stripe reconciliation: run crashed")
             error = f"crashed: {describe(exc)}"
         try:
             await runs.finish(self.pool, lease, tally, error)
-        except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except db.FAILURES as exc:
             # the lease lapses; the next run closes this one as interrupted
             error = error or f"PostgreSQL: {describe(exc)}"
         if error is None or error.startswith("stopped early"):
@@ -362,30 +362,18 @@ class Reconciler:
         log.log(level, "stripe reconciliation failed (%d in a row), retried in %gs: %s",
                 self.failures, self.settings.interval, error)
 
-    async def loop(self) -> None:
+    async def loop(self, stopping: asyncio.Event) -> None:
         """Until stopped: wait an interval, run if due. Nothing that goes wrong ends the loop."""
-        while not self.stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.settings.interval)
-            if self.stopping.is_set():
-                return
-            try:
-                await self.run_once()
-            except Exception:  # noqa: BLE001 - reconciliation must outlive any one run
-                log.exception("stripe reconciliation: run crashed")
+        await background.repeat("stripe reconciliation", self._run, stopping,
+                                every=self.settings.interval, logger=log)
+
+    async def _run(self) -> None:
+        await self.run_once()
 
 
 @contextlib.asynccontextmanager
 async def running(reconciler: Reconciler) -> AsyncIterator[Reconciler]:
     """Reconcile in the background; on exit, let a run in hand stop at its next checkpoint."""
-    task = asyncio.create_task(reconciler.loop())
-    try:
+    async with background.running("stripe reconciliation", reconciler.loop, grace=20,
+                                  stopping=reconciler.stopping):
         yield reconciler
-    finally:
-        reconciler.stopping.set()
-        try:
-            await asyncio.wait_for(task, 20)
-        except asyncio.TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

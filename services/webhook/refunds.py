@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import stripe
 
+from boxoffice import stripe_api
 from boxoffice.config import Config
 
 log = logging.getLogger("boxoffice.webhook.refunds")
@@ -51,12 +52,5 @@ class Refunds:
 @contextlib.asynccontextmanager
 async def client(cfg: Config) -> AsyncIterator[Refunds]:
     """A Stripe client on ``STRIPE_API_BASE`` when set; its HTTP session closed on exit."""
-    assert cfg.stripe_api_key is not None
-    http = stripe.AIOHTTPClient(timeout=15)
-    base = {"api": cfg.stripe_api_base} if cfg.stripe_api_base else None
-    sc = stripe.StripeClient(cfg.stripe_api_key, http_client=http, base_addresses=base,
-                             max_network_retries=2)
-    try:
+    async with stripe_api.service_client(cfg, timeout=15, max_network_retries=2) as sc:
         yield Refunds(sc)
-    finally:
-        await http.close_async()

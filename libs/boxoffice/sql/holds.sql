@@ -19,6 +19,15 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION create_ticketed_event TO boxoffice_payment;
 
+-- The one lock of a keyed hold (client and Idempotency-Key), for the transaction: true when
+-- taken, false when another transaction holds it. Both hold paths (hold_tickets_batch, and the
+-- payment service's full path) take it here, so they exclude each other.
+CREATE OR REPLACE FUNCTION try_lock_hold_key(p_client_id text, p_key text)
+RETURNS boolean LANGUAGE sql AS $$
+    SELECT pg_try_advisory_xact_lock(hashtextextended('hold:' || p_client_id || ':' || p_key, 3))
+$$;
+GRANT EXECUTE ON FUNCTION try_lock_hold_key TO boxoffice_payment;
+
 -- One bucket of the event with at least p_quantity tickets that no other transaction holds,
 -- locked; from p_start upwards, then wrapping round (two short index scans, no sort).
 CREATE OR REPLACE FUNCTION hold_probe(p_event_id uuid, p_quantity integer, p_start integer)
@@ -195,8 +204,7 @@ BEGIN
         id := NULL; expires_at := NULL; created_at := NULL; amount := NULL; currency := NULL;
         response_body := NULL;
         IF p_keys[i] IS NOT NULL THEN
-            IF NOT pg_try_advisory_xact_lock(
-                    hashtextextended('hold:' || p_client_ids[i] || ':' || p_keys[i], 3)) THEN
+            IF NOT try_lock_hold_key(p_client_ids[i], p_keys[i]) THEN
                 outcome := 'in_use';
                 RETURN NEXT;
                 CONTINUE;

@@ -11,6 +11,7 @@ from boxoffice.wire.reservations import TEXT
 
 EVENTS_CREATE = "admin.payment.events.create"
 EVENTS_GET = "admin.payment.events.get"
+EVENTS_LIST = "admin.payment.events.list"
 
 
 class CreateEvent(Message):
@@ -35,3 +36,13 @@ class TicketedEvent(msgspec.Struct):
     held: int
     sold: int
     available: int
+
+
+class ListEvents(Message):
+    """``admin.payment.events.list``: ticketed events, newest first."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+
+
+class TicketedEvents(msgspec.Struct):
+    events: list[TicketedEvent]

@@ -6,14 +6,15 @@ import hashlib
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
 from boxoffice.wire.sentry_items import AttachmentInfo, FeedbackItem
 
+# Severity levels, least to most severe (the order ranks a group's level and alerts).
 Level = Literal["debug", "info", "warning", "error", "critical", "fatal"]
-LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical", "fatal")
+LEVELS: tuple[str, ...] = get_args(Level)
 
 
 class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -57,7 +58,7 @@ GROUPS_RESOLVE = "admin.errors.resolve"
 GROUPS_IGNORE = "admin.errors.ignore"
 
 Status = Literal["unresolved", "resolved", "ignored"]
-STATUSES: tuple[str, ...] = ("unresolved", "resolved", "ignored")
+STATUSES: tuple[str, ...] = get_args(Status)
 _UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
 
 
@@ -92,6 +93,8 @@ class ErrorGroup(msgspec.Struct):
     resolved_at: datetime | None = None
     regressed_at: datetime | None = None
     last_alerted_at: datetime | None = None
+    # reports in each of the last 24 hours, oldest first (in lists; empty elsewhere)
+    hourly: list[int] = []
 
 
 class GroupList(msgspec.Struct):

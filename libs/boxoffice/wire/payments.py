@@ -11,6 +11,8 @@ from boxoffice.wire import Event, Message
 from boxoffice.wire.reservations import Uuid
 
 ADMIN_PAYMENTS_LIST = "admin.payment.payments.list"
+# the request an Idempotency-Key is fingerprinted with and recorded for
+CREATE_INTENT_ROUTE = "POST /v1/payment_intents"
 
 
 class IntentBody(Message):

@@ -12,6 +12,7 @@ from boxoffice.wire import Message
 STATS = "admin.reaper.stats"
 CLEANUP = "admin.reaper.cleanup"
 RUNS = "admin.reaper.runs"
+EXPIRY_LAG = "admin.reaper.expiry_lag"
 
 RunKind = Literal["expiry", "retention", "manual"]
 Uuid = Annotated[str, msgspec.Meta(
@@ -64,3 +65,24 @@ class ReaperRun(msgspec.Struct):
 
 class ReaperRuns(msgspec.Struct):
     runs: list[ReaperRun]
+
+
+class ExpiryLagRequest(Message):
+    minutes: Annotated[int, msgspec.Meta(ge=1, le=1440)] = 60
+
+
+class LagPoint(msgspec.Struct):
+    """The holds expired in one minute and how long past their ``expires_at`` they were
+    released (seconds)."""
+
+    minute: datetime
+    holds: int
+    max_seconds: float
+    avg_seconds: float
+
+
+class ExpiryLag(msgspec.Struct):
+    """Expiry lag per minute over the last ``minutes`` (minutes without expiries left out)."""
+
+    minutes: int
+    points: list[LagPoint]

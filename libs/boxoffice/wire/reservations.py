@@ -13,6 +13,7 @@ Status = Literal["active", "expired", "completed", "cancelled"]
 Uuid = Annotated[str, msgspec.Meta(
     pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")]
 MAX_QUANTITY = 100  # tickets per hold
+HOLD_ROUTE = "POST /v1/reservations"  # the request a hold's Idempotency-Key is fingerprinted with
 
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
 # Free text that PostgreSQL stores: no NUL (text cannot hold it) nor other control characters.

@@ -9,6 +9,7 @@ adds fields in every API version.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -81,8 +82,23 @@ def read_object(event: StripeEvent, type_: type[Any]) -> Any:
 # -- operators: admin.webhooks.* (owned by the webhook service) ------------------------------
 EVENTS_LIST = "admin.webhooks.events.list"
 EVENTS_REPLAY = "admin.webhooks.events.replay"
+EVENTS_GET = "admin.webhooks.events.get"
 
-ProcessingStatus = Literal["received", "processed", "failed", "ignored"]
+
+class WebhookStatus(StrEnum):
+    """``webhook_events_log.processing_status``: where a Stripe event is."""
+
+    RECEIVED = "received"  # not applied yet (a failed attempt is retried)
+    PROCESSED = "processed"
+    FAILED = "failed"  # given up on: an operator replays it
+    IGNORED = "ignored"  # a type without effects
+
+
+# The same values as the wire's type: a Literal keeps the schemas an inline enum.
+ProcessingStatus = Literal[tuple(s.value for s in WebhookStatus)]  # type: ignore[misc]
+# What an operator may replay: the events whose effects are not applied.
+REPLAYABLE = (WebhookStatus.FAILED, WebhookStatus.RECEIVED)
+ReplayableStatus = Literal[tuple(s.value for s in REPLAYABLE)]  # type: ignore[misc]
 
 
 class ListEventsRequest(Message):
@@ -110,6 +126,42 @@ class LoggedEvent(msgspec.Struct):
 
 class LoggedEvents(msgspec.Struct):
     events: list[LoggedEvent]
+
+
+class GetEventRequest(Message):
+    event_id: EventId
+
+
+class LoggedEventDetail(msgspec.Struct):
+    """One row of ``webhook_events_log`` with its payload, secrets (a PaymentIntent's
+    ``client_secret``, ...) replaced by ``[Filtered]``."""
+
+    event: LoggedEvent
+    payload: Any
+
+
+class ReplayManyBody(Message):
+    """Body of ``POST /v1/admin/webhooks/replay``: every event with this status (and type),
+    oldest first, at most ``limit``."""
+
+    status: ReplayableStatus
+    type: EventType | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
+class ReplayProgress(msgspec.Struct):
+    """A line of the bulk replay's answer (NDJSON): one per event as it is replayed, then a last
+    one with ``finished`` true and the totals. ``outcome`` is the effect, ``failed``, or
+    ``error`` (the replay itself was refused: ``code``)."""
+
+    done: int
+    total: int
+    event_id: str | None = None
+    outcome: str | None = None
+    code: str | None = None
+    finished: bool = False
+    succeeded: int = 0
+    failed: int = 0
 
 
 class ReplayResult(msgspec.Struct):

@@ -30,21 +30,18 @@ import prometheus_client
 from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
-from boxoffice import db, wire
-from boxoffice.webhook import effects, eventlog
-from boxoffice.webhook.effects import Outcome
-from boxoffice.wire.stripe import StripeEvent
+from boxoffice import background, db, wire
+from boxoffice.consumer import settle
+from boxoffice.webhook import effects, stripe_event_log
+from boxoffice.webhook.effects import ApplyOutcome, Outcome
+from boxoffice.wire.stripe import StripeEvent, WebhookStatus
 
 log = logging.getLogger("boxoffice.webhook")
 
 ACK_WAIT = 10.0  # seconds; work that takes longer is kept alive with in_progress()
-DB_RETRY_DELAY = 2.0
-# PostgreSQL unreachable, shutting down or starting: wait for it, never count it against an event
-DB_DOWN = db.UNAVAILABLE + (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-                            asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
-                            asyncpg.IdleSessionTimeoutError, asyncpg.InternalClientError)
-TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-QUIET_OUTCOMES = frozenset({"duplicate", "ignored", "stale", "partial_refund", "no_payment_intent"})
+DB_RETRY_DELAY = 2.0  # PostgreSQL away (db.UNAVAILABLE): waited for, never counted against an event
+QUIET_OUTCOMES = frozenset({ApplyOutcome.DUPLICATE, ApplyOutcome.IGNORED, ApplyOutcome.STALE,
+                            ApplyOutcome.PARTIAL_REFUND, ApplyOutcome.NO_PAYMENT_INTENT})
 
 
 class LivemodeMismatch(Exception):
@@ -92,13 +89,8 @@ class Processor:
             raise LivemodeMismatch(
                 f"a {'live' if event.livemode else 'test'}-mode event for a "
                 f"{'live' if self.live else 'test'}-mode key: refused")
-        for attempt in range(3):
-            try:
-                outcome = await effects.apply(conn or self.pool, event, raw)
-                break
-            except TRANSIENT:
-                if attempt == 2:
-                    raise
+        outcome = await db.retrying(lambda: effects.apply(conn or self.pool, event, raw),
+                                    attempts=3)
         APPLIED.labels(event.type, outcome.name).inc()
         if self.relay_wake is not None and outcome.name not in QUIET_OUTCOMES:
             self.relay_wake.set()
@@ -107,16 +99,16 @@ class Processor:
         return outcome
 
     async def fail(self, event: StripeEvent, raw: str, exc: BaseException,
-                   conn: asyncpg.Connection | None = None) -> tuple[int, str] | None:
-        """Count a failed attempt (see ``eventlog.record_failure``); report a final failure."""
+                   conn: asyncpg.Connection | None = None) -> tuple[int, WebhookStatus] | None:
+        """Count a failed attempt (``stripe_event_log.record_failure``); report a final failure."""
         FAILED_ATTEMPTS.inc()
         async with contextlib.AsyncExitStack() as stack:
             if conn is None:
                 conn = await stack.enter_async_context(self.pool.acquire())
-            result = await eventlog.record_failure(conn, event, raw, describe(exc),
-                                                   self.max_attempts,
-                                                   final=isinstance(exc, PERMANENT))
-        if result is not None and result[1] == "failed":
+            result = await stripe_event_log.record_failure(conn, event, raw, describe(exc),
+                                                           self.max_attempts,
+                                                           final=isinstance(exc, PERMANENT))
+        if result is not None and result[1] is WebhookStatus.FAILED:
             log.error("stripe event %s (%s) failed after %d attempts: %s", event.id, event.type,
                       result[0], describe(exc),
                       extra={"event_id": event.id, "event_type": event.type,
@@ -125,17 +117,6 @@ class Processor:
             log.warning("stripe event %s (%s) failed, will retry: %s", event.id, event.type,
                         describe(exc))
         return result
-
-
-async def _settle(msg: Msg, how: str, delay: float | None = None) -> None:
-    """ack / nak / term; the bus may be gone (then JetStream redelivers, which is harmless)."""
-    with contextlib.suppress(nats.errors.Error, OSError):
-        if how == "ack":
-            await msg.ack()
-        elif how == "nak":
-            await msg.nak(delay=delay)
-        else:
-            await msg.term()
 
 
 class Consumer:
@@ -167,7 +148,7 @@ class Consumer:
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
                 # ingress checks every event before publishing: this did not come from Stripe
                 log.error("message on %s is not a Stripe event: dropped", msg.subject)
-                await _settle(msg, "term")
+                await settle(msg, "term")
                 continue
             self._inflight[id(msg)] = (msg, time.monotonic())
             self._pending += 1
@@ -186,19 +167,19 @@ class Consumer:
                 busmod.adopt_request_id(msg)
                 try:
                     if self._db_down:
-                        await _settle(msg, "nak", DB_RETRY_DELAY)
+                        await settle(msg, "nak", DB_RETRY_DELAY)
                         continue
                     if conn is None:
                         conn = await self.processor.pool.acquire()
                     if not await self._apply(msg, event, raw, conn):
                         await self.processor.pool.release(conn)  # broken: take a fresh one
                         conn = None
-                except DB_DOWN:
+                except db.UNAVAILABLE:
                     self._database_lost(msg)
-                    await _settle(msg, "nak", DB_RETRY_DELAY)
+                    await settle(msg, "nak", DB_RETRY_DELAY)
                 except Exception:  # noqa: BLE001 - a worker never dies; the message comes back
                     log.exception("applying stripe event %s crashed", event.id)
-                    await _settle(msg, "nak", DB_RETRY_DELAY)
+                    await settle(msg, "nak", DB_RETRY_DELAY)
                 finally:
                     self._inflight.pop(id(msg), None)
                     self._pending -= 1
@@ -223,25 +204,25 @@ class Consumer:
         """Apply, then ack / nak / term; False if the connection turned out to be broken."""
         try:
             await self.processor.process(event, raw, conn)
-        except DB_DOWN:
+        except db.UNAVAILABLE:
             self._database_lost(msg)
-            await _settle(msg, "nak", DB_RETRY_DELAY)
+            await settle(msg, "nak", DB_RETRY_DELAY)
             return False
         except Exception as exc:  # noqa: BLE001 - any failure of the event is counted and retried
             try:
                 result = await self.processor.fail(event, raw, exc, conn)
-            except DB_DOWN:
+            except db.UNAVAILABLE:
                 self._database_lost(msg)
-                await _settle(msg, "nak", DB_RETRY_DELAY)
+                await settle(msg, "nak", DB_RETRY_DELAY)
                 return False
             if result is None:  # applied meanwhile (a concurrent delivery)
-                await _settle(msg, "ack")
-            elif result[1] == "failed":
-                await _settle(msg, "term")
+                await settle(msg, "ack")
+            elif result[1] is WebhookStatus.FAILED:
+                await settle(msg, "term")
             else:
-                await _settle(msg, "nak", self.processor.delay(result[0]))
+                await settle(msg, "nak", self.processor.delay(result[0]))
             return not conn.is_closed()
-        await _settle(msg, "ack")
+        await settle(msg, "ack")
         return True
 
     def _database_lost(self, msg: Msg) -> None:
@@ -251,20 +232,19 @@ class Consumer:
         self._db_down = True
 
     async def _wait_for_database(self, most: float = 10.0) -> None:
-        deadline = time.monotonic() + most
-        while time.monotonic() < deadline:
-            if await db.ping(self.processor.pool):
-                log.info("postgres reachable again: resuming")
-                self._db_down = False
-                return
-            await asyncio.sleep(0.5)
+        with contextlib.suppress(_StillDown):  # then the next batch is put back, and we wait again
+            async for attempt in background.backoff(_StillDown, initial=0.5, most=2.0,
+                                                    timeout=most):
+                with attempt:
+                    if not await db.ping(self.processor.pool):
+                        raise _StillDown
+            log.info("postgres reachable again: resuming")
+            self._db_down = False
 
     async def keep_alive(self, stopping: asyncio.Event) -> None:
         """Tell JetStream that long-running deliveries (a slow refund) are still being worked on."""
         every = ACK_WAIT / 3
-        while not stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), every)
+        while not await background.pause(stopping, every):
             now = time.monotonic()
             for msg, started in list(self._inflight.values()):
                 if now - started >= every:
@@ -272,14 +252,15 @@ class Consumer:
                         await msg.in_progress()
 
 
+class _StillDown(Exception):
+    """PostgreSQL does not answer yet."""
+
+
 @contextlib.asynccontextmanager
 async def running(consumer: Consumer) -> AsyncIterator[Consumer]:
     """Keep long deliveries alive while running; on exit, finish what was fetched."""
-    stopping = asyncio.Event()
-    task = asyncio.create_task(consumer.keep_alive(stopping))
-    try:
-        yield consumer
-    finally:
-        await consumer.drain()
-        stopping.set()
-        await task
+    async with background.running("webhook keep-alive", consumer.keep_alive, grace=5):
+        try:
+            yield consumer
+        finally:
+            await consumer.drain()  # (the keep-alive goes on meanwhile)

@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from boxoffice.wire.stripe import LoggedEvent, StripeEvent
+from boxoffice.wire.stripe import LoggedEvent, StripeEvent, WebhookStatus
 
-DONE = ("processed", "ignored")
+DONE = (WebhookStatus.PROCESSED, WebhookStatus.IGNORED)
 MAX_ERROR_CHARS = 2000
 
 # A payload PostgreSQL cannot store as jsonb (a \u0000 escape) is kept as a JSON string instead,
@@ -40,7 +40,8 @@ def created_at(event: StripeEvent) -> datetime:
 
 
 async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str, error: str,
-                         max_attempts: int, *, final: bool = False) -> tuple[int, str] | None:
+                         max_attempts: int, *, final: bool = False
+                         ) -> tuple[int, WebhookStatus] | None:
     """Count a failed attempt; the row turns 'failed' at ``max_attempts`` (or at once if ``final``).
 
     Returns (attempts, status) after, or None if the event was processed meanwhile.
@@ -51,7 +52,7 @@ async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str,
         row = await conn.fetchrow(_FAILURE.format(payload="$4::text::jsonb"), *args)
     except asyncpg.exceptions.DataError:
         row = await conn.fetchrow(_FAILURE.format(payload="to_jsonb($4::text)"), *args)
-    return None if row is None else (row["attempts"], row["processing_status"])
+    return None if row is None else (row["attempts"], WebhookStatus(row["processing_status"]))
 
 
 def _logged(row: asyncpg.Record) -> LoggedEvent:

@@ -1,14 +1,13 @@
-"""Helpers shared by the tests/test_errors_*.py files (no tests here)."""
+"""Helpers of the tests/test_errors_*.py files: error reports published to ERRORS, Sentry
+envelopes and browser events sent to ingress, and HTTP calls."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,6 +15,36 @@ import asyncpg
 import nats
 
 from boxoffice import bus as busmod
+from tests.harness import ADMIN_TOKEN, SENTRY_KEY
+
+# an operator's credentials on the admin routes
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# what a Sentry SDK sends with every envelope
+AUTH = {"X-Sentry-Auth": f"Sentry sentry_key={SENTRY_KEY}, sentry_version=7, sentry_client=test/1.0"}
+
+
+def browser_event(**fields) -> dict:
+    """An error event as a Sentry browser SDK sends it; ``fields`` replace its own."""
+    event = {"event_id": uuid.uuid4().hex, "timestamp": 1_790_000_000.5, "platform": "javascript",
+             "level": "error", "tags": {"service": "checkout-web"}, "environment": "production",
+             "exception": {"values": [{"type": "TypeError", "value": "cart is undefined",
+                                       "stacktrace": {"frames": [
+                                           {"filename": "https://shop.example/node_modules/react/index.js",
+                                            "function": "render", "lineno": 1, "in_app": False},
+                                           {"filename": "https://shop.example/static/cart.js",
+                                            "function": "addToCart", "lineno": 88, "in_app": True}]}}]},
+             "request": {"url": "https://shop.example/cart", "headers": {"Cookie": "session=s3cr3tvalue"}},
+             "user": {"id": "u-1", "email": "bob@example.com", "ip_address": "10.0.0.1"}}
+    event.update(fields)
+    return event
+
+
+def envelope(*items: tuple[dict, bytes], header: dict | None = None) -> bytes:
+    """A Sentry envelope of ``items`` (item header, payload) under ``header``."""
+    out = [json.dumps(header if header is not None else {"event_id": uuid.uuid4().hex}).encode()]
+    for item_header, payload in items:
+        out += [json.dumps(item_header).encode(), payload]
+    return b"\n".join(out) + b"\n"
 
 
 def report(i: int = 0, **fields: Any) -> dict[str, Any]:
@@ -62,19 +91,6 @@ async def publish_raw(nats_url: str, subject: str, data: bytes, msg_id: str | No
         await nc.close()
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0,
-                     interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
-
-
 async def count(db: asyncpg.Pool, sql: str = "SELECT count(*) FROM error_logs", *args: Any) -> int:
     return await db.fetchval(sql, *args)
 
@@ -92,3 +108,10 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
 async def ahttp(method: str, url: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     return await asyncio.to_thread(http, method, url, body, headers)
+
+
+async def admin_json(url: str) -> Any:
+    """GET an admin route as an operator: it answers 200; its JSON."""
+    status, _, body = await ahttp("GET", url, None, ADMIN)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)

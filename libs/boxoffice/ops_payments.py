@@ -5,9 +5,8 @@ It calls ingress's admin API (see ``boxoffice.ops``)."""
 from __future__ import annotations
 
 import argparse
-import urllib.parse
 
-from boxoffice.ops import call
+from boxoffice.ops import call, with_query
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +19,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    query = {"limit": str(args.limit)}
-    if args.reservation_id:
-        query["reservation_id"] = args.reservation_id
-    if args.key:
-        query["idempotency_key"] = args.key
-    return call("GET", "/v1/admin/payments?" + urllib.parse.urlencode(query))
+    return call("GET", with_query("/v1/admin/payments", limit=args.limit,
+                                  reservation_id=args.reservation_id, idempotency_key=args.key))

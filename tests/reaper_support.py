@@ -1,23 +1,27 @@
-"""Helpers of the reaper tests: events and holds through the SQL functions, the inventory
-invariant, polling with a deadline, metrics, and counting expiry events in the stream."""
+"""Helpers of the reaper tests: the reaper's own database role, events and holds through the SQL
+functions, the inventory invariant, and counting expiry events in the stream."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from contextlib import AbstractAsyncContextManager
 
 import asyncpg
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-T = TypeVar("T")
+from boxoffice import db as dbmod
+from tests.harness import login_url
+
+
+def as_reaper(database_url: str) -> AbstractAsyncContextManager[asyncpg.Pool]:
+    """A pool logged in as the reaper's own role, as deployed (retention runs as it)."""
+    return dbmod.pool(login_url("reaper", database_url), min_size=1, max_size=2)
 
 
 async def make_event(db: asyncpg.Pool, capacity: int, buckets: int = 1, price: int = 1000) -> str:
@@ -88,19 +92,6 @@ async def assert_inventory_consistent(db: asyncpg.Pool) -> None:
     assert not bad, [dict(r) for r in bad]
 
 
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0,
-                     interval: float = 0.05, what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout:g}s (last: {last!r})")
-
-
 def get_json(url: str, token: str | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -109,18 +100,6 @@ def get_json(url: str, token: str | None = None) -> tuple[int, dict]:
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, json.loads(exc.read() or b"null")
-
-
-def metrics(base_url: str) -> dict[str, float]:
-    """The service's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 async def expired_events(nats_url: str, expect: int, timeout: float = 20.0) -> Counter[str]:
@@ -140,7 +119,7 @@ async def expired_events(nats_url: str, expect: int, timeout: float = 20.0) -> C
         while time.monotonic() < deadline:
             try:
                 msgs = await sub.fetch(1000, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio.TimeoutError, by path
                 msgs = []
             for m in msgs:
                 counts[json.loads(m.data)["reservation_id"]] += 1

@@ -10,7 +10,7 @@ batch is already there (a redelivery after a crash), that COPY is rolled back to
 the batch goes through a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``, so a
 report is stored once. Then the groups of the new rows are upserted with their counts and
 alerts decided. Messages are acked only after the commit; a failed batch is nak'ed for a
-prompt redelivery (``consume``).
+prompt redelivery (``report_intake``).
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
-"""Helpers of the webhook tests (no tests here): signed Stripe events, holds made in SQL,
-and polling with a deadline."""
+"""Helpers of the webhook tests: signed Stripe events delivered to ingress, the webhook log and
+outbox, and payments made at Stripe (localstripe). Events and holds made in SQL come from
+sql_support."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -18,6 +17,8 @@ import stripe
 
 from boxoffice import bus_access
 from tests.harness import STRIPE_KEY, WEBHOOK_SECRET
+
+GOOD_CARD = "4242424242424242"
 
 
 def sign(body: bytes, secret: str = WEBHOOK_SECRET, t: int | None = None) -> str:
@@ -53,41 +54,11 @@ def new_pi() -> str:
     return f"pi_{uuid.uuid4().hex[:24]}"
 
 
-async def new_event(db: asyncpg.Pool, capacity: int, price: int = 2500, buckets: int = 1) -> uuid.UUID:
-    return await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'show', $1, $2, "
-                             "'eur', $3)", capacity, price, buckets)
-
-
-async def hold(db: asyncpg.Pool, event_id: uuid.UUID, quantity: int = 2,
-               ttl: int = 900) -> uuid.UUID:
-    return await db.fetchval("SELECT id FROM hold_tickets($1, $2, 'client', $3)",
-                             event_id, quantity, ttl)
-
-
-async def inventory(db: asyncpg.Pool, event_id: uuid.UUID) -> tuple[int, int]:
-    row = await db.fetchrow("SELECT sum(held)::int AS held, sum(sold)::int AS sold "
-                            "FROM inventory_buckets WHERE event_id = $1", event_id)
-    return row["held"], row["sold"]
-
-
 async def relayed(db: asyncpg.Pool | asyncpg.Connection, service: str = "webhook") -> bool:
     """Whether ``service``'s relay published every outbox row of its subjects (a hold made
     in SQL leaves a held row that only payment's relay may publish)."""
     return await db.fetchval("SELECT count(*) = 0 FROM outbox WHERE subject = ANY($1::text[])",
                              list(bus_access.ACCESS[service].relays))
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
-                   what: str = "condition") -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes,
@@ -120,12 +91,22 @@ def stripe_client(localstripe: Any) -> stripe.StripeClient:
     return stripe.StripeClient(STRIPE_KEY, base_addresses={"api": localstripe.url})
 
 
+def card(sc: stripe.StripeClient, number: str = GOOD_CARD) -> str:
+    """A card PaymentMethod at Stripe: its id."""
+    return sc.v1.payment_methods.create(params={"type": "card", "card": {
+        "number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}).id
+
+
+def pay_at_stripe(sc: stripe.StripeClient, pi: str, number: str = GOOD_CARD) -> str:
+    """What Stripe.js does in the buyer's browser: a card attached to the PaymentIntent, then
+    confirmed. Returns the PaymentIntent's status."""
+    sc.v1.payment_intents.update(pi, params={"payment_method": card(sc, number)})
+    return sc.v1.payment_intents.confirm(pi).status
+
+
 def paid_intent(sc: stripe.StripeClient, reservation_id: Any, amount: int = 5000) -> dict[str, Any]:
     """A PaymentIntent paid by card at Stripe (localstripe), as its webhook event carries it."""
     pi = sc.v1.payment_intents.create(params={
         "amount": amount, "currency": "eur", "metadata": {"reservation_id": str(reservation_id)}})
-    pm = sc.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    sc.v1.payment_intents.update(pi.id, params={"payment_method": pm.id})
-    assert sc.v1.payment_intents.confirm(pi.id).status == "succeeded"
+    assert pay_at_stripe(sc, pi.id) == "succeeded"
     return sc.v1.payment_intents.retrieve(pi.id).to_dict()
