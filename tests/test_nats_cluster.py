@@ -34,9 +34,8 @@ import pytest_asyncio
 from boxoffice import SERVICES, bus_access, config
 from boxoffice import bus as busmod
 from boxoffice.embedded import NatsCluster, NatsServer
-from tests.harness import CLIENT_TOKEN, NATS_PASSWORDS, ServiceProcess, base_env
 from tests.errors_support import report
-from tests.harness import eventually
+from tests.harness import CLIENT_TOKEN, NATS_PASSWORDS, ServiceProcess, base_env, eventually
 from tests.webhooks_support import charge, event, new_pi, sign
 
 pytestmark = pytest.mark.timeout(150)
@@ -148,7 +147,7 @@ async def workload(base: str, event_id: str, accepted: Accepted, stop: asyncio.E
         while not stop.is_set():
             try:
                 got = await send(s)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 got = None
             if got is None:  # not acknowledged: nothing is owed
                 accepted.refused[send.__name__] += 1
@@ -175,7 +174,7 @@ async def leaders(url: str) -> dict[str, str | None]:
             try:
                 info = await js.stream_info(stream)
                 out[stream] = info.cluster.leader if info.cluster else None
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.Error):
                 out[stream] = None
         return out
     finally:
