@@ -47,15 +47,21 @@ from boxoffice.embedded import LocalStripe, PostgresPair, free_port
 from boxoffice.stack import read_env
 from tests.checkout_support import Api
 from tests.conftest import PgRefusals
-from tests.fault_checks import (answers_well_formed, errors_stored, expiry_announced,
-                                gather_evidence, no_event_oversold, one_intent_per_key,
-                                promises_kept)
+from tests.fault_checks import (
+    answers_well_formed,
+    errors_stored,
+    expiry_announced,
+    gather_evidence,
+    no_event_oversold,
+    one_intent_per_key,
+    promises_kept,
+)
 from tests.fault_stripe import StripeBuyer
 from tests.fault_workload import Ledger, code_of
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env, eventually
+from tests.stack_support import start_stack, stop_stack
 from tests.stripe_keys_proxy import StripeKeysProxy
 from tests.test_nats_cluster import Accepted, workload
-from tests.stack_support import start_stack, stop_stack
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -148,7 +154,7 @@ async def payer(base: str, event_id: str, ledger: Ledger, stop: asyncio.Event, n
             try:
                 r = await api.call("POST", "/v1/reservations",
                                    body={"event_id": event_id, "quantity": 1}, timeout=15)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.1)
                 continue
             ledger.answer("hold", r)
@@ -162,7 +168,7 @@ async def payer(base: str, event_id: str, ledger: Ledger, stop: asyncio.Event, n
                 try:
                     r = await api.call("POST", "/v1/payment_intents", key=key,
                                        body={"reservation_id": rid}, timeout=15)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     await asyncio.sleep(0.2)
                     continue
                 ledger.answer("payment_intent", r)

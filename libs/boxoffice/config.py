@@ -195,8 +195,10 @@ def _projects(raw: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for part in raw.split(","):
         pid, _, name = part.strip().partition("=")
-        if not re.fullmatch(r"\d{1,18}", pid.strip()) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name.strip()):
-            raise ConfigError("SENTRY_PROJECTS", "must list <project id>=<service>, such as 1=shop-web,2=box-office-app")
+        if not re.fullmatch(r"\d{1,18}", pid.strip()) \
+                or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name.strip()):
+            raise ConfigError("SENTRY_PROJECTS", "must list <project id>=<service>, "
+                                                 "such as 1=shop-web,2=box-office-app")
         pairs.append((str(int(pid)), name.strip()))
     return tuple(pairs)
 

