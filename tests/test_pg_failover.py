@@ -46,6 +46,7 @@ from boxoffice import db as dbmod
 from boxoffice.embedded import LocalStripe, PostgresPair, free_port
 from boxoffice.stack import read_env
 from tests.checkout_support import Api
+from tests.cluster_support import Accepted, workload
 from tests.conftest import PgRefusals
 from tests.fault_checks import (
     answers_well_formed,
@@ -61,7 +62,6 @@ from tests.fault_workload import Ledger, code_of
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env, eventually
 from tests.stack_support import start_stack, stop_stack
 from tests.stripe_keys_proxy import StripeKeysProxy
-from tests.test_nats_cluster import Accepted, workload
 
 pytestmark = pytest.mark.timeout(150)
 
