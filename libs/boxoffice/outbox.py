@@ -66,7 +66,8 @@ async def listen(url: str, stopping: asyncio.Event, channel: str,
                 if stopping.is_set():
                     return
                 try:
-                    conn = await asyncpg.connect(url, timeout=5)
+                    # each server of a failover pair in turn, with a timeout of its own
+                    conn = await dbmod.connect(url, timeout=5)
                     await conn.add_listener(channel, on_notify)
                 except Exception as exc:
                     log.warning("%s listener cannot connect (%s), retrying", channel,
