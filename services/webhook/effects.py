@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -46,6 +46,9 @@ from boxoffice.wire.stripe import (ChargeObject, DisputeObject, PaymentIntentObj
                                    read_object)
 
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+FIRST_BUCKETS = ("SELECT reservation_id, min(event_id::text) AS event_id, min(bucket) AS bucket "
+                 "FROM reservation_allocations WHERE reservation_id = ANY($1::uuid[]) "
+                 "GROUP BY reservation_id")
 APPLY_MANY = ("SELECT * FROM apply_stripe_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
               "ORDER BY i")
 
@@ -205,3 +208,21 @@ def _outcome(event: StripeEvent, a: Args, row: asyncpg.Record) -> Outcome:
         outcome.reports.append(Report(level, message, context))
     return outcome
 
+
+
+def hold_of(event: StripeEvent) -> uuid.UUID | None:
+    """The hold ``event`` names, if it names one (and its object fits its type)."""
+    try:
+        return arguments(event).reservation_id
+    except msgspec.ValidationError:
+        return None
+
+
+async def first_buckets(pool: asyncpg.Pool, holds: Collection[uuid.UUID]
+                        ) -> dict[uuid.UUID, tuple[str, int]]:
+    """The (ticketed event, bucket) each of ``holds`` first takes tickets from: what applying
+    an event of the hold locks first."""
+    if not holds:
+        return {}
+    rows = await pool.fetch(FIRST_BUCKETS, list(holds))
+    return {r["reservation_id"]: (r["event_id"], r["bucket"]) for r in rows}

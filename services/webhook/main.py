@@ -16,6 +16,10 @@ from boxoffice.wire.subjects import WEBHOOK_CONSUMER
 
 BATCH = 512
 CONCURRENCY = 32
+# Stripe events are applied on this many connections, in batches: a batch holds the buckets of
+# its holds until its commit, so more lanes than PostgreSQL has cores to run them only wait
+# (measured on two cores: 2 lanes applied 1.2 to 1.7 times the events/s of 4 or 32)
+LANES = 2
 
 
 async def build(svc: runtime.Service) -> None:
@@ -44,7 +48,7 @@ async def build(svc: runtime.Service) -> None:
     await svc.stack.enter_async_context(audit.running(cfg, bus, stripe.client))
     svc.stack.push_async_callback(bus.stop_serving)
     handle = await svc.stack.enter_async_context(
-        stripe_events.running(stripe_events.Consumer(processor, concurrency=CONCURRENCY,
+        stripe_events.running(stripe_events.Consumer(processor, concurrency=LANES,
                                                      backlog=BATCH // 2,
                                                      batch_size=cfg.webhook_batch_size)))
     await svc.stack.enter_async_context(

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -191,10 +192,12 @@ class Processor:
 class Consumer:
     """The JetStream handler: messages applied concurrently in batches, acked after the commit.
 
-    ``concurrency`` workers, each on a connection of its own (no pool round per batch), take up
-    to ``batch_size`` messages from a queue (what is there: a worker does not wait to fill a
-    batch). A fetch is not waited for to its end: once fewer than ``backlog`` messages are
-    left, the next one is fetched, so the database always has work in hand.
+    ``concurrency`` lanes, each a queue and a worker on a connection of its own (no pool round
+    per batch), which takes up to ``batch_size`` messages from its queue (what is there: it does
+    not wait to fill a batch). An event goes to the lane of the inventory bucket its hold takes
+    tickets from, so that the batches of two lanes, each holding its buckets until its commit,
+    do not wait on each other. A fetch is not waited for to its end: once fewer than ``backlog``
+    messages are left, the next one is fetched, so the database always has work in hand.
     """
 
     def __init__(self, processor: Processor, *, concurrency: int = 16, backlog: int = 256,
@@ -203,7 +206,8 @@ class Consumer:
         self.concurrency = concurrency
         self.backlog = backlog
         self.batch_size = batch_size
-        self._queue: asyncio.Queue[tuple[Msg, StripeEvent, str]] = asyncio.Queue()
+        self._lanes: list[asyncio.Queue[tuple[Msg, StripeEvent, str]]] = [
+            asyncio.Queue() for _ in range(concurrency)]
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0  # queued or being applied
         self._room = asyncio.Event()
@@ -212,36 +216,56 @@ class Consumer:
 
     async def __call__(self, msgs: list[Msg]) -> None:
         if not self._workers:
-            self._workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
+            self._workers = [asyncio.create_task(self._work(lane)) for lane in self._lanes]
+        decoded: list[tuple[Msg, StripeEvent, str]] = []
         for msg in msgs:
             try:
-                event = wire.decode(msg.data, StripeEvent)
-                raw = msg.data.decode()
+                decoded.append((msg, wire.decode(msg.data, StripeEvent), msg.data.decode()))
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
                 # ingress checks every event before publishing: this did not come from Stripe
                 log.error("message on %s is not a Stripe event: dropped", msg.subject)
                 await settle(msg, "term")
-                continue
-            self._inflight[id(msg)] = (msg, time.monotonic())
+        lanes = await self._route([event for _, event, _ in decoded])
+        for item, lane in zip(decoded, lanes, strict=True):
+            self._inflight[id(item[0])] = (item[0], time.monotonic())
             self._pending += 1
-            self._queue.put_nowait((msg, event, raw))
+            self._lanes[lane].put_nowait(item)
         while self._pending > self.backlog:
             self._room.clear()
             await self._room.wait()
         if self._db_down:
             await self._wait_for_database()
 
-    async def _take(self) -> list[tuple[Msg, StripeEvent, str]]:
-        batch = [await self._queue.get()]
-        while len(batch) < self.batch_size and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+    async def _route(self, events: list[StripeEvent]) -> list[int]:
+        """A lane for each event: that of its hold's first bucket; else (no hold, or the
+        buckets could not be read) that of its hold, or of its own id."""
+        holds = [effects.hold_of(event) for event in events]
+        buckets: dict[uuid.UUID, tuple[str, int]] = {}
+        if not self._db_down:
+            with contextlib.suppress(*db.UNAVAILABLE, asyncpg.PostgresError):
+                buckets = await effects.first_buckets(self.processor.pool,
+                                                      {h for h in holds if h is not None})
+        lanes = []
+        for event, hold in zip(events, holds):
+            if hold in buckets:  # the buckets of one ticketed event on consecutive lanes
+                ticketed, bucket = buckets[hold]
+                lanes.append((hash(ticketed) + bucket) % self.concurrency)
+            else:
+                lanes.append(hash(str(hold) if hold is not None else event.id) % self.concurrency)
+        return lanes
+
+    async def _take(self, lane: asyncio.Queue[tuple[Msg, StripeEvent, str]]
+                    ) -> list[tuple[Msg, StripeEvent, str]]:
+        batch = [await lane.get()]
+        while len(batch) < self.batch_size and not lane.empty():
+            batch.append(lane.get_nowait())
         return batch
 
-    async def _work(self) -> None:
+    async def _work(self, lane: asyncio.Queue[tuple[Msg, StripeEvent, str]]) -> None:
         conn: asyncpg.Connection | None = None
         try:
             while True:
-                batch = await self._take()
+                batch = await self._take(lane)
                 try:
                     if self._db_down:
                         await _put_back(batch, DB_RETRY_DELAY)
@@ -260,7 +284,7 @@ class Consumer:
                 finally:
                     for msg, _, _ in batch:
                         self._inflight.pop(id(msg), None)
-                        self._queue.task_done()
+                        lane.task_done()
                     self._pending -= len(batch)
                     if self._pending <= self.backlog:
                         self._room.set()
@@ -271,7 +295,8 @@ class Consumer:
     async def drain(self, timeout: float = 30.0) -> None:
         """Finish what was fetched (on shutdown, once fetching has stopped), then stop."""
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+            await asyncio.wait_for(asyncio.gather(*(lane.join() for lane in self._lanes)),
+                                   timeout)
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
