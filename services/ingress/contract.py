@@ -20,7 +20,7 @@ from aiohttp import web
 from boxoffice import __version__ as version
 from boxoffice import asyncapi
 from boxoffice.ingress import domains
-from boxoffice.ingress.routing import Op
+from boxoffice.ingress.routing import Op, Routes
 from boxoffice.wire.schema import components, field_schemas
 
 REF = "#/components/schemas/{name}"
@@ -48,15 +48,11 @@ class Readiness(msgspec.Struct):
     checks: dict[str, bool]
 
 
-OWN: tuple[Op, ...] = (
+routes = Routes()  # these documents' own (below)
+HEALTH: tuple[Op, ...] = (  # registered by ``runtime.add_health_routes``, as in every service
     Op("GET", "/healthz", "Alive", ok=(200, Health), tag="health"),
     Op("GET", "/readyz", "NATS reachable (503 when not)", ok=(200, Readiness), tag="health"),
-    Op("GET", "/openapi.json", "This document", ok=(200, "json"), tag="contract"),
-    Op("GET", "/asyncapi.json", "The bus's contract (AsyncAPI 3.0)", ok=(200, "json"),
-       tag="contract"),
-    Op("GET", "/docs", "This document, readable", ok=(200, "html"), tag="contract"),
 )
-OPS: tuple[Op, ...] = (*OWN, *(op for domain in domains.ALL for op in domain.routes.ops))
 
 # Routes left out of the document, each with the reason.
 UNDOCUMENTED: dict[tuple[str, str], str] = {
@@ -138,17 +134,23 @@ def _operation(op: Op, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def operations() -> list[Op]:
+    """Every documented route of ingress: health, these documents, then each domain's."""
+    return [*HEALTH, *routes.ops, *(op for domain in domains.ALL for op in domain.routes.ops)]
+
+
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route of ingress."""
+    ops = operations()
     types = [Problem, Readiness]
-    for op in OPS:
+    for op in ops:
         for kind in (op.body, op.ok[1]):
             if isinstance(kind, type) and kind not in types:
                 types.append(kind)
     schemas, named = components(types, REF)
     refs = dict(zip(types, schemas))
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPS:
+    for op in ops:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs)
     return {"openapi": "3.1.0",
             "info": {"title": "boxoffice ingress", "version": version,
@@ -209,20 +211,22 @@ def setup(app: web.Application) -> None:
         "asyncapi": json.dumps(asyncapi.document()).encode(),
         "docs": _docs_page(spec).encode(),
     }
+    routes.setup(app)
 
-    async def openapi_json(request: web.Request) -> web.Response:
-        return web.Response(body=request.app[DOCUMENTS]["openapi"],
-                            content_type="application/json")
 
-    async def asyncapi_json(request: web.Request) -> web.Response:
-        return web.Response(body=request.app[DOCUMENTS]["asyncapi"],
-                            content_type="application/json")
+@routes.get("/openapi.json", "This document", ok=(200, "json"), tag="contract")
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[DOCUMENTS]["openapi"], content_type="application/json")
 
-    async def docs(request: web.Request) -> web.Response:
-        return web.Response(body=request.app[DOCUMENTS]["docs"], content_type="text/html",
-                            headers={"Content-Security-Policy": "default-src 'none'; "
-                                     "style-src 'unsafe-inline'"})
 
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/asyncapi.json", asyncapi_json)
-    app.router.add_get("/docs", docs)
+@routes.get("/asyncapi.json", "The bus's contract (AsyncAPI 3.0)", ok=(200, "json"),
+            tag="contract")
+async def asyncapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[DOCUMENTS]["asyncapi"], content_type="application/json")
+
+
+@routes.get("/docs", "This document, readable", ok=(200, "html"), tag="contract")
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[DOCUMENTS]["docs"], content_type="text/html",
+                        headers={"Content-Security-Policy": "default-src 'none'; "
+                                 "style-src 'unsafe-inline'"})
