@@ -38,8 +38,8 @@ from boxoffice.reaper.audit_errors import Errors
 from boxoffice.reaper.audit_inventory import Inventory
 from boxoffice.reaper.audit_money import Money
 from boxoffice.reaper.audit_timeliness import Timeliness
-from tests.harness import ServiceProcess, base_env
 from tests.errors_support import publish
+from tests.harness import ServiceProcess, base_env
 
 EVENTS = 1000
 BUCKETS = 16

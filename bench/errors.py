@@ -29,23 +29,22 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import asyncpg
 import nats
 import nats.js.errors
 
-from types import SimpleNamespace
-
 from bench.cpu import cpu_seconds, tree
 from boxoffice import migrate
+from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
 from boxoffice.error_sink import store
 from boxoffice.error_sink.report_rows import COLUMNS, prepare
-from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
-from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
 from tests.errors_support import publish
+from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
 
 KINDS = 40
 
@@ -61,7 +60,7 @@ def make_reports(n: int, seed: int = 7) -> list[dict]:
         frames += ('  File "/app/.venv/lib/python3.11/site-packages/asyncpg/pool.py", line 12, '
                    "in acquire\n    return await self._acquire()\n")
         kinds.append((services[k % 5], f"Error{k}", frames))
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     out = []
     for i in range(n):
         service, etype, frames = kinds[i % KINDS]
@@ -89,7 +88,7 @@ async def create_db(admin_url: str, name: str) -> str:
 
 
 async def plain_copy(url: str, bodies: list[dict], rows_per_copy: int) -> float:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = [prepare(SimpleNamespace(subject=f"errors.{b['service']}.{b['level']}",  # type: ignore[arg-type]
                                     data=json.dumps(b).encode(), headers=None), now).record
             for b in bodies]  # conversion is not timed: the baseline is the COPY alone
@@ -236,7 +235,7 @@ async def main() -> None:
         nats_srv.kill()
         pg.stop()
     out["cpus"] = os.cpu_count()
-    out["load_avg_1m"] = float(open("/proc/loadavg").read().split()[0])
+    out["load_avg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
     print(json.dumps(out))
 
 

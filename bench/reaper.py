@@ -47,7 +47,7 @@ def start_reaper(root: Path, nats_url: str, db_url: str) -> tuple[subprocess.Pop
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "DATABASE_"))}
     env.update(NATS_URL=nats_url, DATABASE_URL=db_url, HEALTH_PORT=str(port), LOG_LEVEL="WARNING")
-    log = open(root / "reaper.log", "ab")
+    log = open(root / "reaper.log", "ab")  # noqa: SIM115 - the child writes to it until it stops
     proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "run", "reaper"], env=env,
                             stdout=log, stderr=log)
     deadline = time.monotonic() + 30

@@ -43,7 +43,7 @@ class Dockerfile:
     instructions: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, path: Path) -> "Dockerfile":
+    def parse(cls, path: Path) -> Dockerfile:
         out, pending = [], ""
         for line in path.read_text().splitlines():
             if not pending and (not line.strip() or line.lstrip().startswith("#")):
@@ -121,21 +121,21 @@ class Image:
     def path(self) -> str:
         return f"{venv_bin_dir()}:{SYSTEM_PATH}"
 
-    def env(self, c: "Container", stack: "ComposeStack") -> dict[str, str]:
+    def env(self, c: Container, stack: ComposeStack) -> dict[str, str]:
         return {"PATH": self.path(), "HOME": str(self.workdir(c, stack))}
 
-    def health_env(self, c: "Container", stack: "ComposeStack") -> dict[str, str]:
+    def health_env(self, c: Container, stack: ComposeStack) -> dict[str, str]:
         return {}
 
-    def workdir(self, c: "Container", stack: "ComposeStack") -> Path:
+    def workdir(self, c: Container, stack: ComposeStack) -> Path:
         return Path("/")
 
-    def resolve(self, argv: list[str], c: "Container", stack: "ComposeStack") -> list[str]:
+    def resolve(self, argv: list[str], c: Container, stack: ComposeStack) -> list[str]:
         exe = shutil.which(argv[0], path=self.env(c, stack)["PATH"])
         assert exe, f"{c.name}: {argv[0]} is not on this image's PATH here"
         return [exe, *argv[1:]]
 
-    def prepare(self, c: "Container", stack: "ComposeStack") -> None:
+    def prepare(self, c: Container, stack: ComposeStack) -> None:
         """What the image's entrypoint does before its program starts."""
 
 
@@ -165,15 +165,15 @@ class ProjectImage(Image):
                 command = self.dockerfile.exec_form("CMD")
         return [*entry, *(command or [])]
 
-    def env(self, c: "Container", stack: "ComposeStack") -> dict[str, str]:
+    def env(self, c: Container, stack: ComposeStack) -> dict[str, str]:
         return {**self.dockerfile.env, **super().env(c, stack)}
 
-    def workdir(self, c: "Container", stack: "ComposeStack") -> Path:
+    def workdir(self, c: Container, stack: ComposeStack) -> Path:
         d = stack.dir / "containers" / c.name / self.dockerfile.workdir.strip("/")
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def resolve(self, argv: list[str], c: "Container", stack: "ComposeStack") -> list[str]:
+    def resolve(self, argv: list[str], c: Container, stack: ComposeStack) -> list[str]:
         if argv[0] == "localstripe":
             # localstripe keeps its state in /tmp/localstripe.pickle: private to its container,
             # shared by every localstripe on this machine. A new container's /tmp is empty;
@@ -212,34 +212,34 @@ class PostgresImage(Image):
     def path(self) -> str:
         return f"{pg_bin()}:{SYSTEM_PATH}"
 
-    def data_dir(self, c: "Container", stack: "ComposeStack") -> Path:
+    def data_dir(self, c: Container, stack: ComposeStack) -> Path:
         pgdata = c.env.get("PGDATA") or self.pgdata
         if c.env.get("PGDATA"):
             return Path(pgdata)  # already rewritten to a mount, if it is under one
         here = stack.host_path(c.name, pgdata)
         return here or stack.dir / "containers" / c.name / pgdata.strip("/")
 
-    def env(self, c: "Container", stack: "ComposeStack") -> dict[str, str]:
+    def env(self, c: Container, stack: ComposeStack) -> dict[str, str]:
         return {**super().env(c, stack), "PGDATA": str(self.data_dir(c, stack))}
 
-    def health_env(self, c: "Container", stack: "ComposeStack") -> dict[str, str]:
+    def health_env(self, c: Container, stack: ComposeStack) -> dict[str, str]:
         # in the container, pg_isready reaches the server through its socket; here, over TCP
         return {"PGHOST": "127.0.0.1", "PGPORT": str(stack.port(c.name, 5432))}
 
-    def _setting(self, c: "Container", name: str, default: str | None) -> str | None:
+    def _setting(self, c: Container, name: str, default: str | None) -> str | None:
         if c.env.get(f"{name}_FILE"):
             return Path(c.env[f"{name}_FILE"]).read_text().rstrip("\n")
         return c.env.get(name) or default
 
     @staticmethod
-    def _server(c: "Container", data: Path, port: int) -> subprocess.Popen:
+    def _server(c: Container, data: Path, port: int) -> subprocess.Popen:
         """The server of the image's first start, for its initialisation only."""
         with open(c.log, "ab") as out:
             return subprocess.Popen([str(pg_bin() / "postgres"), "-D", str(data), "-p", str(port),
                                      "-h", "127.0.0.1", "-k", ""], stdout=out,
                                     stderr=subprocess.STDOUT, user=c.run_as, start_new_session=True)
 
-    def prepare(self, c: "Container", stack: "ComposeStack") -> None:
+    def prepare(self, c: Container, stack: ComposeStack) -> None:
         """The image's first start, when PGDATA is empty: initdb, the database, the password."""
         data = self.data_dir(c, stack)
         data.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ class PostgresImage(Image):
             server.wait(30)
 
     @staticmethod
-    def _init_scripts(c: "Container") -> list[Path]:
+    def _init_scripts(c: Container) -> list[Path]:
         """What the image runs from /docker-entrypoint-initdb.d at its first start, in order."""
         found: dict[str, Path] = {}
         for m in c.mounts:
@@ -306,7 +306,7 @@ class PostgresImage(Image):
                 found[m.target.rsplit("/", 1)[1]] = m.host
         return [found[name] for name in sorted(found)]
 
-    def resolve(self, argv: list[str], c: "Container", stack: "ComposeStack") -> list[str]:
+    def resolve(self, argv: list[str], c: Container, stack: ComposeStack) -> list[str]:
         if argv[0] != "postgres":
             return super().resolve(argv, c, stack)
         # the port and address are this run's (the socket is left out: nothing here uses it)

@@ -189,7 +189,7 @@ class ComposeStack:
                 for m in _HOST_REF.finditer(value):
                     if m["host"] in own:
                         own[m["host"]].add(int(m["port"]))
-        for name, spec in self.cfg["services"].items():
+        for name in self.cfg["services"]:
             own[name].update(self.images[name].default_ports)
         return own
 

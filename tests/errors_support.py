@@ -8,7 +8,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -48,7 +48,7 @@ def envelope(*items: tuple[dict, bytes], header: dict | None = None) -> bytes:
 
 
 def report(i: int = 0, **fields: Any) -> dict[str, Any]:
-    body = {"id": str(uuid.uuid4()), "occurred_at": datetime.now(timezone.utc).isoformat(),
+    body = {"id": str(uuid.uuid4()), "occurred_at": datetime.now(UTC).isoformat(),
             "service": "payment", "level": "error", "message": f"order {i} could not be charged",
             "error_type": "ChargeFailed"}
     body.update(fields)
@@ -63,7 +63,7 @@ async def publish(nats_url: str, bodies: list[dict[str, Any]], *, concurrency: i
         js = nc.jetstream()
         try:
             await js.add_stream(busmod.stream_config("ERRORS"))
-        except Exception:  # noqa: BLE001 - exists already
+        except Exception:
             pass
         sem = asyncio.Semaphore(concurrency)
 
@@ -84,7 +84,7 @@ async def publish_raw(nats_url: str, subject: str, data: bytes, msg_id: str | No
         js = nc.jetstream()
         try:
             await js.add_stream(busmod.stream_config("ERRORS"))
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
     finally:

@@ -140,7 +140,7 @@ class Cluster:
             async with session.get(f"{s.proc.url}/readyz",
                                    timeout=aiohttp.ClientTimeout(total=2)) as r:
                 return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def not_ready(self) -> list[str]:

@@ -123,7 +123,7 @@ class WebhookRelay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/stripe-webhooks"
 
-    async def start(self) -> "WebhookRelay":
+    async def start(self) -> WebhookRelay:
         # a fresh connection per attempt, as a webhook sender does (and no stale keep-alive)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         app = web.Application()
@@ -185,7 +185,7 @@ class WebhookRelay:
                     timeout=aiohttp.ClientTimeout(total=self.ATTEMPT_TIMEOUT)) as r:
                 await r.read()
                 status, retry_after = r.status, r.headers.get("Retry-After")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self.answers["no answer" if isinstance(exc, asyncio.TimeoutError)
                          else "connection failed"] += 1
             return 0

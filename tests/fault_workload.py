@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -25,7 +25,6 @@ import nats.errors
 from tests.checkout_support import Api, Resp
 from tests.fault_stripe import DECLINED_CARD, GOOD_CARD, StripeBuyer
 from tests.harness import CLIENT_TOKEN, CLIENT_TOKEN_2
-
 
 
 @dataclass
@@ -123,7 +122,7 @@ class Buyer:
         try:
             r = await self.run.api.call(method, path, token=self.token, body=body, key=key,
                                         timeout=12.0)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self.run.ledger.ops[f"{kind} no answer ({type(exc).__name__})"] += 1
             return None
         self.run.ledger.answer(kind, r)
@@ -177,7 +176,7 @@ class Buyer:
     async def confirm(self, pi: str, card: str, why: str) -> None:
         try:
             outcome = await self.run.stripe.pay(pi, card)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             outcome = f"failed ({type(exc).__name__})"
         self.run.ledger.ops[f"stripe confirm ({why}): {outcome}"] += 1
 
@@ -285,7 +284,7 @@ def code_of(r: Resp) -> str | None:
 
 def new_report(rng: random.Random, service: str, message: str) -> dict[str, Any]:
     return {"id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-            "occurred_at": datetime.now(timezone.utc).isoformat(), "service": service,
+            "occurred_at": datetime.now(UTC).isoformat(), "service": service,
             "level": rng.choice(("warning", "error", "error", "critical")),
             "message": message, "context": {"fault_run": True}}
 
@@ -314,7 +313,7 @@ async def bus_reporter(run: Workload, nats_url: str) -> None:
                 while time.monotonic() < run.give_up:
                     try:
                         await js.publish(subject, data, headers={"Nats-Msg-Id": report["id"]})
-                    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                    except (TimeoutError, nats.errors.Error, OSError) as exc:
                         ledger.ops[f"error report (bus) not acked ({type(exc).__name__})"] += 1
                         await asyncio.sleep(0.3)
                         continue

@@ -28,8 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from boxoffice import roles
-from boxoffice import bus_access
+from boxoffice import bus_access, roles
 from boxoffice.embedded import free_port
 
 CLIENT_TOKEN = "client-token-aaaaaaaaaaaaaaaa"
@@ -118,7 +117,7 @@ class ServiceProcess:
         """Where /metrics is served (the public port, except for ingress)."""
         return f"http://127.0.0.1:{self.health_port or self.port}"
 
-    def start(self, wait: bool = True, timeout: float = 30.0, **extra_env: str) -> "ServiceProcess":
+    def start(self, wait: bool = True, timeout: float = 30.0, **extra_env: str) -> ServiceProcess:
         if not self.port:
             self.port = free_port()
         env = dict(self.env)
@@ -199,7 +198,7 @@ def login_url(service: str, url: str) -> str:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callers may run in an event loop
         try:
             pool.submit(roles.set_logins, url, {service: password}).result()
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             pass
     return roles.url_for(url, service, password)
 

@@ -57,7 +57,7 @@ class StripeKeysProxy:
     def keys_for(self, path: str) -> list[str | None]:
         return [r.idempotency_key for r in self.requests if r.path == path and r.method == "POST"]
 
-    async def start(self) -> "StripeKeysProxy":
+    async def start(self) -> StripeKeysProxy:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         app = web.Application()

@@ -24,7 +24,7 @@ async def busy_books(db: asyncpg.Pool) -> tuple[uuid.UUID, list[uuid.UUID]]:
     and a second payment for a sold hold, refunded as a duplicate."""
     ev, other = await new_event(db, 40, buckets=4), await new_event(db, 10, buckets=1)
     await hold(db, ev, 3)
-    res, pi = await sold(db, ev, 2)
+    res, _pi = await sold(db, ev, 2)
     await sold(db, other, 1)
     gone = await hold(db, ev, 1, ttl=0)
     assert await db.fetchval("SELECT cleanup_expired_reservations()") == 1
@@ -148,7 +148,7 @@ async def test_failed_stripe_event_and_stale_stripe_action_are_named(
 
 
 async def test_money_kept_without_tickets_and_a_sale_without_money(db: asyncpg.Pool) -> None:
-    ev, (res, gone, back) = await busy_books(db)
+    _ev, (res, gone, _back) = await busy_books(db)
     a = auditor(db, Money(db))
     assert (await run(a)).holds
     # a payment marked succeeded by hand on the hold that expired; a sold hold's payment set

@@ -65,10 +65,9 @@ async def test_a_service_runs_over_tls_with_nats_ca_file(tls_server, ca_file, tm
     try:
         report = {"id": str(uuid.uuid4()), "occurred_at": "2026-11-28T12:00:00Z",
                   "service": "shop-web", "level": "error", "message": "over TLS"}
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{ingress.url}/v1/errors", json=report,
-                              headers={"Authorization": f"Bearer {CLIENT_TOKEN}"}) as r:
-                assert r.status == 202, await r.text()  # acknowledged by JetStream, over TLS
+        async with aiohttp.ClientSession() as s, s.post(f"{ingress.url}/v1/errors", json=report,
+                          headers={"Authorization": f"Bearer {CLIENT_TOKEN}"}) as r:
+            assert r.status == 202, await r.text()  # acknowledged by JetStream, over TLS
     finally:
         assert ingress.stop() == 0
 

@@ -19,8 +19,7 @@ import pytest_asyncio
 
 from boxoffice import idempotency
 from boxoffice.embedded import LocalStripe
-from tests.checkout_support import (Api, Checkout, nobody_answers, start_checkout,
-                                    stream_messages)
+from tests.checkout_support import Api, Checkout, nobody_answers, start_checkout, stream_messages
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, STRIPE_KEY, eventually
 from tests.stripe_keys_proxy import StripeKeysProxy
 

@@ -101,11 +101,11 @@ def test_up_refuses_a_second_instance_on_the_same_home(tmp_path: Path) -> None:
 
 
 def test_a_running_stack_refuses_a_second_up_and_status_follows_it(tmp_path: Path) -> None:
-    from boxoffice.embedded import free_port
-    from tests.stack_support import start_stack, stop_stack
-
     import re
     import time
+
+    from boxoffice.embedded import free_port
+    from tests.stack_support import start_stack, stop_stack
 
     home = tmp_path / "home"
     began = time.monotonic()

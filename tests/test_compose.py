@@ -68,7 +68,7 @@ def test_cluster_profile_runs_three_nats_nodes_and_the_services_use_them() -> No
         assert nodes[name]["profiles"] == ["cluster"]
     assert {n["environment"]["NATS_SERVER_NAME"] for n in nodes.values()} == set(nodes)
     assert len({v for n in nodes.values() for v in n["volumes"] if v.endswith(":/data:rw")}) == 3
-    for name, node in nodes.items():
+    for node in nodes.values():
         assert node["command"] == ["-c", "/etc/nats/cluster.conf"]
         assert all(f"@{other}:6222" in node["environment"]["NATS_ROUTES"] for other in nodes)
         # the node's configuration as nats-server reads it, from its environment in compose

@@ -11,7 +11,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -197,7 +197,7 @@ async def test_checkout_payment_expiry_and_error_report(stack: ComposeStack) -> 
                 counts = await r.json()
             assert (counts["sold"], counts["held"], counts["available"]) == (1, 0, 2), counts
 
-            report = {"id": str(uuid.uuid4()), "occurred_at": datetime.now(timezone.utc).isoformat(),
+            report = {"id": str(uuid.uuid4()), "occurred_at": datetime.now(UTC).isoformat(),
                       "service": "shop-web", "level": "error", "message": "checkout button broke"}
             async with s.post(f"{base}/v1/errors", headers=client, json=report) as r:
                 assert r.status == 202, await r.text()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -24,8 +24,7 @@ from boxoffice.config import Config
 from boxoffice.ingress import console as console_routes
 from boxoffice.ingress import sessions
 from tests.console_support import allow_payments, console, failed_webhook_events
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.harness import eventually
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
 from tests.sql_support import new_event, new_hold
 from tests.webhooks_support import deliver, event, log_status, new_pi, payment_intent
 
@@ -343,7 +342,7 @@ async def test_error_groups_carry_a_sparkline_of_the_last_day(start_service) -> 
 
 
 def _ago(seconds: float) -> str:
-    return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat()
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
 
 
 async def test_the_walk_throughs_webhook_outage_drill(db: asyncpg.Pool, database_url: str,

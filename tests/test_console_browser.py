@@ -16,8 +16,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from tests.console_support import allow_payments, failed_webhook_events
-from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN
-from tests.harness import eventually
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
 from tests.webhooks_support import deliver, event, log_status, new_pi, payment_intent
 
 CHROMIUM = "/usr/bin/chromium"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -84,7 +84,7 @@ async def test_actions_wait_on_the_bus_for_the_reaper(db: asyncpg.Pool, start_se
         start_service("reaper")
 
         async def logged() -> list | None:
-            status, log = await call(s, "GET", f"{ingress.url}/v1/admin/audit", ADMIN_TOKEN)
+            _status, log = await call(s, "GET", f"{ingress.url}/v1/admin/audit", ADMIN_TOKEN)
             return [(a["action"], a["status"]) for a in log["actions"]] or None
         assert await eventually(logged, what="the action in the log") == [
             ("POST /v1/admin/events", 201)]
@@ -155,7 +155,7 @@ async def _logged(proc, text: str) -> bool:
 def test_signer_accepts_the_format_standard_webhooks_defines() -> None:
     sign = alerts.signer(SECRET)
     assert sign is not None and alerts.signer(None) is None
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     sig = sign.sign("id-1", now, "{}")
     Webhook(SECRET).verify("{}", {"webhook-id": "id-1", "webhook-timestamp": str(int(time.time())),
                                   "webhook-signature": sig})

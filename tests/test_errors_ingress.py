@@ -16,7 +16,6 @@ import nats
 from tests.errors_support import AUTH, ahttp, browser_event, count, envelope, report
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, SENTRY_KEY, eventually
 
-
 SDK_SCRIPT = """
 import sys, sentry_sdk
 sentry_sdk.init(dsn=sys.argv[1], release="shop@1.2.3", environment="production")

@@ -16,6 +16,7 @@ import nats.js.errors
 
 from boxoffice import bus as busmod
 from boxoffice.report import BusHandler, Reporter
+from tests.harness import eventually
 
 
 async def _errors_in_stream(nats_url: str) -> list[dict]:
@@ -31,8 +32,6 @@ async def _errors_in_stream(nats_url: str) -> list[dict]:
         return out
     finally:
         await nc.close()
-from tests.harness import eventually
-
 
 async def _stream_has(nats_url: str, n: int) -> bool:
     nc = await nats.connect(nats_url)

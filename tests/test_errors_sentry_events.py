@@ -81,7 +81,7 @@ async def test_events_keep_breadcrumbs_vars_mechanism_dist_and_group_without_pat
     out = _run(tmp_path / "srv" / "deploy" / "release-9", dsn, "crash", 42)
     assert out.returncode != 0
     rows = await eventually(lambda: _rows_of(db, row["group_id"], 2))
-    crashed = [r for r in rows if r["id"] != row["id"]][0]
+    crashed = next(r for r in rows if r["id"] != row["id"])
     assert crashed["context"]["exception"][-1]["mechanism"]["handled"] is False
     assert crashed["context"]["sentry"]["handled"] is False
     assert (await db.fetchval("SELECT count FROM error_groups WHERE id = $1", row["group_id"])) == 2

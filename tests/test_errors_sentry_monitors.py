@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from tests.errors_support import ADMIN, admin_json, ahttp
@@ -66,7 +66,7 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
     assert (nightly["checkin_margin"], nightly["max_runtime"], nightly["timezone"]) == (5, 30, "Europe/Berlin")
     assert nightly["last_duration"] == 12.5
     due = datetime.fromisoformat(nightly["next_expected_at"]).astimezone(ZoneInfo("Europe/Berlin"))
-    assert (due.hour, due.minute) == (3, 0) and due > datetime.now(timezone.utc)
+    assert (due.hour, due.minute) == (3, 0) and due > datetime.now(UTC)
     assert got["stuck-job"]["status"] == "in_progress"
 
     # release health: two sessions of shop@4.0.0, one crashed
@@ -103,7 +103,7 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
     assert {a["level"] for a in alerts} == {"critical"}
     got = {m["slug"]: m for m in (await admin_json(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
     assert got["nightly-export"]["status"] == "missed" and got["stuck-job"]["status"] == "timeout"
-    assert datetime.fromisoformat(got["nightly-export"]["next_expected_at"]) > datetime.now(timezone.utc)
+    assert datetime.fromisoformat(got["nightly-export"]["next_expected_at"]) > datetime.now(UTC)
     # the same from the CLI
     env = dict(os.environ, INGRESS_URL=ingress.url, ADMIN_API_TOKEN=ADMIN_TOKEN)
     for verb, key in (("monitors", "monitors"), ("releases", "releases")):
@@ -122,7 +122,7 @@ async def test_check_ins_sessions_and_missed_runs(db, start_service, tmp_path) -
     got = {m["slug"]: m for m in (await admin_json(f"{ingress.url}/v1/admin/monitors"))["monitors"]}
     assert got["hourly-report"]["status"] == "new" and "bad" not in got
     due = datetime.fromisoformat(got["hourly-report"]["next_expected_at"])
-    assert 3590 < (due - datetime.now(timezone.utc)).total_seconds() <= 3600
+    assert 3590 < (due - datetime.now(UTC)).total_seconds() <= 3600
     await db.execute("UPDATE monitors SET next_expected_at = now() WHERE slug = 'hourly-report'")
     await eventually(lambda: db.fetchval("SELECT count(*) FROM error_logs WHERE error_type = 'MonitorMissed' "
                                          "AND error_message LIKE 'Monitor hourly-report%'"), timeout=10)

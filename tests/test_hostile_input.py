@@ -26,10 +26,18 @@ import asyncpg
 import pytest
 
 from tests.checkout_support import Api
-from tests.harness import (ADMIN_TOKEN, CLIENT_TOKEN, SENTRY_KEY, ServiceProcess, eventually,
-                           http_ready)
-from tests.hostile_support import (CODE, Case, RawResponse, Route, db_snapshot, deep,
-                                   ingress_routes, send, stream_snapshot)
+from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, SENTRY_KEY, ServiceProcess, eventually, http_ready
+from tests.hostile_support import (
+    CODE,
+    Case,
+    RawResponse,
+    Route,
+    db_snapshot,
+    deep,
+    ingress_routes,
+    send,
+    stream_snapshot,
+)
 from tests.webhooks_support import sign
 
 SERVICES = ("payment", "webhook", "error_sink", "reaper", "ingress")
@@ -433,7 +441,7 @@ async def test_hostile_requests_get_4xx_and_change_nothing(
         async with limit:
             try:
                 return case, await send(ingress.port, case)
-            except (OSError, asyncio.TimeoutError, ValueError, IndexError) as exc:
+            except (TimeoutError, OSError, ValueError, IndexError) as exc:
                 return case, exc
 
     started = time.monotonic()
@@ -470,7 +478,7 @@ async def test_hostile_requests_get_4xx_and_change_nothing(
             new = f.read().decode(errors="replace").splitlines()
         errors_logged = [line for line in new
                          if '"level":"error"' in line or '"level":"critical"' in line
-                         or "Traceback" in line and '"level"' not in line]
+                         or ("Traceback" in line and '"level"' not in line)]
         assert not errors_logged, f"{name} logged errors:\n" + "\n".join(errors_logged[:10])
     assert elapsed < 60, f"{len(cases)} hostile requests took {elapsed:.1f}s"
 

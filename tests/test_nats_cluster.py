@@ -20,12 +20,10 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import nats
 import pytest
@@ -34,10 +32,8 @@ import pytest_asyncio
 from boxoffice import SERVICES, bus_access, config
 from boxoffice import bus as busmod
 from boxoffice.embedded import NatsCluster, NatsServer
-from tests.harness import CLIENT_TOKEN, NATS_PASSWORDS, ServiceProcess, base_env
-from tests.errors_support import report
-from tests.harness import eventually
-from tests.webhooks_support import charge, event, new_pi, sign
+from tests.cluster_support import Accepted, workload
+from tests.harness import NATS_PASSWORDS, ServiceProcess, base_env, eventually
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -110,58 +106,6 @@ async def services(cluster: NatsCluster, database_url: str, tmp_path: Path
                 proc.kill()
 
 
-@dataclass
-class Accepted:
-    """What the services acknowledged, and when (monotonic)."""
-
-    webhooks: dict[str, float] = field(default_factory=dict)
-    holds: dict[str, float] = field(default_factory=dict)
-    reports: dict[str, float] = field(default_factory=dict)
-    refused: Counter[str] = field(default_factory=Counter)
-
-    def since(self, t: float) -> dict[str, int]:
-        return {kind: sum(1 for at in getattr(self, kind).values() if at > t)
-                for kind in ("webhooks", "holds", "reports")}
-
-
-async def workload(base: str, event_id: str, accepted: Accepted, stop: asyncio.Event) -> None:
-    client = {"Authorization": f"Bearer {CLIENT_TOKEN}", "Content-Type": "application/json"}
-
-    async def webhook(s: aiohttp.ClientSession) -> tuple[str, str] | None:
-        body = event("charge.succeeded", charge(new_pi(), refunded=False))
-        async with s.post(f"{base}/v1/webhooks/stripe", data=body,
-                          headers={"Stripe-Signature": sign(body),
-                                   "Content-Type": "application/json"}) as r:
-            return ("webhooks", json.loads(body)["id"]) if r.status == 200 else None
-
-    async def hold(s: aiohttp.ClientSession) -> tuple[str, str] | None:
-        body = json.dumps({"event_id": event_id, "quantity": 1})
-        async with s.post(f"{base}/v1/reservations", data=body, headers=client) as r:
-            return ("holds", (await r.json())["id"]) if r.status == 201 else None
-
-    async def error_report(s: aiohttp.ClientSession) -> tuple[str, str] | None:
-        body = report(service="checkout-web")
-        async with s.post(f"{base}/v1/errors", data=json.dumps(body), headers=client) as r:
-            return ("reports", body["id"]) if r.status == 202 else None
-
-    async def loop(s: aiohttp.ClientSession, send: Any) -> None:
-        while not stop.is_set():
-            try:
-                got = await send(s)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                got = None
-            if got is None:  # not acknowledged: nothing is owed
-                accepted.refused[send.__name__] += 1
-            else:
-                getattr(accepted, got[0])[got[1]] = time.monotonic()
-            await asyncio.sleep(0.02)
-
-    timeout = aiohttp.ClientTimeout(total=15)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
-        await asyncio.gather(*(loop(s, send) for send in (webhook, hold, error_report)
-                               for _ in range(3)))
-
-
 async def leaders(url: str) -> dict[str, str | None]:
     """The node leading each watched stream (None while it has none)."""
     async def quiet(_exc: Exception) -> None:  # the node killed refuses: expected
@@ -175,7 +119,7 @@ async def leaders(url: str) -> dict[str, str | None]:
             try:
                 info = await js.stream_info(stream)
                 out[stream] = info.cluster.leader if info.cluster else None
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.Error):
                 out[stream] = None
         return out
     finally:

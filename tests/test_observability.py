@@ -10,6 +10,7 @@ import logging
 import re
 
 import aiohttp
+
 from boxoffice import bus as busmod
 from boxoffice import logs, wire
 from boxoffice.wire import admin
@@ -111,7 +112,7 @@ async def test_consumer_lag_counts_what_waits_and_what_came_back(nats_url: str) 
         assert await figures() == (2, 2, 0)  # one acked; one nak'd and one unanswered wait
         again = await sub.fetch(1, timeout=5)
         assert again[0].metadata.num_delivered == 2
-        pending, ack_pending, redelivered = await figures()
+        pending, _ack_pending, redelivered = await figures()
         assert (pending, redelivered) == (2, 1)
         await sub.unsubscribe()
 

@@ -11,8 +11,7 @@ import urllib.request
 from datetime import timedelta
 
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, eventually
-from tests.reaper_support import (assert_inventory_consistent, get_json, hold, hold_unannounced,
-                                  make_event)
+from tests.reaper_support import assert_inventory_consistent, get_json, hold, hold_unannounced, make_event
 
 
 def _request(method: str, url: str, body: bytes | None = None,

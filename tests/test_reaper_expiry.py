@@ -13,8 +13,13 @@ import asyncpg
 from boxoffice import db as dbmod
 from boxoffice.reaper import expiry
 from tests.harness import eventually, login_url, metrics
-from tests.reaper_support import (assert_inventory_consistent, expired_events, hold,
-                                  hold_unannounced, make_event)
+from tests.reaper_support import (
+    assert_inventory_consistent,
+    expired_events,
+    hold,
+    hold_unannounced,
+    make_event,
+)
 
 
 async def _status(db: asyncpg.Pool, ids: list) -> dict[str, int]:

@@ -12,8 +12,14 @@ from boxoffice import migrate
 from boxoffice.db import pool as open_pool
 from boxoffice.embedded import Postgres
 from tests.harness import base_env, eventually, http_ready, metrics
-from tests.reaper_support import (assert_inventory_consistent, bulk_holds, expired_events, get_json,
-                                  hold, make_event)
+from tests.reaper_support import (
+    assert_inventory_consistent,
+    bulk_holds,
+    expired_events,
+    get_json,
+    hold,
+    make_event,
+)
 
 
 async def _all_expired_and_published(db: asyncpg.Pool, n: int) -> bool:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from boxoffice.reaper import retention
 from tests.reaper_support import as_reaper
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 async def _key(db: asyncpg.Pool, key: str, age: timedelta) -> None:

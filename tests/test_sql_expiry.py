@@ -8,8 +8,7 @@ import uuid
 
 import asyncpg
 
-from tests.sql_support import (buckets, hold, inventory, listening, new_event, no_wait, outbox,
-                               pi, status, ts)
+from tests.sql_support import buckets, hold, inventory, listening, new_event, no_wait, outbox, pi, status, ts
 
 EXPIRED = "reservations.events.expired"
 REAP = "SELECT * FROM reap_due_reservations($1, $2)"

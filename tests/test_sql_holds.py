@@ -13,8 +13,20 @@ import pytest
 
 from boxoffice.payment import reservations
 from boxoffice.wire.reservations import HoldRequest
-from tests.sql_support import (allocations, buckets, hold, inventory, new_event, no_wait, outbox,
-                               pi, sqlstate_of, status, ts, waiting_for_lock)
+from tests.sql_support import (
+    allocations,
+    buckets,
+    hold,
+    inventory,
+    new_event,
+    no_wait,
+    outbox,
+    pi,
+    sqlstate_of,
+    status,
+    ts,
+    waiting_for_lock,
+)
 
 HELD = "reservations.events.held"
 

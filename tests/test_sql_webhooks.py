@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 
-from tests.sql_support import (hold, hold_with_intent, inventory, listening, new_event, outbox,
-                               pi, status, ts)
+from tests.sql_support import hold, hold_with_intent, inventory, listening, new_event, outbox, pi, status, ts
 
 ADVANCE = "SELECT * FROM advance_payment($1, $2, $3, $4, $5, to_timestamp($6))"
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, to_timestamp($3), $4, $5, $6, $7, $8, $9, "
@@ -64,7 +63,7 @@ async def test_advance_inserts_a_missing_payment(db: asyncpg.Pool) -> None:
     got = await payment(db, p)
     assert (got["reservation_id"], got["amount"], got["currency"], got["status"]) == (
         res, 5000, "eur", "processing")
-    assert got["status_event_created"] == datetime.fromtimestamp(100, timezone.utc)
+    assert got["status_event_created"] == datetime.fromtimestamp(100, UTC)
     # an event without amount or currency still makes a row
     bare = pi()
     assert tuple(await db.fetchrow(ADVANCE, bare, None, None, None, "failed", 100.0)) == (
@@ -81,7 +80,7 @@ async def test_advance_moves_forward_only(db: asyncpg.Pool) -> None:
         assert (row["moved"], row["previous"]) == (False, "succeeded"), back
     got = await payment(db, p)
     assert (got["status"], got["status_event_created"]) == (
-        "succeeded", datetime.fromtimestamp(200, timezone.utc))
+        "succeeded", datetime.fromtimestamp(200, UTC))
     row = await db.fetchrow(ADVANCE, p, res, 5000, "eur", "refunded", 100.0)  # older, but ahead
     assert (row["moved"], row["previous"]) == (True, "succeeded")
     assert (await payment(db, p))["status"] == "refunded"
@@ -98,7 +97,7 @@ async def test_advance_orders_states_of_one_rank_by_created(db: asyncpg.Pool) ->
         assert row["moved"] is moves, (state, created)
     got = await payment(db, p)
     assert (got["status"], got["status_event_created"]) == (
-        "failed", datetime.fromtimestamp(300, timezone.utc))
+        "failed", datetime.fromtimestamp(300, UTC))
     # a row written without an event time (the checkout's) is older than any event
     q = pi()
     await db.execute("INSERT INTO payments (payment_intent_id, amount, currency, status) "
@@ -135,7 +134,7 @@ async def test_emit_payment_event_writes_one_outbox_row(db: asyncpg.Pool) -> Non
     assert refunded == {"payment_intent_id": p, "reservation_id": str(res), "amount": 5000,
                         "currency": "eur", "occurred_at": refunded["occurred_at"],
                         "reason": "oversold"}
-    assert ts(refunded["occurred_at"]) == datetime.fromtimestamp(100, timezone.utc)
+    assert ts(refunded["occurred_at"]) == datetime.fromtimestamp(100, UTC)
     assert (succeeded["reservation_id"], succeeded["amount"], succeeded["currency"]) == (
         None, 700, "usd")
     assert "reason" in succeeded and succeeded["reason"] is None

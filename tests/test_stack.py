@@ -118,7 +118,7 @@ def test_up_ready_restart_and_clean_stop(tmp_path: Path) -> None:
     finally:
         family = stop_stack(proc)
     assert len(family) >= 8  # five services and three embedded servers at least
-    gone, alive = psutil.wait_procs(list(family), timeout=10)
+    _gone, alive = psutil.wait_procs(list(family), timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
     status = subprocess.run([sys.executable, "-m", "boxoffice.cli", "status"],
                             env={**os.environ, "BOXOFFICE_HOME": str(home)},

@@ -18,8 +18,8 @@ from playwright.sync_api import expect, sync_playwright
 
 from boxoffice.embedded import free_port
 from boxoffice.stack import read_env
-from tests.test_console_browser import ARTIFACTS, CHROMIUM
 from tests.stack_support import start_stack, stop_stack
+from tests.test_console_browser import ARTIFACTS, CHROMIUM
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## A walk-through: a sale, a failed webhook replayed, an error resolved"
@@ -70,7 +70,7 @@ def _api(settings: dict[str, str], path: str) -> dict:
         return json.loads(resp.read())
 
 
-def _wait(check, what: str, timeout: float = 30):  # noqa: ANN001, ANN202 - a test helper
+def _wait(check, what: str, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while not (found := check()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -13,8 +13,15 @@ import asyncpg
 from boxoffice.embedded import free_port
 from tests.harness import eventually
 from tests.sql_support import inventory, new_event, new_hold
-from tests.webhooks_support import (deliver, event, log_status, new_pi, paid_intent, payment_intent,
-                                    stripe_client)
+from tests.webhooks_support import (
+    deliver,
+    event,
+    log_status,
+    new_pi,
+    paid_intent,
+    payment_intent,
+    stripe_client,
+)
 
 
 async def _sold_out_hold(db: asyncpg.Pool) -> asyncpg.Record:

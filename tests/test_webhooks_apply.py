@@ -13,8 +13,17 @@ import asyncpg
 from boxoffice import bus as busmod
 from tests.harness import eventually
 from tests.sql_support import inventory, new_event, new_hold
-from tests.webhooks_support import (charge, deliver, event, log_status, new_pi, paid_intent,
-                                    payment_intent, relayed, stripe_client)
+from tests.webhooks_support import (
+    charge,
+    deliver,
+    event,
+    log_status,
+    new_pi,
+    paid_intent,
+    payment_intent,
+    relayed,
+    stripe_client,
+)
 
 
 async def drained(nats_url: str) -> None:

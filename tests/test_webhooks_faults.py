@@ -76,7 +76,7 @@ async def test_bus_stopped_while_stripe_delivers(db: asyncpg.Pool, start_service
 
     async def stripe_delivers(s: aiohttp.ClientSession, i: int) -> None:
         try:
-            status, data, headers = await post(s, ingress.url, bodies[i], sign(bodies[i]))
+            status, _data, headers = await post(s, ingress.url, bodies[i], sign(bodies[i]))
         except aiohttp.ClientError:
             status, headers = 0, {}
         statuses[i] = status

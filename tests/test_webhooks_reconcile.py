@@ -9,6 +9,7 @@ at Stripe is not this test's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -30,8 +31,8 @@ from boxoffice.webhook import reconcile_runs as runs
 from boxoffice.webhook.reconcile import OVERLAP
 from tests.checkout_support import Api
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, WEBHOOK_SECRET, eventually, http_ready
-from tests.stripe_lists_proxy import StripeListsProxy
 from tests.sql_support import inventory, new_event, new_hold
+from tests.stripe_lists_proxy import StripeListsProxy
 from tests.webhooks_support import paid_intent, pay_at_stripe, stripe_client
 
 RECONCILE = {"STRIPE_RECONCILE_INTERVAL_SECONDS": "1", "STRIPE_RECONCILE_GRACE_SECONDS": "2"}
@@ -140,7 +141,7 @@ async def test_events_missed_while_ingress_was_unreachable_are_recovered_and_app
 
         done = await db.fetch("SELECT started_at, finished_at FROM stripe_reconcile_runs "
                               "WHERE finished_at IS NOT NULL ORDER BY started_at")
-        assert all(a["finished_at"] <= b["started_at"] for a, b in zip(done, done[1:]))
+        assert all(a["finished_at"] <= b["started_at"] for a, b in itertools.pairwise(done))
         counted = 0.0
         for replica in replicas:
             async with http.get(f"{replica.url}/metrics") as r:

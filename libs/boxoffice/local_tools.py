@@ -81,7 +81,7 @@ def cmd_logs(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(readable(line), file=out, flush=True)
     if not args.follow:
         return 0
-    handles = {p: open(p, "r", errors="replace") for p in files}
+    handles = {p: open(p, errors="replace") for p in files}  # noqa: SIM115 - followed until Ctrl-C
     for h in handles.values():
         h.seek(0, os.SEEK_END)
     try:

@@ -105,12 +105,51 @@ def _dbmate_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def hosts(url: str) -> list[str]:
+    """The ``host:port`` entries of ``url`` (several in a multi-host URL, as libpq and asyncpg
+    take it: ``postgresql://u@h1:5432,h2:5432/db?target_session_attrs=read-write``)."""
+    return urlsplit(url).netloc.rpartition("@")[2].split(",")
+
+
+def server_urls(url: str) -> list[str]:
+    """``url`` once for each of its servers, in order, each with every other part of ``url``
+    (user, password, database, parameters, ``target_session_attrs`` included)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    return [urlunsplit(parts._replace(netloc=f"{userinfo}@{host}" if userinfo else host))
+            for host in hosts(url)]
+
+
+async def primary_url(url: str, timeout: float = 5.0) -> str:
+    """``url`` narrowed to its first server that takes writes (the primary of a multi-host
+    URL; a single-host URL as it is). dbmate's driver cannot pick among several hosts itself."""
+    import asyncpg
+
+    servers = server_urls(url)
+    if len(servers) == 1:
+        return url
+    for one in servers:
+        try:
+            conn = await asyncpg.connect(one, timeout=timeout, target_session_attrs="read-write")
+        except (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                asyncpg.PostgresError):
+            continue
+        await conn.close()
+        # dbmate's driver knows no target_session_attrs: the server is chosen already
+        parts = urlsplit(one)
+        return urlunsplit(parts._replace(query=urlencode(
+            [(k, v) for k, v in parse_qsl(parts.query) if k != "target_session_attrs"])))
+    return url  # none answers now: dbmate waits for the first and says what it found
+
+
 def run(database_url: str, command: str, *, wait: bool = True, check: bool = True
         ) -> subprocess.CompletedProcess[str]:
-    """Run ``dbmate <command>`` (up, down, status) against ``database_url``; after a successful
-    ``up``, apply the functions (``apply_functions``), after ``status`` say whether they are
-    current (``functions_state``)."""
-    args = [dbmate_binary(), "--url", _dbmate_url(database_url), "--migrations-dir",
+    """Run ``dbmate <command>`` (up, down, status) against ``database_url`` (its primary, when
+    it lists several servers); after a successful ``up``, apply the functions
+    (``apply_functions``), after ``status`` say whether they are current
+    (``functions_state``)."""
+    dbmate_url = _in_own_loop(primary_url(database_url))
+    args = [dbmate_binary(), "--url", _dbmate_url(dbmate_url), "--migrations-dir",
             str(MIGRATIONS_DIR), "--no-dump-schema", "--migration-lock"]
     if wait:
         args += ["--wait", "--wait-timeout", "60s"]
@@ -121,7 +160,7 @@ def run(database_url: str, command: str, *, wait: bool = True, check: bool = Tru
     try:
         said = _in_own_loop(apply_functions(database_url) if command == "up"
                             else functions_state(database_url))
-    except Exception as exc:  # noqa: BLE001 - reported like dbmate's own failures
+    except Exception as exc:
         if check:
             raise
         # the exception's class and PostgreSQL's message, never the URL (a secret)
@@ -140,7 +179,7 @@ def _in_own_loop(coro: Coroutine[Any, Any, str]) -> str:
     def target() -> None:
         try:
             outcome.append(asyncio.run(coro))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             failure.append(exc)
     t = threading.Thread(target=target, name="boxoffice-migrate-functions")
     t.start()

@@ -6,9 +6,8 @@ They call ingress's admin API (see ``boxoffice.ops``)."""
 from __future__ import annotations
 
 import argparse
-import urllib.parse
-
 import sys
+import urllib.parse
 
 from boxoffice.ops import call, download, with_query
 from boxoffice.wire.errors import LEVELS, STATUSES

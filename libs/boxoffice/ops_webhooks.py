@@ -12,7 +12,6 @@ from boxoffice import ops
 from boxoffice.wire.stripe import REPLAYABLE, WebhookStatus
 
 
-
 def _list(args: argparse.Namespace) -> int:
     return ops.call("GET", ops.with_query("/v1/admin/webhooks/events", limit=args.limit,
                                           status=args.status, type=args.type))

@@ -20,10 +20,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import asyncpg
 import prometheus_client
 
-from boxoffice import background
+from boxoffice import background, errors
 from boxoffice import bus as busmod
 from boxoffice import db as dbmod
-from boxoffice import errors
 
 log = logging.getLogger("boxoffice.outbox")
 
@@ -67,7 +66,8 @@ async def listen(url: str, stopping: asyncio.Event, channel: str,
                 if stopping.is_set():
                     return
                 try:
-                    conn = await asyncpg.connect(url, timeout=5)
+                    # each server of a failover pair in turn, with a timeout of its own
+                    conn = await dbmod.connect(url, timeout=5)
                     await conn.add_listener(channel, on_notify)
                 except Exception as exc:
                     log.warning("%s listener cannot connect (%s), retrying", channel,
@@ -81,7 +81,7 @@ async def listen(url: str, stopping: asyncio.Event, channel: str,
             connected(True)
             while not conn.is_closed() and not await background.pause(stopping, 1.0):
                 await conn.execute("SELECT 1", timeout=5)  # notice a dead connection
-        except Exception as exc:  # noqa: BLE001 - keep listening whatever happens
+        except Exception as exc:
             log.warning("%s listener lost (%s), reconnecting", channel, type(exc).__name__)
         finally:
             connected(False)
@@ -128,7 +128,7 @@ async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequenc
 
     async def listening(stopping: asyncio.Event) -> None:
         await listen(url, stopping, CHANNEL, lambda _payload: wake.set(),
-                     lambda up: up and wake.set())
+                     lambda up: wake.set() if up else None)
 
     async def relaying(stopping: asyncio.Event) -> None:
         await run_relay(pool, bus, subjects, stopping, wake)

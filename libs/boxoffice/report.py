@@ -34,7 +34,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -154,7 +154,7 @@ class Reporter:
                 return None
             self._enqueue(r)
             return r.id
-        except Exception:  # noqa: BLE001 - reporting never raises into its caller
+        except Exception:
             return None
         finally:
             _local.busy = False
@@ -167,7 +167,7 @@ class Reporter:
             error_type = error_type or type_name(exc)
             stacktrace = "".join(traceback.format_exception(exc))
         return ErrorReport(
-            id=str(uuid.uuid4()), occurred_at=datetime.now(timezone.utc), service=self.service,
+            id=str(uuid.uuid4()), occurred_at=datetime.now(UTC), service=self.service,
             level=level if level in LEVELS else "error",  # type: ignore[arg-type]
             # scrubbed here, not only in the sink: reports wait on the bus and in the spool
             message=scrub.truncate(scrub.text(str(message)), 8192),
@@ -376,7 +376,7 @@ class BusHandler(logging.Handler):
             return
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string still gets reported
+        except Exception:
             message = str(record.msg)
         context: dict[str, Any] = logs.extra_fields(record)
         context.update(logger=record.name, function=f"{record.module}.{record.funcName}",

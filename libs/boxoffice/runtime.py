@@ -24,9 +24,8 @@ import stamina.instrumentation
 from aiohttp import web
 
 from boxoffice import bus as busmod
-from boxoffice import bus_access
+from boxoffice import bus_access, errors, logs, observe, outbox, report
 from boxoffice import config as configmod
-from boxoffice import errors, logs, observe, outbox, report
 
 log = logging.getLogger("boxoffice.runtime")
 
@@ -50,7 +49,7 @@ class Service:
         for name, check in self.checks.items():
             try:
                 results[name] = bool(await asyncio.wait_for(check(), 3))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 results[name] = False
         return (all(results.values()) and not self.stopping.is_set()), results
 
@@ -181,5 +180,5 @@ def standard_checks(svc: Service, *, bus: object | None = None, pool: object | N
             svc.stack.push_async_callback(flush_reports)
     if pool is not None:
         async def pg_ok() -> bool:
-            return await db.ping(pool)  # type: ignore[arg-type]
+            return await db.ping(pool)
         svc.checks["postgres"] = pg_ok

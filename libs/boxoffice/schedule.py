@@ -8,7 +8,7 @@ monitor's ``timezone`` (default UTC).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
@@ -56,7 +56,7 @@ def parse_crontab(expr: str) -> tuple[frozenset[int], ...]:
 
 def _zone(name: str | None) -> ZoneInfo | timezone:
     if not name:
-        return timezone.utc
+        return UTC
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -91,5 +91,5 @@ def next_run(kind: str, value: str | int, unit: str | None, after: datetime,
         if local.minute not in minutes:
             local += timedelta(minutes=1)
             continue
-        return local.astimezone(timezone.utc)
+        return local.astimezone(UTC)
     raise InvalidSchedule("the schedule never runs")

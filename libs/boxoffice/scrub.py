@@ -90,7 +90,8 @@ def _scrub_text(text: str) -> str:
     spans = _spans(low)
     if not spans:
         return text
-    out, pos = [], 0
+    out: list[str] = []
+    pos = 0
     for start, end in sorted(spans):
         if start < pos:  # overlaps a span already filtered
             continue

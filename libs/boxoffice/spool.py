@@ -130,6 +130,7 @@ class Spool:
                     os.ftruncate(f.fd, f.size)
             self.dropped += 1
             return False
+        assert f is not None  # (written == n: the line is in the active file)
         f.size += n
         self._total += n
         self._since += n
@@ -241,7 +242,7 @@ class Spool:
             return 0
         for name in names:
             path = self.dir / name
-            if path in mine or not (name.endswith(".spool") or name.endswith(".spool.new")):
+            if path in mine or not (name.endswith((".spool", ".spool.new"))):
                 continue
             owner = name.split(".", 1)[0]
             if owner != self.service and not self.also_adopts(owner):

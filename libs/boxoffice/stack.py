@@ -14,6 +14,11 @@ The embedded nats-server takes no anonymous connection: each service connects as
 with its own JetStream store under ``.boxoffice/nats/n<i>``): every ``NATS_URL`` lists the three,
 and the services keep three copies of each stream (``NATS_STREAM_REPLICAS=3``), so the stack
 carries on when any one node dies.
+
+``BOXOFFICE_PG_STANDBY=1`` runs PostgreSQL as a primary and a synchronous streaming standby
+(``boxoffice.embedded.PostgresPair``, data under ``.boxoffice/pg/a`` and ``.boxoffice/pg/b``):
+every ``DATABASE_URL`` lists both with ``target_session_attrs=read-write``, and when the primary
+dies the supervisor promotes the standby; the services reconnect to it.
 """
 
 from __future__ import annotations
@@ -33,8 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from boxoffice import SERVICES, bus_access, migrate, roles
-from boxoffice.embedded import (LocalStripe, NatsCluster, NatsServer, Postgres, die_with_parent,
-                                free_port)
+from boxoffice.embedded import (
+    LocalStripe,
+    NatsCluster,
+    NatsServer,
+    Postgres,
+    PostgresPair,
+    die_with_parent,
+    free_port,
+)
 
 DEMO_EVENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://boxoffice.dev/demo-event"))
 SENTRY_PROJECT_ID = 1
@@ -44,6 +56,7 @@ STACK_KEYS = ("INGRESS_URL", "NATS_URL", "NATS_REPORTER_URL", "DATABASE_URL", "S
 # what each service must not be given (ingress holds no database or Stripe credentials)
 WITHHELD = {"ingress": ("DATABASE_URL", "STRIPE_API_KEY")}
 NATS_NODES = ("1", "3")  # BOXOFFICE_NATS_NODES: one nats-server, or a cluster of three
+PG_STANDBY = ("0", "1")  # BOXOFFICE_PG_STANDBY: PostgreSQL alone, or with a standby
 
 
 def home() -> Path:
@@ -119,6 +132,8 @@ class Stack:
     root: Path
     children: list = field(default_factory=list)  # embedded servers, in start order
     procs: list[Proc] = field(default_factory=list)
+    pg_pair: PostgresPair | None = None  # BOXOFFICE_PG_STANDBY=1: promoted when its primary dies
+    standby_restart_at: float = 0.0  # a dead standby is started again, at most every 10 s
 
     def stop(self) -> None:
         for p in self.procs:
@@ -217,6 +232,11 @@ def up() -> int:
     env = dict(os.environ)
     keys = _secrets(root)
     try:
+        standby = env.get("BOXOFFICE_PG_STANDBY", "").strip() or "0"
+        if standby not in PG_STANDBY:  # refused before any server starts
+            print("boxoffice up: configuration error: BOXOFFICE_PG_STANDBY must be 0 or 1",
+                  file=sys.stderr)
+            return 1
         nats_urls: dict[str, str] = {}  # the embedded nats-server's users' URLs
         if not env.get("NATS_URL"):
             nats = _start_nats(root, env.get("BOXOFFICE_NATS_NODES", "").strip() or "1",
@@ -236,10 +256,18 @@ def up() -> int:
                 say(f"nats-server (JetStream, sync_interval always, a user per service) on "
                     f"{nats.address}")
         if not env.get("DATABASE_URL"):
-            pg = Postgres(root / "pgdata", free_port(5432)).start()
-            stack.children.append(pg)
-            env["DATABASE_URL"] = pg.url()
-            say(f"PostgreSQL on 127.0.0.1:{pg.port}")
+            if standby == "1":
+                pair = PostgresPair(root / "pg", (5432, 5433)).start()
+                stack.children.append(pair)
+                stack.pg_pair = pair
+                env["DATABASE_URL"] = pair.url()
+                say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port}, synchronous standby "
+                    f"on 127.0.0.1:{pair.standby.port}")
+            else:
+                pg = Postgres(root / "pgdata", free_port(5432)).start()
+                stack.children.append(pg)
+                env["DATABASE_URL"] = pg.url()
+                say(f"PostgreSQL on 127.0.0.1:{pg.port}")
         ls = None
         if not env.get("STRIPE_API_KEY"):
             ls = LocalStripe(free_port(8420), root / "logs" / "localstripe.log").start()
@@ -330,6 +358,7 @@ def _start_nats(root: Path, nodes: str, passwords: dict[str, str]
 def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
     announced = False
     while not stop["flag"]:
+        _fail_over(stack)
         now = time.monotonic()
         for p in stack.procs:
             if p.proc is not None and p.proc.poll() is not None:
@@ -353,6 +382,35 @@ def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
         time.sleep(0.2)
     say("stopping")
     return 0
+
+
+def _fail_over(stack: Stack) -> None:
+    """Keep the pair going: when its primary dies, promote the standby (the promoted primary
+    runs alone until the next ``boxoffice up`` makes the old one its standby again); when its
+    standby dies, start it again (the primary's commits wait for it meanwhile)."""
+    pair = stack.pg_pair
+    if pair is None:
+        return
+    if pair.primary.running and not pair.standby.running \
+            and time.monotonic() >= stack.standby_restart_at:
+        stack.standby_restart_at = time.monotonic() + 10
+        say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} exited; starting it again")
+        try:
+            pair.standby.start(create_db=None)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            say(f"the standby did not start ({type(exc).__name__}); see {pair.standby.log}")
+        return
+    if pair.primary.running or not pair.standby.running:
+        return
+    say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port} exited; promoting the standby")
+    try:
+        pair.promote()
+    except (subprocess.CalledProcessError, TimeoutError) as exc:
+        say(f"promotion failed ({type(exc).__name__}); see {pair.standby.log}")
+        stack.pg_pair = None
+        return
+    say(f"PostgreSQL primary now on 127.0.0.1:{pair.primary.port} (no standby until the next "
+        "`boxoffice up`)")
 
 
 def _write_pids(stack: Stack) -> None:

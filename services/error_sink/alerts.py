@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -82,7 +82,7 @@ async def _post(session: aiohttp.ClientSession, url: str, payload: dict, alert_i
     body = json.dumps({"text": _text(payload), "alert": payload})
     headers = {"Content-Type": "application/json"}
     if sign is not None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         headers.update({"webhook-id": alert_id, "webhook-timestamp": str(int(now.timestamp())),
                         "webhook-signature": sign.sign(alert_id, now, body)})
     try:
@@ -90,7 +90,7 @@ async def _post(session: aiohttp.ClientSession, url: str, payload: dict, alert_i
             if 200 <= resp.status < 300:
                 return None
             return f"webhook answered {resp.status}"
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         return f"webhook unreachable: {type(exc).__name__}"
 
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -172,7 +172,7 @@ async def get_attachment(pool: asyncpg.Pool, q: si.GetAttachment) -> si.Attachme
 
 
 async def dropped(pool: asyncpg.Pool, q: si.ListDropped) -> si.DroppedList:
-    since = q.since or datetime.now(timezone.utc) - timedelta(days=1)
+    since = q.since or datetime.now(UTC) - timedelta(days=1)
     rows = await pool.fetch(
         "SELECT service, origin, reason, category, sum(quantity)::bigint AS quantity "
         "FROM error_discards WHERE received_at >= $1 AND ($2::text IS NULL OR service = $2) "
@@ -184,8 +184,8 @@ async def dropped(pool: asyncpg.Pool, q: si.ListDropped) -> si.DroppedList:
 async def register(bus: busmod.Bus, pool: asyncpg.Pool) -> None:
     queue = "error-sink"
 
-    def guarded(fn):  # type: ignore[no-untyped-def]
-        async def call(q):  # type: ignore[no-untyped-def]
+    def guarded(fn):
+        async def call(q):
             return await db.guarded(fn(pool, q))
         return call
 

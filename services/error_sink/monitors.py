@@ -5,7 +5,7 @@ came or never finished (``boxoffice.reaper.monitors``)."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -45,9 +45,8 @@ WHERE service = $1 AND slug = $2
 async def store(conn: asyncpg.Connection, c: si.CheckIn) -> None:
     if c.config is not None:
         cfg = c.config
-        value = cfg.schedule_value
         await conn.execute(UPSERT_MONITOR, c.service, c.monitor_slug, c.project_id,
-                           cfg.schedule_type, value, cfg.schedule_unit,
+                           cfg.schedule_type, cfg.schedule_value, cfg.schedule_unit,
                            DEFAULT_MARGIN if cfg.checkin_margin is None else cfg.checkin_margin,
                            DEFAULT_MAX_RUNTIME if cfg.max_runtime is None else max(1, cfg.max_runtime),
                            cfg.timezone)
@@ -95,7 +94,7 @@ async def set_monitor(pool: asyncpg.Pool, m: si.SetMonitor) -> si.Monitor:
         if m.schedule_type == "interval":
             value = int(m.schedule_value)
         due = schedule.next_run(m.schedule_type, value, m.schedule_unit,
-                                datetime.now(timezone.utc), m.timezone)
+                                datetime.now(UTC), m.timezone)
     except (ValueError, schedule.InvalidSchedule) as exc:
         raise InvalidMonitor(str(exc)) from None
     async with pool.acquire() as conn, conn.transaction():

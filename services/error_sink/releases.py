@@ -5,7 +5,7 @@ release and environment, sessions and the share of them (and of users) that did 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -33,7 +33,8 @@ WITH single AS (
     SELECT service, release, environment, count(*) AS sessions,
            count(*) FILTER (WHERE status = 'crashed') AS crashed,
            count(*) FILTER (WHERE status = 'abnormal') AS abnormal,
-           count(*) FILTER (WHERE status = 'errored' OR (errors > 0 AND status NOT IN ('crashed', 'abnormal'))) AS errored,
+           count(*) FILTER (WHERE status = 'errored'
+                            OR (errors > 0 AND status NOT IN ('crashed', 'abnormal'))) AS errored,
            count(DISTINCT did) AS users,
            count(DISTINCT did) FILTER (WHERE status = 'crashed') AS crashed_users
     FROM release_sessions WHERE started >= $1 AND ($2::text IS NULL OR service = $2)
@@ -72,7 +73,7 @@ def _rate(bad: int, total: int) -> float | None:
 
 
 async def listing(pool: asyncpg.Pool, q: si.ListReleases) -> si.ReleaseList:
-    since: datetime = q.since or datetime.now(timezone.utc) - timedelta(days=30)
+    since: datetime = q.since or datetime.now(UTC) - timedelta(days=30)
     rows = await pool.fetch(RELEASES, since, q.service)
     return si.ReleaseList(releases=[si.Release(
         service=r["service"], release=r["release"], environment=r["environment"],

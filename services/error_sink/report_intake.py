@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from types import SimpleNamespace
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 
 import asyncpg
 import nats.errors
@@ -41,12 +41,12 @@ NAK_DELAY = 1.0  # seconds before a batch that was not stored comes back
 
 def _safe_prepare(msg: Msg, now: object) -> Row:
     try:
-        return prepare(msg, now)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - a bug here must not block the stream
+        return prepare(msg, now)
+    except Exception as exc:
         log.exception("error report could not be prepared; stored as a placeholder")
         body = wire.encode({"message": f"[report could not be processed: {type(exc).__name__}]",
                             "context": {"raw": msg.data[:4096].decode(errors="replace")}})
-        return prepare(SimpleNamespace(subject=msg.subject, data=body,  # type: ignore[arg-type]
+        return prepare(SimpleNamespace(subject=msg.subject, data=body,
                                        headers=msg.headers), now)
 
 

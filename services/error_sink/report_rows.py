@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -26,7 +26,6 @@ from nats.aio.msg import Msg
 from boxoffice import scrub
 from boxoffice.error_sink import grouping
 from boxoffice.wire.errors import LEVELS, stored_id
-
 
 _SERVICE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_MESSAGE = 8192
@@ -145,7 +144,7 @@ def prepare(msg: Msg, now: datetime) -> Row:
         level = tokens[-1] if tokens[-1] in _LEVELS else "error"
     ts = r.occurred_at or now
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
+        ts = ts.replace(tzinfo=UTC)
     message = _str(r.message, MAX_MESSAGE) or "(no message)"
     error_type = _str(r.error_type, 256)
     stacktrace = _str(r.stacktrace, MAX_STACK)

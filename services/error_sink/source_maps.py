@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
-from symbolic import SourceMapView
+from symbolic import SourceMapView  # type: ignore[attr-defined]  # (not in its stubs)
 
 from boxoffice import errors
 from boxoffice.wire import sentry_items as si
@@ -39,7 +39,7 @@ async def upload(pool: asyncpg.Pool, req: si.SourceMapUpload) -> si.SourceMapInf
         _view(req.map)
         doc = msgspec.json.decode(req.map)
         sources = [str(x) for x in doc.get("sources") or []] if isinstance(doc, dict) else []
-    except Exception as exc:  # noqa: BLE001 - symbolic raises its own error types
+    except Exception as exc:
         raise InvalidSourceMap(f"not a source map: {type(exc).__name__}") from None
     raw_id = (doc.get("debug_id") or doc.get("debugId")) if isinstance(doc, dict) else None
     await pool.execute(UPSERT, req.release, req.name, req.map, len(req.map), _debug_id(raw_id))
@@ -82,7 +82,8 @@ async def resolve(conn: asyncpg.Connection, events: list[dict[str, Any]]) -> Non
         for exc in ctx["exception"]:
             for f in exc.get("frames") or [] if isinstance(exc, dict) else []:
                 path = f.get("abs_path") or f.get("filename") if isinstance(f, dict) else None
-                if isinstance(path, str) and isinstance(f.get("lineno"), int) and isinstance(f.get("colno"), int):
+                if (isinstance(path, str) and isinstance(f.get("lineno"), int)
+                        and isinstance(f.get("colno"), int)):
                     frames.append((release, f, _names(path)))
                     for n in _names(path):
                         wanted[(release, n)] = None
@@ -102,7 +103,7 @@ async def resolve(conn: asyncpg.Connection, events: list[dict[str, Any]]) -> Non
             continue
         try:
             token = _view(data).lookup(f["lineno"] - 1, f["colno"] - 1)
-        except Exception:  # noqa: BLE001 - a bad map resolves nothing
+        except Exception:
             token = None
         if token is not None:
             f["resolved"] = {"filename": token.src, "lineno": token.src_line + 1,

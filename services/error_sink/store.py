@@ -44,7 +44,8 @@ WITH ins AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING group_id, "timestamp", occurrences, severity
 )
-SELECT group_id::text AS group_id, count(*) AS new_rows, sum(occurrences)::bigint AS n, min("timestamp") AS first_seen,
+SELECT group_id::text AS group_id, count(*) AS new_rows, sum(occurrences)::bigint AS n,
+       min("timestamp") AS first_seen,
        max("timestamp") AS last_seen,
        max(array_position(""" + _LEVELS_SQL + """, severity)) AS top
 FROM ins GROUP BY group_id
@@ -70,9 +71,11 @@ ON CONFLICT (fingerprint_hash) DO UPDATE SET
                  THEN excluded.level ELSE g.level END,
     status = CASE WHEN g.status = 'resolved' AND excluded.last_seen > coalesce(g.resolved_at, '-infinity')
                   THEN 'unresolved' ELSE g.status END,
-    regressed_at = CASE WHEN g.status = 'resolved' AND excluded.last_seen > coalesce(g.resolved_at, '-infinity')
+    regressed_at = CASE WHEN g.status = 'resolved'
+                             AND excluded.last_seen > coalesce(g.resolved_at, '-infinity')
                         THEN now() ELSE g.regressed_at END,
-    resolved_at = CASE WHEN g.status = 'resolved' AND excluded.last_seen > coalesce(g.resolved_at, '-infinity')
+    resolved_at = CASE WHEN g.status = 'resolved'
+                            AND excluded.last_seen > coalesce(g.resolved_at, '-infinity')
                        THEN NULL ELSE g.resolved_at END,
     rate_window_start = CASE WHEN g.rate_window_start IS NULL
                                   OR g.rate_window_start <= now() - interval '60 seconds'
@@ -146,9 +149,9 @@ class Outcome:
     alerts: int = 0
 
 
-def _added(rows: list[Row]) -> list[dict[str, object]]:
+def _added(rows: list[Row]) -> list[dict[str, Any]]:
     """What ``INSERT`` returns, computed here when every row was new."""
-    by_group: dict[str, dict[str, object]] = {}
+    by_group: dict[str, dict[str, Any]] = {}
     for r in rows:
         a = by_group.get(r.group_id)
         rank = LEVEL_RANK[r.severity] + 1
@@ -157,11 +160,11 @@ def _added(rows: list[Row]) -> list[dict[str, object]]:
                                     "first_seen": r.timestamp, "last_seen": r.timestamp,
                                     "top": rank}
             continue
-        a["new_rows"] += 1  # type: ignore[operator]
-        a["n"] += r.occurrences  # type: ignore[operator]
-        a["first_seen"] = min(a["first_seen"], r.timestamp)  # type: ignore[type-var]
-        a["last_seen"] = max(a["last_seen"], r.timestamp)  # type: ignore[type-var]
-        a["top"] = max(a["top"], rank)  # type: ignore[type-var]
+        a["new_rows"] += 1
+        a["n"] += r.occurrences
+        a["first_seen"] = min(a["first_seen"], r.timestamp)
+        a["last_seen"] = max(a["last_seen"], r.timestamp)
+        a["top"] = max(a["top"], rank)
     return list(by_group.values())
 
 
@@ -197,7 +200,8 @@ async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPo
         r = first[a["group_id"]]
         level = LEVELS[a["top"] - 1]
         for col, v in zip(args, (r.group_id, r.fingerprint_hash, "\x1f".join(r.group_fingerprint),
-                                 grouping.title(r.error_type, r.error_message), r.service, level, a["first_seen"], a["last_seen"],
+                                 grouping.title(r.error_type, r.error_message), r.service, level,
+                                 a["first_seen"], a["last_seen"],
                                  a["n"])):
             col.append(v)
     groups = await conn.fetch(UPSERT, *args)

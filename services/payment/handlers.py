@@ -12,6 +12,7 @@ from boxoffice.wire import admin, subjects
 from boxoffice.wire import payments as pw
 from boxoffice.wire import reservations as rw
 
+
 async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
                    reservation_ttl_seconds: int) -> None:
     queue = "payment"

@@ -48,7 +48,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import prometheus_client
@@ -56,9 +56,16 @@ import prometheus_client
 from boxoffice import background, db, errors, idempotency, wire
 from boxoffice.payment.reservations import ReservationNotActive, ReservationNotFound
 from boxoffice.payment.stripe_client import CreatedIntent, Definitive, StripeGateway, Transient
-from boxoffice.wire.payments import (CREATE_INTENT_ROUTE, CreateIntentRequest, ListPayments,
-                                     PaymentEvent, PaymentIntent, PaymentLog, PaymentLogEntry,
-                                     StoredResponse)
+from boxoffice.wire.payments import (
+    CREATE_INTENT_ROUTE,
+    CreateIntentRequest,
+    ListPayments,
+    PaymentEvent,
+    PaymentIntent,
+    PaymentLog,
+    PaymentLogEntry,
+    StoredResponse,
+)
 
 log = logging.getLogger("boxoffice.payment.intents")
 T = TypeVar("T")
@@ -185,8 +192,8 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
                     reservation_id=claim.reservation_id, idempotency_key=claim.stripe_key)
     except Definitive as exc:
         OUTCOMES.labels(exc.error.code).inc()
-        body = json.dumps(exc.error.problem())
-        return await _retrying(lambda: _record(deps.pool, claim, exc.error.status, body, None))
+        status, body = exc.error.status, json.dumps(exc.error.problem())
+        return await _retrying(lambda: _record(deps.pool, claim, status, body, None))
     except Transient as exc:
         OUTCOMES.labels("stripe_unavailable").inc()
         await _release(deps.pool, claim, str(exc))
@@ -283,6 +290,10 @@ async def list_payments(pool: asyncpg.Pool, req: ListPayments) -> PaymentLog:
           AND ($2::text IS NULL OR l.idempotency_key = $2)
         ORDER BY l.id DESC LIMIT $3
         """, rid, req.idempotency_key, req.limit)
-    return PaymentLog(items=[PaymentLogEntry(
-        **{k: (str(v) if k == "reservation_id" and v is not None else v)
-           for k, v in dict(r).items()}) for r in rows])
+    entries = []
+    for r in rows:
+        fields: dict[str, Any] = dict(r)
+        if fields["reservation_id"] is not None:
+            fields["reservation_id"] = str(fields["reservation_id"])
+        entries.append(PaymentLogEntry(**fields))
+    return PaymentLog(items=entries)

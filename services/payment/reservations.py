@@ -17,14 +17,14 @@ creates nothing and is not stored, so the client may retry the same key later.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
 from boxoffice import db, errors, idempotency, wire
 from boxoffice.payment.ticketed_events import TicketedEventNotFound
 from boxoffice.wire.payments import StoredResponse
-from boxoffice.wire.reservations import HoldRequest, Reservation
+from boxoffice.wire.reservations import HoldRequest, Reservation, Status
 
 SoldOut = errors.define("SoldOut", "sold_out", 409, "Not enough tickets left")
 ReservationNotFound = errors.define("ReservationNotFound", "reservation_not_found", 404,
@@ -53,7 +53,8 @@ def parse_id(value: str) -> uuid.UUID:
 
 def view(row: asyncpg.Record | dict[str, Any], status: str | None = None) -> Reservation:
     return Reservation(id=str(row["id"]), event_id=str(row["event_id"]), quantity=row["quantity"],
-                       status=status or row["status"], expires_at=row["expires_at"],
+                       status=cast(Status, status or row["status"]),
+                       expires_at=row["expires_at"],
                        amount=row["amount"], currency=row["currency"],
                        customer_ref=row["customer_ref"], created_at=row["created_at"],
                        payment_intent_id=row["payment_intent_id"])

@@ -71,7 +71,8 @@ class StripeGateway:
         try:
             async with asyncio.timeout(self.deadline):
                 pi = await self.client.v1.payment_intents.create_async(
-                    params=params, options={"idempotency_key": idempotency_key})
+                    params=params,  # type: ignore[arg-type]  # (a plain dict of its fields)
+                    options={"idempotency_key": idempotency_key})
         except TimeoutError:
             raise Transient(f"Stripe did not answer within {self.deadline:g}s") from None
         except stripe.CardError as exc:

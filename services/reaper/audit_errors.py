@@ -18,7 +18,7 @@ while the stream still has it; its finding stays open, looked up by id, until it
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -99,7 +99,7 @@ class Errors:
         out.checkpoint = {"seq": floor}
         keyed = {h.seq: _uuid(h.msg_id) for h in heads}
         present = await self._present([k for k in keyed.values() if k is not None])
-        expired_before = datetime.now(timezone.utc) - self.retention
+        expired_before = datetime.now(UTC) - self.retention
         suspects = [h for h in heads
                     if keyed[h.seq] not in present and h.stored_at > expired_before]
         exact: dict[int, uuid.UUID | None] = {}

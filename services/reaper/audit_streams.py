@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import nats.errors
 import nats.js.errors
@@ -46,7 +46,7 @@ async def progress(bus: Bus, stream: str, durable: str) -> Progress | None:
         info = await bus.js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         return None
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise StreamUnavailable(f"{stream}: {type(exc).__name__} {exc}") from None
     state = info.state
     try:
@@ -54,7 +54,7 @@ async def progress(bus: Bus, stream: str, durable: str) -> Progress | None:
     except nats.js.errors.NotFoundError:
         floor = state.first_seq - 1 if state.messages else state.last_seq
         return Progress(state.first_seq, state.last_seq, floor, floor, state.messages, 0, False)
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise StreamUnavailable(f"{stream}/{durable}: {type(exc).__name__}") from None
     return Progress(state.first_seq, state.last_seq, ci.ack_floor.stream_seq if ci.ack_floor else 0,
                     ci.delivered.stream_seq if ci.delivered else 0, ci.num_pending or 0,
@@ -70,13 +70,13 @@ async def message(bus: Bus, stream: str, seq: int, *, at_or_after: bool = False
         return await bus.js.get_msg(stream, seq=seq)
     except nats.js.errors.NotFoundError:
         return None
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise StreamUnavailable(f"{stream} message {seq}: {type(exc).__name__}") from None
 
 
 def age(msg: RawStreamMsg) -> float:
-    when = msg.time or datetime.now(timezone.utc)
-    return (datetime.now(timezone.utc) - when).total_seconds()
+    when = msg.time or datetime.now(UTC)
+    return (datetime.now(UTC) - when).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ async def headers(bus: Bus, stream: str, after: int, upto: int) -> list[Header]:
             max_waiting=1))
         inbox = bus.nc.new_inbox()
         sub = await bus.nc.subscribe(inbox, cb=take, pending_msgs_limit=4 * PULL)
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise StreamUnavailable(f"{stream}: {type(exc).__name__} {exc}") from None
     try:
         while True:
@@ -136,7 +136,7 @@ async def headers(bus: Bus, stream: str, after: int, upto: int) -> list[Header]:
                                   if m.headers else None, meta.timestamp))
                 if meta.sequence.stream == upto:
                     return out
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise StreamUnavailable(f"{stream}: {type(exc).__name__} {exc}") from None
     finally:
         with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):

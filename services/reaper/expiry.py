@@ -172,13 +172,13 @@ class Expirer:
             self.deadline = math.inf  # nudges arriving during the sweep bring it back
             try:
                 due_in = await self.sweep(stopping)
-            except Exception as exc:  # noqa: BLE001 - nothing stops the timer; retried, recorded
+            except Exception as exc:
                 self._failed(exc)
                 self.backoff = min(max(self.backoff * 2, 0.25), self.settings.max_backoff)
                 # its own back-off, not stamina's: this wait is also the alarm that a new hold
                 # moves forward. Jittered, so replicas do not all retry a returning PostgreSQL
                 # at once.
-                retry_in = self.backoff * random.uniform(0.5, 1.0)  # noqa: S311 - not secret
+                retry_in = self.backoff * random.uniform(0.5, 1.0)
                 self.deadline = min(self.deadline, loop.time() + retry_in)
                 last_sweep = loop.time()  # the back-off, not the catch-up period, paces retries
                 continue

@@ -14,12 +14,12 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from boxoffice import bus as busmod
 from boxoffice import background, db, schedule, wire
+from boxoffice import bus as busmod
 from boxoffice.wire.errors import ErrorReport
 from boxoffice.wire.subjects import error_report
 
@@ -46,7 +46,7 @@ def _report(kind: str, service: str, slug: str, when: datetime, message: str,
             context: dict) -> ErrorReport:
     return ErrorReport(
         id=str(uuid.uuid5(_NS, f"{service}\x1f{slug}\x1f{kind}\x1f{when.isoformat()}")),
-        occurred_at=datetime.now(timezone.utc), service=service, level="critical",
+        occurred_at=datetime.now(UTC), service=service, level="critical",
         message=message, error_type=f"Monitor{kind.capitalize()}",
         fingerprint=["monitor", slug, kind], context={"monitor": {"slug": slug, **context}})
 
@@ -72,7 +72,7 @@ def _next_after(m: asyncpg.Record, after: datetime, now: datetime) -> datetime |
 async def sweep(pool: asyncpg.Pool, bus: busmod.Bus) -> int:
     """Report what is overdue now; how many findings."""
     found = 0
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     async with pool.acquire() as conn, conn.transaction():
         for m in await conn.fetch(MISSED):
             expected = m["next_expected_at"]
@@ -105,7 +105,7 @@ async def watching(pool: asyncpg.Pool, bus: busmod.Bus, period: float = PERIOD) 
             await sweep(pool, bus)
         except db.FAILURES as exc:
             log.warning("monitors not checked: PostgreSQL (%s)", type(exc).__name__)
-        except Exception:  # noqa: BLE001 - the bus may be away; the next sweep tries again
+        except Exception:
             log.warning("monitors not checked", exc_info=True)
 
     async def loop(stopping: asyncio.Event) -> None:

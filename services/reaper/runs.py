@@ -10,7 +10,7 @@ first and last failure, how many attempts failed). Sweeps that found nothing wri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -20,7 +20,7 @@ WINDOW = 10.0  # seconds of continuous work folded into one row
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def describe(exc: BaseException) -> str:

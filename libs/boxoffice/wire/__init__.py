@@ -5,7 +5,7 @@ Every body on the bus is JSON. ``encode``/``decode`` are the only codecs.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -25,7 +25,7 @@ def decode(data: bytes | str, type: type[T]) -> T:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):

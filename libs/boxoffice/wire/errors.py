@@ -17,8 +17,12 @@ Level = Literal["debug", "info", "warning", "error", "critical", "fatal"]
 LEVELS: tuple[str, ...] = get_args(Level)
 
 
+_UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z"
+_Frame = Annotated[str, msgspec.Meta(max_length=512)]
+
+
 class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\Z")]
+    id: Annotated[str, msgspec.Meta(pattern=_UUID)]
     occurred_at: datetime
     service: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+\Z")]
     level: Level
@@ -26,7 +30,7 @@ class ErrorReport(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     error_type: Annotated[str, msgspec.Meta(max_length=512)] | None = None
     stacktrace: Annotated[str, msgspec.Meta(max_length=262144)] | None = None
     context: dict[str, Any] | None = None
-    fingerprint: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=32)] | None = None
+    fingerprint: Annotated[list[_Frame], msgspec.Meta(max_length=32)] | None = None
     environment: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     release: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     request_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None

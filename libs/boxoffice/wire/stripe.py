@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -94,11 +94,14 @@ class WebhookStatus(StrEnum):
     IGNORED = "ignored"  # a type without effects
 
 
-# The same values as the wire's type: a Literal keeps the schemas an inline enum.
-ProcessingStatus = Literal[tuple(s.value for s in WebhookStatus)]  # type: ignore[misc]
+# The same values as the wire's type: a Literal keeps the schemas an inline enum (checked
+# against the enum below, so the two cannot drift).
+ProcessingStatus = Literal["received", "processed", "failed", "ignored"]
 # What an operator may replay: the events whose effects are not applied.
 REPLAYABLE = (WebhookStatus.FAILED, WebhookStatus.RECEIVED)
-ReplayableStatus = Literal[tuple(s.value for s in REPLAYABLE)]  # type: ignore[misc]
+ReplayableStatus = Literal["failed", "received"]
+assert get_args(ProcessingStatus) == tuple(WebhookStatus)
+assert get_args(ReplayableStatus) == REPLAYABLE
 
 
 class ListEventsRequest(Message):

@@ -1,0 +1,459 @@
+"""PostgreSQL failover: a primary and a synchronous streaming standby (``PostgresPair``), the
+services on a multi-host ``DATABASE_URL`` with ``target_session_attrs=read-write``. The primary's
+postmaster is SIGKILLed in the middle of holds, PaymentIntents (at localstripe), webhook ingest
+and error reports; the standby is promoted.
+
+Checked: the services carry on (each kind of work acknowledged again after the promotion, no
+service died), and nothing they acknowledged is lost: every webhook answered 200 applied once,
+every hold answered 201 in the promoted database (those acknowledged before the kill too) and,
+once due, expired with one event on the stream, every PaymentIntent answered 201 logged with its
+key and at Stripe (one per key), every report answered 202 stored once, the inventory consistent
+with the holds (the fault run's invariants, ``fault_checks``). Nothing is paid here: a payment's
+webhooks and refunds are the fault run's.
+
+Also: a commit waits for the standby; a pair started again after a failover keeps the promoted
+primary; a server that never answers does not keep the pools from the next; ``boxoffice up``
+with ``BOXOFFICE_PG_STANDBY=1`` restarts a dead standby and promotes it when the primary dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from boxoffice import SERVICES, config, migrate
+from boxoffice import db as dbmod
+from boxoffice.embedded import LocalStripe, PostgresPair, free_port
+from boxoffice.stack import read_env
+from tests.checkout_support import Api
+from tests.cluster_support import Accepted, workload
+from tests.conftest import PgRefusals
+from tests.fault_checks import (
+    answers_well_formed,
+    errors_stored,
+    expiry_announced,
+    gather_evidence,
+    no_event_oversold,
+    one_intent_per_key,
+    promises_kept,
+)
+from tests.fault_stripe import StripeBuyer
+from tests.fault_workload import Ledger, code_of
+from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env, eventually
+from tests.stack_support import start_stack, stop_stack
+from tests.stripe_keys_proxy import StripeKeysProxy
+
+pytestmark = pytest.mark.timeout(150)
+
+TTL = 2  # seconds a hold lives: holds made before the kill expire on the promoted primary
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[PostgresPair]:
+    # not under pytest's basetemp: a pytest session starting meanwhile makes pytest-of-<user>
+    # private again (0700), and the servers' own user could no longer reach their data
+    root = Path(tempfile.mkdtemp(prefix="boxoffice-test-pgha-"))
+    p = PostgresPair(root / "pg").start(create_db="boxoffice")
+    refusals = [PgRefusals(n.log) for n in p.nodes.values()]
+    try:
+        migrate.run(p.url("boxoffice"), "up")
+        yield p
+    finally:
+        p.kill()
+        # whatever the test did, neither server refused a service anything for want of a grant
+        refused = [line for r in refusals for line in r.take()]
+        for name, node in p.nodes.items():  # kept with the test's other logs
+            shutil.copy(node.log, tmp_path / f"postgres-{name}.log")
+        shutil.rmtree(root, ignore_errors=True)
+    assert not refused, "PostgreSQL refused:\n" + "\n".join(refused[:20])
+
+
+@pytest_asyncio.fixture
+async def stripe_keys(localstripe: LocalStripe) -> AsyncIterator[StripeKeysProxy]:
+    """Stripe's idempotency keys in front of localstripe (which ignores them): a PaymentIntent
+    created by a call whose commit died with the primary is replayed to the retry, as Stripe
+    does, not made twice."""
+    proxy = await StripeKeysProxy(localstripe.url).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest_asyncio.fixture
+async def services(pair: PostgresPair, nats_url: str, stripe_keys: StripeKeysProxy,
+                   tmp_path: Path) -> AsyncIterator[dict[str, ServiceProcess]]:
+    env = base_env(nats_url, pair.url("boxoffice"), stripe_keys.url)
+    env.update(LOG_LEVEL="WARNING")
+    extra = {"payment": {"RESERVATION_TTL_SECONDS": str(TTL)},
+             "ingress": {"ERROR_RATE_LIMIT_PER_MINUTE": "1000000"}}
+    procs = {}
+    for service in SERVICES:
+        e = dict(env, **extra.get(service, {}))
+        if service == "ingress":
+            e.pop("DATABASE_URL")
+            e.pop("STRIPE_API_KEY")
+        procs[service] = ServiceProcess(service, e, tmp_path / f"{service}.log")
+    try:
+        for proc in procs.values():
+            proc.start(wait=False)
+        for proc in procs.values():
+            await asyncio.to_thread(proc.wait_ready, 60)
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.running:
+                proc.kill()
+
+
+class OurIntents:
+    """Stripe's lists for ``gather_evidence``: the PaymentIntents of this test's reservations
+    (the session's localstripe has other tests' too); no events (nothing is paid here)."""
+
+    def __init__(self, stripe: StripeBuyer, reservations: set[str]):
+        self.stripe = stripe
+        self.reservations = reservations
+
+    async def list_all(self, path: str) -> list[dict[str, Any]]:
+        if path != "/v1/payment_intents":
+            return []
+        return [pi for pi in await self.stripe.list_all(path)
+                if pi.get("metadata", {}).get("reservation_id") in self.reservations]
+
+
+async def payer(base: str, event_id: str, ledger: Ledger, stop: asyncio.Event, n: int) -> None:
+    """Holds a ticket and asks for its PaymentIntent, with the same key again while the answer
+    is transient, as a good client does (no answer, 429, 5xx, 409 ``idempotency_key_in_use``:
+    a key whose worker died with the primary stays leased for a few seconds); records each 201.
+    A key in hand when ``stop`` is set is still seen through (a key left half-way would leave
+    its PaymentIntent unknown until reconciliation)."""
+    async with aiohttp.ClientSession() as http:
+        api, tries = Api(http, base), 0
+        while not stop.is_set():
+            tries += 1
+            try:
+                r = await api.call("POST", "/v1/reservations",
+                                   body={"event_id": event_id, "quantity": 1}, timeout=15)
+            except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.1)
+                continue
+            ledger.answer("hold", r)
+            if r.status != 201:
+                await asyncio.sleep(0.1)
+                continue
+            rid, key = r.json["id"], f"failover-{n}-{tries}"
+            ledger.hold_made(CLIENT_TOKEN, None, rid, 1)
+            give_up = time.monotonic() + 60
+            while time.monotonic() < give_up:
+                try:
+                    r = await api.call("POST", "/v1/payment_intents", key=key,
+                                       body={"reservation_id": rid}, timeout=15)
+                except (TimeoutError, aiohttp.ClientError):
+                    await asyncio.sleep(0.2)
+                    continue
+                ledger.answer("payment_intent", r)
+                if r.status == 201:
+                    ledger.intent_made(CLIENT_TOKEN, key, r.json["id"], rid)
+                if r.status < 500 and r.status != 429 and code_of(r) != "idempotency_key_in_use":
+                    break
+                await asyncio.sleep(min(float(r.headers.get("Retry-After", 1)), 1.0))
+            else:
+                raise AssertionError(f"key {key} had no final answer in 60 s")
+
+
+async def test_a_promoted_standby_has_everything_acknowledged(
+        services: dict[str, ServiceProcess], pair: PostgresPair, nats_url: str,
+        localstripe: LocalStripe) -> None:
+    url = pair.url("boxoffice")
+    old_primary, standby = pair.primary, pair.standby
+    db = await asyncpg.connect(url)
+    event_id = await db.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'failover', "
+                                 "100000, 2500, 'eur', 8)")
+    await db.close()
+    accepted, stop, ledger = Accepted(), asyncio.Event(), Ledger()
+    base = services["ingress"].url
+    load = [asyncio.create_task(workload(base, str(event_id), accepted, stop))]
+    load += [asyncio.create_task(payer(base, str(event_id), ledger, stop, n)) for n in range(2)]
+    try:
+        await eventually(lambda: accepted.webhooks and accepted.holds and accepted.reports
+                       and ledger.intents, 30, what="the workload to be acknowledged")
+        intents_before = len(ledger.intents)
+        await asyncio.sleep(2)
+        killed = time.monotonic()
+        old_primary.kill()  # SIGKILL to the postmaster alone: its backends follow it
+        await asyncio.sleep(1)  # the time a watcher takes to notice
+        await asyncio.to_thread(pair.promote)
+        promoted = time.monotonic()
+        assert pair.primary is standby
+        # the services carry on: each kind of work acknowledged again on the promoted primary
+        await eventually(lambda: all(accepted.since(promoted).values()), 45,
+                       what="webhooks, holds and reports acknowledged after the promotion")
+        intents_promoted = len(ledger.intents)
+        await eventually(lambda: len(ledger.intents) > intents_promoted, 45,
+                       what="PaymentIntents answered 201 after the promotion")
+        await asyncio.sleep(2)
+        for name, proc in services.items():
+            assert proc.running, f"{name} died:\n{proc.logs()[-2000:]}"
+    finally:
+        stop.set()
+        await asyncio.gather(*load)
+    assert intents_before, "no PaymentIntent before the kill"
+    before = {kind: sum(1 for at in getattr(accepted, kind).values() if at < killed)
+              for kind in ("webhooks", "holds", "reports")}
+    assert all(before.values()), before  # acknowledged by the primary that was killed
+
+    db = await asyncpg.connect(url)
+    try:
+        assert await db.fetchval("SELECT inet_server_port()") == standby.port
+        assert await db.fetchval("SELECT pg_is_in_recovery()") is False
+        # every acknowledged webhook logged once and applied
+        ids = list(accepted.webhooks)
+        await eventually(lambda: _count(db, "SELECT count(*) FROM webhook_events_log WHERE "
+                                          "event_id = ANY($1::text[]) AND processed_at IS NOT NULL",
+                                      ids, len(ids)), 60, what="every accepted webhook applied")
+        assert await db.fetchval("SELECT count(*) FROM webhook_events_log WHERE "
+                                 "event_id = ANY($1::text[])", ids) == len(ids)
+        # every hold kept and, once due, expired; every report stored; nothing left to publish
+        mine = await db.fetchval("SELECT count(*) FROM reservations WHERE event_id = $1", event_id)
+        assert mine >= len(accepted.holds)
+        await eventually(lambda: _count(db, "SELECT count(*) FROM reservations WHERE "
+                                          "event_id = $1 AND status = 'expired'", event_id, mine),
+                       60, what="every due hold expired")
+        await eventually(lambda: _count(db, "SELECT count(*) FROM error_logs WHERE "
+                                          "id::text = ANY($1::text[])", list(accepted.reports),
+                                      len(accepted.reports)), 60,
+                       what="every accepted error report stored")
+        await eventually(lambda: _count(db, "SELECT count(*) FROM outbox", None, 0), 60,
+                       what="every outbox row published")
+    finally:
+        await db.close()
+
+    # the fault run's invariants, on the promoted primary, the streams and Stripe
+    ledger.holds.update({rid: 1 for rid in accepted.holds})
+    ledger.errors_acked.update(accepted.reports)
+    db = await asyncpg.connect(url)
+    try:
+        ours = {str(r) for r in await db.fetchval(
+            "SELECT array_agg(id) FROM reservations WHERE event_id = $1", event_id)}
+    finally:
+        await db.close()
+    async with aiohttp.ClientSession() as http:
+        evidence = await gather_evidence(
+            SimpleNamespace(database_url=url, nats=SimpleNamespace(url=nats_url)),  # type: ignore[arg-type]
+            OurIntents(StripeBuyer(http, localstripe.url), ours), ledger)  # type: ignore[arg-type]
+    invariants = [no_event_oversold(evidence), expiry_announced(evidence),
+                  errors_stored(evidence, ledger), promises_kept(evidence, ledger),
+                  one_intent_per_key(evidence, ledger),
+                  # no relay here: the webhooks went straight to ingress (their answers in
+                  # ``accepted``)
+                  answers_well_formed(ledger, SimpleNamespace(answers={}, violations=[]))]
+    for inv in invariants:
+        assert inv.checked, inv.name
+    broken = [f"[{i.name}] {v}" for i in invariants for v in i.violations[:10]]
+    assert not broken, "\n".join(broken)
+
+
+async def _count(db: asyncpg.Connection, sql: str, arg: Any, want: int) -> bool:
+    n = await (db.fetchval(sql) if arg is None else db.fetchval(sql, arg))
+    return n == want
+
+
+async def test_a_server_that_never_answers_does_not_hide_the_next(pg_admin_url: str) -> None:
+    """A primary whose machine is gone does not refuse: it never answers. The pool gives each
+    server of the URL its own connection timeout, so it reaches the next one (asyncpg alone
+    spends its one timeout on the first and never tries the standby)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does) and never says a word
+    try:
+        server = urlsplit(pg_admin_url)
+        url = (f"postgresql://{server.netloc.rpartition('@')[0]}@127.0.0.1:"
+               f"{silent.getsockname()[1]},{server.hostname}:{server.port}/postgres"
+               "?target_session_attrs=read-write")
+        t0 = time.monotonic()
+        async with dbmod.pool(url, min_size=1, max_size=2, check_schema=False) as p:
+            assert await p.fetchval("SELECT inet_server_port()") == server.port
+            # and a connection made again (the pool's after a failover) goes the same way
+            async with p.acquire() as conn:
+                await conn.close()
+            assert await p.fetchval("SELECT inet_server_port()") == server.port
+        assert time.monotonic() - t0 < 20
+    finally:
+        silent.close()
+
+
+def test_database_url_may_list_a_primary_and_its_standby() -> None:
+    env = {"NATS_URL": "nats://a:1"}
+    two = ("postgresql://boxoffice_reaper:pw@10.0.0.1:5432,10.0.0.2:5433/boxoffice"
+           "?target_session_attrs=read-write")
+    assert config.load("reaper", dict(env, DATABASE_URL=two)).database_url == two
+    for bad in ("postgresql://u@h:5432,h2:99999/db", "postgresql://u@h:5432,/db",
+                "http://h:1,h:2/db"):
+        with pytest.raises(config.ConfigError) as refused:
+            config.load("reaper", dict(env, DATABASE_URL=bad))
+        assert refused.value.name == "DATABASE_URL"
+    assert migrate.hosts(two) == ["10.0.0.1:5432", "10.0.0.2:5433"]
+    assert migrate.server_urls(two) == [
+        "postgresql://boxoffice_reaper:pw@10.0.0.1:5432/boxoffice?target_session_attrs=read-write",
+        "postgresql://boxoffice_reaper:pw@10.0.0.2:5433/boxoffice?target_session_attrs=read-write"]
+
+
+
+async def test_a_commit_waits_for_the_standby(pair: PostgresPair) -> None:
+    """Synchronous replication: while the standby's WAL receiver is stopped, a commit on the
+    primary does not return (nothing is acknowledged that the standby lacks); it returns once
+    the standby has the WAL."""
+    receiver = int(pair.standby.psql("SELECT pid FROM pg_stat_wal_receiver"))
+    conn = await asyncpg.connect(pair.url("boxoffice"))
+    try:
+        os.kill(receiver, signal.SIGSTOP)
+        try:
+            insert = asyncio.create_task(conn.execute(
+                "SELECT create_ticketed_event(gen_random_uuid(), 'sync', 10, 100, 'eur', 1)"))
+            done, _ = await asyncio.wait([insert], timeout=2)
+            assert not done, "a commit returned while the standby could not have it"
+            waiting = pair.primary.psql("SELECT wait_event FROM pg_stat_activity "
+                                        "WHERE backend_type = 'client backend' AND "
+                                        "wait_event = 'SyncRep'", database="boxoffice")
+            assert waiting == "SyncRep"
+        finally:
+            os.kill(receiver, signal.SIGCONT)
+        await asyncio.wait_for(insert, 10)
+    finally:
+        await conn.close()
+    assert pair.standby.psql("SELECT count(*) FROM ticketed_events WHERE name = 'sync'",
+                             database="boxoffice") == "1"
+
+
+def test_a_pair_started_again_on_other_ports_streams_again(pair: PostgresPair) -> None:
+    primary, standby = pair.primary.datadir, pair.standby.datadir
+    pair.stop()
+    again = PostgresPair(pair.root).start(create_db=None)  # start() waits for it to stream
+    try:
+        assert (again.primary.datadir, again.standby.datadir) == (primary, standby)
+        assert again.standby.psql("SELECT sender_port FROM pg_stat_wal_receiver") == str(
+            again.primary.port)
+    finally:
+        again.kill()
+
+
+def test_a_pair_started_again_after_a_failover_keeps_the_promoted_primary(
+        pair: PostgresPair) -> None:
+    old, new = pair.primary, pair.standby
+    pair.primary.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)",
+                      database="boxoffice")
+    old.kill()
+    pair.promote()
+    pair.primary.psql("INSERT INTO kept VALUES (2)", database="boxoffice")
+    pair.stop()
+    again = PostgresPair(pair.root)  # on other ports (5432 may be taken by then)
+    again.start(create_db=None)
+    try:
+        assert again.primary.datadir == new.datadir
+        # the old primary was made again as the new one's standby, streaming synchronously
+        assert (again.standby.datadir / "standby.signal").exists()
+        assert again.standby.datadir == old.datadir
+        assert again.standby.psql("SELECT array_agg(x ORDER BY x) FROM kept",
+                                  database="boxoffice") == "{1,2}"
+    finally:
+        again.kill()
+
+
+def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
+    # not under pytest's basetemp (see ``pair``)
+    home = Path(tempfile.mkdtemp(prefix="boxoffice-test-pgha-up-"))
+    proc, lines = start_stack(home, free_port(), BOXOFFICE_PG_STANDBY="1")
+    try:
+        assert any("synchronous standby on" in line for line in lines), "".join(lines)
+        env = read_env(home / "stack.env")
+        url = urlsplit(env["DATABASE_URL"])
+        assert len(url.netloc.split(",")) == 2 and "target_session_attrs=read-write" in url.query
+        primary = (home / "pg" / "primary").read_text().strip()
+        standby = "b" if primary == "a" else "a"
+        # the standby dies: it is started again, and commits (which wait for it) go on
+        os.kill(_postmaster(home, standby), signal.SIGKILL)
+        _read_until(proc, "PostgreSQL standby on", "exited; starting it again")
+        before = _hold(env, 30)
+        assert before is not None, "no hold taken once the standby was started again"
+        # the primary dies: the standby is promoted, and the services carry on on it
+        os.kill(_postmaster(home, primary), signal.SIGKILL)
+        said = _read_until(proc, "PostgreSQL primary now on")
+        assert any("promoting the standby" in line for line in said), said
+        assert (home / "pg" / "primary").read_text().strip() != primary
+        deadline = time.monotonic() + 45
+        while (after := _hold(env)) is None:
+            assert time.monotonic() < deadline, "no hold taken after the promotion"
+            time.sleep(0.5)
+
+        async def holds() -> int:
+            conn = await asyncpg.connect(env["DATABASE_URL"])
+            try:
+                assert await conn.fetchval("SELECT pg_is_in_recovery()") is False
+                return await conn.fetchval("SELECT count(*) FROM reservations "
+                                           "WHERE id = ANY($1::uuid[])", [before, after])
+            finally:
+                await conn.close()
+
+        assert asyncio.run(holds()) == 2
+    finally:
+        stop_stack(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _postmaster(home: Path, node: str) -> int:
+    return int((home / "pg" / node / "data" / "postmaster.pid").read_text().split()[0])
+
+
+def _read_until(proc: subprocess.Popen, *marks: str) -> list[str]:
+    """``boxoffice up``'s lines up to the first that holds every one of ``marks``."""
+    assert proc.stdout is not None
+    said: list[str] = []
+    while not said or not all(m in said[-1] for m in marks):
+        line = proc.stdout.readline()
+        assert line, "boxoffice up exited:\n" + "".join(said)
+        said.append(line)
+    return said
+
+
+def _hold(env: dict[str, str], timeout: float = 15) -> str | None:
+    """A hold of one demo ticket through ingress: its id, or None when it was not taken."""
+    req = urllib.request.Request(
+        f"{env['INGRESS_URL']}/v1/reservations", method="POST",
+        data=json.dumps({"event_id": env["DEMO_EVENT_ID"], "quantity": 1}).encode(),
+        headers={"Authorization": f"Bearer {env['CLIENT_API_TOKEN']}",
+                 "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())["id"] if resp.status == 201 else None
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def test_up_refuses_another_standby_setting(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL")}
+    r = subprocess.run([sys.executable, "-m", "boxoffice.cli", "up"], capture_output=True,
+                       text=True, timeout=60,
+                       env={**env, "BOXOFFICE_HOME": str(tmp_path), "BOXOFFICE_PG_STANDBY": "2"})
+    assert r.returncode == 1
+    assert "BOXOFFICE_PG_STANDBY must be 0 or 1" in r.stderr
+    assert not (tmp_path / "pg").exists() and not (tmp_path / "nats").exists()
