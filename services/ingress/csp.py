@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from boxoffice import scrub
-from boxoffice.ingress.envelope import InvalidEnvelope
+from boxoffice.ingress.sentry_envelope import InvalidEnvelope
 from boxoffice.wire.errors import ErrorReport
 
 # Reporting API names -> the csp-report names

@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from boxoffice import schedule, scrub
-from boxoffice.ingress import envelope
+from boxoffice.ingress import sentry_envelope
+from boxoffice.ingress.sentry_envelope import Dropped, Item, json_object
 from boxoffice.wire import sentry_items as si
 
 # item type -> data category (Sentry's names: what an SDK rate-limits by)
@@ -69,7 +70,7 @@ class Sorted:
 
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     feedback: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
-    attachments: list[envelope.Item] = dataclasses.field(default_factory=list)
+    attachments: list[Item] = dataclasses.field(default_factory=list)
     client_reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     check_ins: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     sessions: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
@@ -84,31 +85,31 @@ class Sorted:
                 "session": len(self.sessions)}[category]
 
 
-def sort(items: list[envelope.Item], dropped: list[envelope.Dropped]) -> Sorted:
+def sort(items: list[Item], dropped: list[Dropped]) -> Sorted:
     out = Sorted()
     for d in dropped:
         out.drop("too_large", CATEGORY.get(d.kind, "default"))
     for item in items:
         category = CATEGORY.get(item.kind)
         if item.kind == "event":
-            out.events.append(envelope.json_object(item.payload, "an event"))
+            out.events.append(json_object(item.payload, "an event"))
         elif category == "feedback":
-            out.feedback.append((item.kind, envelope.json_object(item.payload, "a feedback item")))
+            out.feedback.append((item.kind, json_object(item.payload, "a feedback item")))
         elif item.kind == "attachment":
             if len(item.payload) > MAX_ATTACHMENT:  # one sent without a length
                 name = item.header.get("filename")
-                dropped.append(envelope.Dropped(kind="attachment", size=len(item.payload),
-                                                reason="too_large",
-                                                filename=name[:256] if isinstance(name, str) else None))
+                dropped.append(Dropped(kind="attachment", size=len(item.payload),
+                                       reason="too_large",
+                                       filename=name[:256] if isinstance(name, str) else None))
                 out.drop("too_large", "attachment")
             else:
                 out.attachments.append(item)
         elif item.kind == "client_report":
-            out.client_reports.append(envelope.json_object(item.payload, "a client report"))
+            out.client_reports.append(json_object(item.payload, "a client report"))
         elif item.kind == "check_in":
-            out.check_ins.append(envelope.json_object(item.payload, "a check-in"))
+            out.check_ins.append(json_object(item.payload, "a check-in"))
         elif category == "session":
-            out.sessions.append((item.kind, envelope.json_object(item.payload, "a session")))
+            out.sessions.append((item.kind, json_object(item.payload, "a session")))
         elif category in REFUSED:
             out.drop("disabled", category)
         else:
@@ -151,7 +152,7 @@ def feedback(kind: str, body: dict[str, Any], *, service: str, project_id: str) 
         environment=_opt(env, 64), release=_opt(release, 128))
 
 
-def attachment(item: envelope.Item, *, service: str, project_id: str,
+def attachment(item: Item, *, service: str, project_id: str,
                event_id: str | None) -> si.Attachment:
     h = item.header
 
@@ -218,7 +219,7 @@ def check_in(body: dict[str, Any], *, service: str, project_id: str) -> si.Check
 
 
 def _when(value: Any) -> datetime:
-    return envelope._when(value)
+    return sentry_envelope._when(value)
 
 
 def sessions(kind: str, body: dict[str, Any]) -> list[si.SessionCount]:
