@@ -18,8 +18,7 @@ from collections import OrderedDict
 from aiohttp import web
 
 from boxoffice import idempotency
-from boxoffice.ingress.http import (PROBLEM, client_id, json_response, read_json, read_query,
-                                    require_admin)
+from boxoffice.ingress.http import PROBLEM, client_id, json_response, read_json, read_query, require_admin
 from boxoffice.ingress.routing import ANY, Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import payments as pw

@@ -138,7 +138,7 @@ class Feed:
                 except errors.BoxofficeError as exc:
                     log.info("console feed: event %s not read (%s)", event_id, exc.code)
                     continue
-                except Exception:  # noqa: BLE001 - the feed outlives one bad read
+                except Exception:
                     log.warning("console feed: event %s not read", event_id, exc_info=True)
                     continue
                 self.broadcast("inventory", msgspec.json.encode(event))
@@ -233,7 +233,7 @@ async def sign_in(request: web.Request) -> web.Response:
     log.info("console: %s signed in (%s)", session.actor, scope)
     resp = json_response(_info(session), status=201, headers={"Cache-Control": "no-store"})
     resp.set_cookie(sessions.COOKIE, value, max_age=sessions.LIFETIME,
-                    **sessions.cookie_attributes(cfg))  # type: ignore[arg-type]
+                    **sessions.cookie_attributes(cfg))
     return resp
 
 
@@ -273,7 +273,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         while (left := ends - loop.time()) > 0:
             try:
                 frame = await asyncio.wait_for(queue.get(), min(KEEPALIVE, left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 frame = b": keepalive\n\n"
             if frame is None:
                 break

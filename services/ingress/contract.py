@@ -58,7 +58,7 @@ HEALTH: tuple[Op, ...] = (  # registered by ``runtime.add_health_routes``, as in
 UNDOCUMENTED: dict[tuple[str, str], str] = {
     key: reason for domain in domains.ALL for key, reason in domain.routes.undocumented.items()}
 
-SECURITY = {
+SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "client": [{"clientToken": []}],
     "admin": [{"adminToken": []}, {"adminReadToken": []}, {"consoleSession": []}],
     "operate": [{"adminToken": []}, {"consoleSession": []}],
@@ -142,7 +142,7 @@ def operations() -> list[Op]:
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route of ingress."""
     ops = operations()
-    types = [Problem, Readiness]
+    types: list[Any] = [Problem, Readiness]
     for op in ops:
         for kind in (op.body, op.ok[1]):
             if isinstance(kind, type) and kind not in types:
@@ -169,8 +169,9 @@ def _docs_page(spec: dict[str, Any]) -> str:
         for method, op in methods.items():
             params = ", ".join(f"{p['name']} ({p['in']}{', required' if p['required'] else ''})"
                                for p in op.get("parameters", []))
-            body = op.get("requestBody", {}).get("content", {})
-            body_ref = next(iter(body.values()), {}).get("schema", {}).get("$ref", "")
+            body: dict[str, Any] = op.get("requestBody", {}).get("content", {})
+            first: dict[str, Any] = next(iter(body.values()), {})
+            body_ref = first.get("schema", {}).get("$ref", "")
             auth = " or ".join(next(iter(s)) for s in op.get("security", [])) or "-"
             answers = ", ".join(
                 f"{code}" + (f" {next(iter(r['content'].values()))['schema'].get('$ref', '')}"

@@ -9,9 +9,19 @@ Order matters where paths overlap: ``sentry_admin``'s ``/v1/admin/errors/dropped
 
 from __future__ import annotations
 
-from boxoffice.ingress import (action_log, checkout, console, error_groups, error_reports,
-                               hold_expiry, self_audit, sentry_admin, sentry_ingest,
-                               ticketed_events, webhooks)
+from boxoffice.ingress import (
+                               action_log,
+                               checkout,
+                               console,
+                               error_groups,
+                               error_reports,
+                               hold_expiry,
+                               self_audit,
+                               sentry_admin,
+                               sentry_ingest,
+                               ticketed_events,
+                               webhooks,
+)
 
 ALL = (
     ticketed_events,   # operators: ticketed events and their inventory

@@ -321,7 +321,7 @@ async def post_user_feedback(request: web.Request) -> web.Response:
     return await _answer(request, _user_feedback)
 
 
-async def _answer(request: web.Request, handler) -> web.Response:  # type: ignore[no-untyped-def]
+async def _answer(request: web.Request, handler) -> web.Response:
     try:
         resp = await handler(request)
     except errors.BoxofficeError as exc:  # answered here so that browsers see CORS headers

@@ -18,8 +18,15 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors, tokens
-from boxoffice.ingress.http import (CONFIG, REQUEST_ID, json_response, operate, read_json,
-                                    read_query, require_admin)
+from boxoffice.ingress.http import (
+    CONFIG,
+    REQUEST_ID,
+    json_response,
+    operate,
+    read_json,
+    read_query,
+    require_admin,
+)
 from boxoffice.ingress.routing import ANY, Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import stripe as w
