@@ -172,5 +172,5 @@ async def ping(p: asyncpg.Pool) -> bool:
         async with p.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1", timeout=2)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - readiness: any failure means not ready
         return False

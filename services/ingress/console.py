@@ -138,7 +138,7 @@ class Feed:
                 except errors.BoxofficeError as exc:
                     log.info("console feed: event %s not read (%s)", event_id, exc.code)
                     continue
-                except Exception:
+                except Exception:  # the feed outlives one bad read
                     log.warning("console feed: event %s not read", event_id, exc_info=True)
                     continue
                 self.broadcast("inventory", msgspec.json.encode(event))

@@ -78,7 +78,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         if err is None:
             err = errors.from_code(f"http_{exc.status}", exc.reason or "error", exc.status)
         resp = problem_response(err, rid)
-    except Exception:
+    except Exception:  # nothing crashes ingress; the error is logged and reported
         log.exception("unhandled error on %s %s", request.method, request.path,
                       extra={"request_id": rid})
         resp = problem_response(errors.BoxofficeError("internal error"), rid)
