@@ -278,7 +278,7 @@ class Consumer:
                 except db.UNAVAILABLE:
                     self._database_lost(batch[0][0])
                     await _put_back(batch, DB_RETRY_DELAY)
-                except Exception:  # noqa: BLE001 - a worker never dies; the messages come back
+                except Exception:  # a worker never dies; the messages come back
                     log.exception("applying %d stripe events crashed", len(batch))
                     await _put_back(batch, DB_RETRY_DELAY)
                 finally:
@@ -312,7 +312,7 @@ class Consumer:
             self._database_lost(batch[0][0])
             await _put_back(batch, DB_RETRY_DELAY)
             return False
-        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: nothing committed
+        except Exception as exc:  # the batch failed as a whole: nothing of it committed
             if len(batch) > 1:  # an event fails the batch's statement itself: each alone
                 log.warning("%d stripe events failed together (%s): applied one at a time",
                             len(batch), describe(exc))
