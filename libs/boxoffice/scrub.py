@@ -36,6 +36,8 @@ _BEARER = re.compile(r"\b(?:bearer|basic)\s+(?P<v>[a-z0-9\-._~+/]{6,}=*)")
 _STRIPE = re.compile(r"(?P<v>\b(?:sk|rk)_(?:live|test)_[a-z0-9_]{6,}|\bwhsec_[a-z0-9_]{6,})")
 _URL_PW = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:(?P<v>[^\s@/]+)@")
 _CARD = re.compile(r"(?<![\d.])\d(?:[ -]?\d){12,18}(?![\d.])")
+# Bytes that are not ASCII digits: deleting them counts the digits of an ASCII string in C.
+_NON_DIGITS = bytes(b for b in range(256) if not 48 <= b <= 57)
 _HINT = re.compile(r"bearer|basic|pass|pwd|secret|token|key|auth|credential|cookie|session|"
                    r"k_live_|k_test_|whsec_|://")
 
@@ -63,7 +65,7 @@ def _spans(low: str) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     if len(low) < 5:
         return spans
-    if len(low) >= 13:
+    if len(low) >= 13 and _may_hold_card(low):
         spans += [m.span() for m in _CARD.finditer(low) if _is_card(m.group(0))]
     if not _HINT.search(low):  # one scan decides for most strings
         return spans
@@ -76,6 +78,13 @@ def _spans(low: str) -> list[tuple[int, int]]:
     if "://" in low and "@" in low:
         spans += [m.span("v") for m in _URL_PW.finditer(low)]
     return spans
+
+
+def _may_hold_card(low: str) -> bool:
+    """False when ``low`` has fewer than the 13 digits of the shortest card number, which most
+    strings have (a count in C is several times cheaper than running ``_CARD``); a non-ASCII
+    string may hold other Unicode digits, so it is always searched."""
+    return not low.isascii() or len(low.encode().translate(None, _NON_DIGITS)) >= 13
 
 
 def _is_card(candidate: str) -> bool:
@@ -149,8 +158,15 @@ def clean(obj: Any, max_string: int = 4096, max_items: int = 100, depth: int = 0
                 out["_truncated"] = f"{len(obj) - max_items} more keys"
                 break
             k = truncate(k, 256).replace("\x00", "\ufffd") if isinstance(k, str) else str(k)
-            out[k] = (FILTERED if v not in (None, "") and secret_key(k)
-                      else clean(v, max_string, max_items, depth + 1))
+            # strings and scalars inline: most values are, and a call each is half the walk
+            if v not in (None, "") and secret_key(k):
+                out[k] = FILTERED
+            elif isinstance(v, str):
+                out[k] = truncate(text(v), max_string)
+            elif v is None or isinstance(v, (bool, int, float)):
+                out[k] = v
+            else:
+                out[k] = clean(v, max_string, max_items, depth + 1)
         return out
     if isinstance(obj, (list, tuple)):
         items = [clean(v, max_string, max_items, depth + 1) for v in obj[:max_items]]
