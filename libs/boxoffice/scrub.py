@@ -119,10 +119,16 @@ def text(value: str) -> str:
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
     n = len(value)
-    if n < 13:  # too short for a card number: only a keyword can make it secret
-        return _scrub_text(value) if n >= 5 and _HINT.search(value.lower()) else value
+    if n < 5:
+        return value
     if 256 <= n <= 16384:  # short strings are cheaper to scrub than to look up
         return _cached(value)
+    # Most strings hold neither a keyword nor 13 digits: decided here, without the calls and
+    # lists of a scrub (for ASCII text; other text may lowercase to a keyword or hold other
+    # digits, and is scrubbed in full).
+    if (value.isascii() and not _HINT.search(value.lower())
+            and (n < 13 or len(value.encode().translate(None, _NON_DIGITS)) < 13)):
+        return value
     return _scrub_text(value)
 
 
