@@ -160,7 +160,7 @@ def clean(obj: Any, max_string: int = 4096, max_items: int = 100, depth: int = 0
     if depth > 8 and isinstance(obj, (dict, list, tuple)):
         return "[truncated: nested too deep]"
     if isinstance(obj, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for i, (k, v) in enumerate(obj.items()):
             if i >= max_items:
                 out["_truncated"] = f"{len(obj) - max_items} more keys"
