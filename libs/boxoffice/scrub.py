@@ -165,7 +165,10 @@ def clean(obj: Any, max_string: int = 4096, max_items: int = 100, depth: int = 0
             if i >= max_items:
                 out["_truncated"] = f"{len(obj) - max_items} more keys"
                 break
-            k = truncate(k, 256).replace("\x00", "\ufffd") if isinstance(k, str) else str(k)
+            if not isinstance(k, str):
+                k = str(k)
+            elif len(k) > 256 or "\x00" in k:
+                k = truncate(k, 256).replace("\x00", "\ufffd")
             # strings and scalars inline: most values are, and a call each is half the walk
             if v not in (None, "") and secret_key(k):
                 out[k] = FILTERED
