@@ -1,6 +1,7 @@
-"""`boxoffice up` with two replicas of payment and webhook (BOXOFFICE_REPLICAS): each replica its
-own supervised process on its own health port, listed by `boxoffice status`; holds, payments and
-Stripe's webhooks go through them and each is done once. A malformed count is refused before
+"""`boxoffice up` with two replicas of ingress, payment and webhook (BOXOFFICE_REPLICAS): each
+replica its own supervised process on its own health port, listed by `boxoffice status`, the two
+ingresses on one public port; holds, payments and Stripe's webhooks go through them and each is
+done once. A malformed count is refused before
 anything starts."""
 
 from __future__ import annotations
@@ -67,18 +68,18 @@ async def _ledger(url: str, pis: list[str]) -> dict[str, list]:
         await conn.close()
 
 
-def test_two_replicas_of_payment_and_webhook(tmp_path: Path) -> None:
+def test_two_replicas_of_ingress_payment_and_webhook(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    proc, lines = start_stack(home, free_port(), BOXOFFICE_REPLICAS="payment=2, webhook=2")
+    proc, lines = start_stack(home, free_port(), BOXOFFICE_REPLICAS="ingress=2, payment=2, webhook=2")
     try:
-        assert any("replicas: payment=2, webhook=2" in line for line in lines), lines
+        assert any("replicas: ingress=2, payment=2, webhook=2" in line for line in lines), lines
         services = json.loads((home / "services.json").read_text())
-        names = {"ingress", "payment", "payment-2", "webhook", "webhook-2", "error_sink", "reaper"}
+        names = {"ingress", "ingress-2", "payment", "payment-2", "webhook", "webhook-2", "error_sink", "reaper"}
         assert set(services) == names
         pids = {info["pid"] for info in services.values()}
         assert len(pids) == len(names)
         assert len({info["ready"] for info in services.values()}) == len(names)  # own ports
-        for name in ("payment", "payment-2", "webhook", "webhook-2"):
+        for name in ("ingress", "ingress-2", "payment", "payment-2", "webhook", "webhook-2"):
             assert psutil.pid_exists(services[name]["pid"]) and http_ready(services[name]["ready"])
             assert (home / "logs" / f"{name}.log").exists()
         status = cli(home, "status")
@@ -115,7 +116,13 @@ def test_two_replicas_of_payment_and_webhook(tmp_path: Path) -> None:
         again = json.loads((home / "services.json").read_text())
         assert {n: i["pid"] for n, i in again.items()} == {n: i["pid"] for n, i in services.items()}
         assert all(http_ready(again[n]["ready"])
-                   for n in ("payment", "payment-2", "webhook", "webhook-2"))
+                   for n in ("ingress", "ingress-2", "payment", "payment-2", "webhook", "webhook-2"))
+        # the two ingresses listen on the one public port
+        port = int(env["INGRESS_URL"].rsplit(":", 1)[1])
+        for name in ("ingress", "ingress-2"):
+            listening = {c.laddr.port for c in psutil.Process(again[name]["pid"]).net_connections()
+                         if c.status == psutil.CONN_LISTEN}
+            assert port in listening, name
     finally:
         family = stop_stack(proc)
     _, alive = psutil.wait_procs(list(family), timeout=10)
