@@ -15,6 +15,10 @@ baseline taken in the same run:
 
     .venv/bin/python -m bench.checkout            # about 60 s
     .venv/bin/python -m bench.checkout --quick    # shorter phases
+    .venv/bin/python -m bench.checkout --replicas 2   # two payment and two ingress processes
+
+With ``--replicas N`` the services under test run as N processes each: payment replicas share
+its NATS queue group, ingress replicas one port (``INGRESS_REUSE_PORT=1``, SO_REUSEPORT).
 
 Prints one JSON object.
 """
@@ -65,30 +69,32 @@ class Services:
         self.procs: list[subprocess.Popen] = []
         self.ingress_url = ""
 
-    def start(self, service: str) -> str:
-        port = free_port()
-        env = dict(self.env)
+    def start(self, service: str, shared_port: int | None = None) -> str:
+        """Start one process of ``service``; its URL (ingress: its public one). Ingress given a
+        ``shared_port`` listens there beside other ingress processes (SO_REUSEPORT)."""
+        port = health = free_port()  # each process is checked on its own port
+        env = dict(self.env, HEALTH_PORT=str(health))
         if service == "ingress":
             env.pop("DATABASE_URL")
             env.pop("STRIPE_API_KEY")
+            port = shared_port or free_port()
             env["INGRESS_PORT"] = str(port)
-        else:
-            env["HEALTH_PORT"] = str(port)
-        with open(self.root / f"{service}.log", "ab") as out:
+            if shared_port is not None:
+                env["INGRESS_REUSE_PORT"] = "1"
+        with open(self.root / f"{service}-{len(self.procs)}.log", "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "run", service],
                                     env=env, stdout=out, stderr=out, preexec_fn=die_with_parent)
         self.procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=1) as r:
                     if r.status == 200:
-                        return url
+                        return f"http://127.0.0.1:{port}"
             except OSError:
                 pass
             if proc.poll() is not None:
-                log = (self.root / f"{service}.log").read_text()
+                log = (self.root / f"{service}-{len(self.procs) - 1}.log").read_text()
                 raise RuntimeError(f"{service} exited: {log[-2000:]}")
             time.sleep(0.05)
         raise TimeoutError(f"{service} not ready")
@@ -288,6 +294,10 @@ async def sell_out(c: Client, db_url: str, capacity: int) -> dict[str, Any]:
             "exactly_sold_out": ok == capacity == row["held"] and row["per_bucket_ok"]}
 
 
+def _replica(service: str, index: int) -> str:
+    return service if index == 0 else f"{service}-{index + 1}"
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     phase = 3.0 if args.quick else 6.0
     load_before = round(os.getloadavg()[0], 2)
@@ -300,7 +310,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             migrate.run(pg.url("boxoffice"), "up")
             payment_url = svcs.start("payment")
-            base = svcs.start("ingress")
+            for _ in range(args.replicas - 1):
+                svcs.start("payment")
+            shared = free_port() if args.replicas > 1 else None
+            base = svcs.start("ingress", shared)
+            for _ in range(args.replicas - 1):
+                svcs.start("ingress", shared)
             connector = aiohttp.TCPConnector(limit=256)
             async with aiohttp.ClientSession(connector=connector) as session:
                 c = Client(session, base)
@@ -310,9 +325,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 hot = await c.event(capacity=5_000_000)
                 holds_db = await bench_holds_db(pg.url("boxoffice"), hot, phase)
                 assert pg.proc is not None and nats.proc is not None
-                procs = {"ingress": svcs.procs[1].pid, "payment": svcs.procs[0].pid,
-                         "postgres": pg.proc.pid, "nats": nats.proc.pid,
-                         "bench_client": os.getpid()}
+                n = args.replicas
+                procs = {_replica("payment", i): p.pid for i, p in enumerate(svcs.procs[:n])}
+                procs |= {_replica("ingress", i): p.pid for i, p in enumerate(svcs.procs[n:])}
+                procs |= {"postgres": pg.proc.pid, "nats": nats.proc.pid,
+                          "bench_client": os.getpid()}
                 holds_http = await bench_holds_http(c, hot, phase, procs)
                 race = await sell_out(c, pg.url("boxoffice"), 3000)
         finally:
@@ -322,6 +339,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pg.stop()
     return {
         "bench": "checkout",
+        "replicas": args.replicas,
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
                     "load_avg_1m_after": round(os.getloadavg()[0], 2)},
         "payment_intents": intents,
@@ -341,6 +359,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter phases")
+    parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
+                        help="processes of payment and of ingress (default 1)")
     args = parser.parse_args()
     try:
         import uvloop

@@ -3,6 +3,9 @@ the goal and whether it is met, and CPU per operation per process where the modu
 
 ``bench.run_all`` prints it after the JSON lines; ``python -m bench.table < figures.jsonl``
 prints it again from saved lines (each module's object names it in ``bench``).
+
+A module run with ``--replicas N`` (N > 1) says so in ``replicas``; its figures are kept as
+``<module>@N`` and shown again below the single-process ones, each figure marked "N replicas".
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.console import Console
@@ -150,10 +153,13 @@ def rows(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = No
         if module not in figures:
             missing.append(module)
             continue
-        try:
-            out += extract(figures[module])
-        except (KeyError, TypeError, ZeroDivisionError):
-            missing.append(module)
+        runs = [(module, "")] + [(key, f" [{key.split('@')[1]} replicas]")
+                                 for key in sorted(figures) if key.startswith(f"{module}@")]
+        for key, mark in runs:
+            try:
+                out += [replace(r, figure=r.figure + mark) for r in extract(figures[key])]
+            except (KeyError, TypeError, ZeroDivisionError):
+                missing.append(key)
     return out, missing
 
 
@@ -189,10 +195,13 @@ def read(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
     for line in lines:
         if line.strip().startswith("{"):
             obj = json.loads(line)
-            figures[obj.get("bench") or obj.get("benchmark")] = obj
+            name = obj.get("bench") or obj.get("benchmark")
+            if (obj.get("replicas") or 1) > 1:
+                name = f"{name}@{obj['replicas']}"
+            figures[name] = obj
     return figures
 
 
 if __name__ == "__main__":
     given = read(sys.stdin)
-    render(given, given)
+    render(given, {name.split("@")[0] for name in given})
