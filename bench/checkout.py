@@ -8,6 +8,8 @@ baseline taken in the same run:
   vs a direct stripe-python call to localstripe, interleaved one for one: p50/p99, and the p50
   difference (our overhead; goal <= 3 ms);
 - replays of one stored Idempotency-Key through ingress: requests/s and p50 (goal >= 3,000/s);
+- checkouts (a hold, then its PaymentIntent) through ingress, 16 buyers at a time, against
+  PaymentIntents created directly at localstripe with the same concurrency;
 - holds on one hot event, 64 concurrent clients: ``hold_tickets`` over 64 PostgreSQL connections
   vs a plain single-row ``UPDATE ... SET available = available - 1`` (goal >= 1,000 holds/s), the
   same holds end to end through ingress, and a sell-out race that must end with exactly capacity
@@ -197,6 +199,40 @@ async def closed_loop(fn, seconds: float, workers: int) -> tuple[int, list[float
     return sum(counts), lat, time.perf_counter() - start
 
 
+async def bench_checkouts(c: Client, stripe_base: str, seconds: float,
+                          workers: int = 16) -> dict[str, Any]:
+    """Buyers per second: a hold and its PaymentIntent through ingress, ``workers`` at a time,
+    against PaymentIntents created directly at the emulator with the same concurrency (its
+    ceiling: no checkout can go faster than its Stripe call)."""
+    event_id = await c.event(capacity=5_000_000)
+
+    async def checkout() -> None:
+        status, body = await c.hold(event_id)
+        assert status == 201, body
+        status, body = await c.post("/v1/payment_intents",
+                                    {"reservation_id": json.loads(body)["id"]},
+                                    key=str(uuid.uuid4()))
+        assert status == 201, body
+
+    http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=10))
+    sdk = stripe.StripeClient(STRIPE_KEY, http_client=http, base_addresses={"api": stripe_base})
+
+    async def direct() -> None:
+        await sdk.v1.payment_intents.create_async(
+            params={"amount": 2500, "currency": "eur"},
+            options={"idempotency_key": str(uuid.uuid4())})
+
+    try:
+        n_direct, lat_direct, t_direct = await closed_loop(direct, seconds, workers)
+    finally:
+        await http.close_async()
+    n, lat, elapsed = await closed_loop(checkout, seconds, workers)
+    return {"concurrency": workers, "checkouts": n, "per_s": round(n / elapsed, 1),
+            "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+            "direct_payment_intents_per_s": round(n_direct / t_direct, 1),
+            "direct_p50_ms": pct(lat_direct, 0.5)}
+
+
 async def bench_replays(c: Client, rid: str, seconds: float) -> dict[str, Any]:
     key = f"bench-{rid}"
     status, expected = await c.post("/v1/payment_intents", {"reservation_id": rid}, key=key)
@@ -322,6 +358,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 intents = await bench_intents(c, ls.url, 60 if args.quick else 250)
                 intents["payment_service_mean_ms"] = await phase_means(session, payment_url)
                 replays = await bench_replays(c, intents.pop("key"), phase)
+                checkouts = await bench_checkouts(c, ls.url, phase)
                 hot = await c.event(capacity=5_000_000)
                 holds_db = await bench_holds_db(pg.url("boxoffice"), hot, phase)
                 assert pg.proc is not None and nats.proc is not None
@@ -344,6 +381,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "load_avg_1m_after": round(os.getloadavg()[0], 2)},
         "payment_intents": intents,
         "replays": replays,
+        "checkouts": checkouts,
         "holds_hot_event_db": holds_db,
         "holds_hot_event_http": holds_http,
         "sell_out_race": race,
