@@ -477,7 +477,7 @@ def status() -> int:
     bad = []
     for name, info in services.items():
         ok = _ready(info["ready"])
-        print(f"{name:<13} {'ready' if ok else 'NOT READY':<10} pid {info['pid']!s:<8} "
+        print(f"{name:<13} {'ready' if ok else 'NOT READY':<10} pid {info.get('pid')!s:<8} "
               f"{info['ready']}")
         if not ok:
             bad.append(name)
