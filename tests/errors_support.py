@@ -63,7 +63,7 @@ async def publish(nats_url: str, bodies: list[dict[str, Any]], *, concurrency: i
         js = nc.jetstream()
         try:
             await js.add_stream(busmod.stream_config("ERRORS"))
-        except Exception:
+        except Exception:  # noqa: BLE001 - exists already
             pass
         sem = asyncio.Semaphore(concurrency)
 
@@ -84,7 +84,7 @@ async def publish_raw(nats_url: str, subject: str, data: bytes, msg_id: str | No
         js = nc.jetstream()
         try:
             await js.add_stream(busmod.stream_config("ERRORS"))
-        except Exception:
+        except Exception:  # noqa: BLE001 - exists already
             pass
         await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
     finally:

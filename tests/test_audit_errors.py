@@ -63,7 +63,7 @@ async def test_a_deleted_report_is_found_and_resolved_once_back(
         again = await run(a)  # incremental: the open finding is looked up again by its id
         assert named(again) == named(full) and again.checks[0].examined == 0
 
-        columns = ", ".join(f'"{c}"' for c in row)
+        columns = ", ".join(f'"{c}"' for c in row.keys())  # noqa: SIM118 - an asyncpg Record iterates its values
         values = ", ".join(f"${i}" for i in range(1, len(row) + 1))
         await db.execute(f"INSERT INTO error_logs ({columns}) VALUES ({values})", *row.values())
         fixed = await run(a)

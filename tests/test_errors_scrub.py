@@ -9,7 +9,7 @@ import pytest
 
 from boxoffice import scrub
 from boxoffice.error_sink import grouping
-from boxoffice.ingress import envelope
+from boxoffice.ingress import sentry_envelope as envelope
 
 
 @pytest.mark.parametrize("text, secret", [

@@ -70,7 +70,7 @@ async def repeat(name: str, step: Callable[[], Awaitable[float | None]], stoppin
                            "the bus" if isinstance(exc, errors.ServiceUnavailable) else "PostgreSQL",
                            every, type(exc).__name__)
             then = None
-        except Exception:
+        except Exception:  # a background loop outlives any one run
             logger.exception("%s: run crashed", name)
             then = None
         wait = every if then is None else then
@@ -81,7 +81,7 @@ async def _keep(name: str, work: Work, stopping: asyncio.Event) -> None:
         try:
             await work(stopping)
             return
-        except Exception:
+        except Exception:  # reported, then the work starts again
             log.exception("%s crashed; starting it again", name)
         if await pause(stopping, RESTART_AFTER):
             return

@@ -178,7 +178,7 @@ class Bus:
                 raise errors.BadRequest(f"malformed request: {exc}") from None
             result = await handler(request)
             out = wire.Reply(ok=True, data=msgspec.Raw(wire.encode(result)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the one place errors become replies
             out = _reply_error(exc, msg.subject)
         if msg.reply:
             with contextlib.suppress(nats.errors.Error, OSError):

@@ -245,14 +245,13 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
                                                      "live key: unset one of them")
     if service == "ingress":
         kw["stripe_webhook_secrets"] = _list("STRIPE_WEBHOOK_SECRET", env["STRIPE_WEBHOOK_SECRET"], 8)
-        kw["client_api_tokens"] = _list("CLIENT_API_TOKENS", env["CLIENT_API_TOKENS"], 16)
-        kw["admin_api_tokens"] = _list("ADMIN_API_TOKENS", env["ADMIN_API_TOKENS"], 16)
-        if set(kw["client_api_tokens"]) & set(kw["admin_api_tokens"]):  # type: ignore[arg-type]
+        clients = kw["client_api_tokens"] = _list("CLIENT_API_TOKENS", env["CLIENT_API_TOKENS"], 16)
+        admins = kw["admin_api_tokens"] = _list("ADMIN_API_TOKENS", env["ADMIN_API_TOKENS"], 16)
+        if set(clients) & set(admins):
             raise ConfigError("ADMIN_API_TOKENS", "must not share a token with CLIENT_API_TOKENS")
         if v := get("ADMIN_READ_API_TOKENS"):
-            kw["admin_read_api_tokens"] = _list("ADMIN_READ_API_TOKENS", v, 16)
-            if set(kw["admin_read_api_tokens"]) & (  # type: ignore[arg-type]
-                    set(kw["client_api_tokens"]) | set(kw["admin_api_tokens"])):  # type: ignore[arg-type]
+            readers = kw["admin_read_api_tokens"] = _list("ADMIN_READ_API_TOKENS", v, 16)
+            if set(readers) & (set(clients) | set(admins)):
                 raise ConfigError("ADMIN_READ_API_TOKENS",
                                   "must not share a token with CLIENT_API_TOKENS or ADMIN_API_TOKENS")
         if v := get("SENTRY_INGEST_KEYS"):

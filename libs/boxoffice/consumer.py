@@ -148,7 +148,7 @@ class PullConsumer:
         except (nats.errors.Error, OSError) as exc:
             log.warning("consumer %s: bus unavailable (%s)", self.durable, type(exc).__name__)
             raise
-        except Exception:
+        except Exception:  # never let one batch kill the consumer
             log.exception("consumer %s: fetch failed", self.durable)
             raise
         if not msgs:
@@ -159,7 +159,7 @@ class PullConsumer:
             else:
                 for msg in msgs:
                     await self.handle(msg)  # type: ignore[arg-type]
-        except Exception as exc:
+        except Exception as exc:  # keep listening whatever happens
             if isinstance(exc, background.OUTAGES):
                 log.warning("consumer %s: %d messages not handled (%s), put back", self.durable,
                             len(msgs), type(exc).__name__)

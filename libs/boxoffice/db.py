@@ -23,7 +23,7 @@ log = logging.getLogger("boxoffice.db")
 
 # What means "the database is away" (unreachable, shutting down, starting, out of connections,
 # a connection dropped): wait and retry, answer 503, never count it against the work in hand.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
+UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.exceptions.PostgresConnectionError,  # class 08: ConnectionDoesNotExistError...
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
@@ -35,7 +35,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
     ConnectionError, OSError, asyncio.TimeoutError)
 # What a background loop waits out and tries again: the database away, or a statement refused
-FAILURES: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
+FAILURES: tuple[type[Exception], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
 
 # A transaction PostgreSQL aborted because it conflicted with another (a deadlock, a
 # serialization failure): nothing of it was committed, and running it again is safe.
@@ -172,5 +172,5 @@ async def ping(p: asyncpg.Pool) -> bool:
         async with p.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1", timeout=2)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - readiness: any failure means not ready
         return False

@@ -160,7 +160,7 @@ def run(database_url: str, command: str, *, wait: bool = True, check: bool = Tru
     try:
         said = _in_own_loop(apply_functions(database_url) if command == "up"
                             else functions_state(database_url))
-    except Exception as exc:
+    except Exception as exc:  # reported like dbmate's own failures
         if check:
             raise
         # the exception's class and PostgreSQL's message, never the URL (a secret)
@@ -179,7 +179,7 @@ def _in_own_loop(coro: Coroutine[Any, Any, str]) -> str:
     def target() -> None:
         try:
             outcome.append(asyncio.run(coro))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
     t = threading.Thread(target=target, name="boxoffice-migrate-functions")
     t.start()

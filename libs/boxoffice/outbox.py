@@ -81,7 +81,7 @@ async def listen(url: str, stopping: asyncio.Event, channel: str,
             connected(True)
             while not conn.is_closed() and not await background.pause(stopping, 1.0):
                 await conn.execute("SELECT 1", timeout=5)  # notice a dead connection
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - keep listening whatever happens
             log.warning("%s listener lost (%s), reconnecting", channel, type(exc).__name__)
         finally:
             connected(False)

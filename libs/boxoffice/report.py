@@ -154,7 +154,7 @@ class Reporter:
                 return None
             self._enqueue(r)
             return r.id
-        except Exception:
+        except Exception:  # noqa: BLE001 - reporting never raises into its caller
             return None
         finally:
             _local.busy = False
@@ -376,7 +376,7 @@ class BusHandler(logging.Handler):
             return
         try:
             message = record.getMessage()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bad format string still gets reported
             message = str(record.msg)
         context: dict[str, Any] = logs.extra_fields(record)
         context.update(logger=record.name, function=f"{record.module}.{record.funcName}",

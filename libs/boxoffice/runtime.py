@@ -49,7 +49,7 @@ class Service:
         for name, check in self.checks.items():
             try:
                 results[name] = bool(await asyncio.wait_for(check(), 3))
-            except Exception:
+            except Exception:  # noqa: BLE001 - a readiness check that fails in any way is not ready
                 results[name] = False
         return (all(results.values()) and not self.stopping.is_set()), results
 

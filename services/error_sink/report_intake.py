@@ -42,7 +42,7 @@ NAK_DELAY = 1.0  # seconds before a batch that was not stored comes back
 def _safe_prepare(msg: Msg, now: object) -> Row:
     try:
         return prepare(msg, now)
-    except Exception as exc:
+    except Exception as exc:  # a bug here must not block the stream
         log.exception("error report could not be prepared; stored as a placeholder")
         body = wire.encode({"message": f"[report could not be processed: {type(exc).__name__}]",
                             "context": {"raw": msg.data[:4096].decode(errors="replace")}})

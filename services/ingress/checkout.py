@@ -18,14 +18,15 @@ from collections import OrderedDict
 from aiohttp import web
 
 from boxoffice import idempotency
-from boxoffice.ingress.http import (PROBLEM, client_id, json_response, read_json, read_query,
-                                    require_admin)
+from boxoffice.ingress.http import PROBLEM, client_id, json_response, read_json, read_query, require_admin
+from boxoffice.ingress.routing import ANY, Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import payments as pw
 from boxoffice.wire import reservations as rw
 from boxoffice.wire import subjects
 
-routes = web.RouteTableDef()
+routes = Routes()
+IDEMPOTENCY_KEY = {"type": "string", "pattern": r"^[\x20-\x7e]{1,255}$"}
 
 
 class ReplayCache:
@@ -63,7 +64,7 @@ REPLAYS = web.AppKey("replays", ReplayCache)
 def setup(app: web.Application) -> None:
     """Add the checkout routes and their replay cache to ingress's app."""
     app[REPLAYS] = ReplayCache()
-    app.add_routes(routes)
+    routes.setup(app)
 
 
 async def forward(request: web.Request, subject: str,
@@ -99,7 +100,9 @@ def idempotency_header(request: web.Request) -> str | None:
     return values[0] if values else None
 
 
-@routes.post("/v1/reservations")
+@routes.at(rw.HOLD_ROUTE, "Hold tickets for RESERVATION_TTL_SECONDS", "client", rw.HoldBody,
+           ok=(201, rw.Reservation), headers=(("Idempotency-Key", IDEMPOTENCY_KEY, False),),
+           tag="checkout")
 async def hold(request: web.Request) -> web.Response:
     cid = client_id(request)
     key = idempotency.check_key(idempotency_header(request), required=False)
@@ -112,7 +115,8 @@ async def hold(request: web.Request) -> web.Response:
     return await forward(request, subjects.RESERVATIONS_HOLD, req, HOLD_TIMEOUT)
 
 
-@routes.get("/v1/reservations/{reservation_id}")
+@routes.get("/v1/reservations/{reservation_id}", "A hold", "client", ok=(200, rw.Reservation),
+            path_params={"reservation_id": ANY}, tag="checkout")
 async def get_reservation(request: web.Request) -> web.Response:
     req = rw.GetRequest(client_id=client_id(request),
                         reservation_id=request.match_info["reservation_id"])
@@ -120,7 +124,8 @@ async def get_reservation(request: web.Request) -> web.Response:
                                                         rw.Reservation))
 
 
-@routes.post("/v1/reservations/{reservation_id}/cancel")
+@routes.post("/v1/reservations/{reservation_id}/cancel", "Release a hold's tickets", "client",
+             ok=(200, rw.Reservation), path_params={"reservation_id": ANY}, tag="checkout")
 async def cancel_reservation(request: web.Request) -> web.Response:
     req = rw.CancelRequest(client_id=client_id(request),
                            reservation_id=request.match_info["reservation_id"])
@@ -128,7 +133,9 @@ async def cancel_reservation(request: web.Request) -> web.Response:
                                                         rw.Reservation))
 
 
-@routes.post("/v1/payment_intents")
+@routes.at(pw.CREATE_INTENT_ROUTE, "A Stripe PaymentIntent for a hold", "client", pw.IntentBody,
+           ok=(201, pw.PaymentIntent), headers=(("Idempotency-Key", IDEMPOTENCY_KEY, True),),
+           tag="checkout")
 async def create_payment_intent(request: web.Request) -> web.Response:
     cid = client_id(request)
     key = idempotency.check_key(idempotency_header(request), required=True)
@@ -141,7 +148,8 @@ async def create_payment_intent(request: web.Request) -> web.Response:
     return await forward(request, subjects.PAYMENTS_INTENTS_CREATE, req, INTENT_TIMEOUT)
 
 
-@routes.get("/v1/admin/payments")
+@routes.get("/v1/admin/payments", "The audit trail of PaymentIntent keys", "admin",
+            query=pw.ListPayments, ok=(200, pw.PaymentLog))
 async def list_payments(request: web.Request) -> web.Response:
     require_admin(request)
     req = read_query(request, pw.ListPayments)

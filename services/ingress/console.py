@@ -26,6 +26,7 @@ from boxoffice import errors
 from boxoffice.bus import Bus
 from boxoffice.ingress import sessions
 from boxoffice.ingress.http import CONFIG, json_response, read_json
+from boxoffice.ingress.routing import Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import admin
 from boxoffice.wire.subjects import STREAMS
@@ -137,7 +138,7 @@ class Feed:
                 except errors.BoxofficeError as exc:
                     log.info("console feed: event %s not read (%s)", event_id, exc.code)
                     continue
-                except Exception:  # noqa: BLE001 - the feed outlives one bad read
+                except Exception:  # the feed outlives one bad read
                     log.warning("console feed: event %s not read", event_id, exc_info=True)
                     continue
                 self.broadcast("inventory", msgspec.json.encode(event))
@@ -163,6 +164,9 @@ def _offer(queue: asyncio.Queue[bytes | None], item: bytes | None, force: bool =
 
 FEED = web.AppKey("console_feed", Feed)
 PAGES = web.AppKey("console_assets", dict)
+
+
+routes = Routes()
 
 
 def _asset(name: str) -> bytes:
@@ -194,6 +198,7 @@ def _same_origin(request: web.Request) -> None:
         raise errors.Forbidden("the console signs in from its own origin only")
 
 
+@routes.get("/console", "The operators' console (a page)", ok=(200, "html"), tag="console")
 async def page(request: web.Request) -> web.Response:
     """The console (signed in or not: the page asks ``/console/session``)."""
     return web.Response(body=request.app[PAGES]["console.html"], content_type="text/html",
@@ -208,6 +213,14 @@ def _static(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     return serve
 
 
+routes.get("/console/app.js", "The console's script", ok=(200, "text/javascript"),
+           tag="console")(_static("app.js"))
+routes.get("/console/console.css", "The console's styles", ok=(200, "text/css"),
+           tag="console")(_static("console.css"))
+
+
+@routes.post("/console/session", "Sign in with an admin token: sets the session cookie",
+             body=SignIn, ok=(201, SessionInfo), tag="console")
 async def sign_in(request: web.Request) -> web.Response:
     _same_origin(request)
     cfg = request.app[CONFIG]
@@ -220,14 +233,18 @@ async def sign_in(request: web.Request) -> web.Response:
     log.info("console: %s signed in (%s)", session.actor, scope)
     resp = json_response(_info(session), status=201, headers={"Cache-Control": "no-store"})
     resp.set_cookie(sessions.COOKIE, value, max_age=sessions.LIFETIME,
-                    **sessions.cookie_attributes(cfg))  # type: ignore[arg-type]
+                    **sessions.cookie_attributes(cfg))
     return resp
 
 
+@routes.get("/console/session", "The signed-in session (its CSRF token)", "session",
+            ok=(200, SessionInfo), tag="console")
 async def current(request: web.Request) -> web.Response:
     return json_response(_info(_session(request)), headers={"Cache-Control": "no-store"})
 
 
+@routes.delete("/console/session", "Sign out (X-CSRF-Token required)", "session",
+               ok=(204, None), tag="console")
 async def sign_out(request: web.Request) -> web.Response:
     _same_origin(request)
     session = _session(request)
@@ -239,6 +256,8 @@ async def sign_out(request: web.Request) -> web.Response:
     return resp
 
 
+@routes.hidden("GET", "/console/stream", "the console's live feed: an endless text/event-stream "
+               "for the page's session (no JSON answer to describe or to test)")
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``inventory`` (a ticketed event's counts) and ``payment``."""
     _session(request)
@@ -254,7 +273,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         while (left := ends - loop.time()) > 0:
             try:
                 frame = await asyncio.wait_for(queue.get(), min(KEEPALIVE, left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 frame = b": keepalive\n\n"
             if frame is None:
                 break
@@ -281,10 +300,4 @@ def setup(app: web.Application) -> None:
 
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(end_streams)
-    app.router.add_get("/console", page)
-    app.router.add_get("/console/app.js", _static("app.js"))
-    app.router.add_get("/console/console.css", _static("console.css"))
-    app.router.add_get("/console/session", current)
-    app.router.add_post("/console/session", sign_in)
-    app.router.add_delete("/console/session", sign_out)
-    app.router.add_get("/console/stream", stream)
+    routes.setup(app)

@@ -9,12 +9,12 @@ one report, grouped by the directive it broke and the host it blocked, as Sentry
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from boxoffice import scrub
-from boxoffice.ingress.envelope import InvalidEnvelope
+from boxoffice.ingress.sentry_envelope import InvalidEnvelope
 from boxoffice.wire.errors import ErrorReport
 
 # Reporting API names -> the csp-report names
@@ -57,7 +57,7 @@ def to_reports(body: Any, *, project_id: str, service: str | None) -> list[Error
         directive = directive.split(" ", 1)[0][:100]
         blocked = _host(str(v.get("blocked-uri") or ""))[:200]
         out.append(ErrorReport(
-            id=str(uuid.uuid4()), occurred_at=datetime.now(timezone.utc),
+            id=str(uuid.uuid4()), occurred_at=datetime.now(UTC),
             service=service or "csp", level="warning",
             message=scrub.truncate(f"Blocked '{directive}' from '{blocked}'", 65536),
             error_type="CspViolation",

@@ -13,9 +13,7 @@ from aiohttp import web
 from boxoffice import bus as busmod
 from boxoffice import runtime
 from boxoffice.config import Config
-from boxoffice.ingress import actions_admin, admin, audit_admin, checkout, reaper_admin, webhooks
-from boxoffice.ingress import console, contract, http_metrics
-from boxoffice.ingress import errors as error_routes
+from boxoffice.ingress import contract, domains, http_metrics
 from boxoffice.ingress.http import CONFIG, problems
 from boxoffice.ingress.state import BUS
 
@@ -26,15 +24,9 @@ def create_app(cfg: Config, bus: busmod.Bus, svc: runtime.Service) -> web.Applic
     app[CONFIG] = cfg
     app[BUS] = bus
     runtime.add_health_routes(app, svc, metrics=False)  # /metrics: on HEALTH_PORT only
-    app.add_routes(admin.routes)
-    app.add_routes(actions_admin.routes)
-    app.add_routes(reaper_admin.routes)
-    app.add_routes(audit_admin.routes)
-    checkout.setup(app)
-    app.add_routes(webhooks.routes)
-    app.add_routes(error_routes.setup(app))
-    contract.setup(app)  # /openapi.json, /asyncapi.json, /docs
-    console.setup(app)  # /console: the operators' page, its session and live feed
+    for domain in domains.ALL:
+        domain.setup(app)
+    contract.setup(app)  # /openapi.json, /asyncapi.json, /docs: of the domains above
     return app
 
 

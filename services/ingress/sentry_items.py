@@ -2,11 +2,11 @@
 
 Kept: events (``errors.<service>.<level>``), user feedback (the ``feedback`` item, the older
 ``user_report``), attachments, client reports, cron check-ins and sessions
-(``sentry.items.<kind>``, kept by the error-sink). Refused the way Sentry's protocol provides: every answer carries
-``X-Sentry-Rate-Limits`` naming the categories boxoffice does not keep (``REFUSED``), so an SDK
-stops sending them for ``REFUSED_SECONDS``; what arrives before it learns is counted as
-dropped (origin ``server``, reason ``disabled``), as is an item type nobody knows
-(``unsupported``). Nothing is answered 200 and thrown away unseen.
+(``sentry.items.<kind>``, kept by the error-sink). Refused the way Sentry's protocol provides:
+every answer carries ``X-Sentry-Rate-Limits`` naming the categories boxoffice does not keep
+(``REFUSED``), so an SDK stops sending them for ``REFUSED_SECONDS``; what arrives before it
+learns is counted as dropped (origin ``server``, reason ``disabled``), as is an item type nobody
+knows (``unsupported``). Nothing is answered 200 and thrown away unseen.
 
 Each kept category has its own per-key budget (``RateLimiter`` buckets ``<key>:<category>``),
 so a busy front end's attachments or feedback never use up its errors' budget.
@@ -18,11 +18,12 @@ import dataclasses
 import re
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from boxoffice import schedule, scrub
-from boxoffice.ingress import envelope
+from boxoffice.ingress import sentry_envelope
+from boxoffice.ingress.sentry_envelope import Dropped, Item, as_dict, json_object
 from boxoffice.wire import sentry_items as si
 
 # item type -> data category (Sentry's names: what an SDK rate-limits by)
@@ -69,7 +70,7 @@ class Sorted:
 
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     feedback: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
-    attachments: list[envelope.Item] = dataclasses.field(default_factory=list)
+    attachments: list[Item] = dataclasses.field(default_factory=list)
     client_reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     check_ins: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     sessions: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
@@ -84,31 +85,31 @@ class Sorted:
                 "session": len(self.sessions)}[category]
 
 
-def sort(items: list[envelope.Item], dropped: list[envelope.Dropped]) -> Sorted:
+def sort(items: list[Item], dropped: list[Dropped]) -> Sorted:
     out = Sorted()
     for d in dropped:
         out.drop("too_large", CATEGORY.get(d.kind, "default"))
     for item in items:
         category = CATEGORY.get(item.kind)
         if item.kind == "event":
-            out.events.append(envelope.json_object(item.payload, "an event"))
+            out.events.append(json_object(item.payload, "an event"))
         elif category == "feedback":
-            out.feedback.append((item.kind, envelope.json_object(item.payload, "a feedback item")))
+            out.feedback.append((item.kind, json_object(item.payload, "a feedback item")))
         elif item.kind == "attachment":
             if len(item.payload) > MAX_ATTACHMENT:  # one sent without a length
                 name = item.header.get("filename")
-                dropped.append(envelope.Dropped(kind="attachment", size=len(item.payload),
-                                                reason="too_large",
-                                                filename=name[:256] if isinstance(name, str) else None))
+                dropped.append(Dropped(kind="attachment", size=len(item.payload),
+                                       reason="too_large",
+                                       filename=name[:256] if isinstance(name, str) else None))
                 out.drop("too_large", "attachment")
             else:
                 out.attachments.append(item)
         elif item.kind == "client_report":
-            out.client_reports.append(envelope.json_object(item.payload, "a client report"))
+            out.client_reports.append(json_object(item.payload, "a client report"))
         elif item.kind == "check_in":
-            out.check_ins.append(envelope.json_object(item.payload, "a check-in"))
+            out.check_ins.append(json_object(item.payload, "a check-in"))
         elif category == "session":
-            out.sessions.append((item.kind, envelope.json_object(item.payload, "a session")))
+            out.sessions.append((item.kind, json_object(item.payload, "a session")))
         elif category in REFUSED:
             out.drop("disabled", category)
         else:
@@ -136,22 +137,22 @@ def feedback(kind: str, body: dict[str, Any], *, service: str, project_id: str) 
         env = release = None
         fid = None
     else:
-        ctx = body.get("contexts") if isinstance(body.get("contexts"), dict) else {}
-        fb = ctx.get("feedback") if isinstance(ctx.get("feedback"), dict) else {}
+        ctx = as_dict(body.get("contexts"))
+        fb = as_dict(ctx.get("feedback"))
         message, name, email = fb.get("message"), fb.get("name"), fb.get("contact_email")
         event_id, url, source = fb.get("associated_event_id"), fb.get("url"), "feedback"
         env, release, fid = body.get("environment"), body.get("release"), body.get("event_id")
     if not isinstance(message, str) or not message.strip():
         return None
     return si.Feedback(
-        id=_uuid(fid) or str(uuid.uuid4()), occurred_at=datetime.now(timezone.utc),
+        id=_uuid(fid) or str(uuid.uuid4()), occurred_at=datetime.now(UTC),
         service=service, project_id=project_id, source=source,  # type: ignore[arg-type]
         message=scrub.truncate(scrub.text(message), 8192), event_id=_uuid(event_id),
         name=_opt(name, 256), email=_opt(email, 256), url=_opt(url, 2048),
         environment=_opt(env, 64), release=_opt(release, 128))
 
 
-def attachment(item: envelope.Item, *, service: str, project_id: str,
+def attachment(item: Item, *, service: str, project_id: str,
                event_id: str | None) -> si.Attachment:
     h = item.header
 
@@ -197,13 +198,15 @@ def check_in(body: dict[str, Any], *, service: str, project_id: str) -> si.Check
         sch = mc["schedule"]
         kind, value, unit = sch.get("type"), sch.get("value"), sch.get("unit")
         try:
-            schedule.next_run(kind, value, unit, datetime.now(timezone.utc), mc.get("timezone"))
+            schedule.next_run(kind, value, unit, datetime.now(UTC), mc.get("timezone"))
         except (schedule.InvalidSchedule, TypeError):
             kind = None  # a schedule we cannot follow is not taken
         if kind in ("crontab", "interval"):
             def minutes(key: str) -> int | None:
                 v = mc.get(key)
-                return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6 else None
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6:
+                    return int(v)
+                return None
             config = si.MonitorConfig(
                 schedule_type=kind, schedule_value=str(value)[:128],
                 schedule_unit=unit if isinstance(unit, str) else None,
@@ -212,18 +215,19 @@ def check_in(body: dict[str, Any], *, service: str, project_id: str) -> si.Check
     return si.CheckIn(
         id=_uuid(body.get("check_in_id")) or str(uuid.uuid4()), service=service,
         project_id=project_id, monitor_slug=slug.strip()[:128], status=status,
-        received_at=datetime.now(timezone.utc),
-        duration=float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None,
+        received_at=datetime.now(UTC),
+        duration=(float(duration) if isinstance(duration, (int, float))
+                  and not isinstance(duration, bool) else None),
         environment=_opt(body.get("environment"), 64), config=config)
 
 
 def _when(value: Any) -> datetime:
-    return envelope._when(value)
+    return sentry_envelope._when(value)
 
 
 def sessions(kind: str, body: dict[str, Any]) -> list[si.SessionCount]:
     """A ``session`` update or a ``sessions`` aggregate as counts; [] without a release."""
-    attrs = body.get("attrs") if isinstance(body.get("attrs"), dict) else {}
+    attrs = as_dict(body.get("attrs"))
     release = attrs.get("release")
     if not isinstance(release, str) or not release:
         return []
@@ -242,8 +246,8 @@ def sessions(kind: str, body: dict[str, Any]) -> list[si.SessionCount]:
     for agg in (body.get("aggregates") or [])[:1000] if isinstance(body.get("aggregates"), list) else []:
         if not isinstance(agg, dict):
             continue
-        counts = {k: agg.get(k) if isinstance(agg.get(k), int) and agg.get(k) >= 0 else 0
-                  for k in ("exited", "errored", "abnormal", "crashed")}
+        counts: dict[str, Any] = {k: v if isinstance(v := agg.get(k), int) and v >= 0 else 0
+                                  for k in ("exited", "errored", "abnormal", "crashed")}
         out.append(si.SessionCount(release=release, environment=env, started=_when(agg.get("started")),
                                    **counts))
     return out

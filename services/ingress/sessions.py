@@ -16,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from boxoffice import errors
+from boxoffice import errors, tokens
 from boxoffice.config import Config
 
 COOKIE = "boxoffice_session"
@@ -51,11 +51,9 @@ def _scoped_tokens(cfg: Config) -> list[tuple[str, str]]:
 
 def scope_of(cfg: Config, token: str) -> str | None:
     """``operate`` or ``read`` for an admin token, else None (compared in constant time)."""
-    found = None
-    for candidate, scope in _scoped_tokens(cfg):
-        if hmac.compare_digest(token.encode(), candidate.encode()):
-            found = found or scope
-    return found
+    operator = tokens.match(token, cfg.admin_api_tokens)
+    reader = tokens.match(token, cfg.admin_read_api_tokens)
+    return "operate" if operator is not None else "read" if reader is not None else None
 
 
 def issue(token: str, scope: str, now: float | None = None) -> tuple[str, Session]:

@@ -18,8 +18,16 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors, tokens
-from boxoffice.ingress.http import (CONFIG, REQUEST_ID, json_response, operate, read_json,
-                                    read_query, require_admin)
+from boxoffice.ingress.http import (
+    CONFIG,
+    REQUEST_ID,
+    json_response,
+    operate,
+    read_json,
+    read_query,
+    require_admin,
+)
+from boxoffice.ingress.routing import ANY, Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import stripe as w
 from boxoffice.wire.subjects import stripe_event
@@ -36,7 +44,18 @@ InvalidSignature = errors.define("InvalidSignature", "invalid_signature", 400,
 InvalidEvent = errors.define("InvalidStripeEvent", "invalid_stripe_event", 400,
                              "Not a Stripe event")
 
-routes = web.RouteTableDef()
+routes = Routes()
+EVENT_ID = {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,255}$"}
+
+
+class WebhookReceived(msgspec.Struct):
+    received: bool
+    id: str
+    duplicate: bool
+
+
+def setup(app: web.Application) -> None:
+    routes.setup(app)
 
 
 def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...],
@@ -84,7 +103,10 @@ def parse_event(body: bytes) -> w.StripeEvent:
         raise errors.InvalidJSON("the body is nested too deeply") from None
 
 
-@routes.post("/v1/webhooks/stripe")
+@routes.post("/v1/webhooks/stripe", "A Stripe event (signed with the endpoint secret)", "stripe",
+             w.StripeEvent, ok=(200, WebhookReceived),
+             headers=(("Stripe-Signature", ANY, True),),
+             tag="ingest")
 async def stripe_webhook(request: web.Request) -> web.Response:
     body = await request.read()  # over the body limit: 413 from the middleware
     try:
@@ -101,7 +123,8 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     return json_response({"received": True, "id": event.id, "duplicate": not fresh})
 
 
-@routes.get("/v1/admin/webhooks/events")
+@routes.get("/v1/admin/webhooks/events", "Stripe events received", "admin",
+            query=w.ListEventsRequest, ok=(200, w.LoggedEvents))
 async def list_events(request: web.Request) -> web.Response:
     require_admin(request)
     req = read_query(request, w.ListEventsRequest)
@@ -118,7 +141,9 @@ def _event_id(request: web.Request) -> str:
         raise errors.WebhookEventNotFound(f"no webhook event {event_id[:64]!r}") from None
 
 
-@routes.get("/v1/admin/webhooks/events/{event_id}")
+@routes.get("/v1/admin/webhooks/events/{event_id}",
+            "A Stripe event: its payload (secrets filtered) and last error", "admin",
+            ok=(200, w.LoggedEventDetail), path_params={"event_id": EVENT_ID})
 async def get_event(request: web.Request) -> web.Response:
     """One event with its payload (secrets filtered) and its last error."""
     require_admin(request)
@@ -126,7 +151,8 @@ async def get_event(request: web.Request) -> web.Response:
     return json_response(await request.app[BUS].request(w.EVENTS_GET, req, w.LoggedEventDetail))
 
 
-@routes.post("/v1/admin/webhooks/events/{event_id}/replay")
+@routes.post("/v1/admin/webhooks/events/{event_id}/replay", "Apply a Stripe event again",
+             "operate", ok=(200, w.ReplayResult), path_params={"event_id": EVENT_ID})
 @operate
 async def replay_event(request: web.Request) -> web.Response:
     require_admin(request)
@@ -136,7 +162,10 @@ async def replay_event(request: web.Request) -> web.Response:
     return json_response(result)
 
 
-@routes.post("/v1/admin/webhooks/replay")
+@routes.post("/v1/admin/webhooks/replay",
+             "Replay every event of a status (and type), oldest first: NDJSON, a ReplayProgress "
+             "line per event and a last one with the totals", "operate", w.ReplayManyBody,
+             ok=(200, NDJSON))
 @operate
 async def replay_matching(request: web.Request) -> web.StreamResponse:
     """Replay every event with a status (and type), oldest first, one after the other through
@@ -172,7 +201,8 @@ async def replay_matching(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-@routes.get("/v1/admin/webhooks/reconciliation")
+@routes.get("/v1/admin/webhooks/reconciliation", "Reconciliation with Stripe", "admin",
+            query=w.ReconciliationRequest, ok=(200, w.Reconciliation))
 async def reconciliation(request: web.Request) -> web.Response:
     """How far reconciliation with Stripe got and its last runs (answered by the webhook service)."""
     require_admin(request)

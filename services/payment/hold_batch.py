@@ -89,7 +89,7 @@ class HoldBatcher:
                 del queue[:self.max_batch]
                 try:
                     await self._run(event_id, batch)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - each waiter gets the failure
                     for item in batch:
                         if not item.future.done():
                             item.future.set_exception(exc)

@@ -172,7 +172,7 @@ class Expirer:
             self.deadline = math.inf  # nudges arriving during the sweep bring it back
             try:
                 due_in = await self.sweep(stopping)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - nothing stops the timer; retried, recorded
                 self._failed(exc)
                 self.backoff = min(max(self.backoff * 2, 0.25), self.settings.max_backoff)
                 # its own back-off, not stamina's: this wait is also the alarm that a new hold

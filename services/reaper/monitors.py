@@ -105,7 +105,7 @@ async def watching(pool: asyncpg.Pool, bus: busmod.Bus, period: float = PERIOD) 
             await sweep(pool, bus)
         except db.FAILURES as exc:
             log.warning("monitors not checked: PostgreSQL (%s)", type(exc).__name__)
-        except Exception:
+        except Exception:  # the bus may be away; the next sweep tries again
             log.warning("monitors not checked", exc_info=True)
 
     async def loop(stopping: asyncio.Event) -> None:

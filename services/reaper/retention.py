@@ -134,7 +134,7 @@ async def loop(pool: asyncpg.Pool, ages: Ages, interval: float, stopping: asynci
     async def once() -> float:
         try:
             run = await purge(pool, ages, stopping=stopping)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - retention must not die with its first failure
             run = runs.Run("retention", runs.utcnow(), runs.utcnow(), error=runs.describe(exc))
         if run.error is not None:
             ERRORS.labels("retention").inc()

@@ -195,7 +195,7 @@ async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Eve
                     except db.FAILURES as exc:
                         log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
                         raise
-        except Exception:  # noqa: BLE001 - the worker never dies; leased rows come back
+        except Exception:  # the worker never dies; leased rows come back
             log.exception("stripe actions: sweep failed")
             await background.pause(stopping, sweep)
             continue

@@ -335,7 +335,7 @@ class Reconciler:
             error = f"NATS: {exc.detail}"
         except db.FAILURES as exc:
             error = f"PostgreSQL: {describe(exc)}"
-        except Exception as exc:  # noqa: BLE001 - a bug: recorded on the run, which is closed
+        except Exception as exc:  # a bug: recorded on the run, which is closed
             log.exception("stripe reconciliation: run crashed")
             error = f"crashed: {describe(exc)}"
         try:

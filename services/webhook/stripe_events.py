@@ -177,7 +177,7 @@ class Consumer:
                 except db.UNAVAILABLE:
                     self._database_lost(msg)
                     await settle(msg, "nak", DB_RETRY_DELAY)
-                except Exception:  # noqa: BLE001 - a worker never dies; the message comes back
+                except Exception:  # a worker never dies; the message comes back
                     log.exception("applying stripe event %s crashed", event.id)
                     await settle(msg, "nak", DB_RETRY_DELAY)
                 finally:
@@ -208,7 +208,7 @@ class Consumer:
             self._database_lost(msg)
             await settle(msg, "nak", DB_RETRY_DELAY)
             return False
-        except Exception as exc:  # noqa: BLE001 - any failure of the event is counted and retried
+        except Exception as exc:  # any failure of the event is counted and retried
             try:
                 result = await self.processor.fail(event, raw, exc, conn)
             except db.UNAVAILABLE:

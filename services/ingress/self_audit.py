@@ -15,22 +15,29 @@ import asyncio
 from aiohttp import web
 
 from boxoffice.ingress.http import json_response, read_json, read_query, require_admin
+from boxoffice.ingress.routing import Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import audit
 
-routes = web.RouteTableDef()
+routes = Routes()
 
 RUN_TIMEOUT = 600.0  # a full pass over a large history, Stripe's lists included
 
 
-@routes.get("/v1/admin/invariants")
+def setup(app: web.Application) -> None:
+    routes.setup(app)
+
+
+@routes.get("/v1/admin/invariants", "The self-audit: last runs and open findings", "admin",
+            query=audit.InvariantsRequest, ok=(200, audit.Invariants))
 async def invariants(request: web.Request) -> web.Response:
     require_admin(request)
     req = read_query(request, audit.InvariantsRequest)
     return json_response(await request.app[BUS].request(audit.INVARIANTS, req, audit.Invariants))
 
 
-@routes.post("/v1/admin/invariants/run")
+@routes.post("/v1/admin/invariants/run", "Run every check of the self-audit now", "admin",
+             audit.RunRequest, ok=(200, audit.Invariants))
 async def run(request: web.Request) -> web.Response:
     require_admin(request)
     body = await read_json(request, audit.RunRequest)

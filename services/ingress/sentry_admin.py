@@ -1,9 +1,10 @@
-"""The operators' error routes (admin token), answered by the error-sink over the bus: groups,
-a group with its recent events, feedback and attachments, resolve, ignore; what was dropped;
-users' feedback; an attachment's file; cron monitors; release health."""
+"""The operators' routes (admin token) for what Sentry SDKs send besides errors, answered by the
+error-sink over the bus: what was dropped, users' feedback, an attachment's file, cron monitors,
+release health and source maps."""
 
 from __future__ import annotations
 
+from typing import Annotated
 from urllib.parse import quote
 
 import msgspec
@@ -11,37 +12,43 @@ from aiohttp import web
 
 from boxoffice import errors, scrub
 from boxoffice.ingress.http import json_response, operate, read_json, read_query, require_admin
+from boxoffice.ingress.routing import ANY, UUID, Routes
 from boxoffice.ingress.state import BUS
-from boxoffice.wire import errors as w
 from boxoffice.wire import sentry_items as si
 from boxoffice.wire.words import describe
 
-routes = web.RouteTableDef()
+routes = Routes()
 MAX_SOURCE_MAP = 6 << 20
 
 
-@routes.get("/v1/admin/errors")
-async def list_groups(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, w.ListGroups)
-    return json_response(await request.app[BUS].request(w.GROUPS_LIST, q, w.GroupList))
+class SourceMapName(msgspec.Struct, forbid_unknown_fields=True):
+    """A source map upload's query: the minified file it is for."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
 
 
-@routes.get("/v1/admin/errors/dropped")
+def setup(app: web.Application) -> None:
+    routes.setup(app)
+
+
+@routes.get("/v1/admin/errors/dropped", "What Sentry SDKs and ingress dropped, by reason",
+            "admin", query=si.ListDropped, ok=(200, si.DroppedList))
 async def list_dropped(request: web.Request) -> web.Response:
     require_admin(request)
     q = read_query(request, si.ListDropped)
     return json_response(await request.app[BUS].request(si.DROPPED, q, si.DroppedList))
 
 
-@routes.get("/v1/admin/monitors")
+@routes.get("/v1/admin/monitors", "Cron monitors: schedule, status, last and next check-in",
+            "admin", query=si.ListMonitors, ok=(200, si.MonitorList))
 async def list_monitors(request: web.Request) -> web.Response:
     require_admin(request)
     q = read_query(request, si.ListMonitors)
     return json_response(await request.app[BUS].request(si.MONITORS, q, si.MonitorList))
 
 
-@routes.post("/v1/admin/monitors")
+@routes.post("/v1/admin/monitors", "Create or change a cron monitor", "operate", si.SetMonitor,
+             ok=(201, si.Monitor))
 @operate
 async def set_monitor(request: web.Request) -> web.Response:
     require_admin(request)
@@ -49,22 +56,28 @@ async def set_monitor(request: web.Request) -> web.Response:
     return json_response(await request.app[BUS].request(si.MONITOR_SET, m, si.Monitor), status=201)
 
 
-@routes.get("/v1/admin/releases")
+@routes.get("/v1/admin/releases", "Release health: sessions, crash-free rates", "admin",
+            query=si.ListReleases, ok=(200, si.ReleaseList))
 async def list_releases(request: web.Request) -> web.Response:
     require_admin(request)
     q = read_query(request, si.ListReleases)
     return json_response(await request.app[BUS].request(si.RELEASES, q, si.ReleaseList))
 
 
-@routes.post("/v1/admin/releases/{release}/sourcemaps")
+@routes.post("/v1/admin/releases/{release}/sourcemaps",
+             "Upload a release's source map for one minified file (?name=URL or ~/path)",
+             "operate", "application/json", ok=(201, si.SourceMapInfo),
+             path_params={"release": ANY})
 @operate
 async def upload_source_map(request: web.Request) -> web.Response:
     """A release's source map for one minified file (``?name=`` its URL or ``~/path``); the
     body is the map (JSON), at most 6 MiB."""
     require_admin(request)
-    name = request.query.get("name", "")
-    if len(request.query) != 1 or not name:
-        raise errors.ValidationFailed("name (the minified file's URL or ~/path) is required, once")
+    try:
+        name = read_query(request, SourceMapName).name
+    except errors.ValidationFailed:
+        raise errors.ValidationFailed("name (the minified file's URL or ~/path) is required, "
+                                      "once") from None
     body = await request.content.read(MAX_SOURCE_MAP + 1)
     if len(body) > MAX_SOURCE_MAP:
         raise errors.PayloadTooLarge(f"a source map may not exceed {MAX_SOURCE_MAP} bytes")
@@ -77,14 +90,17 @@ async def upload_source_map(request: web.Request) -> web.Response:
                                                         timeout=15.0), status=201)
 
 
-@routes.get("/v1/admin/feedback")
+@routes.get("/v1/admin/feedback", "Users' feedback sent through Sentry SDKs", "admin",
+            query=si.ListFeedback, ok=(200, si.FeedbackList))
 async def list_feedback(request: web.Request) -> web.Response:
     require_admin(request)
     q = read_query(request, si.ListFeedback)
     return json_response(await request.app[BUS].request(si.FEEDBACK_LIST, q, si.FeedbackList))
 
 
-@routes.get("/v1/admin/attachments/{attachment_id}")
+@routes.get("/v1/admin/attachments/{attachment_id}", "An attachment, as a download", "admin",
+            query=si.GetAttachment, from_path=("id",), ok=(200, "application/octet-stream"),
+            path_params={"attachment_id": UUID})
 async def get_attachment(request: web.Request) -> web.Response:
     """The file as it was sent; always as a download (its content type is the sender's word,
     so it is never rendered on this origin), the declared one in ``X-Attachment-Content-Type``."""
@@ -97,19 +113,3 @@ async def get_attachment(request: web.Request) -> web.Response:
         "X-Content-Type-Options": "nosniff",
         "X-Attachment-Content-Type": scrub.truncate(found.info.content_type, 128).encode(
             "ascii", "replace").decode()})
-
-
-@routes.get("/v1/admin/errors/{group_id}")
-async def get_group(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, w.GetGroup, group_id=request.match_info["group_id"])
-    return json_response(await request.app[BUS].request(w.GROUPS_GET, q, w.GroupDetail))
-
-
-@routes.post("/v1/admin/errors/{group_id}/{action:resolve|ignore}")
-@operate
-async def set_status(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, w.SetGroupStatus, group_id=request.match_info["group_id"])
-    subject = w.GROUPS_RESOLVE if request.match_info["action"] == "resolve" else w.GROUPS_IGNORE
-    return json_response(await request.app[BUS].request(subject, q, w.ErrorGroup))

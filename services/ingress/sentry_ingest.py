@@ -1,20 +1,22 @@
-"""Error ingest and the operators' error routes.
+"""The Sentry protocol, so that an unmodified Sentry SDK whose DSN is
+``http(s)://<public key>@<ingress>/<project id>`` reports here.
 
-- ``POST /v1/errors`` (client token): one report in the bus's own schema; 202 once the bus kept it.
-- ``POST /api/{project_id}/envelope/``: the Sentry envelope protocol, so an unmodified Sentry
-  SDK whose DSN is ``http(s)://<public key>@<ingress>/<project id>`` reports here. Any numeric
-  project id is accepted (it is kept in the report's context); the public key, from
-  ``X-Sentry-Auth``, the ``sentry_key`` query parameter or the envelope's ``dsn``, must be one
-  of ``SENTRY_INGEST_KEYS`` (403 otherwise). gzip, deflate and br bodies (decoded by
-  aiohttp; br through the pinned Brotli package), size limits applied after decoding; CORS for browsers.
+- ``POST /api/{project_id}/envelope/``: the envelope protocol. Any numeric project id is accepted
+  (it is kept in the report's context); the public key, from ``X-Sentry-Auth``, the
+  ``sentry_key`` query parameter or the envelope's ``dsn``, must be one of
+  ``SENTRY_INGEST_KEYS`` (403 otherwise). gzip, deflate and br bodies (decoded by aiohttp; br
+  through the pinned Brotli package), size limits applied after decoding; CORS for browsers.
 - ``POST /api/{project_id}/store/``: the legacy single-event endpoint of older SDKs;
   ``POST /api/{project_id}/security/``: browsers' CSP violation reports (``report-uri`` with
   ``?sentry_key=``), stored as warnings. ``SENTRY_PROJECTS`` names the service of a project's
   events (else the event's ``service`` tag, else ``sentry-<platform>``).
-- Both are rate limited per key (per client token, per public key) to
-  ``ERROR_RATE_LIMIT_PER_MINUTE`` reports, answered with 429, ``Retry-After`` and Sentry's
-  ``X-Sentry-Rate-Limits``. The limit is per ingress replica.
-- The operators' routes are in ``errors_admin``.
+- ``POST /api/0/projects/{organization}/{project}/user-feedback/``: users' feedback, with the
+  DSN as its credential.
+- Rate limited per public key, each category its own budget, with the client reports' limiter
+  (``error_reports``): 429, ``Retry-After`` and Sentry's ``X-Sentry-Rate-Limits``.
+
+The envelope's parsing is ``sentry_envelope``, its items' ``sentry_items``; the operators' routes
+for what arrives are ``sentry_admin`` and ``error_groups``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import base64
 import binascii
 import logging
 import math
-import time
 import uuid
 import zlib
 from urllib.parse import urlsplit
@@ -36,45 +37,25 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from boxoffice import errors, scrub, tokens, wire
 from boxoffice.config import Config
-from boxoffice.ingress import csp, envelope, errors_admin, sentry_items
-from boxoffice.ingress.http import (CONFIG, REQUEST_ID, client_id, json_response, problem_response,
-                                    read_json)
+from boxoffice.ingress import csp, sentry_envelope, sentry_items
+from boxoffice.ingress.error_reports import LIMITER, limit, publish
+from boxoffice.ingress.http import CONFIG, REQUEST_ID, json_response, problem_response
+from boxoffice.ingress.routing import ANY, Routes
 from boxoffice.ingress.state import BUS
-from boxoffice.wire import errors as w
 from boxoffice.wire import sentry_items as si
-from boxoffice.wire.subjects import error_report
 
-
-class RateLimiter:
-    """A token bucket per key: ``per_minute`` tokens, refilled continuously."""
-
-    def __init__(self, per_minute: int):
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str, n: int = 1) -> float:
-        """0 when ``n`` tokens were taken, else the seconds until they would be there."""
-        now = time.monotonic()
-        tokens, at = self._buckets.get(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - at) * self.rate)
-        if tokens >= n:
-            self._buckets[key] = (tokens - n, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > 100_000:  # forget idle keys rather than grow without bound
-            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
-        return (min(n, self.capacity) - tokens) / self.rate
-
-
-LIMITER = web.AppKey("error_rate_limiter", RateLimiter)
 QUOTA = web.AppKey("attachment_quota", sentry_items.AttachmentQuota)
 CORS = {"Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "POST, OPTIONS",
         "Access-Control-Allow-Headers": "Content-Type, Content-Encoding, X-Sentry-Auth, Authorization",
         "Access-Control-Expose-Headers": "Retry-After, X-Sentry-Rate-Limits",
         "Access-Control-Max-Age": "86400"}
-routes = web.RouteTableDef()
+routes = Routes()
+PROJECT = {"type": "string", "pattern": r"^[0-9]{1,18}$"}
+
+
+class EnvelopeAccepted(msgspec.Struct):
+    id: str | None = None
 
 
 def _client_payload_errors_are_warnings(record: logging.LogRecord) -> bool:
@@ -86,51 +67,14 @@ def _client_payload_errors_are_warnings(record: logging.LogRecord) -> bool:
     return True
 
 
-def setup(app: web.Application) -> list[web.AbstractRouteDef]:
-    """Give ``app`` the rate limiter; returns the routes for ``app.add_routes``."""
-    app[LIMITER] = RateLimiter(app[CONFIG].error_rate_limit_per_minute)
+def setup(app: web.Application) -> None:
+    """The Sentry routes and the attachments' daily quota; the rate limiter is the client
+    reports' (``error_reports.setup``, called first)."""
     app[QUOTA] = sentry_items.AttachmentQuota()
     logging.getLogger("aiohttp.server").addFilter(_client_payload_errors_are_warnings)
-    return [*routes, *errors_admin.routes]
+    routes.setup(app)
 
 
-def _limit(request: web.Request, key: str, n: int = 1) -> None:
-    wait = request.app[LIMITER].take(key, n)
-    if wait:
-        raise errors.RateLimited(f"more than {request.app[CONFIG].error_rate_limit_per_minute} "
-                                 "error reports a minute from this key",
-                                 retry_after=max(1, math.ceil(wait)))
-
-
-def scrubbed(report: w.ErrorReport) -> w.ErrorReport:
-    """The report with credentials filtered, as the error-sink would store it: what clients send
-    stays on the ERRORS stream for days, so secrets are taken out before it gets there."""
-    def opt(v: str | None) -> str | None:
-        return scrub.text(v) if v else v
-
-    return msgspec.structs.replace(
-        report, message=scrub.text(report.message), error_type=opt(report.error_type),
-        stacktrace=opt(report.stacktrace), context=scrub.value(report.context),
-        fingerprint=[scrub.text(f) for f in report.fingerprint] if report.fingerprint else None,
-        environment=opt(report.environment), release=opt(report.release),
-        request_id=opt(report.request_id))
-
-
-async def _publish(request: web.Request, report: w.ErrorReport) -> None:
-    await request.app[BUS].publish(error_report(report.service, report.level),
-                                   wire.encode(scrubbed(report)), report.id)
-
-
-@routes.post("/v1/errors")
-async def post_error(request: web.Request) -> web.Response:
-    who = client_id(request)
-    _limit(request, who)
-    report = await read_json(request, w.ErrorReport)
-    await _publish(request, report)
-    return json_response({"id": report.id}, status=202)
-
-
-# -- Sentry envelopes ---------------------------------------------------------------------------
 def _key_from_auth(header: str) -> str | None:
     scheme, _, rest = header.strip().partition(" ")
     if scheme.lower() != "sentry":
@@ -161,7 +105,7 @@ def _check_key(cfg: Config, key: str | None) -> str:
 
 async def _read_body(request: web.Request) -> bytes:
     """The (decompressed) body, refused past ``MAX_ENVELOPE`` bytes before or after inflating."""
-    limit = envelope.MAX_ENVELOPE
+    limit = sentry_envelope.MAX_ENVELOPE
     if request.content_length is not None and request.content_length > limit:
         raise errors.PayloadTooLarge(f"an envelope may not exceed {limit} bytes")
     chunks, size = [], 0
@@ -191,17 +135,17 @@ def _project_service(request: web.Request) -> str | None:
     return dict(request.app[CONFIG].sentry_projects).get(pid)
 
 
-async def _parse_envelope(request: web.Request) -> envelope.Parser:
+async def _parse_envelope(request: web.Request) -> sentry_envelope.Parser:
     """Read the (decompressed) body into a ``Parser`` chunk by chunk, so an attachment over its
     limit is skipped, not held; at most ``MAX_WIRE`` bytes are read."""
-    if request.content_length is not None and request.content_length > envelope.MAX_WIRE:
-        raise errors.PayloadTooLarge(f"an envelope may not exceed {envelope.MAX_WIRE} bytes")
-    parser, size = envelope.Parser(sentry_items.MAX_ATTACHMENT), 0
+    if request.content_length is not None and request.content_length > sentry_envelope.MAX_WIRE:
+        raise errors.PayloadTooLarge(f"an envelope may not exceed {sentry_envelope.MAX_WIRE} bytes")
+    parser, size = sentry_envelope.Parser(sentry_items.MAX_ATTACHMENT), 0
     try:
         while chunk := await request.content.read(1 << 16):
             size += len(chunk)
-            if size > envelope.MAX_WIRE:
-                raise errors.PayloadTooLarge(f"an envelope may not exceed {envelope.MAX_WIRE} bytes")
+            if size > sentry_envelope.MAX_WIRE:
+                raise errors.PayloadTooLarge(f"an envelope may not exceed {sentry_envelope.MAX_WIRE} bytes")
             parser.feed(chunk)
     except (HttpProcessingError, RequestPayloadError):
         raise errors.BadRequest("the body could not be read or decompressed") from None
@@ -232,7 +176,7 @@ async def _envelope(request: web.Request) -> web.Response:
     reports = []
     for i, event in enumerate([] if "error" in limited else sorted_.events):
         fallback = header.get("event_id") if i == 0 and isinstance(header.get("event_id"), str) else None
-        reports.append(envelope.to_report(event, project_id=project_id, fallback_id=fallback,
+        reports.append(sentry_envelope.to_report(event, project_id=project_id, fallback_id=fallback,
                                           service=service))
     item_service = reports[0].service if reports else service or "sentry"
     event_id = reports[0].id if reports else None
@@ -284,7 +228,7 @@ async def _envelope(request: web.Request) -> web.Response:
                                                     for (r, c), n in sorted_.discarded.items()])
         published.append((si.subject(si.DISCARDS), d, d.id))
     bus = request.app[BUS]
-    await asyncio.gather(*(_publish(request, r) for r in reports),
+    await asyncio.gather(*(publish(request, r) for r in reports),
                          *(bus.publish(subject, wire.encode(body), msg_id)
                            for subject, body, msg_id in published))
     if limited and not kept:
@@ -306,20 +250,20 @@ async def _store(request: web.Request) -> web.Response:
     if key is None:
         raise errors.Forbidden("a valid Sentry public key is required (X-Sentry-Auth or sentry_key)")
     body = await _read_body(request)
-    if len(body) > envelope.MAX_EVENT:
-        raise envelope.EventTooLarge(f"an event is larger than {envelope.MAX_EVENT} bytes")
+    if len(body) > sentry_envelope.MAX_EVENT:
+        raise sentry_envelope.EventTooLarge(f"an event is larger than {sentry_envelope.MAX_EVENT} bytes")
     if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
         try:
-            body = zlib.decompressobj().decompress(base64.b64decode(body), envelope.MAX_EVENT + 1)
+            body = zlib.decompressobj().decompress(base64.b64decode(body), sentry_envelope.MAX_EVENT + 1)
         except (binascii.Error, zlib.error, ValueError):
-            raise envelope.InvalidEnvelope("the event is neither JSON nor base64 zlib JSON") from None
-        if len(body) > envelope.MAX_EVENT:
-            raise envelope.EventTooLarge(f"an event is larger than {envelope.MAX_EVENT} bytes")
-    event = envelope.json_object(body, "the event")
-    _limit(request, f"sentry:{key}:error")
-    report = envelope.to_report(event, project_id=request.match_info["project_id"],
+            raise sentry_envelope.InvalidEnvelope("the event is neither JSON nor base64 zlib JSON") from None
+        if len(body) > sentry_envelope.MAX_EVENT:
+            raise sentry_envelope.EventTooLarge(f"an event is larger than {sentry_envelope.MAX_EVENT} bytes")
+    event = sentry_envelope.json_object(body, "the event")
+    limit(request, f"sentry:{key}:error")
+    report = sentry_envelope.to_report(event, project_id=request.match_info["project_id"],
                                 fallback_id=None, service=_project_service(request))
-    await _publish(request, report)
+    await publish(request, report)
     return json_response({"id": report.id.replace("-", "")})
 
 
@@ -328,16 +272,16 @@ async def _security(request: web.Request) -> web.Response:
     if key is None:
         raise errors.Forbidden("a valid Sentry public key is required (sentry_key)")
     body = await _read_body(request)
-    if len(body) > envelope.MAX_EVENT:
-        raise envelope.EventTooLarge(f"a report is larger than {envelope.MAX_EVENT} bytes")
+    if len(body) > sentry_envelope.MAX_EVENT:
+        raise sentry_envelope.EventTooLarge(f"a report is larger than {sentry_envelope.MAX_EVENT} bytes")
     try:
         parsed = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        raise envelope.InvalidEnvelope("a security report must be JSON") from None
+        raise sentry_envelope.InvalidEnvelope("a security report must be JSON") from None
     reports = csp.to_reports(parsed, project_id=request.match_info["project_id"],
                              service=_project_service(request))
-    _limit(request, f"sentry:{key}:error", len(reports))
-    await asyncio.gather(*(_publish(request, r) for r in reports))
+    limit(request, f"sentry:{key}:error", len(reports))
+    await asyncio.gather(*(publish(request, r) for r in reports))
     return web.Response(status=201)
 
 
@@ -356,8 +300,8 @@ async def _user_feedback(request: web.Request) -> web.Response:
     if not project_id or not project_id.isdigit() or len(project_id) > 18:
         raise errors.Forbidden("the DSN names no project")
     body = await _read_body(request)
-    report = envelope.json_object(body, "the feedback")
-    _limit(request, f"sentry:{key}:feedback")
+    report = sentry_envelope.json_object(body, "the feedback")
+    limit(request, f"sentry:{key}:feedback")
     service = dict(request.app[CONFIG].sentry_projects).get(str(int(project_id))) or "sentry"
     fb = sentry_items.feedback("user_report", report, service=service, project_id=str(int(project_id)))
     if fb is None or fb.event_id is None:
@@ -370,12 +314,14 @@ async def _user_feedback(request: web.Request) -> web.Response:
                           "email": fb.email, "comments": fb.message})
 
 
-@routes.post(r"/api/0/projects/{organization}/{project}/user-feedback/")
+@routes.post(r"/api/0/projects/{organization}/{project}/user-feedback/",
+             "Sentry's user-feedback endpoint (Authorization: DSN <dsn>)", "sentry", "object",
+             ok=(200, "object"), path_params={"organization": ANY, "project": ANY}, tag="ingest")
 async def post_user_feedback(request: web.Request) -> web.Response:
     return await _answer(request, _user_feedback)
 
 
-async def _answer(request: web.Request, handler) -> web.Response:  # type: ignore[no-untyped-def]
+async def _answer(request: web.Request, handler) -> web.Response:
     try:
         resp = await handler(request)
     except errors.BoxofficeError as exc:  # answered here so that browsers see CORS headers
@@ -386,21 +332,31 @@ async def _answer(request: web.Request, handler) -> web.Response:  # type: ignor
     return resp
 
 
-@routes.post(r"/api/{project_id:\d{1,18}}/envelope/")
+@routes.post(r"/api/{project_id:\d{1,18}}/envelope/",
+             "Sentry envelope (the Sentry SDKs' protocol)", "sentry",
+             "application/x-sentry-envelope", ok=(200, EnvelopeAccepted),
+             path_params={"project_id": PROJECT}, tag="ingest")
 async def post_envelope(request: web.Request) -> web.Response:
     return await _answer(request, _envelope)
 
 
-@routes.post(r"/api/{project_id:\d{1,18}}/store/")
+@routes.post(r"/api/{project_id:\d{1,18}}/store/", "Sentry event (the older SDKs' protocol)",
+             "sentry", "object", ok=(200, EnvelopeAccepted), path_params={"project_id": PROJECT},
+             tag="ingest")
 async def post_store(request: web.Request) -> web.Response:
     return await _answer(request, _store)
 
 
-@routes.post(r"/api/{project_id:\d{1,18}}/security/")
+@routes.post(r"/api/{project_id:\d{1,18}}/security/",
+             "Browsers' Content-Security-Policy reports", "sentry", "application/csp-report",
+             ok=(201, None), path_params={"project_id": PROJECT}, tag="ingest")
 async def post_security(request: web.Request) -> web.Response:
     return await _answer(request, _security)
 
 
-@routes.options(r"/api/{project_id:\d{1,18}}/{endpoint:envelope|store|security}/")
+@routes.options(r"/api/{project_id:\d{1,18}}/{endpoint:envelope|store|security}/",
+                "CORS preflight for browsers' SDKs", ok=(204, None),
+                path_params={"project_id": PROJECT, "endpoint": {
+                    "type": "string", "enum": ["envelope", "store", "security"]}}, tag="ingest")
 async def envelope_preflight(_: web.Request) -> web.Response:
     return web.Response(status=204, headers=CORS)

@@ -6,13 +6,19 @@ from __future__ import annotations
 from aiohttp import web
 
 from boxoffice.ingress.http import json_response, read_query, require_admin
+from boxoffice.ingress.routing import Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import admin_actions as wire
 
-routes = web.RouteTableDef()
+routes = Routes()
 
 
-@routes.get("/v1/admin/audit")
+def setup(app: web.Application) -> None:
+    routes.setup(app)
+
+
+@routes.get("/v1/admin/audit", "The operators' action log", "admin", query=wire.ListRequest,
+            ok=(200, wire.Actions))
 async def list_actions(request: web.Request) -> web.Response:
     require_admin(request)
     req = read_query(request, wire.ListRequest)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -40,6 +40,11 @@ _BUNDLE_HASH = re.compile(r"[.-](?=[0-9a-f]*\d)[0-9a-f]{6,}(?=[.-])", re.I)
 _URL_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/]*", re.I)
 MAX_BREADCRUMBS = 100
 MAX_FRAMES = 30
+
+
+def as_dict(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (what SDKs send is checked, not trusted)."""
+    return value if isinstance(value, dict) else {}
 
 
 def json_object(data: bytes, what: str) -> dict[str, Any]:
@@ -218,13 +223,13 @@ def _text(value: Any) -> str | None:
 def _when(value: Any) -> datetime:
     try:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return datetime.fromtimestamp(value, timezone.utc)
+            return datetime.fromtimestamp(value, UTC)
         if isinstance(value, str):
             ts = msgspec.convert(value, datetime, strict=False)
-            return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+            return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
     except (msgspec.ValidationError, ValueError, OverflowError, OSError):
         pass
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _frames(stacktrace: Any) -> list[str]:
@@ -297,10 +302,10 @@ def _exception_detail(values: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each exception with its mechanism and its frames (with local variables), oldest first."""
     out = []
     for v in values[-5:]:
-        mech = v.get("mechanism") if isinstance(v.get("mechanism"), dict) else {}
+        mech = as_dict(v.get("mechanism"))
         frames = []
         for f in _frame_list(v.get("stacktrace"))[-MAX_FRAMES:]:
-            frame = {k: f[k] for k in ("filename", "abs_path", "module", "function", "lineno",
+            frame: dict[str, Any] = {k: f[k] for k in ("filename", "abs_path", "module", "function", "lineno",
                                        "colno", "in_app", "context_line") if k in f}
             if isinstance(f.get("vars"), dict):
                 frame["vars"] = f["vars"]
@@ -354,10 +359,11 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
         tags = {str(t[0]): t[1] for t in tags if isinstance(t, list) and len(t) == 2}
     tags = tags if isinstance(tags, dict) else {}
     platform = str(event.get("platform") or "other")
-    service = _SERVICE_CHARS.sub("-", str(service or tags.get("service") or f"sentry-{platform}"))[:64].strip("-")
+    service = _SERVICE_CHARS.sub(
+        "-", str(service or tags.get("service") or f"sentry-{platform}"))[:64].strip("-")
     level = str(event.get("level") or "error").lower()
     level = _LEVEL.get(level, level if level in LEVELS else "error")
-    sdk = event.get("sdk") if isinstance(event.get("sdk"), dict) else {}
+    sdk = as_dict(event.get("sdk"))
     context: dict[str, Any] = {"sentry": {
         "project_id": project_id, "platform": platform,
         "sdk": f"{sdk.get('name', '?')}/{sdk.get('version', '?')}",
@@ -368,7 +374,7 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
         context["sentry"]["handled"] = all(e["mechanism"]["handled"] for e in context["exception"])
     if crumbs := _breadcrumbs(event):
         context["breadcrumbs"] = crumbs
-    debug = event.get("debug_meta") if isinstance(event.get("debug_meta"), dict) else {}
+    debug = as_dict(event.get("debug_meta"))
     images = [{"code_file": i["code_file"], "debug_id": i["debug_id"]}
               for i in (debug.get("images") or [])[:50] if isinstance(i, dict)
               and isinstance(i.get("code_file"), str) and isinstance(i.get("debug_id"), str)]

@@ -1,17 +1,24 @@
-"""Operator routes (admin token): ticketed events and their inventory."""
+"""Operator routes (admin token): ticketed events and their inventory, answered by the payment
+service."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from boxoffice.ingress.http import json_response, operate, read_json, read_query, require_admin
+from boxoffice.ingress.routing import ANY, Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import admin
 
-routes = web.RouteTableDef()
+routes = Routes()
 
 
-@routes.get("/v1/admin/events")
+def setup(app: web.Application) -> None:
+    routes.setup(app)
+
+
+@routes.get("/v1/admin/events", "Ticketed events and their inventory, newest first", "admin",
+            query=admin.ListEvents, ok=(200, admin.TicketedEvents))
 async def list_events(request: web.Request) -> web.Response:
     require_admin(request)
     req = read_query(request, admin.ListEvents)
@@ -19,7 +26,8 @@ async def list_events(request: web.Request) -> web.Response:
                                                         admin.TicketedEvents))
 
 
-@routes.post("/v1/admin/events")
+@routes.post("/v1/admin/events", "Create a ticketed event", "operate", admin.CreateEvent,
+             ok=(201, admin.TicketedEvent))
 @operate
 async def create_event(request: web.Request) -> web.Response:
     require_admin(request)
@@ -28,7 +36,8 @@ async def create_event(request: web.Request) -> web.Response:
     return json_response(event, status=201)
 
 
-@routes.get("/v1/admin/events/{event_id}")
+@routes.get("/v1/admin/events/{event_id}", "A ticketed event's inventory", "admin",
+            ok=(200, admin.TicketedEvent), path_params={"event_id": ANY})
 async def get_event(request: web.Request) -> web.Response:
     require_admin(request)
     req = admin.GetEvent(event_id=request.match_info["event_id"])
