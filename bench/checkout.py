@@ -8,6 +8,8 @@ baseline taken in the same run:
   vs a direct stripe-python call to localstripe, interleaved one for one: p50/p99, and the p50
   difference (our overhead; goal <= 3 ms);
 - replays of one stored Idempotency-Key through ingress: requests/s and p50 (goal >= 3,000/s);
+- checkouts (a hold, then its PaymentIntent) through ingress, 16 buyers at a time, against
+  PaymentIntents created directly at localstripe with the same concurrency;
 - holds on one hot event, 64 concurrent clients: ``hold_tickets`` over 64 PostgreSQL connections
   vs a plain single-row ``UPDATE ... SET available = available - 1`` (goal >= 1,000 holds/s), the
   same holds end to end through ingress, and a sell-out race that must end with exactly capacity
@@ -15,6 +17,10 @@ baseline taken in the same run:
 
     .venv/bin/python -m bench.checkout            # about 60 s
     .venv/bin/python -m bench.checkout --quick    # shorter phases
+    .venv/bin/python -m bench.checkout --replicas 2   # two payment and two ingress processes
+
+With ``--replicas N`` the services under test run as N processes each: payment replicas share
+its NATS queue group, ingress replicas one port (``INGRESS_REUSE_PORT=1``, SO_REUSEPORT).
 
 Prints one JSON object.
 """
@@ -65,30 +71,32 @@ class Services:
         self.procs: list[subprocess.Popen] = []
         self.ingress_url = ""
 
-    def start(self, service: str) -> str:
-        port = free_port()
-        env = dict(self.env)
+    def start(self, service: str, shared_port: int | None = None) -> str:
+        """Start one process of ``service``; its URL (ingress: its public one). Ingress given a
+        ``shared_port`` listens there beside other ingress processes (SO_REUSEPORT)."""
+        port = health = free_port()  # each process is checked on its own port
+        env = dict(self.env, HEALTH_PORT=str(health))
         if service == "ingress":
             env.pop("DATABASE_URL")
             env.pop("STRIPE_API_KEY")
+            port = shared_port or free_port()
             env["INGRESS_PORT"] = str(port)
-        else:
-            env["HEALTH_PORT"] = str(port)
-        with open(self.root / f"{service}.log", "ab") as out:
+            if shared_port is not None:
+                env["INGRESS_REUSE_PORT"] = "1"
+        with open(self.root / f"{service}-{len(self.procs)}.log", "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "run", service],
                                     env=env, stdout=out, stderr=out, preexec_fn=die_with_parent)
         self.procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=1) as r:
                     if r.status == 200:
-                        return url
+                        return f"http://127.0.0.1:{port}"
             except OSError:
                 pass
             if proc.poll() is not None:
-                log = (self.root / f"{service}.log").read_text()
+                log = (self.root / f"{service}-{len(self.procs) - 1}.log").read_text()
                 raise RuntimeError(f"{service} exited: {log[-2000:]}")
             time.sleep(0.05)
         raise TimeoutError(f"{service} not ready")
@@ -191,6 +199,40 @@ async def closed_loop(fn, seconds: float, workers: int) -> tuple[int, list[float
     return sum(counts), lat, time.perf_counter() - start
 
 
+async def bench_checkouts(c: Client, stripe_base: str, seconds: float,
+                          workers: int = 16) -> dict[str, Any]:
+    """Buyers per second: a hold and its PaymentIntent through ingress, ``workers`` at a time,
+    against PaymentIntents created directly at the emulator with the same concurrency (its
+    ceiling: no checkout can go faster than its Stripe call)."""
+    event_id = await c.event(capacity=5_000_000)
+
+    async def checkout() -> None:
+        status, body = await c.hold(event_id)
+        assert status == 201, body
+        status, body = await c.post("/v1/payment_intents",
+                                    {"reservation_id": json.loads(body)["id"]},
+                                    key=str(uuid.uuid4()))
+        assert status == 201, body
+
+    http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=10))
+    sdk = stripe.StripeClient(STRIPE_KEY, http_client=http, base_addresses={"api": stripe_base})
+
+    async def direct() -> None:
+        await sdk.v1.payment_intents.create_async(
+            params={"amount": 2500, "currency": "eur"},
+            options={"idempotency_key": str(uuid.uuid4())})
+
+    try:
+        n_direct, lat_direct, t_direct = await closed_loop(direct, seconds, workers)
+    finally:
+        await http.close_async()
+    n, lat, elapsed = await closed_loop(checkout, seconds, workers)
+    return {"concurrency": workers, "checkouts": n, "per_s": round(n / elapsed, 1),
+            "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+            "direct_payment_intents_per_s": round(n_direct / t_direct, 1),
+            "direct_p50_ms": pct(lat_direct, 0.5)}
+
+
 async def bench_replays(c: Client, rid: str, seconds: float) -> dict[str, Any]:
     key = f"bench-{rid}"
     status, expected = await c.post("/v1/payment_intents", {"reservation_id": rid}, key=key)
@@ -288,6 +330,10 @@ async def sell_out(c: Client, db_url: str, capacity: int) -> dict[str, Any]:
             "exactly_sold_out": ok == capacity == row["held"] and row["per_bucket_ok"]}
 
 
+def _replica(service: str, index: int) -> str:
+    return service if index == 0 else f"{service}-{index + 1}"
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     phase = 3.0 if args.quick else 6.0
     load_before = round(os.getloadavg()[0], 2)
@@ -300,19 +346,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             migrate.run(pg.url("boxoffice"), "up")
             payment_url = svcs.start("payment")
-            base = svcs.start("ingress")
+            for _ in range(args.replicas - 1):
+                svcs.start("payment")
+            shared = free_port() if args.replicas > 1 else None
+            base = svcs.start("ingress", shared)
+            for _ in range(args.replicas - 1):
+                svcs.start("ingress", shared)
             connector = aiohttp.TCPConnector(limit=256)
             async with aiohttp.ClientSession(connector=connector) as session:
                 c = Client(session, base)
                 intents = await bench_intents(c, ls.url, 60 if args.quick else 250)
                 intents["payment_service_mean_ms"] = await phase_means(session, payment_url)
                 replays = await bench_replays(c, intents.pop("key"), phase)
+                checkouts = await bench_checkouts(c, ls.url, phase)
                 hot = await c.event(capacity=5_000_000)
                 holds_db = await bench_holds_db(pg.url("boxoffice"), hot, phase)
                 assert pg.proc is not None and nats.proc is not None
-                procs = {"ingress": svcs.procs[1].pid, "payment": svcs.procs[0].pid,
-                         "postgres": pg.proc.pid, "nats": nats.proc.pid,
-                         "bench_client": os.getpid()}
+                n = args.replicas
+                procs = {_replica("payment", i): p.pid for i, p in enumerate(svcs.procs[:n])}
+                procs |= {_replica("ingress", i): p.pid for i, p in enumerate(svcs.procs[n:])}
+                procs |= {"postgres": pg.proc.pid, "nats": nats.proc.pid,
+                          "bench_client": os.getpid()}
                 holds_http = await bench_holds_http(c, hot, phase, procs)
                 race = await sell_out(c, pg.url("boxoffice"), 3000)
         finally:
@@ -322,10 +376,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pg.stop()
     return {
         "bench": "checkout",
+        "replicas": args.replicas,
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
                     "load_avg_1m_after": round(os.getloadavg()[0], 2)},
         "payment_intents": intents,
         "replays": replays,
+        "checkouts": checkouts,
         "holds_hot_event_db": holds_db,
         "holds_hot_event_http": holds_http,
         "sell_out_race": race,
@@ -341,6 +397,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter phases")
+    parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
+                        help="processes of payment and of ingress (default 1)")
     args = parser.parse_args()
     try:
         import uvloop

@@ -8,7 +8,11 @@
    every report stored exactly once. Baseline in the same run: a
    plain COPY of the same rows (already converted to columns, so no decoding, scrubbing or
    grouping) into an identical, empty error_logs, 10,000 rows per COPY (and 1,000, the
-   sink's batch size).
+   sink's batch size). And the sink's CPU per report step by step, in this process: decoding,
+   scrubbing, grouping, and the whole message-to-row conversion; and, from pg_stat_statements,
+   PostgreSQL's execution time per report of the statements that took most during each sink run
+   (a COPY's time includes the sink's encoding and sending of its rows; the count(*) is the
+   bench's own polling).
 2. ingress: reports accepted per second by `POST /v1/errors` on a real ingress process, 64
    concurrent keep-alive connections; baseline: a bare aiohttp app answering 202 to the same
    requests from the same client.
@@ -39,9 +43,9 @@ import nats
 import nats.js.errors
 
 from bench.cpu import cpu_seconds, tree
-from boxoffice import migrate
+from boxoffice import migrate, scrub
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
-from boxoffice.error_sink import store
+from boxoffice.error_sink import grouping, report_rows, store
 from boxoffice.error_sink.report_rows import COLUMNS, prepare
 from tests.errors_support import publish
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
@@ -76,6 +80,40 @@ def make_reports(n: int, seed: int = 7) -> list[dict]:
     return out
 
 
+def step_cpu(bodies: list[dict], runs: int = 5) -> dict[str, float]:
+    """CPU microseconds per report of each step of the sink's conversion (the least of
+    ``runs``, so other processes on the machine count as little as possible)."""
+    now = datetime.now(UTC)
+    msgs = [SimpleNamespace(subject=f"errors.{b['service']}.{b['level']}", data=json.dumps(b).encode(),
+                            headers=None) for b in bodies]
+    reports = [report_rows._decoder.decode(m.data) for m in msgs]
+
+    def scrub_all() -> None:
+        for r in reports:
+            for v in (r.message, r.error_type, r.stacktrace, r.request_id):
+                if v:
+                    scrub.text(v)
+            if r.context:
+                scrub.clean(r.context)
+
+    steps = {
+        "decode": lambda: [report_rows._decoder.decode(m.data) for m in msgs],
+        "scrub": scrub_all,
+        "group": lambda: [grouping.group_key(r.service or "", grouping.fingerprint(
+            r.error_type, r.stacktrace, r.message or "", None)) for r in reports],
+        "prepare_all": lambda: [prepare(m, now) for m in msgs],
+    }
+    out = {}
+    for name, step in steps.items():
+        best = float("inf")
+        for _ in range(runs):
+            started = time.process_time()
+            step()
+            best = min(best, time.process_time() - started)
+        out[name] = round(best * 1e6 / len(msgs), 2)
+    return out
+
+
 async def create_db(admin_url: str, name: str) -> str:
     conn = await asyncpg.connect(admin_url)
     try:
@@ -89,7 +127,7 @@ async def create_db(admin_url: str, name: str) -> str:
 
 async def plain_copy(url: str, bodies: list[dict], rows_per_copy: int) -> float:
     now = datetime.now(UTC)
-    rows = [prepare(SimpleNamespace(subject=f"errors.{b['service']}.{b['level']}",  # type: ignore[arg-type]
+    rows = [prepare(SimpleNamespace(subject=f"errors.{b['service']}.{b['level']}",
                                     data=json.dumps(b).encode(), headers=None), now).record
             for b in bodies]  # conversion is not timed: the baseline is the COPY alone
     conn = await asyncpg.connect(url)
@@ -189,13 +227,16 @@ async def main() -> None:
     ap.add_argument("--replicas", default="1,2", help="error-sink process counts to measure")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-errors-"))
-    pg = Postgres(tmp / "pg" / "data").start(create_db=None)
+    pg = Postgres(tmp / "pg" / "data")
+    pg.settings["shared_preload_libraries"] = "pg_stat_statements"  # the sink's SQL, per statement
+    pg.start(create_db=None)
     nats_srv = NatsServer(tmp / "nats", sync_always=False).start()
     n = args.reports
     out: dict[str, object] = {"bench": "errors", "reports": n}
     try:
         admin = pg.url("postgres")
         bodies = make_reports(n)
+        out["sink_step_cpu_us_per_report"] = step_cpu(bodies[:20_000])
         started = time.perf_counter()
         await publish(nats_srv.url, bodies)
         out["bus_publish_per_s"] = round(n / (time.perf_counter() - started))
@@ -207,12 +248,15 @@ async def main() -> None:
             await forget_consumer(nats_srv.url)  # the sink starts again from the first report
             db = await create_db(admin, f"sink{replicas}")
             assert pg.proc is not None
+            await statements(admin, reset=True)
             rate, distinct, groups, cpu = await sink_rate(env, db, n, tmp, replicas, pg.proc.pid)
             key = f"sink_{replicas}_replica{'s' if replicas > 1 else ''}"
             out.update({f"{key}_persisted_per_s": round(rate), f"{key}_lost": n - distinct,
                         f"{key}_cpu_ms_per_report": cpu,
                         f"{key}_vs_plain_copy": round(rate / out["plain_copy_per_s"], 3)})  # type: ignore[operator]
             out["sink_groups"] = groups
+            out[f"{key}_sql_us_per_report"] = await statements(admin, database=f"sink{replicas}",
+                                                               reports=n)
         port = free_port()
         ingress = ServiceProcess("ingress", dict(env, ERROR_RATE_LIMIT_PER_MINUTE="100000000"),
                                  tmp / "ingress.log", port=port).start()
@@ -237,6 +281,26 @@ async def main() -> None:
     out["cpus"] = os.cpu_count()
     out["load_avg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
     print(json.dumps(out))
+
+
+async def statements(admin_url: str, *, reset: bool = False, database: str = "",
+                     reports: int = 1) -> dict[str, float]:
+    """pg_stat_statements: PostgreSQL's execution time per report of the statements that took
+    most in ``database`` (the start of each statement's text as its name); or a reset."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if reset:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+            return {}
+        rows = await conn.fetch(
+            "SELECT query, total_exec_time FROM pg_stat_statements s JOIN pg_database d"
+            " ON d.oid = s.dbid WHERE d.datname = $1 ORDER BY total_exec_time DESC LIMIT 6",
+            database)
+        return {" ".join(r["query"].split())[:60]: round(r["total_exec_time"] * 1000 / reports, 2)
+                for r in rows}
+    finally:
+        await conn.close()
 
 
 async def forget_consumer(url: str) -> None:

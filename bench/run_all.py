@@ -4,6 +4,9 @@ one table of every figure against its baseline from the same run (``bench.table`
     .venv/bin/python -m bench.run_all [--quick] [--only webhooks,reaper]
 
 ``--quick`` runs each module with reduced sizes: to check that everything runs, not to measure.
+The modules that start the services under test themselves (``REPLICATED``) run twice, with one
+process of each and with ``--replicas 2``, and the table shows both; bench.errors measures one and
+two sinks in one run.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 from bench import table
 
 HELPERS = ("run_all", "table", "cpu")  # modules that are no benchmark
+REPLICATED = ("checkout", "webhooks")  # run with one and with two processes of each service
 QUICK = {"checkout": ["--quick"], "webhooks": ["--quick"], "reaper": ["--quick"],
-         "errors": ["--reports", "20000", "--http-seconds", "2", "--replicas", "1"],
+         "errors": ["--reports", "20000", "--http-seconds", "2", "--replicas", "1,2"],
          "audit": ["--holds", "50000", "--changes", "2000"]}
 
 
@@ -36,11 +40,12 @@ def main() -> int:
     for mod in modules:
         print(f"# bench.{mod}", file=sys.stderr, flush=True)
         extra = QUICK.get(mod, []) if args.quick else []
-        r = subprocess.run([sys.executable, "-m", f"bench.{mod}", *extra], cwd=here.parent,
-                           stdout=subprocess.PIPE, text=True)
-        print(r.stdout, end="", flush=True)  # the JSON lines, as the module printed them
-        lines += r.stdout.splitlines()
-        failed += r.returncode != 0
+        for replicas in ([[], ["--replicas", "2"]] if mod in REPLICATED else [[]]):
+            r = subprocess.run([sys.executable, "-m", f"bench.{mod}", *extra, *replicas],
+                               cwd=here.parent, stdout=subprocess.PIPE, text=True)
+            print(r.stdout, end="", flush=True)  # the JSON lines, as the module printed them
+            lines += r.stdout.splitlines()
+            failed += r.returncode != 0
     figures = table.read(lines)
     table.render(figures, modules)
     return 1 if failed else 0

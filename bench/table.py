@@ -3,6 +3,9 @@ the goal and whether it is met, and CPU per operation per process where the modu
 
 ``bench.run_all`` prints it after the JSON lines; ``python -m bench.table < figures.jsonl``
 prints it again from saved lines (each module's object names it in ``bench``).
+
+A module run with ``--replicas N`` (N > 1) says so in ``replicas``; its figures are kept as
+``<module>@N`` and shown again below the single-process ones, each figure marked "N replicas".
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.console import Console
@@ -106,6 +109,10 @@ def checkout(f: dict[str, Any]) -> list[Row]:
             cpu=_cpu(cpu)),
         Row("hold_tickets on one hot event, SQL", db["hold_tickets_per_s"], "/s", plain,
             "plain single-row UPDATE", "≥ 2.0", db["hold_tickets_per_s"] / plain >= 2.0),
+        *([Row("checkouts (hold + PaymentIntent), 16 buyers at a time", f["checkouts"]["per_s"],
+               "/s", f["checkouts"]["direct_payment_intents_per_s"],
+               "PaymentIntents created directly at the emulator")]
+          if "checkouts" in f else []),
         Row("replays of a stored Idempotency-Key", f["replays"]["per_s"], "/s", goal="≥ 3,000/s",
             met=f["replays"]["per_s"] >= 3000),
         Row("tickets oversold in a sell-out race", f["sell_out_race"]["oversold"], "", goal="0",
@@ -150,10 +157,13 @@ def rows(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = No
         if module not in figures:
             missing.append(module)
             continue
-        try:
-            out += extract(figures[module])
-        except (KeyError, TypeError, ZeroDivisionError):
-            missing.append(module)
+        runs = [(module, "")] + [(key, f" [{key.split('@')[1]} replicas]")
+                                 for key in sorted(figures) if key.startswith(f"{module}@")]
+        for key, mark in runs:
+            try:
+                out += [replace(r, figure=r.figure + mark) for r in extract(figures[key])]
+            except (KeyError, TypeError, ZeroDivisionError):
+                missing.append(key)
     return out, missing
 
 
@@ -189,10 +199,13 @@ def read(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
     for line in lines:
         if line.strip().startswith("{"):
             obj = json.loads(line)
-            figures[obj.get("bench") or obj.get("benchmark")] = obj
+            name = obj.get("bench") or obj.get("benchmark")
+            if (obj.get("replicas") or 1) > 1:
+                name = f"{name}@{obj['replicas']}"
+            figures[name] = obj
     return figures
 
 
 if __name__ == "__main__":
     given = read(sys.stdin)
-    render(given, given)
+    render(given, {name.split("@")[0] for name in given})

@@ -14,7 +14,9 @@ figures and the baselines measured in the same run, on the same machine:
   (``charge.succeeded``), against plain single-row insert transactions on 16 connections into
   the same PostgreSQL.
 
-``--quick`` runs each phase on about a fifth of the requests and events.
+``--quick`` runs each phase on about a fifth of the requests and events. ``--replicas N`` runs
+N ingress processes on one port (``INGRESS_REUSE_PORT=1``) and N webhook processes on one durable
+consumer, the baselines staying single processes.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def service_env(nats_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-async def ingress_round(root: Path, sync_always: bool, sizes: Sizes) -> dict[str, Any]:
+async def ingress_round(root: Path, sync_always: bool, sizes: Sizes, replicas: int = 1
+                        ) -> dict[str, Any]:
     nats = NatsServer(root / ("nats-sync" if sync_always else "nats-default"),
                       sync_always=sync_always).start()
     procs: list[subprocess.Popen] = []
@@ -182,11 +185,17 @@ async def ingress_round(root: Path, sync_always: bool, sizes: Sizes) -> dict[str
         procs.append(spawn([sys.executable, "-m", "bench.webhooks", "--plain-server",
                             str(ports["publish"]), nats.url], dict(os.environ),
                            root / "publish.log"))
-        procs.append(spawn([sys.executable, "-m", "boxoffice.cli", "run", "ingress"],
-                           service_env(nats.url, INGRESS_PORT=str(ports["ingress"])),
-                           root / "ingress.log"))
+        shared = {"INGRESS_REUSE_PORT": "1"} if replicas > 1 else {}
+        health = [free_port() for _ in range(replicas)]
+        ingresses = [spawn([sys.executable, "-m", "boxoffice.cli", "run", "ingress"],
+                           service_env(nats.url, INGRESS_PORT=str(ports["ingress"]),
+                                       HEALTH_PORT=str(hp), **shared),
+                           root / f"ingress-{i}.log") for i, hp in enumerate(health)]
+        procs.append(ingresses[0])
         for proc, port in zip(procs, ports.values()):
             wait_port(port, 30, proc)
+        for proc, hp in zip(ingresses, health):  # each replica, on its own health port
+            wait_port(hp, 30, proc)
         bodies = [(b, sign(b)) for b in (body_for(i) for i in range(sizes.requests))]
         warm, half = bodies[:WARM_UP], (sizes.requests - WARM_UP) // 2
         urls = {name: f"http://127.0.0.1:{port}/v1/webhooks/stripe" for name, port in ports.items()}
@@ -195,6 +204,7 @@ async def ingress_round(root: Path, sync_always: bool, sizes: Sizes) -> dict[str
         pids = {name: {name: [proc.pid], "nats": [nats.proc.pid]}
                 for name, proc in zip(ports, procs)}
         pids["plain"].pop("nats")
+        pids["ingress"]["ingress"] = [p.pid for p in ingresses]
         for url in urls.values():
             await load(url, warm)
         # alternate, best of two: the machine is shared, so a burst elsewhere hits one run only
@@ -212,7 +222,7 @@ async def ingress_round(root: Path, sync_always: bool, sizes: Sizes) -> dict[str
                                                     2),
                 "ingress_vs_jetstream": round(ingress["per_second"] / publishes["per_second"], 2)}
     finally:
-        for p in procs:
+        for p in [*procs, *ingresses[1:]]:
             p.terminate()
             p.wait(15)
         nats.stop()
@@ -255,10 +265,10 @@ async def applied(conn: asyncpg.Connection, event_type: str, n: int) -> tuple[in
         await asyncio.sleep(0.2)
 
 
-async def apply_round(root: Path, sizes: Sizes) -> dict[str, Any]:
+async def apply_round(root: Path, sizes: Sizes, replicas: int = 1) -> dict[str, Any]:
     pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
     nats = NatsServer(root / "nats-apply", sync_always=False).start()
-    proc = None
+    procs: list[subprocess.Popen] = []
     try:
         url = pg.url("boxoffice")
         await asyncio.to_thread(migrate.run, url, "up")
@@ -278,13 +288,15 @@ async def apply_round(root: Path, sizes: Sizes) -> dict[str, Any]:
             for i in range(0, len(bodies), 1000):
                 await asyncio.gather(*(bus.publish("stripe.events.payment_intent.succeeded", b,
                                                    json.loads(b)["id"]) for b in bodies[i:i + 1000]))
-        port = free_port()
-        proc = spawn([sys.executable, "-m", "boxoffice.cli", "run", "webhook"],
-                     service_env(nats.url, DATABASE_URL=url, HEALTH_PORT=str(port)),
-                     root / "webhook.log")
-        wait_port(port, 60, proc)  # (its start-up's CPU is not the events')
+        for i in range(replicas):
+            port = free_port()
+            procs.append(spawn([sys.executable, "-m", "boxoffice.cli", "run", "webhook"],
+                               service_env(nats.url, DATABASE_URL=url, HEALTH_PORT=str(port)),
+                               root / f"webhook-{i}.log"))
+            wait_port(port, 60, procs[-1])  # (its start-up's CPU is not the events')
         assert pg.proc is not None and nats.proc is not None
-        pids = {"webhook": [proc.pid], "postgres": tree(pg.proc.pid), "nats": [nats.proc.pid]}
+        pids = {"webhook": [p.pid for p in procs], "postgres": tree(pg.proc.pid),
+                "nats": [nats.proc.pid]}
         conn = await asyncpg.connect(url)
         try:
             first = await conn.fetchval("SELECT count(*) FROM webhook_events_log "
@@ -315,21 +327,26 @@ async def apply_round(root: Path, sizes: Sizes) -> dict[str, Any]:
                 "plain_insert_transactions_16_connections": inserts,
                 "applied_vs_inserts": round(done / span / inserts["per_second"], 2)}
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
+        for proc in procs:
             proc.wait(30)
         nats.stop()
         pg.stop()
 
 
-async def main(sizes: Sizes) -> dict[str, Any]:
+async def main(sizes: Sizes, replicas: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as tmp:
         root = Path(tmp)
-        out: dict[str, Any] = {"benchmark": "webhooks", "concurrency": CONCURRENCY,
-                               "requests_per_run": (sizes.requests - WARM_UP) // 2, "best_of": 2}
-        out["fsync_default"] = await ingress_round(root, False, sizes)
-        out["fsync_always"] = await ingress_round(root, True, sizes)
-        out["apply"] = await apply_round(root, sizes)
+        out: dict[str, Any] = {"benchmark": "webhooks", "replicas": replicas,
+                               "concurrency": CONCURRENCY,
+                               "requests_per_run": (sizes.requests - WARM_UP) // 2, "best_of": 2,
+                               "machine": {"cpus": os.cpu_count(),
+                                           "load_avg_1m_before": round(os.getloadavg()[0], 2)}}
+        out["fsync_default"] = await ingress_round(root, False, sizes, replicas)
+        out["fsync_always"] = await ingress_round(root, True, sizes, replicas)
+        out["apply"] = await apply_round(root, sizes, replicas)
+        out["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
         return out
 
 
@@ -368,6 +385,8 @@ if __name__ == "__main__":
     else:
         parser = argparse.ArgumentParser(prog="bench.webhooks")
         parser.add_argument("--quick", action="store_true", help="about a fifth of the sizes")
+        parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
+                            help="processes of ingress and of the webhook service (default 1)")
         args = parser.parse_args()
         import uvloop
-        print(json.dumps(uvloop.run(main(QUICK if args.quick else Sizes()))))
+        print(json.dumps(uvloop.run(main(QUICK if args.quick else Sizes(), args.replicas))))

@@ -87,3 +87,14 @@ def test_cluster_profile_runs_three_nats_nodes_and_the_services_use_them() -> No
         single_env = single["services"][COMPOSE_NAMES[service]]["environment"]
         assert config.load(service, {k: (v or "") for k, v in single_env.items()}
                            ).nats_stream_replicas == 1
+
+
+def test_services_scale_with_docker_compose() -> None:
+    """`docker compose up --scale payment=2` (and webhook, error-sink, reaper): no service names
+    its container, and only ingress publishes a host port, which two replicas could not share."""
+    cfg = compose_config(every_profile=True)
+    for name, spec in cfg["services"].items():
+        assert "container_name" not in spec, name
+    for service in SERVICES:
+        spec = cfg["services"][COMPOSE_NAMES[service]]
+        assert bool(spec.get("ports")) == (service == "ingress"), service

@@ -24,6 +24,12 @@ from boxoffice.ingress import sentry_envelope as envelope
     ("Cookie: session=abcdef0123", "abcdef0123"),
     ("using sk_live_51Habcdefghij and whsec_abcdefgh", "sk_live_51Habcdefghij"),
     ("connect postgres://app:pa55word@db:5432/x failed", "pa55word"),
+    ("pwd=abc9", "abc9"),  # shorter than a card number
+    ("card 4242 4242-4242 4242", "4242 4242-4242 4242"),
+    ("req 9f4242424242424242e1", "4242424242424242"),  # a card among hex digits
+    ("to\u212aen=abcdef1", "abcdef1"),  # the Kelvin sign lowercases to "k": not ASCII
+    ("x" * 300 + " card 4242 4242 4242 4242", "4242 4242 4242 4242"),  # the cached size
+    ("x" * 20000 + " password=hunter2", "hunter2"),  # beyond it
 ])
 def test_secrets_in_text_are_filtered(text: str, secret: str) -> None:
     out = scrub.text(text)
@@ -35,6 +41,7 @@ def test_secrets_in_text_are_filtered(text: str, secret: str) -> None:
     "card 4242 4242 4242 4241 declined",  # fails the Luhn check
     "idempotency_key=abc-123 reused",  # names a key, is not a secret
     "timeout after 1234567 ms", "user bob@example.com not found",
+    "request 0123456789abcdef0123456789abcdef", "1 2 3 4 5 6 7 8 9 0 1 2",
 ])
 def test_what_is_not_secret_is_kept(text: str) -> None:
     assert scrub.text(text) == text
@@ -50,6 +57,12 @@ def test_values_under_secret_keys_are_filtered_whatever_their_type() -> None:
                               "note": "card [Filtered]"},
                    "items": [{"cvc": "[Filtered]"}, "[Filtered]"], "empty_token": None}
     assert scrub.value(ctx) == out
+
+
+def test_keys_are_cut_and_lose_nul() -> None:
+    out = scrub.clean({"a\x00b": 1, "k" * 300: "v", 7: "seven", "token": 0, "session": None})
+    assert out == {"a\ufffdb": 1, scrub.truncate("k" * 300, 256): "v", "7": "seven",
+                   "token": scrub.FILTERED, "session": None}
 
 
 def test_big_values_are_cut_with_a_marker() -> None:

@@ -25,7 +25,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 # Variables each service reads when set.
 OPTIONAL: dict[str, tuple[str, ...]] = {
-    "ingress": ("INGRESS_PORT", "HEALTH_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES",
+    "ingress": ("INGRESS_PORT", "INGRESS_REUSE_PORT", "HEALTH_PORT", "SENTRY_INGEST_KEYS", "MAX_BODY_BYTES",
                 "ERROR_RATE_LIMIT_PER_MINUTE", "ADMIN_READ_API_TOKENS", "SENTRY_PROJECTS",
                 "SENTRY_FEEDBACK_EMAIL"),
     "payment": ("HEALTH_PORT", "STRIPE_API_BASE", "RESERVATION_TTL_SECONDS",
@@ -84,6 +84,9 @@ class Config:
     release: str | None = None
     log_level: str = "INFO"
     ingress_port: int = 8080
+    # ingress: several processes may listen on INGRESS_PORT (SO_REUSEPORT; Linux balances
+    # connections between them); off by default, so a second stack on a taken port is refused
+    ingress_reuse_port: bool = False
     health_port: int = 8080
     max_body_bytes: int = 1 << 20
     reservation_ttl_seconds: int = 900
@@ -264,6 +267,10 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
             kw["sentry_feedback_email"] = v
         if v := get("INGRESS_PORT"):
             kw["ingress_port"] = _int("INGRESS_PORT", v, 0, 65535)
+        if v := get("INGRESS_REUSE_PORT"):
+            if v not in ("0", "1"):
+                raise ConfigError("INGRESS_REUSE_PORT", "must be 0 or 1")
+            kw["ingress_reuse_port"] = v == "1"
         kw["health_port"] = DEFAULT_HEALTH_PORTS[service]
         if v := get("HEALTH_PORT"):
             kw["health_port"] = _int("HEALTH_PORT", v, 0, 65535)

@@ -52,7 +52,11 @@ def readable(line: str) -> str:
 def _files(service: str | None) -> list[Path]:
     logs = stack.home() / "logs"
     names = [service] if service else [*SERVICES, "localstripe"]
-    return [logs / f"{n}.log" for n in names if (logs / f"{n}.log").exists()]
+    files = []
+    for n in names:  # a service's replicas (BOXOFFICE_REPLICAS) log to <service>-<n>.log
+        replicas = sorted(logs.glob(f"{n}-[0-9]*.log"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+        files += [p for p in [logs / f"{n}.log", *replicas] if p.exists()]
+    return files
 
 
 def _tail(path: Path, n: int) -> list[str]:

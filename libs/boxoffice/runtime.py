@@ -112,13 +112,14 @@ async def serve(service: str, build: Build, cfg: configmod.Config) -> int:
         build_task.result()  # raise a start-up failure
         health = web.Application()
         add_health_routes(health, svc)
-        apps = [(health, cfg.health_port)]
+        apps = [(health, cfg.health_port, False)]
         if svc.app is not None:
-            apps.append((svc.app, cfg.ingress_port))
-        for app, port in apps:
+            apps.append((svc.app, cfg.ingress_port, cfg.ingress_reuse_port))
+        for app, port, shared in apps:
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=15)
             await runner.setup()
-            site = web.TCPSite(runner, "0.0.0.0", port, reuse_address=True)
+            site = web.TCPSite(runner, "0.0.0.0", port, reuse_address=True,
+                               reuse_port=shared or None)
             await site.start()
             stack.push_async_callback(runner.cleanup)  # first torn down: stop taking HTTP work
         log.info("%s ready", service, extra={"port": cfg.health_port})

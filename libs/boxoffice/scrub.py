@@ -36,6 +36,10 @@ _BEARER = re.compile(r"\b(?:bearer|basic)\s+(?P<v>[a-z0-9\-._~+/]{6,}=*)")
 _STRIPE = re.compile(r"(?P<v>\b(?:sk|rk)_(?:live|test)_[a-z0-9_]{6,}|\bwhsec_[a-z0-9_]{6,})")
 _URL_PW = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:(?P<v>[^\s@/]+)@")
 _CARD = re.compile(r"(?<![\d.])\d(?:[ -]?\d){12,18}(?![\d.])")
+# A card number is a run of 13 or more digits, spaces and dashes: with those bytes mapped to
+# "0" and every other to "x", a substring search (in C) rules one out.
+_CARD_CHARS = bytes(48 if b in b"0123456789 -" else 120 for b in range(256))
+_CARD_RUN = b"0" * 13
 _HINT = re.compile(r"bearer|basic|pass|pwd|secret|token|key|auth|credential|cookie|session|"
                    r"k_live_|k_test_|whsec_|://")
 
@@ -63,7 +67,7 @@ def _spans(low: str) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     if len(low) < 5:
         return spans
-    if len(low) >= 13:
+    if len(low) >= 13 and _may_hold_card(low):
         spans += [m.span() for m in _CARD.finditer(low) if _is_card(m.group(0))]
     if not _HINT.search(low):  # one scan decides for most strings
         return spans
@@ -76,6 +80,13 @@ def _spans(low: str) -> list[tuple[int, int]]:
     if "://" in low and "@" in low:
         spans += [m.span("v") for m in _URL_PW.finditer(low)]
     return spans
+
+
+def _may_hold_card(low: str) -> bool:
+    """False when ``low`` has no run of 13 digits, spaces and dashes, which most strings lack
+    (the check is several times cheaper than running ``_CARD``); a non-ASCII string may hold
+    other Unicode digits, so it is always searched."""
+    return not low.isascii() or _CARD_RUN in low.encode().translate(_CARD_CHARS)
 
 
 def _is_card(candidate: str) -> bool:
@@ -110,10 +121,16 @@ def text(value: str) -> str:
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
     n = len(value)
-    if n < 13:  # too short for a card number: only a keyword can make it secret
-        return _scrub_text(value) if n >= 5 and _HINT.search(value.lower()) else value
+    if n < 5:
+        return value
     if 256 <= n <= 16384:  # short strings are cheaper to scrub than to look up
         return _cached(value)
+    # Most strings hold neither a keyword nor 13 digits: decided here, without the calls and
+    # lists of a scrub (for ASCII text; other text may lowercase to a keyword or hold other
+    # digits, and is scrubbed in full).
+    if (value.isascii() and not _HINT.search(value.lower())
+            and (n < 13 or _CARD_RUN not in value.encode().translate(_CARD_CHARS))):
+        return value
     return _scrub_text(value)
 
 
@@ -143,14 +160,24 @@ def clean(obj: Any, max_string: int = 4096, max_items: int = 100, depth: int = 0
     if depth > 8 and isinstance(obj, (dict, list, tuple)):
         return "[truncated: nested too deep]"
     if isinstance(obj, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for i, (k, v) in enumerate(obj.items()):
             if i >= max_items:
                 out["_truncated"] = f"{len(obj) - max_items} more keys"
                 break
-            k = truncate(k, 256).replace("\x00", "\ufffd") if isinstance(k, str) else str(k)
-            out[k] = (FILTERED if v not in (None, "") and secret_key(k)
-                      else clean(v, max_string, max_items, depth + 1))
+            if not isinstance(k, str):
+                k = str(k)
+            elif len(k) > 256 or "\x00" in k:
+                k = truncate(k, 256).replace("\x00", "\ufffd")
+            # strings and scalars inline: most values are, and a call each is half the walk
+            if v not in (None, "") and secret_key(k):
+                out[k] = FILTERED
+            elif isinstance(v, str):
+                out[k] = truncate(text(v), max_string)
+            elif v is None or isinstance(v, (bool, int, float)):
+                out[k] = v
+            else:
+                out[k] = clean(v, max_string, max_items, depth + 1)
         return out
     if isinstance(obj, (list, tuple)):
         items = [clean(v, max_string, max_items, depth + 1) for v in obj[:max_items]]

@@ -19,6 +19,15 @@ carries on when any one node dies.
 (``boxoffice.embedded.PostgresPair``, data under ``.boxoffice/pg/a`` and ``.boxoffice/pg/b``):
 every ``DATABASE_URL`` lists both with ``target_session_attrs=read-write``, and when the primary
 dies the supervisor promotes the standby; the services reconnect to it.
+
+``BOXOFFICE_REPLICAS="payment=2,webhook=2"`` runs that many processes of a service (1 to
+``MAX_REPLICAS``; a service not named runs once). Each replica is its own supervised process with
+its own health port, listed by ``boxoffice status`` as ``payment``, ``payment-2``, ... The
+consumers share their durable NATS consumers and the database decides who owns a row, so
+replicas split the work rather than repeat it. Ingress replicas all listen on ``INGRESS_PORT``
+(``INGRESS_REUSE_PORT=1``: SO_REUSEPORT, the kernel spreads connections between them) so that
+clients, localstripe's webhooks and ``stack.env`` keep one address; each is checked on its own
+health port.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ STACK_KEYS = ("INGRESS_URL", "NATS_URL", "NATS_REPORTER_URL", "DATABASE_URL", "S
 WITHHELD = {"ingress": ("DATABASE_URL", "STRIPE_API_KEY")}
 NATS_NODES = ("1", "3")  # BOXOFFICE_NATS_NODES: one nats-server, or a cluster of three
 PG_STANDBY = ("0", "1")  # BOXOFFICE_PG_STANDBY: PostgreSQL alone, or with a standby
+MAX_REPLICAS = 8  # BOXOFFICE_REPLICAS: processes of one service, at most
 
 
 def home() -> Path:
@@ -107,9 +117,36 @@ def write_env(path: Path, values: dict[str, str]) -> None:
     tmp.replace(path)
 
 
+class ReplicasError(ValueError):
+    """BOXOFFICE_REPLICAS is malformed; the message names it."""
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """``"payment=2,webhook=2"`` -> a count for every service (1 where not named)."""
+    counts = dict.fromkeys(SERVICES, 1)
+    seen: set[str] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, count = (x.strip() for x in item.partition("="))
+        if not eq or name not in counts or name in seen or not count.isdigit() \
+                or not 1 <= int(count) <= MAX_REPLICAS:
+            raise ReplicasError(
+                f"BOXOFFICE_REPLICAS must be service=count pairs separated by commas "
+                f"(e.g. payment=2,webhook=2), each service once among {', '.join(SERVICES)}, "
+                f"each count 1 to {MAX_REPLICAS}")
+        seen.add(name)
+        counts[name] = int(count)
+    return counts
+
+
+def replica_name(service: str, index: int) -> str:
+    """The first replica keeps the service's name; the others are ``service-<n>``."""
+    return service if index == 1 else f"{service}-{index}"
+
+
 @dataclass
 class Proc:
     service: str
+    name: str  # replica_name: what status, services.json and the log file call it
     env: dict[str, str]
     health_url: str
     log: Path
@@ -237,6 +274,11 @@ def up() -> int:
             print("boxoffice up: configuration error: BOXOFFICE_PG_STANDBY must be 0 or 1",
                   file=sys.stderr)
             return 1
+        try:
+            replicas = parse_replicas(env.get("BOXOFFICE_REPLICAS", ""))
+        except ReplicasError as exc:
+            print(f"boxoffice up: configuration error: {exc}", file=sys.stderr)
+            return 1
         nats_urls: dict[str, str] = {}  # the embedded nats-server's users' URLs
         if not env.get("NATS_URL"):
             nats = _start_nats(root, env.get("BOXOFFICE_NATS_NODES", "").strip() or "1",
@@ -310,14 +352,19 @@ def up() -> int:
             if service in db_passwords:  # its own role; stack.env keeps the owner's URL
                 senv["DATABASE_URL"] = roles.url_for(env["DATABASE_URL"], service,
                                                      db_passwords[service])
-            if service == "ingress":
-                health = f"{ingress_url}/readyz"
-                senv["HEALTH_PORT"] = str(free_port())  # its /metrics, off the public port
-            else:
-                hp = free_port()
-                senv["HEALTH_PORT"] = str(hp)
-                health = f"http://127.0.0.1:{hp}/readyz"
-            stack.procs.append(Proc(service, senv, health, root / "logs" / f"{service}.log"))
+            if service == "ingress" and replicas[service] > 1:
+                senv["INGRESS_REUSE_PORT"] = "1"  # one public address for every replica
+            for index in range(1, replicas[service] + 1):
+                name = replica_name(service, index)
+                hp = free_port()  # ingress's serves its /metrics, off the public port
+                renv = {**senv, "HEALTH_PORT": str(hp)}
+                # each replica checked on its own port; a lone ingress on its public one
+                health = f"{ingress_url}/readyz" if name == "ingress" and replicas[service] == 1 \
+                    else f"http://127.0.0.1:{hp}/readyz"
+                stack.procs.append(Proc(service, name, renv, health,
+                                        root / "logs" / f"{name}.log"))
+        if any(n > 1 for n in replicas.values()):
+            say("replicas: " + ", ".join(f"{s}={n}" for s, n in replicas.items() if n > 1))
         for p in stack.procs:
             p.start()
 
@@ -366,7 +413,7 @@ def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
                 # back-off doubles with each quick death, reset after a minute of good health
                 p.failures = p.failures + 1 if now - p.started_at < 60 else 1
                 delay = min(0.5 * 2 ** (p.failures - 1), 30.0)
-                say(f"{p.service} exited with {code}; restarting in {delay:.1f}s "
+                say(f"{p.name} exited with {code}; restarting in {delay:.1f}s "
                     f"(log: {p.log})")
                 p.proc = None
                 p.restart_at = now + delay
@@ -375,7 +422,8 @@ def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
                 p.restarts += 1
                 _write_pids(stack)
         if not announced and all(p.proc is not None for p in stack.procs) \
-                and all(_ready(p.health_url) for p in stack.procs):
+                and all(_ready(p.health_url) for p in stack.procs) \
+                and _ready(f"{ingress_url}/readyz"):
             announced = True
             say(f"ready in {time.monotonic() - t0:.1f}s; ingress listening on {ingress_url}")
             say(f"settings in {stack.root / 'stack.env'}; logs in {stack.root / 'logs'}")
@@ -415,7 +463,8 @@ def _fail_over(stack: Stack) -> None:
 
 def _write_pids(stack: Stack) -> None:
     (stack.root / "services.json").write_text(json.dumps(
-        {p.service: {"ready": p.health_url, "pid": p.proc.pid if p.proc else None}
+        {p.name: {"ready": p.health_url, "pid": p.proc.pid if p.proc else None,
+                  "service": p.service}
          for p in stack.procs}, indent=2))
 
 
@@ -428,7 +477,8 @@ def status() -> int:
     bad = []
     for name, info in services.items():
         ok = _ready(info["ready"])
-        print(f"{name:<11} {'ready' if ok else 'NOT READY':<10} {info['ready']}")
+        print(f"{name:<13} {'ready' if ok else 'NOT READY':<10} pid {info.get('pid')!s:<8} "
+              f"{info['ready']}")
         if not ok:
             bad.append(name)
     if bad:

@@ -9,6 +9,7 @@ is nak'ed with a delay (redelivered soon, not after ``ack_wait``) and the lane b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -37,6 +38,9 @@ FAILED = prometheus_client.Counter("boxoffice_error_batches_failed_total",
 BATCH_SECONDS = prometheus_client.Histogram("boxoffice_error_batch_seconds",
                                             "Time to store one batch")
 NAK_DELAY = 1.0  # seconds before a batch that was not stored comes back
+# Messages converted between two turns of the event loop: a whole batch at once would hold up
+# the other lanes' round trips to PostgreSQL (and the bus) for its whole conversion.
+PREPARE_CHUNK = 100
 
 
 def _safe_prepare(msg: Msg, now: object) -> Row:
@@ -63,7 +67,11 @@ async def store_batch(bus: Bus, pool: asyncpg.Pool, policy: store.AlertPolicy,
     lane naks them with a delay and backs off)."""
     RECEIVED.inc(len(msgs))
     now = wire.now()
-    rows = [_safe_prepare(m, now) for m in msgs]
+    rows: list[Row] = []
+    for i in range(0, len(msgs), PREPARE_CHUNK):
+        if i:
+            await asyncio.sleep(0)
+        rows += [_safe_prepare(m, now) for m in msgs[i:i + PREPARE_CHUNK]]
     started = time.perf_counter()
     try:
         async with pool.acquire() as conn, conn.transaction():

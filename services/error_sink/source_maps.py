@@ -39,7 +39,7 @@ async def upload(pool: asyncpg.Pool, req: si.SourceMapUpload) -> si.SourceMapInf
         _view(req.map)
         doc = msgspec.json.decode(req.map)
         sources = [str(x) for x in doc.get("sources") or []] if isinstance(doc, dict) else []
-    except Exception as exc:  # symbolic raises its own error types
+    except Exception as exc:  # noqa: BLE001 - symbolic raises its own error types
         raise InvalidSourceMap(f"not a source map: {type(exc).__name__}") from None
     raw_id = (doc.get("debug_id") or doc.get("debugId")) if isinstance(doc, dict) else None
     await pool.execute(UPSERT, req.release, req.name, req.map, len(req.map), _debug_id(raw_id))
@@ -103,7 +103,7 @@ async def resolve(conn: asyncpg.Connection, events: list[dict[str, Any]]) -> Non
             continue
         try:
             token = _view(data).lookup(f["lineno"] - 1, f["colno"] - 1)
-        except Exception:  # a bad map resolves nothing
+        except Exception:  # noqa: BLE001 - a bad map resolves nothing
             token = None
         if token is not None:
             f["resolved"] = {"filename": token.src, "lineno": token.src_line + 1,

@@ -212,7 +212,7 @@ async def worker(url: str, pool: asyncpg.Pool, refunds: Refunds) -> AsyncIterato
 
     async def listening(stopping: asyncio.Event) -> None:
         await outbox.listen(url, stopping, CHANNEL, lambda _payload: wake.set(),
-                            lambda up: up and wake.set())
+                            lambda up: wake.set() if up else None)
 
     async def working(stopping: asyncio.Event) -> None:
         await run_worker(pool, refunds, stopping, wake)

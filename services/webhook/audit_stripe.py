@@ -24,7 +24,7 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -156,7 +156,7 @@ class StripeCheck:
             else:
                 changed = [r["payment_intent_id"] for r in await conn.fetch(
                     "SELECT payment_intent_id FROM payments WHERE updated_at >= $1",
-                    datetime.fromtimestamp(w.lo, timezone.utc), timeout=self.timeout)]
+                    datetime.fromtimestamp(w.lo, UTC), timeout=self.timeout)]
             candidates = (set(w.intents) | set(w.refunds) | set(w.last_event) | set(changed)
                           | reopened)
             ours = await self._ours(conn, sorted(candidates))

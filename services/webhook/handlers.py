@@ -30,7 +30,7 @@ async def replay(processor: Processor, event_id: str) -> w.ReplayResult:
         outcome = (await processor.process(event, payload)).name
     except db.UNAVAILABLE:
         raise
-    except Exception as exc:  # the failure is recorded on the event and returned
+    except Exception as exc:  # noqa: BLE001 - the failure is recorded on the event and returned
         if not isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
             await processor.fail(event, payload, exc)
         outcome = "failed"

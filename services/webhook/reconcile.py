@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -101,7 +101,7 @@ def describe(exc: BaseException) -> str:
 
 
 def _at(unix: int) -> datetime:
-    return datetime.fromtimestamp(unix, timezone.utc)
+    return datetime.fromtimestamp(unix, UTC)
 
 
 def spans(point: datetime | None, limit: int) -> Iterator[tuple[int, int]]:
@@ -262,7 +262,7 @@ class Reconciler:
         for row, intent in zip(rows, got):
             tally.intents_checked += 1
             says = stripe_says(intent) if intent is not None else None
-            if says is None or says[1] == row["status"]:
+            if intent is None or says is None or says[1] == row["status"]:
                 continue
             # created < processing = failed < canceled < succeeded: any difference here is
             # Stripe being further along (equal ranks are decided by the newer event: this one)
