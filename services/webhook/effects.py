@@ -42,8 +42,7 @@ import asyncpg
 import msgspec
 
 from boxoffice.webhook.stripe_event_log import created_at
-from boxoffice.wire.stripe import (ChargeObject, DisputeObject, PaymentIntentObject, StripeEvent,
-                                   read_object)
+from boxoffice.wire.stripe import ChargeObject, DisputeObject, PaymentIntentObject, StripeEvent, read_object
 
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
 FIRST_BUCKETS = ("SELECT reservation_id, min(event_id::text) AS event_id, min(bucket) AS bucket "
@@ -146,7 +145,8 @@ def arguments(event: StripeEvent) -> Args:
     return Args()
 
 
-async def _run(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw: str, a: Args) -> asyncpg.Record:
+async def _run(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw: str,
+               a: Args) -> asyncpg.Record:
     return await pool.fetchrow(APPLY, event.id, event.type, created_at(event), raw,
                                a.payment_intent_id, a.reservation_id, a.amount, a.currency,
                                a.reason, a.refund_id, a.refunded)

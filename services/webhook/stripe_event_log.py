@@ -10,7 +10,7 @@ the operators' reads.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -38,7 +38,7 @@ _COLUMNS = ("event_id, event_type, event_created, processing_status, attempts, l
 
 
 def created_at(event: StripeEvent) -> datetime:
-    return datetime.fromtimestamp(event.created, timezone.utc)
+    return datetime.fromtimestamp(event.created, UTC)
 
 
 async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str, error: str,

@@ -42,8 +42,8 @@ import nats.errors
 import prometheus_client
 from nats.aio.msg import Msg
 
-from boxoffice import bus as busmod
 from boxoffice import background, db, wire
+from boxoffice import bus as busmod
 from boxoffice.consumer import settle
 from boxoffice.webhook import effects, stripe_event_log
 from boxoffice.webhook.effects import ApplyOutcome, Outcome
@@ -312,7 +312,7 @@ class Consumer:
             self._database_lost(batch[0][0])
             await _put_back(batch, DB_RETRY_DELAY)
             return False
-        except Exception as exc:  # the batch failed as a whole: nothing of it committed
+        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: nothing committed
             if len(batch) > 1:  # an event fails the batch's statement itself: each alone
                 log.warning("%d stripe events failed together (%s): applied one at a time",
                             len(batch), describe(exc))
