@@ -20,7 +20,11 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/boxoffice up
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -6,15 +6,19 @@ moved the payment. So however often and in whatever order Stripe delivers, each 
 once: a ``payment_failed`` older than a ``succeeded`` changes nothing, a ``succeeded`` after the
 refund changes nothing, a refund gives tickets back once.
 
-| event | effect when it moves the payment |
-|---|---|
-| ``payment_intent.succeeded`` | reservation completed (tickets sold), ``payments.events.succeeded``; tickets gone or hold paid twice: refund decided |
-| ``payment_intent.payment_failed`` | recorded, ``payments.events.failed``; the hold stays until it expires |
-| ``payment_intent.processing`` | recorded |
-| ``payment_intent.canceled`` | the hold it holds released, ``payments.events.failed`` (reason ``canceled``) |
-| ``charge.refunded`` (in full) | the tickets it paid for back to inventory, ``payments.events.refunded`` |
-| ``charge.dispute.created`` | recorded (the hold sold if its succeeded event is still to come), and a critical error reported |
-| anything else | recorded as ``ignored`` |
+What each event does when it moves the payment:
+- ``payment_intent.succeeded``: the reservation completed (tickets sold),
+  ``payments.events.succeeded``; tickets gone or the hold paid twice: a refund decided;
+- ``payment_intent.payment_failed``: recorded, ``payments.events.failed``; the hold stays until it
+  expires;
+- ``payment_intent.processing``: recorded;
+- ``payment_intent.canceled``: the hold it holds released, ``payments.events.failed`` (reason
+  ``canceled``);
+- ``charge.refunded`` (in full): the tickets it paid for back to inventory,
+  ``payments.events.refunded``;
+- ``charge.dispute.created``: recorded (the hold sold if its succeeded event is still to come),
+  and a critical error reported;
+- anything else: recorded as ``ignored``.
 
 Tickets only ever go back on the refund or cancel of the PaymentIntent that holds them
 (``reservations.payment_intent_id``): a refund of a second payment for a hold sold by the first
