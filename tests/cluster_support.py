@@ -5,16 +5,20 @@ load (test_nats_cluster, test_pg_failover)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from boxoffice import SERVICES
 from tests.errors_support import report
-from tests.harness import CLIENT_TOKEN
+from tests.harness import CLIENT_TOKEN, ServiceProcess
 from tests.webhooks_support import charge, event, new_pi, sign
 
 
@@ -68,3 +72,29 @@ async def workload(base: str, event_id: str, accepted: Accepted, stop: asyncio.E
     async with aiohttp.ClientSession(timeout=timeout) as s:
         await asyncio.gather(*(loop(s, send) for send in (webhook, hold, error_report)
                                for _ in range(3)))
+
+
+@contextlib.asynccontextmanager
+async def all_services(env: dict[str, str], hold_ttl: int, tmp_path: Path
+                       ) -> AsyncIterator[dict[str, ServiceProcess]]:
+    """The five services on ``env``, holds living ``hold_ttl`` seconds and no rate limit on error
+    reports (the workload sends many), started at once and ready; killed on exit."""
+    extra = {"payment": {"RESERVATION_TTL_SECONDS": str(hold_ttl)},
+             "ingress": {"ERROR_RATE_LIMIT_PER_MINUTE": "1000000"}}
+    procs = {}
+    for service in SERVICES:
+        e = dict(env, **extra.get(service, {}))
+        if service == "ingress":
+            e.pop("DATABASE_URL")
+            e.pop("STRIPE_API_KEY")
+        procs[service] = ServiceProcess(service, e, tmp_path / f"{service}.log")
+    try:
+        for proc in procs.values():  # all at once: the slow part is each one's imports
+            proc.start(wait=False)
+        for proc in procs.values():
+            await asyncio.to_thread(proc.wait_ready, 60)
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.running:
+                proc.kill()

@@ -55,16 +55,21 @@ def report(i: int = 0, **fields: Any) -> dict[str, Any]:
     return body
 
 
+async def _declare_errors(js: Any) -> None:
+    """The ERRORS stream, declared unless it exists already (as the services declare it)."""
+    try:
+        await js.add_stream(busmod.stream_config("ERRORS"))
+    except Exception:  # noqa: BLE001 - exists already
+        pass
+
+
 async def publish(nats_url: str, bodies: list[dict[str, Any]], *, concurrency: int = 256,
                   subject: str | None = None) -> None:
     """Publish reports to ERRORS (declared here if needed), each acked by JetStream."""
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        try:
-            await js.add_stream(busmod.stream_config("ERRORS"))
-        except Exception:  # noqa: BLE001 - exists already
-            pass
+        await _declare_errors(js)
         sem = asyncio.Semaphore(concurrency)
 
         async def one(b: dict[str, Any]) -> None:
@@ -82,10 +87,7 @@ async def publish_raw(nats_url: str, subject: str, data: bytes, msg_id: str | No
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        try:
-            await js.add_stream(busmod.stream_config("ERRORS"))
-        except Exception:  # noqa: BLE001 - exists already
-            pass
+        await _declare_errors(js)
         await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
     finally:
         await nc.close()

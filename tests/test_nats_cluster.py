@@ -29,10 +29,10 @@ import nats
 import pytest
 import pytest_asyncio
 
-from boxoffice import SERVICES, bus_access, config
 from boxoffice import bus as busmod
+from boxoffice import bus_access, config
 from boxoffice.embedded import NatsCluster, NatsServer
-from tests.cluster_support import Accepted, workload
+from tests.cluster_support import Accepted, all_services, workload
 from tests.harness import NATS_PASSWORDS, ServiceProcess, base_env, eventually
 
 pytestmark = pytest.mark.timeout(150)
@@ -85,25 +85,8 @@ async def services(cluster: NatsCluster, database_url: str, tmp_path: Path
                    ) -> AsyncIterator[dict[str, ServiceProcess]]:
     env = base_env(cluster.url, database_url)
     env.update(NATS_STREAM_REPLICAS="3", LOG_LEVEL="WARNING")
-    extra = {"payment": {"RESERVATION_TTL_SECONDS": str(TTL)},
-             "ingress": {"ERROR_RATE_LIMIT_PER_MINUTE": "1000000"}}
-    procs = {}
-    for service in SERVICES:
-        e = dict(env, **extra.get(service, {}))
-        if service == "ingress":
-            e.pop("DATABASE_URL")
-            e.pop("STRIPE_API_KEY")
-        procs[service] = ServiceProcess(service, e, tmp_path / f"{service}.log")
-    try:
-        for proc in procs.values():  # all at once: the slow part is each one's imports
-            proc.start(wait=False)
-        for proc in procs.values():
-            await asyncio.to_thread(proc.wait_ready, 60)
+    async with all_services(env, TTL, tmp_path) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            if proc.running:
-                proc.kill()
 
 
 async def leaders(url: str) -> dict[str, str | None]:

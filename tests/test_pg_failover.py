@@ -41,12 +41,12 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from boxoffice import SERVICES, config, migrate
+from boxoffice import config, migrate
 from boxoffice import db as dbmod
 from boxoffice.embedded import LocalStripe, PostgresPair, free_port
 from boxoffice.stack import read_env
 from tests.checkout_support import Api
-from tests.cluster_support import Accepted, workload
+from tests.cluster_support import Accepted, all_services, workload
 from tests.conftest import PgRefusals
 from tests.fault_checks import (
     answers_well_formed,
@@ -105,25 +105,8 @@ async def services(pair: PostgresPair, nats_url: str, stripe_keys: StripeKeysPro
                    tmp_path: Path) -> AsyncIterator[dict[str, ServiceProcess]]:
     env = base_env(nats_url, pair.url("boxoffice"), stripe_keys.url)
     env.update(LOG_LEVEL="WARNING")
-    extra = {"payment": {"RESERVATION_TTL_SECONDS": str(TTL)},
-             "ingress": {"ERROR_RATE_LIMIT_PER_MINUTE": "1000000"}}
-    procs = {}
-    for service in SERVICES:
-        e = dict(env, **extra.get(service, {}))
-        if service == "ingress":
-            e.pop("DATABASE_URL")
-            e.pop("STRIPE_API_KEY")
-        procs[service] = ServiceProcess(service, e, tmp_path / f"{service}.log")
-    try:
-        for proc in procs.values():
-            proc.start(wait=False)
-        for proc in procs.values():
-            await asyncio.to_thread(proc.wait_ready, 60)
+    async with all_services(env, TTL, tmp_path) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            if proc.running:
-                proc.kill()
 
 
 class OurIntents:
