@@ -11,6 +11,7 @@ from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
 from boxoffice.consumer import PullConsumer, pull_consumer, settle
+from tests.harness import eventually
 
 STREAM = "ERRORS"
 ACK_WAIT = 30.0  # longer than any test waits: what comes back early was nak'ed
@@ -27,19 +28,14 @@ async def _consumer(bus: busmod.Bus, n: int) -> tuple[str, str]:
     return subject, durable
 
 
-async def _until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.05)
-
-
 async def test_batches_are_handed_over_and_acked(nats_url: str) -> None:
     async with busmod.connect(nats_url, "test") as bus:
         _, durable = await _consumer(bus, 20)
         got: list[bytes] = []
+        sizes: list[int] = []  # checked after the run: an assert in a handler would be caught
 
         async def handle(msgs: list[Msg]) -> None:
-            assert 1 <= len(msgs) <= 8
+            sizes.append(len(msgs))
             for msg in msgs:
                 got.append(msg.data)
                 await settle(msg, "ack")
@@ -49,18 +45,18 @@ async def test_batches_are_handed_over_and_acked(nats_url: str) -> None:
             return len(got) == 20 and info.num_pending == 0 and info.num_ack_pending == 0
 
         async with pull_consumer(bus, STREAM, durable, handle, batch=8, lanes=2):
-            await _until(all_acked)
+            await eventually(all_acked, 10, "20 messages acked")
         assert sorted(got, key=int) == [str(i).encode() for i in range(20)]
+        assert sizes and all(1 <= n <= 8 for n in sizes), sizes
 
 
 async def test_single_messages_are_handed_over_one_by_one(nats_url: str) -> None:
     async with busmod.connect(nats_url, "test") as bus:
         _, durable = await _consumer(bus, 5)
-        got: list[bytes] = []
+        got: list[object] = []
 
         async def handle(msg: Msg) -> None:
-            assert isinstance(msg, Msg)
-            got.append(msg.data)
+            got.append(msg)
             await settle(msg, "term" if msg.data == b"3" else "ack")
 
         async def all_settled() -> bool:
@@ -68,8 +64,9 @@ async def test_single_messages_are_handed_over_one_by_one(nats_url: str) -> None
             return len(got) == 5 and info.num_ack_pending == 0
 
         async with pull_consumer(bus, STREAM, durable, handle, batched=False):
-            await _until(all_settled)
-        assert got == [b"0", b"1", b"2", b"3", b"4"]
+            await eventually(all_settled, 10, "5 messages settled")
+        assert all(isinstance(m, Msg) for m in got)  # one message a call, not a list
+        assert [m.data for m in got] == [b"0", b"1", b"2", b"3", b"4"]
 
 
 async def test_a_failed_batch_is_put_back_at_once(nats_url: str) -> None:
@@ -92,7 +89,8 @@ async def test_a_failed_batch_is_put_back_at_once(nats_url: str) -> None:
             return failed and info.num_pending == 0 and info.num_ack_pending == 0
 
         async with pull_consumer(bus, STREAM, durable, handle, batch=10, nak_delay=0.1):
-            await _until(all_acked)  # well before ack_wait: they were nak'ed
+            # well before ack_wait: they were nak'ed
+            await eventually(all_acked, 10, "the nak'ed batch back and acked")
         assert sorted(deliveries) == [b"0", b"0", b"1", b"1", b"2", b"2"]
 
 
