@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from boxoffice import background, db, errors
+from boxoffice.embedded import free_port
 
 
 async def test_running_stops_work_within_its_grace() -> None:
@@ -173,17 +174,9 @@ async def test_a_refused_statement_is_not_the_database_away() -> None:
         await db.guarded(work())
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_a_first_database_connection_is_retried_with_back_off_then_refused(
         caplog: pytest.LogCaptureFixture) -> None:
-    port = _closed_port()
+    port = free_port()  # nothing listens there
     loop = asyncio.get_running_loop()
     with caplog.at_level(logging.WARNING, logger="boxoffice.db"):
         started = loop.time()

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,17 +33,34 @@ REPLICATOR = "boxoffice_replicator"  # the standby's role: REPLICATION, nothing 
 SLOT = "boxoffice_standby"  # the primary keeps the WAL its standby has not received yet
 
 
-def free_port(preferred: int | None = None) -> int:
-    if preferred:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
+# Ports handed out for local servers lie below Linux's ephemeral range (32768-60999 by default),
+# which the kernel draws from for every outgoing connection: a number picked inside it can be taken
+# by some client's socket between the pick and the server's bind. Each process starts at a random
+# point of the band and walks it, so two processes rarely try the same number, and one never twice.
+PORT_BAND = range(20000, 32000)
+_next_port = random.randrange(len(PORT_BAND))
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(preferred: int | None = None) -> int:
+    """A port nothing listens on: `preferred` if it is free, else the next free one in PORT_BAND."""
+    global _next_port
+    if preferred and _bindable(preferred):
+        return preferred
+    for _ in range(len(PORT_BAND)):
+        port = PORT_BAND[_next_port % len(PORT_BAND)]
+        _next_port += 1
+        if _bindable(port):
+            return port
+    raise RuntimeError(f"no free port in {PORT_BAND.start}-{PORT_BAND.stop - 1}")
 
 
 def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
