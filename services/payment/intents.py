@@ -115,6 +115,9 @@ class Deps:
     stripe: StripeGateway
     # Test-only crash points (BOXOFFICE_FAILPOINT): the process SIGKILLs itself there.
     failpoints: frozenset[str] = frozenset()
+    # This process's outbox relay: set it after committing outbox rows written without the
+    # NOTIFY (boxoffice.outbox_quiet), so they are published at once all the same.
+    relay_wake: asyncio.Event | None = None
 
 
 @dataclass(frozen=True)

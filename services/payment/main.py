@@ -32,8 +32,8 @@ async def build(svc: runtime.Service) -> None:
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=20))
     gateway = await svc.stack.enter_async_context(stripe_client.gateway(cfg))
     bus = await svc.connect_bus("payment", "RESERVATIONS", "PAYMENTS", "ERRORS")
-    await svc.relay_outbox(pool, bus)
-    deps = intents.Deps(pool=pool, stripe=gateway, failpoints=points)
+    relay_wake = await svc.relay_outbox(pool, bus)
+    deps = intents.Deps(pool=pool, stripe=gateway, failpoints=points, relay_wake=relay_wake)
     await handlers.register(bus, pool, deps, reservation_ttl_seconds=cfg.reservation_ttl_seconds)
     svc.stack.push_async_callback(bus.stop_serving)  # first: stop taking requests, finish in-flight
     runtime.standard_checks(svc, bus=bus, pool=pool)
