@@ -18,20 +18,10 @@ def setup(app: web.Application) -> None:
     routes.setup(app)
 
 
-@routes.get("/v1/admin/errors", "Error groups", "admin", query=w.ListGroups,
-            ok=(200, w.GroupList))
-async def list_groups(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, w.ListGroups)
-    return json_response(await request.app[BUS].request(w.GROUPS_LIST, q, w.GroupList))
-
-
-@routes.get("/v1/admin/errors/{group_id}", "An error group and its recent reports", "admin",
-            query=w.GetGroup, ok=(200, w.GroupDetail), path_params={"group_id": UUID})
-async def get_group(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, w.GetGroup, group_id=request.match_info["group_id"])
-    return json_response(await request.app[BUS].request(w.GROUPS_GET, q, w.GroupDetail))
+routes.ask("GET /v1/admin/errors", "Error groups", "admin", w.GROUPS_LIST, w.ListGroups,
+           w.GroupList)
+routes.ask("GET /v1/admin/errors/{group_id}", "An error group and its recent reports", "admin",
+           w.GROUPS_GET, w.GetGroup, w.GroupDetail, path_params={"group_id": UUID})
 
 
 @routes.post("/v1/admin/errors/{group_id}/{action:resolve|ignore}",

@@ -13,12 +13,16 @@ document from every domain's ``routes.ops``, so a route and its description cann
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+
+from boxoffice.ingress import http
+from boxoffice.ingress.state import BUS
 
 H = TypeVar("H", bound=Callable[..., Any])
 
@@ -87,6 +91,48 @@ class Routes:
     def options(self, path: str, summary: str, auth: str | None = None,
                 **doc: Any) -> Callable[[H], H]:
         return self.route("OPTIONS", path, summary, auth, **doc)
+
+    def ask(self, route: str, summary: str, auth: str, subject: str,
+            request: type[msgspec.Struct], answer: type[msgspec.Struct], *,
+            status: int = 200, timeout: float | None = None, body_required: bool = True,
+            **doc: Any) -> None:
+        """A route whose whole work is to ask the service that owns ``subject`` over the bus,
+        its handler built from this one description (so the route and its document agree):
+
+        - the token: ``auth`` "admin" reads, "operate" acts and is recorded (``http.operate``);
+        - the request: ``request`` decoded from the query string for GET, from the JSON body
+          otherwise (no body at all is ``request()`` when not ``body_required``), with the path
+          parameters named like its fields;
+        - the answer: the reply, decoded as ``answer``, as JSON with ``status``.
+        """
+        method, path = route.split(" ", 1)
+        if auth not in ("admin", "operate"):
+            raise ValueError(f"{route}: ask serves operators' routes, not {auth!r}")
+        reads_query = method == "GET"
+        from_path = [name for name in re.findall(r"\{(\w+)", path)
+                     if name in request.__struct_fields__]
+        if from_path and not reads_query:
+            raise ValueError(f"{route}: a body and path parameters both make the request")
+        wait = {"timeout": timeout} if timeout else {}
+
+        async def handler(req: web.Request) -> web.Response:
+            if auth == "admin":  # operate's own check runs first, in its wrapper
+                http.require_admin(req)
+            message: msgspec.Struct
+            if reads_query:
+                message = http.read_query(req, request,
+                                          **{name: req.match_info[name] for name in from_path})
+            elif not body_required and not req.body_exists:
+                message = request()
+            else:
+                message = await http.read_json(req, request)
+            reply = await req.app[BUS].request(subject, message, answer, **wait)
+            return http.json_response(reply, status=status)
+
+        self.route(method, path, summary, auth,
+                   None if reads_query else request, body_required=body_required,
+                   ok=(status, answer), **({"query": request} if reads_query else {}), **doc,
+                   )(http.operate(handler) if auth == "operate" else handler)
 
     def hidden(self, method: str, path: str, reason: str) -> Callable[[H], H]:
         """A route left out of the document, with the reason."""

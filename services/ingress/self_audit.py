@@ -14,7 +14,7 @@ import asyncio
 
 from aiohttp import web
 
-from boxoffice.ingress.http import json_response, read_json, read_query, require_admin
+from boxoffice.ingress.http import json_response, read_json, require_admin
 from boxoffice.ingress.routing import Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import audit
@@ -28,12 +28,8 @@ def setup(app: web.Application) -> None:
     routes.setup(app)
 
 
-@routes.get("/v1/admin/invariants", "The self-audit: last runs and open findings", "admin",
-            query=audit.InvariantsRequest, ok=(200, audit.Invariants))
-async def invariants(request: web.Request) -> web.Response:
-    require_admin(request)
-    req = read_query(request, audit.InvariantsRequest)
-    return json_response(await request.app[BUS].request(audit.INVARIANTS, req, audit.Invariants))
+routes.ask("GET /v1/admin/invariants", "The self-audit: last runs and open findings", "admin",
+           audit.INVARIANTS, audit.InvariantsRequest, audit.Invariants)
 
 
 @routes.post("/v1/admin/invariants/run", "Run every check of the self-audit now", "admin",

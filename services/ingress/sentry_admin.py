@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from boxoffice import errors, scrub
-from boxoffice.ingress.http import json_response, operate, read_json, read_query, require_admin
+from boxoffice.ingress.http import json_response, operate, read_query, require_admin
 from boxoffice.ingress.routing import ANY, UUID, Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import sentry_items as si
@@ -31,37 +31,14 @@ def setup(app: web.Application) -> None:
     routes.setup(app)
 
 
-@routes.get("/v1/admin/errors/dropped", "What Sentry SDKs and ingress dropped, by reason",
-            "admin", query=si.ListDropped, ok=(200, si.DroppedList))
-async def list_dropped(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, si.ListDropped)
-    return json_response(await request.app[BUS].request(si.DROPPED, q, si.DroppedList))
-
-
-@routes.get("/v1/admin/monitors", "Cron monitors: schedule, status, last and next check-in",
-            "admin", query=si.ListMonitors, ok=(200, si.MonitorList))
-async def list_monitors(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, si.ListMonitors)
-    return json_response(await request.app[BUS].request(si.MONITORS, q, si.MonitorList))
-
-
-@routes.post("/v1/admin/monitors", "Create or change a cron monitor", "operate", si.SetMonitor,
-             ok=(201, si.Monitor))
-@operate
-async def set_monitor(request: web.Request) -> web.Response:
-    require_admin(request)
-    m = await read_json(request, si.SetMonitor)
-    return json_response(await request.app[BUS].request(si.MONITOR_SET, m, si.Monitor), status=201)
-
-
-@routes.get("/v1/admin/releases", "Release health: sessions, crash-free rates", "admin",
-            query=si.ListReleases, ok=(200, si.ReleaseList))
-async def list_releases(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, si.ListReleases)
-    return json_response(await request.app[BUS].request(si.RELEASES, q, si.ReleaseList))
+routes.ask("GET /v1/admin/errors/dropped", "What Sentry SDKs and ingress dropped, by reason",
+           "admin", si.DROPPED, si.ListDropped, si.DroppedList)
+routes.ask("GET /v1/admin/monitors", "Cron monitors: schedule, status, last and next check-in",
+           "admin", si.MONITORS, si.ListMonitors, si.MonitorList)
+routes.ask("POST /v1/admin/monitors", "Create or change a cron monitor", "operate",
+           si.MONITOR_SET, si.SetMonitor, si.Monitor, status=201)
+routes.ask("GET /v1/admin/releases", "Release health: sessions, crash-free rates", "admin",
+           si.RELEASES, si.ListReleases, si.ReleaseList)
 
 
 @routes.post("/v1/admin/releases/{release}/sourcemaps",
@@ -90,12 +67,8 @@ async def upload_source_map(request: web.Request) -> web.Response:
                                                         timeout=15.0), status=201)
 
 
-@routes.get("/v1/admin/feedback", "Users' feedback sent through Sentry SDKs", "admin",
-            query=si.ListFeedback, ok=(200, si.FeedbackList))
-async def list_feedback(request: web.Request) -> web.Response:
-    require_admin(request)
-    q = read_query(request, si.ListFeedback)
-    return json_response(await request.app[BUS].request(si.FEEDBACK_LIST, q, si.FeedbackList))
+routes.ask("GET /v1/admin/feedback", "Users' feedback sent through Sentry SDKs", "admin",
+           si.FEEDBACK_LIST, si.ListFeedback, si.FeedbackList)
 
 
 @routes.get("/v1/admin/attachments/{attachment_id}", "An attachment, as a download", "admin",
