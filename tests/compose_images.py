@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -232,6 +233,19 @@ class PostgresImage(Image):
         return c.env.get(name) or default
 
     @staticmethod
+    def _wait_accepting(port: int, timeout: float, server: subprocess.Popen) -> None:
+        """Until the server takes sessions: it listens while still starting up (recovery, a
+        slow machine), and refuses them meanwhile ("the database system is starting up")."""
+        deadline = time.monotonic() + timeout
+        while subprocess.run([str(pg_bin() / "pg_isready"), "-q", "-h", "127.0.0.1",
+                              "-p", str(port)], timeout=10).returncode != 0:
+            if server.poll() is not None:
+                raise RuntimeError(f"PostgreSQL exited with {server.returncode} while starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PostgreSQL on {port} not accepting sessions after {timeout}s")
+            time.sleep(0.1)
+
+    @staticmethod
     def _server(c: Container, data: Path, port: int) -> subprocess.Popen:
         """The server of the image's first start, for its initialisation only."""
         with open(c.log, "ab") as out:
@@ -279,6 +293,7 @@ class PostgresImage(Image):
             assert r.returncode == 0, f"{c.name}: psql {' '.join(args)}: {r.stderr}"
         try:
             wait_port(port, 30, server)
+            self._wait_accepting(port, 30, server)  # listening comes before accepting sessions
             if database != "postgres":
                 psql("postgres", "-c", f'CREATE DATABASE "{database}"')
             for script in self._init_scripts(c):
