@@ -77,6 +77,9 @@ DECLARE
     b          record;
     taken      integer[] := '{}';
     amounts    integer[] := '{}';
+    quiet      text;
+    n          integer;
+    expired    integer := 0;
 BEGIN
     SELECT * INTO ev FROM ticketed_events WHERE id = p_event_id;
     IF NOT FOUND THEN
@@ -118,8 +121,15 @@ BEGIN
         FROM inventory_buckets WHERE event_id = p_event_id;
         IF free_total < p_quantity THEN
             LOOP
-                EXIT WHEN expire_due_reservations(1000, p_event_id) < 1000;
+                n := expire_due_reservations(1000, p_event_id);
+                expired := expired + n;
+                EXIT WHEN n < 1000;
             END LOOP;
+            IF expired > 0 THEN
+                -- the 'expired' rows are the reaper's to relay: wake it even if this
+                -- transaction is quiet (the webhook's are)
+                PERFORM pg_notify('boxoffice_outbox', '');
+            END IF;
         END IF;
         SELECT ib.bucket INTO got FROM inventory_buckets ib
         WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
@@ -157,9 +167,17 @@ BEGIN
     INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
     SELECT r.id, p_event_id, t.bucket, t.quantity
     FROM unnest(taken, amounts) AS t(bucket, quantity);
+    -- Written without the outbox NOTIFY (boxoffice.outbox_quiet, for this one INSERT; the
+    -- caller's setting is put back): notifying transactions cannot group-commit (PostgreSQL
+    -- serialises them through the WAL flush), which capped holds at the rate of one row's
+    -- UPDATE. 'held' rows are the payment service's to relay, and it wakes its own relay after
+    -- each hold's commit; for any other caller the relay's sweep publishes them within a second.
+    quiet := current_setting('boxoffice.outbox_quiet', true);
+    PERFORM set_config('boxoffice.outbox_quiet', 'on', true);
     INSERT INTO outbox (subject, payload) VALUES ('reservations.events.held',
         jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
                            'expires_at', r.expires_at, 'occurred_at', r.created_at));
+    PERFORM set_config('boxoffice.outbox_quiet', coalesce(quiet, ''), true);
     RETURN r;
 END $$;
 GRANT EXECUTE ON FUNCTION hold_tickets_in TO boxoffice_payment, boxoffice_webhook;
