@@ -253,6 +253,29 @@ async def test_batch_retries_an_item_no_unlocked_bucket_can_serve(db: asyncpg.Po
     assert await inventory(db, ev) == (2, 0)
 
 
+async def test_batch_serves_items_from_one_bucket_while_it_has_enough(db: asyncpg.Pool) -> None:
+    """Items share the bucket they were served from, counted with one UPDATE per bucket; an
+    item the bucket cannot serve moves on to another, and the last tickets are never
+    overtaken: each bucket ends at most full, and every hold is allocated where it was counted."""
+    ev = await new_event(db, capacity=10, buckets=2)  # 5 and 5
+    async with db.acquire() as conn, conn.transaction():
+        rows = await batch(conn, ev, [(2, f"c{i}", None, None, None) for i in range(6)])
+        updates = await conn.fetchval("SELECT n_tup_upd FROM pg_stat_xact_user_tables "
+                                      "WHERE relname = 'inventory_buckets'")
+    assert [r["outcome"] for r in rows] == ["held"] * 4 + ["retry"] * 2
+    assert updates == 2  # one per bucket, not one per hold
+    got = await db.fetch("SELECT b.bucket, b.capacity, b.held, (SELECT coalesce(sum(a.quantity), 0) "
+                         "FROM reservation_allocations a WHERE a.event_id = b.event_id "
+                         "AND a.bucket = b.bucket) AS allocated FROM inventory_buckets b "
+                         "WHERE b.event_id = $1 ORDER BY b.bucket", ev)
+    assert [(r["capacity"], r["held"], r["allocated"]) for r in got] == [(5, 4, 4), (5, 4, 4)]
+    # the last ticket of each bucket: two one-ticket items, one from each bucket
+    rows = await batch(db, ev, [(1, "d", None, None, None), (1, "e", None, None, None),
+                                (1, "f", None, None, None)])
+    assert [r["outcome"] for r in rows] == ["held", "held", "retry"]
+    assert await inventory(db, ev) == (10, 0)
+
+
 async def test_batch_for_an_unknown_event_retries_every_item(db: asyncpg.Pool) -> None:
     rows = await batch(db, uuid.uuid4(), [(1, "a", None, None, None),
                                           (2, "b", None, "k", "fp"), (3, "c", None, None, None)])
