@@ -47,6 +47,21 @@ async def test_create_ticketed_event_spreads_capacity_over_buckets(db: asyncpg.P
     assert await buckets(db, await new_event(db, capacity=7)) == [(7, 0, 0)]  # one by default
 
 
+async def test_a_hot_events_buckets_are_spread_over_pages(db: asyncpg.Pool) -> None:
+    """Every hold updates a bucket row: rows packed on one page that every hold pins could not be
+    pruned of their dead versions under load (inventory_buckets' fillfactor)."""
+    ev = await new_event(db, capacity=6400, buckets=64)
+    pages = await db.fetchval("SELECT count(DISTINCT (ctid::text::point)[0]) FROM inventory_buckets "
+                              "WHERE event_id = $1", ev)
+    assert pages >= 4
+    # and each page keeps room for its rows' next versions: updates stay on the page (HOT)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE inventory_buckets SET held = held + 1 WHERE event_id = $1", ev)
+        hot = await conn.fetchval("SELECT n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                                  "WHERE relname = 'inventory_buckets'")
+    assert hot == 64
+
+
 async def test_create_ticketed_event_refuses_bad_arguments(db: asyncpg.Pool) -> None:
     fn = "SELECT create_ticketed_event(gen_random_uuid(), 'show', $1, 2500, $2, $3)"
     with pytest.raises(asyncpg.CheckViolationError):
