@@ -12,7 +12,8 @@ written quietly and the batcher wakes this process's relay itself after the comm
 and the reaper re-reads its next due time every second instead of being told of each hold.
 
 Each item of a batch takes the fast path only (a bucket with enough tickets that no one else
-holds), so a batch never waits for a lock and batches cannot deadlock. Items that miss (near
+holds; the following items are served from the same bucket while it has enough, with one UPDATE
+of it for them all), so a batch never waits for a lock and batches cannot deadlock. Items that miss (near
 sell-out, or every bucket busy) are run one by one through the full ``hold_tickets``, which
 waits, expires overdue holds, gathers across buckets, or says sold out.
 """

@@ -85,16 +85,16 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION hold_record TO boxoffice_payment, boxoffice_webhook;
 
--- Take p_quantity tickets of an event for a new hold (the work of hold_tickets and of the batch
--- entry point below), deadlock-free: a SKIP LOCKED probe can keep locks on rows it locked and
+-- Take p_quantity tickets of an event for a new hold (the work of hold_tickets), deadlock-free: a SKIP LOCKED probe can keep locks on rows it locked and
 -- then skipped (a row that fails the re-check after a concurrent update stays locked), so a pass
 -- that does not take its bucket runs in a subtransaction that is rolled back, which releases
 -- whatever it locked; a hold waits only while holding nothing, or while holding buckets in
 -- bucket order. The passes:
 --  1. one bucket with enough tickets, from a random start, skipping rows others hold (the
 --     common case on a hot event: holds spread over the rows instead of queueing on one);
---     with p_fast_only this is the only pass, and a miss returns NULL (the caller, a batch
---     that never waits for a lock, carries on; what the probe locked is released at its commit);
+--     with p_fast_only this is the only pass, and a miss returns NULL (for a caller that never
+--     waits for a lock and carries on; what the probe locked is released at its commit;
+--     hold_tickets_batch probes the same way, through hold_probe itself);
 --  2. the first bucket with enough tickets in bucket order, waiting for it;
 --  3. every bucket of the event, locked in bucket order; overdue holds of the event are expired
 --     (they never count), then the tickets are taken from one bucket or gathered across several.
