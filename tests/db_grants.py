@@ -117,6 +117,7 @@ FUNCTIONS: dict[str, set[str]] = {
     "hold_tickets": HOLDS,
     "hold_tickets_in": HOLDS,
     "hold_probe": HOLDS,
+    "hold_record": HOLDS,
     "hold_tickets_batch": {"payment"},
     "try_lock_hold_key": {"payment"},
     "release_reservation": HOLDS,

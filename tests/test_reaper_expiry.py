@@ -82,6 +82,22 @@ async def test_a_nearer_hold_wakes_the_reaper(db, start_service):
     await assert_inventory_consistent(db)
 
 
+async def test_a_fresh_hold_is_armed_on_time_without_a_wake_up(db, start_service):
+    """A hold due a few seconds ahead fires no NOTIFY (only holds due within 2 s do): the
+    reaper re-reads its next due time every second, so it still expires on time, although the
+    catch-up sweep is an hour away and the reaper sleeps until a later hold."""
+    start_service("reaper", REAPER_SWEEP_SECONDS="3600")
+    event = await make_event(db, capacity=10)
+    far = (await hold(db, event, 1, ttl=30))["id"]  # the reaper now sleeps until this one
+    await asyncio.sleep(0.3)
+    fresh = [(await hold_unannounced(db, event, 1, ttl=ttl))["id"] for ttl in (3, 4)]
+    await eventually(lambda: _expired_all(db, fresh), timeout=8, what="the fresh holds expired")
+    lags = await _lags(db, fresh)
+    assert len(lags) == 2 and all(0 <= lag < 1.0 for lag in lags), lags
+    assert await db.fetchval("SELECT status FROM reservations WHERE id = $1", far) == "active"
+    await assert_inventory_consistent(db)
+
+
 async def test_the_catch_up_sweep_finds_a_hold_nobody_announced(db, start_service):
     start_service("reaper", REAPER_SWEEP_SECONDS="1")
     event = await make_event(db, capacity=10)

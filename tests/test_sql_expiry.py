@@ -185,12 +185,29 @@ async def test_stats_count_each_status_and_read_only_active_holds(db: asyncpg.Po
 DUE = "boxoffice_reservations_due"
 
 
-async def test_a_new_hold_announces_its_expiry(db: asyncpg.Pool) -> None:
+async def test_a_new_hold_due_soon_announces_its_expiry(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
     async with listening(db, DUE) as heard:
-        r = await hold(db, ev, 1, ttl=60)
+        r = await hold(db, ev, 1, ttl=1)
         assert abs(float(await heard.next()) - r["expires_at"].timestamp()) < 1e-5
         await heard.nothing_more()
+
+
+async def test_a_hold_due_later_than_the_reapers_rearm_period_is_silent(
+        db: asyncpg.Pool) -> None:
+    """Holds due more than 2 s ahead fire no NOTIFY (notifying transactions cannot group-commit):
+    the reaper re-reads its next due time every second and arms itself for them; nor does a
+    hold's 'held' outbox row notify (payment wakes its own relay)."""
+    ev = await new_event(db)
+    async with listening(db, DUE) as due, listening(db, "boxoffice_outbox") as relay:
+        for ttl in (3, 60, 900):
+            await hold(db, ev, 1, ttl=ttl)
+        await db.fetch("SELECT * FROM hold_tickets_batch($1, 900, '{1,1}', '{a,b}', "
+                       "'{NULL,NULL}', '{NULL,k}', '{NULL,f}')", ev)
+        await due.nothing_more()
+        await relay.nothing_more()
+    assert await db.fetchval("SELECT count(*) FROM outbox "
+                             "WHERE subject = 'reservations.events.held'") == 5
 
 
 async def test_one_insert_of_many_holds_announces_the_soonest_active_once(
@@ -202,13 +219,14 @@ async def test_one_insert_of_many_holds_announces_the_soonest_active_once(
               "CASE WHEN s = 'active' THEN NULL ELSE clock_timestamp() END "
               "FROM unnest($2::text[], $3::int[]) AS u(s, t)")
     async with listening(db, DUE) as heard:
-        await db.execute(insert, ev, ["active", "cancelled", "active", "active"], [300, 5, 60, 900])
+        await db.execute(insert, ev, ["active", "cancelled", "active", "active"], [300, 0, 1, 900])
         soonest = await db.fetchval("SELECT min(expires_at) FROM reservations "
                                     "WHERE status = 'active'")
         assert abs(float(await heard.next()) - soonest.timestamp()) < 1e-5
         await heard.nothing_more()
-        # a statement that adds no active hold is silent
-        await db.execute(insert, ev, ["cancelled", "expired"], [5, 5])
+        # a statement that adds no active hold is silent, and so is one of holds due later
+        await db.execute(insert, ev, ["cancelled", "expired"], [0, 0])
+        await db.execute(insert, ev, ["active", "active"], [5, 60])
         await heard.nothing_more()
 
 

@@ -47,6 +47,21 @@ async def test_create_ticketed_event_spreads_capacity_over_buckets(db: asyncpg.P
     assert await buckets(db, await new_event(db, capacity=7)) == [(7, 0, 0)]  # one by default
 
 
+async def test_a_hot_events_buckets_are_spread_over_pages(db: asyncpg.Pool) -> None:
+    """Every hold updates a bucket row: rows packed on one page that every hold pins could not be
+    pruned of their dead versions under load (inventory_buckets' fillfactor)."""
+    ev = await new_event(db, capacity=6400, buckets=64)
+    pages = await db.fetchval("SELECT count(DISTINCT (ctid::text::point)[0]) FROM inventory_buckets "
+                              "WHERE event_id = $1", ev)
+    assert pages >= 4
+    # and each page keeps room for its rows' next versions: updates stay on the page (HOT)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE inventory_buckets SET held = held + 1 WHERE event_id = $1", ev)
+        hot = await conn.fetchval("SELECT n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                                  "WHERE relname = 'inventory_buckets'")
+    assert hot == 64
+
+
 async def test_create_ticketed_event_refuses_bad_arguments(db: asyncpg.Pool) -> None:
     fn = "SELECT create_ticketed_event(gen_random_uuid(), 'show', $1, 2500, $2, $3)"
     with pytest.raises(asyncpg.CheckViolationError):
@@ -251,6 +266,29 @@ async def test_batch_retries_an_item_no_unlocked_bucket_can_serve(db: asyncpg.Po
             rows = await batch(conn, ev, [(1, "c", None, None, None)])
     assert [r["outcome"] for r in rows] == ["retry"]
     assert await inventory(db, ev) == (2, 0)
+
+
+async def test_batch_serves_items_from_one_bucket_while_it_has_enough(db: asyncpg.Pool) -> None:
+    """Items share the bucket they were served from, counted with one UPDATE per bucket; an
+    item the bucket cannot serve moves on to another, and the last tickets are never
+    overtaken: each bucket ends at most full, and every hold is allocated where it was counted."""
+    ev = await new_event(db, capacity=10, buckets=2)  # 5 and 5
+    async with db.acquire() as conn, conn.transaction():
+        rows = await batch(conn, ev, [(2, f"c{i}", None, None, None) for i in range(6)])
+        updates = await conn.fetchval("SELECT n_tup_upd FROM pg_stat_xact_user_tables "
+                                      "WHERE relname = 'inventory_buckets'")
+    assert [r["outcome"] for r in rows] == ["held"] * 4 + ["retry"] * 2
+    assert updates == 2  # one per bucket, not one per hold
+    got = await db.fetch("SELECT b.bucket, b.capacity, b.held, (SELECT coalesce(sum(a.quantity), 0) "
+                         "FROM reservation_allocations a WHERE a.event_id = b.event_id "
+                         "AND a.bucket = b.bucket) AS allocated FROM inventory_buckets b "
+                         "WHERE b.event_id = $1 ORDER BY b.bucket", ev)
+    assert [(r["capacity"], r["held"], r["allocated"]) for r in got] == [(5, 4, 4), (5, 4, 4)]
+    # the last ticket of each bucket: two one-ticket items, one from each bucket
+    rows = await batch(db, ev, [(1, "d", None, None, None), (1, "e", None, None, None),
+                                (1, "f", None, None, None)])
+    assert [r["outcome"] for r in rows] == ["held", "held", "retry"]
+    assert await inventory(db, ev) == (10, 0)
 
 
 async def test_batch_for_an_unknown_event_retries_every_item(db: asyncpg.Pool) -> None:

@@ -16,7 +16,7 @@ from boxoffice.wire import reservations as rw
 async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
                    reservation_ttl_seconds: int) -> None:
     queue = "payment"
-    holds = HoldBatcher(pool, reservation_ttl_seconds)
+    holds = HoldBatcher(pool, reservation_ttl_seconds, wake=deps.relay_wake)
 
     async def create_event(req: admin.CreateEvent) -> admin.TicketedEvent:
         return await ticketed_events.create(pool, req)
@@ -34,7 +34,8 @@ async def register(bus: Bus, pool: asyncpg.Pool, deps: intents.Deps, *,
         return await reservations.get(pool, req.client_id, req.reservation_id)
 
     async def cancel_reservation(req: rw.CancelRequest) -> rw.Reservation:
-        return await reservations.cancel(pool, req.client_id, req.reservation_id)
+        return await reservations.cancel(pool, req.client_id, req.reservation_id,
+                                         deps.relay_wake)
 
     async def create_intent(req: pw.CreateIntentRequest) -> pw.StoredResponse:
         return await intents.create_intent(deps, req)

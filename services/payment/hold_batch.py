@@ -1,14 +1,19 @@
 """Group commit for holds: concurrent holds on one event share one transaction.
 
 On a hot event every hold is a short transaction whose cost is mostly per transaction (the
-commit's WAL flush, and the NOTIFY of the outbox and reaper triggers, which PostgreSQL
-serialises across committing transactions), not per ticket. So holds that arrive while a batch
+commit's WAL flush), not per ticket. So holds that arrive while a batch
 of the same event is in flight wait for the next batch, and each batch is one round trip to
 ``hold_tickets_batch`` (one transaction, one commit). There is no timer: a lone hold goes at
 once, and batches grow only as far as the load makes them.
 
+A hold's transaction fires no NOTIFY (PostgreSQL serialises the commits of notifying
+transactions through the WAL flush, so they could not group-commit): its 'held' outbox row is
+written quietly and the batcher wakes this process's relay itself after the commit (``wake``),
+and the reaper re-reads its next due time every second instead of being told of each hold.
+
 Each item of a batch takes the fast path only (a bucket with enough tickets that no one else
-holds), so a batch never waits for a lock and batches cannot deadlock. Items that miss (near
+holds; the following items are served from the same bucket while it has enough, with one UPDATE
+of it for them all), so a batch never waits for a lock and batches cannot deadlock. Items that miss (near
 sell-out, or every bucket busy) are run one by one through the full ``hold_tickets``, which
 waits, expires overdue holds, gathers across buckets, or says sold out.
 """
@@ -62,9 +67,10 @@ class _Pending:
 
 class HoldBatcher:
     def __init__(self, pool: asyncpg.Pool, ttl_seconds: int, *, max_batch: int = MAX_BATCH,
-                 flushers: int = FLUSHERS_PER_EVENT):
+                 flushers: int = FLUSHERS_PER_EVENT, wake: asyncio.Event | None = None):
         self.pool = pool
         self.ttl = ttl_seconds
+        self.wake = wake  # this process's outbox relay, set after each hold's commit
         self.max_batch = max_batch
         self.flushers = flushers
         self._queues: dict[str, list[_Pending]] = defaultdict(list)
@@ -122,6 +128,8 @@ class HoldBatcher:
             else:  # one statement, one implicit transaction: one round trip
                 rows = await conn.fetch(sql, *args)
                 self._answer(reqs, rows, answers, retry)
+        if self.wake is not None and len(answers) > 0:
+            self.wake.set()  # the new holds' 'held' rows are committed, written quietly
         for i, answer in answers.items():
             if isinstance(answer, Exception):
                 batch[i].future.set_exception(answer)
@@ -130,7 +138,7 @@ class HoldBatcher:
         if retry:
             SLOW_PATH.inc(len(retry))
             results = await asyncio.gather(
-                *(reservations.hold(self.pool, reqs[i], self.ttl) for i in retry),
+                *(reservations.hold(self.pool, reqs[i], self.ttl, self.wake) for i in retry),
                 return_exceptions=True)
             for i, result in zip(retry, results):
                 if isinstance(result, BaseException):

@@ -16,6 +16,7 @@ creates nothing and is not stored, so the client may retry the same key later.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, cast
 
@@ -74,8 +75,12 @@ async def _take(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int) ->
         raise
 
 
-async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int) -> StoredResponse:
-    """Hold ``req.quantity`` tickets for ``ttl_seconds``; the 201 answer, stored when keyed."""
+async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int,
+               wake: asyncio.Event | None = None) -> StoredResponse:
+    """Hold ``req.quantity`` tickets for ``ttl_seconds``; the 201 answer, stored when keyed.
+
+    ``hold_tickets`` writes the 'held' outbox row without a NOTIFY: ``wake`` (this process's
+    relay) is set once the hold is committed."""
     async def attempt() -> StoredResponse:
         try:
             async with pool.acquire() as conn:
@@ -90,7 +95,10 @@ async def hold(pool: asyncpg.Pool, req: HoldRequest, ttl_seconds: int) -> Stored
             # only reachable if two requests with one key raced past the advisory lock
             raise idempotency.IdempotencyKeyInUse(retry_after=1) from None
 
-    return await db.retrying(attempt, attempts=ATTEMPTS)
+    answer = await db.retrying(attempt, attempts=ATTEMPTS)
+    if wake is not None and not answer.replayed:
+        wake.set()
+    return answer
 
 
 async def _hold_keyed(conn: asyncpg.Connection, req: HoldRequest, ttl_seconds: int
@@ -124,15 +132,24 @@ async def get(pool: asyncpg.Pool, client_id: str, reservation_id: str) -> Reserv
     return view(row)
 
 
-async def cancel(pool: asyncpg.Pool, client_id: str, reservation_id: str) -> Reservation:
-    """Release an active hold's tickets, once; cancelling a cancelled hold changes nothing."""
+async def cancel(pool: asyncpg.Pool, client_id: str, reservation_id: str,
+                 wake: asyncio.Event | None = None) -> Reservation:
+    """Release an active hold's tickets, once; cancelling a cancelled hold changes nothing.
+
+    With ``wake`` (this process's relay, which publishes 'cancelled'), the transaction skips the
+    outbox NOTIFY (``boxoffice.outbox_quiet``) and sets ``wake`` after the commit instead."""
     rid = parse_id(reservation_id)
 
     async def attempt() -> Reservation:
         async with pool.acquire() as conn, conn.transaction():
+            if wake is not None:
+                await conn.execute("SELECT set_config('boxoffice.outbox_quiet', 'on', true)")
             return await _cancel(conn, client_id, rid, reservation_id)
 
-    return await db.retrying(attempt, attempts=ATTEMPTS)
+    cancelled = await db.retrying(attempt, attempts=ATTEMPTS)
+    if wake is not None:
+        wake.set()
+    return cancelled
 
 
 async def _cancel(conn: asyncpg.Connection, client_id: str, rid: uuid.UUID, reservation_id: str

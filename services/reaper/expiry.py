@@ -3,10 +3,13 @@
 - A sweep expires every overdue hold in bounded batches, one transaction each
   (``reap_due_reservations``: SKIP LOCKED, buckets locked in a fixed order, one outbox event per
   hold), then asks the database when the next active hold expires and sleeps until then.
-- A trigger NOTIFYs ``boxoffice_reservations_due`` with the ``expires_at`` of every new hold; a
-  hold due sooner than the current alarm moves it forward. NOTIFY is lost while nobody listens,
-  so every (re)connection of the listener starts a sweep, and a catch-up sweep runs at least
-  every ``sweep_seconds`` whatever happens.
+- The timer re-reads the next due time at least every ``ARM_SECONDS`` (one indexed query), so
+  a new hold due later than that is armed before it is due without any wake-up. A trigger
+  NOTIFYs ``boxoffice_reservations_due`` only for a hold due sooner (2 s: a short TTL, or a
+  shortened hold), since notifying transactions cannot group-commit; such a hold, due sooner
+  than the current alarm, moves it forward. NOTIFY is lost while nobody listens, so every
+  (re)connection of the listener starts a sweep, and a catch-up sweep runs at least every
+  ``sweep_seconds`` whatever happens.
 - Several replicas run the same loop: SKIP LOCKED gives each hold to one of them, and the outbox
   relay publishes each event once (the outbox row id is the ``Nats-Msg-Id``).
 - A failing database is retried with back-off and jitter; the outage is logged once and recorded in
@@ -36,6 +39,10 @@ from boxoffice.wire import reaper as wire
 log = logging.getLogger("boxoffice.reaper")
 
 CHANNEL = "boxoffice_reservations_due"
+# The timer re-reads the next due time at least this often: the reservations_due trigger
+# (libs/boxoffice/sql/expiry.sql) NOTIFYs only for holds due within 2 s, one second of margin
+# over this period for the hold's commit and the query.
+ARM_SECONDS = 1.0
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 
 EXPIRED = prometheus_client.Counter("boxoffice_holds_expired_total", "Holds expired by the reaper")
@@ -154,20 +161,44 @@ class Expirer:
             self.deadline = at
             self.wake.set()
 
+    async def rearm(self) -> None:
+        """Move the alarm forward to the next active hold's expiry if it is sooner: new holds
+        due later than ``ARM_SECONDS`` from now are not announced. A failure is left to the
+        sweeps (which retry and record outages); the next re-read is a period away all the same."""
+        async def read() -> asyncpg.Record:
+            async with self.pool.acquire() as conn:
+                return await conn.fetchrow(NEXT_DUE)
+        try:
+            row = await asyncio.wait_for(read(), 5)
+        except Exception as exc:  # noqa: BLE001 - the sweep's retries report the outage
+            log.debug("next due time not read (%s)", type(exc).__name__)
+            return
+        self.offset = row["now"] - time.time()
+        # an overdue hold while backing off (a failed sweep, or holds another replica has
+        # locked) waits for the back-off: only the sweep's own pace retries it
+        if row["due"] is not None and (self.backoff == 0.0 or row["due"] > row["now"]):
+            self.nudge(row["due"])
+
     def sweep_soon(self) -> None:
         self.deadline = 0.0
         self.wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        last_sweep = -math.inf
+        last_sweep = last_armed = -math.inf
         while not stopping.is_set():
             wake_at = min(self.deadline, last_sweep + self.settings.sweep_seconds)
             now = loop.time()
             if wake_at > now:
+                if now >= last_armed + ARM_SECONDS:
+                    last_armed = now
+                    await self.rearm()
+                    continue
                 self.wake.clear()
-                await background.pause(stopping, wake_at - now, self.wake)
+                await background.pause(stopping, min(wake_at, last_armed + ARM_SECONDS) - now,
+                                       self.wake)
                 continue
+            last_armed = now  # a sweep reads the next due time too
             last_sweep = now
             self.deadline = math.inf  # nudges arriving during the sweep bring it back
             try:

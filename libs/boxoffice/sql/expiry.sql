@@ -4,16 +4,21 @@
 -- The current body of each function; applied after the migrations on every `boxoffice migrate`
 -- (idempotent). Grants beside the function: each service role gets EXECUTE on what it calls.
 
--- Wake the reaper when a hold appears (or is shortened): NOTIFY carries the soonest new
--- expires_at as epoch seconds, so a reaper sleeping until a later expiry wakes for this one.
--- One notification per statement; NOTIFY is delivered on commit only, so the reaper never wakes
--- for a hold that was rolled back, and a periodic sweep covers wake-ups lost while not listening.
+-- Wake the reaper when a hold appears that is due soon (or is shortened): NOTIFY carries the
+-- soonest such expires_at as epoch seconds, so a reaper sleeping until a later expiry wakes for
+-- this one. Only for a hold due within 2 seconds: the reaper re-reads its next due time at least
+-- every second (services/reaper/expiry.py, ARM_SECONDS), so a hold due later is armed before it
+-- is due without any NOTIFY; and notifying transactions cannot group-commit (PostgreSQL
+-- serialises them through the WAL flush), which capped holds on a hot event at the rate of one
+-- row's UPDATE. One notification per statement; NOTIFY is delivered on commit only, so the
+-- reaper never wakes for a hold that was rolled back, and a periodic sweep covers wake-ups lost
+-- while not listening.
 CREATE OR REPLACE FUNCTION reservations_due_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     due timestamptz;
 BEGIN
     SELECT min(n.expires_at) INTO due FROM new_reservations n WHERE n.status = 'active';
-    IF due IS NOT NULL THEN
+    IF due < clock_timestamp() + interval '2 seconds' THEN
         PERFORM pg_notify('boxoffice_reservations_due', extract(epoch FROM due)::text);
     END IF;
     RETURN NULL;

@@ -49,16 +49,52 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION hold_probe TO boxoffice_payment, boxoffice_webhook;
 
--- Take p_quantity tickets of an event for a new hold (the work of hold_tickets and of the batch
--- entry point below), deadlock-free: a SKIP LOCKED probe can keep locks on rows it locked and
+-- Write a new hold of tickets already taken from the event's buckets (p_buckets, p_amounts: the
+-- caller has locked those buckets and counts the tickets in their held): the reservation, with
+-- a keyed hold's fingerprint, its allocations and its 'held' outbox row.
+CREATE OR REPLACE FUNCTION hold_record(
+    ev ticketed_events, p_quantity integer, p_client_id text, p_ttl_seconds integer,
+    p_customer_ref text, p_idempotency_key text, p_fingerprint text, p_buckets integer[],
+    p_amounts integer[])
+RETURNS reservations LANGUAGE plpgsql AS $$
+DECLARE
+    r     reservations;
+    quiet text;
+BEGIN
+    INSERT INTO reservations (event_id, client_id, customer_ref, quantity, amount, currency,
+                              expires_at, idempotency_key, request_fingerprint)
+    VALUES (ev.id, p_client_id, p_customer_ref, p_quantity, ev.price * p_quantity,
+            ev.currency, clock_timestamp() + make_interval(secs => p_ttl_seconds),
+            p_idempotency_key, p_fingerprint)
+    RETURNING * INTO r;
+    INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
+    SELECT r.id, ev.id, t.bucket, t.quantity
+    FROM unnest(p_buckets, p_amounts) AS t(bucket, quantity);
+    -- Written without the outbox NOTIFY (boxoffice.outbox_quiet, for this one INSERT; the
+    -- caller's setting is put back): notifying transactions cannot group-commit (PostgreSQL
+    -- serialises them through the WAL flush), which capped holds at the rate of one row's
+    -- UPDATE. 'held' rows are the payment service's to relay, and it wakes its own relay after
+    -- each hold's commit; for any other caller the relay's sweep publishes them within a second.
+    quiet := current_setting('boxoffice.outbox_quiet', true);
+    PERFORM set_config('boxoffice.outbox_quiet', 'on', true);
+    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.held',
+        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
+                           'expires_at', r.expires_at, 'occurred_at', r.created_at));
+    PERFORM set_config('boxoffice.outbox_quiet', coalesce(quiet, ''), true);
+    RETURN r;
+END $$;
+GRANT EXECUTE ON FUNCTION hold_record TO boxoffice_payment, boxoffice_webhook;
+
+-- Take p_quantity tickets of an event for a new hold (the work of hold_tickets), deadlock-free: a SKIP LOCKED probe can keep locks on rows it locked and
 -- then skipped (a row that fails the re-check after a concurrent update stays locked), so a pass
 -- that does not take its bucket runs in a subtransaction that is rolled back, which releases
 -- whatever it locked; a hold waits only while holding nothing, or while holding buckets in
 -- bucket order. The passes:
 --  1. one bucket with enough tickets, from a random start, skipping rows others hold (the
 --     common case on a hot event: holds spread over the rows instead of queueing on one);
---     with p_fast_only this is the only pass, and a miss returns NULL (the caller, a batch
---     that never waits for a lock, carries on; what the probe locked is released at its commit);
+--     with p_fast_only this is the only pass, and a miss returns NULL (for a caller that never
+--     waits for a lock and carries on; what the probe locked is released at its commit;
+--     hold_tickets_batch probes the same way, through hold_probe itself);
 --  2. the first bucket with enough tickets in bucket order, waiting for it;
 --  3. every bucket of the event, locked in bucket order; overdue holds of the event are expired
 --     (they never count), then the tickets are taken from one bucket or gathered across several.
@@ -77,6 +113,8 @@ DECLARE
     b          record;
     taken      integer[] := '{}';
     amounts    integer[] := '{}';
+    n          integer;
+    expired    integer := 0;
 BEGIN
     SELECT * INTO ev FROM ticketed_events WHERE id = p_event_id;
     IF NOT FOUND THEN
@@ -118,8 +156,15 @@ BEGIN
         FROM inventory_buckets WHERE event_id = p_event_id;
         IF free_total < p_quantity THEN
             LOOP
-                EXIT WHEN expire_due_reservations(1000, p_event_id) < 1000;
+                n := expire_due_reservations(1000, p_event_id);
+                expired := expired + n;
+                EXIT WHEN n < 1000;
             END LOOP;
+            IF expired > 0 THEN
+                -- the 'expired' rows are the reaper's to relay: wake it even if this
+                -- transaction is quiet (the webhook's are)
+                PERFORM pg_notify('boxoffice_outbox', '');
+            END IF;
         END IF;
         SELECT ib.bucket INTO got FROM inventory_buckets ib
         WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
@@ -148,19 +193,8 @@ BEGIN
     UPDATE inventory_buckets ib SET held = ib.held + t.quantity
     FROM unnest(taken, amounts) AS t(bucket, quantity)
     WHERE ib.event_id = p_event_id AND ib.bucket = t.bucket;
-    INSERT INTO reservations (event_id, client_id, customer_ref, quantity, amount, currency,
-                              expires_at, idempotency_key)
-    VALUES (p_event_id, p_client_id, p_customer_ref, p_quantity, ev.price * p_quantity,
-            ev.currency, clock_timestamp() + make_interval(secs => p_ttl_seconds),
-            p_idempotency_key)
-    RETURNING * INTO r;
-    INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
-    SELECT r.id, p_event_id, t.bucket, t.quantity
-    FROM unnest(taken, amounts) AS t(bucket, quantity);
-    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.held',
-        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
-                           'expires_at', r.expires_at, 'occurred_at', r.created_at));
-    RETURN r;
+    RETURN hold_record(ev, p_quantity, p_client_id, p_ttl_seconds, p_customer_ref,
+                       p_idempotency_key, NULL, taken, amounts);
 END $$;
 GRANT EXECUTE ON FUNCTION hold_tickets_in TO boxoffice_payment, boxoffice_webhook;
 
@@ -175,14 +209,18 @@ $$;
 GRANT EXECUTE ON FUNCTION hold_tickets TO boxoffice_payment, boxoffice_webhook;
 
 -- Many holds of one event in one transaction (the payment service batches concurrent holds:
--- one commit and one round trip for the lot). Each item takes the fast path only, so the batch
--- never waits for a lock (batches cannot deadlock) and needs no subtransactions.
--- Outcomes per item (idx from 0): held; retry (no unlocked
--- bucket had enough, or no such event: the caller runs the full hold_tickets for it); and for
--- keyed items in_use (the key is locked by another transaction), replay or mismatch (the key
--- already made a hold: its fingerprint decides; response_body is the stored answer, NULL when
--- the hold was made earlier in this same batch). A keyed hold gets its fingerprint here; the
--- caller stores its response body in the same transaction.
+-- one commit and one round trip for the lot). The batch never waits for a lock (batches cannot
+-- deadlock) and needs no subtransactions: it takes a bucket that no one else holds with enough
+-- tickets for the next item (hold_probe, from a random start) and serves the following items
+-- from the same bucket while it has enough, counting their tickets in its held with one UPDATE
+-- per bucket, not one per hold (a hot event's bucket rows are updated by every batch: fewer
+-- row versions are fewer to walk and prune).
+-- Outcomes per item (idx from 0): held; retry (no unlocked bucket had enough, or no such event,
+-- or a quantity the full path must refuse: the caller runs the full hold_tickets for it); and
+-- for keyed items in_use (the key is locked by another transaction), replay or mismatch (the
+-- key already made a hold: its fingerprint decides; response_body is the stored answer, NULL
+-- when the hold was made earlier in this same batch). A keyed hold is written with its
+-- fingerprint; the caller stores its response body in the same transaction.
 CREATE OR REPLACE FUNCTION hold_tickets_batch(
     p_event_id uuid, p_ttl_seconds integer, p_quantities integer[], p_client_ids text[],
     p_customer_refs text[], p_keys text[], p_fingerprints text[])
@@ -190,10 +228,16 @@ RETURNS TABLE (idx integer, outcome text, id uuid, expires_at timestamptz,
                created_at timestamptz, amount bigint, currency text, response_body text)
 LANGUAGE plpgsql AS $$
 DECLARE
+    ev    ticketed_events;
     r     reservations;
     prior record;
+    q     integer;
+    cur   integer;          -- the bucket being served from (locked by this transaction)
+    free  integer := 0;     -- its free tickets when locked
+    taken integer := 0;     -- tickets taken from it since, not yet counted in its held
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM ticketed_events e WHERE e.id = p_event_id) THEN
+    SELECT * INTO ev FROM ticketed_events e WHERE e.id = p_event_id;
+    IF NOT FOUND THEN
         RETURN QUERY SELECT g.i - 1, 'retry', NULL::uuid, NULL::timestamptz,
                             NULL::timestamptz, NULL::bigint, NULL::text, NULL::text
                      FROM generate_series(1, coalesce(array_length(p_quantities, 1), 0)) g(i);
@@ -203,6 +247,7 @@ BEGIN
         idx := i - 1;
         id := NULL; expires_at := NULL; created_at := NULL; amount := NULL; currency := NULL;
         response_body := NULL;
+        q := p_quantities[i];
         IF p_keys[i] IS NOT NULL THEN
             IF NOT try_lock_hold_key(p_client_ids[i], p_keys[i]) THEN
                 outcome := 'in_use';
@@ -219,21 +264,41 @@ BEGIN
                 CONTINUE;
             END IF;
         END IF;
-        r := hold_tickets_in(p_event_id, p_quantities[i], p_client_ids[i], p_ttl_seconds,
-                             p_customer_refs[i], p_keys[i], true);
-        IF r.id IS NULL THEN
-            outcome := 'retry';
-        ELSE
-            IF p_keys[i] IS NOT NULL THEN
-                UPDATE reservations x SET request_fingerprint = p_fingerprints[i]
-                WHERE x.id = r.id;
-            END IF;
-            outcome := 'held';
-            id := r.id; expires_at := r.expires_at; created_at := r.created_at;
-            amount := r.amount; currency := r.currency;
+        IF q IS NULL OR q < 1 THEN
+            outcome := 'retry';  -- the full path says what is wrong with it
+            RETURN NEXT;
+            CONTINUE;
         END IF;
+        IF cur IS NULL OR free - taken < q THEN
+            IF taken > 0 THEN
+                UPDATE inventory_buckets b SET held = b.held + taken
+                WHERE b.event_id = p_event_id AND b.bucket = cur;
+            END IF;
+            taken := 0;
+            cur := hold_probe(p_event_id, q, floor(random() * ev.buckets)::integer);
+            IF cur IS NOT NULL THEN
+                SELECT b.capacity - b.held - b.sold INTO free FROM inventory_buckets b
+                WHERE b.event_id = p_event_id AND b.bucket = cur;
+            END IF;
+        END IF;
+        IF cur IS NULL THEN
+            outcome := 'retry';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        taken := taken + q;
+        r := hold_record(ev, q, p_client_ids[i], p_ttl_seconds, p_customer_refs[i], p_keys[i],
+                         CASE WHEN p_keys[i] IS NOT NULL THEN p_fingerprints[i] END,
+                         ARRAY[cur], ARRAY[q]);
+        outcome := 'held';
+        id := r.id; expires_at := r.expires_at; created_at := r.created_at;
+        amount := r.amount; currency := r.currency;
         RETURN NEXT;
     END LOOP;
+    IF taken > 0 THEN
+        UPDATE inventory_buckets b SET held = b.held + taken
+        WHERE b.event_id = p_event_id AND b.bucket = cur;
+    END IF;
 END $$;
 GRANT EXECUTE ON FUNCTION hold_tickets_batch TO boxoffice_payment;
 
