@@ -3,19 +3,11 @@
 Each service's relay claims only the rows of the subjects it owns (``bus_access.ACCESS[...]
 .relays``), the only ones its NATS user may publish: the reaper's expiries (wherever a hold
 expired), payment's holds, cancels and PaymentIntents, the webhook service's sales, returns,
-refunds and failures. One relay of a service publishes at a time: it holds a session advisory
-lock on its subjects (``lock_key``) while it reads a batch of rows, publishes them with the row
-id as ``Nats-Msg-Id`` and deletes them once every PubAck is in; its other replicas find the lock
-taken and try again shortly (or take over once its connection is gone). A crash after the
-publish and before the delete republishes the same ids, which JetStream drops as duplicates
-within the stream's duplicate window: nothing lost, nothing published twice.
-
-No transaction stays open while NATS is waited for. Rows locked ``FOR UPDATE`` (as the relays
-once did) give the transaction an xid, and a running xid holds back the horizon below which
-dead row versions may be removed, on every table, for the whole publish (hundreds of
-milliseconds for a batch under load): the hot inventory rows, updated by every hold, are the
-first to pile up versions that every hold then walks. A session advisory lock takes no xid and
-holds back nothing.
+refunds and failures. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` (replicas share the
+work), published with the row id as ``Nats-Msg-Id`` and deleted in the same transaction once
+every PubAck is in. A crash after the publish and before the commit republishes the same ids,
+which JetStream drops as duplicates within the stream's duplicate window: nothing lost, nothing
+published twice.
 """
 
 from __future__ import annotations
@@ -23,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
@@ -40,38 +31,19 @@ PUBLISHED = prometheus_client.Counter("boxoffice_outbox_published_total",
 CHANNEL = "boxoffice_outbox"
 
 
-BUSY = -1  # publish_batch: another relay of these subjects is publishing
-BUSY_RETRY_SECONDS = 0.05  # how soon a relay that found the lock taken tries again
-
-
-def lock_key(subjects: Sequence[str]) -> int:
-    """The advisory lock of the relays of ``subjects`` (one service's: the sets are disjoint)."""
-    return zlib.crc32(("boxoffice.outbox:" + ",".join(sorted(subjects))).encode())
-
-
 async def publish_batch(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
                         limit: int = 500) -> int:
-    """Publish up to ``limit`` pending rows of ``subjects``; returns how many were published,
-    or ``BUSY`` when another relay of these subjects holds the lock."""
-    key = lock_key(subjects)
-    async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-            return BUSY
-        try:
-            # each statement its own short transaction: nothing is held while NATS answers
-            rows = await conn.fetch(
-                "SELECT id, subject, payload::text AS payload FROM outbox "
-                "WHERE subject = ANY($1::text[]) ORDER BY id LIMIT $2", list(subjects), limit)
-            if not rows:
-                return 0
-            await asyncio.gather(*(bus.publish(r["subject"], r["payload"].encode(), str(r["id"]))
-                                   for r in rows))
-            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])",
-                               [r["id"] for r in rows])
-        finally:
-            # (a broken connection has lost the lock with it; the pool's reset unlocks all)
-            with contextlib.suppress(*dbmod.FAILURES):
-                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+    """Publish up to ``limit`` pending rows of ``subjects``; returns how many were published."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id, subject, payload::text AS payload FROM outbox "
+            "WHERE subject = ANY($1::text[]) ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            list(subjects), limit)
+        if not rows:
+            return 0
+        await asyncio.gather(*(bus.publish(r["subject"], r["payload"].encode(), str(r["id"]))
+                               for r in rows))
+        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
     PUBLISHED.inc(len(rows))
     return len(rows)
 
@@ -138,11 +110,6 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
                 except (errors.ServiceUnavailable, *dbmod.FAILURES) as exc:
                     log.warning("outbox relay paused (%s)", type(exc).__name__)
                     raise
-        if n == BUSY:
-            # another replica is publishing: try again shortly, in case it has just read its
-            # last batch and missed rows committed since
-            await background.pause(stopping, BUSY_RETRY_SECONDS)
-            continue
         if n:
             continue
         wake.clear()
