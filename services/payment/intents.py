@@ -72,6 +72,7 @@ T = TypeVar("T")
 
 LEASE_SECONDS = 5.0
 RENEW_EVERY = 1.5
+RENEW_GRACE = 2.0  # seconds a renewal in flight may take to finish once the call is over
 FAILPOINTS = ("before_stripe_call", "after_stripe_call")
 
 PHASE_SECONDS = prometheus_client.Histogram(
@@ -115,8 +116,9 @@ class Deps:
     stripe: StripeGateway
     # Test-only crash points (BOXOFFICE_FAILPOINT): the process SIGKILLs itself there.
     failpoints: frozenset[str] = frozenset()
-    # This process's outbox relay: set it after committing outbox rows written without the
-    # NOTIFY (boxoffice.outbox_quiet), so they are published at once all the same.
+    # This process's outbox relay: set after a record commits its outbox row, which is written
+    # without the NOTIFY (boxoffice.outbox_quiet), so that it is published at once all the same.
+    # Without it (None) the row waits for a relay's sweep: late, never lost.
     relay_wake: asyncio.Event | None = None
 
 
@@ -212,6 +214,9 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
                                      reservation_id=claim.reservation_id)).decode()
     with PHASE_SECONDS.labels("record").time():
         stored = await _retrying(lambda: _record(deps.pool, claim, 201, body, pi))
+    if deps.relay_wake is not None and not stored.replayed:
+        # the record's outbox row was written without a NOTIFY: publish it now all the same
+        deps.relay_wake.set()
     OUTCOMES.labels("created").inc()
     return stored
 
@@ -255,10 +260,16 @@ async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _leased(pool: asyncpg.Pool, claim: Claim) -> AsyncIterator[None]:
-    """Renew the key's lease while the block runs (only slow Stripe calls ever renew)."""
+    """Renew the key's lease every ``RENEW_EVERY`` while the block runs.
 
-    async def renew(stopping: asyncio.Event) -> None:
-        while not await background.pause(stopping, RENEW_EVERY):
+    Only slow Stripe calls ever renew, so a request pays for a timer, not for a task: the
+    renewing task starts when the first renewal falls due. On exit it is stopped, and an UPDATE
+    in flight is let finish (``RENEW_GRACE``) rather than cancelled mid-query."""
+    stopping = asyncio.Event()
+    renewing: asyncio.Task[None] | None = None
+
+    async def renew() -> None:
+        while not stopping.is_set():
             try:
                 await pool.execute("UPDATE payment_intents_log SET locked_at = clock_timestamp() "
                                    "WHERE id = $1 AND lease_token = $2 "
@@ -267,9 +278,25 @@ async def _leased(pool: asyncpg.Pool, claim: Claim) -> AsyncIterator[None]:
             except db.FAILURES as exc:
                 log.warning("lease renewal of key %s failed (%s)", claim.log_id,
                             type(exc).__name__)
+            await background.pause(stopping, RENEW_EVERY)
 
-    async with background.running("lease renewal", renew, grace=2):
+    def start() -> None:
+        nonlocal renewing
+        renewing = asyncio.create_task(renew(), name=f"lease renewal {claim.log_id}")
+
+    timer = asyncio.get_running_loop().call_later(RENEW_EVERY, start)
+    try:
         yield
+    finally:
+        timer.cancel()
+        if renewing is not None:
+            stopping.set()
+            done, _ = await asyncio.wait({renewing}, timeout=RENEW_GRACE)
+            if not done:
+                renewing.cancel()
+            elif not renewing.cancelled() and renewing.exception() is not None:
+                log.error("lease renewal of key %s crashed", claim.log_id,
+                          exc_info=renewing.exception())
 
 
 def _failpoint(deps: Deps, name: str) -> None:
