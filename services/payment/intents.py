@@ -22,6 +22,14 @@ as both the audit trail and the recovery state:
    retry claims again and gets the same PaymentIntent back from Stripe.
    Definitive Stripe errors (card declined, invalid request) are recorded the same way; transient
    ones release the lease and leave the key at ``started`` for the client's retry.
+   The record's commit waits for its WAL flush too, though a record lost in a crash leaves the
+   key at ``started`` as a crash before it would: here the client has already been answered and
+   acts on the answer (it confirms the PaymentIntent with its client secret), so a lost record
+   would leave a PaymentIntent the database never knew of, which reconciliation's orphan pass
+   cancels under the buyer, and whose key, replayed after Stripe's 24 h, would answer with
+   another PaymentIntent. Its outbox row is written without a NOTIFY (``boxoffice.outbox_quiet``)
+   and this process's relay woken after the commit (``Deps.relay_wake``): notifying commits
+   queue on one PostgreSQL lock held through their WAL flush.
 
 Recovery points (``payment_intents_log.recovery_point``): ``started`` (Stripe may or may not have
 been called: resume by calling it again with the same key) and ``finished``. Stripe's answer and
@@ -29,8 +37,8 @@ every local effect of it are committed in one transaction, so there is no point 
 resume from. The outcomes of the two SQL functions are ``ClaimOutcome`` and ``RecordOutcome``.
 
 The lease (``locked_at``, owned through ``lease_token``) lasts ``LEASE_SECONDS`` and is renewed
-every ``RENEW_EVERY`` while Stripe is being called, so a crashed worker's key is taken over within
-seconds; a worker whose lease was taken over can neither renew nor release its successor's. Correctness never
+every ``RENEW_EVERY`` while Stripe is being called (by a task started only when the first renewal
+falls due), so a crashed worker's key is taken over within seconds; a worker whose lease was taken over can neither renew nor release its successor's. Correctness never
 depends on it: two workers calling Stripe with one key get one PaymentIntent, and only the first
 to record it wins (the record is conditional on the key not being finished).
 """
