@@ -38,9 +38,10 @@ resume from. The outcomes of the two SQL functions are ``ClaimOutcome`` and ``Re
 
 The lease (``locked_at``, owned through ``lease_token``) lasts ``LEASE_SECONDS`` and is renewed
 every ``RENEW_EVERY`` while Stripe is being called (by a task started only when the first renewal
-falls due), so a crashed worker's key is taken over within seconds; a worker whose lease was taken over can neither renew nor release its successor's. Correctness never
-depends on it: two workers calling Stripe with one key get one PaymentIntent, and only the first
-to record it wins (the record is conditional on the key not being finished).
+falls due), so a crashed worker's key is taken over within seconds; a worker whose lease was taken
+over can neither renew nor release its successor's. Correctness never depends on it: two workers
+calling Stripe with one key get one PaymentIntent, and only the first to record it wins (the record
+is conditional on the key not being finished).
 """
 
 from __future__ import annotations
