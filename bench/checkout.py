@@ -144,6 +144,25 @@ async def bench_intents(c: Client, stripe_base: str, n: int) -> dict[str, Any]:
     http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=5))
     sdk = stripe.StripeClient(STRIPE_KEY, http_client=http, base_addresses={"api": stripe_base})
     ours, direct = [], []
+
+    def processes() -> dict[str, list[int]]:
+        """The processes this run started (this one's children), by what they run: each
+        service's replicas together, PostgreSQL with its backends."""
+        found: dict[str, list[int]] = {"bench_client": [os.getpid()]}
+        for pid in tree(os.getpid())[1:]:
+            try:
+                argv = [a.decode() for a in
+                        Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+            except OSError:
+                continue
+            if not argv:
+                continue
+            name = argv[-1] if "boxoffice.cli" in argv else Path(argv[0]).name
+            found.setdefault(name, []).extend(tree(pid) if name == "postgres" else [pid])
+        return found
+
+    procs = processes()
+    before = {name: cpu_seconds(pids) for name, pids in procs.items()}
     try:
         for i, rid in enumerate(holds):  # interleaved, so both see the same emulator state
             t = time.perf_counter()
@@ -158,10 +177,15 @@ async def bench_intents(c: Client, stripe_base: str, n: int) -> dict[str, Any]:
             direct.append(time.perf_counter() - t)
     finally:
         await http.close_async()
+    after = {name: cpu_seconds(pids) for name, pids in procs.items()}
     return {"requests": n,
             "ingress_p50_ms": pct(ours, 0.5), "ingress_p99_ms": pct(ours, 0.99),
             "direct_sdk_p50_ms": pct(direct, 0.5), "direct_sdk_p99_ms": pct(direct, 0.99),
             "overhead_p50_ms": round(pct(ours, 0.5) - pct(direct, 0.5), 3),
+            # CPU per pair (one through ingress, one direct; localstripe and this client serve
+            # both): steadier than the latencies on a shared machine
+            "cpu_us_per_pair": {name: round((after[name] - before[name]) / n * 1e6)
+                                for name in sorted(before)},
             "key": holds[0]}
 
 

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from boxoffice.payment import intents
-from tests.sql_support import inventory, new_event, new_hold, paid_by, pi, status
+from tests.sql_support import inventory, listening, new_event, new_hold, outbox, paid_by, pi, status
 
 
 async def apply(db: asyncpg.Pool, kind: str, pi_id: str, res: uuid.UUID | None, *,
@@ -302,6 +302,24 @@ async def test_record_outcomes(db: asyncpg.Pool) -> None:
     assert await db.fetchval("SELECT payment_intent_id FROM reservations WHERE id = $1", res) == p
     assert await db.fetchval("SELECT status FROM payments WHERE payment_intent_id = $1",
                              p) == "created"
+
+
+async def test_record_writes_its_outbox_row_without_a_notify(db: asyncpg.Pool) -> None:
+    """The record's payments.events.created row is written quiet (its process wakes its own
+    relay): no NOTIFY, so records never queue on PostgreSQL's notify lock; a refusal writes none."""
+    ev = await new_event(db)
+    res, refused = await new_hold(db, ev), await new_hold(db, ev)
+    async with listening(db, "boxoffice_outbox") as heard:
+        p = pi()
+        assert (await record(db, await claim(db, res), pi_id=p))["outcome"] == "recorded"
+        assert (await record(db, await claim(db, refused, key="k2"), key="k2",
+                             status=402))["outcome"] == "recorded"
+        await heard.nothing_more()
+        # the flag was the record's transaction's own: the next outbox row notifies again
+        await db.execute("INSERT INTO outbox (subject, payload) VALUES ('test.subject', '{}')")
+        assert await heard.next() == ""
+    assert [subject for subject, _ in await outbox(db, "payments.")] == [
+        "payments.events.created"]
 
 
 async def test_record_of_a_lost_claim_writes_nothing(db: asyncpg.Pool) -> None:

@@ -22,6 +22,14 @@ as both the audit trail and the recovery state:
    retry claims again and gets the same PaymentIntent back from Stripe.
    Definitive Stripe errors (card declined, invalid request) are recorded the same way; transient
    ones release the lease and leave the key at ``started`` for the client's retry.
+   The record's commit waits for its WAL flush too, though a record lost in a crash leaves the
+   key at ``started`` as a crash before it would: here the client has already been answered and
+   acts on the answer (it confirms the PaymentIntent with its client secret), so a lost record
+   would leave a PaymentIntent the database never knew of, which reconciliation's orphan pass
+   cancels under the buyer, and whose key, replayed after Stripe's 24 h, would answer with
+   another PaymentIntent. Its outbox row is written without a NOTIFY (``boxoffice.outbox_quiet``)
+   and this process's relay woken after the commit (``Deps.relay_wake``): notifying commits
+   queue on one PostgreSQL lock held through their WAL flush.
 
 Recovery points (``payment_intents_log.recovery_point``): ``started`` (Stripe may or may not have
 been called: resume by calling it again with the same key) and ``finished``. Stripe's answer and
@@ -29,10 +37,11 @@ every local effect of it are committed in one transaction, so there is no point 
 resume from. The outcomes of the two SQL functions are ``ClaimOutcome`` and ``RecordOutcome``.
 
 The lease (``locked_at``, owned through ``lease_token``) lasts ``LEASE_SECONDS`` and is renewed
-every ``RENEW_EVERY`` while Stripe is being called, so a crashed worker's key is taken over within
-seconds; a worker whose lease was taken over can neither renew nor release its successor's. Correctness never
-depends on it: two workers calling Stripe with one key get one PaymentIntent, and only the first
-to record it wins (the record is conditional on the key not being finished).
+every ``RENEW_EVERY`` while Stripe is being called (by a task started only when the first renewal
+falls due), so a crashed worker's key is taken over within seconds; a worker whose lease was taken
+over can neither renew nor release its successor's. Correctness never depends on it: two workers
+calling Stripe with one key get one PaymentIntent, and only the first to record it wins (the record
+is conditional on the key not being finished).
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ T = TypeVar("T")
 
 LEASE_SECONDS = 5.0
 RENEW_EVERY = 1.5
+RENEW_GRACE = 2.0  # seconds a renewal in flight may take to finish once the call is over
 FAILPOINTS = ("before_stripe_call", "after_stripe_call")
 
 PHASE_SECONDS = prometheus_client.Histogram(
@@ -115,8 +125,9 @@ class Deps:
     stripe: StripeGateway
     # Test-only crash points (BOXOFFICE_FAILPOINT): the process SIGKILLs itself there.
     failpoints: frozenset[str] = frozenset()
-    # This process's outbox relay: set it after committing outbox rows written without the
-    # NOTIFY (boxoffice.outbox_quiet), so they are published at once all the same.
+    # This process's outbox relay: set after a record commits its outbox row, which is written
+    # without the NOTIFY (boxoffice.outbox_quiet), so that it is published at once all the same.
+    # Without it (None) the row waits for a relay's sweep: late, never lost.
     relay_wake: asyncio.Event | None = None
 
 
@@ -142,6 +153,35 @@ async def create_intent(deps: Deps, req: CreateIntentRequest) -> StoredResponse:
     return await _call_and_record(deps, claim)
 
 
+# Connections on their way back to the pool (see _fetchrow): referenced until returned.
+_RETURNING: set[asyncio.Future[None]] = set()
+
+
+async def _fetchrow(pool: asyncpg.Pool, query: str, *args: Any) -> Any:
+    """``pool.fetchrow``, with the connection returned to the pool after the answer, not before:
+    asyncpg resets a connection it is given back (a round trip: RESET ALL, UNLISTEN, advisory
+    locks released), and a phase's answer does not depend on it. The reset still runs before
+    anyone else gets the connection; the pool's close waits for it."""
+    conn = await pool.acquire()
+    try:
+        row = await conn.fetchrow(query, *args)
+    except BaseException:
+        await pool.release(conn)
+        raise
+    returning = asyncio.ensure_future(pool.release(conn))
+    _RETURNING.add(returning)
+    returning.add_done_callback(_returned)
+    return row
+
+
+def _returned(returning: asyncio.Future[None]) -> None:
+    _RETURNING.discard(returning)
+    if not returning.cancelled() and returning.exception() is not None:
+        # asyncpg terminated the connection; the pool opens a new one when it needs one
+        log.warning("a connection could not be reset on its way back to the pool (%s)",
+                    type(returning.exception()).__name__)
+
+
 async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
     """Run one transaction, again if PostgreSQL aborted it for a deadlock or serialization."""
     return await db.retrying(phase, attempts=4, pause=0.01)
@@ -149,8 +189,8 @@ async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
 
 async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | StoredResponse:
     """Phase 1, one round trip (SQL ``claim_payment_intent``): replay, refuse, or lease the key."""
-    row = await pool.fetchrow(
-        "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
+    row = await _fetchrow(
+        pool, "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
         req.idempotency_key, req.fingerprint, uuid.UUID(req.reservation_id),
         idempotency.stripe_key(req.client_id, req.idempotency_key, req.fingerprint),
         CREATE_INTENT_ROUTE, LEASE_SECONDS)
@@ -212,6 +252,9 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
                                      reservation_id=claim.reservation_id)).decode()
     with PHASE_SECONDS.labels("record").time():
         stored = await _retrying(lambda: _record(deps.pool, claim, 201, body, pi))
+    if deps.relay_wake is not None and not stored.replayed:
+        # the record's outbox row was written without a NOTIFY: publish it now all the same
+        deps.relay_wake.set()
     OUTCOMES.labels("created").inc()
     return stored
 
@@ -224,8 +267,8 @@ async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
         event = wire.encode(PaymentEvent(
             payment_intent_id=pi.id, reservation_id=claim.reservation_id, amount=claim.amount,
             currency=claim.currency, occurred_at=wire.now())).decode()
-    row = await pool.fetchrow(
-        "SELECT * FROM record_payment_intent($1, $2, $3, $4, $5, $6, $7, ($8::text)::jsonb)",
+    row = await _fetchrow(
+        pool, "SELECT * FROM record_payment_intent($1, $2, $3, $4, $5, $6, $7, ($8::text)::jsonb)",
         claim.log_id, claim.client_id, claim.idempotency_key, claim.stripe_key, status, body,
         pi.id if pi else None, event)
     outcome = RecordOutcome(row["outcome"])
@@ -255,10 +298,16 @@ async def _release(pool: asyncpg.Pool, claim: Claim, error: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _leased(pool: asyncpg.Pool, claim: Claim) -> AsyncIterator[None]:
-    """Renew the key's lease while the block runs (only slow Stripe calls ever renew)."""
+    """Renew the key's lease every ``RENEW_EVERY`` while the block runs.
 
-    async def renew(stopping: asyncio.Event) -> None:
-        while not await background.pause(stopping, RENEW_EVERY):
+    Only slow Stripe calls ever renew, so a request pays for a timer, not for a task: the
+    renewing task starts when the first renewal falls due. On exit it is stopped, and an UPDATE
+    in flight is let finish (``RENEW_GRACE``) rather than cancelled mid-query."""
+    stopping = asyncio.Event()
+    renewing: asyncio.Task[None] | None = None
+
+    async def renew() -> None:
+        while not stopping.is_set():
             try:
                 await pool.execute("UPDATE payment_intents_log SET locked_at = clock_timestamp() "
                                    "WHERE id = $1 AND lease_token = $2 "
@@ -267,9 +316,25 @@ async def _leased(pool: asyncpg.Pool, claim: Claim) -> AsyncIterator[None]:
             except db.FAILURES as exc:
                 log.warning("lease renewal of key %s failed (%s)", claim.log_id,
                             type(exc).__name__)
+            await background.pause(stopping, RENEW_EVERY)
 
-    async with background.running("lease renewal", renew, grace=2):
+    def start() -> None:
+        nonlocal renewing
+        renewing = asyncio.create_task(renew(), name=f"lease renewal {claim.log_id}")
+
+    timer = asyncio.get_running_loop().call_later(RENEW_EVERY, start)
+    try:
         yield
+    finally:
+        timer.cancel()
+        if renewing is not None:
+            stopping.set()
+            done, _ = await asyncio.wait({renewing}, timeout=RENEW_GRACE)
+            if not done:
+                renewing.cancel()
+            elif not renewing.cancelled() and renewing.exception() is not None:
+                log.error("lease renewal of key %s crashed", claim.log_id,
+                          exc_info=renewing.exception())
 
 
 def _failpoint(deps: Deps, name: str) -> None:

@@ -120,6 +120,13 @@ GRANT EXECUTE ON FUNCTION claim_payment_intent TO boxoffice_payment;
 -- and the payments.events.created outbox row (p_event); if the hold ended while Stripe was being
 -- called, the PaymentIntent's cancel is decided at once. A definitive refusal frees the hold for
 -- another key.
+-- The outbox row is written quiet (boxoffice.outbox_quiet, no NOTIFY): a notifying commit takes
+-- PostgreSQL's global notify lock through its WAL flush, so records (and every other notifying
+-- writer) would queue behind each other's fsync, and each NOTIFY wakes every replica's relay for
+-- one row. The caller wakes its own process's relay after the commit instead; the other relays'
+-- sweep publishes the row if that process dies first. The commit itself stays synchronous: the
+-- client acts on this answer (it confirms the PaymentIntent with its client secret), so the
+-- record must not be lost once answered (see intents.py).
 CREATE OR REPLACE FUNCTION record_payment_intent(
     p_log_id bigint, p_client_id text, p_key text, p_stripe_key text, p_status integer, p_body text,
     p_payment_intent_id text, p_event jsonb)
@@ -154,6 +161,7 @@ BEGIN
         UPDATE reservations r SET payment_intent_id = p_payment_intent_id,
                updated_at = clock_timestamp()
         WHERE r.id = k.reservation_id AND r.status <> 'completed';
+        PERFORM set_config('boxoffice.outbox_quiet', 'on', true);
         INSERT INTO outbox (subject, payload) VALUES ('payments.events.created', p_event);
         IF res.status IS DISTINCT FROM 'active' THEN
             PERFORM request_stripe_action('cancel', p_payment_intent_id, k.reservation_id,
