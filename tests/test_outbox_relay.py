@@ -41,3 +41,38 @@ async def test_relay_replicas_publish_every_row_once(nats_url: str, database_url
             for m in await sub.fetch(100, timeout=5):
                 seen.add(int(m.header["Nats-Msg-Id"]))
         assert len(seen) == 500
+
+
+async def test_a_wake_up_during_an_empty_batch_is_kept(nats_url: str, db: asyncpg.Pool,
+                                                       monkeypatch) -> None:
+    """A row committed just after a batch read the outbox (its writer wakes the relay while that
+    batch is still running, as payment and webhook do) is published at once, not at the next
+    sweep: the relay clears its wake-up before a batch reads, never after."""
+    real = outbox.publish_batch
+    calls = 0
+
+    async def racing(pool, bus, subjects, limit=500):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        n = await real(pool, bus, subjects, limit)
+        if calls == 1:  # the first batch read nothing; the row lands, its writer wakes us
+            await db.execute(ROWS, 1)
+            wake.set()
+        return n
+
+    monkeypatch.setattr(outbox, "publish_batch", racing)
+    wake = asyncio.Event()
+    stopping = asyncio.Event()
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        task = asyncio.create_task(
+            outbox.run_relay(db, bus, HELD, stopping, wake, sweep_interval=60))
+        try:
+            async def published() -> bool:
+                return (await bus.js.stream_info("RESERVATIONS")).state.messages == 1
+            await eventually(published, timeout=5, what="the row published without a sweep")
+        finally:
+            stopping.set()
+            wake.set()
+            await task
+    assert calls >= 2

@@ -100,6 +100,9 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
     this process), else every ``sweep_interval`` seconds; an outage is waited out."""
     while not stopping.is_set():
         n = 0
+        # cleared before the batch reads, so a wake-up for a row committed after that read is
+        # kept and the pause below returns at once (cleared after, it was lost until the sweep)
+        wake.clear()
         async for attempt in background.backoff(
                 (errors.ServiceUnavailable, *dbmod.FAILURES), initial=0.1, most=5.0):
             with attempt:
@@ -112,7 +115,6 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
                     raise
         if n:
             continue
-        wake.clear()
         await background.pause(stopping, sweep_interval, wake)
 
 
