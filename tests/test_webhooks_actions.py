@@ -119,3 +119,29 @@ async def test_cancel_too_late_applies_the_payment_at_once(db: asyncpg.Pool, sta
     action = await db.fetchrow("SELECT status, detail FROM stripe_actions")
     assert tuple(action) == ("moot", "PaymentIntent is succeeded")
     assert await db.fetchval("SELECT status FROM payments") == "succeeded"
+
+
+async def test_a_wake_up_during_an_empty_pass_is_kept(monkeypatch) -> None:
+    """An action decided just after the worker's pass read nothing (its NOTIFY arrives while that
+    pass runs) is performed at once, not at the next sweep: the worker clears its wake-up before
+    a pass reads, never after."""
+    from boxoffice.webhook import actions
+
+    passes: list[float] = []
+    wake, stopping = asyncio.Event(), asyncio.Event()
+
+    async def run_once(_pool, _refunds) -> int:  # type: ignore[no-untyped-def]
+        passes.append(asyncio.get_running_loop().time())
+        if len(passes) == 1:
+            wake.set()  # the NOTIFY of an action committed after this pass's read
+        return 0
+
+    monkeypatch.setattr(actions, "run_once", run_once)
+    task = asyncio.create_task(actions.run_worker(None, None, stopping, wake, sweep=60))  # type: ignore[arg-type]
+    try:
+        await eventually(lambda: len(passes) >= 2, timeout=5, what="a second pass, woken")
+    finally:
+        stopping.set()
+        wake.set()
+        await task
+    assert passes[1] - passes[0] < 5

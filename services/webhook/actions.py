@@ -185,6 +185,7 @@ async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Eve
     """Until ``stopping``: perform actions as they are decided (``wake``) and on every sweep."""
     while not stopping.is_set():
         n = 0
+        wake.clear()  # before the batch reads: a NOTIFY during an empty batch is kept (see outbox)
         try:
             async for attempt in background.backoff(db.FAILURES, initial=0.1, most=5.0):
                 with attempt:
@@ -201,7 +202,6 @@ async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Eve
             continue
         if n:
             continue
-        wake.clear()
         await background.pause(stopping, sweep, wake)
 
 
