@@ -125,6 +125,23 @@ def _coerce(raw: bytes) -> _Report:
     return r
 
 
+def _kind_of(service: str, error_type: str | None, stacktrace: str | None
+             ) -> tuple[str | None, str | None, tuple[str, ...] | None, tuple[str, str] | None]:
+    """What every report of one kind shares: its scrubbed and cut type and stacktrace, and,
+    when its frames group it (they do unless it has none in the app), its fingerprint and
+    (hash, group id)."""
+    error_type, stacktrace = _str(error_type, 256), _str(stacktrace, MAX_STACK)
+    fp = grouping.by_frames(error_type, stacktrace) if error_type and stacktrace else None
+    return error_type, stacktrace, fp, (grouping.group_key(service, fp) if fp else None)
+
+
+# A batch repeats a few dozen kinds of error: one lookup instead of two scrubs, a fingerprint
+# and a group key. Keys are the raw strings (their hash is one pass in C); long stacktraces are
+# rare and not kept.
+_kind_cached = functools.lru_cache(maxsize=2048)(_kind_of)
+MAX_CACHED_STACK = 16384
+
+
 def _report_id(r: _Report, msg: Msg) -> str:
     return stored_id(r.id, (msg.headers or {}).get("Nats-Msg-Id"), msg.subject, msg.data)
 
@@ -146,8 +163,8 @@ def prepare(msg: Msg, now: datetime) -> Row:
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     message = _str(r.message, MAX_MESSAGE) or "(no message)"
-    error_type = _str(r.error_type, 256)
-    stacktrace = _str(r.stacktrace, MAX_STACK)
+    kind = _kind_cached if r.stacktrace is None or len(r.stacktrace) <= MAX_CACHED_STACK else _kind_of
+    error_type, stacktrace, frames_fp, frames_key = kind(service, r.error_type, r.stacktrace)
     ctx = None
     function_name = service
     if r.context:
@@ -158,8 +175,11 @@ def prepare(msg: Msg, now: datetime) -> Row:
         if isinstance(fn, str) and fn:
             function_name = fn[:200]
     own = [_str(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None
-    fp = grouping.fingerprint(error_type, stacktrace, message, own)
-    fhash, gid = grouping.group_key(service, fp)
+    if own is None and frames_fp is not None and frames_key is not None:
+        fp, (fhash, gid) = frames_fp, frames_key  # what grouping.fingerprint would find
+    else:
+        fp = grouping.fingerprint(error_type, stacktrace, message, own)
+        fhash, gid = grouping.group_key(service, fp)
     record = (_report_id(r, msg), ts, service, function_name, level, message, error_type,
               stacktrace, ctx, own, _str(r.environment, 64), _str(r.release, 128),
               _str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid)
