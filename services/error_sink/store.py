@@ -84,7 +84,9 @@ ON CONFLICT (fingerprint_hash) DO UPDATE SET
                                   OR g.rate_window_start <= now() - interval '60 seconds'
                              THEN excluded.count ELSE g.rate_window_count + excluded.count END
 RETURNING g.id::text AS id, g.status, g.level, g.title, g.service, g.count, g.first_seen, g.last_seen,
-          g.rate_window_count
+          g.rate_window_count,
+          (g.last_alerted_at IS NULL
+           OR g.last_alerted_at <= now() - make_interval(secs => $10)) AS may_alert
 """
 
 # Rows of a batch whose group is resolved (late reports) or ignored are stored resolved.
@@ -93,7 +95,9 @@ UPDATE error_logs SET resolved = TRUE
 WHERE id = ANY($1::uuid[]) AND group_id = ANY($2::uuid[]) AND NOT resolved
 """
 
-# At most one alert per group per window, whichever replica gets there first.
+# At most one alert per group per window, whichever replica gets there first. The upsert's
+# ``may_alert`` is this condition as it stands under the row lock the upsert took (held until
+# commit), so only groups it allows are claimed, and a batch with none skips the round trip.
 CLAIM_ALERTS = """
 UPDATE error_groups SET last_alerted_at = now()
 WHERE id = ANY($1::uuid[])
@@ -124,10 +128,16 @@ async def binary_json(conn: asyncpg.Connection) -> None:
                                   schema="pg_catalog", format="binary")
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Nothing beyond what asyncpg does on every release (roll back a transaction left open):
+    the writers set no session state (no SET, LISTEN, cursor or advisory lock), so the default
+    reset's round trip after every batch is saved."""
+
+
 @contextlib.asynccontextmanager
 async def writer_pool(url: str, size: int) -> AsyncIterator[asyncpg.Pool]:
     """The consumer lanes' own connections (opened lazily, re-opened after an outage)."""
-    pool = asyncpg.create_pool(url, min_size=0, max_size=size, init=binary_json,
+    pool = asyncpg.create_pool(url, min_size=0, max_size=size, init=binary_json, reset=_reset,
                                command_timeout=30, timeout=5, max_inactive_connection_lifetime=60)
     await pool
     try:
@@ -204,7 +214,7 @@ async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPo
                                  a["first_seen"], a["last_seen"],
                                  a["n"])):
             col.append(v)
-    groups = await conn.fetch(UPSERT, *args)
+    groups = await conn.fetch(UPSERT, *args, float(policy.window_seconds))
     out.groups = len(groups)
     settled = [g["id"] for g in groups if g["status"] != "unresolved"]
     if settled:
@@ -212,7 +222,7 @@ async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPo
         await conn.execute(SETTLE, [r.id for r in rows if r.group_id in settled_set], settled)
     candidates = {}
     for g in groups:
-        if g["status"] != "unresolved":  # ignored (or a late report on a resolved group): quiet
+        if g["status"] != "unresolved" or not g["may_alert"]:  # ignored, or alerted lately
             continue
         rank = top.get(g["id"], 0) - 1
         if rank >= LEVEL_RANK["critical"]:

@@ -1,0 +1,59 @@
+"""The error-sink's batch SQL against a real PostgreSQL: a group alerts once per window (the
+claim is skipped when the upsert says the window is not over), and a writer connection given
+back inside a transaction is rolled back before the next batch gets it."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from boxoffice import wire
+from boxoffice.error_sink import store
+from boxoffice.error_sink.report_rows import Row, prepare
+from tests.errors_support import report
+
+POLICY = store.AlertPolicy(rate_per_minute=1000, window_seconds=300)
+
+
+def _rows(*bodies: dict) -> list[Row]:
+    return [prepare(SimpleNamespace(subject="errors.payment.critical", data=json.dumps(b).encode(),
+                                    headers=None), wire.now()) for b in bodies]
+
+
+async def _batch(pool, *bodies: dict) -> store.Outcome:
+    async with pool.acquire() as conn, conn.transaction():
+        return await store.write_batch(conn, _rows(*bodies), POLICY)
+
+
+async def test_a_group_alerts_once_per_window(db, database_url) -> None:
+    crit = {"level": "critical", "error_type": "LedgerCorrupt", "message": "ledger off"}
+    async with store.writer_pool(database_url, 1) as pool:
+        assert (await _batch(pool, report(1, **crit))).alerts == 1
+        # within the window: stored and counted, no second alert
+        out = await _batch(pool, report(2, **crit), report(3, **crit))
+        assert (out.stored, out.alerts) == (2, 0)
+        assert await db.fetchval("SELECT count(*) FROM error_alerts") == 1
+        # the window over: the next batch alerts again, once
+        await db.execute("UPDATE error_groups SET last_alerted_at = now() - interval '301 seconds'")
+        assert (await _batch(pool, report(4, **crit), report(5, **crit))).alerts == 1
+        # another group in the same batch as a quiet one alerts on its own
+        out = await _batch(pool, report(6, **crit), report(7, level="critical", error_type="Other"))
+        assert out.alerts == 1
+    alerted = await db.fetch("SELECT title FROM error_groups"
+                             " WHERE last_alerted_at > now() - interval '1 minute' ORDER BY title")
+    assert [g["title"] for g in alerted] == ["LedgerCorrupt: ledger off",
+                                             "Other: order 7 could not be charged"]
+    assert await db.fetchval("SELECT sum(count) FROM error_groups") == 7
+
+
+async def test_a_writer_given_back_in_a_transaction_is_rolled_back(db, database_url) -> None:
+    async with store.writer_pool(database_url, 1) as pool:
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.copy_records_to_table("error_logs", records=[_rows(report(1))[0].record],
+                                             columns=store.COLUMNS)
+        async with pool.acquire() as conn:  # the one connection, reset
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM error_logs") == 0
+        assert (await _batch(pool, report(2))).stored == 1
+    assert await db.fetchval("SELECT count(*) FROM error_logs") == 1
