@@ -1,6 +1,7 @@
 """The error-sink's batch SQL against a real PostgreSQL: a group alerts once per window (the
-claim is skipped when the upsert says the window is not over), and a writer connection given
-back inside a transaction is rolled back before the next batch gets it."""
+claim is skipped when the upsert says the window is not over), a writer connection given back
+inside a transaction is rolled back before the next batch gets it, and a redelivered batch
+(whose COPY without a savepoint fails) is stored once through the staging table."""
 
 from __future__ import annotations
 
@@ -57,3 +58,22 @@ async def test_a_writer_given_back_in_a_transaction_is_rolled_back(db, database_
             assert await conn.fetchval("SELECT count(*) FROM error_logs") == 0
         assert (await _batch(pool, report(2))).stored == 1
     assert await db.fetchval("SELECT count(*) FROM error_logs") == 1
+
+
+async def test_a_redelivered_batch_is_stored_once_through_the_staging_table(db, database_url
+                                                                           ) -> None:
+    a, b, c = report(1), report(2), report(3)
+    async with store.writer_pool(database_url, 1) as pool:
+        assert (await store.write(pool, _rows(a, b), POLICY)).stored == 2
+        # a and b come back (a crash before their ack) in a batch with a new report: the COPY
+        # straight into error_logs fails, its transaction is rolled back, the staged insert
+        # stores c alone
+        out = await store.write(pool, _rows(b, c, a), POLICY)
+        assert (out.stored, out.alerts) == (1, 0)
+        # a batch holding one report twice goes straight to the staging table
+        d = report(4)
+        assert (await store.write(pool, _rows(d, d), POLICY)).stored == 1
+    ids = sorted(r["id"] for r in await db.fetch("SELECT id::text FROM error_logs"))
+    assert ids == sorted(x["id"] for x in (a, b, c, d))
+    # the groups counted each report once: the rolled-back COPY's batch counted nothing
+    assert await db.fetchval("SELECT sum(count) FROM error_groups") == 4

@@ -5,10 +5,10 @@ languages, other versions) is coerced field by field, and even a body that is no
 as a report saying so. Before anything is written, secrets are scrubbed and big fields cut
 (``boxoffice.scrub``), and the report's group is computed (``grouping``).
 
-One transaction per batch (``store``): COPY straight into ``error_logs``; if a report of the
-batch is already there (a redelivery after a crash), that COPY is rolled back to a savepoint and
-the batch goes through a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``, so a
-report is stored once. Then the groups of the new rows are upserted with their counts and
+One transaction per batch (``store.write``): COPY straight into ``error_logs``; if a report of
+the batch is already there (a redelivery after a crash), that transaction is rolled back and the
+batch goes, in another, through a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``,
+so a report is stored once. Then the groups of the new rows are upserted with their counts and
 alerts decided. Messages are acked only after the commit; a failed batch is nak'ed for a
 prompt redelivery (``report_intake``).
 """

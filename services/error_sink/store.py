@@ -1,7 +1,8 @@
-"""The SQL of one batch: staged COPY, de-duplicated insert, group upsert, alert decisions.
+"""The SQL of one batch: COPY (or staged COPY and de-duplicated insert), group upsert, alert
+decisions.
 
-All of it runs in the caller's transaction, so a batch is stored, counted and alerted on
-entirely or not at all.
+All of it runs in one transaction (``write``'s own, or the caller's with ``write_batch``), so a
+batch is stored, counted and alerted on entirely or not at all.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import msgspec
@@ -19,6 +20,7 @@ from boxoffice.error_sink import grouping
 from boxoffice.error_sink.report_rows import COLUMNS, Row
 from boxoffice.wire.errors import LEVELS, Alert
 
+Insert = Literal["copy", "stage", "copy_or_stage"]
 LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
 _enc = msgspec.json.Encoder()
 _LEVELS_SQL = "ARRAY[" + ",".join(f"'{level}'" for level in LEVELS) + "]"
@@ -178,12 +180,15 @@ def _added(rows: list[Row]) -> list[dict[str, Any]]:
     return list(by_group.values())
 
 
-async def _insert(conn: asyncpg.Connection, rows: list[Row]) -> list[Any]:
+async def _insert(conn: asyncpg.Connection, rows: list[Row], how: Insert) -> list[Any]:
     """COPY straight into error_logs (the common case: every report is new); when one is
     already there (a redelivery), roll that back and go through the staging table, whose
-    ``ON CONFLICT DO NOTHING`` skips the known ids."""
+    ``ON CONFLICT DO NOTHING`` skips the known ids. ``how`` says which of the two, or both."""
     records = [r.record for r in rows]
-    if len({r.id for r in rows}) == len(rows):
+    if how == "copy":
+        await conn.copy_records_to_table("error_logs", records=records, columns=COLUMNS)
+        return _added(rows)
+    if how == "copy_or_stage" and len({r.id for r in rows}) == len(rows):
         try:
             async with conn.transaction():  # a savepoint
                 await conn.copy_records_to_table("error_logs", records=records, columns=COLUMNS)
@@ -195,9 +200,27 @@ async def _insert(conn: asyncpg.Connection, rows: list[Row]) -> list[Any]:
     return list(await conn.fetch(INSERT))
 
 
-async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPolicy) -> Outcome:
-    """Store ``rows`` in the caller's transaction; returns what was new."""
-    added = await _insert(conn, rows)
+async def write(pool: asyncpg.Pool, rows: list[Row], policy: AlertPolicy) -> Outcome:
+    """Store ``rows`` in a transaction of their own: COPY straight into error_logs, without
+    the savepoint ``write_batch`` needs inside a caller's transaction (two round trips fewer a
+    batch); when a report is already there (a redelivery), that transaction is rolled back and
+    the batch goes through the staging table in another."""
+    async with pool.acquire() as conn:
+        if len({r.id for r in rows}) == len(rows):
+            try:
+                async with conn.transaction():
+                    return await write_batch(conn, rows, policy, how="copy")
+            except asyncpg.UniqueViolationError:
+                pass
+        async with conn.transaction():
+            return await write_batch(conn, rows, policy, how="stage")
+
+
+async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPolicy,
+                      how: Insert = "copy_or_stage") -> Outcome:
+    """Store ``rows`` in the caller's transaction; returns what was new. With ``how="copy"``
+    a report already stored raises ``UniqueViolationError`` and aborts the transaction."""
+    added = await _insert(conn, rows, how)
     out = Outcome(stored=sum(a["new_rows"] for a in added))
     if not added:
         return out
