@@ -77,3 +77,22 @@ async def test_a_redelivered_batch_is_stored_once_through_the_staging_table(db, 
     assert ids == sorted(x["id"] for x in (a, b, c, d))
     # the groups counted each report once: the rolled-back COPY's batch counted nothing
     assert await db.fetchval("SELECT sum(count) FROM error_groups") == 4
+
+
+async def test_the_context_is_stored_scrubbed_as_json_by_either_path(db, database_url) -> None:
+    ctx = {"password": "hunter2", "function": "charge", "nested": {"n": [1, 2.5, None]},
+           "note": "snow ☃", "big": "x" * 70_000, **{f"k{i}": "y" * 4000 for i in range(20)}}
+    a = report(1, context=ctx)
+    async with store.writer_pool(database_url, 1) as pool:
+        await store.write(pool, _rows(a), POLICY)  # straight COPY
+        await store.write(pool, _rows(a, report(2, context=ctx)), POLICY)  # staged
+    rows = await db.fetch("SELECT context::text, function_name FROM error_logs ORDER BY id")
+    assert len(rows) == 2
+    for row in rows:
+        stored = json.loads(row["context"])
+        assert stored["password"] == "[Filtered]" and "hunter2" not in row["context"]
+        assert stored["nested"] == {"n": [1, 2.5, None]} and stored["note"] == "snow ☃"
+        # over 64 KiB as JSON: cut again, harder
+        assert stored["big"].startswith("xxx") and len(stored["big"]) <= 256
+        assert len(row["context"]) <= 65536
+        assert row["function_name"] == "charge"

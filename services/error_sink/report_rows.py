@@ -68,7 +68,7 @@ class Row(msgspec.Struct):
     error_message: str
     error_type: str | None
     stacktrace: str | None
-    context: dict[str, Any] | None
+    context: bytes | None  # scrubbed, as JSON (the jsonb codec of ``store`` copies it as it is)
     fingerprint: list[str] | None  # the report's own; the group keeps the computed one
     environment: str | None
     release: str | None
@@ -168,10 +168,12 @@ def prepare(msg: Msg, now: datetime) -> Row:
     ctx = None
     function_name = service
     if r.context:
-        ctx = scrub.clean(r.context)
-        if len(_json.encode(ctx)) > MAX_CONTEXT_JSON:
-            ctx = scrub.clean(ctx, 256, 20)
-        fn = ctx.get("function")
+        cleaned = scrub.clean(r.context)
+        ctx = _json.encode(cleaned)  # encoded once: measured here, copied as it is
+        if len(ctx) > MAX_CONTEXT_JSON:
+            cleaned = scrub.clean(cleaned, 256, 20)
+            ctx = _json.encode(cleaned)
+        fn = cleaned.get("function")
         if isinstance(fn, str) and fn:
             function_name = fn[:200]
     own = [_str(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None

@@ -115,6 +115,8 @@ ON CONFLICT (id) DO NOTHING
 
 
 def _jsonb_encode(value: Any) -> bytes:
+    if type(value) is bytes:  # JSON already (a row's context, encoded once by report_rows)
+        return b"\x01" + value
     return b"\x01" + _enc.encode(value)
 
 
@@ -124,7 +126,8 @@ def _jsonb_decode(data: bytes) -> Any:
 
 async def binary_json(conn: asyncpg.Connection) -> None:
     """Connection init for the writers: jsonb in binary format, which COPY needs (the shared
-    pool's codec is text-only), with the same Python values (dicts) in and out."""
+    pool's codec is text-only), with the same Python values (dicts) in and out; bytes go in as
+    the JSON they hold."""
     for name in ("jsonb",):
         await conn.set_type_codec(name, encoder=_jsonb_encode, decoder=_jsonb_decode,
                                   schema="pg_catalog", format="binary")
