@@ -137,8 +137,8 @@ def _kind_of(service: str, error_type: str | None, stacktrace: str | None
 
 # A batch repeats a few dozen kinds of error: one lookup instead of two scrubs, a fingerprint
 # and a group key. Keys are the raw strings (their hash is one pass in C); long stacktraces are
-# rare and not kept.
-_kind_cached = functools.lru_cache(maxsize=2048)(_kind_of)
+# rare and not kept (at most 1024 x 2 x 16 KiB held).
+_kind_cached = functools.lru_cache(maxsize=1024)(_kind_of)
 MAX_CACHED_STACK = 16384
 
 
