@@ -70,7 +70,8 @@ def _clean(parts: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _by_frames(error_type: str, stacktrace: str) -> tuple[str, ...] | None:
+def by_frames(error_type: str, stacktrace: str) -> tuple[str, ...] | None:
+    """The fingerprint by the type and in-app frames; None when no frame is in the app."""
     frames = app_frames(stacktrace)
     return _clean((error_type, *frames)) if frames else None
 
@@ -78,9 +79,9 @@ def _by_frames(error_type: str, stacktrace: str) -> tuple[str, ...] | None:
 def default_fingerprint(error_type: str | None, stacktrace: str | None,
                         message: str) -> tuple[str, ...]:
     if error_type:
-        by_frames = _by_frames(error_type, stacktrace) if stacktrace else None
-        if by_frames:
-            return by_frames
+        by_frames_fp = by_frames(error_type, stacktrace) if stacktrace else None
+        if by_frames_fp:
+            return by_frames_fp
         return _clean((error_type, normalize(message)))
     return _clean((normalize(message),))
 

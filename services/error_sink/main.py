@@ -6,6 +6,7 @@ lanes writing ERRORS into error_logs, the operator queries on admin.errors.*.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from boxoffice import db, runtime
@@ -18,6 +19,11 @@ BATCH = 1000
 # after ack_wait. max_ack_pending bounds what is out to all replicas at once.
 ACK_WAIT = 15.0
 MAX_ACK_PENDING = 20_000
+# Every report allocates a few dozen objects (the bus message, the decoded report, the row), and
+# up to MAX_ACK_PENDING messages wait in memory: with the default thresholds (700, 10, 10) the
+# cyclic collector ran ~500 times per 100,000 reports and took ~5% of the sink's CPU, walking
+# objects that hold no cycles. What exists once started is frozen out of its walks.
+GC_THRESHOLD = (20_000, 20, 20)
 
 
 async def build(svc: runtime.Service) -> None:
@@ -40,6 +46,8 @@ async def build(svc: runtime.Service) -> None:
     await items.register(bus, pool)
     svc.stack.push_async_callback(bus.stop_serving)
     runtime.standard_checks(svc, bus=bus, pool=pool)
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def main() -> int:

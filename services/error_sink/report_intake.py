@@ -74,8 +74,7 @@ async def store_batch(bus: Bus, pool: asyncpg.Pool, policy: store.AlertPolicy,
         rows += [_safe_prepare(m, now) for m in msgs[i:i + PREPARE_CHUNK]]
     started = time.perf_counter()
     try:
-        async with pool.acquire() as conn, conn.transaction():
-            outcome = await store.write_batch(conn, rows, policy)
+        outcome = await store.write(pool, rows, policy)
     except Exception:
         FAILED.inc()
         raise

@@ -5,10 +5,10 @@ languages, other versions) is coerced field by field, and even a body that is no
 as a report saying so. Before anything is written, secrets are scrubbed and big fields cut
 (``boxoffice.scrub``), and the report's group is computed (``grouping``).
 
-One transaction per batch (``store``): COPY straight into ``error_logs``; if a report of the
-batch is already there (a redelivery after a crash), that COPY is rolled back to a savepoint and
-the batch goes through a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``, so a
-report is stored once. Then the groups of the new rows are upserted with their counts and
+One transaction per batch (``store.write``): COPY straight into ``error_logs``; if a report of
+the batch is already there (a redelivery after a crash), that transaction is rolled back and the
+batch goes, in another, through a staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING``,
+so a report is stored once. Then the groups of the new rows are upserted with their counts and
 alerts decided. Messages are acked only after the commit; a failed batch is nak'ed for a
 prompt redelivery (``report_intake``).
 """
@@ -68,7 +68,7 @@ class Row(msgspec.Struct):
     error_message: str
     error_type: str | None
     stacktrace: str | None
-    context: dict[str, Any] | None
+    context: bytes | None  # scrubbed, as JSON (the jsonb codec of ``store`` copies it as it is)
     fingerprint: list[str] | None  # the report's own; the group keeps the computed one
     environment: str | None
     release: str | None
@@ -125,6 +125,23 @@ def _coerce(raw: bytes) -> _Report:
     return r
 
 
+def _kind_of(service: str, error_type: str | None, stacktrace: str | None
+             ) -> tuple[str | None, str | None, tuple[str, ...] | None, tuple[str, str] | None]:
+    """What every report of one kind shares: its scrubbed and cut type and stacktrace, and,
+    when its frames group it (they do unless it has none in the app), its fingerprint and
+    (hash, group id)."""
+    error_type, stacktrace = _str(error_type, 256), _str(stacktrace, MAX_STACK)
+    fp = grouping.by_frames(error_type, stacktrace) if error_type and stacktrace else None
+    return error_type, stacktrace, fp, (grouping.group_key(service, fp) if fp else None)
+
+
+# A batch repeats a few dozen kinds of error: one lookup instead of two scrubs, a fingerprint
+# and a group key. Keys are the raw strings (their hash is one pass in C); long stacktraces are
+# rare and not kept (at most 1024 x 2 x 16 KiB held).
+_kind_cached = functools.lru_cache(maxsize=1024)(_kind_of)
+MAX_CACHED_STACK = 16384
+
+
 def _report_id(r: _Report, msg: Msg) -> str:
     return stored_id(r.id, (msg.headers or {}).get("Nats-Msg-Id"), msg.subject, msg.data)
 
@@ -146,20 +163,25 @@ def prepare(msg: Msg, now: datetime) -> Row:
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     message = _str(r.message, MAX_MESSAGE) or "(no message)"
-    error_type = _str(r.error_type, 256)
-    stacktrace = _str(r.stacktrace, MAX_STACK)
+    kind = _kind_cached if r.stacktrace is None or len(r.stacktrace) <= MAX_CACHED_STACK else _kind_of
+    error_type, stacktrace, frames_fp, frames_key = kind(service, r.error_type, r.stacktrace)
     ctx = None
     function_name = service
     if r.context:
-        ctx = scrub.clean(r.context)
-        if len(_json.encode(ctx)) > MAX_CONTEXT_JSON:
-            ctx = scrub.clean(ctx, 256, 20)
-        fn = ctx.get("function")
+        cleaned = scrub.clean(r.context)
+        ctx = _json.encode(cleaned)  # encoded once: measured here, copied as it is
+        if len(ctx) > MAX_CONTEXT_JSON:
+            cleaned = scrub.clean(cleaned, 256, 20)
+            ctx = _json.encode(cleaned)
+        fn = cleaned.get("function")
         if isinstance(fn, str) and fn:
             function_name = fn[:200]
     own = [_str(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None
-    fp = grouping.fingerprint(error_type, stacktrace, message, own)
-    fhash, gid = grouping.group_key(service, fp)
+    if own is None and frames_fp is not None and frames_key is not None:
+        fp, (fhash, gid) = frames_fp, frames_key  # what grouping.fingerprint would find
+    else:
+        fp = grouping.fingerprint(error_type, stacktrace, message, own)
+        fhash, gid = grouping.group_key(service, fp)
     record = (_report_id(r, msg), ts, service, function_name, level, message, error_type,
               stacktrace, ctx, own, _str(r.environment, 64), _str(r.release, 128),
               _str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid)

@@ -1,7 +1,8 @@
-"""The SQL of one batch: staged COPY, de-duplicated insert, group upsert, alert decisions.
+"""The SQL of one batch: COPY (or staged COPY and de-duplicated insert), group upsert, alert
+decisions.
 
-All of it runs in the caller's transaction, so a batch is stored, counted and alerted on
-entirely or not at all.
+All of it runs in one transaction (``write``'s own, or the caller's with ``write_batch``), so a
+batch is stored, counted and alerted on entirely or not at all.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import msgspec
@@ -19,6 +20,7 @@ from boxoffice.error_sink import grouping
 from boxoffice.error_sink.report_rows import COLUMNS, Row
 from boxoffice.wire.errors import LEVELS, Alert
 
+Insert = Literal["copy", "stage", "copy_or_stage"]
 LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
 _enc = msgspec.json.Encoder()
 _LEVELS_SQL = "ARRAY[" + ",".join(f"'{level}'" for level in LEVELS) + "]"
@@ -84,7 +86,9 @@ ON CONFLICT (fingerprint_hash) DO UPDATE SET
                                   OR g.rate_window_start <= now() - interval '60 seconds'
                              THEN excluded.count ELSE g.rate_window_count + excluded.count END
 RETURNING g.id::text AS id, g.status, g.level, g.title, g.service, g.count, g.first_seen, g.last_seen,
-          g.rate_window_count
+          g.rate_window_count,
+          (g.last_alerted_at IS NULL
+           OR g.last_alerted_at <= now() - make_interval(secs => $10)) AS may_alert
 """
 
 # Rows of a batch whose group is resolved (late reports) or ignored are stored resolved.
@@ -93,7 +97,9 @@ UPDATE error_logs SET resolved = TRUE
 WHERE id = ANY($1::uuid[]) AND group_id = ANY($2::uuid[]) AND NOT resolved
 """
 
-# At most one alert per group per window, whichever replica gets there first.
+# At most one alert per group per window, whichever replica gets there first. The upsert's
+# ``may_alert`` is this condition as it stands under the row lock the upsert took (held until
+# commit), so only groups it allows are claimed, and a batch with none skips the round trip.
 CLAIM_ALERTS = """
 UPDATE error_groups SET last_alerted_at = now()
 WHERE id = ANY($1::uuid[])
@@ -109,6 +115,8 @@ ON CONFLICT (id) DO NOTHING
 
 
 def _jsonb_encode(value: Any) -> bytes:
+    if type(value) is bytes:  # JSON already (a row's context, encoded once by report_rows)
+        return b"\x01" + value
     return b"\x01" + _enc.encode(value)
 
 
@@ -118,16 +126,23 @@ def _jsonb_decode(data: bytes) -> Any:
 
 async def binary_json(conn: asyncpg.Connection) -> None:
     """Connection init for the writers: jsonb in binary format, which COPY needs (the shared
-    pool's codec is text-only), with the same Python values (dicts) in and out."""
+    pool's codec is text-only), with the same Python values (dicts) in and out; bytes go in as
+    the JSON they hold."""
     for name in ("jsonb",):
         await conn.set_type_codec(name, encoder=_jsonb_encode, decoder=_jsonb_decode,
                                   schema="pg_catalog", format="binary")
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Nothing beyond what asyncpg does on every release (roll back a transaction left open):
+    the writers set no session state (no SET, LISTEN, cursor or advisory lock), so the default
+    reset's round trip after every batch is saved."""
+
+
 @contextlib.asynccontextmanager
 async def writer_pool(url: str, size: int) -> AsyncIterator[asyncpg.Pool]:
     """The consumer lanes' own connections (opened lazily, re-opened after an outage)."""
-    pool = asyncpg.create_pool(url, min_size=0, max_size=size, init=binary_json,
+    pool = asyncpg.create_pool(url, min_size=0, max_size=size, init=binary_json, reset=_reset,
                                command_timeout=30, timeout=5, max_inactive_connection_lifetime=60)
     await pool
     try:
@@ -168,12 +183,15 @@ def _added(rows: list[Row]) -> list[dict[str, Any]]:
     return list(by_group.values())
 
 
-async def _insert(conn: asyncpg.Connection, rows: list[Row]) -> list[Any]:
+async def _insert(conn: asyncpg.Connection, rows: list[Row], how: Insert) -> list[Any]:
     """COPY straight into error_logs (the common case: every report is new); when one is
     already there (a redelivery), roll that back and go through the staging table, whose
-    ``ON CONFLICT DO NOTHING`` skips the known ids."""
+    ``ON CONFLICT DO NOTHING`` skips the known ids. ``how`` says which of the two, or both."""
     records = [r.record for r in rows]
-    if len({r.id for r in rows}) == len(rows):
+    if how == "copy":
+        await conn.copy_records_to_table("error_logs", records=records, columns=COLUMNS)
+        return _added(rows)
+    if how == "copy_or_stage" and len({r.id for r in rows}) == len(rows):
         try:
             async with conn.transaction():  # a savepoint
                 await conn.copy_records_to_table("error_logs", records=records, columns=COLUMNS)
@@ -185,9 +203,27 @@ async def _insert(conn: asyncpg.Connection, rows: list[Row]) -> list[Any]:
     return list(await conn.fetch(INSERT))
 
 
-async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPolicy) -> Outcome:
-    """Store ``rows`` in the caller's transaction; returns what was new."""
-    added = await _insert(conn, rows)
+async def write(pool: asyncpg.Pool, rows: list[Row], policy: AlertPolicy) -> Outcome:
+    """Store ``rows`` in a transaction of their own: COPY straight into error_logs, without
+    the savepoint ``write_batch`` needs inside a caller's transaction (two round trips fewer a
+    batch); when a report is already there (a redelivery), that transaction is rolled back and
+    the batch goes through the staging table in another."""
+    async with pool.acquire() as conn:
+        if len({r.id for r in rows}) == len(rows):
+            try:
+                async with conn.transaction():
+                    return await write_batch(conn, rows, policy, how="copy")
+            except asyncpg.UniqueViolationError:
+                pass
+        async with conn.transaction():
+            return await write_batch(conn, rows, policy, how="stage")
+
+
+async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPolicy,
+                      how: Insert = "copy_or_stage") -> Outcome:
+    """Store ``rows`` in the caller's transaction; returns what was new. With ``how="copy"``
+    a report already stored raises ``UniqueViolationError`` and aborts the transaction."""
+    added = await _insert(conn, rows, how)
     out = Outcome(stored=sum(a["new_rows"] for a in added))
     if not added:
         return out
@@ -204,7 +240,7 @@ async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPo
                                  a["first_seen"], a["last_seen"],
                                  a["n"])):
             col.append(v)
-    groups = await conn.fetch(UPSERT, *args)
+    groups = await conn.fetch(UPSERT, *args, float(policy.window_seconds))
     out.groups = len(groups)
     settled = [g["id"] for g in groups if g["status"] != "unresolved"]
     if settled:
@@ -212,7 +248,7 @@ async def write_batch(conn: asyncpg.Connection, rows: list[Row], policy: AlertPo
         await conn.execute(SETTLE, [r.id for r in rows if r.group_id in settled_set], settled)
     candidates = {}
     for g in groups:
-        if g["status"] != "unresolved":  # ignored (or a late report on a resolved group): quiet
+        if g["status"] != "unresolved" or not g["may_alert"]:  # ignored, or alerted lately
             continue
         rank = top.get(g["id"], 0) - 1
         if rank >= LEVEL_RANK["critical"]:
