@@ -187,3 +187,27 @@ async def test_a_first_database_connection_is_retried_with_back_off_then_refused
     assert 1.0 <= loop.time() - started < 10
     said = [r.getMessage() for r in caplog.records]
     assert sum("postgres: not reachable yet (ConnectionRefusedError)" in m for m in said) >= 2
+
+
+async def test_drain_runs_again_while_busy_and_keeps_a_wake_up_from_an_empty_pass() -> None:
+    """drain: a pass that did something is followed at once by another; a wake-up that arrives
+    while an empty pass runs (work committed just after it read) starts the next pass at once,
+    not after ``every``; stopping ends it."""
+    loop = asyncio.get_running_loop()
+    stopping, wake = asyncio.Event(), asyncio.Event()
+    results = iter([3, 1, 0, 0])  # two busy passes, an empty one woken during, then empty
+    passes: list[float] = []
+
+    async def step() -> int:
+        passes.append(loop.time())
+        n = next(results, 0)
+        if len(passes) == 3:
+            wake.set()  # during the empty third pass
+        if len(passes) == 4:
+            stopping.set()
+        return n
+
+    started = loop.time()
+    await asyncio.wait_for(background.drain(step, stopping, wake, every=60), 5)
+    assert len(passes) == 4
+    assert passes[-1] - started < 1  # no pass waited for the 60 s timer

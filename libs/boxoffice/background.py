@@ -7,6 +7,9 @@
 - ``repeat(name, step, stopping, every=...)`` runs ``step`` on a timer until stopped: the
   database (or the bus) away is a warning, anything else a logged crash; neither ends the loop.
 - ``pause(stopping, seconds)`` waits for a timer, a stop, or a wake-up.
+- ``drain(step, stopping, wake, every=...)`` runs a worker that takes what is due (a relay, a
+  queue of actions): again at once while a pass did something, else on ``wake`` or every
+  ``every`` seconds.
 - ``backoff(on)`` retries a step with exponential back-off and jitter (stamina) until it
   succeeds, so that replicas waiting out the same outage do not all come back at once.
 """
@@ -74,6 +77,20 @@ async def repeat(name: str, step: Callable[[], Awaitable[float | None]], stoppin
             logger.exception("%s: run crashed", name)
             then = None
         wait = every if then is None else then
+
+
+async def drain(step: Callable[[], Awaitable[int]], stopping: asyncio.Event,
+                wake: asyncio.Event, *, every: float) -> None:
+    """Run ``step`` until ``stopping``: again at once while it did something (a count above 0),
+    else when ``wake`` is set or after ``every`` seconds. ``wake`` is cleared before each pass
+    reads, never after: a writer that commits just after a pass read, and wakes it while that
+    pass still runs, has its wake-up kept, so the next pass runs at once instead of at the next
+    ``every`` (cleared after an empty pass, that wake-up would be lost)."""
+    while not stopping.is_set():
+        wake.clear()
+        if await step() > 0:
+            continue
+        await pause(stopping, every, wake)
 
 
 async def _keep(name: str, work: Work, stopping: asyncio.Event) -> None:

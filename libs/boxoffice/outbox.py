@@ -98,24 +98,21 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
                     sweep_interval: float = 1.0) -> None:
     """Publish until ``stopping``: at once when ``wake`` is set (by the listener or a writer of
     this process), else every ``sweep_interval`` seconds; an outage is waited out."""
-    while not stopping.is_set():
+    async def step() -> int:
         n = 0
-        # cleared before the batch reads, so a wake-up for a row committed after that read is
-        # kept and the pause below returns at once (cleared after, it was lost until the sweep)
-        wake.clear()
         async for attempt in background.backoff(
                 (errors.ServiceUnavailable, *dbmod.FAILURES), initial=0.1, most=5.0):
             with attempt:
                 if stopping.is_set():
-                    return
+                    return 0
                 try:
                     n = await publish_batch(pool, bus, subjects)
                 except (errors.ServiceUnavailable, *dbmod.FAILURES) as exc:
                     log.warning("outbox relay paused (%s)", type(exc).__name__)
                     raise
-        if n:
-            continue
-        await background.pause(stopping, sweep_interval, wake)
+        return n
+
+    await background.drain(step, stopping, wake, every=sweep_interval)
 
 
 @contextlib.asynccontextmanager

@@ -145,16 +145,14 @@ async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: async
               stopping: asyncio.Event, sign: Webhook | None = None) -> None:
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        while not stopping.is_set():
+        async def step() -> int:
             try:
-                n = await relay_once(pool, bus, session, webhook_url, sign)
+                return await relay_once(pool, bus, session, webhook_url, sign)
             except db.FAILURES as exc:
                 log.warning("alert relay paused (%s)", type(exc).__name__)
-                n = 0
-            if n:
-                continue  # more may be due
-            wake.clear()
-            await background.pause(stopping, 1.0, wake)
+                return 0
+
+        await background.drain(step, stopping, wake, every=1.0)
 
 
 @contextlib.asynccontextmanager

@@ -183,14 +183,13 @@ async def apply_success(pool: asyncpg.Pool, intent: dict[str, Any]) -> str:
 async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Event,
                      wake: asyncio.Event, *, sweep: float = SWEEP_SECONDS) -> None:
     """Until ``stopping``: perform actions as they are decided (``wake``) and on every sweep."""
-    while not stopping.is_set():
+    async def step() -> int:
         n = 0
-        wake.clear()  # before the batch reads: a NOTIFY during an empty batch is kept (see outbox)
         try:
             async for attempt in background.backoff(db.FAILURES, initial=0.1, most=5.0):
                 with attempt:
                     if stopping.is_set():
-                        return
+                        return 0
                     try:
                         n = await run_once(pool, refunds)
                     except db.FAILURES as exc:
@@ -199,10 +198,9 @@ async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Eve
         except Exception:  # the worker never dies; leased rows come back
             log.exception("stripe actions: sweep failed")
             await background.pause(stopping, sweep)
-            continue
-        if n:
-            continue
-        await background.pause(stopping, sweep, wake)
+        return n
+
+    await background.drain(step, stopping, wake, every=sweep)
 
 
 @contextlib.asynccontextmanager
