@@ -119,25 +119,3 @@ async def test_a_renewal_never_extends_a_lease_taken_over(
         taken = await db.fetchrow("SELECT locked_at, lease_token FROM payment_intents_log")
         await asyncio.sleep(0.45)  # several renewals of the first worker
     assert await db.fetchrow("SELECT locked_at, lease_token FROM payment_intents_log") == taken
-
-
-async def test_a_connection_returned_after_the_answer_is_reset_before_reuse(
-        database_url: str) -> None:
-    """_fetchrow answers before its connection is reset, but nobody gets the connection before
-    the reset: session state and advisory locks never leak to the next user, a failed query
-    gives its connection back too, and the pool's close waits for a reset in flight."""
-    from boxoffice import db as dbmod
-    async with dbmod.pool(database_url, min_size=1, max_size=1) as one:
-        row = await intents._fetchrow(
-            one, "SELECT pg_advisory_lock(4242) IS NULL AS locked, "
-                 "set_config('application_name', 'dirty', false) AS name")
-        assert row["name"] == "dirty"
-        async with one.acquire() as conn:  # the only connection: after its reset
-            assert await conn.fetchval("SELECT current_setting('application_name')") != "dirty"
-            assert await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = "
-                                       "'advisory' AND objid = 4242") == 0
-        with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
-            await intents._fetchrow(one, "SELECT 1 / 0")
-        assert await one.fetchval("SELECT 1", timeout=5) == 1
-        await intents._fetchrow(one, "SELECT set_config('application_name', 'dirty', false)")
-    assert not intents._RETURNING  # the close waited for the last reset

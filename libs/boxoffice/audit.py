@@ -149,8 +149,14 @@ class Auditor:
             try:
                 return await self._locked_run(conn, check, full=full, asked=wait_until is not None)
             finally:
-                with contextlib.suppress(*db.FAILURES):
+                try:
                     await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                except BaseException as exc:
+                    # a pooled connection keeps no session state (db._reset): one that may still
+                    # hold the lock is closed, which releases it, rather than given back
+                    conn.terminate()
+                    if not isinstance(exc, db.FAILURES):
+                        raise
 
     async def _locked_run(self, conn: asyncpg.Connection, check: Check, *, full: bool,
                           asked: bool) -> wire.CheckRun | None:

@@ -153,35 +153,6 @@ async def create_intent(deps: Deps, req: CreateIntentRequest) -> StoredResponse:
     return await _call_and_record(deps, claim)
 
 
-# Connections on their way back to the pool (see _fetchrow): referenced until returned.
-_RETURNING: set[asyncio.Future[None]] = set()
-
-
-async def _fetchrow(pool: asyncpg.Pool, query: str, *args: Any) -> Any:
-    """``pool.fetchrow``, with the connection returned to the pool after the answer, not before:
-    asyncpg resets a connection it is given back (a round trip: RESET ALL, UNLISTEN, advisory
-    locks released), and a phase's answer does not depend on it. The reset still runs before
-    anyone else gets the connection; the pool's close waits for it."""
-    conn = await pool.acquire()
-    try:
-        row = await conn.fetchrow(query, *args)
-    except BaseException:
-        await pool.release(conn)
-        raise
-    returning = asyncio.ensure_future(pool.release(conn))
-    _RETURNING.add(returning)
-    returning.add_done_callback(_returned)
-    return row
-
-
-def _returned(returning: asyncio.Future[None]) -> None:
-    _RETURNING.discard(returning)
-    if not returning.cancelled() and returning.exception() is not None:
-        # asyncpg terminated the connection; the pool opens a new one when it needs one
-        log.warning("a connection could not be reset on its way back to the pool (%s)",
-                    type(returning.exception()).__name__)
-
-
 async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
     """Run one transaction, again if PostgreSQL aborted it for a deadlock or serialization."""
     return await db.retrying(phase, attempts=4, pause=0.01)
@@ -189,8 +160,8 @@ async def _retrying(phase: Callable[[], Awaitable[T]]) -> T:
 
 async def _claim(pool: asyncpg.Pool, req: CreateIntentRequest) -> Claim | StoredResponse:
     """Phase 1, one round trip (SQL ``claim_payment_intent``): replay, refuse, or lease the key."""
-    row = await _fetchrow(
-        pool, "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
+    row = await pool.fetchrow(
+        "SELECT * FROM claim_payment_intent($1, $2, $3, $4, $5, $6, $7)", req.client_id,
         req.idempotency_key, req.fingerprint, uuid.UUID(req.reservation_id),
         idempotency.stripe_key(req.client_id, req.idempotency_key, req.fingerprint),
         CREATE_INTENT_ROUTE, LEASE_SECONDS)
@@ -267,8 +238,8 @@ async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
         event = wire.encode(PaymentEvent(
             payment_intent_id=pi.id, reservation_id=claim.reservation_id, amount=claim.amount,
             currency=claim.currency, occurred_at=wire.now())).decode()
-    row = await _fetchrow(
-        pool, "SELECT * FROM record_payment_intent($1, $2, $3, $4, $5, $6, $7, ($8::text)::jsonb)",
+    row = await pool.fetchrow(
+        "SELECT * FROM record_payment_intent($1, $2, $3, $4, $5, $6, $7, ($8::text)::jsonb)",
         claim.log_id, claim.client_id, claim.idempotency_key, claim.stripe_key, status, body,
         pi.id if pi else None, event)
     outcome = RecordOutcome(row["outcome"])
