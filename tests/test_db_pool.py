@@ -1,4 +1,4 @@
-"""db.pool gives a connection back without a round trip (db._reset): nothing is sent on release,
+"""db.pool gives a connection back without a round trip (db.reset_nothing): nothing is sent on release,
 a transaction left open is still rolled back (asyncpg does it), and the self-audit's session
 advisory lock, the one session state any pooled connection takes, never goes back to the pool."""
 

@@ -152,7 +152,7 @@ class Auditor:
                 try:
                     await conn.execute("SELECT pg_advisory_unlock($1)", key)
                 except BaseException as exc:
-                    # a pooled connection keeps no session state (db._reset): one that may still
+                    # a pooled connection keeps no session state (db.reset_nothing): one that may still
                     # hold the lock is closed, which releases it, rather than given back
                     conn.terminate()
                     if not isinstance(exc, db.FAILURES):

@@ -103,7 +103,7 @@ async def _init(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def _reset(conn: asyncpg.Connection) -> None:
+async def reset_nothing(conn: asyncpg.Connection) -> None:
     """What a connection given back to a pool goes through: nothing beyond asyncpg's own roll
     back of a transaction left open. asyncpg's default reset (``RESET ALL``, ``UNLISTEN *``,
     ``CLOSE ALL``, advisory locks released) is a round trip the releasing caller waits for on
@@ -158,7 +158,7 @@ async def pool(url: str, *, min_size: int = 2, max_size: int = 16,
             with attempt:
                 try:
                     p = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
-                                                  init=_init, connect=connect, reset=_reset,
+                                                  init=_init, connect=connect, reset=reset_nothing,
                                                   command_timeout=30, timeout=5,
                                                   max_inactive_connection_lifetime=60)
                 except FAILURES as exc:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 
+from boxoffice import db
 from boxoffice.error_sink import grouping
 from boxoffice.error_sink.report_rows import COLUMNS, Row
 from boxoffice.wire.errors import LEVELS, Alert
@@ -133,16 +134,11 @@ async def binary_json(conn: asyncpg.Connection) -> None:
                                   schema="pg_catalog", format="binary")
 
 
-async def _reset(conn: asyncpg.Connection) -> None:
-    """Nothing beyond what asyncpg does on every release (roll back a transaction left open):
-    the writers set no session state (no SET, LISTEN, cursor or advisory lock), so the default
-    reset's round trip after every batch is saved."""
-
-
 @contextlib.asynccontextmanager
 async def writer_pool(url: str, size: int) -> AsyncIterator[asyncpg.Pool]:
     """The consumer lanes' own connections (opened lazily, re-opened after an outage)."""
-    pool = asyncpg.create_pool(url, min_size=0, max_size=size, init=binary_json, reset=_reset,
+    pool = asyncpg.create_pool(url, min_size=0, max_size=size, init=binary_json,
+                               reset=db.reset_nothing,  # (they keep no session state either)
                                command_timeout=30, timeout=5, max_inactive_connection_lifetime=60)
     await pool
     try:
