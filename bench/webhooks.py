@@ -16,7 +16,8 @@ figures and the baselines measured in the same run, on the same machine:
 
 ``--quick`` runs each phase on about a fifth of the requests and events. ``--replicas N`` runs
 N ingress processes on one port (``INGRESS_REUSE_PORT=1``) and N webhook processes on one durable
-consumer, the baselines staying single processes.
+consumer, the baselines staying single processes. ``--apply-only`` runs only the webhook
+service's round.
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1) -> dict[str, 
         pg.stop()
 
 
-async def main(sizes: Sizes, replicas: int = 1) -> dict[str, Any]:
+async def main(sizes: Sizes, replicas: int = 1, apply_only: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as tmp:
         root = Path(tmp)
         out: dict[str, Any] = {"benchmark": "webhooks", "replicas": replicas,
@@ -343,8 +344,9 @@ async def main(sizes: Sizes, replicas: int = 1) -> dict[str, Any]:
                                "requests_per_run": (sizes.requests - WARM_UP) // 2, "best_of": 2,
                                "machine": {"cpus": os.cpu_count(),
                                            "load_avg_1m_before": round(os.getloadavg()[0], 2)}}
-        out["fsync_default"] = await ingress_round(root, False, sizes, replicas)
-        out["fsync_always"] = await ingress_round(root, True, sizes, replicas)
+        if not apply_only:
+            out["fsync_default"] = await ingress_round(root, False, sizes, replicas)
+            out["fsync_always"] = await ingress_round(root, True, sizes, replicas)
         out["apply"] = await apply_round(root, sizes, replicas)
         out["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
         return out
@@ -387,6 +389,9 @@ if __name__ == "__main__":
         parser.add_argument("--quick", action="store_true", help="about a fifth of the sizes")
         parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
                             help="processes of ingress and of the webhook service (default 1)")
+        parser.add_argument("--apply-only", action="store_true",
+                            help="only the webhook service's round (applied and recorded events)")
         args = parser.parse_args()
         import uvloop
-        print(json.dumps(uvloop.run(main(QUICK if args.quick else Sizes(), args.replicas))))
+        print(json.dumps(uvloop.run(main(QUICK if args.quick else Sizes(), args.replicas,
+                                         args.apply_only))))
