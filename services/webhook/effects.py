@@ -26,11 +26,12 @@ changes nothing but that payment.
 
 The claim and the effects are one SQL function, ``apply_stripe_event``, run as one statement:
 one round trip, and no call to Stripe; a batch of events is one statement too
-(``apply_stripe_events``: each event in a savepoint of its own). Money that must go back is decided in
-that transaction as a ``stripe_actions`` row and refunded by the action worker (actions.py),
-which resumes from the row after any crash. This module reads the event's object into the
-function's arguments and turns outcomes into error reports, which the caller sends only after
-the commit.
+(``apply_stripe_events``: the successes that complete active holds and touch nothing else of
+the batch together, set-based; every other event in a savepoint of its own). Money that must go
+back is decided in that transaction as a ``stripe_actions`` row and refunded by the action
+worker (actions.py), which resumes from the row after any crash. This module reads the event's
+object into the function's arguments and turns outcomes into error reports, which the caller
+sends only after the commit.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw
 async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEvent, str]]
                      ) -> list[Outcome | Exception]:
     """Apply ``events`` in order, in one statement of the caller's transaction, each in a
-    savepoint of its own (``apply_stripe_events``): committed with that transaction.
+    savepoint of its own, or with others like it set-based (``apply_stripe_events``): committed
+    with that transaction.
 
     One result an event: its outcome, or what it failed with (``msgspec.ValidationError`` for
     an object that does not fit its type, else the ``asyncpg.PostgresError`` its savepoint was

@@ -1,9 +1,11 @@
 """Applies Stripe events from STRIPE_EVENTS exactly once, in batches.
 
 A worker takes up to ``WEBHOOK_BATCH_SIZE`` queued messages and applies them in one
-transaction, each event in a savepoint of its own: claim the event's row in
-``webhook_events_log``, apply its effects. An event that fails is rolled back to its savepoint
-alone and its failed attempt counted in the same transaction, so its neighbours still commit.
+transaction, each event in a savepoint of its own (or, for the successes that complete active
+holds and touch nothing else of the batch, all together set-based, rolled back whole and taken
+one at a time if that fails): claim the event's row in ``webhook_events_log``, apply its
+effects. An event that fails is rolled back to its savepoint alone and its failed attempt
+counted in the same transaction, so its neighbours still commit.
 Only after the commit are the messages settled (acked, or nak'ed / terminated for the failed
 ones) and the reports logged. A crash before the commit leaves nothing and the whole batch is
 redelivered and applied from scratch; a crash after it finds each row done on redelivery and
