@@ -163,7 +163,17 @@ async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw
     return _outcome(event, a, await _run(pool, event, raw, a))
 
 
-async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEvent, str]]
+def parsed(event: StripeEvent) -> Args | msgspec.ValidationError:
+    """``arguments(event)``, or what reading them failed with (read once a delivery: the consumer
+    routes by the hold, then applies)."""
+    try:
+        return arguments(event)
+    except msgspec.ValidationError as exc:
+        return exc
+
+
+async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEvent, str]],
+                     args: Sequence[Args | msgspec.ValidationError] | None = None
                      ) -> list[Outcome | Exception]:
     """Apply ``events`` in order, in one statement of the caller's transaction, each in a
     savepoint of its own, or with others like it set-based (``apply_stripe_events``): committed
@@ -172,15 +182,15 @@ async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEven
     One result an event: its outcome, or what it failed with (``msgspec.ValidationError`` for
     an object that does not fit its type, else the ``asyncpg.PostgresError`` its savepoint was
     rolled back for). Raises, and nothing is applied, if the statement itself fails.
+    ``args``: each event's ``parsed``, if read already.
     """
     results: list[Outcome | Exception | None] = [None] * len(events)
     todo: list[tuple[int, StripeEvent, Args]] = []
     columns: tuple[list[Any], ...] = tuple([] for _ in range(11))
     for n, (event, raw) in enumerate(events):
-        try:
-            a = arguments(event)
-        except msgspec.ValidationError as exc:
-            results[n] = exc
+        a = parsed(event) if args is None else args[n]
+        if isinstance(a, msgspec.ValidationError):
+            results[n] = a
             continue
         todo.append((n, event, a))
         for column, value in zip(columns, (
@@ -216,12 +226,11 @@ def _outcome(event: StripeEvent, a: Args, row: asyncpg.Record) -> Outcome:
 
 
 
-def hold_of(event: StripeEvent) -> uuid.UUID | None:
-    """The hold ``event`` names, if it names one (and its object fits its type)."""
-    try:
-        return arguments(event).reservation_id
-    except msgspec.ValidationError:
-        return None
+def hold_of(event: StripeEvent | Args | msgspec.ValidationError) -> uuid.UUID | None:
+    """The hold ``event`` names (or its ``parsed`` arguments), if it names one (and its object
+    fits its type)."""
+    a = parsed(event) if isinstance(event, StripeEvent) else event
+    return None if isinstance(a, msgspec.ValidationError) else a.reservation_id
 
 
 async def first_buckets(pool: asyncpg.Pool, holds: Collection[uuid.UUID]

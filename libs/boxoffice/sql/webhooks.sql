@@ -175,6 +175,7 @@ DECLARE
                                        'charge.refunded', 'charge.dispute.created'];
     candidate integer[];
     chosen    integer[];
+    fresh     integer[];  -- those whose payment has no row yet
 BEGIN
     WITH ev AS (
         SELECT e.n::integer AS n, e.id, e.type, e.pi, e.hold,
@@ -185,7 +186,9 @@ BEGIN
     touched AS (  -- the holds each event with effects may touch: named, or its payment's
         SELECT e.n, e.hold AS hold FROM ev e WHERE e.type = ANY (kinds) AND e.hold IS NOT NULL
         UNION ALL
-        SELECT e.n, p.reservation_id FROM ev e JOIN payments p ON p.payment_intent_id = e.pi
+        SELECT e.n, p.reservation_id FROM ev e
+        CROSS JOIN LATERAL (SELECT p.reservation_id FROM payments p
+                            WHERE p.payment_intent_id = e.pi OFFSET 0) p
         WHERE e.type = ANY (kinds) AND p.reservation_id IS NOT NULL)
     SELECT array_agg(e.n) INTO candidate FROM ev e
     WHERE e.type = 'payment_intent.succeeded' AND e.pi IS NOT NULL AND e.hold IS NOT NULL
@@ -201,12 +204,22 @@ BEGIN
     PERFORM 1 FROM reservations r
     WHERE r.id = ANY (SELECT p_reservation_ids[c] FROM unnest(candidate) c)
     ORDER BY r.id FOR UPDATE;
-    SELECT array_agg(c ORDER BY c) INTO chosen FROM unnest(candidate) c
-    JOIN reservations r ON r.id = p_reservation_ids[c] AND r.status = 'active'
-    LEFT JOIN payments p ON p.payment_intent_id = p_payment_intent_ids[c]
-    WHERE (p IS NULL OR (payment_status_rank(p.status) < payment_status_rank('succeeded')
-                         AND coalesce(p.reservation_id, r.id) = r.id))
-      AND NOT EXISTS (SELECT 1 FROM webhook_events_log w WHERE w.event_id = p_event_ids[c]);
+    -- (each row looked up by its key: OFFSET 0 keeps the planner from scanning, say, every
+    -- active hold through reservations_due)
+    SELECT array_agg(f.c ORDER BY f.c), array_agg(f.c ORDER BY f.c) FILTER (WHERE f.pay IS NULL)
+    INTO chosen, fresh
+    FROM (SELECT c, (SELECT r.status FROM reservations r WHERE r.id = p_reservation_ids[c])
+                    AS hold_status,
+                 (SELECT p FROM payments p WHERE p.payment_intent_id = p_payment_intent_ids[c])
+                    AS pay,
+                 EXISTS (SELECT 1 FROM webhook_events_log w WHERE w.event_id = p_event_ids[c])
+                    AS seen
+          FROM unnest(candidate) c OFFSET 0) f
+    WHERE f.hold_status = 'active' AND NOT f.seen
+      AND (f.pay IS NULL
+           OR (payment_status_rank((f.pay).status) < payment_status_rank('succeeded')
+               AND coalesce((f.pay).reservation_id, p_reservation_ids[f.c])
+                   = p_reservation_ids[f.c]));
     IF chosen IS NULL THEN
         RETURN;
     END IF;
@@ -219,14 +232,13 @@ BEGIN
     UPDATE payments p
     SET status = 'succeeded', status_event_created = p_created[c], updated_at = clock_timestamp(),
         reservation_id = coalesce(p.reservation_id, p_reservation_ids[c])
-    FROM unnest(chosen) c WHERE p.payment_intent_id = p_payment_intent_ids[c];
+    FROM unnest(chosen) c WHERE p.payment_intent_id = p_payment_intent_ids[c]
+                            AND c <> ALL (coalesce(fresh, '{}'));
     INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, status,
                           status_event_created)
     SELECT p_payment_intent_ids[c], p_reservation_ids[c], coalesce(p_amounts[c], 0),
            lower(coalesce(p_currencies[c], '')), 'succeeded', p_created[c]
-    FROM unnest(chosen) c
-    WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.payment_intent_id = p_payment_intent_ids[c])
-    ORDER BY c;
+    FROM unnest(fresh) c ORDER BY c;
     UPDATE inventory_buckets b SET held = b.held - s.quantity, sold = b.sold + s.quantity
     FROM (SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
           FROM reservation_allocations a
