@@ -198,14 +198,13 @@ BEGIN
     IF candidate IS NULL THEN
         RETURN;
     END IF;
-    PERFORM 1 FROM payments p
-    WHERE p.payment_intent_id = ANY (SELECT p_payment_intent_ids[c] FROM unnest(candidate) c)
-    ORDER BY p.payment_intent_id FOR UPDATE;
-    PERFORM 1 FROM reservations r
-    WHERE r.id = ANY (SELECT p_reservation_ids[c] FROM unnest(candidate) c)
-    ORDER BY r.id FOR UPDATE;
-    -- (each row looked up by its key: OFFSET 0 keeps the planner from scanning, say, every
-    -- active hold through reservations_due)
+    -- Every row below is looked up by its key, one at a time (a LATERAL subquery, fenced with
+    -- OFFSET 0): a plan cached while the tables were small would otherwise scan them whole
+    -- once they have grown (or scan every active hold through reservations_due).
+    PERFORM 1 FROM (SELECT p_payment_intent_ids[c] AS pi FROM unnest(candidate) c ORDER BY 1) k
+    CROSS JOIN LATERAL (SELECT 1 FROM payments p WHERE p.payment_intent_id = k.pi FOR UPDATE) l;
+    PERFORM 1 FROM (SELECT p_reservation_ids[c] AS id FROM unnest(candidate) c ORDER BY 1) k
+    CROSS JOIN LATERAL (SELECT 1 FROM reservations r WHERE r.id = k.id FOR UPDATE) l;
     SELECT array_agg(f.c ORDER BY f.c), array_agg(f.c ORDER BY f.c) FILTER (WHERE f.pay IS NULL)
     INTO chosen, fresh
     FROM (SELECT c, (SELECT r.status FROM reservations r WHERE r.id = p_reservation_ids[c])
@@ -229,11 +228,14 @@ BEGIN
     SELECT p_event_ids[c], p_types[c], p_created[c], p_payloads[c]::jsonb, 'processed', 1,
            clock_timestamp()
     FROM unnest(chosen) c ORDER BY c;
-    UPDATE payments p
-    SET status = 'succeeded', status_event_created = p_created[c], updated_at = clock_timestamp(),
-        reservation_id = coalesce(p.reservation_id, p_reservation_ids[c])
-    FROM unnest(chosen) c WHERE p.payment_intent_id = p_payment_intent_ids[c]
-                            AND c <> ALL (coalesce(fresh, '{}'));
+    IF cardinality(chosen) > coalesce(cardinality(fresh), 0) THEN
+        UPDATE payments p
+        SET status = 'succeeded', status_event_created = p_created[c],
+            updated_at = clock_timestamp(),
+            reservation_id = coalesce(p.reservation_id, p_reservation_ids[c])
+        FROM unnest(chosen) c WHERE p.payment_intent_id = p_payment_intent_ids[c]
+                                AND c <> ALL (coalesce(fresh, '{}'));
+    END IF;
     INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, status,
                           status_event_created)
     SELECT p_payment_intent_ids[c], p_reservation_ids[c], coalesce(p_amounts[c], 0),
@@ -241,8 +243,10 @@ BEGIN
     FROM unnest(fresh) c ORDER BY c;
     UPDATE inventory_buckets b SET held = b.held - s.quantity, sold = b.sold + s.quantity
     FROM (SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
-          FROM reservation_allocations a
-          WHERE a.reservation_id = ANY (SELECT p_reservation_ids[c] FROM unnest(chosen) c)
+          FROM unnest(chosen) c
+          CROSS JOIN LATERAL (SELECT a.event_id, a.bucket, a.quantity
+                              FROM reservation_allocations a
+                              WHERE a.reservation_id = p_reservation_ids[c] OFFSET 0) a
           GROUP BY a.event_id, a.bucket) s
     WHERE b.event_id = s.event_id AND b.bucket = s.bucket;
     UPDATE reservations r SET status = 'completed', completed_at = clock_timestamp(),
@@ -253,8 +257,10 @@ BEGIN
     WITH done AS (
         SELECT c, p.reservation_id AS hold, p.amount, p.currency, r.event_id, r.quantity
         FROM unnest(chosen) c
-        JOIN payments p ON p.payment_intent_id = p_payment_intent_ids[c]
-        JOIN reservations r ON r.id = p.reservation_id),
+        CROSS JOIN LATERAL (SELECT p.reservation_id, p.amount, p.currency FROM payments p
+                            WHERE p.payment_intent_id = p_payment_intent_ids[c] OFFSET 0) p
+        CROSS JOIN LATERAL (SELECT r.event_id, r.quantity FROM reservations r
+                            WHERE r.id = p.reservation_id OFFSET 0) r),
     emitted AS (
         INSERT INTO outbox (subject, payload)
         SELECT o.subject, o.payload FROM (
