@@ -55,6 +55,8 @@ def webhooks(f: dict[str, Any]) -> list[Row]:
     rows = []
     for key, label in (("fsync_always", "sync_interval always"),
                        ("fsync_default", "default fsync")):
+        if key not in f:  # bench.webhooks --apply-only
+            continue
         r = f[key]
         ing, bare = r["ingress"], r["plain_aiohttp_awaiting_publish"]
         ratio = ing["per_second"] / bare["per_second"]

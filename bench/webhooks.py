@@ -16,7 +16,8 @@ figures and the baselines measured in the same run, on the same machine:
 
 ``--quick`` runs each phase on about a fifth of the requests and events. ``--replicas N`` runs
 N ingress processes on one port (``INGRESS_REUSE_PORT=1``) and N webhook processes on one durable
-consumer, the baselines staying single processes.
+consumer, the baselines staying single processes. ``--apply-only`` runs only the webhook
+service's round.
 """
 
 from __future__ import annotations
@@ -265,8 +266,19 @@ async def applied(conn: asyncpg.Connection, event_type: str, n: int) -> tuple[in
         await asyncio.sleep(0.2)
 
 
-async def apply_round(root: Path, sizes: Sizes, replicas: int = 1) -> dict[str, Any]:
-    pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
+TOP_STATEMENTS = """
+SELECT calls, round(total_exec_time::numeric, 1) AS ms,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 140) AS query
+FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25"""
+
+
+async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: bool = False
+                      ) -> dict[str, Any]:
+    pg = Postgres(root / "pg" / "data")
+    if pg_stats:  # every statement's time, nested ones (in SQL functions) too
+        pg.settings.update({"shared_preload_libraries": "pg_stat_statements",
+                            "pg_stat_statements.track": "all"})
+    pg.start(create_db="boxoffice")
     nats = NatsServer(root / "nats-apply", sync_always=False).start()
     procs: list[subprocess.Popen] = []
     try:
@@ -301,8 +313,12 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1) -> dict[str, 
         try:
             first = await conn.fetchval("SELECT count(*) FROM webhook_events_log "
                                         "WHERE processed_at IS NOT NULL")
+            if pg_stats:
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; "
+                                   "SELECT pg_stat_statements_reset()")
             before = {name: cpu_seconds(p) for name, p in pids.items()}
             done, span = await applied(conn, "payment_intent.succeeded", sizes.apply_events)
+            top = [dict(r) for r in await conn.fetch(TOP_STATEMENTS)] if pg_stats else None
             pids["postgres"] = tree(pg.proc.pid)  # the backends as they are now
             cpu = {name: round((cpu_seconds(p) - before[name]) * 1000 / max(1, done - first), 3)
                    for name, p in pids.items()}
@@ -325,7 +341,8 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1) -> dict[str, 
                 "webhook_recorded_only": {"event_type": "charge.succeeded", "events": recorded,
                                           "per_second": round(recorded / recorded_span)},
                 "plain_insert_transactions_16_connections": inserts,
-                "applied_vs_inserts": round(done / span / inserts["per_second"], 2)}
+                "applied_vs_inserts": round(done / span / inserts["per_second"], 2),
+                **({"pg_statements_while_applying": top} if top is not None else {})}
     finally:
         for proc in procs:
             proc.terminate()
@@ -335,7 +352,8 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1) -> dict[str, 
         pg.stop()
 
 
-async def main(sizes: Sizes, replicas: int = 1) -> dict[str, Any]:
+async def main(sizes: Sizes, replicas: int = 1, apply_only: bool = False,
+               pg_stats: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as tmp:
         root = Path(tmp)
         out: dict[str, Any] = {"benchmark": "webhooks", "replicas": replicas,
@@ -343,9 +361,10 @@ async def main(sizes: Sizes, replicas: int = 1) -> dict[str, Any]:
                                "requests_per_run": (sizes.requests - WARM_UP) // 2, "best_of": 2,
                                "machine": {"cpus": os.cpu_count(),
                                            "load_avg_1m_before": round(os.getloadavg()[0], 2)}}
-        out["fsync_default"] = await ingress_round(root, False, sizes, replicas)
-        out["fsync_always"] = await ingress_round(root, True, sizes, replicas)
-        out["apply"] = await apply_round(root, sizes, replicas)
+        if not apply_only:
+            out["fsync_default"] = await ingress_round(root, False, sizes, replicas)
+            out["fsync_always"] = await ingress_round(root, True, sizes, replicas)
+        out["apply"] = await apply_round(root, sizes, replicas, pg_stats)
         out["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
         return out
 
@@ -387,6 +406,12 @@ if __name__ == "__main__":
         parser.add_argument("--quick", action="store_true", help="about a fifth of the sizes")
         parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
                             help="processes of ingress and of the webhook service (default 1)")
+        parser.add_argument("--apply-only", action="store_true",
+                            help="only the webhook service's round (applied and recorded events)")
+        parser.add_argument("--pg-stats", action="store_true",
+                            help="load pg_stat_statements and report the statements that took "
+                                 "PostgreSQL's time while events were applied (costs some)")
         args = parser.parse_args()
         import uvloop
-        print(json.dumps(uvloop.run(main(QUICK if args.quick else Sizes(), args.replicas))))
+        print(json.dumps(uvloop.run(main(QUICK if args.quick else Sizes(), args.replicas,
+                                         args.apply_only, args.pg_stats)), default=str))

@@ -128,6 +128,7 @@ FUNCTIONS: dict[str, set[str]] = {
     "record_payment_intent": {"payment"},
     "apply_stripe_event": {"webhook"},
     "apply_stripe_events": {"webhook"},
+    "apply_succeeded_events": {"webhook"},
     "advance_payment": {"webhook"},
     "payment_status_rank": {"webhook"},
     "emit_payment_event": {"webhook"},

@@ -26,11 +26,12 @@ changes nothing but that payment.
 
 The claim and the effects are one SQL function, ``apply_stripe_event``, run as one statement:
 one round trip, and no call to Stripe; a batch of events is one statement too
-(``apply_stripe_events``: each event in a savepoint of its own). Money that must go back is decided in
-that transaction as a ``stripe_actions`` row and refunded by the action worker (actions.py),
-which resumes from the row after any crash. This module reads the event's object into the
-function's arguments and turns outcomes into error reports, which the caller sends only after
-the commit.
+(``apply_stripe_events``: the successes that complete active holds and touch nothing else of
+the batch together, set-based; every other event in a savepoint of its own). Money that must go
+back is decided in that transaction as a ``stripe_actions`` row and refunded by the action
+worker (actions.py), which resumes from the row after any crash. This module reads the event's
+object into the function's arguments and turns outcomes into error reports, which the caller
+sends only after the commit.
 """
 
 from __future__ import annotations
@@ -162,23 +163,34 @@ async def apply(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw
     return _outcome(event, a, await _run(pool, event, raw, a))
 
 
-async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEvent, str]]
+def parsed(event: StripeEvent) -> Args | msgspec.ValidationError:
+    """``arguments(event)``, or what reading them failed with (read once a delivery: the consumer
+    routes by the hold, then applies)."""
+    try:
+        return arguments(event)
+    except msgspec.ValidationError as exc:
+        return exc
+
+
+async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEvent, str]],
+                     args: Sequence[Args | msgspec.ValidationError] | None = None
                      ) -> list[Outcome | Exception]:
     """Apply ``events`` in order, in one statement of the caller's transaction, each in a
-    savepoint of its own (``apply_stripe_events``): committed with that transaction.
+    savepoint of its own, or with others like it set-based (``apply_stripe_events``): committed
+    with that transaction.
 
     One result an event: its outcome, or what it failed with (``msgspec.ValidationError`` for
     an object that does not fit its type, else the ``asyncpg.PostgresError`` its savepoint was
     rolled back for). Raises, and nothing is applied, if the statement itself fails.
+    ``args``: each event's ``parsed``, if read already.
     """
     results: list[Outcome | Exception | None] = [None] * len(events)
     todo: list[tuple[int, StripeEvent, Args]] = []
     columns: tuple[list[Any], ...] = tuple([] for _ in range(11))
     for n, (event, raw) in enumerate(events):
-        try:
-            a = arguments(event)
-        except msgspec.ValidationError as exc:
-            results[n] = exc
+        a = parsed(event) if args is None else args[n]
+        if isinstance(a, msgspec.ValidationError):
+            results[n] = a
             continue
         todo.append((n, event, a))
         for column, value in zip(columns, (
@@ -214,12 +226,11 @@ def _outcome(event: StripeEvent, a: Args, row: asyncpg.Record) -> Outcome:
 
 
 
-def hold_of(event: StripeEvent) -> uuid.UUID | None:
-    """The hold ``event`` names, if it names one (and its object fits its type)."""
-    try:
-        return arguments(event).reservation_id
-    except msgspec.ValidationError:
-        return None
+def hold_of(event: StripeEvent | Args | msgspec.ValidationError) -> uuid.UUID | None:
+    """The hold ``event`` names (or its ``parsed`` arguments), if it names one (and its object
+    fits its type)."""
+    a = parsed(event) if isinstance(event, StripeEvent) else event
+    return None if isinstance(a, msgspec.ValidationError) else a.reservation_id
 
 
 async def first_buckets(pool: asyncpg.Pool, holds: Collection[uuid.UUID]

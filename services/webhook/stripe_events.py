@@ -1,9 +1,11 @@
 """Applies Stripe events from STRIPE_EVENTS exactly once, in batches.
 
 A worker takes up to ``WEBHOOK_BATCH_SIZE`` queued messages and applies them in one
-transaction, each event in a savepoint of its own: claim the event's row in
-``webhook_events_log``, apply its effects. An event that fails is rolled back to its savepoint
-alone and its failed attempt counted in the same transaction, so its neighbours still commit.
+transaction, each event in a savepoint of its own (or, for the successes that complete active
+holds and touch nothing else of the batch, all together set-based, rolled back whole and taken
+one at a time if that fails): claim the event's row in ``webhook_events_log``, apply its
+effects. An event that fails is rolled back to its savepoint alone and its failed attempt
+counted in the same transaction, so its neighbours still commit.
 Only after the commit are the messages settled (acked, or nak'ed / terminated for the failed
 ones) and the reports logged. A crash before the commit leaves nothing and the whole batch is
 redelivered and applied from scratch; a crash after it finds each row done on redelivery and
@@ -55,6 +57,10 @@ ACK_WAIT = 10.0  # seconds; work that takes longer is kept alive with in_progres
 DB_RETRY_DELAY = 2.0  # PostgreSQL away (db.UNAVAILABLE): waited for, never counted against an event
 QUIET_OUTCOMES = frozenset({ApplyOutcome.DUPLICATE, ApplyOutcome.IGNORED, ApplyOutcome.STALE,
                             ApplyOutcome.PARTIAL_REFUND, ApplyOutcome.NO_PAYMENT_INTENT})
+
+
+# a delivery: its message, its event, the event's text and its arguments (effects.parsed)
+Item = tuple[Msg, StripeEvent, str, effects.Args | msgspec.ValidationError]
 
 
 class LivemodeMismatch(Exception):
@@ -121,13 +127,16 @@ class Processor:
         return outcome
 
     async def apply_batch(self, events: Sequence[tuple[StripeEvent, str]],
-                          conn: asyncpg.Connection) -> list[Outcome | Failure]:
+                          conn: asyncpg.Connection,
+                          args: Sequence[effects.Args | msgspec.ValidationError] | None = None
+                          ) -> list[Outcome | Failure]:
         """Apply ``events`` in order in one transaction on ``conn``, each in a savepoint
         (``effects.apply_many``); an event that fails is rolled back alone and its attempt
         counted in the same transaction.
 
         Raises (and nothing is committed, nothing counted) if the transaction itself fails.
-        Once this returns, the caller tells each result (``applied``, ``failed``).
+        Once this returns, the caller tells each result (``applied``, ``failed``). ``args``:
+        each event's ``effects.parsed``, if read already.
         """
         results: list[Outcome | Failure | None] = [None] * len(events)
         todo: list[int] = []
@@ -138,7 +147,8 @@ class Processor:
             except LivemodeMismatch as exc:
                 results[n] = Failure(exc, None)
         async with conn.transaction():
-            applied = await effects.apply_many(conn, [events[n] for n in todo])
+            applied = await effects.apply_many(conn, [events[n] for n in todo],
+                                               None if args is None else [args[n] for n in todo])
             for n, result in zip(todo, applied, strict=True):
                 results[n] = Failure(result, None) if isinstance(result, Exception) else result
             for n, result in enumerate(results):
@@ -206,7 +216,7 @@ class Consumer:
         self.concurrency = concurrency
         self.backlog = backlog
         self.batch_size = batch_size
-        self._lanes: list[asyncio.Queue[tuple[Msg, StripeEvent, str]]] = [
+        self._lanes: list[asyncio.Queue[Item]] = [
             asyncio.Queue() for _ in range(concurrency)]
         self._workers: list[asyncio.Task[None]] = []
         self._pending = 0  # queued or being applied
@@ -217,15 +227,16 @@ class Consumer:
     async def __call__(self, msgs: list[Msg]) -> None:
         if not self._workers:
             self._workers = [asyncio.create_task(self._work(lane)) for lane in self._lanes]
-        decoded: list[tuple[Msg, StripeEvent, str]] = []
+        decoded: list[Item] = []
         for msg in msgs:
             try:
-                decoded.append((msg, wire.decode(msg.data, StripeEvent), msg.data.decode()))
+                event = wire.decode(msg.data, StripeEvent)
+                decoded.append((msg, event, msg.data.decode(), effects.parsed(event)))
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
                 # ingress checks every event before publishing: this did not come from Stripe
                 log.error("message on %s is not a Stripe event: dropped", msg.subject)
                 await settle(msg, "term")
-        lanes = await self._route([event for _, event, _ in decoded])
+        lanes = await self._route(decoded)
         for item, lane in zip(decoded, lanes, strict=True):
             self._inflight[id(item[0])] = (item[0], time.monotonic())
             self._pending += 1
@@ -236,10 +247,11 @@ class Consumer:
         if self._db_down:
             await self._wait_for_database()
 
-    async def _route(self, events: list[StripeEvent]) -> list[int]:
+    async def _route(self, items: list[Item]) -> list[int]:
         """A lane for each event: that of its hold's first bucket; else (no hold, or the
         buckets could not be read) that of its hold, or of its own id."""
-        holds = [effects.hold_of(event) for event in events]
+        events = [event for _, event, _, _ in items]
+        holds = [effects.hold_of(args) for _, _, _, args in items]
         buckets: dict[uuid.UUID, tuple[str, int]] = {}
         if not self._db_down:
             with contextlib.suppress(*db.UNAVAILABLE, asyncpg.PostgresError):
@@ -254,14 +266,14 @@ class Consumer:
                 lanes.append(hash(str(hold) if hold is not None else event.id) % self.concurrency)
         return lanes
 
-    async def _take(self, lane: asyncio.Queue[tuple[Msg, StripeEvent, str]]
-                    ) -> list[tuple[Msg, StripeEvent, str]]:
+    async def _take(self, lane: asyncio.Queue[Item]
+                    ) -> list[Item]:
         batch = [await lane.get()]
         while len(batch) < self.batch_size and not lane.empty():
             batch.append(lane.get_nowait())
         return batch
 
-    async def _work(self, lane: asyncio.Queue[tuple[Msg, StripeEvent, str]]) -> None:
+    async def _work(self, lane: asyncio.Queue[Item]) -> None:
         conn: asyncpg.Connection | None = None
         try:
             while True:
@@ -282,7 +294,7 @@ class Consumer:
                     log.exception("applying %d stripe events crashed", len(batch))
                     await _put_back(batch, DB_RETRY_DELAY)
                 finally:
-                    for msg, _, _ in batch:
+                    for msg, _, _, _ in batch:
                         self._inflight.pop(id(msg), None)
                         lane.task_done()
                     self._pending -= len(batch)
@@ -302,12 +314,13 @@ class Consumer:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
 
-    async def _apply(self, batch: list[tuple[Msg, StripeEvent, str]],
+    async def _apply(self, batch: list[Item],
                      conn: asyncpg.Connection) -> bool:
         """Apply, commit, then ack / nak / term each; False if the connection is broken."""
-        events = [(event, raw) for _, event, raw in batch]
+        events = [(event, raw) for _, event, raw, _ in batch]
         try:
-            results = await self.processor.apply_batch(events, conn)
+            results = await self.processor.apply_batch(events, conn,
+                                                       [args for _, _, _, args in batch])
         except db.UNAVAILABLE:  # the commit too: nothing applied, nothing counted
             self._database_lost(batch[0][0])
             await _put_back(batch, DB_RETRY_DELAY)
@@ -327,7 +340,7 @@ class Consumer:
                 self._database_lost(batch[0][0])
                 await _put_back(batch, DB_RETRY_DELAY)
                 return False
-        for (msg, event, _), result in zip(batch, results, strict=True):
+        for (msg, event, _, _), result in zip(batch, results, strict=True):
             busmod.adopt_request_id(msg)
             if not isinstance(result, Failure):
                 self.processor.applied(event, result)
@@ -369,9 +382,9 @@ class Consumer:
                         await msg.in_progress()
 
 
-async def _put_back(batch: list[tuple[Msg, StripeEvent, str]], delay: float) -> None:
+async def _put_back(batch: list[Item], delay: float) -> None:
     """Nothing of ``batch`` was committed: redeliver each message after ``delay``, uncounted."""
-    for msg, _, _ in batch:
+    for msg, _, _, _ in batch:
         await settle(msg, "nak", delay)
 
 

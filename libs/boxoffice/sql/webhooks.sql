@@ -147,14 +147,152 @@ BEGIN
 END $$;
 GRANT EXECUTE ON FUNCTION apply_stripe_event TO boxoffice_webhook;
 
--- Apply Stripe events in order, in one statement of the caller's transaction, each in a
+-- The common case of a batch, applied set-based (a few statements for all its events instead
+-- of a dozen an event): payment_intent.succeeded events that complete an active hold. Takes an
+-- event only where applying it with apply_stripe_event, in its turn, would do the same:
+-- - seen for the first time (no row in webhook_events_log);
+-- - its payment moves forward to succeeded (its row absent, or below succeeded) and names no
+--   hold but this one, and its hold is active: it is completed;
+-- - nothing else in the batch touches it: its event id, PaymentIntent and hold are named by no
+--   other event of the batch, nor is its hold that of another event's payment. So it commutes
+--   with its neighbours (completing an active hold moves tickets from held to sold: what is left
+--   to sell does not change) and may be applied before them.
+-- Its effects are apply_stripe_event's: the log row, the payment, its outbox event, the buckets,
+-- the hold completed, its outbox event. Returns one row an event applied: its index in the
+-- arrays and apply_stripe_event's result (outcome 'completed'). The payments, then the holds are
+-- locked (apply_stripe_event's order). The caller runs it in a subtransaction: if anything
+-- raises (a delivery of one of these events, or a checkout of one of these payments, committed
+-- meanwhile; a deadlock), it is rolled back whole and every event goes one at a time.
+CREATE OR REPLACE FUNCTION apply_succeeded_events(
+    p_event_ids text[], p_types text[], p_created timestamptz[], p_payloads text[],
+    p_payment_intent_ids text[], p_reservation_ids uuid[], p_amounts bigint[],
+    p_currencies text[])
+RETURNS TABLE (i integer, reservation_id uuid, amount bigint, currency text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    kinds     CONSTANT text[] := ARRAY['payment_intent.succeeded', 'payment_intent.payment_failed',
+                                       'payment_intent.processing', 'payment_intent.canceled',
+                                       'charge.refunded', 'charge.dispute.created'];
+    candidate integer[];
+    chosen    integer[];
+    fresh     integer[];  -- those whose payment has no row yet
+BEGIN
+    WITH ev AS (
+        SELECT e.n::integer AS n, e.id, e.type, e.pi, e.hold,
+               count(*) OVER (PARTITION BY e.id) AS ids, count(*) OVER (PARTITION BY e.pi) AS pis,
+               count(*) OVER (PARTITION BY e.hold) AS holds
+        FROM unnest(p_event_ids, p_types, p_payment_intent_ids, p_reservation_ids)
+             WITH ORDINALITY AS e(id, type, pi, hold, n)),
+    touched AS (  -- the holds each event with effects may touch: named, or its payment's
+        SELECT e.n, e.hold AS hold FROM ev e WHERE e.type = ANY (kinds) AND e.hold IS NOT NULL
+        UNION ALL
+        SELECT e.n, p.reservation_id FROM ev e
+        CROSS JOIN LATERAL (SELECT p.reservation_id FROM payments p
+                            WHERE p.payment_intent_id = e.pi OFFSET 0) p
+        WHERE e.type = ANY (kinds) AND p.reservation_id IS NOT NULL)
+    SELECT array_agg(e.n) INTO candidate FROM ev e
+    WHERE e.type = 'payment_intent.succeeded' AND e.pi IS NOT NULL AND e.hold IS NOT NULL
+      AND e.ids = 1 AND e.pis = 1 AND e.holds = 1
+      AND NOT EXISTS (SELECT 1 FROM touched t WHERE t.hold = e.hold AND t.n <> e.n)
+      AND NOT EXISTS (SELECT 1 FROM touched t WHERE t.n = e.n AND t.hold <> e.hold);
+    IF candidate IS NULL THEN
+        RETURN;
+    END IF;
+    -- Every row below is looked up by its key, one at a time (a LATERAL subquery, fenced with
+    -- OFFSET 0): a plan cached while the tables were small would otherwise scan them whole
+    -- once they have grown (or scan every active hold through reservations_due).
+    PERFORM 1 FROM (SELECT p_payment_intent_ids[c] AS pi FROM unnest(candidate) c ORDER BY 1) k
+    CROSS JOIN LATERAL (SELECT 1 FROM payments p WHERE p.payment_intent_id = k.pi FOR UPDATE) l;
+    PERFORM 1 FROM (SELECT p_reservation_ids[c] AS id FROM unnest(candidate) c ORDER BY 1) k
+    CROSS JOIN LATERAL (SELECT 1 FROM reservations r WHERE r.id = k.id FOR UPDATE) l;
+    SELECT array_agg(f.c ORDER BY f.c), array_agg(f.c ORDER BY f.c) FILTER (WHERE f.pay IS NULL)
+    INTO chosen, fresh
+    FROM (SELECT c, (SELECT r.status FROM reservations r WHERE r.id = p_reservation_ids[c])
+                    AS hold_status,
+                 (SELECT p FROM payments p WHERE p.payment_intent_id = p_payment_intent_ids[c])
+                    AS pay,
+                 EXISTS (SELECT 1 FROM webhook_events_log w WHERE w.event_id = p_event_ids[c])
+                    AS seen
+          FROM unnest(candidate) c OFFSET 0) f
+    WHERE f.hold_status = 'active' AND NOT f.seen
+      AND (f.pay IS NULL
+           OR (payment_status_rank((f.pay).status) < payment_status_rank('succeeded')
+               AND coalesce((f.pay).reservation_id, p_reservation_ids[f.c])
+                   = p_reservation_ids[f.c]));
+    IF chosen IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('boxoffice.outbox_quiet', 'on', true);
+    INSERT INTO webhook_events_log (event_id, event_type, event_created, payload,
+                                    processing_status, attempts, processed_at)
+    SELECT p_event_ids[c], p_types[c], p_created[c], p_payloads[c]::jsonb, 'processed', 1,
+           clock_timestamp()
+    FROM unnest(chosen) c ORDER BY c;
+    IF cardinality(chosen) > coalesce(cardinality(fresh), 0) THEN
+        UPDATE payments p
+        SET status = 'succeeded', status_event_created = p_created[c],
+            updated_at = clock_timestamp(),
+            reservation_id = coalesce(p.reservation_id, p_reservation_ids[c])
+        FROM unnest(chosen) c WHERE p.payment_intent_id = p_payment_intent_ids[c]
+                                AND c <> ALL (coalesce(fresh, '{}'));
+    END IF;
+    INSERT INTO payments (payment_intent_id, reservation_id, amount, currency, status,
+                          status_event_created)
+    SELECT p_payment_intent_ids[c], p_reservation_ids[c], coalesce(p_amounts[c], 0),
+           lower(coalesce(p_currencies[c], '')), 'succeeded', p_created[c]
+    FROM unnest(fresh) c ORDER BY c;
+    UPDATE inventory_buckets b SET held = b.held - s.quantity, sold = b.sold + s.quantity
+    FROM (SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
+          FROM unnest(chosen) c
+          CROSS JOIN LATERAL (SELECT a.event_id, a.bucket, a.quantity
+                              FROM reservation_allocations a
+                              WHERE a.reservation_id = p_reservation_ids[c] OFFSET 0) a
+          GROUP BY a.event_id, a.bucket) s
+    WHERE b.event_id = s.event_id AND b.bucket = s.bucket;
+    UPDATE reservations r SET status = 'completed', completed_at = clock_timestamp(),
+           released_at = NULL, updated_at = clock_timestamp(),
+           payment_intent_id = p_payment_intent_ids[c]
+    FROM unnest(chosen) c WHERE r.id = p_reservation_ids[c];
+    RETURN QUERY
+    WITH done AS (
+        SELECT c, p.reservation_id AS hold, p.amount, p.currency, r.event_id, r.quantity
+        FROM unnest(chosen) c
+        CROSS JOIN LATERAL (SELECT p.reservation_id, p.amount, p.currency FROM payments p
+                            WHERE p.payment_intent_id = p_payment_intent_ids[c] OFFSET 0) p
+        CROSS JOIN LATERAL (SELECT r.event_id, r.quantity FROM reservations r
+                            WHERE r.id = p.reservation_id OFFSET 0) r),
+    emitted AS (
+        INSERT INTO outbox (subject, payload)
+        SELECT o.subject, o.payload FROM (
+            SELECT d.c, 1 AS k, 'payments.events.succeeded' AS subject,
+                   jsonb_build_object('payment_intent_id', p_payment_intent_ids[d.c],
+                                      'reservation_id', d.hold, 'amount', d.amount,
+                                      'currency', d.currency, 'occurred_at', p_created[d.c],
+                                      'reason', NULL) AS payload
+            FROM done d
+            UNION ALL
+            SELECT d.c, 2, 'reservations.events.completed',
+                   jsonb_build_object('reservation_id', d.hold, 'event_id', d.event_id,
+                                      'quantity', d.quantity,
+                                      'payment_intent_id', p_payment_intent_ids[d.c],
+                                      'occurred_at', clock_timestamp())
+            FROM done d) o
+        ORDER BY o.c, o.k)
+    SELECT d.c, d.hold, d.amount, d.currency FROM done d ORDER BY d.c;
+END $$;
+GRANT EXECUTE ON FUNCTION apply_succeeded_events TO boxoffice_webhook;
+
+-- Apply Stripe events in order, in one statement of the caller's transaction. First the buckets
+-- of the holds named are locked, in bucket order, so that two batches wait for each other
+-- instead of deadlocking. Then the events apply_succeeded_events can take are applied together
+-- (the common case, set-based), in a subtransaction: if it raises, it is rolled back whole and
+-- they go one at a time with the rest. Every other event is applied in order, each in a
 -- subtransaction of its own (a savepoint): an event that raises is rolled back alone and its
 -- SQLSTATE and message returned in its row (the caller counts the failed attempt in the same
 -- transaction), and its neighbours stay applied. A deadlock or serialization failure is run
--- again, twice at most, before it is returned as the event's failure. The buckets of the holds
--- named are locked first, in bucket order, so that two batches wait for each other instead of
--- deadlocking. The arrays are apply_stripe_event's arguments, one element an event; one row an
--- event, in order: i (1-based), and either apply_stripe_event's result or the error.
+-- again, twice at most, before it is returned as the event's failure. The arrays are
+-- apply_stripe_event's arguments, one element an event; one row an event, in order: i
+-- (1-based), and either apply_stripe_event's result or the error.
 CREATE OR REPLACE FUNCTION apply_stripe_events(
     p_event_ids text[], p_types text[], p_created timestamptz[], p_payloads text[],
     p_payment_intent_ids text[], p_reservation_ids uuid[], p_amounts bigint[],
@@ -163,15 +301,42 @@ RETURNS TABLE (i integer, outcome text, reservation_id uuid, amount bigint, curr
                error_state text, error text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r record;
+    total   integer := coalesce(cardinality(p_event_ids), 0);
+    r       record;
+    applied boolean[] := array_fill(false, ARRAY[total]);
+    holds   uuid[] := array_fill(NULL::uuid, ARRAY[total]);
+    amounts bigint[] := array_fill(NULL::bigint, ARRAY[total]);
+    moneys  text[] := array_fill(NULL::text, ARRAY[total]);
 BEGIN
     BEGIN
         PERFORM lock_hold_buckets(p_reservation_ids);
     EXCEPTION WHEN deadlock_detected THEN
         NULL;  -- with a transaction that took buckets out of order: each event retries its own
     END;
-    FOR n IN 1 .. coalesce(cardinality(p_event_ids), 0) LOOP
+    BEGIN
+        FOR r IN SELECT * FROM apply_succeeded_events(p_event_ids, p_types, p_created,
+                     p_payloads, p_payment_intent_ids, p_reservation_ids, p_amounts,
+                     p_currencies) LOOP
+            applied[r.i] := true;
+            holds[r.i] := r.reservation_id;
+            amounts[r.i] := r.amount;
+            moneys[r.i] := r.currency;
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN  -- rolled back whole: each event on its own, below
+        applied := array_fill(false, ARRAY[total]);
+    END;
+    FOR n IN 1 .. total LOOP
         i := n;
+        IF applied[n] THEN
+            outcome := 'completed';
+            reservation_id := holds[n];
+            amount := amounts[n];
+            currency := moneys[n];
+            error_state := NULL;
+            error := NULL;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         FOR attempt IN 1 .. 3 LOOP
             BEGIN
                 SELECT * INTO r FROM apply_stripe_event(p_event_ids[n], p_types[n], p_created[n],
