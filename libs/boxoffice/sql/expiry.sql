@@ -53,14 +53,18 @@ RETURNS TABLE (reservation_id uuid, lag_seconds double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
     ids     uuid[];
+    tids    tid[];
     lags    double precision[];
     events  uuid[];
     buckets integer[];
     amounts integer[];
 BEGIN
-    -- by primary key from here on: the cost of a batch follows its size, not the table's
-    SELECT array_agg(d.id) INTO ids FROM (
-        SELECT r.id FROM reservations r
+    -- claimed by their row versions (ctid): a version locked here stays the current one until
+    -- this transaction ends, so the UPDATE below finds each row by a TID scan, without a second
+    -- primary-key lookup per row; from here on the cost of a batch follows its size, not the
+    -- table's
+    SELECT array_agg(d.id), array_agg(d.ctid) INTO ids, tids FROM (
+        SELECT r.id, r.ctid FROM reservations r
         WHERE r.status = 'active' AND r.expires_at <= clock_timestamp()
           AND (p_event_id IS NULL OR r.event_id = p_event_id)
         ORDER BY r.expires_at
@@ -72,7 +76,7 @@ BEGIN
     WITH expired AS (
         UPDATE reservations r
         SET status = 'expired', released_at = clock_timestamp(), updated_at = clock_timestamp()
-        WHERE r.id = ANY (ids)
+        WHERE r.ctid = ANY (tids) AND r.status = 'active'
         RETURNING r.id, r.event_id, r.quantity, r.expires_at, r.released_at
     ), announced AS (
         INSERT INTO outbox (subject, payload)
@@ -82,18 +86,21 @@ BEGIN
                                   'occurred_at', e.released_at)
         FROM expired e ORDER BY e.expires_at
         RETURNING 1
-    ), released AS (
-        SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
-        FROM reservation_allocations a WHERE a.reservation_id = ANY (ids)
-        GROUP BY a.event_id, a.bucket
     )
-    SELECT (SELECT array_agg(e.id ORDER BY e.id) FROM expired e),
-           (SELECT array_agg(extract(epoch FROM e.released_at - e.expires_at)::float8 ORDER BY e.id)
-            FROM expired e),
-           array_agg(x.event_id ORDER BY x.event_id, x.bucket),
+    SELECT array_agg(e.id ORDER BY e.id),
+           array_agg(extract(epoch FROM e.released_at - e.expires_at)::float8 ORDER BY e.id)
+    INTO ids, lags FROM expired e;
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    -- the tickets of exactly the holds expired above, by primary key
+    SELECT array_agg(x.event_id ORDER BY x.event_id, x.bucket),
            array_agg(x.bucket ORDER BY x.event_id, x.bucket),
            array_agg(x.quantity ORDER BY x.event_id, x.bucket)
-    INTO ids, lags, events, buckets, amounts FROM released x;
+    INTO events, buckets, amounts
+    FROM (SELECT a.event_id, a.bucket, sum(a.quantity)::integer AS quantity
+          FROM reservation_allocations a WHERE a.reservation_id = ANY (ids)
+          GROUP BY a.event_id, a.bucket) x;
     IF events IS NOT NULL THEN
         PERFORM 1 FROM inventory_buckets b
         JOIN unnest(events, buckets) AS u(event_id, bucket)
