@@ -137,6 +137,9 @@ class Settings:
     batch: int = 2000
     sweep_seconds: float = 1.0
     max_backoff: float = 5.0
+    # batches in flight at once while a backlog lasts (a full first batch), each on its own
+    # connection: a flash sale's holds are expired by that many PostgreSQL backends
+    workers: int = 2
 
 
 class Expirer:
@@ -233,15 +236,40 @@ class Expirer:
         t0 = loop.time()
         started = runs.utcnow()
         total = 0
-        async with self.pool.acquire() as conn:
+        backlog = asyncio.Event()  # the first batch was full: more workers join
+
+        async def worker(first: bool) -> None:
+            nonlocal total
             try:
-                async for n in expire_batches(conn, self.settings.batch, stopping=stopping):
-                    total += n
+                async with self.pool.acquire() as conn:
+                    async for n in expire_batches(conn, self.settings.batch, stopping=stopping):
+                        total += n
+                        if first and n >= self.settings.batch:
+                            backlog.set()
             finally:
-                finished = runs.utcnow()
-                if total:  # batches already committed count, even if a later one failed
-                    SWEEP.observe(loop.time() - t0)
-                    self.log.worked(started, finished, total)
+                if first:
+                    backlog.set()  # done (or failed): nobody waits for a backlog any more
+
+        async def helper() -> None:
+            await backlog.wait()
+            if total >= self.settings.batch:
+                await worker(False)
+
+        try:
+            # every worker finishes its batch in hand (committed or rolled back) before the
+            # first failure, if any, is raised
+            results = await asyncio.gather(
+                worker(True), *(helper() for _ in range(self.settings.workers - 1)),
+                return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        finally:
+            finished = runs.utcnow()
+            if total:  # batches already committed count, even if a later one failed
+                SWEEP.observe(loop.time() - t0)
+                self.log.worked(started, finished, total)
+        async with self.pool.acquire() as conn:
             row = await conn.fetchrow(NEXT_DUE)
             self.offset = row["now"] - time.time()
             due_in = math.inf if row["due"] is None else row["due"] - row["now"]
