@@ -271,7 +271,7 @@ BEGIN
                                       'reason', NULL) AS payload
             FROM done d
             UNION ALL
-            SELECT d.c, 2, 'reservations.events.completed',
+            SELECT d.c, 2, 'reservations.events.completed' AS subject,
                    jsonb_build_object('reservation_id', d.hold, 'event_id', d.event_id,
                                       'quantity', d.quantity,
                                       'payment_intent_id', p_payment_intent_ids[d.c],
