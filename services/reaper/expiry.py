@@ -170,17 +170,23 @@ class Expirer:
         sweeps (which retry and record outages); the next re-read is a period away all the same."""
         async def read() -> asyncpg.Record:
             async with self.pool.acquire() as conn:
-                return await conn.fetchrow(NEXT_DUE)
+                return await self._next_due(conn)
         try:
             row = await asyncio.wait_for(read(), 5)
         except Exception as exc:  # noqa: BLE001 - the sweep's retries report the outage
             log.debug("next due time not read (%s)", type(exc).__name__)
             return
-        self.offset = row["now"] - time.time()
         # an overdue hold while backing off (a failed sweep, or holds another replica has
         # locked) waits for the back-off: only the sweep's own pace retries it
         if row["due"] is not None and (self.backoff == 0.0 or row["due"] > row["now"]):
             self.nudge(row["due"])
+
+    async def _next_due(self, conn: asyncpg.Connection) -> asyncpg.Record:
+        """The next active hold's expiry and the database's clock (``due``, ``now``), which
+        keeps the offset between this process's clock and the database's up to date."""
+        row = await conn.fetchrow(NEXT_DUE)
+        self.offset = row["now"] - time.time()
+        return row
 
     def sweep_soon(self) -> None:
         self.deadline = 0.0
@@ -270,8 +276,7 @@ class Expirer:
                 SWEEP.observe(loop.time() - t0)
                 self.log.worked(started, finished, total)
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(NEXT_DUE)
-            self.offset = row["now"] - time.time()
+            row = await self._next_due(conn)
             due_in = math.inf if row["due"] is None else row["due"] - row["now"]
             if total == 0 and due_in <= 0:
                 # overdue holds that another replica (or a completion) has locked: do not spin
