@@ -54,12 +54,16 @@ async def test_reports_wait_in_the_spool_while_nats_is_down(nats_server, tmp_pat
         await eventually(lambda: _stream_has(nats_server.url, 1))
         nats_server.kill()
         await eventually(lambda: not bus.connected)
-        slowest = 0.0
+        took = []
         for i in range(3000):  # distinct errors: no folding
             started = time.perf_counter()
             assert reporter.report("error", f"during the outage #{i}", context={"i": i}) is not None
-            slowest = max(slowest, time.perf_counter() - started)
-        assert slowest < 0.05  # never blocks the caller
+            took.append(time.perf_counter() - started)
+        # never waits for the bus: a call that did would wait out a reconnect attempt (seconds)
+        # every time. One call in a hundred may meet a busy machine's scheduler or a page-cache
+        # flush; the 99th percentile and the worst case say whether the caller was made to wait.
+        took.sort()
+        assert took[len(took) * 99 // 100] < 0.01 and took[-1] < 1.0, (took[-30:], took[-1])
         files = list(spool.rglob("*.spool"))
         assert files and sum(f.stat().st_size for f in files) > 3000 * 50
         nats_server.start()
