@@ -82,7 +82,7 @@ async def test_running_sets_wake_on_exit() -> None:
     async with background.running("sleeper", waiting, grace=5, wake=wake):
         await asyncio.sleep(0.01)
         started = loop.time()
-    assert loop.time() - started < 1  # not the 60 s timer
+    assert loop.time() - started < 10  # not the 60 s timer (with room for a busy machine)
 
 
 async def test_pause_returns_at_once_when_stopping_or_woken() -> None:
@@ -210,4 +210,4 @@ async def test_drain_runs_again_while_busy_and_keeps_a_wake_up_from_an_empty_pas
     started = loop.time()
     await asyncio.wait_for(background.drain(step, stopping, wake, every=60), 5)
     assert len(passes) == 4
-    assert passes[-1] - started < 1  # no pass waited for the 60 s timer
+    assert passes[-1] - started < 10  # no pass waited for the 60 s timer (room for a busy machine)
