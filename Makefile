@@ -23,6 +23,7 @@ up: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy bench  # (on its own: it imports the installed package)
 
 test: lint
 	$(BIN)/pytest -q

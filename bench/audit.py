@@ -155,8 +155,9 @@ async def timed(a: audit.Auditor, full: bool) -> dict[str, object]:
     t = time.monotonic()
     result = await a.run(full, timeout=3600)
     took = time.monotonic() - t
-    assert result.holds, [(f.check, f.kind, f.subject) for f in result.findings[:10]] or \
-        [(c.check, c.error) for c in result.checks]
+    findings: list[tuple[object, ...]] = [(f.check, f.kind, f.subject)
+                                          for f in result.findings[:10]]
+    assert result.holds, findings or [(c.check, c.error) for c in result.checks]
     return {"seconds": round(took, 3),
             "checks": {c.check: {"seconds": round(c.seconds or 0, 3), "examined": c.examined}
                        for c in result.checks}}
