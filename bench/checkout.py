@@ -379,8 +379,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             connector = aiohttp.TCPConnector(limit=256)
             async with aiohttp.ClientSession(connector=connector) as session:
                 c = Client(session, base)
-                intents = await bench_intents(c, ls.url, 60 if args.quick else 250)
+                intents = await bench_intents(
+                    c, ls.url, args.intents or (60 if args.quick else 250))
                 intents["payment_service_mean_ms"] = await phase_means(session, payment_url)
+                if args.intents_only:
+                    intents.pop("key")
+                    return {"bench": "checkout", "replicas": args.replicas,
+                            "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
+                                        "load_avg_1m_after": round(os.getloadavg()[0], 2)},
+                            "payment_intents": intents,
+                            "goals": {"overhead_p50_le_3ms": intents["overhead_p50_ms"] <= 3.0}}
                 replays = await bench_replays(c, intents.pop("key"), phase)
                 checkouts = await bench_checkouts(c, ls.url, phase)
                 hot = await c.event(capacity=5_000_000)
@@ -423,6 +431,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
                         help="processes of payment and of ingress (default 1)")
+    parser.add_argument("--intents-only", action="store_true",
+                        help="only the PaymentIntent overhead phase")
+    parser.add_argument("--intents", type=int, default=None,
+                        help="PaymentIntents to time (default 250, 60 with --quick)")
     args = parser.parse_args()
     try:
         import uvloop
