@@ -28,8 +28,9 @@ as both the audit trail and the recovery state:
    would leave a PaymentIntent the database never knew of, which reconciliation's orphan pass
    cancels under the buyer, and whose key, replayed after Stripe's 24 h, would answer with
    another PaymentIntent. Its outbox row is written without a NOTIFY (``boxoffice.outbox_quiet``)
-   and this process's relay woken after the commit (``Deps.relay_wake``): notifying commits
-   queue on one PostgreSQL lock held through their WAL flush.
+   and this process's relay woken after the commit (``Deps.relay_wake``), once the reply is
+   written (``_wake_after_reply``): notifying commits queue on one PostgreSQL lock held through
+   their WAL flush.
 
 Recovery points (``payment_intents_log.recovery_point``): ``started`` (Stripe may or may not have
 been called: resume by calling it again with the same key) and ``finished``. Stripe's answer and
