@@ -38,21 +38,33 @@ def request(res: uuid.UUID, key: str = "k1") -> pw.CreateIntentRequest:
                                   reservation_id=str(res), fingerprint="fp")
 
 
+async def turns_until(event: asyncio.Event, most: int = 10) -> int:
+    """How many turns of the event loop pass before ``event`` is set (``most`` + 1: never)."""
+    for turn in range(most + 1):
+        if event.is_set():
+            return turn
+        await asyncio.sleep(0)
+    return most + 1
+
+
 async def test_a_record_wakes_its_own_relay(db: asyncpg.Pool, gateway: StripeGateway) -> None:
     """The record's outbox row is written without a NOTIFY: the process's relay is woken
-    directly, once the row is committed; a replay writes nothing and wakes nobody."""
+    directly, once the row is committed, and not before the turn of the event loop that writes
+    the reply (the handler's caller queues it when create_intent returns; the NATS client's
+    flusher writes it one turn later); a replay writes nothing and wakes nobody."""
     wake = asyncio.Event()
     deps = intents.Deps(pool=db, stripe=gateway, relay_wake=wake)
     res = await new_hold(db, await new_event(db))
     created = await intents.create_intent(deps, request(res))
     assert created.status == 201 and not created.replayed, created.body
-    assert wake.is_set()
+    assert not wake.is_set()  # the reply is queued in this turn: the relay must not run first
+    assert await turns_until(wake) == 2
     [(subject, event)] = await outbox(db, "payments.")  # committed before the wake-up
     assert subject == "payments.events.created" and event["reservation_id"] == str(res)
     wake.clear()
     replay = await intents.create_intent(deps, request(res))
     assert replay.replayed and replay.body == created.body
-    assert not wake.is_set()
+    assert await turns_until(wake) > 10
 
 
 async def claimed(db: asyncpg.Pool, res: uuid.UUID, lease: float, key: str = "k1"

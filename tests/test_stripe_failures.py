@@ -12,7 +12,7 @@ import stripe
 from aiohttp import web
 
 from boxoffice.embedded import free_port
-from boxoffice.payment.stripe_client import StripeGateway, Transient
+from boxoffice.payment.stripe_client import Definitive, StripeGateway, Transient
 from boxoffice.webhook import actions
 from boxoffice.webhook.refunds import Refunds
 from tests.harness import STRIPE_KEY
@@ -83,6 +83,96 @@ async def test_payment_intent_hanging_stripe_is_transient() -> None:
                 raise AssertionError("no answer was taken as a PaymentIntent")
         finally:
             await http.close_async()
+
+
+@contextlib.asynccontextmanager
+async def answering(status: int, body: bytes, seen: list[tuple[web.Request, dict[str, object]]]
+                    ) -> AsyncIterator[str]:
+    """A server on 127.0.0.1 that answers every request with ``status`` and ``body`` (JSON),
+    keeping each request with its form fields in ``seen``."""
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request, dict(await request.post())))
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+PI_ANSWER = (b'{"id": "pi_123", "object": "payment_intent", "amount": 2500, "currency": "eur", '
+             b'"status": "requires_payment_method", "client_secret": "pi_123_secret_x", '
+             b'"metadata": {"reservation_id": "r-1"}}')
+
+
+async def test_payment_intent_request_and_answer() -> None:
+    """The gateway's raw request (no object tree built from the answer) still sends what the SDK
+    call did: POST /v1/payment_intents, the amount, currency and reservation as form fields, our
+    Idempotency-Key and credentials; and reads the five fields of the answer."""
+    seen: list[tuple[web.Request, dict[str, object]]] = []
+    async with answering(200, PI_ANSWER, seen) as base:
+        sc, http = client(base, 3)
+        try:
+            pi = await StripeGateway(sc).create_payment_intent(
+                amount=2500, currency="eur", reservation_id="r-1", idempotency_key="bxpi_k1")
+        finally:
+            await http.close_async()
+    assert (pi.id, pi.client_secret, pi.status, pi.amount, pi.currency) == (
+        "pi_123", "pi_123_secret_x", "requires_payment_method", 2500, "eur")
+    [(req, form)] = seen
+    assert (req.method, req.path) == ("POST", "/v1/payment_intents")
+    assert req.headers["Idempotency-Key"] == "bxpi_k1"
+    assert req.headers["Authorization"] == f"Bearer {STRIPE_KEY}"
+    assert form == {"amount": "2500", "currency": "eur",
+                                 "metadata[reservation_id]": "r-1"}
+
+
+async def test_payment_intent_answer_that_is_not_one_is_transient() -> None:
+    """A 200 whose body is not a PaymentIntent (a proxy's JSON, a truncated object) is never
+    taken for one: nothing would be stored, and the client's retry asks again."""
+    for body in (b'{"ok": true}', b'[1, 2]', b'{"id": "pi_1", "amount": "2500", "currency": "eur", '
+                 b'"status": "requires_payment_method"}'):
+        async with answering(200, body, []) as base:
+            sc, http = client(base, 3)
+            try:
+                await StripeGateway(sc).create_payment_intent(
+                    amount=2500, currency="eur", reservation_id="r", idempotency_key="k")
+            except Transient as exc:
+                assert "not a PaymentIntent" in str(exc)
+            else:
+                raise AssertionError(f"{body!r} was taken as a PaymentIntent")
+            finally:
+                await http.close_async()
+
+
+async def test_payment_intent_refusals_stay_definitive() -> None:
+    """Stripe's refusals keep their classes through the raw request: a declined card is a 402
+    stored for the key, an invalid request a 422, a 5xx transient."""
+    declined = (b'{"error": {"type": "card_error", "code": "card_declined", '
+                b'"message": "Your card was declined."}}')
+    invalid = b'{"error": {"type": "invalid_request_error", "message": "Bad amount."}}'
+    for status, body, expected in ((402, declined, 402), (400, invalid, 422),
+                                   (500, b'{"error": {"type": "api_error"}}', None)):
+        async with answering(status, body, []) as base:
+            sc, http = client(base, 3)
+            try:
+                await StripeGateway(sc).create_payment_intent(
+                    amount=2500, currency="eur", reservation_id="r", idempotency_key="k")
+            except Definitive as exc:
+                assert exc.error.status == expected, (status, exc.error.status)
+            except Transient:
+                assert expected is None, status
+            else:
+                raise AssertionError(f"HTTP {status} was taken as a PaymentIntent")
+            finally:
+                await http.close_async()
 
 
 def _row(kind: str) -> dict[str, object]:

@@ -28,8 +28,9 @@ as both the audit trail and the recovery state:
    would leave a PaymentIntent the database never knew of, which reconciliation's orphan pass
    cancels under the buyer, and whose key, replayed after Stripe's 24 h, would answer with
    another PaymentIntent. Its outbox row is written without a NOTIFY (``boxoffice.outbox_quiet``)
-   and this process's relay woken after the commit (``Deps.relay_wake``): notifying commits
-   queue on one PostgreSQL lock held through their WAL flush.
+   and this process's relay woken after the commit (``Deps.relay_wake``), once the reply is
+   written (``_wake_after_reply``): notifying commits queue on one PostgreSQL lock held through
+   their WAL flush.
 
 Recovery points (``payment_intents_log.recovery_point``): ``started`` (Stripe may or may not have
 been called: resume by calling it again with the same key) and ``finished``. Stripe's answer and
@@ -224,10 +225,23 @@ async def _call_and_record(deps: Deps, claim: Claim) -> StoredResponse:
     with PHASE_SECONDS.labels("record").time():
         stored = await _retrying(lambda: _record(deps.pool, claim, 201, body, pi))
     if deps.relay_wake is not None and not stored.replayed:
-        # the record's outbox row was written without a NOTIFY: publish it now all the same
-        deps.relay_wake.set()
+        # the record's outbox row was written without a NOTIFY: publish it now all the same,
+        # once the reply is on its way (_wake_after_reply)
+        _wake_after_reply(deps.relay_wake)
     OUTCOMES.labels("created").inc()
     return stored
+
+
+def _wake_after_reply(wake: asyncio.Event) -> None:
+    """Set ``wake`` two turns of the event loop from now, not at once.
+
+    The caller's reply is queued on the bus in this turn (the handler returns, the bus encodes
+    and publishes without waiting) and written to the socket by the NATS client's flusher in the
+    next. Woken at once, the relay would run first: its pass starts a transaction (a round trip
+    sent to PostgreSQL, with its syscall) before the buyer's answer leaves the process. Deferred,
+    the answer goes first and the outbox row is published a fraction of a millisecond later."""
+    loop = asyncio.get_running_loop()
+    loop.call_soon(loop.call_soon, wake.set)
 
 
 async def _record(pool: asyncpg.Pool, claim: Claim, status: int, body: str,
