@@ -267,9 +267,9 @@ async def applied(conn: asyncpg.Connection, event_type: str, n: int) -> tuple[in
 
 
 TOP_STATEMENTS = """
-SELECT calls, round(total_exec_time::numeric, 1) AS ms,
+SELECT calls, round(total_exec_time::numeric, 1) AS ms, round(total_plan_time::numeric, 1) AS plan_ms,
        left(regexp_replace(query, '\\s+', ' ', 'g'), 140) AS query
-FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25"""
+FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25"""
 
 
 async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: bool = False
@@ -277,7 +277,8 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: boo
     pg = Postgres(root / "pg" / "data")
     if pg_stats:  # every statement's time, nested ones (in SQL functions) too
         pg.settings.update({"shared_preload_libraries": "pg_stat_statements",
-                            "pg_stat_statements.track": "all"})
+                            "pg_stat_statements.track": "all",
+                            "pg_stat_statements.track_planning": "on"})
     pg.start(create_db="boxoffice")
     nats = NatsServer(root / "nats-apply", sync_always=False).start()
     procs: list[subprocess.Popen] = []

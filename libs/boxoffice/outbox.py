@@ -4,8 +4,9 @@ Each service's relay claims only the rows of the subjects it owns (``bus_access.
 .relays``), the only ones its NATS user may publish: the reaper's expiries (wherever a hold
 expired), payment's holds, cancels and PaymentIntents, the webhook service's sales, returns,
 refunds and failures. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` (replicas share the
-work), published with the row id as ``Nats-Msg-Id`` and deleted in the same transaction once
-every PubAck is in. A crash after the publish and before the commit republishes the same ids,
+work), published together with the row id as ``Nats-Msg-Id`` (``bus_batch.publish_all``: one reply
+subscription for the batch, its PubAcks counted) and deleted in the same transaction once every
+PubAck is in. A crash after the publish and before the commit republishes the same ids,
 which JetStream drops as duplicates within the stream's duplicate window: nothing lost, nothing
 published twice.
 """
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import asyncpg
 import prometheus_client
 
-from boxoffice import background, errors
+from boxoffice import background, bus_batch, errors
 from boxoffice import bus as busmod
 from boxoffice import db as dbmod
 
@@ -41,8 +42,9 @@ async def publish_batch(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[
             list(subjects), limit)
         if not rows:
             return 0
-        await asyncio.gather(*(bus.publish(r["subject"], r["payload"].encode(), str(r["id"]))
-                               for r in rows))
+        # every row's PubAck in before any row is deleted; else ServiceUnavailable, rows kept
+        await bus_batch.publish_all(bus, [(r["subject"], r["payload"].encode(), str(r["id"]))
+                                          for r in rows])
         await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
     PUBLISHED.inc(len(rows))
     return len(rows)

@@ -38,16 +38,24 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Protocol
 
 import asyncpg
 import msgspec
 
 from boxoffice.webhook.stripe_event_log import created_at
-from boxoffice.wire.stripe import ChargeObject, DisputeObject, PaymentIntentObject, StripeEvent, read_object
+from boxoffice.wire.stripe import (
+    ChargeObject,
+    DisputeObject,
+    EventId,
+    EventType,
+    PaymentIntentObject,
+    StripeEvent,
+    read_object,
+)
 
 APPLY = ("SELECT * FROM apply_stripe_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
 FIRST_BUCKETS = ("SELECT reservation_id, min(event_id::text) AS event_id, min(bucket) AS bucket "
@@ -128,15 +136,19 @@ def _uuid(value: Any) -> uuid.UUID | None:
 
 def arguments(event: StripeEvent) -> Args:
     """Read ``data.object``; raises ``msgspec.ValidationError`` if it is not what its type says."""
-    kind = event.type
+    return _arguments(event.type, lambda type_: read_object(event, type_))
+
+
+def _arguments(kind: str, read: Callable[[type[Any]], Any]) -> Args:
+    """The arguments of an event of type ``kind`` whose object ``read(type)`` reads as ``type``."""
     if kind.startswith("payment_intent."):
-        pi = read_object(event, PaymentIntentObject)
+        pi: PaymentIntentObject = read(PaymentIntentObject)
         error = pi.last_payment_error or {}
         return Args(payment_intent_id=pi.id, reservation_id=_uuid(pi.metadata.get("reservation_id")),
                     amount=pi.amount, currency=pi.currency,
                     reason=error.get("decline_code") or error.get("code"))
     if kind == "charge.refunded":
-        charge = read_object(event, ChargeObject)
+        charge: ChargeObject = read(ChargeObject)
         refunds = (charge.refunds or {}).get("data") or []
         first = refunds[0] if refunds and isinstance(refunds[0], dict) else {}
         return Args(payment_intent_id=charge.payment_intent, amount=charge.amount,
@@ -144,10 +156,59 @@ def arguments(event: StripeEvent) -> Args:
                     reservation_id=_uuid(charge.metadata.get("reservation_id")),
                     refund_id=first.get("id") if isinstance(first.get("id"), str) else None)
     if kind == "charge.dispute.created":
-        dispute = read_object(event, DisputeObject)
+        dispute: DisputeObject = read(DisputeObject)
         return Args(payment_intent_id=dispute.payment_intent, amount=dispute.amount,
                     currency=dispute.currency, reason=dispute.reason)
     return Args()
+
+
+class EventHead(Protocol):
+    """What applying an event reads of it besides its object (a ``StripeEvent``, a ``Delivery``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def livemode(self) -> bool | None: ...
+
+
+class _RawData(msgspec.Struct):
+    object: msgspec.Raw
+
+
+class Delivery(msgspec.Struct):
+    """A Stripe event as the consumer takes it off the bus: ``StripeEvent`` (the same fields,
+    checked alike), its object kept unread, then read once straight into its type
+    (``delivered``) instead of into a dict of the whole object and from that into its type."""
+
+    id: EventId
+    type: EventType
+    created: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
+    data: _RawData
+    livemode: bool | None = None
+
+
+_read_delivery = msgspec.json.Decoder(Delivery, strict=True).decode
+# as read_object reads them (strict=False): the tolerant readers of data.object
+_read_objects = {t: msgspec.json.Decoder(t, strict=False).decode
+                 for t in (PaymentIntentObject, ChargeObject, DisputeObject)}
+
+
+def delivered(data: bytes) -> tuple[Delivery, Args | msgspec.ValidationError]:
+    """The event in a message and its ``parsed`` arguments, read once. Raises
+    ``msgspec.DecodeError`` / ``msgspec.ValidationError`` where ``wire.decode(data,
+    StripeEvent)`` would: not JSON, not a Stripe event, ``data.object`` not an object."""
+    event = _read_delivery(data)
+    raw = event.data.object
+    if memoryview(raw)[:1] != b"{":
+        raise msgspec.ValidationError("Expected `object` - at `$.data.object`")
+    try:
+        return event, _arguments(event.type, lambda type_: _read_objects[type_](raw))
+    except msgspec.ValidationError as exc:
+        return event, exc
 
 
 async def _run(pool: asyncpg.Pool | asyncpg.Connection, event: StripeEvent, raw: str,
@@ -172,7 +233,7 @@ def parsed(event: StripeEvent) -> Args | msgspec.ValidationError:
         return exc
 
 
-async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEvent, str]],
+async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[EventHead, str]],
                      args: Sequence[Args | msgspec.ValidationError] | None = None
                      ) -> list[Outcome | Exception]:
     """Apply ``events`` in order, in one statement of the caller's transaction, each in a
@@ -185,10 +246,10 @@ async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEven
     ``args``: each event's ``parsed``, if read already.
     """
     results: list[Outcome | Exception | None] = [None] * len(events)
-    todo: list[tuple[int, StripeEvent, Args]] = []
+    todo: list[tuple[int, EventHead, Args]] = []
     columns: tuple[list[Any], ...] = tuple([] for _ in range(11))
     for n, (event, raw) in enumerate(events):
-        a = parsed(event) if args is None else args[n]
+        a = parsed(_whole(event)) if args is None else args[n]
         if isinstance(a, msgspec.ValidationError):
             results[n] = a
             continue
@@ -210,7 +271,13 @@ async def apply_many(conn: asyncpg.Connection, events: Sequence[tuple[StripeEven
     return done
 
 
-def _outcome(event: StripeEvent, a: Args, row: asyncpg.Record) -> Outcome:
+def _whole(event: EventHead) -> StripeEvent:
+    if not isinstance(event, StripeEvent):  # its object was not kept: read with its arguments
+        raise TypeError("a Delivery is applied with the arguments delivered() read")
+    return event
+
+
+def _outcome(event: EventHead, a: Args, row: asyncpg.Record) -> Outcome:
     outcome = Outcome(ApplyOutcome(row["outcome"]))
     if outcome.name in REPORTS:
         level, message = REPORTS[outcome.name]

@@ -11,10 +11,14 @@ the operators' reads.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 
-from boxoffice.wire.stripe import LoggedEvent, StripeEvent, WebhookStatus
+from boxoffice.wire.stripe import LoggedEvent, WebhookStatus
+
+if TYPE_CHECKING:
+    from boxoffice.webhook.effects import EventHead
 
 DONE = (WebhookStatus.PROCESSED, WebhookStatus.IGNORED)
 MAX_ERROR_CHARS = 2000
@@ -37,11 +41,11 @@ _COLUMNS = ("event_id, event_type, event_created, processing_status, attempts, l
             "received_at, processed_at")
 
 
-def created_at(event: StripeEvent) -> datetime:
+def created_at(event: EventHead) -> datetime:
     return datetime.fromtimestamp(event.created, UTC)
 
 
-async def record_failure(conn: asyncpg.Connection, event: StripeEvent, raw: str, error: str,
+async def record_failure(conn: asyncpg.Connection, event: EventHead, raw: str, error: str,
                          max_attempts: int, *, final: bool = False
                          ) -> tuple[int, WebhookStatus] | None:
     """Count a failed attempt; the row turns 'failed' at ``max_attempts`` (or at once if ``final``).

@@ -44,11 +44,11 @@ import nats.errors
 import prometheus_client
 from nats.aio.msg import Msg
 
-from boxoffice import background, db, wire
+from boxoffice import background, db
 from boxoffice import bus as busmod
 from boxoffice.consumer import settle
 from boxoffice.webhook import effects, stripe_event_log
-from boxoffice.webhook.effects import ApplyOutcome, Outcome
+from boxoffice.webhook.effects import ApplyOutcome, EventHead, Outcome
 from boxoffice.wire.stripe import StripeEvent, WebhookStatus
 
 log = logging.getLogger("boxoffice.webhook")
@@ -59,8 +59,8 @@ QUIET_OUTCOMES = frozenset({ApplyOutcome.DUPLICATE, ApplyOutcome.IGNORED, ApplyO
                             ApplyOutcome.PARTIAL_REFUND, ApplyOutcome.NO_PAYMENT_INTENT})
 
 
-# a delivery: its message, its event, the event's text and its arguments (effects.parsed)
-Item = tuple[Msg, StripeEvent, str, effects.Args | msgspec.ValidationError]
+# a delivery: its message, its event, the event's text and its arguments (effects.delivered)
+Item = tuple[Msg, effects.Delivery, str, effects.Args | msgspec.ValidationError]
 
 
 class LivemodeMismatch(Exception):
@@ -111,7 +111,7 @@ class Processor:
     def delay(self, attempts: int) -> float:
         return self.retry_delays[min(attempts, len(self.retry_delays)) - 1] if self.retry_delays else 0
 
-    def _refuse_other_mode(self, event: StripeEvent) -> None:
+    def _refuse_other_mode(self, event: EventHead) -> None:
         if event.livemode is not None and event.livemode != self.live:
             raise LivemodeMismatch(
                 f"a {'live' if event.livemode else 'test'}-mode event for a "
@@ -126,7 +126,7 @@ class Processor:
         self.applied(event, outcome)
         return outcome
 
-    async def apply_batch(self, events: Sequence[tuple[StripeEvent, str]],
+    async def apply_batch(self, events: Sequence[tuple[EventHead, str]],
                           conn: asyncpg.Connection,
                           args: Sequence[effects.Args | msgspec.ValidationError] | None = None
                           ) -> list[Outcome | Failure]:
@@ -136,7 +136,7 @@ class Processor:
 
         Raises (and nothing is committed, nothing counted) if the transaction itself fails.
         Once this returns, the caller tells each result (``applied``, ``failed``). ``args``:
-        each event's ``effects.parsed``, if read already.
+        each event's ``effects.parsed`` (or ``effects.delivered``), if read already.
         """
         results: list[Outcome | Failure | None] = [None] * len(events)
         todo: list[int] = []
@@ -159,7 +159,7 @@ class Processor:
         assert len(done) == len(events)
         return done
 
-    def applied(self, event: StripeEvent, outcome: Outcome) -> None:
+    def applied(self, event: EventHead, outcome: Outcome) -> None:
         """Count and report an applied event; only once it is committed."""
         APPLIED.labels(event.type, outcome.name).inc()
         if self.relay_wake is not None and outcome.name not in QUIET_OUTCOMES:
@@ -167,7 +167,7 @@ class Processor:
         for report in outcome.reports:  # committed: now it may be told
             log.log(report.level, report.message, extra=report.context)
 
-    async def fail(self, event: StripeEvent, raw: str, exc: BaseException,
+    async def fail(self, event: EventHead, raw: str, exc: BaseException,
                    conn: asyncpg.Connection | None = None) -> tuple[int, WebhookStatus] | None:
         """Count a failed attempt (``stripe_event_log.record_failure``); report a final failure."""
         async with contextlib.AsyncExitStack() as stack:
@@ -177,7 +177,7 @@ class Processor:
         self.failed(event, failure)
         return failure.result
 
-    async def record(self, event: StripeEvent, raw: str, exc: BaseException,
+    async def record(self, event: EventHead, raw: str, exc: BaseException,
                      conn: asyncpg.Connection) -> tuple[int, WebhookStatus] | None:
         """Count a failed attempt on ``conn`` (in its transaction, if one is open); tell it with
         ``failed`` once that is committed."""
@@ -185,7 +185,7 @@ class Processor:
                                                      self.max_attempts,
                                                      final=isinstance(exc, PERMANENT))
 
-    def failed(self, event: StripeEvent, failure: Failure) -> None:
+    def failed(self, event: EventHead, failure: Failure) -> None:
         """Count and report a failed attempt; only once its count is committed."""
         FAILED_ATTEMPTS.inc()
         result, exc = failure.result, failure.exc
@@ -230,8 +230,8 @@ class Consumer:
         decoded: list[Item] = []
         for msg in msgs:
             try:
-                event = wire.decode(msg.data, StripeEvent)
-                decoded.append((msg, event, msg.data.decode(), effects.parsed(event)))
+                event, args = effects.delivered(msg.data)
+                decoded.append((msg, event, msg.data.decode(), args))
             except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
                 # ingress checks every event before publishing: this did not come from Stripe
                 log.error("message on %s is not a Stripe event: dropped", msg.subject)

@@ -211,10 +211,14 @@ BEGIN
                     AS hold_status,
                  (SELECT p FROM payments p WHERE p.payment_intent_id = p_payment_intent_ids[c])
                     AS pay,
-                 EXISTS (SELECT 1 FROM webhook_events_log w WHERE w.event_id = p_event_ids[c])
-                    AS seen
-          FROM unnest(candidate) c OFFSET 0) f
-    WHERE f.hold_status = 'active' AND NOT f.seen
+                 w.seen
+          FROM unnest(candidate) c
+          -- by its key too: an EXISTS here was planned as a hashed subplan, which read the
+          -- whole log (every event kept, 30 days of them) on each batch
+          LEFT JOIN LATERAL (SELECT true AS seen FROM webhook_events_log w
+                             WHERE w.event_id = p_event_ids[c] OFFSET 0) w ON true
+          OFFSET 0) f
+    WHERE f.hold_status = 'active' AND f.seen IS NULL
       AND (f.pay IS NULL
            OR (payment_status_rank((f.pay).status) < payment_status_rank('succeeded')
                AND coalesce((f.pay).reservation_id, p_reservation_ids[f.c])

@@ -1,0 +1,86 @@
+"""Publishing a batch at once (``bus_batch.publish_all``, the outbox relay's path): it returns
+only once every message has its PubAck, and raises ``ServiceUnavailable`` (the outbox rows
+stay) when any one has none."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import asyncpg
+import pytest
+from nats.js.api import DiscardPolicy
+
+from boxoffice import bus as busmod
+from boxoffice import bus_batch, errors, outbox
+from boxoffice.wire.subjects import reservation_event
+
+HELD = (reservation_event("held"),)
+SUBJECT = reservation_event("held")
+
+
+async def stream_ids(bus: busmod.Bus, n: int) -> list[str]:
+    """The ``Nats-Msg-Id`` of the first ``n`` messages on RESERVATIONS, in stream order."""
+    sub = await bus.js.pull_subscribe(SUBJECT, durable=None)
+    ids: list[str] = []
+    while len(ids) < n:
+        ids += [m.header["Nats-Msg-Id"] for m in await sub.fetch(n - len(ids), timeout=5)]
+    await sub.unsubscribe()
+    return ids
+
+
+async def test_every_message_kept_once_in_order_duplicates_counted(nats_url: str) -> None:
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        batch = [(SUBJECT, b'{"n": %d}' % n, f"m{n}") for n in range(700)]
+        assert await bus_batch.publish_all(bus, batch) == 0
+        # published again (a relay that crashed before its commit): each one a duplicate
+        assert await bus_batch.publish_all(bus, [*batch[:200], (SUBJECT, b"{}", "new")]) == 200
+        assert (await bus.js.stream_info("RESERVATIONS")).state.messages == 701
+        assert await stream_ids(bus, 701) == [f"m{n}" for n in range(700)] + ["new"]
+        assert await bus_batch.publish_all(bus, []) == 0
+
+
+async def test_a_subject_without_a_stream_is_unavailable(nats_url: str) -> None:
+    """No stream takes the subject: NATS answers 'no responders' for that message alone, and the
+    whole batch fails, though its neighbours were kept."""
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        batch = [(SUBJECT, b"{}", "a"), ("nowhere.at.all", b"{}", "b"), (SUBJECT, b"{}", "c")]
+        with pytest.raises(errors.ServiceUnavailable, match="503"):  # answered, not timed out
+            await bus_batch.publish_all(bus, batch, timeout=30)
+
+
+async def test_no_bus_is_unavailable_within_the_timeout(nats_server) -> None:
+    async with busmod.connect(nats_server.url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        nats_server.kill()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(errors.ServiceUnavailable):
+            await bus_batch.publish_all(bus, [(SUBJECT, b"{}", str(n)) for n in range(50)],
+                                        timeout=1)
+        assert loop.time() - started < 30  # not forever (the 1 s itself is not asserted)
+        nats_server.start()
+
+
+async def test_one_refused_message_keeps_every_row(nats_url: str, db: asyncpg.Pool) -> None:
+    """JetStream keeps the first 5 messages of a batch of 10 and refuses the rest (a full stream
+    that discards new messages): the relay's batch fails, all 10 rows stay; once the stream has
+    room, the next batch publishes all 10 again and the first 5 are dropped as duplicates."""
+    async with busmod.connect(nats_url, "test") as bus:
+        full = dataclasses.replace(busmod.stream_config("RESERVATIONS"), max_msgs=5,
+                                   discard=DiscardPolicy.NEW)
+        await bus.js.add_stream(full)
+        await db.execute("INSERT INTO outbox (subject, payload) SELECT $1, "
+                         "jsonb_build_object('n', g) FROM generate_series(1, 10) g", SUBJECT)
+        ids = [r["id"] for r in await db.fetch("SELECT id FROM outbox ORDER BY id")]
+        with pytest.raises(errors.ServiceUnavailable, match="maximum messages"):
+            await outbox.publish_batch(db, bus, HELD)
+        assert await db.fetchval("SELECT count(*) FROM outbox") == 10
+        assert (await bus.js.stream_info("RESERVATIONS")).state.messages == 5
+        await bus.declare_streams("RESERVATIONS")  # our configuration: no limit
+        assert await outbox.publish_batch(db, bus, HELD) == 10
+        assert await db.fetchval("SELECT count(*) FROM outbox") == 0
+        assert (await bus.js.stream_info("RESERVATIONS")).state.messages == 10
+        assert await stream_ids(bus, 10) == [str(i) for i in ids]
