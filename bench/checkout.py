@@ -288,16 +288,28 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
                            "ON CONFLICT (id) DO UPDATE SET available = 100000000")
         eid = uuid.UUID(event_id)
 
+        # the 64 connections taken from the pool once, each loop taking an idle one per call:
+        # the pool's acquire and release cost the client more CPU than a call's own round trip,
+        # and this one Python process drives 64 connections (on a loaded machine it, not either
+        # statement, set the rate)
+        idle = [await pool.acquire() for _ in range(CONCURRENCY)]
+
         async def hold() -> None:
-            async with pool.acquire() as conn:
+            conn = idle.pop()
+            try:
                 await conn.fetchrow("SELECT id FROM hold_tickets($1, 1, 'bench', 900)", eid)
+            finally:
+                idle.append(conn)
 
         async def plain() -> None:
-            async with pool.acquire() as conn:
+            conn = idle.pop()
+            try:
                 # with a parameter, so prepared once per connection like the hold's (a bare
                 # execute() would be parsed and planned on every call)
                 await conn.execute("UPDATE bench_plain_inventory SET available = available - 1 "
                                    "WHERE id = $1 AND available > 0", 1)
+            finally:
+                idle.append(conn)
 
         async def measured(fn: Any) -> tuple[int, list[float], float, float]:
             pids = tree(pg_pid) if pg_pid else []
@@ -310,11 +322,15 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
         runs: dict[str, list[tuple[int, list[float], float, float]]] = {"plain": [], "hold": []}
         # untimed first: every connection prepares its statement and, for the hold, compiles the
         # functions it calls (the first calls of a session plan afresh)
-        await closed_loop(plain, 0.3, CONCURRENCY)
-        await closed_loop(hold, 0.3, CONCURRENCY)
-        for _ in range(3):
-            runs["plain"].append(await measured(plain))
-            runs["hold"].append(await measured(hold))
+        try:
+            await closed_loop(plain, 0.3, CONCURRENCY)
+            await closed_loop(hold, 0.3, CONCURRENCY)
+            for _ in range(3):
+                runs["plain"].append(await measured(plain))
+                runs["hold"].append(await measured(hold))
+        finally:
+            for conn in idle:
+                await pool.release(conn)
 
         def median(name: str) -> tuple[int, list[float], float, float]:
             return sorted(runs[name], key=lambda r: r[0] / r[2])[1]
