@@ -154,13 +154,13 @@ BEGIN
                                    WHERE ib.event_id = p_event_id AND ib.bucket >= start_at
                                      AND ib.capacity - ib.held - ib.sold >= p_quantity
                                    ORDER BY ib.bucket LIMIT 1
-                                   FOR NO KEY UPDATE SKIP LOCKED) AS up
+                                   FOR NO KEY UPDATE SKIP LOCKED) AS onwards
                     UNION ALL
                     SELECT * FROM (SELECT ib.bucket FROM inventory_buckets ib
                                    WHERE ib.event_id = p_event_id AND ib.bucket < start_at
                                      AND ib.capacity - ib.held - ib.sold >= p_quantity
                                    ORDER BY ib.bucket LIMIT 1
-                                   FOR NO KEY UPDATE SKIP LOCKED) AS round) AS p
+                                   FOR NO KEY UPDATE SKIP LOCKED) AS wrapped) AS p
                 LIMIT 1;
             ELSE
                 SELECT ib.bucket INTO got FROM inventory_buckets ib
