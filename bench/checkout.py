@@ -47,7 +47,7 @@ import asyncpg
 import stripe
 
 from bench.cpu import cpu_seconds, tree
-from boxoffice import migrate
+from boxoffice import db, migrate
 from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
 
 CLIENT = "bench-client-token-aaaaaaaaaaaa"
@@ -297,9 +297,16 @@ async def bench_replays(c: Client, rid: str, seconds: float) -> dict[str, Any]:
             "p99_ms": pct(lat, 0.99)}
 
 
-async def bench_holds_db(db_url: str, event_id: str, seconds: float) -> dict[str, Any]:
-    """hold_tickets vs a plain single-row UPDATE, both over 64 connections, same run."""
-    pool = await asyncpg.create_pool(db_url, min_size=CONCURRENCY, max_size=CONCURRENCY)
+async def bench_holds_db(db_url: str, event_id: str, seconds: float,
+                         pg_pid: int | None = None) -> dict[str, Any]:
+    """hold_tickets vs a plain single-row UPDATE, both over 64 connections, same run, in three
+    alternated rounds (the median round of each is reported): the same pool, client loop and
+    commit durability (each statement its own transaction, committed with
+    the server's synchronous_commit = on). With ``pg_pid`` (the postmaster), PostgreSQL's CPU per
+    operation of each. The pool gives connections back as the services' pools do
+    (``db.reset_nothing``: no reset round trip after each use, for either loop)."""
+    pool = await asyncpg.create_pool(db_url, min_size=CONCURRENCY, max_size=CONCURRENCY,
+                                     reset=db.reset_nothing)
     try:
         await pool.execute("CREATE TABLE IF NOT EXISTS bench_plain_inventory "
                            "(id int PRIMARY KEY, available int NOT NULL)")
@@ -307,21 +314,65 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float) -> dict[str
                            "ON CONFLICT (id) DO UPDATE SET available = 100000000")
         eid = uuid.UUID(event_id)
 
+        # the 64 connections taken from the pool once, each loop taking an idle one per call:
+        # the pool's acquire and release cost the client more CPU than a call's own round trip,
+        # and this one Python process drives 64 connections (on a loaded machine it, not either
+        # statement, set the rate)
+        idle = [await pool.acquire() for _ in range(CONCURRENCY)]
+
         async def hold() -> None:
-            async with pool.acquire() as conn:
+            conn = idle.pop()
+            try:
                 await conn.fetchrow("SELECT id FROM hold_tickets($1, 1, 'bench', 900)", eid)
+            finally:
+                idle.append(conn)
 
         async def plain() -> None:
-            async with pool.acquire() as conn:
+            conn = idle.pop()
+            try:
+                # with a parameter, so prepared once per connection like the hold's (a bare
+                # execute() would be parsed and planned on every call)
                 await conn.execute("UPDATE bench_plain_inventory SET available = available - 1 "
-                                   "WHERE id = 1 AND available > 0")
+                                   "WHERE id = $1 AND available > 0", 1)
+            finally:
+                idle.append(conn)
 
-        n_plain, lat_plain, t_plain = await closed_loop(plain, seconds, CONCURRENCY)
-        n_hold, lat_hold, t_hold = await closed_loop(hold, seconds, CONCURRENCY)
-        return {"concurrency": CONCURRENCY,
-                "hold_tickets_per_s": round(n_hold / t_hold), "hold_p50_ms": pct(lat_hold, 0.5),
-                "plain_update_per_s": round(n_plain / t_plain),
-                "plain_p50_ms": pct(lat_plain, 0.5)}
+        async def measured(fn: Any) -> tuple[int, list[float], float, float]:
+            pids = tree(pg_pid) if pg_pid else []
+            before = cpu_seconds(pids)
+            n, lat, elapsed = await closed_loop(fn, seconds / 2, CONCURRENCY)
+            return n, lat, elapsed, cpu_seconds(pids) - before
+
+        # alternated, three rounds each: a machine whose load changes during the phase weighs on
+        # both alike; each figure is the median round's
+        runs: dict[str, list[tuple[int, list[float], float, float]]] = {"plain": [], "hold": []}
+        # untimed first: every connection prepares its statement and, for the hold, compiles the
+        # functions it calls (the first calls of a session plan afresh)
+        try:
+            await closed_loop(plain, 0.3, CONCURRENCY)
+            await closed_loop(hold, 0.3, CONCURRENCY)
+            for _ in range(3):
+                runs["plain"].append(await measured(plain))
+                runs["hold"].append(await measured(hold))
+        finally:
+            for conn in idle:
+                await pool.release(conn)
+
+        def median(name: str) -> tuple[int, list[float], float, float]:
+            return sorted(runs[name], key=lambda r: r[0] / r[2])[1]
+
+        n_plain, lat_plain, t_plain, cpu_plain = median("plain")
+        n_hold, lat_hold, t_hold, cpu_hold = median("hold")
+        out: dict[str, Any] = {
+            "concurrency": CONCURRENCY,
+            "hold_tickets_per_s": round(n_hold / t_hold), "hold_p50_ms": pct(lat_hold, 0.5),
+            "plain_update_per_s": round(n_plain / t_plain), "plain_p50_ms": pct(lat_plain, 0.5),
+            "hold_vs_plain": round(n_hold / t_hold / (n_plain / t_plain), 3),
+            "rounds_per_s": {name: [round(r[0] / r[2]) for r in rs] for name, rs in runs.items()}}
+        if pg_pid:
+            out["postgres_cpu_us_per_op"] = {"hold": round(cpu_hold / n_hold * 1e6),
+                                             "plain": round(cpu_plain / n_plain * 1e6)}
+        return out
     finally:
         await pool.close()
 
@@ -384,7 +435,37 @@ def _replica(service: str, index: int) -> str:
     return service if index == 0 else f"{service}-{index + 1}"
 
 
+async def run_holds_db(args: argparse.Namespace) -> dict[str, Any]:
+    """The holds_db phase alone: PostgreSQL and an event made as the payment service makes it
+    (its default buckets for the capacity), no services."""
+    from boxoffice.payment.ticketed_events import default_buckets
+
+    phase = 3.0 if args.quick else 6.0
+    load_before = round(os.getloadavg()[0], 2)
+    with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
+        pg = Postgres(Path(tmp) / "pg" / "data").start(create_db="boxoffice")
+        try:
+            migrate.run(pg.url("boxoffice"), "up")
+            capacity, hot = 5_000_000, uuid.uuid4()
+            conn = await asyncpg.connect(pg.url("boxoffice"))
+            try:
+                await conn.execute("SELECT create_ticketed_event($1, 'bench', $2, 2500, 'eur', $3)",
+                                   hot, capacity, default_buckets(capacity))
+            finally:
+                await conn.close()
+            assert pg.proc is not None
+            holds_db = await bench_holds_db(pg.url("boxoffice"), str(hot), phase, pg.proc.pid)
+        finally:
+            pg.stop()
+    return {"bench": "checkout", "only": "holds_db",
+            "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
+                        "load_avg_1m_after": round(os.getloadavg()[0], 2)},
+            "holds_hot_event_db": holds_db}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.only_holds_db:
+        return await run_holds_db(args)
     phase = 3.0 if args.quick else 6.0
     load_before = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
@@ -409,7 +490,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     c, ls.url, args.intents or (60 if args.quick else 250), pg.url("boxoffice"))
                 intents["payment_service_mean_ms"] = await phase_means(session, payment_url)
                 intents["outside_payment_ms"] = outside_payment_ms(intents)
-                if args.intents_only:
+                if args.only_intents:
                     intents.pop("key")
                     return {"bench": "checkout", "replicas": args.replicas,
                             "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
@@ -419,8 +500,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 replays = await bench_replays(c, intents.pop("key"), phase)
                 checkouts = await bench_checkouts(c, ls.url, phase)
                 hot = await c.event(capacity=5_000_000)
-                holds_db = await bench_holds_db(pg.url("boxoffice"), hot, phase)
                 assert pg.proc is not None and nats.proc is not None
+                holds_db = await bench_holds_db(pg.url("boxoffice"), hot, phase, pg.proc.pid)
                 n = args.replicas
                 procs = {_replica("payment", i): p.pid for i, p in enumerate(svcs.procs[:n])}
                 procs |= {_replica("ingress", i): p.pid for i, p in enumerate(svcs.procs[n:])}
@@ -458,10 +539,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
                         help="processes of payment and of ingress (default 1)")
-    parser.add_argument("--intents-only", action="store_true",
+    parser.add_argument("--only-intents", action="store_true",
                         help="only the PaymentIntent overhead phase")
     parser.add_argument("--intents", type=int, default=None,
                         help="PaymentIntents to time (default 250, 60 with --quick)")
+    parser.add_argument("--only-holds-db", action="store_true",
+                        help="only hold_tickets vs the plain UPDATE in SQL (no services)")
     args = parser.parse_args()
     try:
         import uvloop

@@ -108,6 +108,26 @@ async def test_hold_skips_buckets_other_transactions_hold(db: asyncpg.Pool) -> N
     assert await allocations(db, r["id"]) == [(2, 2)]
 
 
+async def test_hold_wraps_round_past_the_locked_buckets_after_its_start(db: asyncpg.Pool) -> None:
+    """Pass 1 is one statement of two scans: from its random start upwards, then from bucket 0.
+    With the upper buckets locked by another transaction, every hold, whatever its start, takes
+    a lower bucket without waiting (a start in the locked range must wrap round: in 24 holds the
+    chance that none starts there is 2**-24)."""
+    ev = await new_event(db, capacity=400, buckets=4)
+    async with db.acquire() as other, other.transaction():
+        await other.execute("SELECT 1 FROM inventory_buckets WHERE event_id = $1 AND bucket >= 2 "
+                            "FOR UPDATE", ev)
+        async with db.acquire() as conn:
+            for _ in range(24):
+                async with conn.transaction():
+                    await conn.execute("SET LOCAL lock_timeout = '2s'")
+                    r = await hold(conn, ev, 1)
+                [(bucket, quantity)] = await allocations(db, r["id"])
+                assert bucket in (0, 1) and quantity == 1
+    assert sum(held for _, held, _ in await buckets(db, ev)) == 24
+    assert len(await outbox(db)) == 24
+
+
 async def test_hold_waits_for_a_locked_bucket_when_no_other_has_enough(db: asyncpg.Pool) -> None:
     """Pass 2: every bucket with enough is locked, so the hold waits in bucket order; the bucket
     it waited for was drained meanwhile, so it is re-checked and the next one taken."""

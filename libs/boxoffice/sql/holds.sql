@@ -51,7 +51,8 @@ GRANT EXECUTE ON FUNCTION hold_probe TO boxoffice_payment, boxoffice_webhook;
 
 -- Write a new hold of tickets already taken from the event's buckets (p_buckets, p_amounts: the
 -- caller has locked those buckets and counts the tickets in their held): the reservation, with
--- a keyed hold's fingerprint, its allocations and its 'held' outbox row.
+-- a keyed hold's fingerprint, its allocations and its 'held' outbox row, in one statement (one
+-- executor start instead of three).
 CREATE OR REPLACE FUNCTION hold_record(
     ev ticketed_events, p_quantity integer, p_client_id text, p_ttl_seconds integer,
     p_customer_ref text, p_idempotency_key text, p_fingerprint text, p_buckets integer[],
@@ -60,27 +61,38 @@ RETURNS reservations LANGUAGE plpgsql AS $$
 DECLARE
     r     reservations;
     quiet text;
+    done  text;
 BEGIN
-    INSERT INTO reservations (event_id, client_id, customer_ref, quantity, amount, currency,
-                              expires_at, idempotency_key, request_fingerprint)
-    VALUES (ev.id, p_client_id, p_customer_ref, p_quantity, ev.price * p_quantity,
-            ev.currency, clock_timestamp() + make_interval(secs => p_ttl_seconds),
-            p_idempotency_key, p_fingerprint)
-    RETURNING * INTO r;
-    INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
-    SELECT r.id, ev.id, t.bucket, t.quantity
-    FROM unnest(p_buckets, p_amounts) AS t(bucket, quantity);
-    -- Written without the outbox NOTIFY (boxoffice.outbox_quiet, for this one INSERT; the
+    -- Written without the outbox NOTIFY (boxoffice.outbox_quiet, for this one statement; the
     -- caller's setting is put back): notifying transactions cannot group-commit (PostgreSQL
     -- serialises them through the WAL flush), which capped holds at the rate of one row's
     -- UPDATE. 'held' rows are the payment service's to relay, and it wakes its own relay after
     -- each hold's commit; for any other caller the relay's sweep publishes them within a second.
+    -- The statement's AFTER triggers (the outbox's NOTIFY, the reaper's due NOTIFY, the foreign
+    -- keys' checks) fire at its end, before the setting is put back.
     quiet := current_setting('boxoffice.outbox_quiet', true);
-    PERFORM set_config('boxoffice.outbox_quiet', 'on', true);
-    INSERT INTO outbox (subject, payload) VALUES ('reservations.events.held',
-        jsonb_build_object('reservation_id', r.id, 'event_id', r.event_id, 'quantity', r.quantity,
-                           'expires_at', r.expires_at, 'occurred_at', r.created_at));
-    PERFORM set_config('boxoffice.outbox_quiet', coalesce(quiet, ''), true);
+    done := set_config('boxoffice.outbox_quiet', 'on', true);  -- an expression: no SELECT
+    WITH n AS (
+        INSERT INTO reservations (event_id, client_id, customer_ref, quantity, amount, currency,
+                                  expires_at, idempotency_key, request_fingerprint)
+        VALUES (ev.id, p_client_id, p_customer_ref, p_quantity, ev.price * p_quantity,
+                ev.currency, clock_timestamp() + make_interval(secs => p_ttl_seconds),
+                p_idempotency_key, p_fingerprint)
+        RETURNING *
+    ), a AS (
+        INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
+        SELECT n.id, n.event_id, t.bucket, t.quantity
+        FROM n, unnest(p_buckets, p_amounts) AS t(bucket, quantity)
+    ), o AS (
+        INSERT INTO outbox (subject, payload)
+        SELECT 'reservations.events.held',
+               jsonb_build_object('reservation_id', n.id, 'event_id', n.event_id,
+                                  'quantity', n.quantity, 'expires_at', n.expires_at,
+                                  'occurred_at', n.created_at)
+        FROM n
+    )
+    SELECT * INTO r FROM n;
+    done := set_config('boxoffice.outbox_quiet', coalesce(quiet, ''), true);
     RETURN r;
 END $$;
 GRANT EXECUTE ON FUNCTION hold_record TO boxoffice_payment, boxoffice_webhook;
@@ -135,7 +147,21 @@ BEGIN
         EXIT WHEN got IS NOT NULL;
         BEGIN
             IF pass = 1 THEN
-                got := hold_probe(p_event_id, p_quantity, start_at);
+                -- hold_probe's two scans in one statement (the second runs only if the first
+                -- finds nothing): no function call on the common path
+                SELECT p.bucket INTO got FROM (
+                    SELECT * FROM (SELECT ib.bucket FROM inventory_buckets ib
+                                   WHERE ib.event_id = p_event_id AND ib.bucket >= start_at
+                                     AND ib.capacity - ib.held - ib.sold >= p_quantity
+                                   ORDER BY ib.bucket LIMIT 1
+                                   FOR NO KEY UPDATE SKIP LOCKED) AS onwards
+                    UNION ALL
+                    SELECT * FROM (SELECT ib.bucket FROM inventory_buckets ib
+                                   WHERE ib.event_id = p_event_id AND ib.bucket < start_at
+                                     AND ib.capacity - ib.held - ib.sold >= p_quantity
+                                   ORDER BY ib.bucket LIMIT 1
+                                   FOR NO KEY UPDATE SKIP LOCKED) AS wrapped) AS p
+                LIMIT 1;
             ELSE
                 SELECT ib.bucket INTO got FROM inventory_buckets ib
                 WHERE ib.event_id = p_event_id AND ib.capacity - ib.held - ib.sold >= p_quantity
@@ -149,6 +175,14 @@ BEGIN
             got := NULL;
         END;
     END LOOP;
+    IF got IS NOT NULL THEN
+        -- one bucket, by its key (the UPDATE ... FROM unnest below reads every bucket of the
+        -- event)
+        UPDATE inventory_buckets SET held = held + p_quantity
+        WHERE event_id = p_event_id AND bucket = got;
+        RETURN hold_record(ev, p_quantity, p_client_id, p_ttl_seconds, p_customer_ref,
+                           p_idempotency_key, NULL, ARRAY[got], ARRAY[p_quantity]);
+    END IF;
     IF got IS NULL THEN
         PERFORM 1 FROM inventory_buckets WHERE event_id = p_event_id ORDER BY bucket
         FOR NO KEY UPDATE;
