@@ -182,3 +182,55 @@ def test_error_reports_name_the_request_being_served(tmp_path, monkeypatch) -> N
     reporter.report("error", "boom on a timer", fold=False)
     assert [r.request_id for r in filed] == ["rid-report-7", None]
     assert wire.decode(wire.encode(filed[0]), type(filed[0])).request_id == "rid-report-7"
+
+
+async def test_ingress_counts_each_route_and_status_apart_with_its_cached_series(
+        http: aiohttp.ClientSession) -> None:
+    """The metrics middleware keeps each label set's series after its first use: the same route
+    answered with two statuses, and a second route, are still counted apart and exactly (a cache
+    keyed on less than method, route and status would add one's requests to another's)."""
+    from aiohttp import web
+    from prometheus_client import REGISTRY
+
+    from boxoffice.embedded import free_port
+    from boxoffice.ingress import http_metrics
+
+    async def flip(request: web.Request) -> web.Response:
+        if request.query.get("fail"):
+            raise web.HTTPConflict()
+        return web.Response(status=201)
+
+    async def other(_request: web.Request) -> web.Response:
+        return web.Response(status=201)
+
+    route, other_route = f"/t/{free_port()}/{{item}}", f"/t/{free_port()}/other"
+    app = web.Application(middlewares=[http_metrics.measure])
+    app.router.add_post(route, flip)
+    app.router.add_post(other_route, other)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    def count(path: str, status: str) -> float:
+        return REGISTRY.get_sample_value("boxoffice_http_requests_total", {
+            "method": "POST", "route": path, "status": status}) or 0.0
+
+    def timed(path: str) -> float:
+        return REGISTRY.get_sample_value("boxoffice_http_request_duration_seconds_count", {
+            "method": "POST", "route": path}) or 0.0
+
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for i, fail in enumerate([False, True, False, True, True, False, False]):
+            async with http.post(f"{base}{route.replace('{item}', str(i))}",
+                                 params={"fail": "1"} if fail else {}) as r:
+                assert r.status == (409 if fail else 201)
+        for _ in range(2):
+            async with http.post(base + other_route) as r:
+                assert r.status == 201
+    finally:
+        await runner.cleanup()
+    assert (count(route, "201"), count(route, "409"), count(other_route, "201")) == (4, 3, 2)
+    assert count(other_route, "409") == 0
+    assert (timed(route), timed(other_route)) == (7, 2)

@@ -6,6 +6,7 @@ import functools
 import hmac
 import json
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -47,7 +48,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     """Every error leaves ingress as problem+json with a stable code; nothing else does this."""
     rid = request.headers.get("X-Request-Id", "")
     if not (0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()):
-        rid = uuid.uuid4().hex
+        rid = os.urandom(16).hex()  # 32 random hex digits, without building a UUID
     request[REQUEST_ID] = rid
     logs.REQUEST_ID.set(rid)  # carried on the bus to every service's logs and error reports
     try:
@@ -106,7 +107,14 @@ def client_id(request: web.Request) -> str:
         if tokens.match(token, cfg.admin_api_tokens):
             raise errors.Forbidden("an admin token cannot be used on client routes")
         raise errors.Unauthorized("unknown token")
-    return "c_" + hmac.new(b"boxoffice-client", match.encode(), "sha256").hexdigest()[:24]
+    return _client_digest(match)
+
+
+@functools.cache
+def _client_digest(token: str) -> str:
+    """The client id of a configured token (one HMAC per token and process, not per request;
+    the cache holds only tokens that ``tokens.match`` found in the configuration)."""
+    return "c_" + hmac.new(b"boxoffice-client", token.encode(), "sha256").hexdigest()[:24]
 
 
 def require_admin(request: web.Request, scope: str = "read") -> str:

@@ -23,6 +23,25 @@ LATENCY = prometheus_client.Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+# The labelled children, looked up once per label set: ``.labels(...)`` validates and joins its
+# arguments under a lock on every call. The label sets are few (methods x routes x statuses).
+_counted: dict[tuple[str, str, int], prometheus_client.Counter] = {}
+_timed: dict[tuple[str, str], prometheus_client.Histogram] = {}
+
+
+def _count(method: str, route: str, status: int) -> prometheus_client.Counter:
+    child = _counted.get((method, route, status))
+    if child is None:
+        child = _counted[(method, route, status)] = REQUESTS.labels(method, route, str(status))
+    return child
+
+
+def _timer(method: str, route: str) -> prometheus_client.Histogram:
+    child = _timed.get((method, route))
+    if child is None:
+        child = _timed[(method, route)] = LATENCY.labels(method, route)
+    return child
+
 
 def _route(request: web.Request) -> str:
     info = request.match_info
@@ -44,5 +63,5 @@ async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         method = request.method if request.method in METHODS else "other"
         route = _route(request)
-        REQUESTS.labels(method, route, str(status)).inc()
-        LATENCY.labels(method, route).observe(time.perf_counter() - start)
+        _count(method, route, status).inc()
+        _timer(method, route).observe(time.perf_counter() - start)
