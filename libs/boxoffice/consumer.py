@@ -37,6 +37,32 @@ async def settle(msg: Msg, how: Literal["ack", "nak", "term"], delay: float | No
             await msg.term()
 
 
+async def ack_all(bus: Bus, msgs: list[Msg]) -> None:
+    """Ack ``msgs`` (each on its own: JetStream's ack-all policy would also ack what other lanes
+    hold unsettled) in one write to the bus. Acking each with ``msg.ack()`` is one publish
+    apiece, each validating its subject, formatting its command and queueing it for the flusher:
+    about 6% of the error-sink's CPU. The ack subjects come from the server. The bus may be
+    gone, and then JetStream redelivers the messages, which is harmless."""
+    cmds = b"".join(b"PUB %s 4\r\n+ACK\r\n" % m.reply.encode() for m in msgs if m.reply)
+    if not cmds:
+        return
+    nc = bus.nc
+    with contextlib.suppress(nats.errors.Error, OSError):
+        if nc.is_closed:
+            return
+        if not nc.is_connected:  # publish's rules: buffered while reconnecting, if there is room
+            for msg in msgs:
+                if msg.reply:
+                    await nc.publish(msg.reply, b"+ACK")
+            return
+        # nats-py (pinned) has no public call for several commands in one write; these two are
+        # what its publish does after formatting one (tests/test_bus_consumer.py checks the acks
+        # reach the server).
+        await nc._send_command(cmds)
+        if nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()
+
+
 class PullConsumer:
     """One lane of a durable JetStream pull consumer, run until stopped: fetch a batch, hand it
     to ``handle``, back off while the bus or the database is away.
