@@ -135,3 +135,20 @@ async def test_ack_all_acks_each_message_of_a_batch_in_one_write(nats_url: str) 
             assert await lane.fetch(batch=10, wait=0.5) == []  # nothing comes back
         finally:
             await lane.close()
+
+
+async def test_a_lane_keeps_its_subscriptions_accounts(nats_url: str) -> None:
+    """The lane takes messages from nats-py's queue itself: the subscription's pending bytes
+    go back to zero (else its byte limit would drop messages as a slow consumer) and each message
+    is marked done (else a drain of the subscription or the connection waits forever)."""
+    async with busmod.connect(nats_url, "test") as bus:
+        _, durable = await _consumer(bus, 50)
+        lane = PullConsumer(bus, STREAM, durable, lambda _msgs: asyncio.sleep(0))
+        try:
+            got = await lane.fetch(batch=50, wait=3.0)
+            assert len(got) == 50
+            sub = lane._sub
+            assert sub is not None and sub.pending_msgs == 0 and sub.pending_bytes == 0
+            await asyncio.wait_for(sub.drain(), 5)
+        finally:
+            await lane.close()
