@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -282,6 +283,9 @@ async def main() -> None:
     finally:
         nats_srv.kill()
         pg.stop()
+    # Each run leaves gigabytes of PostgreSQL and JetStream files: kept only when it failed (the
+    # services' logs are there).
+    shutil.rmtree(tmp)
     out["cpus"] = os.cpu_count()
     out["load_avg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
     print(json.dumps(out))

@@ -10,7 +10,7 @@ import uuid
 from nats.aio.msg import Msg
 
 from boxoffice import bus as busmod
-from boxoffice.consumer import PullConsumer, pull_consumer, settle
+from boxoffice.consumer import PullConsumer, ack_all, pull_consumer, settle
 from tests.harness import eventually
 
 STREAM = "ERRORS"
@@ -113,3 +113,42 @@ async def test_what_was_fetched_but_not_handed_over_is_naked_at_close(nats_url: 
         finally:
             await again.close()
         assert sorted(m.data for m in back) == [b"1", b"2"]  # not after ack_wait: nak'ed
+
+
+async def test_ack_all_acks_each_message_of_a_batch_in_one_write(nats_url: str) -> None:
+    async with busmod.connect(nats_url, "test") as bus:
+        _, durable = await _consumer(bus, 300)
+        lane = PullConsumer(bus, STREAM, durable, lambda _msgs: asyncio.sleep(0))
+        try:
+            first = await lane.fetch(batch=200, wait=3.0)
+            second = await lane.fetch(batch=200, wait=3.0)
+            assert len(first) == 200 and len(second) == 100
+            await ack_all(bus, second)  # the later batch first: only its messages are acked
+
+            async def acked(pending: int) -> bool:
+                info = await bus.js.consumer_info(STREAM, durable)
+                return info.num_pending == 0 and info.num_ack_pending == pending
+
+            await eventually(lambda: acked(200), 10, "the second batch acked, the first not")
+            await ack_all(bus, first)
+            await eventually(lambda: acked(0), 10, "every message acked")
+            assert await lane.fetch(batch=10, wait=0.5) == []  # nothing comes back
+        finally:
+            await lane.close()
+
+
+async def test_a_lane_keeps_its_subscriptions_accounts(nats_url: str) -> None:
+    """The lane takes messages from nats-py's queue itself: the subscription's pending bytes
+    go back to zero (else its byte limit would drop messages as a slow consumer) and each message
+    is marked done (else a drain of the subscription or the connection waits forever)."""
+    async with busmod.connect(nats_url, "test") as bus:
+        _, durable = await _consumer(bus, 50)
+        lane = PullConsumer(bus, STREAM, durable, lambda _msgs: asyncio.sleep(0))
+        try:
+            got = await lane.fetch(batch=50, wait=3.0)
+            assert len(got) == 50
+            sub = lane._sub
+            assert sub is not None and sub.pending_msgs == 0 and sub.pending_bytes == 0
+            await asyncio.wait_for(sub.drain(), 5)
+        finally:
+            await lane.close()

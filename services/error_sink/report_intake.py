@@ -17,13 +17,12 @@ from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import asyncpg
-import nats.errors
 import prometheus_client
 from nats.aio.msg import Msg
 
 from boxoffice import wire
 from boxoffice.bus import Bus
-from boxoffice.consumer import pull_consumer
+from boxoffice.consumer import ack_all, pull_consumer
 from boxoffice.error_sink import store
 from boxoffice.error_sink.report_rows import Row, prepare
 
@@ -54,13 +53,6 @@ def _safe_prepare(msg: Msg, now: object) -> Row:
                                        headers=msg.headers), now)
 
 
-async def _ack_all(bus: Bus, msgs: list[Msg]) -> None:
-    with contextlib.suppress(nats.errors.Error, OSError):
-        for msg in msgs:
-            if msg.reply:
-                await bus.nc.publish(msg.reply, b"+ACK")
-
-
 async def store_batch(bus: Bus, pool: asyncpg.Pool, policy: store.AlertPolicy,
                       on_alert: Callable[[], None], msgs: list[Msg]) -> None:
     """Prepare and store ``msgs`` in one transaction, then ack them; raises when not stored (the
@@ -79,7 +71,7 @@ async def store_batch(bus: Bus, pool: asyncpg.Pool, policy: store.AlertPolicy,
         FAILED.inc()
         raise
     BATCH_SECONDS.observe(time.perf_counter() - started)
-    await _ack_all(bus, msgs)
+    await ack_all(bus, msgs)
     STORED.inc(outcome.stored)
     if outcome.alerts:
         on_alert()
