@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import stripe
@@ -16,6 +16,22 @@ from boxoffice.payment.stripe_client import Definitive, StripeGateway, Transient
 from boxoffice.webhook import actions
 from boxoffice.webhook.refunds import Refunds
 from tests.harness import STRIPE_KEY
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> AsyncIterator[str]:
+    """``handler`` answering every request on 127.0.0.1; yields the base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)  # a hanging handler is not waited for
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
@@ -35,16 +51,8 @@ async def bad_stripe(mode: str) -> AsyncIterator[str]:
         request.transport.close()
         return resp
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)  # a hanging handler is not waited for
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(handler) as base:
+        yield base
 
 
 def client(base: str, timeout: float) -> tuple[stripe.StripeClient, stripe.AIOHTTPClient]:
@@ -95,16 +103,8 @@ async def answering(status: int, body: bytes, seen: list[tuple[web.Request, dict
         seen.append((request, dict(await request.post())))
         return web.Response(status=status, body=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(handler) as base:
+        yield base
 
 
 PI_ANSWER = (b'{"id": "pi_123", "object": "payment_intent", "amount": 2500, "currency": "eur", '
