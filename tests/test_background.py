@@ -189,25 +189,54 @@ async def test_a_first_database_connection_is_retried_with_back_off_then_refused
     assert sum("postgres: not reachable yet (ConnectionRefusedError)" in m for m in said) >= 2
 
 
-async def test_drain_runs_again_while_busy_and_keeps_a_wake_up_from_an_empty_pass() -> None:
-    """drain: a pass that did something is followed at once by another; a wake-up that arrives
-    while an empty pass runs (work committed just after it read) starts the next pass at once,
-    not after ``every``; stopping ends it."""
+async def test_drain_runs_again_while_busy_and_keeps_a_wake_up_from_a_partial_pass() -> None:
+    """drain: a pass that took a full batch is followed at once by another; a wake-up that
+    arrives while a pass that took less runs (work committed just after it read) starts the next
+    pass at once, not after ``every``; stopping ends it."""
     loop = asyncio.get_running_loop()
     stopping, wake = asyncio.Event(), asyncio.Event()
-    results = iter([3, 1, 0, 0])  # two busy passes, an empty one woken during, then empty
+    results = iter([3, 3, 1, 0])  # two full passes, a partial one woken during, then empty
     passes: list[float] = []
 
     async def step() -> int:
         passes.append(loop.time())
         n = next(results, 0)
         if len(passes) == 3:
-            wake.set()  # during the empty third pass
+            wake.set()  # during the partial third pass
         if len(passes) == 4:
             stopping.set()
         return n
 
     started = loop.time()
-    await asyncio.wait_for(background.drain(step, stopping, wake, every=60), 5)
+    await asyncio.wait_for(background.drain(step, stopping, wake, every=60, batch=3), 5)
     assert len(passes) == 4
     assert passes[-1] - started < 10  # no pass waited for the 60 s timer (room for a busy machine)
+
+
+async def test_drain_runs_no_empty_pass_after_a_partial_one() -> None:
+    """drain: a pass that took fewer than its batch took all that was due when it read, so it is
+    not followed by another (an empty pass: three round trips for nothing) until a wake-up, after
+    which a pass runs at once."""
+    stopping, wake = asyncio.Event(), asyncio.Event()
+    results = iter([3, 2, 1])  # a full pass, a partial one (nothing woken), then one on wake
+    passes: list[int] = []
+    woken = asyncio.Event()
+
+    async def step() -> int:
+        n = next(results, 0)
+        passes.append(n)
+        if len(passes) == 3:
+            woken.set()
+        return n
+
+    task = asyncio.create_task(background.drain(step, stopping, wake, every=60, batch=3))
+    try:
+        for _ in range(50):  # many turns of the loop: room for a pass that should not run
+            await asyncio.sleep(0.01)
+        assert passes == [3, 2]
+        wake.set()
+        await asyncio.wait_for(woken.wait(), 5)
+        assert passes == [3, 2, 1]
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 5)

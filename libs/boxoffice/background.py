@@ -7,9 +7,9 @@
 - ``repeat(name, step, stopping, every=...)`` runs ``step`` on a timer until stopped: the
   database (or the bus) away is a warning, anything else a logged crash; neither ends the loop.
 - ``pause(stopping, seconds)`` waits for a timer, a stop, or a wake-up.
-- ``drain(step, stopping, wake, every=...)`` runs a worker that takes what is due (a relay, a
-  queue of actions): again at once while a pass did something, else on ``wake`` or every
-  ``every`` seconds.
+- ``drain(step, stopping, wake, every=..., batch=...)`` runs a worker that takes what is due (a
+  relay, a queue of actions): again at once while a pass took a full batch, else on ``wake`` or
+  every ``every`` seconds.
 - ``backoff(on)`` retries a step with exponential back-off and jitter (stamina) until it
   succeeds, so that replicas waiting out the same outage do not all come back at once.
 """
@@ -80,15 +80,19 @@ async def repeat(name: str, step: Callable[[], Awaitable[float | None]], stoppin
 
 
 async def drain(step: Callable[[], Awaitable[int]], stopping: asyncio.Event,
-                wake: asyncio.Event, *, every: float) -> None:
-    """Run ``step`` until ``stopping``: again at once while it did something (a count above 0),
-    else when ``wake`` is set or after ``every`` seconds. ``wake`` is cleared before each pass
+                wake: asyncio.Event, *, every: float, batch: int) -> None:
+    """Run ``step`` until ``stopping``: again at once while it took a full ``batch`` (more may be
+    waiting), else when ``wake`` is set or after ``every`` seconds.
+
+    ``step`` returns how many it took, at most ``batch`` (its own limit). Fewer than ``batch``
+    means it took everything that was due when it read, so no pass follows at once (an empty
+    pass is three database round trips for nothing). ``wake`` is cleared before each pass
     reads, never after: a writer that commits just after a pass read, and wakes it while that
     pass still runs, has its wake-up kept, so the next pass runs at once instead of at the next
-    ``every`` (cleared after an empty pass, that wake-up would be lost)."""
+    ``every`` (cleared after the pass, that wake-up would be lost)."""
     while not stopping.is_set():
         wake.clear()
-        if await step() > 0:
+        if await step() >= batch:
             continue
         await pause(stopping, every, wake)
 

@@ -30,10 +30,11 @@ log = logging.getLogger("boxoffice.outbox")
 PUBLISHED = prometheus_client.Counter("boxoffice_outbox_published_total",
                                       "Outbox rows published to JetStream")
 CHANNEL = "boxoffice_outbox"
+BATCH = 500  # rows a relay pass publishes at most
 
 
 async def publish_batch(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
-                        limit: int = 500) -> int:
+                        limit: int = BATCH) -> int:
     """Publish up to ``limit`` pending rows of ``subjects``; returns how many were published."""
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
@@ -108,13 +109,13 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
                 if stopping.is_set():
                     return 0
                 try:
-                    n = await publish_batch(pool, bus, subjects)
+                    n = await publish_batch(pool, bus, subjects, BATCH)
                 except (errors.ServiceUnavailable, *dbmod.FAILURES) as exc:
                     log.warning("outbox relay paused (%s)", type(exc).__name__)
                     raise
         return n
 
-    await background.drain(step, stopping, wake, every=sweep_interval)
+    await background.drain(step, stopping, wake, every=sweep_interval, batch=BATCH)
 
 
 @contextlib.asynccontextmanager

@@ -43,12 +43,13 @@ SENT = prometheus_client.Counter("boxoffice_error_alerts_total", "Alerts publish
 FAILED = prometheus_client.Counter("boxoffice_error_alert_failures_total",
                                    "Failed deliveries of alerts", ["kind"])  # publish, webhook
 
-CLAIM = """
+BATCH = 50  # alerts a pass handles at most
+CLAIM = f"""
 SELECT id, level, payload::text AS payload, published_at, notified_at, attempts, publish_attempts
 FROM error_alerts
 WHERE (published_at IS NULL OR (notified_at IS NULL AND $1 AND attempts < $2))
   AND next_attempt <= now()
-ORDER BY next_attempt LIMIT 50
+ORDER BY next_attempt LIMIT {BATCH}
 FOR UPDATE SKIP LOCKED
 """
 # $4: the publish failed (then no post was tried); $5: the post failed
@@ -152,7 +153,7 @@ async def run(pool: asyncpg.Pool, bus: Bus, webhook_url: str | None, wake: async
                 log.warning("alert relay paused (%s)", type(exc).__name__)
                 return 0
 
-        await background.drain(step, stopping, wake, every=1.0)
+        await background.drain(step, stopping, wake, every=1.0, batch=BATCH)
 
 
 @contextlib.asynccontextmanager

@@ -191,7 +191,7 @@ async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Eve
                     if stopping.is_set():
                         return 0
                     try:
-                        n = await run_once(pool, refunds)
+                        n = await run_once(pool, refunds, BATCH)
                     except db.FAILURES as exc:
                         log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
                         raise
@@ -200,7 +200,7 @@ async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Eve
             await background.pause(stopping, sweep)
         return n
 
-    await background.drain(step, stopping, wake, every=sweep)
+    await background.drain(step, stopping, wake, every=sweep, batch=BATCH)
 
 
 @contextlib.asynccontextmanager
