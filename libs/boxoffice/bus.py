@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,7 @@ DUPLICATE_WINDOW = {"STRIPE_EVENTS": 600.0, "ERRORS": 120.0, "RESERVATIONS": 360
                     "SENTRY_ITEMS": 120.0}
 REQUEST_ID_HEADER = "Boxoffice-Request-Id"
 NO_RESPONDER_RETRIES = (0.05, 0.1, 0.2, None)
+NO_RESPONDERS_STATUS = "503"  # the server's status message: no subscription on the subject
 
 
 def stream_config(name: str, replicas: int = 1) -> StreamConfig:
@@ -71,6 +73,11 @@ class Bus:
         self._subs: list[Subscription] = []
         self._inflight: set[asyncio.Task[Any]] = set()
         self._limit = asyncio.Semaphore(512)
+        # request/reply: one reply subscription, a future per request in flight by its token
+        self._reply_prefix: str | None = None
+        self._replies_lock = asyncio.Lock()
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
 
     @property
     def connected(self) -> bool:
@@ -129,18 +136,14 @@ class Bus:
         try:
             # "no responders" is retried briefly: a replica restarting or a subscription not yet
             # propagated is a gap of milliseconds, not an outage worth a 503
-            for pause in NO_RESPONDER_RETRIES:
-                try:
-                    msg = await self.nc.request(subject, payload, headers=headers,
-                                                timeout=max(0.05, deadline - loop.time()))
-                    break
-                except nats.errors.NoRespondersError:
-                    if pause is None or loop.time() + pause >= deadline:
-                        raise
-                    await asyncio.sleep(pause)
-        except nats.errors.NoRespondersError:
-            raise errors.ServiceUnavailable(f"no service answers {subject}") from None
-        except nats.errors.TimeoutError:
+            pauses = iter(NO_RESPONDER_RETRIES)
+            while (msg := await self._ask(subject, payload, headers,
+                                          max(0.05, deadline - loop.time()))) is None:
+                pause = next(pauses)  # (the last is None)
+                if pause is None or loop.time() + pause >= deadline:
+                    raise errors.ServiceUnavailable(f"no service answers {subject}")
+                await asyncio.sleep(pause)
+        except TimeoutError:
             raise errors.ServiceTimeout(f"{subject} did not answer within {timeout:g}s") from None
         except (nats.errors.Error, OSError) as exc:
             raise errors.ServiceUnavailable(f"bus unavailable: {type(exc).__name__}") from None
@@ -150,6 +153,48 @@ class Bus:
             raise errors.from_code(reply.error.code, reply.error.detail, reply.error.status,
                                    **reply.error.extra)
         return msgspec.json.decode(reply.data, type=reply_type)
+
+    async def _ask(self, subject: str, payload: bytes, headers: dict[str, str] | None,
+                   timeout: float) -> Msg | None:
+        """Publish one request with a reply subject of this Bus's own and wait for its reply;
+        None when the server said no one answers the subject (a 503 status message). Raises
+        ``TimeoutError``; a cancelled or timed-out request leaves no entry behind, and a reply
+        that comes after is dropped."""
+        prefix = self._reply_prefix or await self._open_replies()
+        token = str(next(self._tokens))
+        waiter: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = waiter
+        timer = waiter.get_loop().call_later(timeout, _expire, waiter)
+        try:
+            await self.nc.publish(subject, payload, reply=prefix + token,
+                                  headers=headers)
+            msg = await waiter
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+            if not waiter.done():  # the publish failed, or the caller was cancelled
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # (retrieved: a timeout during a failed publish is not logged)
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+            return None
+        return msg
+
+    async def _open_replies(self) -> str:
+        """Subscribe once to ``<inbox>.*``, ``<inbox>`` a new inbox under the user's inbox prefix
+        (nats-py subscribes again after a reconnect); request ``n`` is answered on
+        ``<inbox>.<n>``."""
+        async with self._replies_lock:
+            if self._reply_prefix is None:
+                inbox = self.nc.new_inbox()
+                await self.nc.subscribe(f"{inbox}.*", cb=self._on_reply)
+                self._reply_prefix = f"{inbox}."
+            return self._reply_prefix
+
+    async def _on_reply(self, msg: Msg) -> None:
+        waiter = self._waiting.pop(msg.subject[len(self._reply_prefix or ""):], None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
 
     async def serve(self, subject: str, request_type: type[T],
                     handler: Callable[[T], Awaitable[Any]], *, queue: str) -> None:
@@ -192,6 +237,11 @@ class Bus:
         self._subs.clear()
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=timeout)
+
+
+def _expire(waiter: asyncio.Future[Msg]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def adopt_request_id(msg: Msg) -> None:
