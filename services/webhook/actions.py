@@ -191,7 +191,7 @@ async def run_worker(pool: asyncpg.Pool, refunds: Refunds, stopping: asyncio.Eve
                     if stopping.is_set():
                         return 0
                     try:
-                        n = await run_once(pool, refunds, BATCH)
+                        n = await run_once(pool, refunds)  # (at most BATCH)
                     except db.FAILURES as exc:
                         log.warning("stripe actions paused: PostgreSQL (%s)", type(exc).__name__)
                         raise
