@@ -207,10 +207,9 @@ async def test_drain_runs_again_while_busy_and_keeps_a_wake_up_from_a_partial_pa
             stopping.set()
         return n
 
-    started = loop.time()
+    # within 5 s or it fails: no pass may wait for the 60 s timer
     await asyncio.wait_for(background.drain(step, stopping, wake, every=60, batch=3), 5)
     assert len(passes) == 4
-    assert passes[-1] - started < 10  # no pass waited for the 60 s timer (room for a busy machine)
 
 
 async def test_drain_runs_no_empty_pass_after_a_partial_one() -> None:
