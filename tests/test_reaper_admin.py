@@ -42,8 +42,10 @@ async def test_stats_cleanup_and_runs_over_http_and_cli(db, start_service):
             "INSERT INTO payment_intents_log (client_id, idempotency_key, request_path, "
             "request_fingerprint, stripe_idempotency_key, created_at) "
             "VALUES ('c_1', $1, '/v1/payment_intents', 'fp', $1, now() - $2::interval)", key, age)
-    # no catch-up sweep for an hour: holds nobody announced stay overdue until cleaned up
-    reaper = start_service("reaper", REAPER_SWEEP_SECONDS="3600", IDEMPOTENCY_KEY_TTL_HOURS="1")
+    # no catch-up sweep and no re-read of the next due time for an hour: holds nobody announced
+    # stay overdue until cleaned up
+    reaper = start_service("reaper", REAPER_SWEEP_SECONDS="3600", REAPER_ARM_SECONDS="3600",
+                           IDEMPOTENCY_KEY_TTL_HOURS="1")
     ingress = start_service("ingress")
     base = f"{ingress.url}/v1/admin"
     event = await make_event(db, capacity=20, buckets=2)

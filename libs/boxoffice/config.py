@@ -102,6 +102,8 @@ class Config:
     # reaper: catch-up sweep period (wake-ups come from NOTIFY), holds per transaction,
     # seconds between retention purges
     reaper_sweep_seconds: int = 1
+    # reaper: the longest a hold written without a wake-up waits to be armed
+    reaper_arm_seconds: int = 1
     reaper_batch_size: int = 2000
     reaper_retention_interval_seconds: int = 600
     # seconds between attempts to apply a failing Stripe event; attempts = len + 1
@@ -330,6 +332,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Config:
         kw["audit_grace_seconds"] = _int("AUDIT_GRACE_SECONDS", v, 0, 7 * 86400)
     if v := get("REAPER_SWEEP_SECONDS"):
         kw["reaper_sweep_seconds"] = _int("REAPER_SWEEP_SECONDS", v, 1, 3600)
+    if v := get("REAPER_ARM_SECONDS"):
+        kw["reaper_arm_seconds"] = _int("REAPER_ARM_SECONDS", v, 1, 3600)
     if v := get("REAPER_BATCH_SIZE"):
         kw["reaper_batch_size"] = _int("REAPER_BATCH_SIZE", v, 1, 50000)
     if v := get("REAPER_RETENTION_INTERVAL_SECONDS"):

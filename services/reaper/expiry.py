@@ -136,6 +136,7 @@ async def stats(pool: asyncpg.Pool) -> wire.ReservationStats:
 class Settings:
     batch: int = 2000
     sweep_seconds: float = 1.0
+    arm_seconds: float = ARM_SECONDS  # the next due time re-read at least this often
     max_backoff: float = 5.0
     # batches in flight at once while a backlog lasts (a full first batch), each on its own
     # connection: a flash sale's holds are expired by that many PostgreSQL backends
@@ -199,12 +200,12 @@ class Expirer:
             wake_at = min(self.deadline, last_sweep + self.settings.sweep_seconds)
             now = loop.time()
             if wake_at > now:
-                if now >= last_armed + ARM_SECONDS:
+                if now >= last_armed + self.settings.arm_seconds:
                     last_armed = now
                     await self.rearm()
                     continue
                 self.wake.clear()
-                await background.pause(stopping, min(wake_at, last_armed + ARM_SECONDS) - now,
+                await background.pause(stopping, min(wake_at, last_armed + self.settings.arm_seconds) - now,
                                        self.wake)
                 continue
             last_armed = now  # a sweep reads the next due time too

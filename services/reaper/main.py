@@ -19,7 +19,8 @@ async def build(svc: runtime.Service) -> None:
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=6))
     bus = await svc.connect_bus("reaper", "RESERVATIONS", "ERRORS")
     await svc.relay_outbox(pool, bus)
-    settings = expiry.Settings(batch=cfg.reaper_batch_size, sweep_seconds=cfg.reaper_sweep_seconds)
+    settings = expiry.Settings(batch=cfg.reaper_batch_size, sweep_seconds=cfg.reaper_sweep_seconds,
+                               arm_seconds=cfg.reaper_arm_seconds)
     await svc.stack.enter_async_context(expiry.run(pool, cfg.database_url, settings))
     ages = retention.Ages(idempotency_key_hours=cfg.idempotency_key_ttl_hours,
                           webhook_log_days=cfg.webhook_log_retention_days,
