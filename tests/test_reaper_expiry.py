@@ -69,8 +69,9 @@ async def _expired_all(db: asyncpg.Pool, ids: list) -> bool:
 
 
 async def test_a_nearer_hold_wakes_the_reaper(db, start_service):
-    # the catch-up sweep is an hour away: only the wake-up can expire the short hold on time
-    start_service("reaper", REAPER_SWEEP_SECONDS="3600")
+    # the catch-up sweep and the re-read of the next due time are an hour away: only the
+    # wake-up can expire the short hold on time
+    start_service("reaper", REAPER_SWEEP_SECONDS="3600", REAPER_ARM_SECONDS="3600")
     event = await make_event(db, capacity=10)
     far = (await hold(db, event, 1, ttl=30))["id"]  # the reaper now sleeps until this one
     await asyncio.sleep(0.3)
