@@ -339,15 +339,16 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
             finally:
                 idle.append(conn)
 
-        async def measured(fn: Any) -> tuple[int, list[float], float, float]:
+        async def measured(fn: Any) -> tuple[int, list[float], float, float, float]:
             pids = tree(pg_pid) if pg_pid else []
-            before = cpu_seconds(pids)
+            before, client = cpu_seconds(pids), time.process_time()
             n, lat, elapsed = await closed_loop(fn, seconds / 2, CONCURRENCY)
-            return n, lat, elapsed, cpu_seconds(pids) - before
+            return n, lat, elapsed, cpu_seconds(pids) - before, time.process_time() - client
 
         # alternated, three rounds each: a machine whose load changes during the phase weighs on
         # both alike; each figure is the median round's
-        runs: dict[str, list[tuple[int, list[float], float, float]]] = {"plain": [], "hold": []}
+        runs: dict[str, list[tuple[int, list[float], float, float, float]]] = {
+            "plain": [], "hold": []}
         # untimed first: every connection prepares its statement and, for the hold, compiles the
         # functions it calls (the first calls of a session plan afresh)
         try:
@@ -360,17 +361,21 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
             for conn in idle:
                 await pool.release(conn)
 
-        def median(name: str) -> tuple[int, list[float], float, float]:
+        def median(name: str) -> tuple[int, list[float], float, float, float]:
             return sorted(runs[name], key=lambda r: r[0] / r[2])[1]
 
-        n_plain, lat_plain, t_plain, cpu_plain = median("plain")
-        n_hold, lat_hold, t_hold, cpu_hold = median("hold")
+        n_plain, lat_plain, t_plain, cpu_plain, client_plain = median("plain")
+        n_hold, lat_hold, t_hold, cpu_hold, client_hold = median("hold")
         out: dict[str, Any] = {
             "concurrency": CONCURRENCY,
             "hold_tickets_per_s": round(n_hold / t_hold), "hold_p50_ms": pct(lat_hold, 0.5),
             "plain_update_per_s": round(n_plain / t_plain), "plain_p50_ms": pct(lat_plain, 0.5),
             "hold_vs_plain": round(n_hold / t_hold / (n_plain / t_plain), 3),
-            "rounds_per_s": {name: [round(r[0] / r[2]) for r in rs] for name, rs in runs.items()}}
+            "rounds_per_s": {name: [round(r[0] / r[2]) for r in rs] for name, rs in runs.items()},
+            # the driving process's CPU (asyncpg, 64 connections): on 2 cores, taken from
+            # PostgreSQL's
+            "client_cpu_us_per_op": {"hold": round(client_hold / n_hold * 1e6),
+                                     "plain": round(client_plain / n_plain * 1e6)}}
         if pg_pid:
             out["postgres_cpu_us_per_op"] = {"hold": round(cpu_hold / n_hold * 1e6),
                                              "plain": round(cpu_plain / n_plain * 1e6)}
