@@ -541,3 +541,24 @@ async def test_never_oversold_refuses_more_than_a_buckets_capacity(db: asyncpg.P
     # exactly full is allowed
     await db.execute("UPDATE inventory_buckets SET held = 0, sold = 2 WHERE event_id = $1", ev)
     assert await inventory(db, ev) == (0, 2)
+
+
+async def test_a_hold_leaves_no_multixact_on_its_bucket(db: asyncpg.Pool) -> None:
+    """The probe locks a bucket in a subtransaction; the bucket's UPDATE runs in that same
+    subtransaction. Updated by the parent instead, the row would carry two of our transaction
+    ids and PostgreSQL would write a MultiXact for its xmax: one for every hold, each with its
+    members and WAL, and in time the anti-wraparound vacuums they force. Holds one after
+    another on one connection (no concurrent lockers), so no MultiXact may appear at all."""
+    ev = await new_event(db, capacity=100, buckets=4)
+    async with db.acquire() as conn:
+        async def next_multixact() -> int:
+            await conn.execute("CHECKPOINT")  # next_multixact_id is read from the checkpoint
+            return int(await conn.fetchval(
+                "SELECT next_multixact_id FROM pg_control_checkpoint()"))
+
+        before = await next_multixact()
+        for _ in range(20):
+            await conn.fetchrow("SELECT id FROM hold_tickets($1, 1, 'mx', 900)", ev)
+        assert await next_multixact() == before
+        assert await conn.fetchval("SELECT sum(held) FROM inventory_buckets "
+                                   "WHERE event_id = $1", ev) == 20

@@ -171,15 +171,18 @@ BEGIN
             IF got IS NULL THEN
                 RAISE EXCEPTION 'no bucket' USING ERRCODE = 'BX001';  -- roll back: unlock
             END IF;
+            -- one bucket, by its key (the UPDATE ... FROM unnest below reads every bucket of
+            -- the event), and in the subtransaction that locked it: a row locked by a
+            -- subtransaction and then updated by its parent gets a MultiXact for its xmax
+            -- (two transaction ids of ours on it), which cost a MultiXact, its members and
+            -- their WAL on every hold
+            UPDATE inventory_buckets SET held = held + p_quantity
+            WHERE event_id = p_event_id AND bucket = got;
         EXCEPTION WHEN SQLSTATE 'BX001' THEN
             got := NULL;
         END;
     END LOOP;
     IF got IS NOT NULL THEN
-        -- one bucket, by its key (the UPDATE ... FROM unnest below reads every bucket of the
-        -- event)
-        UPDATE inventory_buckets SET held = held + p_quantity
-        WHERE event_id = p_event_id AND bucket = got;
         RETURN hold_record(ev, p_quantity, p_client_id, p_ttl_seconds, p_customer_ref,
                            p_idempotency_key, NULL, ARRAY[got], ARRAY[p_quantity]);
     END IF;
