@@ -160,7 +160,7 @@ async def test_only_payment_answers_reservation_requests(server: NatsServer) -> 
             await payment.nc.publish(msg.reply.rsplit(".", 1)[0] + ".forged", b"x")
 
         await payment.nc.subscribe("reservations.hold", queue="payment", cb=answer)
-        await payment.nc.flush()
+        await busmod.flushed(payment.nc)
         reply = await ingress.nc.request("reservations.hold", b"{}", timeout=2)
         assert reply.data == b"held"
         assert reply.subject.startswith(bus_access.inbox_prefix("ingress") + ".")
@@ -182,7 +182,7 @@ async def test_ingress_cannot_subscribe_to_everything(server: NatsServer) -> Non
         await ingress.refusal("errors.>")
         for subject in ("reservations.events.held", "errors.payment.error", "admin.payment.x"):
             await op.nc.publish(subject, b"{}")
-        await op.nc.flush()
+        await busmod.flushed(op.nc)
         await asyncio.sleep(0.3)
         assert seen == []
 
@@ -250,7 +250,7 @@ async def test_no_service_reads_another_services_replies(server: NatsServer) -> 
             await msg.respond(b"the reaper's answer")
 
         await reaper.nc.subscribe("admin.reaper.stats", queue="reaper", cb=stats)
-        await reaper.nc.flush()
+        await busmod.flushed(reaper.nc)
         assert (await ingress.nc.request("admin.reaper.stats", b"{}", timeout=2)).data \
             == b"the reaper's answer"
         await asyncio.sleep(0.2)

@@ -46,7 +46,7 @@ async def test_requests_answered_out_of_order_with_a_timeout_and_a_late_reply(
                 all_in.set()
 
         await server.nc.subscribe("reservations.hold", queue="payment", cb=hold)
-        await server.nc.flush()
+        await busmod.flushed(server.nc)
 
         async def ask(n: int) -> Answer:
             logs.REQUEST_ID.set(f"req-{n}")
@@ -94,7 +94,7 @@ async def test_cancelled_request_leaves_nothing_and_no_responders_is_unavailable
             got.set()
 
         await server.nc.subscribe("reservations.hold", queue="payment", cb=silent)
-        await server.nc.flush()
+        await busmod.flushed(server.nc)
         call = asyncio.create_task(client.request("reservations.hold", Ask(2), Answer, timeout=10))
         await asyncio.wait_for(got.wait(), 10)
         assert len(client._waiting) == 1

@@ -63,6 +63,18 @@ def stream_config(name: str, replicas: int = 1) -> StreamConfig:
     )
 
 
+async def flushed(nc: Client, timeout: float = 5.0) -> None:
+    """Return once nats-server has processed everything ``nc`` was asked to send so far.
+
+    nats-py's ``flush()`` is not that barrier on its own: it writes its PING straight to the
+    socket, while commands such as a SUB wait in a queue for the client's flusher task, so the
+    PONG can come back before the server has seen the subscription (4 tries in 200 here;
+    tests/test_bus_flush.py). The queue is written out first, then the PING follows it.
+    """
+    await asyncio.wait_for(nc._flush_pending(force_flush=True), timeout)  # nats-py: no public call
+    await nc.flush(timeout=timeout)
+
+
 class Bus:
     """A connected NATS client with JetStream, shared by everything in one process."""
 
@@ -207,7 +219,7 @@ class Bus:
             task.add_done_callback(self._done)
 
         self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_request))
-        await self.nc.flush(timeout=5)  # the server knows the subscription before we say ready
+        await flushed(self.nc)  # the server knows the subscription before we say ready
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)
