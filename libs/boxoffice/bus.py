@@ -63,7 +63,7 @@ def stream_config(name: str, replicas: int = 1) -> StreamConfig:
     )
 
 
-async def flushed(nc: Client, timeout: float = 5.0) -> None:
+async def flushed(nc: Client, timeout: int = 5) -> None:
     """Return once nats-server has processed everything ``nc`` was asked to send so far.
 
     nats-py's ``flush()`` is not that barrier on its own: it writes its PING straight to the
