@@ -7,7 +7,8 @@
 2. 100,000 holds expiring at the same instant: time until the last is expired, rows/s, against a
    plain ``UPDATE`` of the same rows in the same run (no tickets returned, no events),
    the time until every expiry event is on JetStream, and the latency of new holds on the same
-   event while the reaper works (they must not starve). Goal <= 5 s.
+   event while the reaper works (they must not starve). Goal <= 5 s. Timed from the due instant,
+   or from the commit that made the holds due if that came later (committed_s_before_due < 0).
 
 "Expired" means committed: the hold marked expired, its tickets back in their buckets and its
 ``reservations.events.expired`` outbox row written, in one transaction (the event is then bound
@@ -171,7 +172,8 @@ async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int]) -> 
         # every hold now expires at the same instant, set once: a clock_timestamp() in the SET
         # is read per row, and this UPDATE of 100,000 rows takes seconds, so the holds used to
         # expire over the whole UPDATE (some already due when it committed). The instant is
-        # far enough ahead for the UPDATE to commit before it.
+        # far enough ahead for the UPDATE to commit before it (on a loaded machine it may not:
+        # see committed_s_before_due).
         t = time.perf_counter()
         await conn.execute("UPDATE reservations SET expires_at = expires_at - interval '1 s' "
                            "WHERE event_id = $1", event)
@@ -180,7 +182,8 @@ async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int]) -> 
                                  "make_interval(secs => ceil(2 + 3 * $1))", rewrite)
         await conn.execute("UPDATE reservations SET expires_at = $2 WHERE event_id = $1",
                            event, at)
-        ahead = (at - await conn.fetchval("SELECT clock_timestamp()")).total_seconds()
+        committed = await conn.fetchval("SELECT clock_timestamp()")
+        ahead = (at - committed).total_seconds()
         due = time.monotonic() + ahead
 
     hold_latency: list[float] = []
@@ -213,11 +216,15 @@ async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int]) -> 
         cpu1 = {name: cpu_seconds(ps) for name, ps in (await pids()).items()}
         stop.set()
         await asyncio.gather(*buyers)
+        # timed from the instant every hold was both due and committed: when the UPDATE above
+        # commits after that instant (committed_s_before_due < 0), the reaper could not see the
+        # holds before the commit, and the bench's own overrun is not the reaper's time
         row = await conn.fetchrow(
-            "SELECT count(*) AS n, extract(epoch FROM max(released_at) - min(expires_at))::float8 "
-            "AS span, percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM "
-            "released_at - expires_at))::float8 AS p99 FROM reservations "
-            "WHERE event_id = $1 AND client_id = 'bench'", event)
+            "SELECT count(*) AS n, extract(epoch FROM max(released_at) - "
+            "greatest(min(expires_at), $2))::float8 AS span, percentile_cont(0.99) WITHIN GROUP "
+            "(ORDER BY extract(epoch FROM released_at - expires_at))::float8 AS p99 "
+            "FROM reservations "
+            "WHERE event_id = $1 AND client_id = 'bench'", event, committed)
         # every expiry event published (the holds' own events are payment's to publish)
         await wait_until(conn, "SELECT (SELECT id FROM outbox WHERE subject = "
                                "'reservations.events.expired' ORDER BY id LIMIT 1) IS NULL",
@@ -243,7 +250,8 @@ async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int]) -> 
                                           plain_cpu / holds * 1e6, 1)},
                                       "rows_per_s": round(holds / plain)},
             "reaper_vs_plain_update": round(row["span"] / plain, 2),
-            "committed_s_before_due": round(ahead, 2),  # > 0: all holds due at once
+            # > 0: all holds due at once; < 0: timed from the commit (expire_all_s, rows_per_s)
+            "committed_s_before_due": round(ahead, 2),
             "goal_s": 5.0}
 
 
