@@ -104,7 +104,11 @@ class Config:
     reaper_sweep_seconds: int = 1
     # reaper: the longest a hold written without a wake-up waits to be armed
     reaper_arm_seconds: int = 1
-    reaper_batch_size: int = 2000
+    # 5000: every batch's claim steps over the index entries of the holds earlier batches
+    # expired (until no open snapshot can see them), and every batch pays its round trips and
+    # its commit; 100,000 holds due at once took about 15% less PostgreSQL CPU each than in
+    # batches of 2000, and a batch still holds its rows' locks for tens of milliseconds
+    reaper_batch_size: int = 5000
     reaper_retention_interval_seconds: int = 600
     # seconds between attempts to apply a failing Stripe event; attempts = len + 1
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)

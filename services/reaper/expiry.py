@@ -134,7 +134,7 @@ async def stats(pool: asyncpg.Pool) -> wire.ReservationStats:
 
 @dataclass
 class Settings:
-    batch: int = 2000
+    batch: int = 5000  # holds per transaction (REAPER_BATCH_SIZE; see config)
     sweep_seconds: float = 1.0
     arm_seconds: float = ARM_SECONDS  # the next due time re-read at least this often
     max_backoff: float = 5.0
