@@ -5,10 +5,13 @@ makes, secrets scrubbed, grouped by service."""
 from __future__ import annotations
 
 import json
+import random
+import uuid
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
+from boxoffice import scrub
 from boxoffice.error_sink import grouping, report_rows
 from boxoffice.error_sink.report_rows import prepare
 
@@ -90,3 +93,22 @@ def test_a_long_stacktrace_is_converted_but_not_kept() -> None:
     assert _grouping(row) == _uncached(body)
     assert "sk_live_" not in (row.stacktrace or "")
     assert report_rows._kind_cached.cache_info().currsize == 0
+
+
+def test_hex_strings_are_what_the_scrubber_makes_of_them() -> None:
+    """Ids of hex digits and dashes skip the scrubber's keyword search: only a card number
+    could be in them, and then it is filtered as the scrubber filters it."""
+    rnd = random.Random(5)
+    samples = ["4242424242424242", "4242-4242-4242-4242", "a4242424242424242f", "DEADBEEF",
+               "4242424242424241", "0000000000000", "-" * 20, "abc-" + "4111111111111111",
+               *(str(uuid.UUID(int=rnd.getrandbits(128))) for _ in range(2000)),
+               *("".join(rnd.choice("0123456789abcdefABCDEF-") for _ in range(rnd.randrange(1, 40)))
+                 for _ in range(5000)),
+               *("".join(rnd.choice("0123456789-") for _ in range(rnd.randrange(13, 30)))
+                 for _ in range(2000))]
+    for s in samples:
+        assert report_rows._str(s, 128) == scrub.truncate(scrub.text(s), 128), s
+    assert report_rows._str("4242-4242-4242-4242", 128) == scrub.FILTERED
+    row = _row({"service": "payment", "message": "m", "request_id": "4242424242424242",
+                "environment": "4242424242424242", "release": "4242424242424242"})
+    assert "4242424242424242" not in json.dumps(row.record, default=str)
