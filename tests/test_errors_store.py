@@ -96,3 +96,20 @@ async def test_the_context_is_stored_scrubbed_as_json_by_either_path(db, databas
         assert stored["big"].startswith("xxx") and len(stored["big"]) <= 256
         assert len(row["context"]) <= 65536
         assert row["function_name"] == "charge"
+
+
+async def test_what_a_copied_batch_adds_is_what_the_staged_insert_returns(db, database_url
+                                                                          ) -> None:
+    """``_added`` (the COPY path's own count of each group's new rows, occurrences, first and
+    last time and top level) against what the staging table's INSERT ... RETURNING reports."""
+    bodies = [report(i, error_type=f"E{i % 3}", message=f"m{i % 3}", level=level, count=1 + i % 4,
+                     occurred_at=f"2026-01-0{1 + i % 5}T0{i % 7}:00:00+00:00")
+              for i, level in enumerate(["info", "error", "warning", "critical", "debug",
+                                         "error", "fatal", "warning", "info", "error"])]
+    rows = _rows(*bodies)
+    mine = sorted(store._added(rows), key=lambda a: a["group_id"])
+    assert len(mine) == 3 and sum(a["new_rows"] for a in mine) == len(rows)
+    async with store.writer_pool(database_url, 1) as pool, pool.acquire() as conn, \
+            conn.transaction():
+        theirs = [dict(r) for r in await store._insert(conn, rows, "stage")]
+    assert mine == sorted(theirs, key=lambda a: a["group_id"])
