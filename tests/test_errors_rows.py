@@ -107,8 +107,8 @@ def test_hex_strings_are_what_the_scrubber_makes_of_them() -> None:
                *("".join(rnd.choice("0123456789-") for _ in range(rnd.randrange(13, 30)))
                  for _ in range(2000))]
     for s in samples:
-        assert report_rows._str(s, 128) == scrub.truncate(scrub.text(s), 128), s
-    assert report_rows._str("4242-4242-4242-4242", 128) == scrub.FILTERED
+        assert report_rows._id_str(s, 128) == scrub.truncate(scrub.text(s), 128), s
+    assert report_rows._id_str("4242-4242-4242-4242", 128) == scrub.FILTERED
     row = _row({"service": "payment", "message": "m", "request_id": "4242424242424242",
                 "environment": "4242424242424242", "release": "4242424242424242"})
     assert "4242424242424242" not in json.dumps(row.record, default=str)

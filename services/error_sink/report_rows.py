@@ -85,15 +85,21 @@ COLUMNS = ("id", "timestamp", "service", "function_name", "severity", "error_mes
            "request_id", "occurrences", "group_id")
 
 
-# Hex digits and dashes (uuids, digests: most request ids) hold none of the keywords the
-# scrubber looks for (each has a letter after "f", a "_", a ":" or a space), so only a card
-# number could be in them: 13 or more digits and dashes in a row, then it is scrubbed in full.
+def _str(v: str | None, limit: int) -> str | None:
+    return scrub.truncate(scrub.text(v), limit) if v else None
+
+
+# Hex digits and dashes (uuids, digests: most request ids, many releases) hold none of the
+# keywords the scrubber looks for (each has a letter after "f", a "_", a ":" or a space), so
+# only a card number could be in them: 13 or more digits and dashes in a row, then the string is
+# scrubbed in full. (Messages are not tried: they are hardly ever hex.)
 _HEX_DASH = b"0123456789abcdefABCDEF-"
 _DIGITS_DASH = bytes(48 if b in b"0123456789-" else 120 for b in range(256))
 _CARD_RUN = b"0" * 13
 
 
-def _str(v: str | None, limit: int) -> str | None:
+def _id_str(v: str | None, limit: int) -> str | None:
+    """``_str`` for what is most often an id."""
     if not v:
         return None
     raw = v.encode()
@@ -196,6 +202,6 @@ def prepare(msg: Msg, now: datetime) -> Row:
         fp = grouping.fingerprint(error_type, stacktrace, message, own)
         fhash, gid = grouping.group_key(service, fp)
     record = (_report_id(r, msg), ts, service, function_name, level, message, error_type,
-              stacktrace, ctx, own, _str(r.environment, 64), _str(r.release, 128),
-              _str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid)
+              stacktrace, ctx, own, _str(r.environment, 64), _id_str(r.release, 128),
+              _id_str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid)
     return Row(record, *record, fhash, fp)
