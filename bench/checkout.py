@@ -15,7 +15,8 @@ baseline taken in the same run:
   vs a plain single-row ``UPDATE ... SET available = available - 1`` (goal >= 1,000 holds/s), the
   same holds end to end through ingress (driven by wrk when it is installed, Debian's ``wrk``;
   else by an aiohttp loop in this process), and a sell-out race that must end with exactly capacity
-  tickets held (zero oversell).
+  tickets held (zero oversell). Each of the two hold figures is measured in three rounds
+  alternated with rounds of the plain UPDATE, and compared with the median of those.
 
     .venv/bin/python -m bench.checkout            # about 60 s
     .venv/bin/python -m bench.checkout --quick    # shorter phases
@@ -299,6 +300,56 @@ async def bench_replays(c: Client, rid: str, seconds: float) -> dict[str, Any]:
             "p99_ms": pct(lat, 0.99)}
 
 
+PLAIN_TABLE = ("CREATE TABLE IF NOT EXISTS bench_plain_inventory "
+               "(id int PRIMARY KEY, available int NOT NULL)")
+PLAIN_RESET = ("INSERT INTO bench_plain_inventory VALUES (1, 100000000) "
+               "ON CONFLICT (id) DO UPDATE SET available = 100000000")
+# with a parameter, so prepared once per connection like the hold's (a bare execute() would be
+# parsed and planned on every call)
+PLAIN_UPDATE = ("UPDATE bench_plain_inventory SET available = available - 1 "
+                "WHERE id = $1 AND available > 0")
+ROUNDS = 3  # alternated rounds of a figure and its baseline; the median round of each is reported
+
+
+class PlainUpdate:
+    """The holds' baseline on its own 64 connections, measured in rounds alternated with the
+    rounds of the holds through ingress: the plain single-row UPDATE of ``bench_holds_db``, the
+    same statement, pool and client loop. A baseline measured minutes apart, in another phase,
+    moved by up to a third between the two on a shared machine."""
+
+    def __init__(self, db_url: str):
+        self.db_url = db_url
+        self.pool: asyncpg.Pool | None = None
+        self.idle: list[asyncpg.Connection] = []
+
+    async def __aenter__(self) -> PlainUpdate:
+        self.pool = await asyncpg.create_pool(self.db_url, min_size=CONCURRENCY,
+                                              max_size=CONCURRENCY, reset=db.reset_nothing)
+        await self.pool.execute(PLAIN_TABLE)
+        await self.pool.execute(PLAIN_RESET)
+        self.idle = [await self.pool.acquire() for _ in range(CONCURRENCY)]
+        await closed_loop(self._one, 0.3, CONCURRENCY)  # every connection prepares it, untimed
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.pool is not None
+        for conn in self.idle:
+            await self.pool.release(conn)
+        await self.pool.close()
+
+    async def _one(self) -> None:
+        conn = self.idle.pop()
+        try:
+            await conn.execute(PLAIN_UPDATE, 1)
+        finally:
+            self.idle.append(conn)
+
+    async def round(self, seconds: float) -> float:
+        """One timed round: UPDATEs a second."""
+        n, _, elapsed = await closed_loop(self._one, seconds, CONCURRENCY)
+        return n / elapsed
+
+
 async def bench_holds_db(db_url: str, event_id: str, seconds: float,
                          pg_pid: int | None = None) -> dict[str, Any]:
     """hold_tickets vs a plain single-row UPDATE, both over 64 connections, same run, in three
@@ -310,10 +361,8 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
     pool = await asyncpg.create_pool(db_url, min_size=CONCURRENCY, max_size=CONCURRENCY,
                                      reset=db.reset_nothing)
     try:
-        await pool.execute("CREATE TABLE IF NOT EXISTS bench_plain_inventory "
-                           "(id int PRIMARY KEY, available int NOT NULL)")
-        await pool.execute("INSERT INTO bench_plain_inventory VALUES (1, 100000000) "
-                           "ON CONFLICT (id) DO UPDATE SET available = 100000000")
+        await pool.execute(PLAIN_TABLE)
+        await pool.execute(PLAIN_RESET)
         eid = uuid.UUID(event_id)
 
         # the 64 connections taken from the pool once, each loop taking an idle one per call:
@@ -332,10 +381,7 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
         async def plain() -> None:
             conn = idle.pop()
             try:
-                # with a parameter, so prepared once per connection like the hold's (a bare
-                # execute() would be parsed and planned on every call)
-                await conn.execute("UPDATE bench_plain_inventory SET available = available - 1 "
-                                   "WHERE id = $1 AND available > 0", 1)
+                await conn.execute(PLAIN_UPDATE, 1)
             finally:
                 idle.append(conn)
 
@@ -354,7 +400,7 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
         try:
             await closed_loop(plain, 0.3, CONCURRENCY)
             await closed_loop(hold, 0.3, CONCURRENCY)
-            for _ in range(3):
+            for _ in range(ROUNDS):
                 runs["plain"].append(await measured(plain))
                 runs["hold"].append(await measured(hold))
         finally:
@@ -362,7 +408,7 @@ async def bench_holds_db(db_url: str, event_id: str, seconds: float,
                 await pool.release(conn)
 
         def median(name: str) -> tuple[int, list[float], float, float, float]:
-            return sorted(runs[name], key=lambda r: r[0] / r[2])[1]
+            return sorted(runs[name], key=lambda r: r[0] / r[2])[ROUNDS // 2]
 
         n_plain, lat_plain, t_plain, cpu_plain, client_plain = median("plain")
         n_hold, lat_hold, t_hold, cpu_hold, client_hold = median("hold")
@@ -421,44 +467,64 @@ def wrk_loop(url: str, body: bytes, seconds: float, connections: int,
 
 
 async def bench_holds_http(c: Client, event_id: str, seconds: float,
-                           procs: dict[str, int], root: Path) -> dict[str, Any]:
-    """Holds through ingress from 64 concurrent clients. With wrk installed (Debian's ``wrk``)
-    the load comes from it: a C client costs a small fraction of the CPU per request the
-    aiohttp loop below does (which was about a quarter of the machine's CPU per hold), and on
-    2 cores whatever the client uses is taken from the servers. Without it, the aiohttp loop.
-    Either way the client's CPU per hold is reported (``load_generator``), apart from the
-    servers'."""
+                           procs: dict[str, int], root: Path, baseline: PlainUpdate
+                           ) -> dict[str, Any]:
+    """Holds through ingress from 64 concurrent clients, in ``ROUNDS`` rounds alternated with
+    rounds of the ``baseline`` (the plain UPDATE): the median round of each is reported, and the
+    ratio of the two medians (``vs_plain_update``). With wrk installed (Debian's ``wrk``) the load
+    comes from it: a C client costs a small fraction of the CPU per request the aiohttp loop below
+    does (which was about a quarter of the machine's CPU per hold), and on 2 cores whatever the
+    client uses is taken from the servers. Without it, the aiohttp loop. Either way the client's
+    CPU per hold is reported (``load_generator``), apart from the servers'; the CPU per hold is
+    over every round of holds together (the baseline's rounds are not counted)."""
     def pids() -> dict[str, list[int]]:
         return {name: (tree(pid) if name == "postgres" else [pid]) for name, pid in procs.items()}
 
-    before = {name: cpu_seconds(ps) for name, ps in pids().items()}
-    if shutil.which("wrk"):
-        body = json.dumps({"event_id": event_id, "quantity": 1}).encode()
-        summary, client_cpu = await asyncio.to_thread(
-            wrk_loop, c.base + "/v1/reservations", body, seconds, CONCURRENCY, root)
-        after = {name: cpu_seconds(ps) for name, ps in pids().items()}
-        if summary["non_2xx"] or summary["errors"]:
-            raise RuntimeError(f"holds through ingress failed: {summary}")
-        n, elapsed = summary["requests"], summary["duration_us"] / 1e6
-        p50, p99 = summary["p50_us"] / 1000, summary["p99_us"] / 1000
-        generator = "wrk"
-    else:
-        async def hold() -> None:
-            s, body = await c.hold(event_id)
-            assert s == 201, body
+    generator = "wrk" if shutil.which("wrk") else "aiohttp"
+    body = json.dumps({"event_id": event_id, "quantity": 1}).encode()
 
-        n, lat, elapsed = await closed_loop(hold, seconds, CONCURRENCY)
+    async def hold() -> None:
+        s, answer = await c.hold(event_id)
+        assert s == 201, answer
+
+    async def one_round() -> tuple[int, float, float, float, float]:
+        """Holds, seconds, p50 and p99 (ms), the load generator's CPU seconds."""
+        if generator == "wrk":
+            summary, client_cpu = await asyncio.to_thread(
+                wrk_loop, c.base + "/v1/reservations", body, seconds / 2, CONCURRENCY, root)
+            if summary["non_2xx"] or summary["errors"]:
+                raise RuntimeError(f"holds through ingress failed: {summary}")
+            return (summary["requests"], summary["duration_us"] / 1e6,
+                    summary["p50_us"] / 1000, summary["p99_us"] / 1000, client_cpu)
+        n, lat, elapsed = await closed_loop(hold, seconds / 2, CONCURRENCY)
+        # this process's CPU is counted under "bench_client" with the servers'
+        return n, elapsed, pct(lat, 0.5), pct(lat, 0.99), 0.0
+
+    rounds: list[tuple[int, float, float, float, float]] = []
+    plain: list[float] = []
+    used = {name: 0.0 for name in procs}
+    for _ in range(ROUNDS):
+        plain.append(await baseline.round(seconds / 2))
+        before = {name: cpu_seconds(ps) for name, ps in pids().items()}
+        rounds.append(await one_round())
         after = {name: cpu_seconds(ps) for name, ps in pids().items()}
-        p50, p99 = pct(lat, 0.5), pct(lat, 0.99)
-        client_cpu = 0.0  # this process's, counted under "bench_client" with the servers'
-        generator = "aiohttp"
-    cpu = {name: round((after[name] - before[name]) / n * 1e6) for name in before}
+        for name in used:
+            used[name] += after[name] - before[name]
+    n = sum(r[0] for r in rounds)
+    cpu = {name: round(seconds_used / n * 1e6) for name, seconds_used in used.items()}
     if generator == "wrk":
-        cpu["load_generator"] = round(client_cpu / n * 1e6)
+        cpu["load_generator"] = round(sum(r[4] for r in rounds) / n * 1e6)
     else:
         cpu["load_generator"] = cpu.pop("bench_client")
+    median = sorted(rounds, key=lambda r: r[0] / r[1])[ROUNDS // 2]
+    plain_median = sorted(plain)[ROUNDS // 2]
     return {"concurrency": CONCURRENCY, "load_generator": generator, "holds": n,
-            "per_s": round(n / elapsed), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+            "per_s": round(median[0] / median[1]), "p50_ms": round(median[2], 3),
+            "p99_ms": round(median[3], 3),
+            "plain_update_per_s": round(plain_median),
+            "vs_plain_update": round(median[0] / median[1] / plain_median, 3),
+            "rounds_per_s": {"holds": [round(r[0] / r[1]) for r in rounds],
+                             "plain": [round(x) for x in plain]},
             # where the CPU goes, per hold: on 2 cores the sum bounds the throughput
             "cpu_us_per_hold": cpu}
 
@@ -574,7 +640,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 procs |= {_replica("ingress", i): p.pid for i, p in enumerate(svcs.procs[n:])}
                 procs |= {"postgres": pg.proc.pid, "nats": nats.proc.pid,
                           "bench_client": os.getpid()}
-                holds_http = await bench_holds_http(c, hot, phase, procs, root)
+                async with PlainUpdate(pg.url("boxoffice")) as baseline:
+                    holds_http = await bench_holds_http(c, hot, phase, procs, root, baseline)
                 race = await sell_out(c, pg.url("boxoffice"), 3000)
         finally:
             svcs.stop()

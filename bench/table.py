@@ -98,6 +98,8 @@ def errors(f: dict[str, Any]) -> list[Row]:
 def checkout(f: dict[str, Any]) -> list[Row]:
     pi, db, http = f["payment_intents"], f["holds_hot_event_db"], f["holds_hot_event_http"]
     plain = db["plain_update_per_s"]
+    # measured in rounds alternated with the holds' (older output: the SQL phase's)
+    http_plain = http.get("plain_update_per_s", plain)
     cpu = {k: v for k, v in http["cpu_us_per_hold"].items()
            if k not in ("bench_client", "load_generator")}
     cpu_ms = sum(cpu.values()) / 1000
@@ -105,8 +107,8 @@ def checkout(f: dict[str, Any]) -> list[Row]:
         Row("PaymentIntent overhead over a direct Stripe call, p50", pi["overhead_p50_ms"], "ms",
             pi["direct_sdk_p50_ms"], "direct stripe-python call, p50", "≤ 3 ms",
             pi["overhead_p50_ms"] <= 3.0, ratio=pi["ingress_p50_ms"] / pi["direct_sdk_p50_ms"]),
-        Row("holds on one hot event, through ingress", http["per_s"], "/s", plain,
-            "plain single-row UPDATE", "≥ 2.0", http["per_s"] / plain >= 2.0,
+        Row("holds on one hot event, through ingress", http["per_s"], "/s", http_plain,
+            "plain single-row UPDATE, rounds alternated", "≥ 2.0", http["per_s"] / http_plain >= 2.0,
             cpu=_cpu(http["cpu_us_per_hold"])),
         Row("CPU per hold, servers together", cpu_ms, "ms", goal="≤ 0.7 ms", met=cpu_ms <= 0.7,
             cpu=_cpu(cpu)),
