@@ -7,8 +7,9 @@
    row to the last, and the CPU per report of the sinks and PostgreSQL meanwhile. Checked:
    every report stored exactly once. Baseline in the same run: a
    plain COPY of the same rows (already converted to columns, so no decoding, scrubbing or
-   grouping) into an identical, empty error_logs, 10,000 rows per COPY (and 1,000, the
-   sink's batch size). And the sink's CPU per report step by step, in this process: decoding,
+   grouping) into an identical, empty error_logs, 10,000 rows per COPY, before and after each
+   sink run, each run compared with the mean of the two around it (and once 1,000 rows per
+   COPY, the sink's batch size). And the sink's CPU per report step by step, in this process: decoding,
    scrubbing, grouping, and the whole message-to-row conversion; and, from pg_stat_statements,
    PostgreSQL's execution time per report of the statements that took most during each sink run
    (a COPY's time includes the sink's encoding and sending of its rows; the sum over
@@ -245,7 +246,11 @@ async def main() -> None:
         started = time.perf_counter()
         await publish(nats_srv.url, bodies)
         out["bus_publish_per_s"] = round(n / (time.perf_counter() - started))
-        out["plain_copy_per_s"] = round(await plain_copy(await create_db(admin, "copy"), bodies, 10_000))
+        # the baseline before and after each sink run, each time into a new database: a run's
+        # ratio is to the mean of the two around it (on a shared machine a baseline measured
+        # once, minutes before the second run, moved by half between two runs of this bench)
+        copies = [await plain_copy(await create_db(admin, "copy0"), bodies, 10_000)]
+        out["plain_copy_per_s"] = round(copies[0])
         out["plain_copy_1000_rows_per_copy_per_s"] = round(
             await plain_copy(await create_db(admin, "copy1k"), bodies, 1000))
         env = base_env(nats_srv.url, "postgresql://unused@127.0.0.1/unused")
@@ -255,10 +260,15 @@ async def main() -> None:
             assert pg.proc is not None
             await statements(admin, reset=True)
             rate, distinct, groups, cpu = await sink_rate(env, db, n, tmp, replicas, pg.proc.pid)
+            copies.append(await plain_copy(await create_db(admin, f"copy{len(copies)}"), bodies,
+                                           10_000))
+            baseline = (copies[-2] + copies[-1]) / 2
             key = f"sink_{replicas}_replica{'s' if replicas > 1 else ''}"
             out.update({f"{key}_persisted_per_s": round(rate), f"{key}_lost": n - distinct,
                         f"{key}_cpu_ms_per_report": cpu,
-                        f"{key}_vs_plain_copy": round(rate / out["plain_copy_per_s"], 3)})  # type: ignore[operator]
+                        f"{key}_plain_copy_per_s": round(baseline),
+                        f"{key}_vs_plain_copy": round(rate / baseline, 3)})
+            out["plain_copy_rounds_per_s"] = [round(c) for c in copies]
             out["sink_groups"] = groups
             out[f"{key}_sql_us_per_report"] = await statements(admin, database=f"sink{replicas}",
                                                                reports=n)

@@ -12,7 +12,7 @@ figures and the baselines measured in the same run, on the same machine:
   completes a hold: log row, payment row, reservation, inventory, two outbox rows relayed to
   JetStream, one transaction) from STRIPE_EVENTS, and then events that are only recorded
   (``charge.succeeded``), against plain single-row insert transactions on 16 connections into
-  the same PostgreSQL.
+  the same PostgreSQL, measured before and after the applied events (the mean of the two).
 
 ``--quick`` runs each phase on about a fifth of the requests and events. ``--replicas N`` runs
 N ingress processes on one port (``INGRESS_REUSE_PORT=1``) and N webhook processes on one durable
@@ -229,10 +229,11 @@ async def ingress_round(root: Path, sync_always: bool, sizes: Sizes, replicas: i
         nats.stop()
 
 
-async def plain_inserts(url: str, n: int, connections: int = 16) -> dict[str, float]:
+async def plain_inserts(url: str, n: int, connections: int = 16,
+                        table: str = "bench_rows") -> dict[str, float]:
     pool = await asyncpg.create_pool(url, min_size=connections, max_size=connections)
     try:
-        await pool.execute("CREATE TABLE bench_rows (event_id text PRIMARY KEY, payload jsonb)")
+        await pool.execute(f"CREATE TABLE {table} (event_id text PRIMARY KEY, payload jsonb)")
         payload = json.dumps({"n": 1, "pad": "x" * 1400})
         ids = iter(range(n))
         latencies: list[float] = []
@@ -242,7 +243,7 @@ async def plain_inserts(url: str, n: int, connections: int = 16) -> dict[str, fl
                 for i in ids:
                     t0 = time.perf_counter()
                     async with conn.transaction():
-                        await conn.execute("INSERT INTO bench_rows VALUES ($1, $2::jsonb)",
+                        await conn.execute(f"INSERT INTO {table} VALUES ($1, $2::jsonb)",
                                            f"evt_{i}", payload)
                     latencies.append(time.perf_counter() - t0)
 
@@ -285,7 +286,7 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: boo
     try:
         url = pg.url("boxoffice")
         await asyncio.to_thread(migrate.run, url, "up")
-        inserts = await plain_inserts(url, sizes.inserts)
+        inserts: dict[str, Any] = await plain_inserts(url, sizes.inserts)
         conn = await asyncpg.connect(url)
         try:
             ev = await conn.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'bench', $1,"
@@ -323,6 +324,13 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: boo
             pids["postgres"] = tree(pg.proc.pid)  # the backends as they are now
             cpu = {name: round((cpu_seconds(p) - before[name]) * 1000 / max(1, done - first), 3)
                    for name, p in pids.items()}
+            # the baseline again, right after: the figure is compared with the mean of the two
+            # rounds around it (measured once, it moved by a third between two runs of this
+            # bench on a shared machine)
+            after = await plain_inserts(url, sizes.inserts, table="bench_rows_after")
+            rounds = [inserts["per_second"], after["per_second"]]
+            inserts = {"per_second": round(sum(rounds) / 2), "rounds_per_s": rounds,
+                       "p50_ms": inserts["p50_ms"], "p99_ms": inserts["p99_ms"]}
             completed = await conn.fetchval("SELECT count(*) FROM reservations "
                                             "WHERE status = 'completed'")
             # the floor of the pipeline: events that are only recorded (no effects)
