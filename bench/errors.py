@@ -268,10 +268,10 @@ async def main() -> None:
                         f"{key}_cpu_ms_per_report": cpu,
                         f"{key}_plain_copy_per_s": round(baseline),
                         f"{key}_vs_plain_copy": round(rate / baseline, 3)})
-            out["plain_copy_rounds_per_s"] = [round(c) for c in copies]
             out["sink_groups"] = groups
             out[f"{key}_sql_us_per_report"] = await statements(admin, database=f"sink{replicas}",
                                                                reports=n)
+        out["plain_copy_rounds_per_s"] = [round(c) for c in copies]
         port = free_port()
         ingress = ServiceProcess("ingress", dict(env, ERROR_RATE_LIMIT_PER_MINUTE="100000000"),
                                  tmp / "ingress.log", port=port).start()
