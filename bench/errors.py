@@ -15,8 +15,10 @@
    (a COPY's time includes the sink's encoding and sending of its rows; the sum over
    error_groups is the bench's own polling, every 50 ms).
 2. ingress: reports accepted per second by `POST /v1/errors` on a real ingress process, 64
-   concurrent keep-alive connections; baseline: a bare aiohttp app answering 202 to the same
-   requests from the same client.
+   concurrent keep-alive connections, with nats-server's default fsync and then with
+   `sync_interval: always` (as `boxoffice up` runs it: each report synced to disk before its 202;
+   `bench.bus` measures that ceiling alone); baseline: a bare aiohttp app answering 202 to the
+   same requests from the same client.
 
     .venv/bin/python -m bench.errors [--reports 150000] [--http-seconds 5] [--replicas 1,2]
 """
@@ -272,14 +274,24 @@ async def main() -> None:
             out[f"{key}_sql_us_per_report"] = await statements(admin, database=f"sink{replicas}",
                                                                reports=n)
         out["plain_copy_rounds_per_s"] = [round(c) for c in copies]
-        port = free_port()
-        ingress = ServiceProcess("ingress", dict(env, ERROR_RATE_LIMIT_PER_MINUTE="100000000"),
-                                 tmp / "ingress.log", port=port).start()
+        # accepted over HTTP with each fsync setting: the default (as before), then a
+        # nats-server of its own with sync_interval: always, as boxoffice up runs it
+        nats_sync = NatsServer(tmp / "nats-sync", sync_always=True).start()
         try:
-            rate, bad = await http_rate(f"{ingress.url}/v1/errors", args.http_seconds, bodies[:5000])
-            out.update(ingress_accepted_per_s=round(rate), ingress_non_202=bad)
+            for suffix, server in (("", nats_srv), ("_sync_always", nats_sync)):
+                ingress = ServiceProcess(
+                    "ingress", dict(base_env(server.url, "postgresql://unused@127.0.0.1/unused"),
+                                    ERROR_RATE_LIMIT_PER_MINUTE="100000000"),
+                    tmp / f"ingress{suffix}.log", port=free_port()).start()
+                try:
+                    rate, bad = await http_rate(f"{ingress.url}/v1/errors", args.http_seconds,
+                                                bodies[:5000])
+                    out.update({f"ingress_accepted{suffix}_per_s": round(rate),
+                                f"ingress_non_202{suffix}": bad})
+                finally:
+                    ingress.stop()
         finally:
-            ingress.stop()
+            nats_sync.kill()
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port)])
         try:

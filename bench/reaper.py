@@ -9,6 +9,13 @@
    the time until every expiry event is on JetStream, and the latency of new holds on the same
    event while the reaper works (they must not starve). Goal <= 5 s. Timed from the due instant,
    or from the commit that made the holds due if that came later (committed_s_before_due < 0).
+   The events' baseline, in the same run and on the same nats-server: plain JetStream, as many
+   messages of an expiry event's size published in batches of the relay's size
+   (``plain_jetstream``).
+
+nats-server runs with ``sync_interval: always``, as ``boxoffice up`` and the compose file run it:
+it syncs the stream's file after each message, which is what bounds the events' rate
+(``bench.bus`` measures that ceiling for each setting).
 
 "Expired" means committed: the hold marked expired, its tickets back in their buckets and its
 ``reservations.events.expired`` outbox row written, in one transaction (the event is then bound
@@ -36,11 +43,14 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
+import nats
 
 from bench.cpu import cpu_seconds, tree
-from boxoffice import migrate
+from boxoffice import migrate, outbox
+from boxoffice.bus_batch import publish_all
 from boxoffice.embedded import NatsServer, Postgres, die_with_parent, free_port
 
 SPREAD_HOLDS = 10_000
@@ -156,7 +166,32 @@ async def plain_update(conn: asyncpg.Connection, event: str, pg_pid: int) -> tup
     return seconds, cpu
 
 
-async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int]) -> dict:
+async def plain_jetstream(nats_url: str, n: int) -> dict:
+    """Plain JetStream on the bench's nats-server: ``n`` messages of an expiry event's size (the
+    last one published, for its size) into a stream of their own, in batches of the relay's
+    size, each batch once the last's PubAcks are in; the seconds it took."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        size = len((await js.get_last_msg("RESERVATIONS", "reservations.events.expired")).data
+                   or b"")
+        await js.add_stream(name="BENCH_PLAIN", subjects=["bench.plain"])
+        payload = b"x" * size
+        bus = SimpleNamespace(nc=nc)  # publish_all needs the connection only
+        started = time.perf_counter()
+        for first in range(0, n, outbox.BATCH):
+            await publish_all(bus, [("bench.plain", payload, f"plain-{i}")
+                                    for i in range(first, min(n, first + outbox.BATCH))])
+        seconds = time.perf_counter() - started
+        await js.delete_stream("BENCH_PLAIN")
+    finally:
+        await nc.close()
+    return {"seconds": round(seconds, 2), "messages": n, "message_bytes": size,
+            "batch": outbox.BATCH, "per_s": round(n / seconds)}
+
+
+async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int],
+                      nats_url: str) -> dict:
     event = await pool.fetchval("SELECT create_ticketed_event(gen_random_uuid(), 'flash', $1, "
                                 "100, 'eur', $2)", holds + BUYERS_ROOM, BUCKETS)
     async with pool.acquire() as conn:
@@ -228,15 +263,19 @@ async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int]) -> 
         # every expiry event published (the holds' own events are payment's to publish)
         await wait_until(conn, "SELECT (SELECT id FROM outbox WHERE subject = "
                                "'reservations.events.expired' ORDER BY id LIMIT 1) IS NULL",
-                         timeout=120)
+                         timeout=900)
         published = time.monotonic() - due
         runs = await conn.fetch("SELECT replica, expired, extract(epoch FROM finished_at - "
                                 "started_at)::float8 AS secs FROM reaper_runs WHERE kind = "
                                 "'expiry' AND finished_at >= $1 ORDER BY started_at", at)
     ms = [round(pct(hold_latency, p) * 1000, 1) if hold_latency else None for p in (50, 99)]
+    plain_js = await plain_jetstream(nats_url, row["n"])
     return {"holds": row["n"], "expire_all_s": round(row["span"], 3),
             "rows_per_s": round(row["n"] / row["span"]), "lag_p99_s": round(row["p99"], 3),
             "all_events_on_jetstream_s": round(published, 2),
+            # the events' baseline: as many plain messages, published as the relay does
+            "plain_jetstream": plain_js,
+            "events_vs_plain_jetstream": round(published / plain_js["seconds"], 2),
             "runs_recorded": [{"replica": r["replica"], "expired": r["expired"],
                                "seconds": round(r["secs"], 3)} for r in runs],
             # CPU from the due instant until every hold was expired, per expired hold (the
@@ -255,11 +294,11 @@ async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int]) -> 
             "goal_s": 5.0}
 
 
-async def run(db_url: str, spread: int, mass: int, procs: dict[str, int]) -> dict:
+async def run(db_url: str, spread: int, mass: int, procs: dict[str, int], nats_url: str) -> dict:
     async with asyncpg.create_pool(db_url, min_size=2, max_size=12,
                                    server_settings={"application_name": "bench"}) as pool:
         return {"spread": await spread_lag(pool, spread),
-                "mass": await mass_expiry(pool, mass, procs)}
+                "mass": await mass_expiry(pool, mass, procs, nats_url)}
 
 
 def main() -> int:
@@ -273,7 +312,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-reaper-") as tmp:
         root = Path(tmp)
         pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
-        nats = NatsServer(root / "nats", sync_always=False).start()
+        nats = NatsServer(root / "nats", sync_always=True).start()
         reapers: list[subprocess.Popen] = []
         try:
             db_url = pg.url("boxoffice")
@@ -287,12 +326,12 @@ def main() -> int:
             procs |= {"postgres": pg.proc.pid, "nats": nats.proc.pid,
                       "bench_client": os.getpid()}
             t = time.monotonic()
-            figures = asyncio.run(run(db_url, spread, mass, procs))
+            figures = asyncio.run(run(db_url, spread, mass, procs, nats.url))
             figures["bench_seconds"] = round(time.monotonic() - t, 1)
             figures["replicas"] = args.replicas
             figures["machine"] = {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
                                   "load_avg_1m_after": round(os.getloadavg()[0], 2)}
-            figures["nats_fsync"] = "default (not sync_interval: always)"
+            figures["nats_fsync"] = "sync_interval: always"
             figures["reaper_batch_size"] = int(os.environ.get("REAPER_BATCH_SIZE", "0")) or "default"
             print(json.dumps({"bench": "reaper", **figures}))
         finally:

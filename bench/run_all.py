@@ -23,7 +23,7 @@ HELPERS = ("run_all", "table", "cpu")  # modules that are no benchmark
 REPLICATED = ("checkout", "webhooks", "reaper")  # run with one and with two processes of each service
 QUICK = {"checkout": ["--quick"], "webhooks": ["--quick"], "reaper": ["--quick"],
          "errors": ["--reports", "20000", "--http-seconds", "2", "--replicas", "1,2"],
-         "audit": ["--holds", "50000", "--changes", "2000"]}
+         "audit": ["--holds", "50000", "--changes", "2000"], "bus": ["--quick"]}
 
 
 def main() -> int:

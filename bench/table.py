@@ -96,8 +96,14 @@ def errors(f: dict[str, Any]) -> list[Row]:
         rows.append(Row("error reports persisted (2 sinks)", f["sink_2_replicas_persisted_per_s"],
                         "/s", copy2, "plain COPY, 10,000 rows each" + around,
                         cpu=_cpu_ms(f.get("sink_2_replicas_cpu_ms_per_report"))))
-    rows.append(Row("error reports accepted over HTTP", f["ingress_accepted_per_s"], "/s",
-                    f["bare_aiohttp_per_s"], "bare aiohttp answering 202"))
+    rows.append(Row("error reports accepted over HTTP"
+                    + (" (default fsync)" if "ingress_accepted_sync_always_per_s" in f else ""),
+                    f["ingress_accepted_per_s"], "/s", f["bare_aiohttp_per_s"],
+                    "bare aiohttp answering 202"))
+    if "ingress_accepted_sync_always_per_s" in f:
+        rows.append(Row("error reports accepted over HTTP (sync_interval always)",
+                        f["ingress_accepted_sync_always_per_s"], "/s", f["bare_aiohttp_per_s"],
+                        "bare aiohttp answering 202"))
     return rows
 
 
@@ -144,13 +150,33 @@ def reaper(f: dict[str, Any]) -> list[Row]:
             "≤ 2×", m["expire_all_s"] / plain["seconds"] <= 2.0,
             cpu=" · ".join(f"{name} {us:.1f}" for name, us in m.get("cpu_us_per_hold", {}).items())
             + " µs" if m.get("cpu_us_per_hold") else ""),
-        Row(f"{m['holds']:,} expiry events on JetStream", m["all_events_on_jetstream_s"], "s"),
+        Row(f"{m['holds']:,} expiry events on JetStream"
+            + (f" ({f['nats_fsync']})" if "nats_fsync" in f else ""),
+            m["all_events_on_jetstream_s"], "s",
+            *((m["plain_jetstream"]["seconds"],
+               f"plain JetStream, as many messages in batches of {m['plain_jetstream']['batch']}")
+              if "plain_jetstream" in m else ())),
         Row("new holds on the same event during the expiry, p99",
             m["new_holds_meanwhile"]["p99_ms"] or 0.0, "ms"),
         Row("expiry lag p99, holds spread over 10 s", s["lag_p99_s"], "s",
             s["original_pg_cron_every_5_min"]["lag_p99_s"], "pg_cron every 5 min (computed)",
             "≤ 1 s", s["lag_p99_s"] <= 1.0),
     ]
+
+
+def bus(f: dict[str, Any]) -> list[Row]:
+    """Plain JetStream: each setup against one node with nats-server's default fsync."""
+    rows = []
+    for way, label in (("batches", f"batches of {f['batch']}"),
+                       ("concurrent", f"{f['concurrency']} publishers awaiting each")):
+        base = f["one_node_default_fsync"][way]["per_s"]
+        for setup, name in (("one_node_sync_always", "1 node, sync always"),
+                            ("three_nodes_sync_always", "3 nodes (R3), sync always")):
+            r = f[setup][way]
+            rows.append(Row(f"plain JetStream, {name}, {label}", r["per_s"], "/s", base,
+                            "1 node, default fsync, the same way",
+                            cpu=f"nats {r['nats_cpu_us_per_message'] / 1000:.3f} ms"))
+    return rows
 
 
 def audit(f: dict[str, Any]) -> list[Row]:
@@ -161,7 +187,7 @@ def audit(f: dict[str, Any]) -> list[Row]:
 
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "webhooks": webhooks, "errors": errors, "checkout": checkout, "reaper": reaper,
-    "audit": audit}
+    "audit": audit, "bus": bus}
 
 
 def rows(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = None
