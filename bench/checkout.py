@@ -24,7 +24,9 @@ baseline taken in the same run:
     .venv/bin/python -m bench.checkout --only-intents --intents 250   # the overhead alone
 
 With ``--replicas N`` the services under test run as N processes each: payment replicas share
-its NATS queue group, ingress replicas one port (``INGRESS_REUSE_PORT=1``, SO_REUSEPORT).
+its NATS queue group, ingress replicas one port (``INGRESS_REUSE_PORT=1``, SO_REUSEPORT). With
+``--nats-nodes 3`` the bus is a cluster of three nats-servers on loopback with every stream
+replicated three times (``BOXOFFICE_NATS_NODES=3``), each node's CPU counted apart (``nats-1``..).
 
 Prints one JSON object.
 """
@@ -51,7 +53,7 @@ import stripe
 
 from bench.cpu import cpu_seconds, tree
 from boxoffice import db, migrate
-from boxoffice.embedded import LocalStripe, NatsServer, Postgres, die_with_parent, free_port
+from boxoffice.embedded import LocalStripe, NatsCluster, NatsServer, Postgres, die_with_parent, free_port
 
 CLIENT = "bench-client-token-aaaaaaaaaaaa"
 ADMIN = "bench-admin-token-bbbbbbbbbbbbb"
@@ -604,9 +606,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-checkout-") as tmp:
         root = Path(tmp)
         pg = Postgres(root / "pg" / "data").start(create_db="boxoffice")
-        nats = NatsServer(root / "nats", sync_always=True).start()
+        nats: NatsServer | NatsCluster
+        if args.nats_nodes > 1:
+            nats = NatsCluster(root / "nats", args.nats_nodes, sync_always=True).start()
+            nats_pids = {f"nats-{i + 1}": n.proc.pid for i, n in enumerate(nats.nodes) if n.proc}
+        else:
+            nats = NatsServer(root / "nats", sync_always=True).start()
+            assert nats.proc is not None
+            nats_pids = {"nats": nats.proc.pid}
         ls = LocalStripe(log=root / "localstripe.log").start()
         svcs = Services(root, nats.url, pg.url("boxoffice"), ls.url)
+        svcs.env["NATS_STREAM_REPLICAS"] = str(args.nats_nodes)
         try:
             migrate.run(pg.url("boxoffice"), "up")
             payment_url = svcs.start("payment")
@@ -626,6 +636,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.only_intents:
                     intents.pop("key")
                     return {"bench": "checkout", "replicas": args.replicas,
+                            "nats_nodes": args.nats_nodes,
                             "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
                                         "load_avg_1m_after": round(os.getloadavg()[0], 2)},
                             "payment_intents": intents,
@@ -633,13 +644,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 replays = await bench_replays(c, intents.pop("key"), phase)
                 checkouts = await bench_checkouts(c, ls.url, phase)
                 hot = await c.event(capacity=5_000_000)
-                assert pg.proc is not None and nats.proc is not None
+                assert pg.proc is not None
                 holds_db = await bench_holds_db(pg.url("boxoffice"), hot, phase, pg.proc.pid)
                 n = args.replicas
                 procs = {_replica("payment", i): p.pid for i, p in enumerate(svcs.procs[:n])}
                 procs |= {_replica("ingress", i): p.pid for i, p in enumerate(svcs.procs[n:])}
-                procs |= {"postgres": pg.proc.pid, "nats": nats.proc.pid,
-                          "bench_client": os.getpid()}
+                procs |= {"postgres": pg.proc.pid, **nats_pids, "bench_client": os.getpid()}
                 async with PlainUpdate(pg.url("boxoffice")) as baseline:
                     holds_http = await bench_holds_http(c, hot, phase, procs, root, baseline)
                 race = await sell_out(c, pg.url("boxoffice"), 3000)
@@ -651,6 +661,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bench": "checkout",
         "replicas": args.replicas,
+        "nats_nodes": args.nats_nodes,
         "machine": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before,
                     "load_avg_1m_after": round(os.getloadavg()[0], 2)},
         "payment_intents": intents,
@@ -673,6 +684,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
                         help="processes of payment and of ingress (default 1)")
+    parser.add_argument("--nats-nodes", type=int, default=1, choices=(1, 3),
+                        help="nats-servers: one, or a cluster of three with streams replicated "
+                             "three times (default 1)")
     parser.add_argument("--only-intents", action="store_true",
                         help="only the PaymentIntent overhead phase")
     parser.add_argument("--intents", type=int, default=None,

@@ -4,8 +4,10 @@ the goal and whether it is met, and CPU per operation per process where the modu
 ``bench.run_all`` prints it after the JSON lines; ``python -m bench.table < figures.jsonl``
 prints it again from saved lines (each module's object names it in ``bench``).
 
-A module run with ``--replicas N`` (N > 1) says so in ``replicas``; its figures are kept as
-``<module>@N`` and shown again below the single-process ones, each figure marked "N replicas".
+A module run with ``--replicas N`` (N > 1) says so in ``replicas``, and bench.checkout run on
+a cluster (``--nats-nodes 3``) in ``nats_nodes``; such a run's figures are kept as
+``<module>@<what sets it apart>`` and shown again below the single-process ones, each figure
+marked so ("[2 replicas]", "[3 nats nodes]").
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def rows(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = No
         if module not in figures:
             missing.append(module)
             continue
-        runs = [(module, "")] + [(key, f" [{key.split('@')[1]} replicas]")
+        runs = [(module, "")] + [(key, f" [{key.split('@', 1)[1]}]")
                                  for key in sorted(figures) if key.startswith(f"{module}@")]
         for key, mark in runs:
             try:
@@ -246,8 +248,13 @@ def read(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
         if line.strip().startswith("{"):
             obj = json.loads(line)
             name = obj.get("bench") or obj.get("benchmark")
+            marks = []  # what sets the run apart from the one-process, one-node run
             if (obj.get("replicas") or 1) > 1:
-                name = f"{name}@{obj['replicas']}"
+                marks.append(f"{obj['replicas']} replicas")
+            if (obj.get("nats_nodes") or 1) > 1:
+                marks.append(f"{obj['nats_nodes']} nats nodes")
+            if marks:
+                name = f"{name}@{', '.join(marks)}"
             figures[name] = obj
     return figures
 
