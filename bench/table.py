@@ -202,11 +202,11 @@ def rows(figures: dict[str, dict[str, Any]], expected: Iterable[str] | None = No
     for module, extract in EXTRACTORS.items():
         if module not in wanted:
             continue
-        if module not in figures:
+        runs = [(module, "")] if module in figures else []
+        runs += [(key, f" [{key.split('@', 1)[1]}]")
+                 for key in sorted(figures) if key.startswith(f"{module}@")]
+        if not runs:
             missing.append(module)
-            continue
-        runs = [(module, "")] + [(key, f" [{key.split('@', 1)[1]}]")
-                                 for key in sorted(figures) if key.startswith(f"{module}@")]
         for key, mark in runs:
             try:
                 out += [replace(r, figure=r.figure + mark) for r in extract(figures[key])]
