@@ -11,7 +11,8 @@
    or from the commit that made the holds due if that came later (committed_s_before_due < 0).
    The events' baseline, in the same run and on the same nats-server: plain JetStream, as many
    messages of an expiry event's size published in batches of the relay's size
-   (``plain_jetstream``).
+   (``plain_jetstream``), timed from its first batch (the events from the due instant, so their
+   time includes the expiry's).
 
 nats-server runs with ``sync_interval: always``, as ``boxoffice up`` and the compose file run it:
 it syncs the stream's file after each message, which is what bounds the events' rate
