@@ -70,17 +70,24 @@ def webhooks(f: dict[str, Any]) -> list[Row]:
         rows.append(Row(f"webhooks accepted p99 ({label})", ing["p99_ms"], "ms",
                         bare["p99_ms"], "bare aiohttp awaiting the same publish, p99",
                         "≤ 50 ms" if always else "", ing["p99_ms"] <= 50 if always else None))
-    a = f["apply"]
-    inserts = a["plain_insert_transactions_16_connections"]["per_second"]
-    applied = a["webhook_applied"]["per_second"]
-    bracketed = "rounds_per_s" in a["plain_insert_transactions_16_connections"]
-    rows.append(Row("webhook events applied", applied, "/s", inserts,
-                    "plain single-row insert transactions"
-                    + (", before and after" if bracketed else ""), "≥ 1.0",
-                    applied / inserts >= 1.0,
-                    cpu=_cpu_ms(a["webhook_applied"].get("cpu_ms_per_event"))))
-    rows.append(Row("webhook events only recorded", a["webhook_recorded_only"]["per_second"], "/s",
-                    inserts, "plain single-row insert transactions"))
+    # the goal is the applied events' with nats-server as boxoffice runs it (sync_interval
+    # always); older output measured them with the default fsync only
+    rounds = [("apply_sync_always", " (sync_interval always)", True),
+              ("apply", " (default fsync)", False)] if "apply_sync_always" in f else [
+              ("apply", "", True)]
+    for key, label, goal in rounds:
+        a = f[key]
+        inserts = a["plain_insert_transactions_16_connections"]["per_second"]
+        applied = a["webhook_applied"]["per_second"]
+        bracketed = "rounds_per_s" in a["plain_insert_transactions_16_connections"]
+        rows.append(Row(f"webhook events applied{label}", applied, "/s", inserts,
+                        "plain single-row insert transactions"
+                        + (", before and after" if bracketed else ""), "≥ 1.0" if goal else "",
+                        applied / inserts >= 1.0 if goal else None,
+                        cpu=_cpu_ms(a["webhook_applied"].get("cpu_ms_per_event"))))
+        rows.append(Row(f"webhook events only recorded{label}",
+                        a["webhook_recorded_only"]["per_second"], "/s", inserts,
+                        "plain single-row insert transactions"))
     return rows
 
 

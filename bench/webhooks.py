@@ -12,7 +12,9 @@ figures and the baselines measured in the same run, on the same machine:
   completes a hold: log row, payment row, reservation, inventory, two outbox rows relayed to
   JetStream, one transaction) from STRIPE_EVENTS, and then events that are only recorded
   (``charge.succeeded``), against plain single-row insert transactions on 16 connections into
-  the same PostgreSQL, measured before and after the applied events (the mean of the two).
+  the same PostgreSQL, measured before and after the applied events (the mean of the two); once
+  with nats-server's default fsync (``apply``) and once with ``sync_interval: always``
+  (``apply_sync_always``), where the relay's two events per applied event cost an fsync each.
 
 ``--quick`` runs each phase on about a fifth of the requests and events. ``--replicas N`` runs
 N ingress processes on one port (``INGRESS_REUSE_PORT=1``) and N webhook processes on one durable
@@ -28,6 +30,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -267,21 +270,38 @@ async def applied(conn: asyncpg.Connection, event_type: str, n: int) -> tuple[in
         await asyncio.sleep(0.2)
 
 
+async def events_relayed(conn: asyncpg.Connection, event_type: str) -> float:
+    """Wait until the applied events' domain events (a payment's and a hold's, two each) have
+    left the outbox, published; seconds from the first applied event until then."""
+    deadline = time.monotonic() + 600
+    while await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE subject = ANY($1::text[]))",
+            ["payments.events.succeeded", "reservations.events.completed"]):
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    return round(float(await conn.fetchval(
+        "SELECT extract(epoch FROM clock_timestamp() - min(processed_at)) FROM webhook_events_log "
+        "WHERE event_type = $1 AND processed_at IS NOT NULL", event_type)), 2)
+
+
 TOP_STATEMENTS = """
 SELECT calls, round(total_exec_time::numeric, 1) AS ms, round(total_plan_time::numeric, 1) AS plan_ms,
        left(regexp_replace(query, '\\s+', ' ', 'g'), 140) AS query
 FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 25"""
 
 
-async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: bool = False
-                      ) -> dict[str, Any]:
+async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: bool = False,
+                      sync_always: bool = False) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
     pg = Postgres(root / "pg" / "data")
     if pg_stats:  # every statement's time, nested ones (in SQL functions) too
         pg.settings.update({"shared_preload_libraries": "pg_stat_statements",
                             "pg_stat_statements.track": "all",
                             "pg_stat_statements.track_planning": "on"})
     pg.start(create_db="boxoffice")
-    nats = NatsServer(root / "nats-apply", sync_always=False).start()
+    nats = NatsServer(root / f"nats-apply{'-sync' if sync_always else ''}",
+                      sync_always=sync_always).start()
     procs: list[subprocess.Popen] = []
     try:
         url = pg.url("boxoffice")
@@ -320,6 +340,7 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: boo
                                    "SELECT pg_stat_statements_reset()")
             before = {name: cpu_seconds(p) for name, p in pids.items()}
             done, span = await applied(conn, "payment_intent.succeeded", sizes.apply_events)
+            relayed = await events_relayed(conn, "payment_intent.succeeded")
             top = [dict(r) for r in await conn.fetch(TOP_STATEMENTS)] if pg_stats else None
             pids["postgres"] = tree(pg.proc.pid)  # the backends as they are now
             cpu = {name: round((cpu_seconds(p) - before[name]) * 1000 / max(1, done - first), 3)
@@ -333,12 +354,22 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: boo
                        "p50_ms": inserts["p50_ms"], "p99_ms": inserts["p99_ms"]}
             completed = await conn.fetchval("SELECT count(*) FROM reservations "
                                             "WHERE status = 'completed'")
-            # the floor of the pipeline: events that are only recorded (no effects)
-            async with busmod.connect(nats.url, "bench") as bus:
-                other = [body_for(i).replace(b'"payment_intent.succeeded"', b'"charge.succeeded"')
-                         for i in range(sizes.recorded_events)]
-                await asyncio.gather(*(bus.publish("stripe.events.charge.succeeded", b,
-                                                   json.loads(b)["id"]) for b in other))
+            # the floor of the pipeline: events that are only recorded (no effects). Published
+            # with the webhook processes stopped (SIGSTOP), as the applied ones were published
+            # before they started: else the figure is the rate of this publishing (with
+            # sync_interval always a third of the recording's), not of the recording
+            for proc in procs:
+                proc.send_signal(signal.SIGSTOP)
+            try:
+                async with busmod.connect(nats.url, "bench") as bus:
+                    other = [body_for(i).replace(b'"payment_intent.succeeded"',
+                                                 b'"charge.succeeded"')
+                             for i in range(sizes.recorded_events)]
+                    await asyncio.gather(*(bus.publish("stripe.events.charge.succeeded", b,
+                                                       json.loads(b)["id"]) for b in other))
+            finally:
+                for proc in procs:
+                    proc.send_signal(signal.SIGCONT)
             recorded, recorded_span = await applied(conn, "charge.succeeded",
                                                     sizes.recorded_events)
         finally:
@@ -346,7 +377,10 @@ async def apply_round(root: Path, sizes: Sizes, replicas: int = 1, pg_stats: boo
         return {"webhook_applied": {"event_type": "payment_intent.succeeded", "events": done,
                                     "completed_reservations": completed,
                                     "per_second": round(done / span),
-                                    "cpu_ms_per_event": cpu},
+                                    "cpu_ms_per_event": cpu,
+                                    # from the first applied to the last of their domain events
+                                    # on JetStream (the relay may trail the applying)
+                                    "all_events_on_jetstream_s": relayed},
                 "webhook_recorded_only": {"event_type": "charge.succeeded", "events": recorded,
                                           "per_second": round(recorded / recorded_span)},
                 "plain_insert_transactions_16_connections": inserts,
@@ -373,7 +407,9 @@ async def main(sizes: Sizes, replicas: int = 1, apply_only: bool = False,
         if not apply_only:
             out["fsync_default"] = await ingress_round(root, False, sizes, replicas)
             out["fsync_always"] = await ingress_round(root, True, sizes, replicas)
-        out["apply"] = await apply_round(root, sizes, replicas, pg_stats)
+        out["apply"] = await apply_round(root / "apply", sizes, replicas, pg_stats)
+        out["apply_sync_always"] = await apply_round(root / "apply-sync", sizes, replicas,
+                                                     pg_stats, sync_always=True)
         out["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
         return out
 
