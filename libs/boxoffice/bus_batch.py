@@ -41,7 +41,11 @@ async def publish_all(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
 
     Raises ``ServiceUnavailable`` unless every message was acknowledged within ``timeout``
     seconds: the bus away, no stream for a subject, or JetStream answered an error. Some of them
-    may be kept then: publish them all again (with the same ids) to be sure of each.
+    may be kept then: publish them all again (with the same ids) to be sure of each. A refusal is
+    raised once every message of the batch has its answer (or the timeout passed), not at the
+    first: else the batch's later messages were still in the server's hands when the caller
+    moved on, and could be stored after its next attempt's (out of their order), or after the
+    cause of the refusal was mended.
     """
     if not messages:
         return 0
@@ -51,6 +55,7 @@ async def publish_all(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
     missing = len(messages)
     seen = bytearray(len(messages))
     duplicates = 0
+    refused: list[str] = []  # why messages were not kept, in the order their answers came
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def acked(msg: Msg) -> None:
@@ -59,19 +64,26 @@ async def publish_all(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
             return
         try:
             n = int(msg.subject[prefix:])
+            if seen[n]:
+                return
+        except (ValueError, IndexError):
+            return  # not an answer to this batch
+        seen[n] = 1
+        missing -= 1
+        try:
             if msg.headers and msg.headers.get("Status"):  # 503: no stream for the subject
                 raise ValueError(f"status {msg.headers['Status']}")
             ack = _decode_ack(msg.data)
             if ack.error is not None or ack.seq is None:
                 raise ValueError(str(ack.error))
-        except (ValueError, IndexError, msgspec.DecodeError) as exc:
-            done.set_exception(errors.ServiceUnavailable(f"bus did not keep a message: {exc}"))
-            return
-        if not seen[n]:
-            seen[n] = 1
-            missing -= 1
             duplicates += ack.duplicate
-            if missing == 0:
+        except (ValueError, msgspec.DecodeError) as exc:
+            refused.append(str(exc))
+        if missing == 0:
+            if refused:
+                done.set_exception(errors.ServiceUnavailable(
+                    f"bus did not keep {len(refused)} of {len(messages)} messages: {refused[0]}"))
+            else:
                 done.set_result(None)
 
     headers = {"Nats-Msg-Id": ""}
@@ -90,7 +102,8 @@ async def publish_all(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
     except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise errors.ServiceUnavailable(
             f"bus did not acknowledge {missing} of {len(messages)} messages: "
-            f"{type(exc).__name__}") from exc
+            f"{type(exc).__name__}" + (f" (and refused {len(refused)}: {refused[0]})"
+                                       if refused else "")) from exc
     finally:
         if not done.done():
             done.cancel()
