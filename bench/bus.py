@@ -40,20 +40,23 @@ from types import SimpleNamespace
 import nats
 
 from bench.cpu import cpu_seconds, tree
+from boxoffice import outbox
 from boxoffice.bus_batch import publish_all
 from boxoffice.embedded import NatsCluster, NatsServer
 
 PAYLOAD = b'{"event":"' + b"x" * 388 + b'"}'  # 400 bytes, about a domain event's JSON
-BATCH = 500  # the outbox relays' batch (outbox.BATCH)
+BATCH = outbox.BATCH  # the outbox relays' batch
 CONCURRENCY = 64  # the benchmarks' HTTP clients
 SETUPS = (("one_node_default_fsync", 1, False), ("one_node_sync_always", 1, True),
           ("three_nodes_sync_always", 3, True))
 
 
-async def batches(nc: nats.NATS, n: int, tag: str) -> None:
+async def batches(nc: nats.NATS, n: int, tag: str, subject: str = "bench.batches",
+                  payload: bytes = PAYLOAD) -> None:
+    """``n`` messages, ``BATCH`` at a time as the relays publish them, ids ``<tag>-<i>``."""
     bus = SimpleNamespace(nc=nc)  # publish_all needs the connection only
     for start in range(0, n, BATCH):
-        await publish_all(bus, [("bench.batches", PAYLOAD, f"{tag}-{i}")
+        await publish_all(bus, [(subject, payload, f"{tag}-{i}")
                                 for i in range(start, min(n, start + BATCH))])
 
 

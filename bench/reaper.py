@@ -44,14 +44,13 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import asyncpg
 import nats
 
+from bench.bus import batches
 from bench.cpu import cpu_seconds, tree
 from boxoffice import migrate, outbox
-from boxoffice.bus_batch import publish_all
 from boxoffice.embedded import NatsServer, Postgres, die_with_parent, free_port
 
 SPREAD_HOLDS = 10_000
@@ -177,12 +176,8 @@ async def plain_jetstream(nats_url: str, n: int) -> dict:
         size = len((await js.get_last_msg("RESERVATIONS", "reservations.events.expired")).data
                    or b"")
         await js.add_stream(name="BENCH_PLAIN", subjects=["bench.plain"])
-        payload = b"x" * size
-        bus = SimpleNamespace(nc=nc)  # publish_all needs the connection only
         started = time.perf_counter()
-        for first in range(0, n, outbox.BATCH):
-            await publish_all(bus, [("bench.plain", payload, f"plain-{i}")
-                                    for i in range(first, min(n, first + outbox.BATCH))])
+        await batches(nc, n, "plain", "bench.plain", b"x" * size)
         seconds = time.perf_counter() - started
         await js.delete_stream("BENCH_PLAIN")
     finally:
