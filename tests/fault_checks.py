@@ -124,38 +124,46 @@ class Evidence:
 async def gather_evidence(cluster: Cluster, stripe: StripeBuyer, ledger: Ledger) -> Evidence:
     conn = await asyncpg.connect(cluster.database_url)
     try:
-        reservations = {str(r["id"]): r for r in await conn.fetch(
-            "SELECT id, event_id, status, quantity, payment_intent_id, expires_at "
-            "FROM reservations")}
-        inventory = await conn.fetch("""
-            SELECT e.id, e.capacity, sum(b.capacity) AS bucket_capacity, sum(b.held) AS held,
-                   sum(b.sold) AS sold,
-                   (SELECT coalesce(sum(quantity), 0) FROM reservations r
-                    WHERE r.event_id = e.id AND r.status = 'active') AS active_q,
-                   (SELECT coalesce(sum(quantity), 0) FROM reservations r
-                    WHERE r.event_id = e.id AND r.status = 'completed') AS completed_q
-            FROM ticketed_events e JOIN inventory_buckets b ON b.event_id = e.id GROUP BY e.id""")
-        log = await conn.fetch("SELECT client_id, idempotency_key, reservation_id, recovery_point, "
-                               "stripe_payment_intent_id, response_status FROM payment_intents_log")
-        payments = {r["payment_intent_id"]: r for r in await conn.fetch(
-            "SELECT payment_intent_id, reservation_id, status, refund_id, refund_reason "
-            "FROM payments")}
-        webhook_log = {r["event_id"]: r["processing_status"] for r in await conn.fetch(
-            "SELECT event_id, processing_status FROM webhook_events_log")}
-        stored = Counter(str(r["id"]) for r in await conn.fetch(
-            "SELECT id FROM error_logs WHERE id = ANY($1::uuid[])", list(ledger.errors_acked)))
-        actions: dict[str, list[str]] = {}
-        for a in await conn.fetch("SELECT payment_intent_id, kind, status, attempts, detail, "
-                                  "last_error FROM stripe_actions ORDER BY id"):
-            actions.setdefault(a["payment_intent_id"], []).append(
-                f"{a['kind']} {a['status']} after {a['attempts']} attempts "
-                f"({a['detail'] or a['last_error'] or ''})")
-        overdue = [f"{r['id']} ({r['late']:.1f}s past expires_at)" for r in await conn.fetch(
-            "SELECT id, extract(epoch FROM clock_timestamp() - expires_at)::float8 AS late "
-            "FROM reservations WHERE status = 'active' "
-            "AND expires_at < clock_timestamp() - make_interval(secs => $1)", OVERDUE_GRACE)]
+        # one snapshot for every table: a transaction committing between two reads (an expiry,
+        # a late webhook) would show half of itself
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return await _read_evidence(conn, cluster, stripe, ledger)
     finally:
         await conn.close()
+
+
+async def _read_evidence(conn: asyncpg.Connection, cluster: Cluster, stripe: StripeBuyer,
+                         ledger: Ledger) -> Evidence:
+    reservations = {str(r["id"]): r for r in await conn.fetch(
+        "SELECT id, event_id, status, quantity, payment_intent_id, expires_at "
+        "FROM reservations")}
+    inventory = await conn.fetch("""
+        SELECT e.id, e.capacity, sum(b.capacity) AS bucket_capacity, sum(b.held) AS held,
+               sum(b.sold) AS sold,
+               (SELECT coalesce(sum(quantity), 0) FROM reservations r
+                WHERE r.event_id = e.id AND r.status = 'active') AS active_q,
+               (SELECT coalesce(sum(quantity), 0) FROM reservations r
+                WHERE r.event_id = e.id AND r.status = 'completed') AS completed_q
+        FROM ticketed_events e JOIN inventory_buckets b ON b.event_id = e.id GROUP BY e.id""")
+    log = await conn.fetch("SELECT client_id, idempotency_key, reservation_id, recovery_point, "
+                           "stripe_payment_intent_id, response_status FROM payment_intents_log")
+    payments = {r["payment_intent_id"]: r for r in await conn.fetch(
+        "SELECT payment_intent_id, reservation_id, status, refund_id, refund_reason "
+        "FROM payments")}
+    webhook_log = {r["event_id"]: r["processing_status"] for r in await conn.fetch(
+        "SELECT event_id, processing_status FROM webhook_events_log")}
+    stored = Counter(str(r["id"]) for r in await conn.fetch(
+        "SELECT id FROM error_logs WHERE id = ANY($1::uuid[])", list(ledger.errors_acked)))
+    actions: dict[str, list[str]] = {}
+    for a in await conn.fetch("SELECT payment_intent_id, kind, status, attempts, detail, "
+                              "last_error FROM stripe_actions ORDER BY id"):
+        actions.setdefault(a["payment_intent_id"], []).append(
+            f"{a['kind']} {a['status']} after {a['attempts']} attempts "
+            f"({a['detail'] or a['last_error'] or ''})")
+    overdue = [f"{r['id']} ({r['late']:.1f}s past expires_at)" for r in await conn.fetch(
+        "SELECT id, extract(epoch FROM clock_timestamp() - expires_at)::float8 AS late "
+        "FROM reservations WHERE status = 'active' "
+        "AND expires_at < clock_timestamp() - make_interval(secs => $1)", OVERDUE_GRACE)]
     expired = await expired_messages(cluster.nats.url)
     return Evidence(reservations, inventory, log, payments, webhook_log, stored, overdue,
                     await stripe.list_all("/v1/payment_intents"),

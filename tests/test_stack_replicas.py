@@ -49,23 +49,31 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 async def _ledger(url: str, pis: list[str]) -> dict[str, list]:
     conn = await asyncpg.connect(url)
     try:
-        return {
-            "intents": [tuple(r) for r in await conn.fetch(
-                "SELECT stripe_payment_intent_id, attempts FROM payment_intents_log "
-                "WHERE stripe_payment_intent_id = ANY($1)", pis)],
-            "payments": [tuple(r) for r in await conn.fetch(
-                "SELECT payment_intent_id, status FROM payments WHERE payment_intent_id = ANY($1)",
-                pis)],
-            "events": [tuple(r) for r in await conn.fetch(
-                "SELECT payload->'data'->'object'->>'id', processing_status, attempts "
-                "FROM webhook_events_log WHERE event_type = 'payment_intent.succeeded' "
-                "AND payload->'data'->'object'->>'id' = ANY($1)", pis)],
-            "sold": [r[0] for r in await conn.fetch(
-                "SELECT r.status FROM reservations r JOIN payments p "
-                "ON p.reservation_id = r.id WHERE p.payment_intent_id = ANY($1)", pis)],
-        }
+        # one snapshot: read one table at a time, a webhook's transaction committing between two
+        # reads showed its hold completed and its event processed beside the payment as it was
+        # before (CI saw it 'created')
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return await _read_ledger(conn, pis)
     finally:
         await conn.close()
+
+
+async def _read_ledger(conn: asyncpg.Connection, pis: list[str]) -> dict[str, list]:
+    return {
+        "intents": [tuple(r) for r in await conn.fetch(
+            "SELECT stripe_payment_intent_id, attempts FROM payment_intents_log "
+            "WHERE stripe_payment_intent_id = ANY($1)", pis)],
+        "payments": [tuple(r) for r in await conn.fetch(
+            "SELECT payment_intent_id, status FROM payments WHERE payment_intent_id = ANY($1)",
+            pis)],
+        "events": [tuple(r) for r in await conn.fetch(
+            "SELECT payload->'data'->'object'->>'id', processing_status, attempts "
+            "FROM webhook_events_log WHERE event_type = 'payment_intent.succeeded' "
+            "AND payload->'data'->'object'->>'id' = ANY($1)", pis)],
+        "sold": [r[0] for r in await conn.fetch(
+            "SELECT r.status FROM reservations r JOIN payments p "
+            "ON p.reservation_id = r.id WHERE p.payment_intent_id = ANY($1)", pis)],
+    }
 
 
 def test_two_replicas_of_ingress_payment_and_webhook(tmp_path: Path) -> None:
