@@ -74,6 +74,10 @@ async def _unsettled(cluster: Cluster, relay: WebhookRelay, stripe: StripeBuyer)
             SELECT (SELECT count(*) FROM outbox) AS outbox,
                    (SELECT count(*) FROM reservations
                     WHERE status = 'active' AND expires_at < clock_timestamp()) AS overdue,
+                   -- every hold ends within its few seconds; one still active when the
+                   -- evidence is read could expire, and be announced, between the database's
+                   -- snapshot and the read of RESERVATIONS
+                   (SELECT count(*) FROM reservations WHERE status = 'active') AS active_holds,
                    (SELECT count(*) FROM webhook_events_log
                     WHERE processing_status = 'received') AS received,
                    (SELECT count(*) FROM stripe_actions
