@@ -242,7 +242,7 @@ async def test_a_promoted_standby_has_everything_acknowledged(
         await db.close()
     async with aiohttp.ClientSession() as http:
         evidence = await gather_evidence(
-            SimpleNamespace(database_url=url, nats=SimpleNamespace(url=nats_url)),  # type: ignore[arg-type]
+            SimpleNamespace(database_url=url, nats_servers=nats_url.split(",")),  # type: ignore[arg-type]
             OurIntents(StripeBuyer(http, localstripe.url), ours), ledger)  # type: ignore[arg-type]
     invariants = [no_event_oversold(evidence), expiry_announced(evidence),
                   errors_stored(evidence, ledger), promises_kept(evidence, ledger),
@@ -360,6 +360,42 @@ def test_a_pair_started_again_after_a_failover_keeps_the_promoted_primary(
                                   database="boxoffice") == "{1,2}"
     finally:
         again.kill()
+
+
+async def test_a_promoted_primary_runs_alone_until_its_standby_is_rebuilt(
+        pair: PostgresPair) -> None:
+    """After a failover the promoted primary's commits wait for no one (it has no standby;
+    the setting its copy brought from the old primary is dropped); ``rebuild_standby`` makes
+    the old primary its standby, and from then on its commits wait for that standby again,
+    without restarting the primary."""
+    old, new = pair.primary, pair.standby
+    pair.primary.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)",
+                      database="boxoffice")
+    old.kill()
+    pair.promote()
+    assert new.psql("SHOW synchronous_standby_names") == ""
+    new.psql("INSERT INTO kept VALUES (2)", database="boxoffice")  # would hang if it waited
+    assert new.proc is not None
+    new_pid = new.proc.pid
+    await asyncio.to_thread(pair.rebuild_standby)
+    assert pair.primary is new and pair.standby is old and new.proc.pid == new_pid
+    assert (old.datadir / "standby.signal").exists()
+    assert new.psql("SHOW synchronous_standby_names") == "*"
+    assert old.psql("SHOW synchronous_standby_names") == ""
+    receiver = int(old.psql("SELECT pid FROM pg_stat_wal_receiver"))
+    conn = await asyncpg.connect(pair.url("boxoffice"))
+    try:
+        os.kill(receiver, signal.SIGSTOP)
+        try:
+            insert = asyncio.create_task(conn.execute("INSERT INTO kept VALUES (3)"))
+            done, _ = await asyncio.wait([insert], timeout=2)
+            assert not done, "a commit returned while the rebuilt standby could not have it"
+        finally:
+            os.kill(receiver, signal.SIGCONT)
+        await asyncio.wait_for(insert, 10)
+    finally:
+        await conn.close()
+    assert old.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2,3}"
 
 
 def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:

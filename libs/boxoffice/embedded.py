@@ -318,8 +318,8 @@ class Postgres(Child):
         self.datadir = Path(datadir).resolve()
         self.port = port or free_port()
         self.log = self.datadir.parent / "postgres.log"
-        # extra ``-c`` settings of the next start (``PostgresPair`` sets the primary's
-        # synchronous_standby_names)
+        # extra ``-c`` settings of the next start (``PostgresPair`` sets its standby's
+        # primary_conninfo and slot)
         self.settings: dict[str, str] = {}
 
     def url(self, database: str = "boxoffice") -> str:
@@ -427,9 +427,11 @@ class PostgresPair:
 
     ``url`` lists both servers with ``target_session_attrs=read-write``, so a client connects to
     whichever is the primary now. ``promote`` makes the standby the primary (it then runs alone,
-    with no synchronous standby to wait for). The file ``root/primary`` names the primary's
-    node, so a pair started again on its data keeps the roles it had: the old primary of a
-    failover is discarded and made again as the new primary's standby.
+    with no synchronous standby to wait for) and ``rebuild_standby`` makes the old primary
+    afresh as its standby, synchronous again, without restarting the primary. The file
+    ``root/primary`` names the primary's node, so a pair started again on its data keeps the
+    roles it had: the old primary of a failover is discarded and made again as the new
+    primary's standby.
     """
 
     name = "postgres pair"
@@ -484,22 +486,40 @@ class PostgresPair:
                          "END IF; END $$")
             if not (standby.datadir / "standby.signal").exists():
                 self._base_backup(primary, standby)
-            # the standby waits for no one, even once promoted (the copied ALTER SYSTEM would
-            # make its commits wait for a standby it does not have); it streams from the
-            # primary's port of this start (the one pg_basebackup wrote may have changed)
-            standby.settings = {"synchronous_standby_names": "",
-                                "primary_conninfo": f"host=127.0.0.1 port={primary.port} "
-                                                    f"user={REPLICATOR}",
-                                "primary_slot_name": SLOT}
-            standby.start(create_db=None)
-            # only now: a commit before the standby streams would wait for it
-            primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            primary.psql("SELECT pg_reload_conf()")
-            self.wait_streaming(timeout)
+            self._start_standby(timeout)
         except BaseException:
             self.kill()  # no server left behind by a pair that never formed
             raise
         return self
+
+    def rebuild_standby(self, timeout: float = 60.0) -> None:
+        """After a failover (the old primary dead or stopped), make the old primary afresh as
+        the new primary's standby and make the primary's commits wait for it again."""
+        assert self.primary.running and not self.standby.running
+        self._base_backup(self.primary, self.standby)
+        self._start_standby(timeout)
+
+    def _start_standby(self, timeout: float) -> None:
+        """Start the standby, streaming from the primary's port of this start (the one
+        pg_basebackup wrote may have changed), then make the primary synchronous on it."""
+        primary, standby = self.primary, self.standby
+        # the standby waits for no one, even once promoted: the setting the copy brought in
+        # its postgresql.auto.conf (the primary's ALTER SYSTEM) is dropped, so a promoted
+        # standby runs alone until it has a standby of its own, and then an ALTER SYSTEM
+        # (no restart) makes its commits wait for that one
+        auto = standby.datadir / "postgresql.auto.conf"
+        if auto.exists():
+            kept = [line for line in auto.read_text().splitlines(keepends=True)
+                    if not line.lstrip().startswith("synchronous_standby_names")]
+            auto.write_text("".join(kept))
+        standby.settings = {"primary_conninfo": f"host=127.0.0.1 port={primary.port} "
+                                                f"user={REPLICATOR}",
+                            "primary_slot_name": SLOT}
+        standby.start(create_db=None)
+        # only now: a commit before the standby streams would wait for it
+        primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        primary.psql("SELECT pg_reload_conf()")
+        self.wait_streaming(timeout)
 
     @staticmethod
     def _base_backup(primary: Postgres, standby: Postgres) -> None:
