@@ -287,6 +287,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="how long the randomized fault run injects faults (default 90)")
     group.addoption("--fault-seed", type=int, default=None,
                     help="replay the fault run with this seed (default: a new random seed)")
+    group.addoption("--fault-nats-nodes", type=int, choices=(1, 3), default=1,
+                    help="one nats-server (default), or a cluster of three with every stream "
+                         "replicated three times: a nats fault then kills one node, or all three")
+    group.addoption("--fault-pg-standby", action="store_true",
+                    help="PostgreSQL as a primary and its synchronous standby: a PostgreSQL "
+                         "fault then crashes the primary or the standby, or fails over")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

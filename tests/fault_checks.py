@@ -5,6 +5,7 @@ services' internals. Each invariant collects its violations; none stops at the f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ async def _unsettled(cluster: Cluster, relay: WebhookRelay, stripe: StripeBuyer)
     if created > len(relay.received):  # localstripe sends each a second after creating it
         out.append(f"{created - len(relay.received)} Stripe events not yet sent")
     try:
-        nc = await nats.connect(cluster.nats.url, connect_timeout=2, max_reconnect_attempts=0,
+        nc = await nats.connect(cluster.nats_servers, connect_timeout=2, max_reconnect_attempts=0,
                                 allow_reconnect=False)
     except (nats.errors.Error, OSError, TimeoutError):
         return out + ["nats-server unreachable"]
@@ -168,13 +169,13 @@ async def _read_evidence(conn: asyncpg.Connection, cluster: Cluster, stripe: Str
         "SELECT id, extract(epoch FROM clock_timestamp() - expires_at)::float8 AS late "
         "FROM reservations WHERE status = 'active' "
         "AND expires_at < clock_timestamp() - make_interval(secs => $1)", OVERDUE_GRACE)]
-    expired = await expired_messages(cluster.nats.url)
+    expired = await expired_messages(cluster.nats_servers)
     return Evidence(reservations, inventory, log, payments, webhook_log, stored, overdue,
                     await stripe.list_all("/v1/payment_intents"),
                     await stripe.list_all("/v1/events"), expired, actions)
 
 
-async def expired_messages(nats_url: str, timeout: float = 60.0) -> Counter[str]:
+async def expired_messages(nats_url: str | list[str], timeout: float = 60.0) -> Counter[str]:
     """Every ``reservations.events.expired`` message on RESERVATIONS, counted by reservation."""
     nc = await nats.connect(nats_url)
     try:
@@ -192,6 +193,11 @@ async def expired_messages(nats_url: str, timeout: float = 60.0) -> Counter[str]
             try:
                 msgs = await sub.fetch(500, timeout=1)
             except TimeoutError:  # nats' own TimeoutError is one too
+                continue
+            except nats.js.errors.ServiceUnavailableError:
+                # in a cluster, the node this client is on may not know of the new consumer
+                # yet ("no responders"): asked again
+                await asyncio.sleep(0.2)
                 continue
             for m in msgs:
                 counts[json.loads(m.data)["reservation_id"]] += 1

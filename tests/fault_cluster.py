@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from boxoffice import migrate
-from boxoffice.embedded import LocalStripe, NatsServer, Postgres
+from boxoffice.embedded import LocalStripe, NatsCluster, NatsServer, Postgres, PostgresPair
 from tests.harness import ServiceProcess, base_env, eventually
 
 # Replicas where the README says they share the work (holds and keys, Stripe events, expiry);
@@ -44,9 +46,11 @@ class Supervised:
 class Cluster:
     root: Path
     ttl_seconds: int
+    nats_nodes: int = 1  # or a cluster of three, every stream replicated three times
+    pg_standby: bool = False  # PostgreSQL alone, or a primary and its synchronous standby
     stripe_base: str = ""  # where the services reach Stripe (the keys proxy), set before start
-    pg: Postgres = field(init=False)
-    nats: NatsServer = field(init=False)
+    pg: Postgres | PostgresPair = field(init=False)
+    nats: NatsServer | NatsCluster = field(init=False)
     localstripe: LocalStripe = field(init=False)
     services: dict[str, Supervised] = field(default_factory=dict)
     restarts: Counter[str] = field(default_factory=Counter)
@@ -55,13 +59,48 @@ class Cluster:
     _pg_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
-        self.pg = Postgres(self.root / "pg" / "data")
-        self.nats = NatsServer(self.root / "nats", sync_always=True)
+        if self.pg_standby:
+            # not under pytest's basetemp (tests/test_pg_failover.py says why); the logs are
+            # copied there at the end
+            self.pg = PostgresPair(Path(tempfile.mkdtemp(prefix="boxoffice-fault-pg-")) / "pg")
+        else:
+            self.pg = Postgres(self.root / "pg" / "data")
+        self.nats = (NatsServer(self.root / "nats", sync_always=True) if self.nats_nodes == 1
+                     else NatsCluster(self.root / "nats", self.nats_nodes, sync_always=True))
         self.localstripe = LocalStripe(log=self.root / "localstripe.log")
 
     @property
     def database_url(self) -> str:
         return self.pg.url("boxoffice")
+
+    @property
+    def pg_targets(self) -> tuple[str, ...]:
+        """What a PostgreSQL fault may do with a pair: crash the primary and restart it, crash
+        the standby and restart it, or fail over (crash the primary, promote the standby, make
+        the old primary its standby afresh); nothing to name with one server."""
+        return ("primary", "standby", "failover") if self.pg_standby else ()
+
+    def _pg_nodes(self) -> list[Postgres]:
+        return list(self.pg.nodes.values()) if isinstance(self.pg, PostgresPair) else [self.pg]
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The URLs of every node, as a NATS client takes them."""
+        return self.nats.url.split(",")
+
+    @property
+    def nats_targets(self) -> tuple[str, ...]:
+        """What a nats fault may kill in a cluster: one node (by name), or all of them; none
+        to name with one server."""
+        if isinstance(self.nats, NatsServer):
+            return ()
+        return (*(n.cluster.server_name for n in self.nats.nodes if n.cluster), "all")
+
+    def _nats_down(self, target: str) -> list[NatsServer]:
+        if isinstance(self.nats, NatsServer):
+            return [self.nats]
+        return [n for n in self.nats.nodes
+                if target == "all" or (n.cluster and n.cluster.server_name == target)]
 
     @property
     def ingress_url(self) -> str:
@@ -77,6 +116,8 @@ class Cluster:
 
     async def start_services(self) -> None:
         env = base_env(self.nats.url, self.database_url, self.stripe_base)
+        if self.nats_nodes > 1:
+            env["NATS_STREAM_REPLICAS"] = str(self.nats_nodes)
         env.update({
             "RESERVATION_TTL_SECONDS": str(self.ttl_seconds),
             # Stripe's retries compressed to the run's scale (the default waits up to an hour)
@@ -111,6 +152,11 @@ class Cluster:
         self.localstripe.stop()
         self.nats.kill()
         self.pg.stop()
+        if isinstance(self.pg, PostgresPair):
+            for name, node in self.pg.nodes.items():
+                with contextlib.suppress(OSError):
+                    shutil.copy(node.log, self.root / f"postgres-{name}.log")
+            shutil.rmtree(self.pg.root.parent, ignore_errors=True)
 
     # -- supervision -----------------------------------------------------------------------------
     async def _supervise(self) -> None:
@@ -183,16 +229,22 @@ class Cluster:
                 os.kill(pid, signal.SIGCONT)
             s.stopped = False
 
-    async def kill_nats(self, down: float) -> None:
+    async def kill_nats(self, down: float, target: str = "nats") -> None:
+        """SIGKILL the server (or a node of the cluster, or all three), then start it again on
+        the same port and JetStream store after ``down`` seconds."""
         async with self._nats_turn:
-            self.nats.kill()
+            nodes = self._nats_down(target)
+            for node in nodes:
+                node.kill()
             await asyncio.sleep(down)
-            await asyncio.to_thread(self.nats.start)  # same port, same JetStream store
+            for node in nodes:
+                await asyncio.to_thread(node.start)
 
-    def postgres_pids(self) -> list[int]:
+    def postgres_pids(self, server: Postgres | None = None) -> list[int]:
         """The postmaster and every process it forked (same process group, or its children)."""
-        assert self.pg.proc is not None
-        master = self.pg.proc.pid
+        server = server or self._pg_nodes()[0]
+        assert server.proc is not None
+        master = server.proc.pid
         found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -209,23 +261,34 @@ class Cluster:
                 found.append(pid)
         return found
 
-    async def kill_postgres(self, down: float) -> int:
+    async def kill_postgres(self, down: float, target: str = "postgres") -> int:
         """SIGKILL the postmaster and every backend at once, then restart on the same data
-        directory (crash recovery); returns how many processes were killed."""
+        directory (crash recovery); returns how many processes were killed. With a pair,
+        ``target`` is one of ``pg_targets``: the primary or the standby so, or a failover."""
         async with self._pg_turn:
-            return await self._kill_postgres(down)
+            if not isinstance(self.pg, PostgresPair):
+                return await self._kill_postgres(self.pg, down)
+            if target == "standby":
+                return await self._kill_postgres(self.pg.standby, down)
+            if target == "primary":
+                return await self._kill_postgres(self.pg.primary, down)
+            killed = await self._kill_postgres(self.pg.primary, down, restart=False)
+            await asyncio.to_thread(self.pg.promote)
+            await asyncio.to_thread(self.pg.rebuild_standby)
+            return killed
 
-    async def _kill_postgres(self, down: float) -> int:
-        pids = self.postgres_pids()
+    async def _kill_postgres(self, server: Postgres, down: float, restart: bool = True) -> int:
+        pids = self.postgres_pids(server)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert self.pg.proc is not None
-        await asyncio.to_thread(self.pg.proc.wait)
+        assert server.proc is not None
+        await asyncio.to_thread(server.proc.wait)
         await eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
                          what="every PostgreSQL process gone")
         await asyncio.sleep(down)
-        await asyncio.to_thread(self.pg.start, create_db=None)
+        if restart:
+            await asyncio.to_thread(server.start, create_db=None)
         return len(pids)
 
     async def heal(self, timeout: float = 90.0) -> list[str]:
@@ -235,9 +298,15 @@ class Cluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(s.proc.proc.pid, signal.SIGCONT)
             s.stopped = False
-        if not self.nats.running:
-            await asyncio.to_thread(self.nats.start)
-        if not self.pg.running:
+        for node in self._nats_down("all"):
+            if not node.running:
+                await asyncio.to_thread(node.start)
+        if isinstance(self.pg, PostgresPair):
+            if not self.pg.primary.running:  # a failover cut short: the standby takes over
+                await asyncio.to_thread(self.pg.promote)
+            if not self.pg.standby.running:
+                await asyncio.to_thread(self.pg.rebuild_standby)
+        elif not self.pg.running:
             await asyncio.to_thread(self.pg.start, create_db=None)
         return await self.wait_ready(timeout)
 

@@ -289,7 +289,7 @@ def new_report(rng: random.Random, service: str, message: str) -> dict[str, Any]
             "message": message, "context": {"fault_run": True}}
 
 
-async def bus_reporter(run: Workload, nats_url: str) -> None:
+async def bus_reporter(run: Workload, nats_url: str | list[str]) -> None:
     """Another process reporting on the bus: ``errors.<service>.<level>``, the report's id as
     ``Nats-Msg-Id``; only a PubAck counts, and an unacknowledged report is sent again."""
     plan = random.Random(f"{run.seed}/bus-reporter")

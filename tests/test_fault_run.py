@@ -58,14 +58,23 @@ class Fault:
 KINDS = {"kill": 30, "pause": 20, "nats": 12, "postgres": 12, "stripe": 14}
 
 
-def schedule(seed: int, seconds: float) -> list[Fault]:
+def schedule(seed: int, seconds: float, nats_targets: tuple[str, ...] = (),
+             pg_targets: tuple[str, ...] = ()) -> list[Fault]:
     """The nemesis's plan, from the seed alone. Faults start 1-4 s apart and may overlap (a
-    service killed while PostgreSQL is down); the two servers' own faults take turns."""
+    service killed while PostgreSQL is down); the two servers' own faults take turns. With a
+    NATS cluster (``nats_targets``: its nodes and "all") a nats fault kills one node or every
+    node; with a PostgreSQL pair (``pg_targets``) a PostgreSQL fault crashes its primary or its
+    standby or fails over. With one server of each the plan is what it always was for the
+    seed."""
     rng = random.Random(f"{seed}/nemesis")
     out, t = [], rng.uniform(2.0, 4.0)
     while t < seconds:
         kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
         target = rng.choice(INSTANCES) if kind in ("kill", "pause") else kind
+        if kind == "nats" and nats_targets:
+            target = rng.choice(nats_targets)
+        if kind == "postgres" and pg_targets:
+            target = rng.choice(pg_targets)
         lasts = {"kill": 0.0, "pause": rng.uniform(1.0, 12.0), "nats": rng.uniform(0.5, 4.0),
                  "postgres": rng.uniform(0.5, 4.0), "stripe": rng.uniform(3.0, 10.0)}[kind]
         out.append(Fault(round(t, 2), kind, target, round(lasts, 2)))
@@ -97,11 +106,17 @@ async def _inject(cluster: Cluster, proxy: FlakyStripe, f: Fault, injected: Coun
         injected[f"SIGSTOP/SIGCONT {f.target}"] += 1
         await cluster.pause_service(f.target, f.seconds)
     elif f.kind == "nats":
-        injected["nats-server SIGKILL and restart"] += 1
-        await cluster.kill_nats(f.seconds)
+        injected["nats-server SIGKILL and restart" if f.target == "nats"
+                 else f"nats node {f.target} SIGKILL and restart"] += 1
+        await cluster.kill_nats(f.seconds, f.target)
     elif f.kind == "postgres":
-        injected["PostgreSQL: every process SIGKILLed, restarted"] += 1
-        injected["PostgreSQL processes SIGKILLed"] += await cluster.kill_postgres(f.seconds)
+        injected[{"postgres": "PostgreSQL: every process SIGKILLed, restarted",
+                  "primary": "PostgreSQL primary: every process SIGKILLed, restarted",
+                  "standby": "PostgreSQL standby: every process SIGKILLed, restarted",
+                  "failover": "PostgreSQL failover: primary SIGKILLed, standby promoted, "
+                              "a new standby made"}[f.target]] += 1
+        injected["PostgreSQL processes SIGKILLed"] += await cluster.kill_postgres(f.seconds,
+                                                                                  f.target)
     else:
         injected["Stripe flaky window"] += 1
         await flaky_window(proxy, f.seconds)
@@ -121,7 +136,9 @@ def report(seed: int, seconds: float, ledger: Ledger, injected: Counter[str],
            proxy: FlakyStripe, relay: WebhookRelay, cluster: Cluster,
            invariants: list[Invariant], phases: dict[str, float]) -> dict:
     return {
-        "seed": seed, "fault_seconds": seconds, "phases_seconds": phases,
+        "seed": seed, "fault_seconds": seconds, "nats_nodes": cluster.nats_nodes,
+        "pg_standby": cluster.pg_standby,
+        "phases_seconds": phases,
         "operations": dict(sorted(ledger.ops.items())),
         "operations_total": sum(ledger.ops.values()),
         "faults": dict(sorted(injected.items())),
@@ -152,11 +169,18 @@ def describe(figures: dict) -> str:
     return "\n".join(lines)
 
 
-def failure_message(seed: int, seconds: float, invariants: list[Invariant], path: Path) -> str:
+def replay(seed: int, seconds: float, cluster: Cluster) -> str:
+    nodes = f" --fault-nats-nodes={cluster.nats_nodes}" if cluster.nats_nodes != 1 else ""
+    standby = " --fault-pg-standby" if cluster.pg_standby else ""
+    return f"--fault-seed={seed} --fault-seconds={seconds:g}{nodes}{standby}"
+
+
+def failure_message(seed: int, seconds: float, cluster: Cluster, invariants: list[Invariant],
+                    path: Path) -> str:
     bad = [i for i in invariants if i.violations]
     out = [f"fault run seed={seed}: {len(bad)} of {len(invariants)} invariants violated "
-           f"(replay: pytest tests/test_fault_run.py --fault-seed={seed} "
-           f"--fault-seconds={seconds:g}; figures in {path})"]
+           f"(replay: pytest tests/test_fault_run.py {replay(seed, seconds, cluster)}; "
+           f"figures in {path})"]
     for inv in bad:
         out.append(f"[{inv.name}] seed={seed}, {len(inv.violations)} violations:")
         out.extend(f"  - {v}" for v in inv.violations[:15])
@@ -189,6 +213,17 @@ def test_the_seed_decides_the_fault_schedule() -> None:
     assert plan == schedule(42, 90) != schedule(43, 90)
     assert {f.kind for f in plan} == set(KINDS) and plan[-1].at < 90
     assert all(f.target in INSTANCES for f in plan if f.kind in ("kill", "pause"))
+    assert {f.target for f in plan if f.kind == "nats"} == {"nats"}
+    # a cluster's plan: the same faults at the same times, its nats faults aimed at nodes
+    nodes = ("n1", "n2", "n3", "all")
+    on_cluster = schedule(42, 90, nodes)
+    assert on_cluster == schedule(42, 90, nodes)
+    assert [(f.at, f.kind) for f in on_cluster][:3] == [(f.at, f.kind) for f in plan][:3]
+    assert {f.target for f in schedule(42, 600, nodes) if f.kind == "nats"} == set(nodes)
+    pair = ("primary", "standby", "failover")
+    with_pair = schedule(42, 600, pg_targets=pair)
+    assert {f.target for f in with_pair if f.kind == "postgres"} == set(pair)
+    assert with_pair == schedule(42, 600, pg_targets=pair) != schedule(42, 600)
 
 
 @pytest.mark.slow
@@ -196,6 +231,8 @@ async def test_fault_run(request: pytest.FixtureRequest, tmp_path: Path,
                          capsys: pytest.CaptureFixture[str]) -> None:
     seconds = float(request.config.getoption("--fault-seconds"))
     seed = request.config.getoption("--fault-seed")
+    nats_nodes = int(request.config.getoption("--fault-nats-nodes"))
+    pg_standby = bool(request.config.getoption("--fault-pg-standby"))
     if seed is None:
         seed = random.SystemRandom().randrange(1, 1_000_000)
 
@@ -203,12 +240,14 @@ async def test_fault_run(request: pytest.FixtureRequest, tmp_path: Path,
         with capsys.disabled():
             print(f"\n{text}", flush=True)
 
-    plan = schedule(seed, seconds)
-    say(f"fault run seed={seed} ({seconds:g} s of faults, {len(plan)} planned; replay with "
-        f"--fault-seed={seed}); logs in {tmp_path / 'stack'}")
+    cluster = Cluster(tmp_path / "stack", TTL_SECONDS, nats_nodes, pg_standby)
+    plan = schedule(seed, seconds, cluster.nats_targets, cluster.pg_targets)
+    on = ("one nats-server" if nats_nodes == 1 else f"{nats_nodes} nats nodes") + (
+        ", PostgreSQL and its standby" if pg_standby else ", one PostgreSQL")
+    say(f"fault run seed={seed} ({seconds:g} s of faults, {len(plan)} planned, {on}; replay with "
+        f"{replay(seed, seconds, cluster)}); logs in {tmp_path / 'stack'}")
     t0 = time.monotonic()
     phases: dict[str, float] = {}
-    cluster = Cluster(tmp_path / "stack", TTL_SECONDS)
     proxy = FlakyStripe("http://unset", random.Random(f"{seed}/stripe"))
     relay: WebhookRelay | None = None
     ledger, injected = Ledger(), Counter[str]()
@@ -242,7 +281,7 @@ async def test_fault_run(request: pytest.FixtureRequest, tmp_path: Path,
             run = Workload(seed, api, stripe, ledger, sales, TTL_SECONDS, started,
                            end=started + seconds, give_up=started + seconds + DRAIN_SECONDS)
             clients = [asyncio.create_task(Buyer(run, n).loop()) for n in range(BUYERS)]
-            clients.append(asyncio.create_task(bus_reporter(run, cluster.nats.url)))
+            clients.append(asyncio.create_task(bus_reporter(run, cluster.nats_servers)))
             await nemesis(cluster, proxy, plan, started, injected, troubles)
             await asyncio.sleep(max(0.0, run.end - time.monotonic()))
             phases["faults"] = round(time.monotonic() - started, 1)
@@ -292,4 +331,4 @@ async def test_fault_run(request: pytest.FixtureRequest, tmp_path: Path,
     path.write_text(json.dumps(figures, indent=2, default=str))
     say(describe(figures) + f"\nfigures written to {path}")
     assert not any(i.violations for i in invariants), \
-        failure_message(seed, seconds, invariants, path)
+        failure_message(seed, seconds, cluster, invariants, path)
