@@ -43,7 +43,7 @@ import pytest_asyncio
 
 from boxoffice import config, migrate
 from boxoffice import db as dbmod
-from boxoffice.embedded import LocalStripe, PostgresPair, free_port
+from boxoffice.embedded import LocalStripe, Postgres, PostgresPair, free_port
 from boxoffice.stack import read_env
 from tests.checkout_support import Api
 from tests.cluster_support import Accepted, all_services, workload
@@ -434,9 +434,36 @@ def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
                 await conn.close()
 
         assert asyncio.run(holds()) == 2
+        # the old primary is made the promoted one's standby (not started as a second primary,
+        # whose commits nobody would ever see), and the promoted one's commits wait for it
+        old, new = _port_of(env, primary), _port_of(env, standby)
+        deadline = time.monotonic() + 60
+        while (in_recovery := _psql(old, "SELECT pg_is_in_recovery()")) is None:
+            assert time.monotonic() < deadline, "the old primary never came back"
+            time.sleep(0.5)
+        assert in_recovery == "t", "the old primary was started as a second primary"
+        while _psql(new, "SELECT sync_state FROM pg_stat_replication") != "sync":
+            assert time.monotonic() < deadline, "no synchronous standby after the failover"
+            time.sleep(0.5)
+        assert _psql(old, f"SELECT count(*) FROM reservations WHERE id = '{after}'") == "1"
+        assert _hold(env, 30) is not None
     finally:
         stop_stack(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _port_of(env: dict[str, str], node: str) -> int:
+    """The port of node "a" or "b": the first and second server of ``DATABASE_URL``."""
+    hosts = urlsplit(env["DATABASE_URL"]).netloc.rsplit("@", 1)[-1].split(",")
+    return int(hosts["ab".index(node)].rsplit(":", 1)[1])
+
+
+def _psql(port: int, sql: str) -> str | None:
+    """``sql``'s answer from the server on ``port``, or None while it does not answer."""
+    try:
+        return Postgres("/nonexistent", port).psql(sql, database="boxoffice")
+    except subprocess.CalledProcessError:
+        return None
 
 
 def _postmaster(home: Path, node: str) -> int:

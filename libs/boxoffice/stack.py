@@ -18,7 +18,8 @@ carries on when any one node dies.
 ``BOXOFFICE_PG_STANDBY=1`` runs PostgreSQL as a primary and a synchronous streaming standby
 (``boxoffice.embedded.PostgresPair``, data under ``.boxoffice/pg/a`` and ``.boxoffice/pg/b``):
 every ``DATABASE_URL`` lists both with ``target_session_attrs=read-write``, and when the primary
-dies the supervisor promotes the standby; the services reconnect to it.
+dies the supervisor promotes the standby (the services reconnect to it), then makes the old
+primary its standby afresh.
 
 ``BOXOFFICE_REPLICAS="payment=2,webhook=2"`` runs that many processes of a service (1 to
 ``MAX_REPLICAS``; a service not named runs once). Each replica is its own supervised process with
@@ -446,15 +447,28 @@ def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
 
 
 def _fail_over(stack: Stack) -> None:
-    """Keep the pair going: when its primary dies, promote the standby (the promoted primary
-    runs alone until the next ``boxoffice up`` makes the old one its standby again); when its
-    standby dies, start it again (the primary's commits wait for it meanwhile)."""
+    """Keep the pair going: when its primary dies, promote the standby, then make the old
+    primary afresh as the promoted one's standby (``pg_basebackup``: its data, which may hold
+    transactions never acknowledged, is discarded; started as it was, it would be a second
+    primary); when the standby dies, start it again (the primary's commits wait for it
+    meanwhile)."""
     pair = stack.pg_pair
     if pair is None:
         return
     if pair.primary.running and not pair.standby.running \
             and time.monotonic() >= stack.standby_restart_at:
         stack.standby_restart_at = time.monotonic() + 10
+        if not (pair.standby.datadir / "standby.signal").exists():  # the old primary
+            say(f"making the old primary on 127.0.0.1:{pair.standby.port} the standby of "
+                f"127.0.0.1:{pair.primary.port} (pg_basebackup)")
+            try:
+                pair.rebuild_standby()
+            except (subprocess.CalledProcessError, RuntimeError, TimeoutError, OSError) as exc:
+                say(f"the standby was not made ({type(exc).__name__}); see {pair.standby.log}")
+                return
+            say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} streams again; commits "
+                "wait for it")
+            return
         say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} exited; starting it again")
         try:
             pair.standby.start(create_db=None)
@@ -470,8 +484,8 @@ def _fail_over(stack: Stack) -> None:
         say(f"promotion failed ({type(exc).__name__}); see {pair.standby.log}")
         stack.pg_pair = None
         return
-    say(f"PostgreSQL primary now on 127.0.0.1:{pair.primary.port} (no standby until the next "
-        "`boxoffice up`)")
+    say(f"PostgreSQL primary now on 127.0.0.1:{pair.primary.port}")
+    stack.standby_restart_at = 0.0  # the old primary is made its standby next, at once
 
 
 def _write_pids(stack: Stack) -> None:
