@@ -269,8 +269,12 @@ class Cluster:
             if not isinstance(self.pg, PostgresPair):
                 return await self._kill_postgres(self.pg, down)
             if target == "standby":
-                return await self._kill_postgres(self.pg.standby, down)
-            if target == "primary":
+                killed = await self._kill_postgres(self.pg.standby, down, restart=False)
+                await asyncio.to_thread(self.pg.start_standby_again)
+                return killed
+            if target == "primary" or not self.pg.synchronous:
+                # (a failover only to a standby that has every acknowledged commit, as
+                # ``boxoffice up`` does; else the primary's crash recovery)
                 return await self._kill_postgres(self.pg.primary, down)
             killed = await self._kill_postgres(self.pg.primary, down, restart=False)
             await asyncio.to_thread(self.pg.promote)
@@ -278,12 +282,12 @@ class Cluster:
             return killed
 
     async def _kill_postgres(self, server: Postgres, down: float, restart: bool = True) -> int:
-        pids = self.postgres_pids(server)
+        pids = self.postgres_pids(server) if server.running else []
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert server.proc is not None
-        await asyncio.to_thread(server.proc.wait)
+        if server.proc is not None:
+            await asyncio.to_thread(server.proc.wait)
         await eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
                          what="every PostgreSQL process gone")
         await asyncio.sleep(down)
@@ -301,11 +305,14 @@ class Cluster:
         for node in self._nats_down("all"):
             if not node.running:
                 await asyncio.to_thread(node.start)
-        if isinstance(self.pg, PostgresPair):
-            if not self.pg.primary.running:  # a failover cut short: the standby takes over
-                await asyncio.to_thread(self.pg.promote)
+        if isinstance(self.pg, PostgresPair):  # as ``boxoffice up``'s supervisor would
+            if not self.pg.primary.running:
+                if self.pg.synchronous and self.pg.standby.running:
+                    await asyncio.to_thread(self.pg.promote)
+                else:
+                    await asyncio.to_thread(self.pg.primary.start, create_db=None)
             if not self.pg.standby.running:
-                await asyncio.to_thread(self.pg.rebuild_standby)
+                await asyncio.to_thread(self.pg.start_standby_again)
         elif not self.pg.running:
             await asyncio.to_thread(self.pg.start, create_db=None)
         return await self.wait_ready(timeout)

@@ -43,8 +43,9 @@ import pytest_asyncio
 
 from boxoffice import config, migrate
 from boxoffice import db as dbmod
-from boxoffice.embedded import LocalStripe, Postgres, PostgresPair, free_port
-from boxoffice.stack import read_env
+from boxoffice import stack as stack_mod
+from boxoffice.embedded import REPLICATOR, SLOT, LocalStripe, Postgres, PostgresPair, free_port
+from boxoffice.stack import Stack, read_env
 from tests.checkout_support import Api
 from tests.cluster_support import Accepted, all_services, workload
 from tests.conftest import PgRefusals
@@ -396,6 +397,78 @@ async def test_a_promoted_primary_runs_alone_until_its_standby_is_rebuilt(
     finally:
         await conn.close()
     assert old.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2,3}"
+
+
+def test_the_supervisor_never_promotes_a_standby_that_may_lack_commits(
+        pair: PostgresPair, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``boxoffice up``'s failover step, outcome by outcome: the standby dies (started again,
+    the primary synchronous on it); the primary dies (the standby promoted); the old primary is
+    made the standby afresh; and when the promoted primary dies before that new standby has
+    caught up (it streams, but the primary never waited for it), the primary is started again
+    on its own data rather than the standby promoted."""
+    stack = Stack(tmp_path, pg_pair=pair)
+    a, b = pair.primary, pair.standby
+    b.kill()
+    stack_mod._fail_over(stack)
+    assert b.running and pair.synchronous and "exited; starting it again" in capsys.readouterr().out
+    a.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)", database="boxoffice")
+    a.kill()
+    stack_mod._fail_over(stack)
+    assert pair.primary is b and not pair.synchronous
+    assert "promoting the standby" in capsys.readouterr().out
+    b.psql("INSERT INTO kept VALUES (2)", database="boxoffice")  # acknowledged by b alone
+    stack_mod._fail_over(stack)
+    assert "making the old primary" in capsys.readouterr().out
+    assert pair.standby is a and a.running and pair.synchronous
+    assert a.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2}"
+    # a standby that has not caught up: a promoted, running alone; b made its copy and
+    # streaming, but a's commits never waited for it; then a dies
+    b.kill()
+    pair.promote()
+    assert pair.primary is a and not pair.synchronous
+    a.psql("INSERT INTO kept VALUES (3)", database="boxoffice")  # acknowledged by a alone
+    pair._base_backup(a, b)
+    b.settings = {"primary_conninfo": f"host=127.0.0.1 port={a.port} user={REPLICATOR}",
+                  "primary_slot_name": SLOT}
+    b.start(create_db=None)
+    assert b.psql("SELECT pg_is_in_recovery()") == "t" and not pair.synchronous
+    a.kill()
+    stack_mod._fail_over(stack)
+    said = capsys.readouterr().out
+    assert "starting the primary again on its data" in said and "promoting" not in said
+    assert pair.primary is a and a.running and a.psql("SELECT pg_is_in_recovery()") == "f"
+    assert b.psql("SELECT pg_is_in_recovery()") == "t"  # still a standby, not promoted
+    assert a.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2,3}"
+
+
+def test_a_standby_that_cannot_start_is_left_stopped(pair: PostgresPair) -> None:
+    """``start_standby_again`` on failure leaves the standby stopped (so the supervisor tries
+    again), never half started, and refuses to start a standby without a running primary."""
+    standby = pair.standby
+    standby.kill()
+    taken = socket.socket()  # its port taken: the server cannot start
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    deadline = time.monotonic() + 15
+    while True:  # once the killed server's processes have let go of it
+        try:
+            taken.bind(("127.0.0.1", standby.port))
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the killed standby's port stays taken"
+            time.sleep(0.2)
+    taken.listen()
+    try:
+        with pytest.raises((RuntimeError, TimeoutError)):
+            pair.start_standby_again(timeout=10)
+        assert not standby.running
+    finally:
+        taken.close()
+    pair.start_standby_again()
+    assert standby.running and pair.synchronous
+    pair.primary.kill()
+    standby.kill()
+    with pytest.raises(RuntimeError):
+        pair.start_standby_again()
 
 
 def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:

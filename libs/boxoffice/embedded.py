@@ -404,7 +404,7 @@ class Postgres(Child):
     def psql(self, sql: str, database: str = "postgres") -> str:
         r = subprocess.run([self._bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
                             "postgres", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
-                           check=True, capture_output=True, text=True)
+                           check=True, capture_output=True, text=True, timeout=120)
         return r.stdout.strip()
 
     def create_database(self, name: str, template: str | None = None) -> None:
@@ -449,6 +449,10 @@ class PostgresPair:
         self.nodes = {n: Postgres(self.root / n / "data", port(ports[i]))
                       for i, n in enumerate(("a", "b"))}
         self._primary = "a"
+        # every commit the primary acknowledged is on the standby's disk: true once a standby
+        # streams synchronously and has caught up, false from a promotion until the next
+        # standby has; a standby is promoted only while it is true
+        self.synchronous = False
 
     @property
     def primary(self) -> Postgres:
@@ -480,7 +484,7 @@ class PostgresPair:
             primary, standby = self.primary, self.standby
             primary.settings = {}
             primary.start(create_db=create_db)
-            marker.write_text(self._primary)
+            self._write_marker()
             primary.psql(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
                          f"'{REPLICATOR}') THEN CREATE ROLE {REPLICATOR} WITH LOGIN REPLICATION; "
                          "END IF; END $$")
@@ -494,10 +498,24 @@ class PostgresPair:
 
     def rebuild_standby(self, timeout: float = 60.0) -> None:
         """After a failover (the old primary dead or stopped), make the old primary afresh as
-        the new primary's standby and make the primary's commits wait for it again."""
-        assert self.primary.running and not self.standby.running
-        self._base_backup(self.primary, self.standby)
-        self._start_standby(timeout)
+        the new primary's standby and make the primary's commits wait for it again. On
+        failure the standby is left stopped, to be tried again."""
+        self.start_standby_again(timeout, afresh=True)
+
+    def start_standby_again(self, timeout: float = 60.0, *, afresh: bool = False) -> None:
+        """Start the standby that is not running: on its own data when it is a standby
+        (``standby.signal``), else (the old primary of a failover, or ``afresh``) made anew
+        from the primary, never as it was (a second primary); then the primary's commits wait
+        for it. On failure the standby is left stopped, so that this can be tried again."""
+        if not self.primary.running or self.standby.running:
+            raise RuntimeError("a standby is started only beside a running primary")
+        try:
+            if afresh or not (self.standby.datadir / "standby.signal").exists():
+                self._base_backup(self.primary, self.standby)
+            self._start_standby(timeout)
+        except BaseException:
+            self.standby.kill()
+            raise
 
     def _start_standby(self, timeout: float) -> None:
         """Start the standby, streaming from the primary's port of this start (the one
@@ -520,6 +538,7 @@ class PostgresPair:
         primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
         primary.psql("SELECT pg_reload_conf()")
         self.wait_streaming(timeout)
+        self.synchronous = True
 
     @staticmethod
     def _base_backup(primary: Postgres, standby: Postgres) -> None:
@@ -533,14 +552,18 @@ class PostgresPair:
         user = standby._user()
         subprocess.run([Postgres._bin("pg_basebackup"), "-h", "127.0.0.1", "-p",
                         str(primary.port), "-U", REPLICATOR, "-D", str(standby.datadir),
-                        "-X", "stream", "-C", "-S", SLOT, "-R", "--checkpoint=fast", "--no-sync"],
-                       check=True, capture_output=True, user=user)
+                        "-X", "stream", "-C", "-S", SLOT, "-R", "--checkpoint=fast"],
+                       check=True, capture_output=True, user=user, timeout=600)
 
     def wait_streaming(self, timeout: float = 60.0) -> None:
-        """Wait until the primary has its standby streaming as its synchronous standby."""
+        """Wait until the primary has its standby streaming as its synchronous standby, with
+        all the WAL the primary had flushed when asked (commits acknowledged before it was
+        synchronous included)."""
         deadline = time.monotonic() + timeout
+        flushed = self.primary.psql("SELECT pg_current_wal_flush_lsn()")
         while self.primary.psql("SELECT count(*) FROM pg_stat_replication "
-                                "WHERE state = 'streaming' AND sync_state = 'sync'") != "1":
+                                "WHERE state = 'streaming' AND sync_state = 'sync' "
+                                f"AND flush_lsn >= '{flushed}'::pg_lsn") != "1":
             if not self.standby.running:
                 raise RuntimeError(f"the standby exited; see {self.standby.log}")
             if time.monotonic() > deadline:
@@ -551,13 +574,29 @@ class PostgresPair:
     def promote(self, timeout: int = 60) -> Postgres:
         """Make the standby the primary (once it has replayed all the WAL it received) and
         return it. The old primary must be dead: two primaries would each take writes."""
-        assert not self.primary.running, "promote the standby only once the primary is dead"
-        if self.standby.psql(f"SELECT pg_promote(true, {timeout})") != "t":
+        if self.primary.running:
+            raise RuntimeError("promote the standby only once the primary is dead")
+        try:
+            promoted = self.standby.psql(f"SELECT pg_promote(true, {timeout})") == "t"
+        except subprocess.SubprocessError:
+            promoted = False
+        # a promotion that did not say so in time may have happened all the same: asked
+        if not promoted and self.standby.psql("SELECT pg_is_in_recovery()") != "f":
             raise TimeoutError(f"the standby was not promoted in {timeout}s; "
                                f"see {self.standby.log}")
+        self.synchronous = False
         self._primary = "b" if self._primary == "a" else "a"
-        (self.root / "primary").write_text(self._primary)
+        self._write_marker()
         return self.primary
+
+    def _write_marker(self) -> None:
+        """``root/primary`` names the primary, replaced whole (never half written)."""
+        tmp = self.root / "primary.tmp"
+        with open(tmp, "w") as f:
+            f.write(self._primary)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / "primary")
 
     def stop(self, timeout: float = 15.0) -> None:
         self.primary.stop(timeout)

@@ -172,6 +172,7 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     pg_pair: PostgresPair | None = None  # BOXOFFICE_PG_STANDBY=1: promoted when its primary dies
     standby_restart_at: float = 0.0  # a dead standby is started again, at most every 10 s
+    pg_retry_at: float = 0.0  # a failover step that failed is tried again from then
 
     def stop(self) -> None:
         for p in self.procs:
@@ -451,41 +452,43 @@ def _fail_over(stack: Stack) -> None:
     primary afresh as the promoted one's standby (``pg_basebackup``: its data, which may hold
     transactions never acknowledged, is discarded; started as it was, it would be a second
     primary); when the standby dies, start it again (the primary's commits wait for it
-    meanwhile)."""
+    meanwhile). A standby that may lack acknowledged commits (a promoted primary died before
+    its new standby had caught up) is not promoted: the primary is started again on its own
+    data instead. Whatever fails is said and tried again 10 s later; nothing here stops the
+    stack. (The supervisor waits while a standby is made: bounded by pg_basebackup's
+    timeout.)"""
     pair = stack.pg_pair
-    if pair is None:
+    if pair is None or time.monotonic() < stack.pg_retry_at:
         return
-    if pair.primary.running and not pair.standby.running \
-            and time.monotonic() >= stack.standby_restart_at:
-        stack.standby_restart_at = time.monotonic() + 10
-        if not (pair.standby.datadir / "standby.signal").exists():  # the old primary
-            say(f"making the old primary on 127.0.0.1:{pair.standby.port} the standby of "
-                f"127.0.0.1:{pair.primary.port} (pg_basebackup)")
-            try:
-                pair.rebuild_standby()
-            except (subprocess.CalledProcessError, RuntimeError, TimeoutError, OSError) as exc:
-                say(f"the standby was not made ({type(exc).__name__}); see {pair.standby.log}")
+    try:
+        if pair.primary.running and not pair.standby.running:
+            if time.monotonic() < stack.standby_restart_at:
                 return
+            stack.standby_restart_at = time.monotonic() + 10
+            if not (pair.standby.datadir / "standby.signal").exists():  # the old primary
+                say(f"making the old primary on 127.0.0.1:{pair.standby.port} the standby of "
+                    f"127.0.0.1:{pair.primary.port} (pg_basebackup)")
+            else:
+                say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} exited; starting it "
+                    "again")
+            pair.start_standby_again()
             say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} streams again; commits "
                 "wait for it")
-            return
-        say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} exited; starting it again")
-        try:
-            pair.standby.start(create_db=None)
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            say(f"the standby did not start ({type(exc).__name__}); see {pair.standby.log}")
-        return
-    if pair.primary.running or not pair.standby.running:
-        return
-    say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port} exited; promoting the standby")
-    try:
-        pair.promote()
-    except (subprocess.CalledProcessError, TimeoutError) as exc:
-        say(f"promotion failed ({type(exc).__name__}); see {pair.standby.log}")
-        stack.pg_pair = None
-        return
-    say(f"PostgreSQL primary now on 127.0.0.1:{pair.primary.port}")
-    stack.standby_restart_at = 0.0  # the old primary is made its standby next, at once
+        elif not pair.primary.running and (not pair.standby.running or not pair.synchronous):
+            say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port} exited and its standby "
+                "may lack some of its commits; starting the primary again on its data")
+            pair.primary.start(create_db=None)
+        elif not pair.primary.running:
+            say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port} exited; promoting the "
+                "standby")
+            pair.promote()
+            say(f"PostgreSQL primary now on 127.0.0.1:{pair.primary.port}")
+            stack.standby_restart_at = 0.0  # the old primary is made its standby next, at once
+    except Exception as exc:  # noqa: BLE001 - said, and tried again; the stack goes on
+        stack.pg_retry_at = time.monotonic() + 10
+        node = pair.standby if pair.primary.running else pair.primary
+        say(f"PostgreSQL failover step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"tried again in 10 s; see {node.log}")
 
 
 def _write_pids(stack: Stack) -> None:
