@@ -506,7 +506,8 @@ class PostgresPair:
         """Start the standby that is not running: on its own data when it is a standby
         (``standby.signal``), else (the old primary of a failover, or ``afresh``) made anew
         from the primary, never as it was (a second primary); then the primary's commits wait
-        for it. On failure the standby is left stopped, so that this can be tried again."""
+        for it. On failure the standby is left stopped, so that this can be tried again (unless
+        the primary died meanwhile: then the standby, if it runs, may be the one to promote)."""
         if not self.primary.running or self.standby.running:
             raise RuntimeError("a standby is started only beside a running primary")
         try:
@@ -514,7 +515,8 @@ class PostgresPair:
                 self._base_backup(self.primary, self.standby)
             self._start_standby(timeout)
         except BaseException:
-            self.standby.kill()
+            if self.primary.running:  # else the standby may be the one to promote now
+                self.standby.kill()
             raise
 
     def _start_standby(self, timeout: float) -> None:

@@ -460,10 +460,12 @@ def _fail_over(stack: Stack) -> None:
     pair = stack.pg_pair
     if pair is None or time.monotonic() < stack.pg_retry_at:
         return
+    starting_standby = False
     try:
         if pair.primary.running and not pair.standby.running:
             if time.monotonic() < stack.standby_restart_at:
                 return
+            starting_standby = True
             stack.standby_restart_at = time.monotonic() + 10
             if not (pair.standby.datadir / "standby.signal").exists():  # the old primary
                 say(f"making the old primary on 127.0.0.1:{pair.standby.port} the standby of "
@@ -485,10 +487,11 @@ def _fail_over(stack: Stack) -> None:
             say(f"PostgreSQL primary now on 127.0.0.1:{pair.primary.port}")
             stack.standby_restart_at = 0.0  # the old primary is made its standby next, at once
     except Exception as exc:  # noqa: BLE001 - said, and tried again; the stack goes on
-        stack.pg_retry_at = time.monotonic() + 10
+        if not (starting_standby and not pair.primary.running):  # (then: fail over at once)
+            stack.pg_retry_at = time.monotonic() + 10
         node = pair.standby if pair.primary.running else pair.primary
         say(f"PostgreSQL failover step failed ({type(exc).__name__}: {str(exc)[:200]}); "
-            f"tried again in 10 s; see {node.log}")
+            f"tried again; see {node.log}")
 
 
 def _write_pids(stack: Stack) -> None:
