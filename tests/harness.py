@@ -191,13 +191,14 @@ def login_url(service: str, url: str) -> str:
     """The URL ``service`` logs in with: ``url``'s server and database, as the service's own
     role. ``url`` is the owner's: through it the role gets LOGIN and its test password first,
     unless the server does not answer now (a service restarted while PostgreSQL is down: the
-    role got them when the service first started)."""
+    role got them when the service first started, or the commit waits for a standby that is
+    down: bounded, for a caller may be the event loop that would start the standby again)."""
     if urlsplit(url).username in roles.ROLES.values():
         return url
     password = DB_PASSWORDS[service]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callers may run in an event loop
         try:
-            pool.submit(roles.set_logins, url, {service: password}).result()
+            pool.submit(roles.set_logins, url, {service: password}, 5.0).result()
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             pass
     return roles.url_for(url, service, password)

@@ -61,12 +61,15 @@ async def grant_logins(conn: asyncpg.Connection, passwords: Mapping[str, str]) -
         await conn.execute(f'ALTER ROLE "{ROLES[service]}" WITH LOGIN PASSWORD \'{verifier}\'')
 
 
-def set_logins(owner_url: str, passwords: Mapping[str, str]) -> None:
-    """``grant_logins`` over a connection of its own (for the command line and ``boxoffice up``)."""
+def set_logins(owner_url: str, passwords: Mapping[str, str],
+               command_timeout: float | None = None) -> None:
+    """``grant_logins`` over a connection of its own (for the command line and ``boxoffice up``).
+    ``command_timeout`` bounds each statement: with a synchronous standby an ``ALTER ROLE``
+    waits for the standby like any commit."""
     import asyncpg
 
     async def run() -> None:
-        conn = await asyncpg.connect(owner_url, timeout=10)
+        conn = await asyncpg.connect(owner_url, timeout=10, command_timeout=command_timeout)
         try:
             await grant_logins(conn, passwords)
         finally:
