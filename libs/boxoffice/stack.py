@@ -352,7 +352,7 @@ def up() -> int:
 
         db_passwords = {s: keys[roles.password_variable(s)] for s in roles.ROLES}
         try:
-            roles.set_logins(env["DATABASE_URL"], db_passwords)
+            roles.set_logins(env["DATABASE_URL"], db_passwords, command_timeout=60)
         except (OSError, asyncpg.PostgresError) as exc:
             say(f"cannot give the services' PostgreSQL roles their logins: {exc}")
             return 1
