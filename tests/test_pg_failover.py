@@ -471,6 +471,35 @@ def test_a_standby_that_cannot_start_is_left_stopped(pair: PostgresPair) -> None
         pair.start_standby_again()
 
 
+def test_a_copy_cut_short_is_never_taken_for_a_standby(
+        pair: PostgresPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pg_basebackup that wrote standby.signal and died leaves no data directory behind it
+    (its copy is made beside it), so the next start makes the standby afresh instead of
+    starting a copy without its WAL, again and again."""
+    standby = pair.standby
+    standby.kill()
+    fake = Path(tempfile.mkdtemp(prefix="boxoffice-test-fake-"))  # the server's user runs it
+    fake.chmod(0o755)
+    script = fake / "pg_basebackup"
+    script.write_text('#!/bin/sh\nwhile [ "$1" != "-D" ]; do shift; done\n'
+                      'touch "$2/standby.signal" "$2/PG_VERSION"\nexit 1\n')
+    script.chmod(0o755)
+    real = Postgres._bin
+    monkeypatch.setattr(Postgres, "_bin", staticmethod(
+        lambda name: str(script) if name == "pg_basebackup" else real(name)))
+    try:
+        with pytest.raises(subprocess.CalledProcessError):
+            pair.rebuild_standby()
+    finally:
+        monkeypatch.undo()
+        shutil.rmtree(fake, ignore_errors=True)
+    assert not standby.running and not (standby.datadir / "standby.signal").exists()
+    pair.start_standby_again()  # made afresh, not started on the cut copy
+    assert standby.running and pair.synchronous
+    assert standby.psql("SELECT pg_is_in_recovery()") == "t"
+    assert not standby.datadir.with_name(standby.datadir.name + ".partial").exists()
+
+
 def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
     # not under pytest's basetemp (see ``pair``)
     home = Path(tempfile.mkdtemp(prefix="boxoffice-test-pgha-up-"))

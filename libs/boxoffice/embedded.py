@@ -546,16 +546,22 @@ class PostgresPair:
     def _base_backup(primary: Postgres, standby: Postgres) -> None:
         """Make ``standby`` afresh: a copy of ``primary`` that streams from it (``-R`` writes
         standby.signal and primary_conninfo) through the slot (dropped first: a new copy
-        starts from the backup's own position)."""
+        starts from the backup's own position). The copy is made beside the data directory
+        and takes its name only once whole: a copy cut short (pg_basebackup killed or failed
+        after writing standby.signal) is never taken for a standby, and is made again."""
         primary.psql(f"SELECT pg_drop_replication_slot('{SLOT}') FROM pg_replication_slots "
                      f"WHERE slot_name = '{SLOT}'")
+        staging = standby.datadir.with_name(standby.datadir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(standby.datadir, ignore_errors=True)
         standby.datadir.mkdir(parents=True, mode=0o700)
-        user = standby._user()
+        user = standby._user()  # (the server's user owns the directory, made just now)
+        standby.datadir.rename(staging)
         subprocess.run([Postgres._bin("pg_basebackup"), "-h", "127.0.0.1", "-p",
-                        str(primary.port), "-U", REPLICATOR, "-D", str(standby.datadir),
+                        str(primary.port), "-U", REPLICATOR, "-D", str(staging),
                         "-X", "stream", "-C", "-S", SLOT, "-R", "--checkpoint=fast"],
                        check=True, capture_output=True, user=user, timeout=600)
+        staging.rename(standby.datadir)
 
     def wait_streaming(self, timeout: float = 60.0) -> None:
         """Wait until the primary has its standby streaming as its synchronous standby, with
