@@ -31,6 +31,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.polls import wait_until
 from boxoffice import audit, db, migrate
 from boxoffice import bus as busmod
 from boxoffice.embedded import NatsServer, Postgres
@@ -95,11 +96,8 @@ def report(i: int) -> dict[str, object]:
 
 
 async def stored(pool: asyncpg.Pool, count: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while await pool.fetchval("SELECT count(*) FROM error_logs") < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the error-sink did not store every report")
-        await asyncio.sleep(0.2)
+    await wait_until(pool, "SELECT count(*) >= $1 FROM error_logs", count, timeout=timeout,
+                     every=0.2)
     await asyncio.sleep(1.5)  # its last acknowledgements reach JetStream
 
 

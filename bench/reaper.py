@@ -50,6 +50,7 @@ import nats
 
 from bench.bus import batches
 from bench.cpu import cpu_seconds, tree
+from bench.polls import wait_until
 from boxoffice import migrate, outbox
 from boxoffice.embedded import NatsServer, Postgres, die_with_parent, free_port
 
@@ -86,14 +87,6 @@ def start_reaper(root: Path, nats_url: str, db_url: str, index: int = 0
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("reaper not ready; see " + str(path))
-
-
-async def wait_until(conn: asyncpg.Connection, sql: str, *args: object, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not await conn.fetchval(sql, *args):
-        if time.monotonic() > deadline:
-            raise TimeoutError(sql)
-        await asyncio.sleep(0.05)
 
 
 async def spread_lag(pool: asyncpg.Pool, holds: int) -> dict:

@@ -47,6 +47,7 @@ from aiohttp import web
 from nats.js import JetStreamContext
 
 from bench.cpu import cpu_seconds, tree
+from bench.polls import wait_until
 from boxoffice import bus as busmod
 from boxoffice import migrate
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
@@ -273,13 +274,9 @@ async def applied(conn: asyncpg.Connection, event_type: str, n: int) -> tuple[in
 async def events_relayed(conn: asyncpg.Connection, event_type: str) -> float:
     """Wait until the applied events' domain events (a payment's and a hold's, two each) have
     left the outbox, published; seconds from the first applied event until then."""
-    deadline = time.monotonic() + 600
-    while await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM outbox WHERE subject = ANY($1::text[]))",
-            ["payments.events.succeeded", "reservations.events.completed"]):
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
+    await wait_until(conn, "SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE subject = ANY($1))",
+                     ["payments.events.succeeded", "reservations.events.completed"],
+                     timeout=600, every=0.1)
     return round(float(await conn.fetchval(
         "SELECT extract(epoch FROM clock_timestamp() - min(processed_at)) FROM webhook_events_log "
         "WHERE event_type = $1 AND processed_at IS NOT NULL", event_type)), 2)

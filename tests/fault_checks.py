@@ -21,7 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from tests.fault_cluster import Cluster
 from tests.fault_stripe import StripeBuyer, WebhookRelay
 from tests.fault_workload import Ledger
-from tests.harness import eventually
+from tests.harness import eventually, in_one_snapshot
 
 OVERDUE_GRACE = 5.0  # seconds an active hold may be past expires_at ("about a second", generously)
 CONSUMERS = (("STRIPE_EVENTS", "webhook"), ("ERRORS", "error-sink"))
@@ -127,14 +127,10 @@ class Evidence:
 
 
 async def gather_evidence(cluster: Cluster, stripe: StripeBuyer, ledger: Ledger) -> Evidence:
-    conn = await asyncpg.connect(cluster.database_url)
-    try:
-        # one snapshot for every table: a transaction committing between two reads (an expiry,
-        # a late webhook) would show half of itself
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            return await _read_evidence(conn, cluster, stripe, ledger)
-    finally:
-        await conn.close()
+    # one snapshot for every table: a transaction committing between two reads (an expiry, a
+    # late webhook) would show half of itself
+    return await in_one_snapshot(cluster.database_url,
+                                 lambda conn: _read_evidence(conn, cluster, stripe, ledger))
 
 
 async def _read_evidence(conn: asyncpg.Connection, cluster: Cluster, stripe: StripeBuyer,

@@ -216,3 +216,15 @@ def base_env(nats_url: str, database_url: str, stripe_base: str | None = None) -
     if stripe_base:
         env["STRIPE_API_BASE"] = stripe_base
     return env
+
+
+async def in_one_snapshot(url: str, read: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """``read`` on a connection of its own in one read-only REPEATABLE READ transaction: every
+    table as of one instant. Read one after another in transactions of their own, tables
+    that services write show half of a transaction that committed between two reads."""
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return await read(conn)
+    finally:
+        await conn.close()

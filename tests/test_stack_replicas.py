@@ -22,7 +22,7 @@ import pytest
 
 from boxoffice.embedded import free_port
 from boxoffice.stack import read_env
-from tests.harness import http_ready
+from tests.harness import http_ready, in_one_snapshot
 from tests.stack_support import start_stack, stop_stack
 
 BUYERS = 6  # enough that, shared between two replicas, both are likely to take some
@@ -47,15 +47,10 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 async def _ledger(url: str, pis: list[str]) -> dict[str, list]:
-    conn = await asyncpg.connect(url)
-    try:
-        # one snapshot: read one table at a time, a webhook's transaction committing between two
-        # reads showed its hold completed and its event processed beside the payment as it was
-        # before (CI saw it 'created')
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            return await _read_ledger(conn, pis)
-    finally:
-        await conn.close()
+    # one snapshot: read one table at a time, a webhook's transaction committing between two
+    # reads showed its hold completed and its event processed beside the payment as it was
+    # before (CI saw it 'created')
+    return await in_one_snapshot(url, lambda conn: _read_ledger(conn, pis))
 
 
 async def _read_ledger(conn: asyncpg.Connection, pis: list[str]) -> dict[str, list]:
