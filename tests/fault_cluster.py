@@ -268,17 +268,12 @@ class Cluster:
         async with self._pg_turn:
             if not isinstance(self.pg, PostgresPair):
                 return await self._kill_postgres(self.pg, down)
-            if target == "standby":
-                killed = await self._kill_postgres(self.pg.standby, down, restart=False)
-                await asyncio.to_thread(self.pg.start_standby_again)
-                return killed
-            if target == "primary" or not self.pg.synchronous:
-                # (a failover only to a standby that has every acknowledged commit, as
-                # ``boxoffice up`` does; else the primary's crash recovery)
-                return await self._kill_postgres(self.pg.primary, down)
-            killed = await self._kill_postgres(self.pg.primary, down, restart=False)
-            await asyncio.to_thread(self.pg.promote)
-            await asyncio.to_thread(self.pg.rebuild_standby)
+            # then the pair made whole as ``boxoffice up``'s supervisor would, by the same
+            # steps (``PostgresPair.next_step``): a failover promotes the standby only while it
+            # has every acknowledged commit, else the primary's crash recovery
+            node = self.pg.standby if target == "standby" else self.pg.primary
+            killed = await self._kill_postgres(node, down, restart=target == "primary")
+            await asyncio.to_thread(self.pg.recover)
             return killed
 
     async def _kill_postgres(self, server: Postgres, down: float, restart: bool = True) -> int:
@@ -306,13 +301,7 @@ class Cluster:
             if not node.running:
                 await asyncio.to_thread(node.start)
         if isinstance(self.pg, PostgresPair):  # as ``boxoffice up``'s supervisor would
-            if not self.pg.primary.running:
-                if self.pg.synchronous and self.pg.standby.running:
-                    await asyncio.to_thread(self.pg.promote)
-                else:
-                    await asyncio.to_thread(self.pg.primary.start, create_db=None)
-            if not self.pg.standby.running:
-                await asyncio.to_thread(self.pg.start_standby_again)
+            await asyncio.to_thread(self.pg.recover)
         elif not self.pg.running:
             await asyncio.to_thread(self.pg.start, create_db=None)
         return await self.wait_ready(timeout)

@@ -44,7 +44,7 @@ import pytest_asyncio
 from boxoffice import config, migrate
 from boxoffice import db as dbmod
 from boxoffice import stack as stack_mod
-from boxoffice.embedded import REPLICATOR, SLOT, LocalStripe, Postgres, PostgresPair, free_port
+from boxoffice.embedded import LocalStripe, Postgres, PostgresPair, free_port
 from boxoffice.stack import Stack, read_env
 from tests.checkout_support import Api
 from tests.cluster_support import Accepted, all_services, workload
@@ -428,17 +428,30 @@ def test_the_supervisor_never_promotes_a_standby_that_may_lack_commits(
     assert pair.primary is a and not pair.synchronous
     a.psql("INSERT INTO kept VALUES (3)", database="boxoffice")  # acknowledged by a alone
     pair._base_backup(a, b)
-    b.settings = {"primary_conninfo": f"host=127.0.0.1 port={a.port} user={REPLICATOR}",
-                  "primary_slot_name": SLOT}
-    b.start(create_db=None)
+    pair._start_standby_server()
     assert b.psql("SELECT pg_is_in_recovery()") == "t" and not pair.synchronous
     a.kill()
+    assert pair.next_step() == pair.RESTART_PRIMARY
     stack_mod._fail_over(stack)
     said = capsys.readouterr().out
     assert "starting the primary again on its data" in said and "promoting" not in said
     assert pair.primary is a and a.running and a.psql("SELECT pg_is_in_recovery()") == "f"
     assert b.psql("SELECT pg_is_in_recovery()") == "t"  # still a standby, not promoted
     assert a.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2,3}"
+    # both run, but a's commits do not wait for b (a's setting was dropped when it was
+    # promoted): the next step makes them wait, and only then may b be promoted
+    assert a.psql("SHOW synchronous_standby_names") == ""
+    assert pair.next_step() == pair.MAKE_SYNCHRONOUS
+    stack_mod._fail_over(stack)
+    assert "making the primary wait for it" in capsys.readouterr().out
+    assert pair.synchronous and pair.next_step() is None and b.running
+    assert a.psql("SHOW synchronous_standby_names") == "*"
+    a.psql("INSERT INTO kept VALUES (4)", database="boxoffice")
+    a.kill()
+    assert pair.next_step() == pair.PROMOTE
+    stack_mod._fail_over(stack)
+    assert pair.primary is b
+    assert b.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2,3,4}"
 
 
 def test_a_standby_that_cannot_start_is_left_stopped(pair: PostgresPair) -> None:
@@ -556,8 +569,7 @@ def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
 
 def _port_of(env: dict[str, str], node: str) -> int:
     """The port of node "a" or "b": the first and second server of ``DATABASE_URL``."""
-    hosts = urlsplit(env["DATABASE_URL"]).netloc.rsplit("@", 1)[-1].split(",")
-    return int(hosts["ab".index(node)].rsplit(":", 1)[1])
+    return int(migrate.hosts(env["DATABASE_URL"])["ab".index(node)].rsplit(":", 1)[1])
 
 
 def _psql(port: int, sql: str) -> str | None:

@@ -60,7 +60,7 @@ def _set_role_logins(url: str) -> int:
     if not passwords:
         return 0
     try:
-        roles.set_logins(url, passwords, command_timeout=60)  # (a standby down: said)
+        roles.set_logins(url, passwords)  # (each statement bounded: a standby down is said)
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"boxoffice migrate: cannot set the service roles' logins: {type(exc).__name__}: "
               f"{exc}", file=sys.stderr)

@@ -98,6 +98,20 @@ async def connect(dsn: str, *, timeout: float = 5.0, **kwargs: Any) -> asyncpg.C
     raise failure
 
 
+# each statement of an operator's command (migrate, up, the dev tools): with a synchronous standby
+# down a commit waits for it without end, and statement_timeout cannot bound that wait (it is
+# over before the commit waits): the client gives up, the command says so
+OPERATOR_STATEMENT_SECONDS = 60.0
+
+
+async def operator_connect(dsn: str, *, command_timeout: float = OPERATOR_STATEMENT_SECONDS
+                           ) -> asyncpg.Connection:
+    """A connection for an operator's command, each statement bounded by ``command_timeout``
+    (``TimeoutError`` past it; a commit that timed out waiting for the standby may still have
+    been made on the primary)."""
+    return await connect(dsn, timeout=10, command_timeout=command_timeout)
+
+
 async def _init(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")

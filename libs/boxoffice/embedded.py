@@ -496,6 +496,58 @@ class PostgresPair:
             raise
         return self
 
+    # the steps that keep the pair going, for whoever supervises it (``next_step``)
+    PROMOTE, RESTART_PRIMARY, START_STANDBY, MAKE_SYNCHRONOUS = (
+        "promote", "restart_primary", "start_standby", "make_synchronous")
+
+    def next_step(self) -> str | None:
+        """What to do next for a running primary with a synchronous standby, or None when
+        that is what there is. The one place that decides a failover (``boxoffice up``'s
+        supervisor and the tests' fault runs take these steps, each at its own pace):
+
+        - the primary dead, its standby running with every acknowledged commit: ``promote``;
+        - the primary dead, its standby dead too or maybe lacking commits (a promoted primary
+          died before its new standby caught up): ``restart_primary`` on its own data;
+        - the standby dead: ``start_standby`` (on its data, or made afresh when it is the old
+          primary of a failover or was never a whole copy);
+        - both running, the standby not known to have every commit (the primary died while
+          its standby was made, and was started again): ``make_synchronous``."""
+        if not self.primary.running:
+            return self.PROMOTE if self.standby.running and self.synchronous \
+                else self.RESTART_PRIMARY
+        if not self.standby.running:
+            return self.START_STANDBY
+        return None if self.synchronous else self.MAKE_SYNCHRONOUS
+
+    def take_step(self, step: str, timeout: float = 60.0) -> None:
+        """Take one step ``next_step`` named; raises if it fails (to be tried again)."""
+        if step == self.PROMOTE:
+            self.promote()
+        elif step == self.RESTART_PRIMARY:
+            self.primary.start(create_db=None)
+        elif step == self.START_STANDBY:
+            self.start_standby_again(timeout)
+        elif step == self.MAKE_SYNCHRONOUS:
+            try:
+                self._make_synchronous(timeout)
+            except BaseException:
+                if self.primary.running:  # started again by the next step, made afresh if need be
+                    self.standby.kill()
+                raise
+        else:
+            raise ValueError(f"no such step: {step}")
+
+    def recover(self, timeout: float = 60.0) -> list[str]:
+        """Take steps until the pair is whole (a primary and its synchronous standby); the
+        steps taken. Raises on the first that fails."""
+        taken: list[str] = []
+        while (step := self.next_step()) is not None:
+            if len(taken) > 4:
+                raise RuntimeError(f"the pair is not whole after the steps {taken}")
+            self.take_step(step, timeout)
+            taken.append(step)
+        return taken
+
     def rebuild_standby(self, timeout: float = 60.0) -> None:
         """After a failover (the old primary dead or stopped), make the old primary afresh as
         the new primary's standby and make the primary's commits wait for it again. On
@@ -512,6 +564,7 @@ class PostgresPair:
             raise RuntimeError("a standby is started only beside a running primary")
         try:
             if afresh or not (self.standby.datadir / "standby.signal").exists():
+                self.synchronous = False  # its data, and with it every commit, made again
                 self._base_backup(self.primary, self.standby)
             self._start_standby(timeout)
         except BaseException:
@@ -520,8 +573,13 @@ class PostgresPair:
             raise
 
     def _start_standby(self, timeout: float) -> None:
+        """Start the standby, then make the primary synchronous on it."""
+        self._start_standby_server()
+        self._make_synchronous(timeout)
+
+    def _start_standby_server(self) -> None:
         """Start the standby, streaming from the primary's port of this start (the one
-        pg_basebackup wrote may have changed), then make the primary synchronous on it."""
+        pg_basebackup wrote may have changed)."""
         primary, standby = self.primary, self.standby
         # the standby waits for no one, even once promoted: the setting the copy brought in
         # its postgresql.auto.conf (the primary's ALTER SYSTEM) is dropped, so a promoted
@@ -536,9 +594,12 @@ class PostgresPair:
                                                 f"user={REPLICATOR}",
                             "primary_slot_name": SLOT}
         standby.start(create_db=None)
-        # only now: a commit before the standby streams would wait for it
-        primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
-        primary.psql("SELECT pg_reload_conf()")
+
+    def _make_synchronous(self, timeout: float) -> None:
+        """Make the primary's commits wait for its running standby, and wait until the standby
+        has every commit. Only once it runs: a commit before it streams would wait for it."""
+        self.primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        self.primary.psql("SELECT pg_reload_conf()")
         self.wait_streaming(timeout)
         self.synchronous = True
 
@@ -592,19 +653,28 @@ class PostgresPair:
         if not promoted and self.standby.psql("SELECT pg_is_in_recovery()") != "f":
             raise TimeoutError(f"the standby was not promoted in {timeout}s; "
                                f"see {self.standby.log}")
+        # the marker first: should writing it fail, the promoted node is not yet called the
+        # primary here, and the next step promotes it again (a no-op) and writes the marker
+        promoted_node = "b" if self._primary == "a" else "a"
+        self._write_marker(promoted_node)
         self.synchronous = False
-        self._primary = "b" if self._primary == "a" else "a"
-        self._write_marker()
+        self._primary = promoted_node
         return self.primary
 
-    def _write_marker(self) -> None:
-        """``root/primary`` names the primary, replaced whole (never half written)."""
+    def _write_marker(self, node: str | None = None) -> None:
+        """``root/primary`` names the primary (or ``node``), replaced whole (never half
+        written) and durably (the directory synced too)."""
         tmp = self.root / "primary.tmp"
         with open(tmp, "w") as f:
-            f.write(self._primary)
+            f.write(node or self._primary)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / "primary")
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def stop(self, timeout: float = 15.0) -> None:
         self.primary.stop(timeout)

@@ -153,6 +153,8 @@ def cmd_webhook_outage(args: argparse.Namespace) -> int:
 
     import asyncpg
 
+    from boxoffice.db import operator_connect
+
     url = _setting("DATABASE_URL")
     if not url or (_setting("BOXOFFICE_ENV") or "development") != "development":
         print("boxoffice dev webhook-outage: only on a development stack (boxoffice up's "
@@ -160,7 +162,7 @@ def cmd_webhook_outage(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> None:
-        conn = await asyncpg.connect(url)
+        conn = await operator_connect(url)
         try:
             await conn.execute(OUTAGE_ON if args.state == "on" else OUTAGE_OFF)
         finally:

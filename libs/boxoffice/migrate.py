@@ -48,9 +48,9 @@ def functions_digest() -> str:
 async def apply_functions(database_url: str) -> str:
     """Create or replace every function, trigger and grant of ``sql/`` in one transaction and
     record their digest; says what it applied."""
-    import asyncpg
+    from boxoffice.db import operator_connect
 
-    conn = await asyncpg.connect(database_url)
+    conn = await operator_connect(database_url)
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _APPLY_LOCK)
@@ -67,9 +67,9 @@ async def apply_functions(database_url: str) -> str:
 
 async def functions_state(database_url: str) -> str:
     """Whether the functions in the database are the ones this release ships."""
-    import asyncpg
+    from boxoffice.db import operator_connect
 
-    conn = await asyncpg.connect(database_url)
+    conn = await operator_connect(database_url)
     try:
         applied = None
         if await conn.fetchval("SELECT to_regclass('schema_functions') IS NOT NULL"):

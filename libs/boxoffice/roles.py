@@ -63,13 +63,15 @@ async def grant_logins(conn: asyncpg.Connection, passwords: Mapping[str, str]) -
 
 def set_logins(owner_url: str, passwords: Mapping[str, str],
                command_timeout: float | None = None) -> None:
-    """``grant_logins`` over a connection of its own (for the command line and ``boxoffice up``).
-    ``command_timeout`` bounds each statement: with a synchronous standby an ``ALTER ROLE``
-    waits for the standby like any commit."""
-    import asyncpg
+    """``grant_logins`` over an operator's connection of its own (for the command line and
+    ``boxoffice up``; ``db.operator_connect``: each statement bounded, by ``command_timeout``
+    when given, as with a synchronous standby an ``ALTER ROLE`` waits for the standby like any
+    commit)."""
+    from boxoffice.db import OPERATOR_STATEMENT_SECONDS, operator_connect
 
     async def run() -> None:
-        conn = await asyncpg.connect(owner_url, timeout=10, command_timeout=command_timeout)
+        conn = await operator_connect(owner_url,
+                                      command_timeout=command_timeout or OPERATOR_STATEMENT_SECONDS)
         try:
             await grant_logins(conn, passwords)
         finally:

@@ -193,10 +193,10 @@ class Stack:
 def _seed_demo_event(pg_url: str) -> None:
     import asyncio
 
-    import asyncpg
+    from boxoffice.db import operator_connect
 
     async def seed() -> None:
-        conn = await asyncpg.connect(pg_url)
+        conn = await operator_connect(pg_url)
         try:
             exists = await conn.fetchval("SELECT 1 FROM ticketed_events WHERE id = $1",
                                          uuid.UUID(DEMO_EVENT_ID))
@@ -347,14 +347,15 @@ def up() -> int:
             say(f"migrations failed: {result.stderr.strip() or result.stdout.strip()}")
             return 1
         say("migrations applied")
-        _seed_demo_event(env["DATABASE_URL"])
         import asyncpg
 
         db_passwords = {s: keys[roles.password_variable(s)] for s in roles.ROLES}
-        try:
-            roles.set_logins(env["DATABASE_URL"], db_passwords, command_timeout=60)
+        try:  # each statement bounded (a synchronous standby down: said, not waited for)
+            _seed_demo_event(env["DATABASE_URL"])
+            roles.set_logins(env["DATABASE_URL"], db_passwords)
         except (OSError, asyncpg.PostgresError) as exc:
-            say(f"cannot give the services' PostgreSQL roles their logins: {exc}")
+            say("cannot seed the demo event or give the services' PostgreSQL roles their "
+                f"logins: {type(exc).__name__}: {exc}")
             return 1
         if ls is not None:
             ls.configure_webhook(f"{ingress_url}/v1/webhooks/stripe",
@@ -448,50 +449,56 @@ def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
 
 
 def _fail_over(stack: Stack) -> None:
-    """Keep the pair going: when its primary dies, promote the standby, then make the old
-    primary afresh as the promoted one's standby (``pg_basebackup``: its data, which may hold
-    transactions never acknowledged, is discarded; started as it was, it would be a second
-    primary); when the standby dies, start it again (the primary's commits wait for it
-    meanwhile). A standby that may lack acknowledged commits (a promoted primary died before
-    its new standby had caught up) is not promoted: the primary is started again on its own
-    data instead. Whatever fails is said and tried again 10 s later; nothing here stops the
-    stack. (The supervisor waits while a standby is made: bounded by pg_basebackup's
-    timeout.)"""
+    """Keep the pair going, one step of ``PostgresPair.next_step`` at a time: when its primary
+    dies, promote the standby (only while it has every acknowledged commit; else start the
+    primary again on its own data), then make the old primary afresh as the promoted one's
+    standby (``pg_basebackup``: its data, which may hold transactions never acknowledged, is
+    discarded; started as it was, it would be a second primary); when the standby dies, start
+    it again (the primary's commits wait for it meanwhile), at most every 10 s. Whatever fails
+    is said and tried again 10 s later; nothing here stops the stack. (The supervisor waits
+    while a step runs: a standby's copy is bounded by pg_basebackup's timeout.)"""
     pair = stack.pg_pair
     if pair is None or time.monotonic() < stack.pg_retry_at:
         return
-    starting_standby = False
+    step = pair.next_step()
+    if step is None:
+        return
+    primary, standby = f"127.0.0.1:{pair.primary.port}", f"127.0.0.1:{pair.standby.port}"
+    if step == pair.START_STANDBY:
+        if time.monotonic() < stack.standby_restart_at:
+            return
+        stack.standby_restart_at = time.monotonic() + 10
+    said = {
+        pair.PROMOTE: (f"PostgreSQL primary on {primary} exited; promoting the standby",
+                       "PostgreSQL primary now on {primary}"),
+        pair.RESTART_PRIMARY: (f"PostgreSQL primary on {primary} exited and its standby may "
+                               "lack some of its commits; starting the primary again on its "
+                               "data", None),
+        pair.START_STANDBY: (
+            f"PostgreSQL standby on {standby} exited; starting it again"
+            if (pair.standby.datadir / "standby.signal").exists() else
+            f"making the old primary on {standby} the standby of {primary} (pg_basebackup)",
+            "PostgreSQL standby on {standby} streams again; commits wait for it"),
+        pair.MAKE_SYNCHRONOUS: (f"PostgreSQL standby on {standby} runs but may lack some of "
+                                "the primary's commits; making the primary wait for it",
+                                "PostgreSQL standby on {standby} streams; commits wait for it"),
+    }
+    before, after = said[step]
+    say(before)
     try:
-        if pair.primary.running and not pair.standby.running:
-            if time.monotonic() < stack.standby_restart_at:
-                return
-            starting_standby = True
-            stack.standby_restart_at = time.monotonic() + 10
-            if not (pair.standby.datadir / "standby.signal").exists():  # the old primary
-                say(f"making the old primary on 127.0.0.1:{pair.standby.port} the standby of "
-                    f"127.0.0.1:{pair.primary.port} (pg_basebackup)")
-            else:
-                say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} exited; starting it "
-                    "again")
-            pair.start_standby_again()
-            say(f"PostgreSQL standby on 127.0.0.1:{pair.standby.port} streams again; commits "
-                "wait for it")
-        elif not pair.primary.running and (not pair.standby.running or not pair.synchronous):
-            say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port} exited and its standby "
-                "may lack some of its commits; starting the primary again on its data")
-            pair.primary.start(create_db=None)
-        elif not pair.primary.running:
-            say(f"PostgreSQL primary on 127.0.0.1:{pair.primary.port} exited; promoting the "
-                "standby")
-            pair.promote()
-            say(f"PostgreSQL primary now on 127.0.0.1:{pair.primary.port}")
-            stack.standby_restart_at = 0.0  # the old primary is made its standby next, at once
+        pair.take_step(step)
     except Exception as exc:  # noqa: BLE001 - said, and tried again; the stack goes on
-        if not (starting_standby and not pair.primary.running):  # (then: fail over at once)
-            stack.pg_retry_at = time.monotonic() + 10
+        if pair.primary.running or step not in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS):
+            stack.pg_retry_at = time.monotonic() + 10  # (the primary died meanwhile: at once)
         node = pair.standby if pair.primary.running else pair.primary
         say(f"PostgreSQL failover step failed ({type(exc).__name__}: {str(exc)[:200]}); "
             f"tried again; see {node.log}")
+        return
+    if after:
+        say(after.format(primary=f"127.0.0.1:{pair.primary.port}",
+                         standby=f"127.0.0.1:{pair.standby.port}"))
+    if step == pair.PROMOTE:
+        stack.standby_restart_at = 0.0  # the old primary is made its standby next, at once
 
 
 def _write_pids(stack: Stack) -> None:
