@@ -169,3 +169,41 @@ def test_envelope_blank_lines_and_item_count_cost_little() -> None:
         _feed(b"{}\n" + item * envelope.MAX_ITEMS + too_many)
     with pytest.raises(errors.PayloadTooLarge):
         _feed(b"{}\n" + b'{"type": "x", "length": 0}\n\n' * 800_000)
+
+
+@pytest.mark.parametrize("hostile", [
+    "password" * 32768, "password-" * 29127, "auth_" * 52428, "password  " * 26214,
+    "a." * 131072 + "://@", "a" * 262144 + "://@", "a://b" * 52428 + ":@",
+    "bearer " * 37449, "4242 " * 52428,
+], ids=lambda s: repr(s[:12]))
+def test_scrubbing_costs_time_in_proportion_to_the_text(hostile: str) -> None:
+    """256 KiB of text that a pattern could retry from every position. With a key's suffix
+    unbounded (``[\\w-]*``) "password" repeated took 133 s of CPU; a report's message may be
+    1 MiB, and ingress scrubs it on its event loop."""
+    started = time.process_time()
+    scrub.text(hostile)
+    assert time.process_time() - started < 1.0
+
+
+def test_scrubbing_still_finds_long_key_names_and_schemes() -> None:
+    assert scrub.text("password_for_the_database_of_the_shop=abc123") == \
+        "password_for_the_database_of_the_shop=[Filtered]"
+    assert "s3cr3t" not in scrub.text("postgresql+asyncpg://shop:s3cr3t@db:5432/x")
+
+
+@pytest.mark.parametrize("hostile", ["\n" * 262144, " \n" * 131072, "\t\r\n" * 87381,
+                                     "at " + "a " * 131072, 'File "' * 43690],
+                         ids=lambda s: repr(s[:6]))
+def test_grouping_costs_time_in_proportion_to_the_stacktrace(hostile: str) -> None:
+    """A stacktrace the frame patterns could rescan from every line: with ``^\\s*`` (which
+    crosses newlines) 256 KiB of blank lines took 126 s of the error-sink's CPU."""
+    started = time.process_time()
+    assert grouping.app_frames(hostile) == ()
+    assert time.process_time() - started < 1.0
+
+
+def test_frames_are_found_between_blank_lines_and_with_crlf() -> None:
+    py = 'Traceback:\r\n\r\n  File "/srv/app/shop/cart.py", line 3, in add\r\n\n\n    x()\r\n'
+    assert grouping.app_frames(py) == ("shop/cart.py:add",)
+    js = "TypeError: x\r\n\n    at addToCart (https://shop.example/static/cart.js:1:2)\r\n  \n"
+    assert grouping.app_frames(js) == ("static/cart.js:addToCart",)
