@@ -629,10 +629,20 @@ class PostgresPair:
         all the WAL the primary had flushed when asked (commits acknowledged before it was
         synchronous included)."""
         deadline = time.monotonic() + timeout
-        flushed = self.primary.psql("SELECT pg_current_wal_flush_lsn()")
-        while self.primary.psql("SELECT count(*) FROM pg_stat_replication "
-                                "WHERE state = 'streaming' AND sync_state = 'sync' "
-                                f"AND flush_lsn >= '{flushed}'::pg_lsn") != "1":
+        sync = ("SELECT count(*) FROM pg_stat_replication "
+                "WHERE state = 'streaming' AND sync_state = 'sync'")
+        flushed = None
+        while True:
+            if flushed is None and self.primary.psql(sync) == "1":
+                # read only once the standby is the synchronous one, and a moment after: the
+                # backends start waiting once the checkpointer has read the reload, shortly
+                # after the walsender; a commit acknowledged before then without waiting has
+                # an LSN below this one
+                time.sleep(0.2)
+                flushed = self.primary.psql("SELECT pg_current_wal_flush_lsn()")
+            if flushed is not None and self.primary.psql(
+                    f"{sync} AND flush_lsn >= '{flushed}'::pg_lsn") == "1":
+                return
             if not self.standby.running:
                 raise RuntimeError(f"the standby exited; see {self.standby.log}")
             if time.monotonic() > deadline:
