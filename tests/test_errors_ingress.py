@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import brotli
@@ -157,6 +158,30 @@ async def test_post_errors_validated_and_published(db, nats_url, start_service) 
     assert row["service"] == "checkout-web" and row["severity"] == "warning"
     assert row["context"] == {"password": "[Filtered]"}
     assert await _stream_count(nats_url) == 1
+
+
+async def test_reports_shaped_against_the_scrubber_are_stored_promptly(db, start_service) -> None:
+    """Reports whose text made the scrubber's and the grouping's patterns rescan from every
+    position (ingress scrubs on its event loop, the sink groups): a stacktrace of 256 KiB of
+    "password" repeated took 133 s of ingress's CPU, one of 256 KiB of blank lines 126 s of the
+    sink's. Each is accepted at once and stored, and ingress answers meanwhile."""
+    ingress = start_service("ingress")
+    start_service("error_sink")
+    client = {"Authorization": f"Bearer {CLIENT_TOKEN}", "Content-Type": "application/json"}
+    hostile = [report(1, message="password" * 8192, stacktrace="password" * 32768),
+               report(2, stacktrace="\n" * 262_144, message="blank lines"),
+               report(3, message="a." * 32_000 + "://u:p@h", context={"k": "auth_" * 50_000})]
+    started = time.monotonic()
+    for body in hostile:
+        status, _, raw = await ahttp("POST", f"{ingress.url}/v1/errors", json.dumps(body).encode(),
+                                     client)
+        assert status == 202, raw[:300]
+        health, _, _ = await ahttp("GET", f"{ingress.url}/healthz")
+        assert health == 200
+    assert time.monotonic() - started < 10
+    ids = [b["id"] for b in hostile]
+    assert await eventually(lambda: db.fetchval(
+        "SELECT count(*) = 3 FROM error_logs WHERE id = ANY($1::uuid[])", ids), timeout=30)
 
 
 async def test_per_key_rate_limit_answers_429_with_retry_after(nats_url, start_service) -> None:
