@@ -77,7 +77,10 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
 
 
 def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when its parent dies (Linux), so nothing is left behind."""
+    """preexec_fn: the child gets SIGTERM when its parent dies (Linux), so nothing is left behind.
+    The "parent" is the thread that started the child: a server started from a thread that
+    then ends is stopped with it. Start servers from the main thread or from a pool's threads,
+    which last as long as their pool (``asyncio.to_thread``'s last as long as the loop)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
