@@ -617,3 +617,47 @@ def test_up_refuses_another_standby_setting(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "BOXOFFICE_PG_STANDBY must be 0 or 1" in r.stderr
     assert not (tmp_path / "pg").exists() and not (tmp_path / "nats").exists()
+
+
+def test_a_primary_is_not_started_again_beside_a_backend_of_its_old_postmaster(
+        tmp_path: Path) -> None:
+    """The supervisor starts a primary again once its postmaster has exited, and ``start``
+    removes a ``postmaster.pid`` whose process is gone. A backend of the old postmaster may
+    still run (stopped, or busy before it notices): two sets of processes must never write one
+    data directory. PostgreSQL's shared-memory interlock finds the old segment from the data
+    directory, not only through the pid file: the start is refused until the backend is gone."""
+    pg = Postgres(tmp_path / "data", free_port()).start(create_db=None)
+    client = subprocess.Popen([Postgres._bin("psql"), "-h", "127.0.0.1", "-p", str(pg.port), "-U",
+                               "postgres", "-c", "SELECT pg_sleep(60)"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (backend := pg.psql("SELECT pid FROM pg_stat_activity "
+                                      "WHERE query LIKE 'SELECT pg_sleep%'")):
+            assert time.monotonic() < deadline, "the client's backend never appeared"
+            time.sleep(0.1)
+        os.kill(int(backend), signal.SIGSTOP)  # it cannot notice its postmaster's death
+        assert pg.proc is not None
+        os.kill(pg.proc.pid, signal.SIGKILL)
+        pg.proc.wait()
+        with pytest.raises(RuntimeError, match="exited"):
+            pg.start(create_db=None)
+        assert "pre-existing shared memory block" in pg.log.read_text()
+        os.kill(int(backend), signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while _running(int(backend)):
+            assert time.monotonic() < deadline, "the old backend did not exit"
+            time.sleep(0.1)
+        pg.start(create_db=None)  # the backend gone: started on its data
+        assert pg.psql("SELECT 1") == "1"
+    finally:
+        client.kill()
+        pg.kill()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie, not yet reaped, has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -366,6 +366,9 @@ class Postgres(Child):
             "host all postgres 127.0.0.1/32 trust\n"
             f"host replication {REPLICATOR} 127.0.0.1/32 trust\n"
             "host all all 127.0.0.1/32 scram-sha-256\n")
+        # a lock file whose postmaster is gone. Safe to remove even while a backend of that
+        # postmaster still runs: PostgreSQL finds the old shared-memory segment from the data
+        # directory and refuses to start until the backend is gone (test_pg_failover)
         stale = self.datadir / "postmaster.pid"
         if stale.exists() and not self._pid_alive(stale):
             stale.unlink()
