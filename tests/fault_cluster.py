@@ -24,7 +24,7 @@ import aiohttp
 
 from boxoffice import migrate
 from boxoffice.embedded import LocalStripe, NatsCluster, NatsServer, Postgres, PostgresPair
-from tests.harness import ServiceProcess, base_env, eventually
+from tests.harness import ServiceProcess, base_env, eventually, process_alive
 
 # Replicas where the README says they share the work (holds and keys, Stripe events, expiry);
 # one ingress (the run's only address). Instances are named "<service>-<n>".
@@ -283,7 +283,7 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
         if server.proc is not None:
             await asyncio.to_thread(server.proc.wait)
-        await eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
+        await eventually(lambda: not any(process_alive(p) for p in pids), timeout=10,
                          what="every PostgreSQL process gone")
         await asyncio.sleep(down)
         if restart:
@@ -309,10 +309,3 @@ class Cluster:
     def log_tail(self, name: str, chars: int = 2000) -> str:
         return self.services[name].proc.logs()[-chars:]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

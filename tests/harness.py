@@ -228,3 +228,11 @@ async def in_one_snapshot(url: str, read: Callable[[asyncpg.Connection], Awaitab
             return await read(conn)
     finally:
         await conn.close()
+
+
+def process_alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie, not yet reaped, has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -60,7 +60,7 @@ from tests.fault_checks import (
 )
 from tests.fault_stripe import StripeBuyer
 from tests.fault_workload import Ledger, code_of
-from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env, eventually
+from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env, eventually, process_alive
 from tests.stack_support import start_stack, stop_stack
 from tests.stripe_keys_proxy import StripeKeysProxy
 
@@ -366,7 +366,7 @@ def test_a_pair_started_again_after_a_failover_keeps_the_promoted_primary(
 async def test_a_promoted_primary_runs_alone_until_its_standby_is_rebuilt(
         pair: PostgresPair) -> None:
     """After a failover the promoted primary's commits wait for no one (it has no standby;
-    the setting its copy brought from the old primary is dropped); ``rebuild_standby`` makes
+    the setting its copy brought from the old primary is dropped); ``start_standby_again`` makes
     the old primary its standby, and from then on its commits wait for that standby again,
     without restarting the primary."""
     old, new = pair.primary, pair.standby
@@ -378,7 +378,7 @@ async def test_a_promoted_primary_runs_alone_until_its_standby_is_rebuilt(
     new.psql("INSERT INTO kept VALUES (2)", database="boxoffice")  # would hang if it waited
     assert new.proc is not None
     new_pid = new.proc.pid
-    await asyncio.to_thread(pair.rebuild_standby)
+    await asyncio.to_thread(pair.start_standby_again, afresh=True)
     assert pair.primary is new and pair.standby is old and new.proc.pid == new_pid
     assert (old.datadir / "standby.signal").exists()
     assert new.psql("SHOW synchronous_standby_names") == "*"
@@ -502,7 +502,7 @@ def test_a_copy_cut_short_is_never_taken_for_a_standby(
         lambda name: str(script) if name == "pg_basebackup" else real(name)))
     try:
         with pytest.raises(subprocess.CalledProcessError):
-            pair.rebuild_standby()
+            pair.start_standby_again(afresh=True)
     finally:
         monkeypatch.undo()
         shutil.rmtree(fake, ignore_errors=True)
@@ -645,7 +645,7 @@ def test_a_primary_is_not_started_again_beside_a_backend_of_its_old_postmaster(
         assert "pre-existing shared memory block" in pg.log.read_text()
         os.kill(int(backend), signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while _running(int(backend)):
+        while process_alive(int(backend)):
             assert time.monotonic() < deadline, "the old backend did not exit"
             time.sleep(0.1)
         pg.start(create_db=None)  # the backend gone: started on its data
@@ -654,10 +654,3 @@ def test_a_primary_is_not_started_again_beside_a_backend_of_its_old_postmaster(
         client.kill()
         pg.kill()
 
-
-def _running(pid: int) -> bool:
-    """The process exists and has not exited (a zombie, not yet reaped, has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -433,8 +433,9 @@ class PostgresPair:
 
     ``url`` lists both servers with ``target_session_attrs=read-write``, so a client connects to
     whichever is the primary now. ``promote`` makes the standby the primary (it then runs alone,
-    with no synchronous standby to wait for) and ``rebuild_standby`` makes the old primary
-    afresh as its standby, synchronous again, without restarting the primary. The file
+    with no synchronous standby to wait for) and ``start_standby_again`` makes the old primary
+    afresh as its standby, synchronous again, without restarting the primary (``next_step``
+    names what to do next). The file
     ``root/primary`` names the primary's node, so a pair started again on its data keeps the
     roles it had: the old primary of a failover is discarded and made again as the new
     primary's standby.
@@ -553,12 +554,6 @@ class PostgresPair:
             self.take_step(step, timeout)
             taken.append(step)
         return taken
-
-    def rebuild_standby(self, timeout: float = 60.0) -> None:
-        """After a failover (the old primary dead or stopped), make the old primary afresh as
-        the new primary's standby and make the primary's commits wait for it again. On
-        failure the standby is left stopped, to be tried again."""
-        self.start_standby_again(timeout, afresh=True)
 
     def start_standby_again(self, timeout: float = 60.0, *, afresh: bool = False) -> None:
         """Start the standby that is not running: on its own data when it is a standby
