@@ -97,6 +97,23 @@ async def test_reap_skips_a_hold_another_transaction_has_locked(db: asyncpg.Pool
     assert await inventory(db, ev) == (0, 0)
 
 
+async def test_reap_reads_the_holds_due_not_every_active_one(db: asyncpg.Pool) -> None:
+    # the claim's bound on expires_at is a bound of its index scan: a sweep that finds one hold
+    # due among 2,000 active ones fetches that one (with clock_timestamp() itself in the WHERE,
+    # a volatile call, it was a filter, and every sweep fetched all 2,000)
+    ev = await new_event(db, capacity=3000)
+    await db.execute("SELECT hold_tickets($1, 1, 'client', 3600) FROM generate_series(1, 2000)", ev)
+    due = (await hold(db, ev, 1, ttl=0))["id"]
+    fetched = ("SELECT idx_tup_fetch FROM pg_stat_xact_user_tables "
+               "WHERE relname = 'reservations'")
+    async with db.acquire() as conn, conn.transaction():
+        before = await conn.fetchval(fetched)
+        assert set(await reap(conn)) == {due}
+        assert await conn.fetchval(fetched) - before <= 10
+    assert await db.fetchval("SELECT count(*) FROM reservations WHERE event_id = $1 "
+                             "AND status = 'active'", ev) == 2000
+
+
 async def test_reap_returns_tickets_to_every_bucket(db: asyncpg.Pool) -> None:
     ev = await new_event(db, capacity=6, buckets=3)
     gathered = (await hold(db, ev, 5, ttl=0))["id"]  # buckets 0, 1 and 1 ticket of 2

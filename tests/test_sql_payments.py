@@ -166,6 +166,25 @@ async def test_claim_stripe_actions_leases_and_counts(db: asyncpg.Pool) -> None:
     assert [r["attempts"] for r in again] == [2]
 
 
+async def test_claim_stripe_actions_reads_the_actions_due_not_every_pending_one(
+        db: asyncpg.Pool) -> None:
+    # the due time is a bound of the claim's index scan: with 2,000 actions leased (pending, due
+    # in a minute) and one due, a claim fetches that one (with clock_timestamp() itself in the
+    # WHERE, a volatile call, it was a filter, and each claim fetched all of them)
+    await db.execute("SELECT request_stripe_action('refund', 'pi_leased_' || g, NULL, "
+                     "'oversold', 100) FROM generate_series(1, 2000) g")
+    assert len(await db.fetch("SELECT * FROM claim_stripe_actions(5000, 60)")) >= 2000
+    a = pi()
+    await db.execute("SELECT request_stripe_action('refund', $1, NULL, 'oversold', 100)", a)
+    fetched = ("SELECT idx_tup_fetch FROM pg_stat_xact_user_tables "
+               "WHERE relname = 'stripe_actions'")
+    async with db.acquire() as conn, conn.transaction():
+        before = await conn.fetchval(fetched)
+        got = await conn.fetch("SELECT * FROM claim_stripe_actions(10, 60)")
+        assert [r["payment_intent_id"] for r in got] == [a]
+        assert await conn.fetchval(fetched) - before <= 10
+
+
 async def test_finish_stripe_action_outcomes(db: asyncpg.Pool) -> None:
     ev = await new_event(db)
     fn = "SELECT finish_stripe_action($1, $2, $3, $4, $5)"

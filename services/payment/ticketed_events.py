@@ -44,7 +44,7 @@ SELECT e.id, e.name, e.capacity, e.price, e.currency, e.buckets,
        coalesce(b.held, 0) AS held, coalesce(b.sold, 0) AS sold,
        (SELECT coalesce(sum(r.quantity), 0) FROM reservations r
          WHERE r.event_id = e.id AND r.status = 'active'
-           AND r.expires_at <= clock_timestamp()) AS overdue
+           AND r.expires_at <= (SELECT clock_timestamp())) AS overdue
 FROM ticketed_events e
 LEFT JOIN LATERAL (SELECT sum(held) AS held, sum(sold) AS sold FROM inventory_buckets
                    WHERE event_id = e.id) b ON TRUE

@@ -124,7 +124,8 @@ async def stats(pool: asyncpg.Pool) -> wire.ReservationStats:
     async with pool.acquire() as conn:
         row = await conn.fetchrow(
             "SELECT s.*, (SELECT count(*) FROM reservations WHERE status = 'active' "
-            "AND expires_at <= clock_timestamp()) AS overdue FROM get_reservation_stats() s")
+            "AND expires_at <= (SELECT clock_timestamp())) AS overdue "
+            "FROM get_reservation_stats() s")
     return wire.ReservationStats(
         active=row["active_count"], expired=row["expired_count"],
         completed=row["completed_count"], cancelled=row["cancelled_count"],

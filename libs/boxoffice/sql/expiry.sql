@@ -58,6 +58,10 @@ DECLARE
     events  uuid[];
     buckets integer[];
     amounts integer[];
+    -- read once: a volatile clock_timestamp() in the WHERE below would be a filter run on every
+    -- active hold's index entry, not a bound of the index scan, so that a claim with few holds
+    -- due read the whole index of active holds (each sweep's cost grew with the holds not due)
+    due_by  timestamptz := clock_timestamp();
 BEGIN
     -- claimed by their row versions (ctid): a version locked here stays the current one until
     -- this transaction ends, so the UPDATE below finds each row by a TID scan, without a second
@@ -65,7 +69,7 @@ BEGIN
     -- table's
     SELECT array_agg(d.id), array_agg(d.ctid) INTO ids, tids FROM (
         SELECT r.id, r.ctid FROM reservations r
-        WHERE r.status = 'active' AND r.expires_at <= clock_timestamp()
+        WHERE r.status = 'active' AND r.expires_at <= due_by
           AND (p_event_id IS NULL OR r.event_id = p_event_id)
         ORDER BY r.expires_at
         LIMIT p_limit

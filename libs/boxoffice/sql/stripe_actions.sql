@@ -44,7 +44,9 @@ RETURNS SETOF stripe_actions LANGUAGE sql AS $$
     SET attempts = a.attempts + 1, updated_at = clock_timestamp(),
         next_attempt_at = clock_timestamp() + make_interval(secs => p_lease_seconds)
     WHERE a.id IN (SELECT d.id FROM stripe_actions d
-                   WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp()
+                   -- the clock read once (an InitPlan): a bound of the index scan, where
+                   -- clock_timestamp() itself would filter every pending action's entry
+                   WHERE d.status = 'pending' AND d.next_attempt_at <= (SELECT clock_timestamp())
                    ORDER BY d.next_attempt_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
     RETURNING a.*
 $$;
