@@ -140,10 +140,13 @@ class Settings:
     arm_seconds: float = ARM_SECONDS  # the next due time re-read at least this often
     max_backoff: float = 5.0
     # batches in flight at once while a backlog lasts (a full first batch), each on its own
-    # connection: a flash sale's holds are expired by that many PostgreSQL backends. Three,
-    # even on two cores: a batch is off the CPU for part of its time (its commit's WAL flush,
-    # the round trips, the bucket rows' locks a buyer holds), which a third batch fills
-    workers: int = 3
+    # connection: a flash sale's holds are expired by that many PostgreSQL backends (a batch is
+    # off the CPU for part of its time: its commit's WAL flush, the round trips, the bucket
+    # rows' locks a buyer holds). Two: measured against three, alternated on two cores
+    # (bench.reaper, 100,000 holds due at once), two took 1.48-1.57 s and 15-16 us of
+    # PostgreSQL CPU per hold, three 1.60-1.66 s and 17.5-18.7 us: backends inserting into
+    # the same outbox and bucket pages cost each other more than the third one fills
+    workers: int = 2
 
 
 class Expirer:
