@@ -76,3 +76,46 @@ async def test_a_wake_up_during_an_empty_batch_is_kept(nats_url: str, db: asyncp
             wake.set()
             await task
     assert calls >= 2
+
+
+async def test_a_pass_takes_the_smallest_ids_of_its_subjects_in_order(db: asyncpg.Pool) -> None:
+    subjects = [reservation_event("held"), reservation_event("cancelled")]
+    ids = [await db.fetchval("INSERT INTO outbox (subject, payload) VALUES ($1, '{}') "
+                             "RETURNING id", subject)
+           for subject in [subjects[0], reservation_event("expired"), subjects[1], subjects[1],
+                           subjects[0], subjects[1], subjects[0]]]
+    async with db.acquire() as conn, conn.transaction():
+        got = await conn.fetch(outbox.CLAIM, subjects, 4)
+        # the expired row is not one of them; the four smallest of the other six, in id order
+        assert [r["id"] for r in got] == [ids[0], ids[2], ids[3], ids[4]]
+    async with db.acquire() as conn, conn.transaction():
+        assert [r["id"] for r in await conn.fetch(outbox.CLAIM, subjects, 2)] == [ids[0], ids[2]]
+        async with db.acquire() as other, other.transaction():
+            # a replica's pass meanwhile: what the first pass locked (up to its limit of each
+            # subject: ids 0, 2, 3 and 4) is skipped, and the rest taken, in id order
+            rest = await other.fetch(outbox.CLAIM, subjects, 2)
+            assert [r["id"] for r in rest] == [ids[5], ids[6]]
+
+
+async def test_a_pass_does_not_read_a_backlog_of_other_subjects(db: asyncpg.Pool) -> None:
+    # 20,000 expiry events waiting (the reaper's) before 30 rows of payment's subjects: a pass of
+    # payment's relay reads its 30 (through the outbox's index on (subject, id)), with the
+    # planner's statistics gathered as autovacuum would. Through the primary key, filtering on
+    # the subject, it read all 20,030 (10 ms for 100,000)
+    await db.execute("INSERT INTO outbox (subject, payload) SELECT $1, jsonb_build_object('n', g) "
+                     "FROM generate_series(1, 20000) g", reservation_event("expired"))
+    await db.execute(ROWS, 30)
+    await db.execute("ANALYZE outbox")
+    read = ("SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read FROM pg_stat_xact_user_tables "
+            "WHERE relname = 'outbox'")
+    subjects = [reservation_event("held"), reservation_event("cancelled")]
+    async with db.acquire() as conn, conn.transaction():
+        before = await conn.fetchval(read)
+        got = await conn.fetch(outbox.CLAIM, subjects, 500)
+        assert len(got) == 30
+        assert await conn.fetchval(read) - before <= 100
+        # and the reaper's pass reads the 500 it takes of its 20,000, not all of them to sort
+        before = await conn.fetchval(read)
+        got = await conn.fetch(outbox.CLAIM, [reservation_event("expired")], 500)
+        assert len(got) == 500
+        assert await conn.fetchval(read) - before <= 600

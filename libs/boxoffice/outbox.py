@@ -31,16 +31,27 @@ PUBLISHED = prometheus_client.Counter("boxoffice_outbox_published_total",
                                       "Outbox rows published to JetStream")
 CHANNEL = "boxoffice_outbox"
 BATCH = 500  # rows a relay pass publishes at most
+# The first ``$2`` pending rows of the subjects ``$1`` in id order, locked. Each subject is read
+# from its own first row through the index on (subject, id), so that other services' rows (a
+# backlog of expiry events, say) are never stepped over (ordered by the index's own key, which the
+# planner cannot serve from the primary key), and the subjects' rows are merged by id:
+# the n smallest unlocked ids are among the n smallest of their own subject. Rows locked for a
+# subject but beyond the pass's n stay for the next pass (locked only until this one commits).
+CLAIM = """
+SELECT o.id, o.subject, o.payload::text AS payload
+FROM unnest($1::text[]) AS s(subject)
+CROSS JOIN LATERAL (
+    SELECT x.id, x.subject, x.payload FROM outbox x
+    WHERE x.subject = s.subject ORDER BY x.subject, x.id LIMIT $2 FOR UPDATE SKIP LOCKED) o
+ORDER BY o.id LIMIT $2
+"""
 
 
 async def publish_batch(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
                         limit: int = BATCH) -> int:
     """Publish up to ``limit`` pending rows of ``subjects``; returns how many were published."""
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
-            "SELECT id, subject, payload::text AS payload FROM outbox "
-            "WHERE subject = ANY($1::text[]) ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-            list(subjects), limit)
+        rows = await conn.fetch(CLAIM, list(subjects), limit)
         if not rows:
             return 0
         # every row's PubAck in before any row is deleted; else ServiceUnavailable, rows kept
