@@ -15,8 +15,10 @@ each a fresh nats-server (or cluster) on loopback:
 Two ways of publishing, each ``--messages`` messages of a domain event's size (400 bytes, a
 ``Nats-Msg-Id`` each) into one stream:
 
-- ``batches``: 500 at a time, the next batch once every PubAck of the last is in, as the outbox
-  relays publish (``bus_batch.publish_all``);
+- ``batches``: 500 at a time, the next batch once every PubAck of the last is in, each message
+  on its own (``bus_batch.publish_each``): plain JetStream;
+- ``atomic``: 500 at a time as JetStream atomic batches (one PubAck a batch), into a stream that
+  allows them, as the outbox relays publish (``bus_batch.publish_all``);
 - ``concurrent``: 64 publishers, each waiting for its PubAck before its next message, as ingress
   publishes a webhook or an error report per request.
 
@@ -41,7 +43,7 @@ import nats
 
 from bench.cpu import cpu_seconds, tree
 from boxoffice import outbox
-from boxoffice.bus_batch import publish_all
+from boxoffice.bus_batch import publish_atomic, publish_each
 from boxoffice.embedded import NatsCluster, NatsServer
 
 PAYLOAD = b'{"event":"' + b"x" * 388 + b'"}'  # 400 bytes, about a domain event's JSON
@@ -53,11 +55,20 @@ SETUPS = (("one_node_default_fsync", 1, False), ("one_node_sync_always", 1, True
 
 async def batches(nc: nats.NATS, n: int, tag: str, subject: str = "bench.batches",
                   payload: bytes = PAYLOAD) -> None:
-    """``n`` messages, ``BATCH`` at a time as the relays publish them, ids ``<tag>-<i>``."""
-    bus = SimpleNamespace(nc=nc)  # publish_all needs the connection only
+    """``n`` messages, ``BATCH`` at a time, each message on its own, ids ``<tag>-<i>``."""
+    bus = SimpleNamespace(nc=nc)  # publish_each needs the connection only
     for start in range(0, n, BATCH):
-        await publish_all(bus, [(subject, payload, f"{tag}-{i}")
-                                for i in range(start, min(n, start + BATCH))])
+        await publish_each(bus, [(subject, payload, f"{tag}-{i}")
+                                 for i in range(start, min(n, start + BATCH))])
+
+
+async def atomic(nc: nats.NATS, n: int, tag: str) -> None:
+    """``n`` messages, ``BATCH`` at a time as atomic batches, as the relays publish them."""
+    bus = SimpleNamespace(nc=nc)
+    for start in range(0, n, BATCH):
+        kept = await publish_atomic(bus, [("bench.atomic", PAYLOAD, f"{tag}-{i}")
+                                          for i in range(start, min(n, start + BATCH))])
+        assert kept, "an atomic batch was refused"
 
 
 async def concurrent(nc: nats.NATS, n: int, tag: str) -> None:
@@ -75,10 +86,14 @@ async def measure(urls: list[str], pids: list[int], replicas: int, n: int) -> di
     nc = await nats.connect(urls)
     try:
         js = nc.jetstream()
-        await js.add_stream(name="BENCH", subjects=["bench.>"], num_replicas=replicas)
+        await js.add_stream(name="BENCH", subjects=["bench.batches", "bench.concurrent"],
+                            num_replicas=replicas)
+        await js.add_stream(name="BENCH_ATOMIC", subjects=["bench.atomic"],
+                            num_replicas=replicas, allow_atomic=True)
         await batches(nc, min(n, 2 * BATCH), "warm")  # the stream's files and leader settled
         out: dict[str, object] = {}
-        for name, publish in (("batches", batches), ("concurrent", concurrent)):
+        for name, publish in (("batches", batches), ("atomic", atomic),
+                              ("concurrent", concurrent)):
             cpu = sum(cpu_seconds(tree(p)) for p in pids)
             started = time.perf_counter()
             await publish(nc, n, name)

@@ -177,6 +177,7 @@ def bus(f: dict[str, Any]) -> list[Row]:
     """Plain JetStream: each setup against one node with nats-server's default fsync."""
     rows = []
     for way, label in (("batches", f"batches of {f['batch']}"),
+                       ("atomic", f"atomic batches of {f['batch']}"),
                        ("concurrent", f"{f['concurrency']} publishers awaiting each")):
         base = f["one_node_default_fsync"][way]["per_s"]
         for setup, name in (("one_node_sync_always", "1 node, sync always"),

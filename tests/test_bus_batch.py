@@ -1,6 +1,6 @@
-"""Publishing a batch at once (``bus_batch.publish_all``, the outbox relay's path): it returns
-only once every message has its PubAck, and raises ``ServiceUnavailable`` (the outbox rows
-stay) when any one has none."""
+"""Publishing a batch at once (``bus_batch.publish_all``, the outbox relay's path: atomic batches,
+and ``publish_each`` when JetStream refuses one): it returns only once every message is kept,
+and raises ``ServiceUnavailable`` (the outbox rows stay) when any one is not."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy
 
 from boxoffice import bus as busmod
 from boxoffice import bus_batch, errors, outbox
-from boxoffice.wire.subjects import reservation_event
+from boxoffice.wire.subjects import error_report, payment_event, reservation_event
 
 HELD = (reservation_event("held"),)
 SUBJECT = reservation_event("held")
@@ -89,7 +89,7 @@ async def test_one_refused_message_keeps_every_row(nats_url: str, db: asyncpg.Po
 
 
 async def test_a_refusal_is_raised_once_every_message_is_answered(nats_url: str) -> None:
-    """A stream that takes 5 messages and refuses the rest: publish_all raises only after the
+    """A stream that takes 5 messages and refuses the rest: publish_each raises only after the
     server answered all 5,000 (the later ones are not left in its hands), so lifting the limit
     right after the failure stores none of them, and publishing again keeps them in order.
     (Raised at the first refusal, as it was, about a thousand of them were stored late here.)"""
@@ -99,9 +99,55 @@ async def test_a_refusal_is_raised_once_every_message_is_answered(nats_url: str)
         await bus.js.add_stream(full)
         batch = [(SUBJECT, b"{}", str(n)) for n in range(5000)]
         with pytest.raises(errors.ServiceUnavailable, match="did not keep 4995 of 5000"):
-            await bus_batch.publish_all(bus, batch, timeout=30)
+            await bus_batch.publish_each(bus, batch, timeout=30)
         await bus.declare_streams("RESERVATIONS")  # our configuration: no limit
         await asyncio.sleep(0.2)  # a late message of the failed batch would be stored by now
         assert (await bus.js.stream_info("RESERVATIONS")).state.messages == 5
-        assert await bus_batch.publish_all(bus, batch) == 5  # the first 5: duplicates
+        assert await bus_batch.publish_each(bus, batch) == 5  # the first 5: duplicates
         assert await stream_ids(bus, 5000) == [str(n) for n in range(5000)]
+
+
+async def test_an_atomic_batch_is_kept_whole_or_not_at_all(nats_url: str) -> None:
+    """A batch holding an id the stream keeps (the relay publishing again after a crash between
+    the PubAck and its commit) is refused whole, and publish_all then keeps its new messages
+    one by one, after the old ones, in order."""
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        assert (await bus.js.stream_info("RESERVATIONS")).config.allow_atomic
+        first = [(SUBJECT, b'{"n": %d}' % n, f"m{n}") for n in range(100)]
+        assert await bus_batch.publish_atomic(bus, first)
+        again = [*first[50:], *[(SUBJECT, b"{}", f"new{n}") for n in range(50)]]
+        assert not await bus_batch.publish_atomic(bus, again)
+        assert (await bus.js.stream_info("RESERVATIONS")).state.messages == 100  # none of it
+        assert await bus_batch.publish_all(bus, again) == 50
+        assert await stream_ids(bus, 150) == [f"m{n}" for n in range(100)] + [
+            f"new{n}" for n in range(50)]
+
+
+async def test_each_stream_gets_its_own_batches(nats_url: str) -> None:
+    """Messages of two atomic streams and one other, interleaved, as one relay pass may hold
+    them (and more than an atomic batch may: 1,000): each stream keeps its own, in order."""
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS", "PAYMENTS", "ERRORS")
+        subjects = [SUBJECT, payment_event("created"), error_report("payment", "error")]
+        batch = [(subjects[n % 3], b"{}", f"x{n}") for n in range(3300)]
+        assert await bus_batch.publish_all(bus, batch) == 0
+        for stream in ("RESERVATIONS", "PAYMENTS", "ERRORS"):
+            assert (await bus.js.stream_info(stream)).state.messages == 1100
+        assert await stream_ids(bus, 1100) == [f"x{n}" for n in range(0, 3300, 3)]
+        assert await bus_batch.publish_all(bus, batch) == 3300  # again: all duplicates
+
+
+async def test_a_stream_that_refuses_atomic_batches_keeps_each_message_once(
+        nats_url: str) -> None:
+    """RESERVATIONS as a version before atomic batches declared it: the batch is refused and
+    every message published on its own instead."""
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.js.add_stream(dataclasses.replace(busmod.stream_config("RESERVATIONS"),
+                                                    allow_atomic=None))
+        batch = [(SUBJECT, b"{}", f"m{n}") for n in range(200)]
+        assert not await bus_batch.publish_atomic(bus, batch)
+        assert await bus_batch.publish_all(bus, batch) == 0
+        assert await bus_batch.publish_all(bus, batch) == 200
+        assert await stream_ids(bus, 200) == [f"m{n}" for n in range(200)]
+        assert (await bus.js.stream_info("RESERVATIONS")).state.messages == 200

@@ -48,6 +48,9 @@ STREAM_MAX_AGE = {"STRIPE_EVENTS": 30 * DAY, "ERRORS": 7 * DAY, "RESERVATIONS": 
 DUPLICATE_WINDOW = {"STRIPE_EVENTS": 600.0, "ERRORS": 120.0, "RESERVATIONS": 3600.0,
                     "PAYMENTS": 3600.0, "ALERTS": 600.0, "AUDIT": 600.0,
                     "SENTRY_ITEMS": 120.0}
+# Streams that take atomic batches (the outbox relays' events, boxoffice.bus_batch.publish_all):
+# with sync_interval: always, nats-server syncs a batch to disk once, not each of its messages
+ATOMIC_STREAMS = frozenset({"RESERVATIONS", "PAYMENTS"})
 REQUEST_ID_HEADER = "Boxoffice-Request-Id"
 NO_RESPONDER_RETRIES = (0.05, 0.1, 0.2, None)
 NO_RESPONDERS_STATUS = "503"  # the server's status message: no subscription on the subject
@@ -60,6 +63,7 @@ def stream_config(name: str, replicas: int = 1) -> StreamConfig:
         name=name, subjects=STREAMS[name], retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE, discard=DiscardPolicy.OLD, max_age=STREAM_MAX_AGE[name],
         duplicate_window=DUPLICATE_WINDOW[name], max_msg_size=8 << 20, num_replicas=replicas,
+        allow_atomic=True if name in ATOMIC_STREAMS else None,
     )
 
 

@@ -1,16 +1,26 @@
 """Publishing many JetStream messages at once, each kept only once its PubAck is in.
 
 ``Bus.publish`` is a request per message (nats-py's ``js.publish``: an inbox token, a future
-and a timer each, a task each when gathered). ``publish_all`` sends a whole batch with one reply
+and a timer each, a task each when gathered). ``publish_each`` sends a whole batch with one reply
 subscription of its own: message ``n`` asks for its PubAck on ``<inbox>.<n>``, the PubAcks are
 counted as they come, and the call returns once every message has one; about a third of the
-CPU per message (measured with 500-message batches of outbox events). The outbox relay uses it.
+CPU per message (measured with 500-message batches of outbox events).
+
+``publish_all``, which the outbox relays use, sends the messages of a stream that allows it
+(``bus.ATOMIC_STREAMS``) as JetStream atomic batches: kept all together or not at all, with one
+PubAck for the batch. With ``sync_interval: always`` nats-server then syncs its files a few times
+per batch instead of once per message: 500-message batches went from 3,300 to 56,000 messages
+a second (nats-server's CPU from 109 to 9.5 us a message), each batch synced before its PubAck.
+JetStream refuses a whole batch that holds an id it already keeps (err_code 10201: the relay
+publishing again after a crash between the PubAck and its commit); such a batch, or one refused
+for any other reason, is sent again with ``publish_each``, which drops the duplicates one by one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Sequence
 
 import msgspec
@@ -18,7 +28,10 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from boxoffice import errors, logs
-from boxoffice.bus import REQUEST_ID_HEADER, Bus
+from boxoffice.bus import ATOMIC_STREAMS, REQUEST_ID_HEADER, Bus
+from boxoffice.wire.subjects import stream_of
+
+ATOMIC_MAX = 1000  # messages in one atomic batch at most (nats-server's limit)
 
 
 class _PubAck(msgspec.Struct):
@@ -28,6 +41,8 @@ class _PubAck(msgspec.Struct):
     seq: int | None = None
     duplicate: bool = False
     error: dict[str, object] | None = None
+    batch: str | None = None  # an atomic batch's id, and how many messages it kept
+    count: int | None = None
 
 
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
@@ -35,6 +50,63 @@ _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
 async def publish_all(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
                       timeout: float = 5.0) -> int:
+    """``publish_each``'s promise, the messages of each stream in ``ATOMIC_STREAMS`` sent as
+    atomic batches (in their order; the other messages with ``publish_each``). Returns how many
+    were duplicates (none when every batch was new)."""
+    by_stream: dict[str | None, list[tuple[str, bytes, str]]] = {}
+    for message in messages:
+        stream = stream_of(message[0])
+        by_stream.setdefault(stream if stream in ATOMIC_STREAMS else None, []).append(message)
+    duplicates = 0
+    for stream, group in by_stream.items():
+        if stream is None or len(group) == 1:
+            duplicates += await publish_each(bus, group, timeout=timeout)
+            continue
+        for start in range(0, len(group), ATOMIC_MAX):
+            chunk = group[start:start + ATOMIC_MAX]
+            if not await publish_atomic(bus, chunk, timeout=timeout):
+                duplicates += await publish_each(bus, chunk, timeout=timeout)
+    return duplicates
+
+
+async def publish_atomic(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
+                         timeout: float = 5.0) -> bool:
+    """Publish ``messages`` (of one stream) as one JetStream atomic batch; True once its PubAck
+    says the whole batch is kept, False when JetStream refused it, which then kept none of it (an
+    id it already keeps, atomic batches not allowed, too many in flight; and an answer that is
+    not a batch's, from a server that ignored the batch headers: each message then stood alone,
+    unacknowledged). Raises ``ServiceUnavailable`` without an answer: the batch may be kept."""
+    if not messages:
+        return True
+    nc = bus.nc
+    batch = uuid.uuid4().hex
+    headers = {"Nats-Msg-Id": "", "Nats-Batch-Id": batch, "Nats-Batch-Sequence": ""}
+    if rid := logs.REQUEST_ID.get():
+        headers[REQUEST_ID_HEADER] = rid
+    last = len(messages)
+    try:
+        for n, (subject, payload, msg_id) in enumerate(messages, 1):
+            headers["Nats-Msg-Id"] = msg_id  # (encoded by publish before it returns)
+            headers["Nats-Batch-Sequence"] = str(n)
+            if n < last:
+                await nc.publish(subject, payload, headers=headers)
+            else:
+                headers["Nats-Batch-Commit"] = "1"
+                answer = await nc.request(subject, payload, timeout=timeout, headers=headers)
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        raise errors.ServiceUnavailable(
+            f"bus did not acknowledge a batch of {last} messages: {type(exc).__name__}") from exc
+    if answer.headers and answer.headers.get("Status"):
+        return False
+    try:
+        ack = _decode_ack(answer.data)
+    except msgspec.DecodeError:
+        return False
+    return ack.error is None and ack.batch == batch and ack.count == last
+
+
+async def publish_each(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
+                       timeout: float = 5.0) -> int:
     """Publish each ``(subject, payload, msg_id)`` of ``messages`` to JetStream (``msg_id`` as
     ``Nats-Msg-Id``, so a message published again within the stream's duplicate window is
     dropped) and wait until every one has its PubAck; returns how many were such duplicates.
