@@ -135,6 +135,18 @@ async def test_each_stream_gets_its_own_batches(nats_url: str) -> None:
         for stream in ("RESERVATIONS", "PAYMENTS", "ERRORS"):
             assert (await bus.js.stream_info(stream)).state.messages == 1100
         assert await stream_ids(bus, 1100) == [f"x{n}" for n in range(0, 3300, 3)]
+        # kept as atomic batches of at most 1,000 (the server's limit): two a stream; ERRORS's
+        # messages one by one
+        for subject, batches in ((SUBJECT, 2), (subjects[1], 2), (subjects[2], 0)):
+            sub = await bus.js.pull_subscribe(subject, durable=None,
+                                              config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+            seen: list[str | None] = []
+            while len(seen) < 1100:
+                seen += [(m.headers or {}).get("Nats-Batch-Id")
+                         for m in await sub.fetch(500, timeout=5)]
+            await sub.unsubscribe()
+            assert len({b for b in seen if b}) == batches
+            assert seen.count(None) == (1100 if batches == 0 else 0)
         assert await bus_batch.publish_all(bus, batch) == 3300  # again: all duplicates
 
 

@@ -4,11 +4,12 @@ Each service's relay claims only the rows of the subjects it owns (``bus_access.
 .relays``), the only ones its NATS user may publish: the reaper's expiries (wherever a hold
 expired), payment's holds, cancels and PaymentIntents, the webhook service's sales, returns,
 refunds and failures. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` (replicas share the
-work), published together with the row id as ``Nats-Msg-Id`` (``bus_batch.publish_all``: one reply
-subscription for the batch, its PubAcks counted) and deleted in the same transaction once every
-PubAck is in. A crash after the publish and before the commit republishes the same ids,
-which JetStream drops as duplicates within the stream's duplicate window: nothing lost, nothing
-published twice.
+work), published together with the row id as ``Nats-Msg-Id`` (``bus_batch.publish_all``: each
+stream's rows as one JetStream atomic batch, or one by one when JetStream refuses the batch) and
+deleted in the same transaction once the stream keeps them. A crash after the publish and
+before the commit republishes the same ids: the atomic batch is refused for them, and of the
+messages then sent one by one JetStream drops the known ids within the stream's duplicate
+window: nothing lost, nothing published twice.
 """
 
 from __future__ import annotations
