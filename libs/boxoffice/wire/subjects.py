@@ -19,7 +19,6 @@ STREAMS: dict[str, list[str]] = {
 }
 
 
-
 def stream_of(subject: str) -> str | None:
     """The stream that keeps ``subject`` (every stream's subjects end in ``>``)."""
     for name, patterns in STREAMS.items():
