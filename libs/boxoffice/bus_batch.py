@@ -8,9 +8,10 @@ CPU per message (measured with 500-message batches of outbox events).
 
 ``publish_all``, which the outbox relays use, sends the messages of a stream that allows it
 (``bus.ATOMIC_STREAMS``), when there are at least ``ATOMIC_MIN`` of them, as JetStream atomic
-batches: kept all together or not at all, with one PubAck for the batch. With ``sync_interval: always`` nats-server then syncs its files a few times
-per batch instead of once per message: 500-message batches went from 3,300 to 56,000 messages
-a second (nats-server's CPU from 109 to 9.5 us a message), each batch synced before its PubAck.
+batches: kept all together or not at all, with one PubAck for the batch. With
+``sync_interval: always`` nats-server then syncs its files a few times per batch instead of once
+per message: 500-message batches went from 3,300 to 56,000 messages a second (nats-server's CPU
+from 109 to 9.5 us a message), each batch synced before its PubAck.
 JetStream refuses a whole batch that holds an id it already keeps (err_code 10201: the relay
 publishing again after a crash between the PubAck and its commit); such a batch, or one refused
 for any other reason, is sent again with ``publish_each``, which drops the duplicates one by one.
