@@ -82,6 +82,13 @@ async def outbox(db: asyncpg.Pool, prefix: str = "") -> list[tuple[str, dict[str
     return [(r["subject"], r["payload"]) for r in rows]
 
 
+async def rows_read(conn: asyncpg.Connection, table: str) -> int:
+    """Rows of ``table`` this connection's transaction has read so far: fetched through an index,
+    or read by a sequential scan (``pg_stat_xact_user_tables``)."""
+    return await conn.fetchval("SELECT coalesce(idx_tup_fetch, 0) + seq_tup_read "
+                               "FROM pg_stat_xact_user_tables WHERE relname = $1", table)
+
+
 def pi() -> str:
     return f"pi_{uuid.uuid4().hex[:24]}"
 

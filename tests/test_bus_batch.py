@@ -19,16 +19,22 @@ HELD = (reservation_event("held"),)
 SUBJECT = reservation_event("held")
 
 
-async def stream_ids(bus: busmod.Bus, n: int) -> list[str]:
-    """The ``Nats-Msg-Id`` of the first ``n`` messages on RESERVATIONS, in stream order."""
-    sub = await bus.js.pull_subscribe(SUBJECT, durable=None,  # (no ack: no limit of pending)
+async def stream_headers(bus: busmod.Bus, n: int, subject: str = SUBJECT,
+                         header: str = "Nats-Msg-Id") -> list[str | None]:
+    """``header`` of the first ``n`` messages of ``subject``, in stream order (None: absent)."""
+    sub = await bus.js.pull_subscribe(subject, durable=None,  # (no ack: no limit of pending)
                                       config=ConsumerConfig(ack_policy=AckPolicy.NONE))
-    ids: list[str] = []
-    while len(ids) < n:
-        ids += [m.header["Nats-Msg-Id"]
-                for m in await sub.fetch(min(500, n - len(ids)), timeout=5)]
+    values: list[str | None] = []
+    while len(values) < n:
+        values += [(m.headers or {}).get(header)
+                   for m in await sub.fetch(min(500, n - len(values)), timeout=5)]
     await sub.unsubscribe()
-    return ids
+    return values
+
+
+async def stream_ids(bus: busmod.Bus, n: int) -> list[str | None]:
+    """The ``Nats-Msg-Id`` of the first ``n`` messages on RESERVATIONS, in stream order."""
+    return await stream_headers(bus, n)
 
 
 async def test_every_message_kept_once_in_order_duplicates_counted(nats_url: str) -> None:
@@ -138,13 +144,7 @@ async def test_each_stream_gets_its_own_batches(nats_url: str) -> None:
         # kept as atomic batches of at most 1,000 (the server's limit): two a stream; ERRORS's
         # messages one by one
         for subject, batches in ((SUBJECT, 2), (subjects[1], 2), (subjects[2], 0)):
-            sub = await bus.js.pull_subscribe(subject, durable=None,
-                                              config=ConsumerConfig(ack_policy=AckPolicy.NONE))
-            seen: list[str | None] = []
-            while len(seen) < 1100:
-                seen += [(m.headers or {}).get("Nats-Batch-Id")
-                         for m in await sub.fetch(500, timeout=5)]
-            await sub.unsubscribe()
+            seen = await stream_headers(bus, 1100, subject, "Nats-Batch-Id")
             assert len({b for b in seen if b}) == batches
             assert seen.count(None) == (1100 if batches == 0 else 0)
         assert await bus_batch.publish_all(bus, batch) == 3300  # again: all duplicates

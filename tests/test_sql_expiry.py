@@ -8,7 +8,19 @@ import uuid
 
 import asyncpg
 
-from tests.sql_support import buckets, hold, inventory, listening, new_event, no_wait, outbox, pi, status, ts
+from tests.sql_support import (
+    buckets,
+    hold,
+    inventory,
+    listening,
+    new_event,
+    no_wait,
+    outbox,
+    pi,
+    rows_read,
+    status,
+    ts,
+)
 
 EXPIRED = "reservations.events.expired"
 REAP = "SELECT * FROM reap_due_reservations($1, $2)"
@@ -104,12 +116,10 @@ async def test_reap_reads_the_holds_due_not_every_active_one(db: asyncpg.Pool) -
     ev = await new_event(db, capacity=3000)
     await db.execute("SELECT hold_tickets($1, 1, 'client', 3600) FROM generate_series(1, 2000)", ev)
     due = (await hold(db, ev, 1, ttl=0))["id"]
-    fetched = ("SELECT idx_tup_fetch FROM pg_stat_xact_user_tables "
-               "WHERE relname = 'reservations'")
     async with db.acquire() as conn, conn.transaction():
-        before = await conn.fetchval(fetched)
+        before = await rows_read(conn, "reservations")
         assert set(await reap(conn)) == {due}
-        assert await conn.fetchval(fetched) - before <= 10
+        assert await rows_read(conn, "reservations") - before <= 10
     assert await db.fetchval("SELECT count(*) FROM reservations WHERE event_id = $1 "
                              "AND status = 'active'", ev) == 2000
 

@@ -13,7 +13,17 @@ import asyncpg
 import pytest
 
 from boxoffice.payment import intents
-from tests.sql_support import inventory, listening, new_event, new_hold, outbox, paid_by, pi, status
+from tests.sql_support import (
+    inventory,
+    listening,
+    new_event,
+    new_hold,
+    outbox,
+    paid_by,
+    pi,
+    rows_read,
+    status,
+)
 
 
 async def apply(db: asyncpg.Pool, kind: str, pi_id: str, res: uuid.UUID | None, *,
@@ -176,13 +186,11 @@ async def test_claim_stripe_actions_reads_the_actions_due_not_every_pending_one(
     assert len(await db.fetch("SELECT * FROM claim_stripe_actions(5000, 60)")) >= 2000
     a = pi()
     await db.execute("SELECT request_stripe_action('refund', $1, NULL, 'oversold', 100)", a)
-    fetched = ("SELECT idx_tup_fetch FROM pg_stat_xact_user_tables "
-               "WHERE relname = 'stripe_actions'")
     async with db.acquire() as conn, conn.transaction():
-        before = await conn.fetchval(fetched)
+        before = await rows_read(conn, "stripe_actions")
         got = await conn.fetch("SELECT * FROM claim_stripe_actions(10, 60)")
         assert [r["payment_intent_id"] for r in got] == [a]
-        assert await conn.fetchval(fetched) - before <= 10
+        assert await rows_read(conn, "stripe_actions") - before <= 10
 
 
 async def test_finish_stripe_action_outcomes(db: asyncpg.Pool) -> None:

@@ -30,7 +30,8 @@ from nats.aio.msg import Msg
 
 from boxoffice import errors, logs
 from boxoffice.bus import ATOMIC_STREAMS, REQUEST_ID_HEADER, Bus
-from boxoffice.wire.subjects import stream_of
+from boxoffice.bus_access import matches
+from boxoffice.wire.subjects import STREAMS
 
 ATOMIC_MAX = 1000  # messages in one atomic batch at most (nats-server's limit)
 # Fewer messages of a stream than this go one by one, so that atomic batches serve a relay that
@@ -43,6 +44,12 @@ ATOMIC_MAX = 1000  # messages in one atomic batch at most (nats-server's limit)
 # us against 49, PostgreSQL 195 against 159, nats-server 96 against 87; 3,193 holds a second
 # against 3,532)
 ATOMIC_MIN = 200
+_ATOMIC_PATTERNS = [(name, pattern) for name in sorted(ATOMIC_STREAMS) for pattern in STREAMS[name]]
+
+
+def _atomic_stream(subject: str) -> str | None:
+    """The stream in ``ATOMIC_STREAMS`` that keeps ``subject``, if any."""
+    return next((name for name, pattern in _ATOMIC_PATTERNS if matches(pattern, subject)), None)
 
 
 class _PubAck(msgspec.Struct):
@@ -67,8 +74,7 @@ async def publish_all(bus: Bus, messages: Sequence[tuple[str, bytes, str]], *,
     new)."""
     by_stream: dict[str | None, list[tuple[str, bytes, str]]] = {}
     for message in messages:
-        stream = stream_of(message[0])
-        by_stream.setdefault(stream if stream in ATOMIC_STREAMS else None, []).append(message)
+        by_stream.setdefault(_atomic_stream(message[0]), []).append(message)
     duplicates = 0
     for stream, group in by_stream.items():
         if stream is None or len(group) < ATOMIC_MIN:

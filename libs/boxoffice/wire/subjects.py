@@ -18,16 +18,6 @@ STREAMS: dict[str, list[str]] = {
     "SENTRY_ITEMS": ["sentry.items.>"],  # feedback, attachments, discards (wire.sentry_items)
 }
 
-
-def stream_of(subject: str) -> str | None:
-    """The stream that keeps ``subject`` (every stream's subjects end in ``>``)."""
-    for name, patterns in STREAMS.items():
-        for pattern in patterns:
-            if subject.startswith(pattern[:-1]) and len(subject) > len(pattern) - 1:
-                return name
-    return None
-
-
 # durable consumers: (stream, durable name)
 WEBHOOK_CONSUMER = ("STRIPE_EVENTS", "webhook")
 ERROR_SINK_CONSUMER = ("ERRORS", "error-sink")
