@@ -24,18 +24,27 @@ async def _true(value, n: int) -> bool:
     return (await value) == n
 
 
+# The tests' reports, not the sink's own: a sink that loses its database mid-transaction may log
+# errors (asyncpg's "Resetting connection with an active transaction", an unretrieved future of
+# the lost connection), which it reports like any other and stores once the database is back.
+PUBLISHED = "SELECT count(*) FROM error_logs WHERE service <> 'error_sink'"
+
+
 async def _stored(db, n: int) -> bool:
-    return await count(db) >= n
+    return await count(db, PUBLISHED) >= n
 
 
 async def _check_all_once(db, bodies: list[dict]) -> None:
     await asyncio.sleep(0.5)  # nothing more may arrive
-    assert await count(db) == len(bodies)
-    ids = {r["id"] for r in await db.fetch("SELECT id::text FROM error_logs")}
+    assert await count(db, PUBLISHED) == len(bodies)
+    ids = {r["id"] for r in await db.fetch("SELECT id::text FROM error_logs "
+                                           "WHERE service <> 'error_sink'")}
     assert ids == {b["id"] for b in bodies}
     # the group counts agree with the rows: a redelivered report was counted once
-    assert await db.fetchval("SELECT sum(count) FROM error_groups") == len(bodies)
-    assert await db.fetchval("SELECT sum(occurrences) FROM error_logs") == len(bodies)
+    assert await db.fetchval("SELECT sum(count) FROM error_groups "
+                             "WHERE service <> 'error_sink'") == len(bodies)
+    assert await db.fetchval("SELECT sum(occurrences) FROM error_logs "
+                             "WHERE service <> 'error_sink'") == len(bodies)
 
 
 async def test_reports_published_while_sink_stopped_are_all_stored_once(
@@ -60,7 +69,7 @@ async def test_sink_killed_mid_batch_loses_and_doubles_nothing(db, nats_url, sta
     sink = start_service("error_sink")
     await eventually(lambda: _stored(db, 1), timeout=30, interval=0.005)
     sink.kill()  # SIGKILL with batches in flight (fetched, maybe written, not acked)
-    at_kill = await count(db)
+    at_kill = await count(db, PUBLISHED)
     assert 0 < at_kill < N, at_kill
     sink.start()
     await eventually(lambda: _stored(db, N), timeout=60)
@@ -85,7 +94,7 @@ async def test_postgres_stopped_mid_ingest_loses_and_doubles_nothing(
         pg.start(create_db=None)
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         try:
-            assert await count(pool) < N
+            assert await count(pool, PUBLISHED) < N
             await eventually(lambda: _stored(pool, N), timeout=60)
             await _check_all_once(pool, bodies)
         finally:
