@@ -23,7 +23,8 @@ it syncs the stream's file after each message, which is what bounds the events' 
 to be published: the relay's publishing is timed apart, as ``all_events_on_jetstream_s``). The
 plain UPDATE is measured on the same rows in the same state (vacuumed, their ``expires_at`` just
 rewritten) and committed, as the reaper's batches are (it was rolled back: no WAL flush), the
-median of three, each undone afterwards.
+median of three, each undone afterwards. Each round and the expiry start after a CHECKPOINT, so
+that the checkpoint the setup's WAL triggers falls on none of them.
 
 Runs its own PostgreSQL and nats-server; prints one JSON object.
 Usage: .venv/bin/python -m bench.reaper [--quick] [--replicas N]
@@ -146,6 +147,7 @@ async def plain_update(conn: asyncpg.Connection, event: str, pg_pid: int) -> tup
     the reaper's batches, then undone (untimed), on the table in the state the reaper will find
     it: vacuumed, then every hold's ``expires_at`` just rewritten (100,000 dead row versions and
     their index entries). Returns its seconds and PostgreSQL's CPU seconds."""
+    await conn.execute("CHECKPOINT")  # as before the expiry: no earlier WAL to write back
     await conn.execute("UPDATE reservations SET expires_at = expires_at - interval '1 s' "
                        "WHERE event_id = $1", event)
     cpu = cpu_seconds(tree(pg_pid))
@@ -197,7 +199,9 @@ async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int],
         # is read per row, and this UPDATE of 100,000 rows takes seconds, so the holds used to
         # expire over the whole UPDATE (some already due when it committed). The instant is
         # far enough ahead for the UPDATE to commit before it (on a loaded machine it may not:
-        # see committed_s_before_due).
+        # see committed_s_before_due). A CHECKPOINT first, as before each baseline round: the
+        # checkpoint that the setup's and the baseline's WAL would trigger falls on neither.
+        await conn.execute("CHECKPOINT")
         t = time.perf_counter()
         await conn.execute("UPDATE reservations SET expires_at = expires_at - interval '1 s' "
                            "WHERE event_id = $1", event)
