@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -452,6 +453,66 @@ def test_the_supervisor_never_promotes_a_standby_that_may_lack_commits(
     stack_mod._fail_over(stack)
     assert pair.primary is b
     assert b.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2,3,4}"
+
+
+def test_services_are_restarted_while_a_failover_step_runs(tmp_path: Path) -> None:
+    """``boxoffice up``'s supervisor restarts a dead service while a failover step is under
+    way (making a standby afresh copies the whole database: minutes for a large one). The step
+    here is held until the service has been restarted; a supervisor that took the steps itself
+    would wait for it and restart nothing."""
+    release, taken = threading.Event(), threading.Event()
+
+    class HeldPair:  # the step a real pair would take, held open
+        PROMOTE, RESTART_PRIMARY, START_STANDBY, MAKE_SYNCHRONOUS = (
+            PostgresPair.PROMOTE, PostgresPair.RESTART_PRIMARY, PostgresPair.START_STANDBY,
+            PostgresPair.MAKE_SYNCHRONOUS)
+        primary = SimpleNamespace(port=1, running=True, log=tmp_path / "a.log")
+        standby = SimpleNamespace(port=2, running=False, datadir=tmp_path, log=tmp_path / "b.log")
+
+        def next_step(self) -> str | None:
+            return None if taken.is_set() else self.START_STANDBY
+
+        def take_step(self, step: str) -> None:
+            assert release.wait(30), "the step was never released"
+            taken.set()
+
+    class Sleeper(stack_mod.Proc):
+        def start(self) -> None:
+            self.proc = subprocess.Popen(["sleep", "60"])
+            self.started_at = time.monotonic()
+
+    proc = Sleeper("payment", "payment", {}, "http://127.0.0.1:1/readyz", tmp_path / "p.log")
+    proc.start()
+    stack = Stack(tmp_path, procs=[proc], pg_pair=HeldPair())  # type: ignore[arg-type]
+    stop = {"flag": False}
+    supervisor = threading.Thread(target=stack_mod._supervise,
+                                  args=(stack, stop, "http://127.0.0.1:1", time.monotonic()))
+    supervisor.start()
+    try:
+        time.sleep(0.5)  # the step has begun
+        first = proc.proc
+        assert first is not None
+        first.kill()
+        deadline = time.monotonic() + 5
+        while proc.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.restarts == 1 and proc.proc is not first and not taken.is_set(), \
+            "the dead service waited for the failover step"
+        release.set()
+        deadline = time.monotonic() + 5
+        while not taken.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert taken.is_set()
+    finally:
+        release.set()
+        stop["flag"] = True
+        supervisor.join(10)
+        if proc.proc is not None:
+            proc.proc.kill()
+            proc.proc.wait()
+        if stack.pg_keeper is not None:
+            stack.pg_keeper.join(10)
+    assert not supervisor.is_alive() and not (stack.pg_keeper and stack.pg_keeper.is_alive())
 
 
 def test_a_standby_that_cannot_start_is_left_stopped(pair: PostgresPair) -> None:

@@ -40,6 +40,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,6 +69,7 @@ WITHHELD = {"ingress": ("DATABASE_URL", "STRIPE_API_KEY")}
 NATS_NODES = ("1", "3")  # BOXOFFICE_NATS_NODES: one nats-server, or a cluster of three
 PG_STANDBY = ("0", "1")  # BOXOFFICE_PG_STANDBY: PostgreSQL alone, or with a standby
 MAX_REPLICAS = 8  # BOXOFFICE_REPLICAS: processes of one service, at most
+KEEPER_STOP_WAIT = 15.0  # seconds a stop waits for a failover step under way before the servers
 
 
 def home() -> Path:
@@ -173,6 +175,7 @@ class Stack:
     pg_pair: PostgresPair | None = None  # BOXOFFICE_PG_STANDBY=1: promoted when its primary dies
     standby_restart_at: float = 0.0  # a dead standby is started again, at most every 10 s
     pg_retry_at: float = 0.0  # a failover step that failed is tried again from then
+    pg_keeper: threading.Thread | None = None  # takes the failover steps (``_keep_pair``)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -186,6 +189,8 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     p.proc.kill()
                     p.proc.wait()
+        if self.pg_keeper is not None:  # a step under way ends first; a long copy is cut
+            self.pg_keeper.join(KEEPER_STOP_WAIT)  # short when the servers stop under it
         for child in reversed(self.children):
             child.stop()
 
@@ -420,8 +425,11 @@ def _start_nats(root: Path, nodes: str, passwords: dict[str, str]
 
 def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
     announced = False
+    if stack.pg_pair is not None:
+        stack.pg_keeper = threading.Thread(target=_keep_pair, args=(stack, stop),
+                                           name="pg-failover", daemon=True)
+        stack.pg_keeper.start()
     while not stop["flag"]:
-        _fail_over(stack)
         now = time.monotonic()
         for p in stack.procs:
             if p.proc is not None and p.proc.poll() is not None:
@@ -448,6 +456,21 @@ def _supervise(stack: Stack, stop: dict, ingress_url: str, t0: float) -> int:
     return 0
 
 
+def _keep_pair(stack: Stack, stop: dict) -> None:
+    """The failover steps in a thread of their own, so that the supervisor goes on restarting
+    the services while one runs: making a standby afresh copies the whole database
+    (``pg_basebackup``, minutes for a large one), and the supervisor used to wait for it.
+    The thread lasts as long as the stack: the servers it starts are its children
+    (``die_with_parent``), stopped when it ends."""
+    while not stop["flag"]:
+        try:
+            _fail_over(stack)
+        except Exception as exc:  # noqa: BLE001 - said; the next turn tries again
+            say(f"PostgreSQL failover: {type(exc).__name__}: {str(exc)[:200]}")
+            stack.pg_retry_at = time.monotonic() + 10
+        time.sleep(0.2)
+
+
 def _fail_over(stack: Stack) -> None:
     """Keep the pair going, one step of ``PostgresPair.next_step`` at a time: when its primary
     dies, promote the standby (only while it has every acknowledged commit; else start the
@@ -455,8 +478,8 @@ def _fail_over(stack: Stack) -> None:
     standby (``pg_basebackup``: its data, which may hold transactions never acknowledged, is
     discarded; started as it was, it would be a second primary); when the standby dies, start
     it again (the primary's commits wait for it meanwhile), at most every 10 s. Whatever fails
-    is said and tried again 10 s later; nothing here stops the stack. (The supervisor waits
-    while a step runs: a standby's copy is bounded by pg_basebackup's timeout.)"""
+    is said and tried again 10 s later; nothing here stops the stack. (Run by ``_keep_pair``'s
+    thread; a standby's copy is bounded by pg_basebackup's timeout.)"""
     pair = stack.pg_pair
     if pair is None or time.monotonic() < stack.pg_retry_at:
         return
