@@ -69,7 +69,7 @@ WITHHELD = {"ingress": ("DATABASE_URL", "STRIPE_API_KEY")}
 NATS_NODES = ("1", "3")  # BOXOFFICE_NATS_NODES: one nats-server, or a cluster of three
 PG_STANDBY = ("0", "1")  # BOXOFFICE_PG_STANDBY: PostgreSQL alone, or with a standby
 MAX_REPLICAS = 8  # BOXOFFICE_REPLICAS: processes of one service, at most
-KEEPER_STOP_WAIT = 15.0  # seconds a stop waits for a failover step under way before the servers
+KEEPER_STOP_WAIT = 15.0  # seconds a stop waits for a failover step under way, then stops the servers
 
 
 def home() -> Path:
@@ -189,8 +189,8 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     p.proc.kill()
                     p.proc.wait()
-        if self.pg_keeper is not None:  # a step under way ends first; a long copy is cut
-            self.pg_keeper.join(KEEPER_STOP_WAIT)  # short when the servers stop under it
+        if self.pg_keeper is not None:  # (it ends between steps once told to stop; a copy
+            self.pg_keeper.join(KEEPER_STOP_WAIT)  # still running fails when its servers stop)
         for child in reversed(self.children):
             child.stop()
 
