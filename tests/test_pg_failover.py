@@ -507,12 +507,46 @@ def test_services_are_restarted_while_a_failover_step_runs(tmp_path: Path) -> No
         release.set()
         stop["flag"] = True
         supervisor.join(10)
-        if proc.proc is not None:
-            proc.proc.kill()
-            proc.proc.wait()
-        if stack.pg_keeper is not None:
-            stack.pg_keeper.join(10)
-    assert not supervisor.is_alive() and not (stack.pg_keeper and stack.pg_keeper.is_alive())
+        stack.stop()  # the service, then the failover thread (``up`` stops the stack so)
+    keeper = getattr(stack, "pg_keeper", None)
+    assert not supervisor.is_alive() and not (keeper and keeper.is_alive())
+    assert proc.proc is not None and proc.proc.poll() is not None
+
+
+async def test_a_stop_keeps_the_failover_threads_servers_until_the_services_are_gone(
+        pair: PostgresPair, tmp_path: Path) -> None:
+    """A server the failover thread started (here the standby, started again after it died) is
+    that thread's child, and dies with it (``die_with_parent``). Told to stop, the thread waits
+    until ``Stack.stop`` has stopped the servers: the standby is still there while the services
+    shut down, so the primary's commits, which wait for it, still return. (A thread that ended
+    at once took the standby with it, and commits hung until the services were killed.)"""
+    stack = Stack(tmp_path, children=[pair], pg_pair=pair)
+    stop = {"flag": False}
+    pair.standby.kill()
+    supervisor = threading.Thread(target=stack_mod._supervise,
+                                  args=(stack, stop, "http://127.0.0.1:1", time.monotonic()))
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (pair.standby.running and pair.synchronous) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert pair.standby.running and pair.synchronous, "the standby was not started again"
+        conn = await asyncpg.connect(pair.url("boxoffice"))
+        try:
+            stop["flag"] = True  # what SIGTERM to ``boxoffice up`` does
+            await asyncio.to_thread(supervisor.join, 10)
+            await asyncio.sleep(1.5)  # the failover thread has seen the flag
+            assert pair.standby.running, "the standby died with the failover thread"
+            await asyncio.wait_for(conn.execute("CREATE TABLE after_stop (x int)"), 10)
+        finally:
+            await conn.close()
+        await asyncio.to_thread(stack.stop)
+        assert not pair.primary.running and not pair.standby.running
+        assert stack.pg_keeper is not None and not stack.pg_keeper.is_alive()
+    finally:
+        stop["flag"] = True
+        stack.servers_stopped.set()
+        supervisor.join(10)
 
 
 def test_a_standby_that_cannot_start_is_left_stopped(pair: PostgresPair) -> None:

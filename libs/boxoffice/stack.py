@@ -33,6 +33,7 @@ health port.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -77,7 +78,9 @@ def home() -> Path:
 
 
 def say(msg: str) -> None:
-    print(f"boxoffice: {msg}", flush=True)
+    # one write (print writes the text and its newline apart): the supervisor and the failover
+    # thread (``_keep_pair``) both speak
+    print(f"boxoffice: {msg}\n", end="", flush=True)
 
 
 def _secrets(root: Path) -> dict[str, str]:
@@ -176,8 +179,14 @@ class Stack:
     standby_restart_at: float = 0.0  # a dead standby is started again, at most every 10 s
     pg_retry_at: float = 0.0  # a failover step that failed is tried again from then
     pg_keeper: threading.Thread | None = None  # takes the failover steps (``_keep_pair``)
+    # held by the failover thread while it takes a step; ``stop`` takes it so that no step starts
+    # once the servers are being stopped
+    pg_step: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)  # ``stop`` has begun
+    servers_stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self) -> None:
+        self.stopping.set()  # (also when the supervisor raised before its stop flag was set)
         for p in self.procs:
             if p.proc and p.proc.poll() is None:
                 p.proc.terminate()
@@ -189,10 +198,20 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     p.proc.kill()
                     p.proc.wait()
-        if self.pg_keeper is not None:  # (it ends between steps once told to stop; a copy
-            self.pg_keeper.join(KEEPER_STOP_WAIT)  # still running fails when its servers stop)
-        for child in reversed(self.children):
-            child.stop()
+        # a failover step under way ends first (a copy still running after KEEPER_STOP_WAIT
+        # fails once its servers stop), and none starts after it
+        stepping = self.pg_step.acquire(timeout=KEEPER_STOP_WAIT)
+        try:
+            for child in reversed(self.children):
+                child.stop()
+        finally:
+            if stepping:
+                self.pg_step.release()
+            # only now may the failover thread end: the servers it started are its children
+            # (``die_with_parent``), sent SIGTERM when it ends
+            self.servers_stopped.set()
+            if self.pg_keeper is not None:
+                self.pg_keeper.join(5)
 
 
 def _seed_demo_event(pg_url: str) -> None:
@@ -460,15 +479,24 @@ def _keep_pair(stack: Stack, stop: dict) -> None:
     """The failover steps in a thread of their own, so that the supervisor goes on restarting
     the services while one runs: making a standby afresh copies the whole database
     (``pg_basebackup``, minutes for a large one), and the supervisor used to wait for it.
-    The thread lasts as long as the stack: the servers it starts are its children
-    (``die_with_parent``), stopped when it ends."""
-    while not stop["flag"]:
-        try:
-            _fail_over(stack)
-        except Exception as exc:  # noqa: BLE001 - said; the next turn tries again
-            say(f"PostgreSQL failover: {type(exc).__name__}: {str(exc)[:200]}")
-            stack.pg_retry_at = time.monotonic() + 10
-        time.sleep(0.2)
+    The servers a step starts are this thread's children (``die_with_parent``: sent SIGTERM when
+    it ends), so it ends only once ``Stack.stop`` has stopped them: a standby gone before the
+    services, and the primary's commits would wait for it until the services were killed.
+    Nothing a step raises ends it."""
+    try:
+        while not stop["flag"]:
+            with stack.pg_step:
+                if stack.stopping.is_set():
+                    break
+                try:
+                    _fail_over(stack)
+                except Exception as exc:  # noqa: BLE001 - said if it can be; tried again
+                    stack.pg_retry_at = time.monotonic() + 10
+                    with contextlib.suppress(Exception):  # (stdout itself may be what failed)
+                        say(f"PostgreSQL failover: {type(exc).__name__}: {str(exc)[:200]}")
+            time.sleep(0.2)
+    finally:
+        stack.servers_stopped.wait()
 
 
 def _fail_over(stack: Stack) -> None:
