@@ -118,3 +118,74 @@ async def test_a_pass_does_not_read_a_backlog_of_other_subjects(db: asyncpg.Pool
         got = await conn.fetch(outbox.CLAIM, [reservation_event("expired")], 500)
         assert len(got) == 500
         assert await rows_read(conn, "outbox") - before <= 600
+
+
+async def _messages(bus: busmod.Bus) -> int:
+    return (await bus.js.stream_info("RESERVATIONS")).state.messages
+
+
+async def test_a_pass_makes_way_for_the_gates_work_until_it_ends(nats_url: str,
+                                                                   db: asyncpg.Pool) -> None:
+    """Rows written and announced while the gate's work runs stay unpublished until that work
+    ends; then they go out at once (no sweep: the relay's sweep is a minute away)."""
+    gate = outbox.Gate(most=30)
+    wake, stopping = asyncio.Event(), asyncio.Event()
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        task = asyncio.create_task(
+            outbox.run_relay(db, bus, HELD, stopping, wake, sweep_interval=60, gate=gate))
+        try:
+            with gate.busy():
+                with gate.busy():  # overlapping work: the gate opens when the last one ends
+                    await db.execute(ROWS, 40)
+                    wake.set()
+                    await asyncio.sleep(0.3)
+                await asyncio.sleep(0.5)
+                assert await _messages(bus) == 0
+                assert await db.fetchval("SELECT count(*) FROM outbox") == 40
+            ended = asyncio.get_running_loop().time()
+
+            async def published() -> bool:
+                return await _messages(bus) == 40
+            await eventually(published, timeout=5, what="the rows published once the work ended")
+            assert asyncio.get_running_loop().time() - ended < 3
+        finally:
+            stopping.set()
+            wake.set()
+            await task
+
+
+async def test_the_gate_holds_a_pass_back_at_most_its_bound(nats_url: str,
+                                                            db: asyncpg.Pool) -> None:
+    """Work that outlasts ``most`` no longer holds the rows back: they are published while it
+    still runs, not before ``most`` seconds after it began."""
+    gate = outbox.Gate(most=2.0)
+    wake, stopping = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        task = asyncio.create_task(
+            outbox.run_relay(db, bus, HELD, stopping, wake, sweep_interval=60, gate=gate))
+        try:
+            with gate.busy():
+                began = loop.time()
+                await db.execute(ROWS, 10)
+                wake.set()
+
+                async def published() -> bool:
+                    return await _messages(bus) == 10
+                await eventually(published, timeout=10, what="the rows published during the work")
+                assert loop.time() - began >= 2.0
+                # and later rows during the same work go out at once, not a bound later
+                more = loop.time()
+                await db.execute(ROWS, 5)
+                wake.set()
+
+                async def all_published() -> bool:
+                    return await _messages(bus) == 15
+                await eventually(all_published, timeout=10, what="later rows published")
+                assert loop.time() - more < 1.5
+        finally:
+            stopping.set()
+            wake.set()
+            await task

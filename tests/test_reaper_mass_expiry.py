@@ -1,7 +1,8 @@
 """A flash sale's holds all due at once: two reaper replicas, each with several batches in flight,
 expire them while payments complete some of the same holds. Each hold ends one way only
 (expired with exactly one event, or completed), every expiry is counted once in the replicas'
-runs, the inventory adds up, and nobody deadlocks."""
+runs, the inventory adds up, and nobody deadlocks. And the reaper's relay publishes a sweep's
+events once the sweep is done."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import uuid
 
 import asyncpg
 
+from boxoffice import bus as busmod
 from boxoffice import db as dbmod
+from boxoffice import outbox
 from boxoffice.reaper import expiry
+from boxoffice.wire.subjects import reservation_event
 from tests.harness import eventually, login_url
 from tests.reaper_support import assert_inventory_consistent, bulk_holds, make_event
 
@@ -86,3 +90,42 @@ async def test_replicas_with_batches_in_flight_expire_each_hold_once(db, databas
     assert (sold, held) == (completed, 0)
     await assert_inventory_consistent(db)
     assert await _deadlocks(db) == deadlocks
+
+
+async def test_expiry_events_wait_for_the_sweep_that_wrote_them(db, database_url, nats_url,
+                                                               monkeypatch):
+    """The reaper's relay makes way for its sweep (``outbox.Gate``): while the sweep's batches
+    run, none of their events is published; once it ends, every hold's event is, once."""
+    n = 600
+    event = await make_event(db, capacity=n, buckets=4)
+    await bulk_holds(db, event, n, ttl=3600)
+    settings = expiry.Settings(batch=100, sweep_seconds=60, workers=1)
+    reaper_url = login_url("reaper", database_url)
+    real = expiry.expire_batches
+    seen: list[tuple[int, int]] = []  # (holds expired so far, messages on the stream)
+    gate = outbox.Gate()  # at most 2 s: the sweep below takes about 1.2
+
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+
+        async def slow(conn, batch, event_id=None, stopping=None):  # type: ignore[no-untyped-def]
+            async for done in real(conn, batch, event_id, stopping=stopping):
+                yield done
+                seen.append((done, (await bus.js.stream_info("RESERVATIONS")).state.messages))
+                await asyncio.sleep(0.2)
+
+        monkeypatch.setattr(expiry, "expire_batches", slow)
+        async with dbmod.pool(reaper_url, max_size=6) as reaper, \
+                outbox.relay(reaper_url, reaper, bus, (reservation_event("expired"),), gate), \
+                expiry.run(reaper, reaper_url, settings, gate):
+            await db.execute("UPDATE reservations SET expires_at = clock_timestamp() "
+                             "WHERE event_id = $1", uuid.UUID(event))
+
+            async def published() -> bool:
+                return (await bus.js.stream_info("RESERVATIONS")).state.messages == n
+            await eventually(published, timeout=20, what="every expiry event published")
+        assert sum(done for done, _ in seen) == n and len(seen) == n // 100
+        assert [messages for _, messages in seen] == [0] * len(seen)
+        assert await db.fetchval("SELECT count(*) FROM outbox") == 0
+        assert await db.fetchval("SELECT count(*) FROM reservations WHERE event_id = $1 "
+                                 "AND status = 'expired'", uuid.UUID(event)) == n

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import asyncpg
 import prometheus_client
@@ -108,13 +108,56 @@ async def _close(conn: asyncpg.Connection) -> None:
         await conn.close(timeout=2)
 
 
+class Gate:
+    """Work of this process that its relay makes way for: while some runs, a relay pass waits for
+    it to end, but never later than ``most`` seconds after it began.
+
+    The reaper expires a backlog of holds (one outbox row each) in a few batches that together
+    take about a second for 100,000 holds; a relay publishing and deleting the first rows
+    meanwhile takes CPU and database time from the expiry, which is what frees the seats. The
+    events wait for the sweep instead, and go out together at its end; a sweep that lasts longer
+    than ``most`` no longer holds them back, so its events are never later than that.
+    """
+
+    def __init__(self, most: float = 2.0) -> None:
+        self.most = most
+        self._running = 0
+        self._since = 0.0  # loop time the current run of work began
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark work under way for the duration of the block (blocks may overlap)."""
+        if self._running == 0:
+            self._since = asyncio.get_running_loop().time()
+            self._idle.clear()
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    async def wait(self, stopping: asyncio.Event) -> None:
+        """Return once no work runs, or ``most`` seconds after the current work began."""
+        if self._idle.is_set():
+            return
+        left = self._since + self.most - asyncio.get_running_loop().time()
+        await background.pause(stopping, left, self._idle)
+
+
 async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
                     stopping: asyncio.Event, wake: asyncio.Event, *,
-                    sweep_interval: float = 1.0) -> None:
+                    sweep_interval: float = 1.0, gate: Gate | None = None) -> None:
     """Publish until ``stopping``: at once when ``wake`` is set (by the listener or a writer of
-    this process), else every ``sweep_interval`` seconds; an outage is waited out."""
+    this process), else every ``sweep_interval`` seconds; an outage is waited out. Each pass
+    first makes way for the work of ``gate``, if given."""
     async def step() -> int:
         n = 0
+        if gate is not None:
+            await gate.wait(stopping)
         async for attempt in background.backoff(
                 (errors.ServiceUnavailable, *dbmod.FAILURES), initial=0.1, most=5.0):
             with attempt:
@@ -131,12 +174,13 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
 
 
 @contextlib.asynccontextmanager
-async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
-                ) -> AsyncIterator[asyncio.Event]:
+async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
+                gate: Gate | None = None) -> AsyncIterator[asyncio.Event]:
     """Run the relay of ``subjects`` in the background; on exit, stop it after its current batch.
 
     Yields the relay's wake-up event: a writer in this process whose transactions skip the
     NOTIFY (``boxoffice.outbox_quiet``, for throughput) sets it after committing outbox rows.
+    Passes make way for the work of ``gate`` (see ``Gate``).
     """
     wake = asyncio.Event()
 
@@ -145,7 +189,7 @@ async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequenc
                      lambda up: wake.set() if up else None)
 
     async def relaying(stopping: asyncio.Event) -> None:
-        await run_relay(pool, bus, subjects, stopping, wake)
+        await run_relay(pool, bus, subjects, stopping, wake, gate=gate)
 
     async with background.running("outbox relay", relaying, listening, grace=10, wake=wake):
         yield wake

@@ -152,9 +152,11 @@ class Settings:
 class Expirer:
     """The timer of one replica: when to sweep, and the sweeps themselves."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, replica: str = REPLICA):
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, replica: str = REPLICA,
+                 gate: outbox.Gate | None = None):
         self.pool = pool
         self.settings = settings
+        self.gate = outbox.Gate() if gate is None else gate  # the relay makes way for sweeps
         self.log = runs.ExpiryLog(replica)
         self.wake = asyncio.Event()
         self.deadline = 0.0  # loop time of the next sweep due to an expiry (0: now)
@@ -270,10 +272,12 @@ class Expirer:
 
         try:
             # every worker finishes its batch in hand (committed or rolled back) before the
-            # first failure, if any, is raised
-            results = await asyncio.gather(
-                worker(True), *(helper() for _ in range(self.settings.workers - 1)),
-                return_exceptions=True)
+            # first failure, if any, is raised; this process's relay publishes the expiry
+            # events once the batches are done (or ``gate.most`` seconds into them)
+            with self.gate.busy():
+                results = await asyncio.gather(
+                    worker(True), *(helper() for _ in range(self.settings.workers - 1)),
+                    return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
@@ -322,10 +326,12 @@ def _on_notify(expirer: Expirer, payload: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def run(pool: asyncpg.Pool, url: str, settings: Settings) -> AsyncIterator[Expirer]:
+async def run(pool: asyncpg.Pool, url: str, settings: Settings,
+              gate: outbox.Gate | None = None) -> AsyncIterator[Expirer]:
     """Run the timer and its listener for new holds (each (re)connection starts a catch-up
-    sweep); on exit, finish the batch in hand and stop."""
-    expirer = Expirer(pool, settings)
+    sweep); on exit, finish the batch in hand and stop. Sweeps keep ``gate`` busy: the
+    outbox relay given the same gate makes way for them."""
+    expirer = Expirer(pool, settings, gate=gate)
 
     async def listening(stopping: asyncio.Event) -> None:
         await outbox.listen(url, stopping, CHANNEL, lambda payload: _on_notify(expirer, payload),

@@ -1,15 +1,16 @@
 """The reaper: build and run.
 
 Resources in start order (torn down in reverse): the pool, the bus, the outbox relay that
-publishes expiry events, the expiry timer and its listener, retention, the operators' action
-log (kept from the AUDIT stream), the cron monitors' watch, the admin handlers, the self-audit.
+publishes expiry events (making way for the expiry sweeps, ``outbox.Gate``), the expiry timer
+and its listener, retention, the operators' action log (kept from the AUDIT stream), the cron
+monitors' watch, the admin handlers, the self-audit.
 """
 
 from __future__ import annotations
 
 import sys
 
-from boxoffice import db, runtime
+from boxoffice import db, outbox, runtime
 from boxoffice.reaper import admin_actions, audit, expiry, handlers, monitors, retention
 
 
@@ -18,10 +19,11 @@ async def build(svc: runtime.Service) -> None:
     assert cfg.database_url is not None
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=6))
     bus = await svc.connect_bus("reaper", "RESERVATIONS", "ERRORS")
-    await svc.relay_outbox(pool, bus)
+    gate = outbox.Gate()  # the relay of expiry events makes way for the sweeps that write them
+    await svc.relay_outbox(pool, bus, gate)
     settings = expiry.Settings(batch=cfg.reaper_batch_size, sweep_seconds=cfg.reaper_sweep_seconds,
                                arm_seconds=cfg.reaper_arm_seconds)
-    await svc.stack.enter_async_context(expiry.run(pool, cfg.database_url, settings))
+    await svc.stack.enter_async_context(expiry.run(pool, cfg.database_url, settings, gate))
     ages = retention.Ages(idempotency_key_hours=cfg.idempotency_key_ttl_hours,
                           webhook_log_days=cfg.webhook_log_retention_days,
                           error_days=cfg.error_retention_days)
