@@ -31,12 +31,13 @@ log = logging.getLogger("boxoffice.outbox")
 PUBLISHED = prometheus_client.Counter("boxoffice_outbox_published_total",
                                       "Outbox rows published to JetStream")
 CHANNEL = "boxoffice_outbox"
-# Rows a relay pass publishes at most: as many as one atomic batch holds. A relay that has fallen
-# behind (a mass expiry's 100,000 events, all at once once the sweep is done) needs half the
-# passes of 500, each a claim, a delete and a commit: in bench.reaper, alternated, those events
-# were all on JetStream in 3.07-3.47 s against 3.48-3.77 with 500. A relay that keeps up takes
-# fewer rows than either.
-BATCH = bus_batch.ATOMIC_MAX
+# Rows a relay pass publishes at most. A relay that has fallen behind needs fewer passes (each a
+# claim, a delete and a commit) with more, but a pass of 1,000 holds its process's event loop
+# longer: relaying beside the webhook service's applying (bench.webhooks --apply-only, six runs
+# alternated) it got the events to JetStream sooner (1.24-1.43 s against 1.46-1.72) and took less
+# of PostgreSQL's and nats-server's CPU, but applied 0.97 of the plain inserts against 1.03 with
+# 500. The reaper, whose relay makes way for its sweeps, takes 1,000 (its ``expiry.EVENTS_BATCH``).
+BATCH = 500
 # The first ``$2`` pending rows of the subjects ``$1`` in id order, locked. Each subject is read
 # from its own first row through the index on (subject, id), so that other services' rows (a
 # backlog of expiry events, say) are never stepped over (ordered by the index's own key, which the
@@ -155,10 +156,11 @@ class Gate:
 
 async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
                     stopping: asyncio.Event, wake: asyncio.Event, *,
-                    sweep_interval: float = 1.0, gate: Gate | None = None) -> None:
-    """Publish until ``stopping``: at once when ``wake`` is set (by the listener or a writer of
-    this process), else every ``sweep_interval`` seconds; an outage is waited out. Each pass
-    first makes way for the work of ``gate``, if given."""
+                    sweep_interval: float = 1.0, gate: Gate | None = None,
+                    batch: int = BATCH) -> None:
+    """Publish until ``stopping``, ``batch`` rows a pass at most: at once when ``wake`` is set
+    (by the listener or a writer of this process), else every ``sweep_interval`` seconds; an
+    outage is waited out. Each pass first makes way for the work of ``gate``, if given."""
     async def step() -> int:
         n = 0
         if gate is not None:
@@ -169,23 +171,23 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
                 if stopping.is_set():
                     return 0
                 try:
-                    n = await publish_batch(pool, bus, subjects, BATCH)
+                    n = await publish_batch(pool, bus, subjects, batch)
                 except (errors.ServiceUnavailable, *dbmod.FAILURES) as exc:
                     log.warning("outbox relay paused (%s)", type(exc).__name__)
                     raise
         return n
 
-    await background.drain(step, stopping, wake, every=sweep_interval, batch=BATCH)
+    await background.drain(step, stopping, wake, every=sweep_interval, batch=batch)
 
 
 @contextlib.asynccontextmanager
 async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str],
-                gate: Gate | None = None) -> AsyncIterator[asyncio.Event]:
+                gate: Gate | None = None, batch: int = BATCH) -> AsyncIterator[asyncio.Event]:
     """Run the relay of ``subjects`` in the background; on exit, stop it after its current batch.
 
     Yields the relay's wake-up event: a writer in this process whose transactions skip the
     NOTIFY (``boxoffice.outbox_quiet``, for throughput) sets it after committing outbox rows.
-    Passes make way for the work of ``gate`` (see ``Gate``).
+    Passes make way for the work of ``gate`` (see ``Gate``) and take ``batch`` rows at most.
     """
     wake = asyncio.Event()
 
@@ -194,7 +196,7 @@ async def relay(url: str, pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequenc
                      lambda up: wake.set() if up else None)
 
     async def relaying(stopping: asyncio.Event) -> None:
-        await run_relay(pool, bus, subjects, stopping, wake, gate=gate)
+        await run_relay(pool, bus, subjects, stopping, wake, gate=gate, batch=batch)
 
     async with background.running("outbox relay", relaying, listening, grace=10, wake=wake):
         yield wake

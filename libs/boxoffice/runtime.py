@@ -64,13 +64,15 @@ class Service:
         return bus
 
     async def relay_outbox(self, pool: asyncpg.Pool, bus: busmod.Bus,
-                           gate: outbox.Gate | None = None) -> asyncio.Event:
-        """Relay the service's outbox subjects (``bus_access``) for its lifetime, making way for
-        the work of ``gate`` (``outbox.Gate``); returns the relay's wake-up event."""
+                           gate: outbox.Gate | None = None,
+                           batch: int = outbox.BATCH) -> asyncio.Event:
+        """Relay the service's outbox subjects (``bus_access``) for its lifetime, ``batch`` rows
+        a pass at most, making way for the work of ``gate`` (``outbox.Gate``); returns the
+        relay's wake-up event."""
         assert self.config.database_url is not None
         return await self.stack.enter_async_context(outbox.relay(
             self.config.database_url, pool, bus, bus_access.ACCESS[self.config.service].relays,
-            gate))
+            gate, batch))
 
 
 Build = Callable[[Service], Awaitable[None]]

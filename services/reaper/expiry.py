@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import asyncpg
 import prometheus_client
 
-from boxoffice import background, db, outbox
+from boxoffice import background, bus_batch, db, outbox
 from boxoffice.reaper import runs
 from boxoffice.wire import reaper as wire
 
@@ -44,6 +44,11 @@ CHANNEL = "boxoffice_reservations_due"
 # over this period for the hold's commit and the query.
 ARM_SECONDS = 1.0
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"
+# Rows a pass of the reaper's outbox relay publishes at most: one atomic batch. Its relay waits for
+# a sweep (``outbox.Gate``) and then has the sweep's events to publish with nothing else of the
+# process waiting on it: in bench.reaper, alternated, a mass expiry's 100,000 events were all on
+# JetStream in 3.07-3.47 s with passes of 1,000 against 3.48-3.77 with the relays' 500.
+EVENTS_BATCH = bus_batch.ATOMIC_MAX
 
 EXPIRED = prometheus_client.Counter("boxoffice_holds_expired_total", "Holds expired by the reaper")
 LAG = prometheus_client.Histogram(

@@ -20,7 +20,7 @@ async def build(svc: runtime.Service) -> None:
     pool = await svc.stack.enter_async_context(db.pool(cfg.database_url, max_size=6))
     bus = await svc.connect_bus("reaper", "RESERVATIONS", "ERRORS")
     gate = outbox.Gate()  # the relay of expiry events makes way for the sweeps that write them
-    await svc.relay_outbox(pool, bus, gate)
+    await svc.relay_outbox(pool, bus, gate, expiry.EVENTS_BATCH)
     settings = expiry.Settings(batch=cfg.reaper_batch_size, sweep_seconds=cfg.reaper_sweep_seconds,
                                arm_seconds=cfg.reaper_arm_seconds)
     await svc.stack.enter_async_context(expiry.run(pool, cfg.database_url, settings, gate))
