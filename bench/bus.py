@@ -54,12 +54,12 @@ SETUPS = (("one_node_default_fsync", 1, False), ("one_node_sync_always", 1, True
 
 
 async def batches(nc: nats.NATS, n: int, tag: str, subject: str = "bench.batches",
-                  payload: bytes = PAYLOAD) -> None:
-    """``n`` messages, ``BATCH`` at a time, each message on its own, ids ``<tag>-<i>``."""
+                  payload: bytes = PAYLOAD, batch: int = BATCH) -> None:
+    """``n`` messages, ``batch`` at a time, each message on its own, ids ``<tag>-<i>``."""
     bus = SimpleNamespace(nc=nc)  # publish_each needs the connection only
-    for start in range(0, n, BATCH):
+    for start in range(0, n, batch):
         await publish_each(bus, [(subject, payload, f"{tag}-{i}")
-                                 for i in range(start, min(n, start + BATCH))])
+                                 for i in range(start, min(n, start + batch))])
 
 
 async def atomic(nc: nats.NATS, n: int, tag: str) -> None:

@@ -10,7 +10,7 @@
    event while the reaper works (they must not starve). Goal <= 5 s. Timed from the due instant,
    or from the commit that made the holds due if that came later (committed_s_before_due < 0).
    The events' baseline, in the same run and on the same nats-server: plain JetStream, as many
-   messages of an expiry event's size published in batches of the relay's size
+   messages of an expiry event's size published in batches of the reaper's relay's size
    (``plain_jetstream``), timed from its first batch (the events from the due instant, so their
    time includes the expiry's).
 
@@ -52,8 +52,9 @@ import nats
 from bench.bus import batches
 from bench.cpu import cpu_seconds, tree
 from bench.polls import wait_until
-from boxoffice import migrate, outbox
+from boxoffice import migrate
 from boxoffice.embedded import NatsServer, Postgres, die_with_parent, free_port
+from boxoffice.reaper import expiry
 
 SPREAD_HOLDS = 10_000
 MASS_HOLDS = 100_000
@@ -163,7 +164,7 @@ async def plain_update(conn: asyncpg.Connection, event: str, pg_pid: int) -> tup
 
 async def plain_jetstream(nats_url: str, n: int) -> dict:
     """Plain JetStream on the bench's nats-server: ``n`` messages of an expiry event's size (the
-    last one published, for its size) into a stream of their own, in batches of the relay's
+    last one published, for its size) into a stream of their own, in batches of the reaper's relay's
     size, each batch once the last's PubAcks are in; the seconds it took."""
     nc = await nats.connect(nats_url)
     try:
@@ -172,13 +173,13 @@ async def plain_jetstream(nats_url: str, n: int) -> dict:
                    or b"")
         await js.add_stream(name="BENCH_PLAIN", subjects=["bench.plain"])
         started = time.perf_counter()
-        await batches(nc, n, "plain", "bench.plain", b"x" * size)
+        await batches(nc, n, "plain", "bench.plain", b"x" * size, expiry.EVENTS_BATCH)
         seconds = time.perf_counter() - started
         await js.delete_stream("BENCH_PLAIN")
     finally:
         await nc.close()
     return {"seconds": round(seconds, 2), "messages": n, "message_bytes": size,
-            "batch": outbox.BATCH, "per_s": round(n / seconds)}
+            "batch": expiry.EVENTS_BATCH, "per_s": round(n / seconds)}
 
 
 async def mass_expiry(pool: asyncpg.Pool, holds: int, procs: dict[str, int],

@@ -127,7 +127,8 @@ async def _messages(bus: busmod.Bus) -> int:
 async def test_a_pass_makes_way_for_the_gates_work_until_it_ends(nats_url: str,
                                                                    db: asyncpg.Pool) -> None:
     """Rows written and announced while the gate's work runs stay unpublished until that work
-    ends; then they go out at once (no sweep: the relay's sweep is a minute away)."""
+    ends (all of it, when pieces overlap); then they go out at once (no sweep: the relay's sweep
+    is a minute away)."""
     gate = outbox.Gate(most=30)
     wake, stopping = asyncio.Event(), asyncio.Event()
     async with busmod.connect(nats_url, "test") as bus:
@@ -135,14 +136,19 @@ async def test_a_pass_makes_way_for_the_gates_work_until_it_ends(nats_url: str,
         task = asyncio.create_task(
             outbox.run_relay(db, bus, HELD, stopping, wake, sweep_interval=60, gate=gate))
         try:
-            with gate.busy():
-                with gate.busy():  # overlapping work: the gate opens when the last one ends
-                    await db.execute(ROWS, 40)
-                    wake.set()
-                    await asyncio.sleep(0.3)
-                await asyncio.sleep(0.5)
-                assert await _messages(bus) == 0
-                assert await db.fetchval("SELECT count(*) FROM outbox") == 40
+            # two pieces of work overlapping, the first to begin ends first: the gate opens
+            # when the last one ends
+            first, second = gate.busy(), gate.busy()
+            first.__enter__()
+            await db.execute(ROWS, 40)
+            wake.set()
+            second.__enter__()
+            await asyncio.sleep(0.3)
+            first.__exit__(None, None, None)
+            await asyncio.sleep(0.5)
+            assert await _messages(bus) == 0
+            assert await db.fetchval("SELECT count(*) FROM outbox") == 40
+            second.__exit__(None, None, None)
             ended = asyncio.get_running_loop().time()
 
             async def published() -> bool:
@@ -186,6 +192,51 @@ async def test_the_gate_holds_a_pass_back_at_most_its_bound(nats_url: str,
                 await eventually(all_published, timeout=10, what="later rows published")
                 assert loop.time() - more < 1.5
         finally:
+            stopping.set()
+            wake.set()
+            await task
+
+
+async def test_a_relay_behind_does_not_wait_for_the_next_piece_of_work(nats_url: str,
+                                                                         db: asyncpg.Pool,
+                                                                         monkeypatch) -> None:
+    """Work back to back (a sweep right after a sweep) would hold a relay to one pass per piece
+    if each piece held it back anew: a relay whose last pass was full does not wait, so the
+    backlog goes out at once, not a bound per pass later."""
+    gate = outbox.Gate(most=2.0)
+    real = outbox.publish_batch
+    passes: list[float] = []
+    first, second = gate.busy(), gate.busy()
+    loop = asyncio.get_running_loop()
+
+    async def counted(pool, bus, subjects, limit=500):  # type: ignore[no-untyped-def]
+        n = await real(pool, bus, subjects, limit)
+        passes.append(loop.time())
+        if len(passes) == 1:  # the first piece of work ends, the next begins at once
+            first.__exit__(None, None, None)
+            second.__enter__()
+        return n
+
+    monkeypatch.setattr(outbox, "publish_batch", counted)
+    wake, stopping = asyncio.Event(), asyncio.Event()
+    async with busmod.connect(nats_url, "test") as bus:
+        await bus.declare_streams("RESERVATIONS")
+        task = asyncio.create_task(outbox.run_relay(db, bus, HELD, stopping, wake,
+                                                    sweep_interval=60, gate=gate, batch=10))
+        try:
+            first.__enter__()
+            await db.execute(ROWS, 35)
+            wake.set()
+
+            async def four_passes() -> bool:
+                return len(passes) == 4
+            await eventually(four_passes, timeout=15, what="the backlog published")
+            assert await _messages(bus) == 35
+            # the first pass waited for the first piece's bound; the other three did not wait
+            # for the second piece's
+            assert passes[-1] - passes[0] < 1.5
+        finally:
+            second.__exit__(None, None, None)
             stopping.set()
             wake.set()
             await task

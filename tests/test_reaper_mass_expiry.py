@@ -103,7 +103,7 @@ async def test_expiry_events_wait_for_the_sweep_that_wrote_them(db, database_url
     reaper_url = login_url("reaper", database_url)
     real = expiry.expire_batches
     seen: list[tuple[int, int]] = []  # (holds expired so far, messages on the stream)
-    gate = outbox.Gate()  # at most 2 s: the sweep below takes about 1.2
+    gate = outbox.Gate(most=30)  # the bound is tested on its own (tests/test_outbox_relay.py)
 
     async with busmod.connect(nats_url, "test") as bus:
         await bus.declare_streams("RESERVATIONS")

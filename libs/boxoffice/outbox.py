@@ -122,7 +122,9 @@ class Gate:
     take about a second for 100,000 holds; a relay publishing and deleting the first rows
     meanwhile takes CPU and database time from the expiry, which is what frees the seats. The
     events wait for the sweep instead, and go out together at its end; a sweep that lasts longer
-    than ``most`` no longer holds them back, so its events are never later than that.
+    than ``most`` no longer holds them back. The relay waits only once it has caught up (its
+    last pass was not full): sweeps back to back, each just under ``most``, would otherwise
+    let it publish one pass per sweep while they write far more.
     """
 
     def __init__(self, most: float = 2.0) -> None:
@@ -160,10 +162,14 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
                     batch: int = BATCH) -> None:
     """Publish until ``stopping``, ``batch`` rows a pass at most: at once when ``wake`` is set
     (by the listener or a writer of this process), else every ``sweep_interval`` seconds; an
-    outage is waited out. Each pass first makes way for the work of ``gate``, if given."""
+    outage is waited out. Once caught up, a pass first makes way for the work of ``gate``, if
+    given."""
+    caught_up = True  # the last pass was not full: nothing is waiting behind it
+
     async def step() -> int:
+        nonlocal caught_up
         n = 0
-        if gate is not None:
+        if gate is not None and caught_up:
             await gate.wait(stopping)
         async for attempt in background.backoff(
                 (errors.ServiceUnavailable, *dbmod.FAILURES), initial=0.1, most=5.0):
@@ -175,6 +181,7 @@ async def run_relay(pool: asyncpg.Pool, bus: busmod.Bus, subjects: Sequence[str]
                 except (errors.ServiceUnavailable, *dbmod.FAILURES) as exc:
                     log.warning("outbox relay paused (%s)", type(exc).__name__)
                     raise
+        caught_up = n < batch
         return n
 
     await background.drain(step, stopping, wake, every=sweep_interval, batch=batch)
