@@ -69,9 +69,7 @@ async def test_a_wake_up_during_an_empty_batch_is_kept(nats_url: str, db: asyncp
         task = asyncio.create_task(
             outbox.run_relay(db, bus, HELD, stopping, wake, sweep_interval=60))
         try:
-            async def published() -> bool:
-                return (await bus.js.stream_info("RESERVATIONS")).state.messages == 1
-            await eventually(published, timeout=5, what="the row published without a sweep")
+            await _published(bus, 1, 5, "the row published without a sweep")
         finally:
             stopping.set()
             wake.set()
@@ -124,6 +122,13 @@ async def _messages(bus: busmod.Bus) -> int:
     return (await bus.js.stream_info("RESERVATIONS")).state.messages
 
 
+async def _published(bus: busmod.Bus, n: int, timeout: float, what: str) -> None:
+    """Wait until RESERVATIONS holds ``n`` messages."""
+    async def there() -> bool:
+        return await _messages(bus) == n
+    await eventually(there, timeout=timeout, what=what)
+
+
 async def test_a_pass_makes_way_for_the_gates_work_until_it_ends(nats_url: str,
                                                                    db: asyncpg.Pool) -> None:
     """Rows written and announced while the gate's work runs stay unpublished until that work
@@ -151,9 +156,7 @@ async def test_a_pass_makes_way_for_the_gates_work_until_it_ends(nats_url: str,
             second.__exit__(None, None, None)
             ended = asyncio.get_running_loop().time()
 
-            async def published() -> bool:
-                return await _messages(bus) == 40
-            await eventually(published, timeout=5, what="the rows published once the work ended")
+            await _published(bus, 40, 5, "the rows published once the work ended")
             assert asyncio.get_running_loop().time() - ended < 3
         finally:
             stopping.set()
@@ -178,18 +181,14 @@ async def test_the_gate_holds_a_pass_back_at_most_its_bound(nats_url: str,
                 await db.execute(ROWS, 10)
                 wake.set()
 
-                async def published() -> bool:
-                    return await _messages(bus) == 10
-                await eventually(published, timeout=10, what="the rows published during the work")
+                await _published(bus, 10, 10, "the rows published during the work")
                 assert loop.time() - began >= 2.0
                 # and later rows during the same work go out at once, not a bound later
                 more = loop.time()
                 await db.execute(ROWS, 5)
                 wake.set()
 
-                async def all_published() -> bool:
-                    return await _messages(bus) == 15
-                await eventually(all_published, timeout=10, what="later rows published")
+                await _published(bus, 15, 10, "later rows published")
                 assert loop.time() - more < 1.5
         finally:
             stopping.set()
