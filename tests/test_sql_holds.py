@@ -18,6 +18,7 @@ from tests.sql_support import (
     buckets,
     hold,
     inventory,
+    listening,
     new_event,
     no_wait,
     outbox,
@@ -29,6 +30,7 @@ from tests.sql_support import (
 )
 
 HELD = "reservations.events.held"
+INSERT_OUTBOX = "INSERT INTO outbox (subject, payload) VALUES ('test.subject', '{}')"
 
 
 # --- create_ticketed_event --------------------------------------------------------------------
@@ -364,6 +366,35 @@ async def test_batch_with_one_key_twice_holds_once(db: asyncpg.Pool) -> None:
         ("held", None), ("replay", None), ("mismatch", None)]
     assert await db.fetchval("SELECT count(*) FROM reservations") == 1
     assert await inventory(db, ev) == (1, 0)
+
+
+async def test_batch_writes_its_holds_in_one_statement_quietly(db: asyncpg.Pool) -> None:
+    """The batch's holds are inserted together at its end: the reaper's due NOTIFY (a statement
+    trigger) fires once for the batch, with the soonest expiry; the 'held' rows notify no relay,
+    and the caller's quiet setting is put back. The outcomes come in idx order unasked."""
+    ev = await new_event(db, capacity=10, buckets=2)
+    async with listening(db, "boxoffice_outbox") as relay, \
+            listening(db, "boxoffice_reservations_due") as due, db.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('boxoffice.outbox_quiet', 'off', true)")
+            items: list[Item] = [(1, "a", None, None, None), (0, "z", None, None, None),
+                                 (2, "b", None, "k", "fp"), (1, "b", None, "k", "fp"),
+                                 (1, "c", None, None, None)]
+            cols = list(zip(*items))
+            rows = await conn.fetch("SELECT * FROM hold_tickets_batch($1, 1, $2, $3, $4, $5, $6)",
+                                    ev, *(list(c) for c in cols))
+            assert await conn.fetchval(
+                "SELECT current_setting('boxoffice.outbox_quiet')") == "off"
+        assert [(r["idx"], r["outcome"]) for r in rows] == [
+            (0, "held"), (1, "retry"), (2, "held"), (3, "replay"), (4, "held")]
+        soonest = min(r["expires_at"] for r in rows if r["outcome"] == "held")
+        assert float(await due.next()) == pytest.approx(soonest.timestamp(), abs=1e-6)
+        await due.nothing_more()  # one NOTIFY for three holds
+        await relay.nothing_more()
+        await conn.execute(INSERT_OUTBOX)  # the caller's own setting notifies again
+        assert await relay.next() == ""
+    assert len(await outbox(db, HELD)) == 3
+    assert await inventory(db, ev) == (4, 0)
 
 
 # --- release_reservation ----------------------------------------------------------------------

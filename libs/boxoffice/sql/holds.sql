@@ -251,13 +251,16 @@ GRANT EXECUTE ON FUNCTION hold_tickets TO boxoffice_payment, boxoffice_webhook;
 -- tickets for the next item (hold_probe, from a random start) and serves the following items
 -- from the same bucket while it has enough, counting their tickets in its held with one UPDATE
 -- per bucket, not one per hold (a hot event's bucket rows are updated by every batch: fewer
--- row versions are fewer to walk and prune).
--- Outcomes per item (idx from 0): held; retry (no unlocked bucket had enough, or no such event,
--- or a quantity the full path must refuse: the caller runs the full hold_tickets for it); and
--- for keyed items in_use (the key is locked by another transaction), replay or mismatch (the
--- key already made a hold: its fingerprint decides; response_body is the stored answer, NULL
--- when the hold was made earlier in this same batch). A keyed hold is written with its
--- fingerprint; the caller stores its response body in the same transaction.
+-- row versions are fewer to walk and prune). The holds are written together at the end: their
+-- reservations, allocations and 'held' outbox rows in one statement for the batch (one
+-- executor start and one run of the inserts' statement triggers, not one per hold), quietly as
+-- hold_record writes them.
+-- Outcomes per item (idx from 0), in idx order: held; retry (no unlocked bucket had enough, or
+-- no such event, or a quantity the full path must refuse: the caller runs the full hold_tickets
+-- for it); and for keyed items in_use (the key is locked by another transaction), replay or
+-- mismatch (the key already made a hold: its fingerprint decides; response_body is the stored
+-- answer, NULL when the hold is made by an earlier item of this same batch). A keyed hold is
+-- written with its fingerprint; the caller stores its response body in the same transaction.
 CREATE OR REPLACE FUNCTION hold_tickets_batch(
     p_event_id uuid, p_ttl_seconds integer, p_quantities integer[], p_client_ids text[],
     p_customer_refs text[], p_keys text[], p_fingerprints text[])
@@ -265,13 +268,21 @@ RETURNS TABLE (idx integer, outcome text, id uuid, expires_at timestamptz,
                created_at timestamptz, amount bigint, currency text, response_body text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    ev    ticketed_events;
-    r     reservations;
-    prior record;
-    q     integer;
-    cur   integer;          -- the bucket being served from (locked by this transaction)
-    free  integer := 0;     -- its free tickets when locked
-    taken integer := 0;     -- tickets taken from it since, not yet counted in its held
+    ev      ticketed_events;
+    prior   record;
+    q       integer;
+    k       text;
+    cur     integer;         -- the bucket being served from (locked by this transaction)
+    free    integer := 0;    -- its free tickets when locked
+    taken   integer := 0;    -- tickets taken from it since, not yet counted in its held
+    made    jsonb := '{}';   -- the keys of this batch's holds: [client, key] -> fingerprint
+    o_idx   integer[] := '{}';  -- the items not held: their outcomes
+    o_what  text[] := '{}';
+    o_body  text[] := '{}';
+    h_idx   integer[] := '{}';  -- the items held: their buckets, written at the end
+    h_where integer[] := '{}';
+    quiet   text;
+    done    text;
 BEGIN
     SELECT * INTO ev FROM ticketed_events e WHERE e.id = p_event_id;
     IF NOT FOUND THEN
@@ -281,29 +292,34 @@ BEGIN
         RETURN;
     END IF;
     FOR i IN 1..coalesce(array_length(p_quantities, 1), 0) LOOP
-        idx := i - 1;
-        id := NULL; expires_at := NULL; created_at := NULL; amount := NULL; currency := NULL;
-        response_body := NULL;
         q := p_quantities[i];
         IF p_keys[i] IS NOT NULL THEN
             IF NOT try_lock_hold_key(p_client_ids[i], p_keys[i]) THEN
-                outcome := 'in_use';
-                RETURN NEXT;
+                o_idx := o_idx || i; o_what := o_what || 'in_use'::text;
+                o_body := o_body || NULL::text;
+                CONTINUE;
+            END IF;
+            k := json_build_array(p_client_ids[i], p_keys[i])::text;
+            IF made ? k THEN  -- an earlier item of this batch holds with this key
+                o_idx := o_idx || i;
+                o_what := o_what || CASE WHEN made ->> k = p_fingerprints[i]
+                                         THEN 'replay' ELSE 'mismatch' END;
+                o_body := o_body || NULL::text;
                 CONTINUE;
             END IF;
             SELECT x.request_fingerprint, x.response_body AS body INTO prior FROM reservations x
             WHERE x.client_id = p_client_ids[i] AND x.idempotency_key = p_keys[i];
             IF FOUND THEN
-                outcome := CASE WHEN prior.request_fingerprint = p_fingerprints[i]
-                                THEN 'replay' ELSE 'mismatch' END;
-                response_body := prior.body;
-                RETURN NEXT;
+                o_idx := o_idx || i;
+                o_what := o_what || CASE WHEN prior.request_fingerprint = p_fingerprints[i]
+                                         THEN 'replay' ELSE 'mismatch' END;
+                o_body := o_body || prior.body;
                 CONTINUE;
             END IF;
         END IF;
         IF q IS NULL OR q < 1 THEN
-            outcome := 'retry';  -- the full path says what is wrong with it
-            RETURN NEXT;
+            -- the full path says what is wrong with it
+            o_idx := o_idx || i; o_what := o_what || 'retry'::text; o_body := o_body || NULL::text;
             CONTINUE;
         END IF;
         IF cur IS NULL OR free - taken < q THEN
@@ -319,23 +335,57 @@ BEGIN
             END IF;
         END IF;
         IF cur IS NULL THEN
-            outcome := 'retry';
-            RETURN NEXT;
+            o_idx := o_idx || i; o_what := o_what || 'retry'::text; o_body := o_body || NULL::text;
             CONTINUE;
         END IF;
         taken := taken + q;
-        r := hold_record(ev, q, p_client_ids[i], p_ttl_seconds, p_customer_refs[i], p_keys[i],
-                         CASE WHEN p_keys[i] IS NOT NULL THEN p_fingerprints[i] END,
-                         ARRAY[cur], ARRAY[q]);
-        outcome := 'held';
-        id := r.id; expires_at := r.expires_at; created_at := r.created_at;
-        amount := r.amount; currency := r.currency;
-        RETURN NEXT;
+        h_idx := h_idx || i;
+        h_where := h_where || cur;
+        IF p_keys[i] IS NOT NULL THEN
+            made := made || jsonb_build_object(k, p_fingerprints[i]);
+        END IF;
     END LOOP;
     IF taken > 0 THEN
         UPDATE inventory_buckets b SET held = b.held + taken
         WHERE b.event_id = p_event_id AND b.bucket = cur;
     END IF;
+    -- quiet, as in hold_record: the statement's AFTER triggers fire at its end, before the
+    -- caller's setting is put back
+    quiet := current_setting('boxoffice.outbox_quiet', true);
+    done := set_config('boxoffice.outbox_quiet', 'on', true);
+    RETURN QUERY
+    WITH h AS MATERIALIZED (  -- each hold's id drawn once, to find its item again
+        SELECT gen_random_uuid() AS id, t.i, t.bucket
+        FROM unnest(h_idx, h_where) AS t(i, bucket)
+    ), n AS (
+        INSERT INTO reservations (id, event_id, client_id, customer_ref, quantity, amount,
+                                  currency, expires_at, idempotency_key, request_fingerprint)
+        SELECT h.id, ev.id, p_client_ids[h.i], p_customer_refs[h.i], p_quantities[h.i],
+               ev.price * p_quantities[h.i], ev.currency,
+               clock_timestamp() + make_interval(secs => p_ttl_seconds), p_keys[h.i],
+               CASE WHEN p_keys[h.i] IS NOT NULL THEN p_fingerprints[h.i] END
+        FROM h ORDER BY h.i
+        RETURNING *
+    ), a AS (
+        INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
+        SELECT n.id, n.event_id, h.bucket, n.quantity FROM n JOIN h ON h.id = n.id
+    ), o AS (
+        INSERT INTO outbox (subject, payload)
+        SELECT 'reservations.events.held',
+               jsonb_build_object('reservation_id', n.id, 'event_id', n.event_id,
+                                  'quantity', n.quantity, 'expires_at', n.expires_at,
+                                  'occurred_at', n.created_at)
+        FROM n JOIN h ON h.id = n.id ORDER BY h.i
+    )
+    SELECT r.i - 1, r.what, r.id, r.expires_at, r.created_at, r.amount, r.currency, r.body
+    FROM (SELECT h.i, 'held'::text AS what, n.id, n.expires_at, n.created_at, n.amount,
+                 n.currency, NULL::text AS body
+          FROM n JOIN h ON h.id = n.id
+          UNION ALL
+          SELECT t.i, t.what, NULL, NULL, NULL, NULL, NULL, t.body
+          FROM unnest(o_idx, o_what, o_body) AS t(i, what, body)) AS r
+    ORDER BY r.i;
+    done := set_config('boxoffice.outbox_quiet', coalesce(quiet, ''), true);
 END $$;
 GRANT EXECUTE ON FUNCTION hold_tickets_batch TO boxoffice_payment;
 
