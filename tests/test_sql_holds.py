@@ -5,6 +5,8 @@ hold_tickets_batch, release_reservation, complete_reservation, the never_oversol
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import uuid
 from datetime import timedelta
 
@@ -375,6 +377,7 @@ async def test_batch_writes_its_holds_in_one_statement_quietly(db: asyncpg.Pool)
     ev = await new_event(db, capacity=10, buckets=2)
     async with listening(db, "boxoffice_outbox") as relay, \
             listening(db, "boxoffice_reservations_due") as due, db.acquire() as conn:
+        await conn.execute("SET track_functions = 'pl'")
         async with conn.transaction():
             await conn.execute("SELECT set_config('boxoffice.outbox_quiet', 'off', true)")
             items: list[Item] = [(1, "a", None, None, None), (0, "z", None, None, None),
@@ -385,6 +388,7 @@ async def test_batch_writes_its_holds_in_one_statement_quietly(db: asyncpg.Pool)
                                     ev, *(list(c) for c in cols))
             assert await conn.fetchval(
                 "SELECT current_setting('boxoffice.outbox_quiet')") == "off"
+            assert await trigger_calls(conn) == {"outbox_notify": 1, "reservations_due_notify": 1}
         assert [(r["idx"], r["outcome"]) for r in rows] == [
             (0, "held"), (1, "retry"), (2, "held"), (3, "replay"), (4, "held")]
         soonest = min(r["expires_at"] for r in rows if r["outcome"] == "held")
@@ -395,6 +399,112 @@ async def test_batch_writes_its_holds_in_one_statement_quietly(db: asyncpg.Pool)
         assert await relay.next() == ""
     assert len(await outbox(db, HELD)) == 3
     assert await inventory(db, ev) == (4, 0)
+
+
+async def trigger_calls(conn: asyncpg.Connection) -> dict[str, int]:
+    """The calls of the outbox's and the reaper's statement trigger functions in this
+    transaction (with track_functions = 'pl')."""
+    return {r["funcname"]: r["calls"] for r in await conn.fetch(
+        "SELECT funcname, calls FROM pg_stat_xact_user_functions "
+        "WHERE funcname IN ('outbox_notify', 'reservations_due_notify')")}
+
+
+@pytest.mark.parametrize("setting", [None, "off", "on"])
+async def test_batch_that_holds_nothing_writes_nothing(db: asyncpg.Pool, setting: str | None
+                                                       ) -> None:
+    """Items all answered without a hold (no bucket has enough, a key replayed, in use or
+    mismatched): no insert runs, so no trigger and no NOTIFY, and the caller's setting stays."""
+    ev = await new_event(db, capacity=4, buckets=2)
+    [made] = await batch(db, ev, [(1, "c", None, "k", "fp")])
+    async with db.acquire() as other, other.transaction():
+        assert await other.fetchval("SELECT try_lock_hold_key('d', 'busy')")
+        async with listening(db, "boxoffice_outbox") as relay, \
+                listening(db, "boxoffice_reservations_due") as due, db.acquire() as conn:
+            await conn.execute("SET track_functions = 'pl'")
+            async with conn.transaction():
+                if setting is not None:
+                    await conn.execute("SELECT set_config('boxoffice.outbox_quiet', $1, true)",
+                                       setting)
+                before = await conn.fetchval(
+                    "SELECT current_setting('boxoffice.outbox_quiet', true)")
+                items: list[Item] = [(3, "a", None, None, None), (1, "c", None, "k", "fp"),
+                                     (1, "d", None, "busy", "fp"), (1, "c", None, "k", "other"),
+                                     (None, "e", None, None, None)]  # type: ignore[list-item]
+                cols = list(zip(*items))
+                rows = await conn.fetch(
+                    "SELECT * FROM hold_tickets_batch($1, 1, $2, $3, $4, $5, $6)", ev,
+                    *(list(c) for c in cols))
+                assert await conn.fetchval(
+                    "SELECT current_setting('boxoffice.outbox_quiet', true)") == before
+                assert await trigger_calls(conn) == {}
+            await relay.nothing_more()
+            await due.nothing_more()
+    assert [(r["idx"], r["outcome"], r["id"]) for r in rows] == [
+        (0, "retry", None), (1, "replay", None), (2, "in_use", None), (3, "mismatch", None),
+        (4, "retry", None)]
+    assert await db.fetchval("SELECT count(*) FROM reservations") == 1
+    assert len(await outbox(db, HELD)) == 1
+    assert made["outcome"] == "held" and await inventory(db, ev) == (1, 0)
+
+
+async def test_batch_keys_are_per_client_within_a_batch(db: asyncpg.Pool) -> None:
+    ev = await new_event(db)
+    rows = await batch(db, ev, [(1, "c", None, "k", "fp"), (1, "d", None, "k", "fp"),
+                                (1, "d", None, "k", "fp2"), (1, "c", None, "k", "fp")])
+    assert [r["outcome"] for r in rows] == ["held", "held", "mismatch", "replay"]
+    assert await db.fetchval("SELECT count(*) FROM reservations") == 2
+
+
+async def test_random_batches_add_up(db: asyncpg.Pool) -> None:
+    """Random batches (quantities that fit and do not, keys repeated within and across batches,
+    two clients, changed requests) on an event with few tickets: every item is answered once,
+    in idx order; each hold has its allocation, its 'held' row (in idx order) and its tickets
+    counted in its bucket; a key makes at most one hold and later uses of it replay or mismatch
+    by fingerprint."""
+    seed = int(os.environ.get("BOXOFFICE_TEST_SEED") or random.randrange(1 << 30))
+    print(f"random batches: seed={seed} (replay with BOXOFFICE_TEST_SEED={seed})")
+    rng = random.Random(seed)
+    ev = await new_event(db, capacity=60, buckets=rng.choice((1, 3, 8)))
+    by_key: dict[tuple[str, str], str] = {}  # the fingerprint each key was first held with
+    for _ in range(25):
+        items: list[Item] = []
+        for _ in range(rng.randrange(1, 12)):
+            client = rng.choice(("a", "b"))
+            key = rng.choice((None, None, "k1", "k2", "k3", f"u{rng.random()}"))
+            items.append((rng.choice((1, 1, 2, 3, 7, 0)), client, None, key,
+                          rng.choice(("fp1", "fp2")) if key else None))
+        async with db.acquire() as conn:
+            before = await conn.fetchval("SELECT coalesce(max(id), 0) FROM outbox")
+            rows = await conn.fetch("SELECT * FROM hold_tickets_batch($1, 900, $2, $3, $4, $5, $6)",
+                                    ev, *(list(c) for c in zip(*items)))
+            held_rows = await conn.fetch("SELECT (o.payload->>'reservation_id')::uuid AS rid "
+                                         "FROM outbox o WHERE o.id > $1 ORDER BY o.id", before)
+        assert [r["idx"] for r in rows] == list(range(len(items))), seed
+        assert [r["rid"] for r in held_rows] == [r["id"] for r in rows if r["outcome"] == "held"], seed
+        for r, (q, client, _, key, fp) in zip(rows, items):
+            if r["outcome"] == "held":
+                assert q >= 1 and r["amount"] == 2500 * q, seed
+                if key is not None:
+                    assert (client, key) not in by_key, seed
+                    by_key[(client, key)] = fp or ""
+            elif r["outcome"] in ("replay", "mismatch"):
+                assert key is not None, seed
+                assert r["outcome"] == ("replay" if by_key[(client, key)] == fp else "mismatch"), seed
+            else:
+                assert r["outcome"] == "retry" and (key is None or (client, key) not in by_key), seed
+    bad = await db.fetch(
+        "SELECT b.bucket FROM inventory_buckets b LEFT JOIN (SELECT a.bucket, sum(a.quantity) AS q "
+        "FROM reservation_allocations a WHERE a.event_id = $1 GROUP BY a.bucket) s USING (bucket) "
+        "WHERE b.event_id = $1 AND b.held <> coalesce(s.q, 0)", ev)
+    assert bad == [], seed
+    assert await db.fetchval(
+        "SELECT count(*) FROM reservations r WHERE r.event_id = $1 AND r.quantity <> "
+        "(SELECT sum(a.quantity) FROM reservation_allocations a WHERE a.reservation_id = r.id)",
+        ev) == 0, seed
+    keyed = await db.fetch("SELECT client_id, idempotency_key, request_fingerprint FROM reservations "
+                           "WHERE idempotency_key IS NOT NULL")
+    assert {(r["client_id"], r["idempotency_key"]): r["request_fingerprint"] for r in keyed} == \
+        by_key, seed
 
 
 # --- release_reservation ----------------------------------------------------------------------

@@ -254,7 +254,8 @@ GRANT EXECUTE ON FUNCTION hold_tickets TO boxoffice_payment, boxoffice_webhook;
 -- row versions are fewer to walk and prune). The holds are written together at the end: their
 -- reservations, allocations and 'held' outbox rows in one statement for the batch (one
 -- executor start and one run of the inserts' statement triggers, not one per hold), quietly as
--- hold_record writes them.
+-- hold_record writes them, their 'held' rows in idx order; a batch that holds nothing writes
+-- nothing.
 -- Outcomes per item (idx from 0), in idx order: held; retry (no unlocked bucket had enough, or
 -- no such event, or a quantity the full path must refuse: the caller runs the full hold_tickets
 -- for it); and for keyed items in_use (the key is locked by another transaction), replay or
@@ -349,13 +350,20 @@ BEGIN
         UPDATE inventory_buckets b SET held = b.held + taken
         WHERE b.event_id = p_event_id AND b.bucket = cur;
     END IF;
+    IF cardinality(h_idx) = 0 THEN  -- nothing held (near sell-out, keys replayed): no writes
+        RETURN QUERY SELECT t.i - 1, t.what, NULL::uuid, NULL::timestamptz, NULL::timestamptz,
+                            NULL::bigint, NULL::text, t.body
+                     FROM unnest(o_idx, o_what, o_body) AS t(i, what, body) ORDER BY t.i;
+        RETURN;
+    END IF;
     -- quiet, as in hold_record: the statement's AFTER triggers fire at its end, before the
     -- caller's setting is put back
     quiet := current_setting('boxoffice.outbox_quiet', true);
     done := set_config('boxoffice.outbox_quiet', 'on', true);
     RETURN QUERY
-    WITH h AS MATERIALIZED (  -- each hold's id drawn once, to find its item again
-        SELECT gen_random_uuid() AS id, t.i, t.bucket
+    WITH h AS MATERIALIZED (  -- each hold's ids drawn once, in idx order, to find its item again
+        SELECT gen_random_uuid() AS id, t.i, t.bucket,
+               nextval('outbox_id_seq') AS announced  -- the outbox's id, as its default
         FROM unnest(h_idx, h_where) AS t(i, bucket)
     ), n AS (
         INSERT INTO reservations (id, event_id, client_id, customer_ref, quantity, amount,
@@ -364,18 +372,18 @@ BEGIN
                ev.price * p_quantities[h.i], ev.currency,
                clock_timestamp() + make_interval(secs => p_ttl_seconds), p_keys[h.i],
                CASE WHEN p_keys[h.i] IS NOT NULL THEN p_fingerprints[h.i] END
-        FROM h ORDER BY h.i
+        FROM h
         RETURNING *
     ), a AS (
         INSERT INTO reservation_allocations (reservation_id, event_id, bucket, quantity)
         SELECT n.id, n.event_id, h.bucket, n.quantity FROM n JOIN h ON h.id = n.id
-    ), o AS (
-        INSERT INTO outbox (subject, payload)
-        SELECT 'reservations.events.held',
+    ), o AS (  -- announced in idx order: the outbox's ids drawn in h, not in the join's order
+        INSERT INTO outbox (id, subject, payload)
+        SELECT h.announced, 'reservations.events.held',
                jsonb_build_object('reservation_id', n.id, 'event_id', n.event_id,
                                   'quantity', n.quantity, 'expires_at', n.expires_at,
                                   'occurred_at', n.created_at)
-        FROM n JOIN h ON h.id = n.id ORDER BY h.i
+        FROM n JOIN h ON h.id = n.id
     )
     SELECT r.i - 1, r.what, r.id, r.expires_at, r.created_at, r.amount, r.currency, r.body
     FROM (SELECT h.i, 'held'::text AS what, n.id, n.expires_at, n.created_at, n.amount,
