@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from boxoffice import db
 from tests.fault_cluster import Cluster
 from tests.fault_stripe import StripeBuyer, WebhookRelay
 from tests.fault_workload import Ledger
@@ -68,7 +69,7 @@ async def _unsettled(cluster: Cluster, relay: WebhookRelay, stripe: StripeBuyer)
         await nc.close()
     try:
         conn = await asyncpg.connect(cluster.database_url, timeout=3)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except db.FAILURES as exc:  # (mid-failover: no server taking writes, among others)
         return out + [f"postgres unreachable ({type(exc).__name__})"]
     try:
         row = await conn.fetchrow("""

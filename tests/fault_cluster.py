@@ -173,7 +173,13 @@ class Cluster:
                                                                           RESTART_BACKOFF[1])
                     s.next_start = now + s.delay
                     continue
-                s.proc.start(wait=False)
+                try:
+                    s.proc.start(wait=False)
+                except Exception as exc:  # noqa: BLE001 - the supervisor must outlive any start
+                    print(f"supervisor: {name} not started ({type(exc).__name__}: {exc}); "
+                          f"next try in {s.delay:g} s")
+                    s.next_start = time.monotonic() + s.delay
+                    continue
                 s.started_at, s.next_start = time.monotonic(), 0.0
                 self.restarts[name] += 1
             await asyncio.sleep(0.1)

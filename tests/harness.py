@@ -192,14 +192,16 @@ def login_url(service: str, url: str) -> str:
     role. ``url`` is the owner's: through it the role gets LOGIN and its test password first,
     unless the server does not answer now (a service restarted while PostgreSQL is down: the
     role got them when the service first started, or the commit waits for a standby that is
-    down: bounded, for a caller may be the event loop that would start the standby again)."""
+    down: bounded, for a caller may be the event loop that would start the standby again; or
+    in a failover, before the standby is promoted, when no server takes writes)."""
     if urlsplit(url).username in roles.ROLES.values():
         return url
     password = DB_PASSWORDS[service]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callers may run in an event loop
         try:
             pool.submit(roles.set_logins, url, {service: password}, 5.0).result()
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError):  # e.g. mid-failover: no host is read-write yet
             pass
     return roles.url_for(url, service, password)
 

@@ -234,6 +234,19 @@ async def test_each_service_runs_as_its_own_role_and_ingress_without_one(
     assert all(p.running for p in procs.values())
 
 
+def test_a_service_role_url_is_given_while_no_server_takes_writes(database_url: str) -> None:
+    """The harness starts (and the fault run's supervisor restarts) services during a failover,
+    before the standby is promoted: no server takes writes, so the owner's connection to give the
+    role its login fails (asyncpg's TargetServerAttributeNotMatched, seen here by asking for a
+    server that takes writes on a session that is read-only). That is no reason not to start
+    the service: the URL comes back, and the service waits for the database as after any outage.
+    (It raised, and the fault run's supervisor died with it: no service was restarted again.)"""
+    sep = "&" if "?" in database_url else "?"
+    read_only = database_url + sep + "default_transaction_read_only=on&target_session_attrs=read-write"
+    url = login_url("payment", read_only)
+    assert url.startswith("postgres") and f"{roles.ROLES['payment']}:" in url
+
+
 # -- a server of its own for each test: roles belong to the whole server -----------------------
 @pytest.fixture
 def own_cluster() -> Iterator[Postgres]:

@@ -51,9 +51,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _set_role_logins(url: str) -> int:
     """Give each service role whose PG_<SERVICE>_PASSWORD is set LOGIN and that password."""
-    import asyncpg
-
-    from boxoffice import roles
+    from boxoffice import db, roles
 
     passwords = {service: os.environ[var] for service in roles.ROLES
                  if os.environ.get(var := roles.password_variable(service))}
@@ -61,7 +59,7 @@ def _set_role_logins(url: str) -> int:
         return 0
     try:
         roles.set_logins(url, passwords)  # (each statement bounded: a standby down is said)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except db.FAILURES as exc:  # (no server taking writes, among others)
         print(f"boxoffice migrate: cannot set the service roles' logins: {type(exc).__name__}: "
               f"{exc}", file=sys.stderr)
         return 1

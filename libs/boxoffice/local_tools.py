@@ -151,8 +151,7 @@ def cmd_webhook_outage(args: argparse.Namespace) -> int:
     the stack of ``boxoffice up`` only (its operator's ``DATABASE_URL``)."""
     import asyncio
 
-    import asyncpg
-
+    from boxoffice import db
     from boxoffice.db import operator_connect
 
     url = _setting("DATABASE_URL")
@@ -170,7 +169,7 @@ def cmd_webhook_outage(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except (OSError, asyncpg.PostgresError) as exc:
+    except db.FAILURES as exc:
         print(f"boxoffice dev webhook-outage: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print("webhook outage drill " + ("on: payments are refused" if args.state == "on"

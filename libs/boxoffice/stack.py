@@ -371,13 +371,13 @@ def up() -> int:
             say(f"migrations failed: {result.stderr.strip() or result.stdout.strip()}")
             return 1
         say("migrations applied")
-        import asyncpg
+        from boxoffice import db
 
         db_passwords = {s: keys[roles.password_variable(s)] for s in roles.ROLES}
         try:  # each statement bounded (a synchronous standby down: said, not waited for)
             _seed_demo_event(env["DATABASE_URL"])
             roles.set_logins(env["DATABASE_URL"], db_passwords)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except db.FAILURES as exc:  # (no server taking writes, among others)
             say("cannot seed the demo event or give the services' PostgreSQL roles their "
                 f"logins: {type(exc).__name__}: {exc}")
             return 1
