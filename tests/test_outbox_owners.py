@@ -34,9 +34,10 @@ HANDED_OVER = {
     ("webhook", reservation_event("held")): None,
 }
 _INSERT = re.compile(r"INSERT\s+INTO\s+outbox\b", re.I)
-_SUBJECT = re.compile(r"INSERT\s+INTO\s+outbox\s*\(\s*subject\s*,\s*payload\s*\)\s*"
-                      r"(?:VALUES\s*\(|SELECT\s+)'(?P<lit>[^']*)'(?:\s*\|\|\s*(?P<param>\w+))?",
-                      re.I)
+# (an id given with the row, as hold_tickets_batch draws them, comes before the subject)
+_SUBJECT = re.compile(r"INSERT\s+INTO\s+outbox\s*\(\s*(?:id\s*,\s*)?subject\s*,\s*payload\s*\)\s*"
+                      r"(?:VALUES\s*\(|SELECT\s+)(?:[\w.]+\s*,\s*)?'(?P<lit>[^']*)'"
+                      r"(?:\s*\|\|\s*(?P<param>\w+))?", re.I)
 
 
 def _args(text: str, start: int) -> list[str]:
