@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from boxoffice import bus_access, roles
+from boxoffice import bus_access, db, roles
 from boxoffice.embedded import free_port
 
 CLIENT_TOKEN = "client-token-aaaaaaaaaaaaaaaa"
@@ -200,8 +200,7 @@ def login_url(service: str, url: str) -> str:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callers may run in an event loop
         try:
             pool.submit(roles.set_logins, url, {service: password}, 5.0).result()
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                asyncpg.InternalClientError):  # e.g. mid-failover: no host is read-write yet
+        except db.FAILURES:  # what the services wait out; mid-failover, no host takes writes
             pass
     return roles.url_for(url, service, password)
 
