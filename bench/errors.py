@@ -1,17 +1,21 @@
 """Error tracking throughput (a benchmark, not a test): prints one JSON object.
 
 1. sink: N reports (realistic: 40 kinds of error with stack traces, varying messages and
-   contexts, some secrets to scrub) are published to ERRORS; then real error-sink processes
-   (`boxoffice run error_sink`, 1 and then 2 replicas, each time from the first report into an
-   empty database) start, and we measure reports persisted per second from the first stored
-   row to the last, and the CPU per report of the sinks and PostgreSQL meanwhile. Checked:
-   every report stored exactly once. Baseline in the same run: a
+   contexts, some secrets to scrub) are published to ERRORS as ingress publishes clients'
+   reports: scrubbed and sealed (``boxoffice.scrub.sealed``, not timed); then real error-sink
+   processes (`boxoffice run error_sink`, 1 and then 2 replicas, each time from the first report
+   into an empty database) start, and we measure reports persisted per second from the first
+   stored row to the last, and the CPU per report of the sinks and PostgreSQL meanwhile. Then
+   once more with 1 replica, the stream holding N other reports unsealed, as the services and
+   other processes publish theirs: the sink scrubs each. Checked: every report stored exactly
+   once. Baseline in the same run: a
    plain COPY of the same rows (already converted to columns, so no decoding, scrubbing or
    grouping) into an identical, empty error_logs, 10,000 rows per COPY, before and after each
    sink run, each run compared with the mean of the two around it (and once 1,000 rows per
    COPY, the sink's batch size until 2 December 2026). Every timed phase starts after a
    CHECKPOINT. And the sink's CPU per report step by step, in this process: decoding, scrubbing,
-   grouping, and the whole message-to-row conversion; and, from pg_stat_statements, PostgreSQL's
+   grouping, and the whole message-to-row conversion, unsealed and sealed; and, from
+   pg_stat_statements, PostgreSQL's
    execution time per report of the statements that took most during each sink run
    (a COPY's time includes the sink's encoding and sending of its rows; the sum over
    error_groups is the bench's own polling, every 50 ms).
@@ -44,6 +48,7 @@ from types import SimpleNamespace
 
 import aiohttp
 import asyncpg
+import msgspec
 import nats
 import nats.js.errors
 
@@ -52,7 +57,8 @@ from boxoffice import migrate, scrub
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
 from boxoffice.error_sink import grouping, report_rows, store
 from boxoffice.error_sink.report_rows import COLUMNS, prepare
-from tests.errors_support import publish
+from boxoffice.wire.errors import ErrorReport
+from tests.errors_support import publish, publish_messages
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
 
 KINDS = 40
@@ -101,12 +107,15 @@ def step_cpu(bodies: list[dict], runs: int = 5) -> dict[str, float]:
             if r.context:
                 scrub.clean(r.context)
 
+    sealed = [SimpleNamespace(subject=subject, data=data, headers=None)
+              for subject, data, _ in sealed_messages(bodies)]
     steps = {
         "decode": lambda: [report_rows._decoder.decode(m.data) for m in msgs],
         "scrub": scrub_all,
         "group": lambda: [grouping.group_key(r.service or "", grouping.fingerprint(
             r.error_type, r.stacktrace, r.message or "", None)) for r in reports],
         "prepare_all": lambda: [prepare(m, now) for m in msgs],
+        "prepare_all_sealed": lambda: [prepare(m, now) for m in sealed],
     }
     out = {}
     for name, step in steps.items():
@@ -117,6 +126,11 @@ def step_cpu(bodies: list[dict], runs: int = 5) -> dict[str, float]:
             best = min(best, time.process_time() - started)
         out[name] = round(best * 1e6 / len(msgs), 2)
     return out
+
+
+def sealed_messages(bodies: list[dict]) -> list[tuple[str, bytes, str]]:
+    """(subject, body, Nats-Msg-Id) of each report as ingress publishes it: scrubbed, sealed."""
+    return [(*scrub.sealed(msgspec.convert(b, ErrorReport, strict=False)), b["id"]) for b in bodies]
 
 
 async def create_db(admin_url: str, name: str) -> str:
@@ -260,7 +274,7 @@ async def main() -> None:
         bodies = make_reports(n)
         out["sink_step_cpu_us_per_report"] = step_cpu(bodies[:20_000])
         started = time.perf_counter()
-        await publish(nats_srv.url, bodies)
+        await publish_messages(nats_srv.url, sealed_messages(bodies))
         out["bus_publish_per_s"] = round(n / (time.perf_counter() - started))
         # the baseline before and after each sink run, each time into a new database: a run's
         # ratio is to the mean of the two around it (on a shared machine a baseline measured
@@ -270,9 +284,14 @@ async def main() -> None:
         out["plain_copy_1000_rows_per_copy_per_s"] = round(
             await plain_copy(await create_db(admin, "copy1k"), bodies, 1000))
         env = base_env(nats_srv.url, "postgresql://unused@127.0.0.1/unused")
-        for replicas in (int(r) for r in args.replicas.split(",")):
+        runs = [(int(r), "") for r in args.replicas.split(",")] + [(1, "_unsealed")]
+        for replicas, kind in runs:
+            if kind == "_unsealed":  # other reports (other ids), as the services publish theirs
+                await purge_errors(nats_srv.url)
+                bodies = make_reports(n)
+                await publish(nats_srv.url, bodies)
             await forget_consumer(nats_srv.url)  # the sink starts again from the first report
-            db = await create_db(admin, f"sink{replicas}")
+            db = await create_db(admin, f"sink{replicas}{kind}")
             assert pg.proc is not None
             await checkpoint(db)  # (before the statements' reset: not counted as the sink's)
             await statements(admin, reset=True)
@@ -280,14 +299,14 @@ async def main() -> None:
             copies.append(await plain_copy(await create_db(admin, f"copy{len(copies)}"), bodies,
                                            10_000))
             baseline = (copies[-2] + copies[-1]) / 2
-            key = f"sink_{replicas}_replica{'s' if replicas > 1 else ''}"
+            key = f"sink_{replicas}_replica{'s' if replicas > 1 else ''}{kind}"
             out.update({f"{key}_persisted_per_s": round(rate), f"{key}_lost": n - distinct,
                         f"{key}_cpu_ms_per_report": cpu,
                         f"{key}_plain_copy_per_s": round(baseline),
                         f"{key}_vs_plain_copy": round(rate / baseline, 3)})
             out["sink_groups"] = groups
-            out[f"{key}_sql_us_per_report"] = await statements(admin, database=f"sink{replicas}",
-                                                               reports=n)
+            out[f"{key}_sql_us_per_report"] = await statements(
+                admin, database=f"sink{replicas}{kind}", reports=n)
         out["plain_copy_rounds_per_s"] = [round(c) for c in copies]
         # accepted over HTTP with each fsync setting: the default (as before), then a
         # nats-server of its own with sync_interval: always, as boxoffice up runs it
@@ -346,6 +365,14 @@ async def statements(admin_url: str, *, reset: bool = False, database: str = "",
                 for r in rows}
     finally:
         await conn.close()
+
+
+async def purge_errors(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().purge_stream("ERRORS")
+    finally:
+        await nc.close()
 
 
 async def forget_consumer(url: str) -> None:

@@ -96,7 +96,7 @@ def errors(f: dict[str, Any]) -> list[Row]:
     copy = f.get("sink_1_replica_plain_copy_per_s", f["plain_copy_per_s"])
     around = ", before and after" if "sink_1_replica_plain_copy_per_s" in f else ""
     one = f["sink_1_replica_persisted_per_s"]
-    rows = [Row("error reports persisted (1 sink)", one, "/s", copy,
+    rows = [Row("error reports persisted (1 sink, sealed by ingress)", one, "/s", copy,
                 "plain COPY, 10,000 rows each" + around, "≥ 0.5",
                 one / copy >= 0.5 and f["sink_1_replica_lost"] == 0,
                 cpu=_cpu_ms(f.get("sink_1_replica_cpu_ms_per_report")))]
@@ -105,6 +105,12 @@ def errors(f: dict[str, Any]) -> list[Row]:
         rows.append(Row("error reports persisted (2 sinks)", f["sink_2_replicas_persisted_per_s"],
                         "/s", copy2, "plain COPY, 10,000 rows each" + around,
                         cpu=_cpu_ms(f.get("sink_2_replicas_cpu_ms_per_report"))))
+    if "sink_1_replica_unsealed_persisted_per_s" in f:
+        rows.append(Row("error reports persisted (1 sink, not sealed: scrubbed by the sink)",
+                        f["sink_1_replica_unsealed_persisted_per_s"], "/s",
+                        f["sink_1_replica_unsealed_plain_copy_per_s"],
+                        "plain COPY, 10,000 rows each" + around,
+                        cpu=_cpu_ms(f.get("sink_1_replica_unsealed_cpu_ms_per_report"))))
     rows.append(Row("error reports accepted over HTTP"
                     + (" (default fsync)" if "ingress_accepted_sync_always_per_s" in f else ""),
                     f["ingress_accepted_per_s"], "/s", f["bare_aiohttp_per_s"],

@@ -66,19 +66,25 @@ async def _declare_errors(js: Any) -> None:
 async def publish(nats_url: str, bodies: list[dict[str, Any]], *, concurrency: int = 256,
                   subject: str | None = None) -> None:
     """Publish reports to ERRORS (declared here if needed), each acked by JetStream."""
+    await publish_messages(nats_url, [
+        (subject or f"errors.{b.get('service', 'x')}.{b.get('level', 'error')}",
+         json.dumps(b).encode(), b["id"]) for b in bodies], concurrency=concurrency)
+
+
+async def publish_messages(nats_url: str, messages: list[tuple[str, bytes, str]], *,
+                           concurrency: int = 256) -> None:
+    """Publish (subject, body, Nats-Msg-Id) to ERRORS (declared here if needed), each acked."""
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
         await _declare_errors(js)
         sem = asyncio.Semaphore(concurrency)
 
-        async def one(b: dict[str, Any]) -> None:
+        async def one(subject: str, data: bytes, msg_id: str) -> None:
             async with sem:
-                subj = subject or f"errors.{b.get('service', 'x')}.{b.get('level', 'error')}"
-                await js.publish(subj, json.dumps(b).encode(), headers={"Nats-Msg-Id": b["id"]},
-                                 timeout=30)
+                await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=30)
 
-        await asyncio.gather(*(one(b) for b in bodies))
+        await asyncio.gather(*(one(*m) for m in messages))
     finally:
         await nc.close()
 

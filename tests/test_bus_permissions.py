@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from boxoffice import bus as busmod
-from boxoffice import bus_access, config, errors
+from boxoffice import bus_access, config, errors, scrub
 from boxoffice.embedded import NatsServer, venv_bin
-from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, WEBHOOK_CONSUMER
+from boxoffice.wire.subjects import ERROR_SINK_CONSUMER, WEBHOOK_CONSUMER, error_report
 from tests.bus_support import connected, connection_refused
 from tests.checkout_support import Api
 from tests.compose_support import COMPOSE_NAMES, compose_config
@@ -292,6 +292,24 @@ async def test_the_reporter_reports_an_error_and_does_nothing_else(server: NatsS
     async with busmod.connect(reporter_url, "some-process") as bus:
         assert await bus.publish("errors.shop-web.warning", b"{}", str(uuid.uuid4()))
     assert await _messages(server, "ERRORS") == 2
+
+
+async def test_only_ingress_publishes_sealed_error_reports(server: NatsServer) -> None:
+    """A sealed report (``errors.<service>.<level>.<seal>``) is stored without a second scrub:
+    nats-server refuses that subject to every user but ingress (and the operator), whatever the
+    service or level in it."""
+    await _streams(server)
+    sealed = error_report("shop-web", "error", scrub.SEAL)
+    for user in (bus_access.REPORTER, "payment", "webhook", "reaper", "error_sink"):
+        async with connected(server, user) as conn:
+            own = user if user in bus_access.ACCESS else "shop-web"
+            assert await conn.may_publish(error_report(own, "error"))  # its own reports: yes
+            for subject in (sealed, error_report(own, "error", scrub.SEAL),
+                            error_report(own, "error", "scrubbed-0"), f"errors.{own}.a.b.c"):
+                assert not await conn.may_publish(subject), (user, subject)
+    async with connected(server, "ingress") as ingress:
+        assert await ingress.may_publish(sealed)
+    assert await _messages(server, "ERRORS") == 6
 
 
 # -- the services, each with its own user, doing their jobs -----------------------------------

@@ -14,6 +14,7 @@ import uuid
 import brotli
 import nats
 
+from boxoffice import scrub
 from tests.errors_support import AUTH, ahttp, browser_event, count, envelope, report
 from tests.harness import ADMIN_TOKEN, CLIENT_TOKEN, CLIENT_TOKEN_2, SENTRY_KEY, eventually
 
@@ -158,6 +159,14 @@ async def test_post_errors_validated_and_published(db, nats_url, start_service) 
     assert row["service"] == "checkout-web" and row["severity"] == "warning"
     assert row["context"] == {"password": "[Filtered]"}
     assert await _stream_count(nats_url) == 1
+    # on the bus already scrubbed, under the seal that spares the sink a second scrub
+    nc = await nats.connect(nats_url)
+    try:
+        msg = await nc.jetstream().get_last_msg("ERRORS", "errors.>")
+    finally:
+        await nc.close()
+    assert msg.subject == f"errors.checkout-web.warning.{scrub.SEAL}"
+    assert json.loads(msg.data)["context"] == {"password": "[Filtered]"}
 
 
 async def test_reports_shaped_against_the_scrubber_are_stored_promptly(db, start_service) -> None:

@@ -5,15 +5,17 @@ makes, secrets scrubbed, grouped by service."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import uuid
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from boxoffice import scrub
+from boxoffice import scrub, wire
 from boxoffice.error_sink import grouping, report_rows
 from boxoffice.error_sink.report_rows import prepare
+from boxoffice.wire.errors import LEVELS, ErrorReport
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 TRACE = ('Traceback (most recent call last):\n'
@@ -112,3 +114,83 @@ def test_hex_strings_are_what_the_scrubber_makes_of_them() -> None:
     row = _row({"service": "payment", "message": "m", "request_id": "4242424242424242",
                 "environment": "4242424242424242", "release": "4242424242424242"})
     assert "4242424242424242" not in json.dumps(row.record, default=str)
+
+
+# -- sealed reports: scrubbed by their publisher (ingress), only cut by the sink ---------------
+
+_SECRETS = ("password=hunter2", "Authorization: Bearer abcdef123456", "sk_live_abcdefghijkl",
+            "card 4242 4242 4242 4242", "postgres://u:pw-secret@db/x", "whsec_abcdefghij",
+            "nul\x00here", "token: 'tok-123456'")
+
+
+def _random_report(rnd: random.Random) -> ErrorReport:
+    def s(n: int = 3) -> str:
+        parts = [rnd.choice(("order 17 failed", "é ü", "x" * rnd.choice((5, 300, 9000)),
+                             *_SECRETS)) for _ in range(rnd.randrange(1, n + 1))]
+        return " ".join(parts)
+
+    def ctx(depth: int = 0) -> Any:
+        roll = rnd.random()
+        if depth > 10 or roll < 0.4:
+            return rnd.choice((s(), 7, None, True, 1.5, "x" * 5000))
+        if roll < 0.7:
+            return [ctx(depth + 1) for _ in range(rnd.choice((1, 3, 120)) if depth < 2 else 1)]
+        keys = ("path", "password", "api_key", "note", "function", "nul\x00key", "k" * 300)
+        return {rnd.choice(keys) + str(i): ctx(depth + 1)
+                for i in range(rnd.choice((1, 4, 110)) if depth < 2 else 1)}
+
+    maybe = lambda v: v if rnd.random() < 0.7 else None  # noqa: E731
+    return ErrorReport(
+        id=str(uuid.UUID(int=rnd.getrandbits(128))), occurred_at=NOW,
+        service=rnd.choice(("checkout-web", "payment")), level=rnd.choice(LEVELS),
+        message=s(4), error_type=maybe(rnd.choice(("ChargeError", "sk_live_abcdefghijkl", "E" * 600))),
+        stacktrace=maybe(rnd.choice((TRACE, TRACE * 700, s()))),
+        context=maybe({"function": s(1), "data": ctx()}),
+        fingerprint=maybe([s(1) for _ in range(rnd.randrange(1, 4))]),
+        environment=maybe(s(1)[:64]), release=maybe(rnd.choice(("4242424242424242", "v1.2", s(1)[:128]))),
+        request_id=maybe(rnd.choice((uuid.uuid4().hex, "sk_live_abcdefghijkl"))))
+
+
+def test_a_sealed_report_is_stored_as_the_sink_stores_it_unsealed() -> None:
+    """What ingress publishes sealed (``scrub.sealed``) becomes the row the sink makes of the same
+    report unsealed, scrubbing it itself: every field scrubbed by the publisher, every field cut
+    by the sink, the group the same."""
+    seed = int(os.environ.get("BOXOFFICE_TEST_SEED") or random.randrange(1 << 30))
+    print(f"sealed reports: seed={seed} (replay with BOXOFFICE_TEST_SEED={seed})")
+    rnd = random.Random(seed)
+    for _ in range(300):
+        r = _random_report(rnd)
+        subject, body = scrub.sealed(r)
+        assert subject == f"errors.{r.service}.{r.level}.{scrub.SEAL}"
+        sealed = prepare(SimpleNamespace(subject=subject, data=body, headers=None), NOW)
+        plain = prepare(SimpleNamespace(subject=f"errors.{r.service}.{r.level}",
+                                        data=wire.encode(r), headers=None), NOW)
+        assert sealed.record == plain.record, r
+        assert (sealed.fingerprint_hash, sealed.group_fingerprint) == (plain.fingerprint_hash,
+                                                                       plain.group_fingerprint)
+        stored = json.dumps(sealed.record, default=lambda v: v.decode() if isinstance(v, bytes)
+                            else str(v))
+        assert not any(x in stored for x in ("hunter2", "abcdef123456", "sk_live_", "pw-secret",
+                                             "whsec_", "4242 4242", "tok-123456", "\\u0000"))
+
+
+def test_only_a_sealed_subject_of_these_rules_spares_the_scrub() -> None:
+    """The sink trusts the seal (that is its point: a body under it is not scrubbed again), and
+    nothing else: not a three-token subject, not another seal (other rules: a deploy under way),
+    not a fifth token, not a body it could not decode, not a NUL the publisher left."""
+    body = {"service": "shop-web", "level": "loud", "message": "login password=hunter2",
+            "context": {"note": "token=abc123456"}, "request_id": "sk_live_abcdefghijkl"}
+    trusted = _row(body, f"errors.shop-web.warning.{scrub.SEAL}")
+    assert "hunter2" in trusted.error_message and b"abc123456" in (trusted.context or b"")
+    assert trusted.request_id == "sk_live_abcdefghijkl"
+    assert trusted.severity == "warning"  # the level's token, not the seal's
+    for subject in ("errors.shop-web.warning", "errors.shop-web.warning.scrubbed-0",
+                    f"errors.shop-web.warning.{scrub.SEAL}.x", f"errors.shop-web.{scrub.SEAL}"):
+        row = _row(body, subject)
+        assert "hunter2" not in row.error_message and b"abc123456" not in (row.context or b"")
+        assert row.request_id == scrub.FILTERED, subject
+    nul = _row({**body, "message": "a\x00b password=hunter2"}, f"errors.x.error.{scrub.SEAL}")
+    assert nul.error_message == "a\ufffdb password=[Filtered]"
+    torn = prepare(SimpleNamespace(subject=f"errors.x.error.{scrub.SEAL}",
+                                   data=b'{"message": "password=hunter2"', headers=None), NOW)
+    assert "hunter2" not in torn.error_message and torn.error_type == "UndecodableReport"

@@ -27,6 +27,10 @@ STREAM_CHANNELS: dict[str, list[tuple[str, type, str, str | None]]] = {
     "STRIPE_EVENTS": [("stripe.events.{type}", stripe.StripeEvent, "ingress (verified webhooks,"
                        " exactly as Stripe sent them)", "webhook (durable `webhook`)")],
     "ERRORS": [("errors.{service}.{level}", errw.ErrorReport, "every service and any client",
+                "error-sink (durable `error-sink`)"),
+               ("errors.{service}.{level}.{seal}", errw.ErrorReport,
+                "ingress only: clients' reports, scrubbed there (the seal names the scrubber's"
+                " rules; the error-sink does not scrub them again)",
                 "error-sink (durable `error-sink`)")],
     "RESERVATIONS": [("reservations.events.{kind}", reservations.ReservationEvent,
                       "payment, webhook, reaper (outbox)", None)],
@@ -50,6 +54,7 @@ STREAM_CHANNELS: dict[str, list[tuple[str, type, str, str | None]]] = {
 PARAMETERS = {
     "type": "the Stripe event type (payment_intent.succeeded, ...)",
     "service": "the reporting service", "level": "debug|info|warning|error|critical|fatal",
+    "seal": "scrubbed-<digest of the scrubber's rules>: only ingress may publish it",
     "kind": "held|expired|completed|cancelled (reservations); "
             "created|succeeded|failed|refunded (payments)",
 }

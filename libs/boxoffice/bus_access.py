@@ -17,8 +17,12 @@ durable consumers it reads. Everything else follows from it, in this module only
 - the outbox relays claim only the rows of their own subjects (``ACCESS[...].relays``).
 
 ``operator`` may do anything (local tools, ``.boxoffice/stack.env``); ``reporter`` may only
-publish error reports (``errors.>``) and read the acknowledgements on its inbox: the user any
-other process reports errors with (``NATS_REPORTER_URL``).
+publish error reports (``errors.<service>.<level>``) and read the acknowledgements on its inbox:
+the user any other process reports errors with (``NATS_REPORTER_URL``).
+
+Error reports under a fourth token, ``errors.<service>.<level>.<seal>``, are sealed: scrubbed by
+their publisher, and stored by the error-sink without scrubbing them again (``boxoffice.scrub``).
+Only ingress may publish them; the services' own reports and the reporter's are three tokens.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ ACCESS: dict[str, Access] = {
         # the console's live inventory, while one is open (boxoffice.ingress.console)
         watches=(*s.STREAMS["RESERVATIONS"], *s.STREAMS["PAYMENTS"])),
     "payment": Access(
-        publishes=(s.error_report("payment", ">"),),
+        publishes=(s.error_report("payment", "*"),),
         relays=(s.reservation_event("held"), s.reservation_event("cancelled"),
                 s.payment_event("created")),
         # and admin.payment.*: ticketed events and the payments' audit trail
@@ -90,7 +94,7 @@ ACCESS: dict[str, Access] = {
     "webhook": Access(
         # reconciliation feeds the events that webhooks missed into the same stream, read from
         # Stripe's own API: the one consumer of STRIPE_EVENTS applies them like any other
-        publishes=(*s.STREAMS["STRIPE_EVENTS"], s.error_report("webhook", ">")),
+        publishes=(*s.STREAMS["STRIPE_EVENTS"], s.error_report("webhook", "*")),
         relays=(s.reservation_event("completed"), s.reservation_event("cancelled"),
                 s.payment_event("succeeded"), s.payment_event("failed"),
                 s.payment_event("refunded")),
@@ -99,12 +103,12 @@ ACCESS: dict[str, Access] = {
         declares=("STRIPE_EVENTS", "PAYMENTS", "RESERVATIONS", "ERRORS"),
         consumes=(s.WEBHOOK_CONSUMER,)),
     "error_sink": Access(
-        publishes=(s.alert(">"), s.error_report("error_sink", ">")),
+        publishes=(s.alert(">"), s.error_report("error_sink", "*")),
         answers=(_owner(errors_wire.GROUPS_LIST),),
         declares=("ERRORS", "ALERTS", sentry_wire.STREAM),
         consumes=(s.ERROR_SINK_CONSUMER, sentry_wire.CONSUMER)),
     "reaper": Access(
-        publishes=(s.error_report("reaper", ">"),),
+        publishes=(s.error_report("reaper", "*"),),
         relays=(s.reservation_event("expired"),),
         # admin.reaper.*, and admin.actions.*: the operators' action log it keeps (AUDIT)
         answers=(_owner(reaper_wire.STATS), _owner(actions_wire.LIST)),
@@ -145,7 +149,7 @@ def permissions(user: str) -> dict:
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
     if user == REPORTER:
         # a JetStream publish is a request: the acknowledgement comes back on the inbox
-        return {"publish": {"allow": list(s.STREAMS["ERRORS"])},
+        return {"publish": {"allow": [s.error_report("*", "*")]},
                 "subscribe": {"allow": [inbox]}}
     a = ACCESS[user]
     publish = [*a.publishes, *a.relays, *a.requests]

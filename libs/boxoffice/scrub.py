@@ -10,15 +10,31 @@ anything leaves the process. What becomes ``[Filtered]``:
   secret keys and webhook secrets, and the password of a URL (``scheme://user:pw@host``).
 
 Oversized strings are cut and end with a marker saying how much was dropped.
+
+A publisher that scrubs a whole report with ``report`` (ingress does, for what clients send)
+publishes it under ``errors.<service>.<level>.<SEAL>``, and the error-sink then stores it
+without scrubbing it again: the work is done where it can be spread over replicas, not twice
+in the sink. Only ingress's NATS user may publish such subjects (``boxoffice.bus_access``);
+``SEAL`` is the digest of this file, so a report scrubbed by other rules (a deploy under way) is
+scrubbed again.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from boxoffice import wire
+from boxoffice.wire.errors import ErrorReport
+from boxoffice.wire.subjects import error_report
+
 FILTERED = "[Filtered]"
+SEAL = "scrubbed-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 # Normalised key (lowercase, without "-", "_", " ") containing one of these is a secret.
 _SECRET_PARTS = ("password", "passwd", "secret", "token", "apikey", "accesskey", "authorization",
@@ -198,3 +214,21 @@ def truncate(s: str, limit: int) -> str:
     marker = f"...[truncated {len(s) - limit} chars]"
     keep = max(0, limit - len(marker))
     return s[:keep] + marker[: limit - keep] if limit > len(marker) else s[:limit]
+
+
+def report(r: ErrorReport) -> ErrorReport:
+    """``r`` scrubbed as the error-sink scrubs a report that is not sealed: every string, and the
+    context scrubbed and bounded by ``clean`` with the sink's bounds."""
+    def opt(v: str | None) -> str | None:
+        return text(v) if v else v
+
+    return msgspec.structs.replace(
+        r, message=text(r.message), error_type=opt(r.error_type), stacktrace=opt(r.stacktrace),
+        context=clean(r.context) if r.context else r.context,
+        fingerprint=[text(f) for f in r.fingerprint] if r.fingerprint else r.fingerprint,
+        environment=opt(r.environment), release=opt(r.release), request_id=opt(r.request_id))
+
+
+def sealed(r: ErrorReport) -> tuple[str, bytes]:
+    """The sealed subject and the body of ``r`` scrubbed (``report``), to publish."""
+    return error_report(r.service, r.level, SEAL), wire.encode(report(r))

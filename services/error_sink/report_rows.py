@@ -3,7 +3,9 @@
 Every message the bus accepted becomes a row: a report that does not fit the schema (other
 languages, other versions) is coerced field by field, and even a body that is not JSON is kept
 as a report saying so. Before anything is written, secrets are scrubbed and big fields cut
-(``boxoffice.scrub``), and the report's group is computed (``grouping``).
+(``boxoffice.scrub``), and the report's group is computed (``grouping``). A report whose subject
+carries ``scrub.SEAL`` (``errors.<service>.<level>.<seal>``, which only ingress may publish) was
+scrubbed by its publisher with these same rules, and is only cut here.
 
 One transaction per batch (``store.write``): COPY straight into ``error_logs``; if a report of
 the batch is already there (a redelivery after a crash), that transaction is rolled back and the
@@ -89,6 +91,11 @@ def _str(v: str | None, limit: int) -> str | None:
     return scrub.truncate(scrub.text(v), limit) if v else None
 
 
+def _cut(v: str | None, limit: int) -> str | None:
+    """``_str`` for a sealed report: scrubbed by its publisher."""
+    return scrub.truncate(v, limit) if v else None
+
+
 # Hex digits and dashes (uuids, digests: most request ids, many releases) hold none of the
 # keywords the scrubber looks for (each has a letter after "f", a "_", a ":" or a space), so
 # only a card number could be in them: 13 or more digits and dashes in a row, then the string is
@@ -144,12 +151,13 @@ def _coerce(raw: bytes) -> _Report:
     return r
 
 
-def _kind_of(service: str, error_type: str | None, stacktrace: str | None
+def _kind_of(service: str, error_type: str | None, stacktrace: str | None, sealed: bool = False
              ) -> tuple[str | None, str | None, tuple[str, ...] | None, tuple[str, str] | None]:
     """What every report of one kind shares: its scrubbed and cut type and stacktrace, and,
     when its frames group it (they do unless it has none in the app), its fingerprint and
     (hash, group id)."""
-    error_type, stacktrace = _str(error_type, 256), _str(stacktrace, MAX_STACK)
+    cut = _cut if sealed else _str
+    error_type, stacktrace = cut(error_type, 256), cut(stacktrace, MAX_STACK)
     fp = grouping.by_frames(error_type, stacktrace) if error_type and stacktrace else None
     return error_type, stacktrace, fp, (grouping.group_key(service, fp) if fp else None)
 
@@ -167,27 +175,32 @@ def _report_id(r: _Report, msg: Msg) -> str:
 
 def prepare(msg: Msg, now: datetime) -> Row:
     """One message into one scrubbed, grouped row. Never raises on the message's content."""
+    tokens = msg.subject.split(".")
+    # sealed: scrubbed by its publisher (only ingress may publish these subjects). A NUL, which
+    # PostgreSQL cannot store, would stop the stream here: such a body is scrubbed (NUL mapped).
+    sealed = len(tokens) == 4 and tokens[3] == scrub.SEAL and b"\\u0000" not in msg.data
     try:
         r = _decoder.decode(msg.data)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        r = _coerce(msg.data)
-    tokens = msg.subject.split(".")
+        r, sealed = _coerce(msg.data), False
     service = _service(r.service) if r.service else ""
     if not service:
         service = tokens[1] if len(tokens) > 2 else "unknown"
     level = r.level if r.level in _LEVELS else (r.level or "").lower()
     if level not in _LEVELS:
-        level = tokens[-1] if tokens[-1] in _LEVELS else "error"
+        token = tokens[2] if sealed else tokens[-1]
+        level = token if token in _LEVELS else "error"
     ts = r.occurred_at or now
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
-    message = _str(r.message, MAX_MESSAGE) or "(no message)"
+    cut, id_cut = (_cut, _cut) if sealed else (_str, _id_str)
+    message = cut(r.message, MAX_MESSAGE) or "(no message)"
     kind = _kind_cached if r.stacktrace is None or len(r.stacktrace) <= MAX_CACHED_STACK else _kind_of
-    error_type, stacktrace, frames_fp, frames_key = kind(service, r.error_type, r.stacktrace)
+    error_type, stacktrace, frames_fp, frames_key = kind(service, r.error_type, r.stacktrace, sealed)
     ctx = None
     function_name = service
     if r.context:
-        cleaned = scrub.clean(r.context)
+        cleaned = r.context if sealed else scrub.clean(r.context)
         ctx = _json.encode(cleaned)  # encoded once: measured here, copied as it is
         if len(ctx) > MAX_CONTEXT_JSON:
             cleaned = scrub.clean(cleaned, 256, 20)
@@ -195,13 +208,13 @@ def prepare(msg: Msg, now: datetime) -> Row:
         fn = cleaned.get("function")
         if isinstance(fn, str) and fn:
             function_name = fn[:200]
-    own = [_str(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None
+    own = [cut(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None
     if own is None and frames_fp is not None and frames_key is not None:
         fp, (fhash, gid) = frames_fp, frames_key  # what grouping.fingerprint would find
     else:
         fp = grouping.fingerprint(error_type, stacktrace, message, own)
         fhash, gid = grouping.group_key(service, fp)
     record = (_report_id(r, msg), ts, service, function_name, level, message, error_type,
-              stacktrace, ctx, own, _str(r.environment, 64), _id_str(r.release, 128),
-              _id_str(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid)
+              stacktrace, ctx, own, cut(r.environment, 64), id_cut(r.release, 128),
+              id_cut(r.request_id, 128), max(1, min(r.count, 1 << 30)), gid)
     return Row(record, *record, fhash, fp)

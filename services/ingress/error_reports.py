@@ -14,12 +14,11 @@ import time
 import msgspec
 from aiohttp import web
 
-from boxoffice import errors, scrub, wire
+from boxoffice import errors, scrub
 from boxoffice.ingress.http import CONFIG, client_id, json_response, read_json
 from boxoffice.ingress.routing import Routes
 from boxoffice.ingress.state import BUS
 from boxoffice.wire import errors as w
-from boxoffice.wire.subjects import error_report
 
 routes = Routes()
 
@@ -68,24 +67,12 @@ def limit(request: web.Request, key: str, n: int = 1) -> None:
                                  retry_after=max(1, math.ceil(wait)))
 
 
-def scrubbed(report: w.ErrorReport) -> w.ErrorReport:
-    """The report with credentials filtered, as the error-sink would store it: what clients send
-    stays on the ERRORS stream for days, so secrets are taken out before it gets there."""
-    def opt(v: str | None) -> str | None:
-        return scrub.text(v) if v else v
-
-    return msgspec.structs.replace(
-        report, message=scrub.text(report.message), error_type=opt(report.error_type),
-        stacktrace=opt(report.stacktrace), context=scrub.value(report.context),
-        fingerprint=[scrub.text(f) for f in report.fingerprint] if report.fingerprint else None,
-        environment=opt(report.environment), release=opt(report.release),
-        request_id=opt(report.request_id))
-
-
 async def publish(request: web.Request, report: w.ErrorReport) -> None:
-    """Put ``report`` (scrubbed) on the ERRORS stream."""
-    await request.app[BUS].publish(error_report(report.service, report.level),
-                                   wire.encode(scrubbed(report)), report.id)
+    """Put ``report`` on the ERRORS stream, scrubbed and sealed (``boxoffice.scrub.sealed``):
+    what clients send stays on the stream for days, so secrets are taken out before it gets
+    there, and the error-sink does not scrub it a second time."""
+    subject, body = scrub.sealed(report)
+    await request.app[BUS].publish(subject, body, report.id)
 
 
 @routes.post("/v1/errors", "An error report", "client", w.ErrorReport, ok=(202, ReportAccepted),

@@ -28,8 +28,10 @@ def stripe_event(event_type: str) -> str:
     return f"stripe.events.{event_type}"
 
 
-def error_report(service: str, level: str) -> str:
-    return f"errors.{service}.{level}"
+def error_report(service: str, level: str, seal: str | None = None) -> str:
+    """``errors.<service>.<level>``; with ``seal`` (``boxoffice.scrub.SEAL``), the subject of a
+    report its publisher scrubbed as the error-sink would: only ingress may publish those."""
+    return f"errors.{service}.{level}.{seal}" if seal else f"errors.{service}.{level}"
 
 
 def reservation_event(kind: str) -> str:
