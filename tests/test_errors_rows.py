@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
+
 from boxoffice import scrub, wire
 from boxoffice.error_sink import grouping, report_rows
 from boxoffice.error_sink.report_rows import prepare
@@ -194,3 +196,19 @@ def test_only_a_sealed_subject_of_these_rules_spares_the_scrub() -> None:
     torn = prepare(SimpleNamespace(subject=f"errors.x.error.{scrub.SEAL}",
                                    data=b'{"message": "password=hunter2"', headers=None), NOW)
     assert "hunter2" not in torn.error_message and torn.error_type == "UndecodableReport"
+
+
+def test_the_publishers_scrub_covers_every_field_of_a_report() -> None:
+    """``scrub.report`` is the rule a sealed report was scrubbed by: a field that can hold text
+    and is added to the report without being added there fails here (the seal, the digest of
+    ``scrub.py``, changes with the rules that are in it)."""
+    secret = "password=hunter2 sk_live_abcdefghijkl"
+    text = {"message": secret, "error_type": secret, "stacktrace": secret, "environment": secret,
+            "release": secret, "request_id": secret, "fingerprint": [secret],
+            "context": {"note": secret, "api_key": "k-123456", "deep": [{"x": secret}]}}
+    kept = {"id", "occurred_at", "service", "level", "count"}  # validated: no text of a client's
+    assert {f.name for f in msgspec.structs.fields(ErrorReport)} == set(text) | kept
+    r = ErrorReport(id=str(uuid.uuid4()), occurred_at=NOW, service="shop-web", level="error",
+                    **text)
+    out = wire.encode(scrub.report(r))
+    assert b"hunter2" not in out and b"sk_live_" not in out and b"k-123456" not in out

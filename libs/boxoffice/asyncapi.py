@@ -26,7 +26,9 @@ REF = "#/components/schemas/{name}"
 STREAM_CHANNELS: dict[str, list[tuple[str, type, str, str | None]]] = {
     "STRIPE_EVENTS": [("stripe.events.{type}", stripe.StripeEvent, "ingress (verified webhooks,"
                        " exactly as Stripe sent them)", "webhook (durable `webhook`)")],
-    "ERRORS": [("errors.{service}.{level}", errw.ErrorReport, "every service and any client",
+    "ERRORS": [("errors.{service}.{level}", errw.ErrorReport,
+                "every service (its own reports), ingress (spools it adopts), any other process"
+                " (the `reporter` user)",
                 "error-sink (durable `error-sink`)"),
                ("errors.{service}.{level}.{seal}", errw.ErrorReport,
                 "ingress only: clients' reports, scrubbed there (the seal names the scrubber's"
