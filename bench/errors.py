@@ -24,6 +24,11 @@
    `sync_interval: always` (as `boxoffice up` runs it: each report synced to disk before its 202;
    `bench.bus` measures that ceiling alone); baseline: a bare aiohttp app answering 202 to the
    same requests from the same client.
+3. plain JetStream consume, the sink's other baseline: a process of its own (uvloop, the sink's
+   lanes, batch size, consumer settings and garbage-collector settings) takes the same sealed
+   reports from ERRORS and acks them, doing nothing else, through the same
+   ``boxoffice.consumer`` code; per second and CPU per message. What nats-py can hand the sink
+   at most: the sink decodes, groups and COPYs on top of it.
 
     .venv/bin/python -m bench.errors [--reports 150000] [--http-seconds 5] [--replicas 1,2]
 """
@@ -256,6 +261,62 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 """
 
 
+PLAIN_CONSUMER = "bench-plain-consume"
+
+
+async def plain_consume(nats_url: str, n: int) -> dict[str, float]:
+    """Run ``--plain-consume`` in a process of its own, as the sink runs; its figures."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.errors", "--plain-consume", nats_url, str(n),
+        stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, "the plain consumer failed"
+    return json.loads(out)
+
+
+def consume_only(nats_url: str, n: int) -> None:
+    """The plain consumer (``--plain-consume``): ``n`` messages from ERRORS taken and acked by
+    the sink's lanes, doing nothing else; prints per second (first batch to last ack) and CPU
+    microseconds per message."""
+    import gc
+
+    import uvloop
+
+    from boxoffice import bus as bus_module
+    from boxoffice.consumer import ack_all, pull_consumer
+    from boxoffice.error_sink import main as sink
+
+    async def run() -> dict[str, float]:
+        async with bus_module.connect(nats_url, "bench") as bus:
+            await bus.declare_consumer("ERRORS", PLAIN_CONSUMER, ack_wait=sink.ACK_WAIT,
+                                       max_ack_pending=sink.MAX_ACK_PENDING)
+            done = asyncio.Event()
+            got = 0
+            t0 = c0 = 0.0
+            first = 0
+
+            async def handle(msgs: list) -> None:
+                nonlocal got, t0, c0, first
+                if not got:
+                    t0, c0, first = time.perf_counter(), time.process_time(), len(msgs)
+                await ack_all(bus, msgs)
+                got += len(msgs)
+                if got >= n:
+                    done.set()
+
+            gc.freeze()
+            gc.set_threshold(*sink.GC_THRESHOLD)
+            async with pull_consumer(bus, "ERRORS", PLAIN_CONSUMER, handle, lanes=sink.LANES,
+                                     batch=sink.BATCH, grace=5):
+                await asyncio.wait_for(done.wait(), 300)
+                elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            await bus.js.delete_consumer("ERRORS", PLAIN_CONSUMER)
+            return {"per_s": round((got - first) / elapsed),
+                    "cpu_us_per_message": round(cpu * 1e6 / (got - first), 2)}
+
+    print(json.dumps(uvloop.run(run())))
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reports", type=int, default=150_000)
@@ -276,6 +337,9 @@ async def main() -> None:
         started = time.perf_counter()
         await publish_messages(nats_srv.url, sealed_messages(bodies))
         out["bus_publish_per_s"] = round(n / (time.perf_counter() - started))
+        consumed = await plain_consume(nats_srv.url, n)
+        out["plain_consume_per_s"] = consumed["per_s"]
+        out["plain_consume_cpu_us_per_message"] = consumed["cpu_us_per_message"]
         # the baseline before and after each sink run, each time into a new database: a run's
         # ratio is to the mean of the two around it (on a shared machine a baseline measured
         # once, minutes before the second run, moved by half between two runs of this bench)
@@ -307,6 +371,7 @@ async def main() -> None:
             baseline = (copies[-2] + copies[-1]) / 2
             key = f"sink_{replicas}_replica{'s' if replicas > 1 else ''}{kind}"
             out.update({f"{key}_persisted_per_s": round(rate), f"{key}_lost": n - distinct,
+                        f"{key}_vs_plain_consume": round(rate / consumed["per_s"], 3),
                         f"{key}_cpu_ms_per_report": cpu,
                         f"{key}_plain_copy_per_s": round(baseline),
                         f"{key}_vs_plain_copy": round(rate / baseline, 3)})
@@ -391,4 +456,7 @@ async def forget_consumer(url: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if len(sys.argv) == 4 and sys.argv[1] == "--plain-consume":
+        consume_only(sys.argv[2], int(sys.argv[3]))
+    else:
+        asyncio.run(main())

@@ -100,6 +100,11 @@ def errors(f: dict[str, Any]) -> list[Row]:
                 "plain COPY, 10,000 rows each" + around, "≥ 0.5",
                 one / copy >= 0.5 and f["sink_1_replica_lost"] == 0,
                 cpu=_cpu_ms(f.get("sink_1_replica_cpu_ms_per_report")))]
+    if "plain_consume_per_s" in f:  # what nats-py hands one process at most, nothing done
+        rows.append(Row("error reports persisted (1 sink), against taking them off the bus alone",
+                        one, "/s", f["plain_consume_per_s"],
+                        "plain JetStream consume: fetch and ack, the sink's lanes",
+                        cpu=f"plain consume {f['plain_consume_cpu_us_per_message'] / 1000:.3f} ms"))
     if "sink_2_replicas_persisted_per_s" in f:
         copy2 = f.get("sink_2_replicas_plain_copy_per_s", f["plain_copy_per_s"])
         rows.append(Row("error reports persisted (2 sinks)", f["sink_2_replicas_persisted_per_s"],
