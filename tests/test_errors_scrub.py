@@ -7,11 +7,13 @@ import os
 import random
 import time
 import uuid
+from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 
-from boxoffice import errors, scrub
-from boxoffice.error_sink import grouping
+from boxoffice import errors, scrub, wire
+from boxoffice.error_sink import grouping, report_rows
 from boxoffice.ingress import sentry_envelope as envelope
 
 
@@ -140,6 +142,34 @@ def test_envelope_parsing() -> None:
     for bad in (b"", b"[]\n", b'{}\n{"type": 3}\n{}', b'{}\n{"type": "event", "length": -1}\n'):
         with pytest.raises(envelope.InvalidEnvelope):
             envelope.parse(bad)
+
+
+def test_a_sentry_event_is_scrubbed_and_bounded_in_one_walk() -> None:
+    # ingress publishes an event's report through scrub.sealed: its context scrubbed and cut
+    # once, with the sink's bounds, each cut counted from what the client sent. (It was walked
+    # twice, with other bounds first: a 10,000-character string said "4096 chars" were cut, a
+    # dict of 150 keys "1 more keys".)
+    event = {"event_id": uuid.uuid4().hex, "message": "boom",
+             "extra": {"long": "x" * 10_000, "many": {f"k{i}": i for i in range(150)},
+                       "password": "hunter2", "note": "card 4242 4242 4242 4242"},
+             "breadcrumbs": {"values": [{"message": f"GET /x?token=sk_live_{i:024d}"}
+                                        for i in range(3)]}}
+    report = envelope.to_report(event, project_id="5", fallback_id=None)
+    subject, body = scrub.sealed(report)
+    assert subject.endswith("." + scrub.SEAL)
+    sealed = json.loads(body)
+    extra = sealed["context"]["extra"]
+    assert extra["long"].endswith("...[truncated 5904 chars]") and len(extra["long"]) == 4096
+    assert len(extra["many"]) == 101 and extra["many"]["_truncated"] == "50 more keys"
+    assert extra["password"] == scrub.FILTERED
+    for secret in (b"hunter2", b"4242 4242", b"sk_live_"):
+        assert secret not in body
+    # the sink stores what it would have made of the event's report unsealed
+    now = datetime.now(UTC)
+    unsealed = SimpleNamespace(subject=f"errors.{report.service}.{report.level}",
+                               data=wire.encode(report), headers=None)
+    assert (report_rows.prepare(SimpleNamespace(subject=subject, data=body, headers=None), now)
+            == report_rows.prepare(unsealed, now))
 
 
 def _feed(body: bytes) -> envelope.Parser:

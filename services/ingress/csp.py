@@ -61,8 +61,8 @@ def to_reports(body: Any, *, project_id: str, service: str | None) -> list[Error
             service=service or "csp", level="warning",
             message=scrub.truncate(f"Blocked '{directive}' from '{blocked}'", 65536),
             error_type="CspViolation",
-            context=scrub.clean({"csp": v, "sentry": {"project_id": project_id,
-                                                      "platform": "csp"}}, 8192, 100),
+            # scrubbed and bounded once, by scrub.report as ingress publishes it
+            context={"csp": v, "sentry": {"project_id": project_id, "platform": "csp"}},
             fingerprint=["csp", directive, blocked],
             environment=None, release=None, request_id=None))
     return out

@@ -346,8 +346,9 @@ def _breadcrumbs(event: dict[str, Any]) -> list[dict[str, Any]]:
 
 def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None,
               service: str | None = None) -> ErrorReport:
-    """One Sentry event as an error report (fields cut to the report's limits); ``service`` is
-    the one ``SENTRY_PROJECTS`` names for the project, if any."""
+    """One Sentry event as an error report (fields cut to the report's limits, nothing
+    scrubbed: publish it through ``scrub.sealed``); ``service`` is the one ``SENTRY_PROJECTS``
+    names for the project, if any."""
     raw_id = event.get("event_id") or fallback_id
     try:
         report_id = str(uuid.UUID(raw_id)) if isinstance(raw_id, str) else str(uuid.uuid4())
@@ -414,7 +415,10 @@ def to_report(event: dict[str, Any], *, project_id: str, fallback_id: str | None
         message=scrub.truncate(message, 65536),
         error_type=scrub.truncate(error_type, 512) if error_type else None,
         stacktrace=scrub.truncate("\n".join(stack), 262144) if stack else None,
-        context=scrub.clean(context, 8192, MAX_BREADCRUMBS),
+        # Neither scrubbed nor bounded here: ingress publishes every client's report through
+        # scrub.report, whose one walk does both (a walk here as well, with other bounds, took
+        # as long again and miscounted what the second one cut).
+        context=context,
         fingerprint=fp,
         environment=str(event["environment"])[:64] if event.get("environment") else None,
         release=str(event["release"])[:128] if event.get("release") else None,
