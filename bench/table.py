@@ -50,8 +50,8 @@ def _cpu(per_process_us: dict[str, float]) -> str:
 def _cpu_ms(per_process_ms: dict[str, float] | None) -> str:
     if not per_process_ms:
         return ""
-    # two significant digits at least: the error-sink's 0.025 and PostgreSQL's 0.017 ms a
-    # report both read "0.02" with two decimals
+    # three decimals below 0.1 ms: the error-sink's 0.025 and PostgreSQL's 0.017 ms a report
+    # both read "0.02" with two
     return " · ".join(f"{name} {ms:.3f}" if ms < 0.1 else f"{name} {ms:.2f}"
                       for name, ms in per_process_ms.items()) + " ms"
 
