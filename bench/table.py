@@ -141,7 +141,11 @@ def checkout(f: dict[str, Any]) -> list[Row]:
     return [
         Row("PaymentIntent overhead over a direct Stripe call, p50", pi["overhead_p50_ms"], "ms",
             pi["direct_sdk_p50_ms"], "direct stripe-python call, p50", "≤ 3 ms",
-            pi["overhead_p50_ms"] <= 3.0, ratio=pi["ingress_p50_ms"] / pi["direct_sdk_p50_ms"]),
+            pi["overhead_p50_ms"] <= 3.0, ratio=pi["ingress_p50_ms"] / pi["direct_sdk_p50_ms"],
+            # boxoffice's processes only (the direct call of each pair does not reach them;
+            # localstripe and the client serve both)
+            cpu=_cpu({k: v for k, v in pi.get("cpu_us_per_pair", {}).items()
+                      if k in ("ingress", "payment", "postgres", "nats-server")})),
         Row("holds on one hot event, through ingress", http["per_s"], "/s", http_plain,
             "plain single-row UPDATE" + (", rounds alternated" if "plain_update_per_s" in http
                                          else ""), "≥ 2.0", http["per_s"] / http_plain >= 2.0,
