@@ -14,7 +14,9 @@
    sink run, each run compared with the mean of the two around it (and once 1,000 rows per
    COPY, the sink's batch size until 2 December 2026). Every timed phase starts after a
    CHECKPOINT. And the sink's CPU per report step by step, in this process: decoding, scrubbing,
-   grouping, and the whole message-to-row conversion, unsealed and sealed; and, from
+   grouping, and the whole message-to-row conversion, unsealed and sealed; per Sentry event
+   (Python SDK-shaped, 30 breadcrumbs, about 9.5 KB sealed), what ingress spends turning it
+   into a sealed report and what the sink spends on that; and, from
    pg_stat_statements, PostgreSQL's
    execution time per report of the statements that took most during each sink run
    (a COPY's time includes the sink's encoding and sending of its rows; the sum over
@@ -62,6 +64,7 @@ from boxoffice import migrate, scrub
 from boxoffice.embedded import NatsServer, Postgres, free_port, wait_port
 from boxoffice.error_sink import grouping, report_rows, store
 from boxoffice.error_sink.report_rows import COLUMNS, prepare
+from boxoffice.ingress import sentry_envelope
 from boxoffice.wire.errors import ErrorReport
 from tests.errors_support import publish, publish_messages
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env
@@ -96,6 +99,32 @@ def make_reports(n: int, seed: int = 7) -> list[dict]:
     return out
 
 
+def sentry_events(n: int, seed: int = 11) -> list[dict]:
+    """Events as a Python Sentry SDK sends them: an exception of 15 frames with their local
+    variables, 30 breadcrumbs, extra, contexts, request, tags; some secrets to scrub."""
+    rnd = random.Random(seed)
+    now = time.time()
+    return [{
+        "event_id": uuid.UUID(int=rnd.getrandbits(128)).hex, "level": "error",
+        "platform": "python", "timestamp": now, "sdk": {"name": "sentry.python", "version": "2"},
+        "exception": {"values": [{"type": "ValueError",
+                                  "value": f"bad order {i} card 4242 4242 4242 4242",
+                                  "stacktrace": {"frames": [
+                                      {"filename": f"app/m{k}.py", "function": f"f{k}",
+                                       "lineno": k, "context_line": "x = y",
+                                       "vars": {"password": "p", "n": k}} for k in range(15)]}}]},
+        "breadcrumbs": {"values": [
+            {"type": "http", "category": "httplib", "timestamp": now,
+             "message": f"GET /v1/x/{k} token=sk_live_abc{k}",
+             "data": {"url": f"https://api/x/{k}", "status_code": 200, "authorization": "x"}}
+            for k in range(30)]},
+        "extra": {"order": {"id": i, "lines": [{"sku": f"s{j}", "q": j} for j in range(10)]}},
+        "contexts": {"trace": {"trace_id": f"{i:032x}", "span_id": "ab"}, "os": {"name": "Linux"}},
+        "request": {"url": "https://shop/cart", "method": "POST",
+                    "headers": {"Cookie": "a=b", "User-Agent": "x"}},
+        "tags": {"service": "shop"}, "user": {"id": 5, "email": "a@b"}} for i in range(n)]
+
+
 def step_cpu(bodies: list[dict], runs: int = 5) -> dict[str, float]:
     """CPU microseconds per report of each step of the sink's conversion (the least of
     ``runs``, so other processes on the machine count as little as possible)."""
@@ -122,14 +151,25 @@ def step_cpu(bodies: list[dict], runs: int = 5) -> dict[str, float]:
         "prepare_all": lambda: [prepare(m, now) for m in msgs],
         "prepare_all_sealed": lambda: [prepare(m, now) for m in sealed],
     }
+    # a Sentry event: what ingress does with it (its report built, scrubbed and sealed), and
+    # what the sink then does with that (about 9.5 KB each)
+    events = sentry_events(2000)
+    sentry = [SimpleNamespace(subject=subject, data=data, headers=None)
+              for subject, data in (scrub.sealed(sentry_envelope.to_report(
+                  e, project_id="5", fallback_id=None)) for e in events)]
+    per_event = {
+        "ingress_sentry_event": lambda: [scrub.sealed(sentry_envelope.to_report(
+            e, project_id="5", fallback_id=None)) for e in events],
+        "prepare_sentry_event_sealed": lambda: [prepare(m, now) for m in sentry],
+    }
     out = {}
-    for name, step in steps.items():
+    for name, step in [*steps.items(), *per_event.items()]:
         best = float("inf")
         for _ in range(runs):
             started = time.process_time()
             step()
             best = min(best, time.process_time() - started)
-        out[name] = round(best * 1e6 / len(msgs), 2)
+        out[name] = round(best * 1e6 / (len(events) if name in per_event else len(msgs)), 2)
     return out
 
 
