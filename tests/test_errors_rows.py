@@ -176,40 +176,6 @@ def test_a_sealed_report_is_stored_as_the_sink_stores_it_unsealed() -> None:
                                              "whsec_", "4242 4242", "tok-123456", "\\u0000"))
 
 
-def test_a_sealed_context_is_stored_as_published_whatever_its_shape() -> None:
-    """The sink copies a big sealed report's context as the JSON it came as, without decoding
-    it: each shape gives the row the decoding path (small reports) gives (absent, null, empty, an object with or
-    without a function, one past the size bound); a context that is not an object, which
-    ingress never seals, makes the report be taken as unsealed."""
-    base = {"id": str(uuid.uuid4()), "service": "shop-web", "level": "error", "message": "boom"}
-    big = "{" + ",".join(f'"k{i}":"{"y" * 1000}"' for i in range(80)) + "}"
-    shapes = ["", '"context":null', '"context":{}', '"context":{ }', '"context":{"a":1}',
-              '"context":{"function":"pay","n":[1,2.5,"é"]}', '"context":{"function":7}',
-              f'"context":{big}', '"context":[1,2]', '"context":"text password=hunter2"']
-    padded = {**base, "stacktrace": "x" * report_rows.RAW_CONTEXT_FROM}  # the raw path's size
-    for shape, body_base in [(shape, b) for shape in shapes for b in (base, padded)]:
-        fields = wire.encode(body_base).decode()[1:-1] + ("," + shape if shape else "")
-        body = ("{" + fields + "}").encode()
-        sealed = prepare(SimpleNamespace(subject=f"errors.shop-web.error.{scrub.SEAL}", data=body,
-                                         headers=None), NOW)
-        decoded = report_rows._decoder.decode(body) if shape not in shapes[-2:] else None
-        if decoded is not None:  # as the sink stored a sealed report before: decoded, encoded
-            ctx = report_rows._json.encode(decoded.context) if decoded.context else None
-            if ctx is not None and len(ctx) > report_rows.MAX_CONTEXT_JSON:
-                ctx = report_rows._json.encode(scrub.clean(decoded.context, 256, 20))
-            assert sealed.context == ctx, shape
-            fn = (decoded.context or {}).get("function")
-            assert sealed.function_name == (fn if isinstance(fn, str) else "shop-web"), shape
-        else:  # not an object: scrubbed and stored as an unsealed report would be
-            plain = prepare(SimpleNamespace(subject="errors.shop-web.error", data=body,
-                                            headers=None), NOW)
-            assert sealed.record == plain.record, shape
-            assert b"hunter2" not in (sealed.context or b""), shape
-    assert len(prepare(SimpleNamespace(subject=f"errors.x.error.{scrub.SEAL}", headers=None,
-                                       data=b'{"context":' + big.encode() + b"}"), NOW).context
-               or b"") <= report_rows.MAX_CONTEXT_JSON
-
-
 def test_only_a_sealed_subject_of_these_rules_spares_the_scrub() -> None:
     """The sink trusts the seal (that is its point: a body under it is not scrubbed again), and
     nothing else: not a three-token subject, not another seal (other rules: a deploy under way),

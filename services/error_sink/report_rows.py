@@ -58,37 +58,6 @@ class _Report(msgspec.Struct):
 _decoder = msgspec.json.Decoder(_Report, strict=False)
 
 
-class _SealedReport(_Report):
-    """A sealed report: its context, scrubbed and bounded by the publisher, is kept as the JSON
-    it came as (decoding it into objects only to encode them again was most of the work a
-    Sentry event's report cost here)."""
-
-    context: msgspec.Raw = msgspec.Raw()  # type: ignore[assignment]
-
-
-class _Function(msgspec.Struct):
-    function: Any = None
-
-
-_sealed_decoder = msgspec.json.Decoder(_SealedReport, strict=False)
-# Bodies from this size on (a Sentry event's report, breadcrumbs and all) keep their context as
-# JSON; a smaller one is decoded whole, cheaper than the extra steps for a small context
-# (measured: a 9.5 KB report 63 -> 38 us, a 1.5 KB one 7.5 -> 8.4 us the other way).
-RAW_CONTEXT_FROM = 4096
-_function_decoder = msgspec.json.Decoder(_Function)
-
-
-def _sealed_context(raw: msgspec.Raw) -> bytes | None:
-    """A sealed report's context as JSON, None when absent or empty; ``ValueError`` when it is
-    not an object (which ingress never publishes: such a report is taken as unsealed)."""
-    ctx = bytes(raw)
-    if ctx in (b"", b"null"):
-        return None
-    if not ctx.startswith(b"{"):
-        raise ValueError("context is not an object")
-    return None if ctx[1:-1].strip() == b"" else ctx
-
-
 class Row(msgspec.Struct):
     """One report, ready to store: ``record`` is what COPY writes (``COLUMNS``, in order)."""
 
@@ -210,22 +179,10 @@ def prepare(msg: Msg, now: datetime) -> Row:
     # sealed: scrubbed by its publisher (only ingress may publish these subjects). A NUL, which
     # PostgreSQL cannot store, would stop the stream here: such a body is scrubbed (NUL mapped).
     sealed = len(tokens) == 4 and tokens[3] == scrub.SEAL and b"\\u0000" not in msg.data
-    sealed_ctx = None
-    r: _Report
     try:
-        if sealed and len(msg.data) > RAW_CONTEXT_FROM:
-            try:
-                r = _sealed_decoder.decode(msg.data)
-                sealed_ctx = _sealed_context(r.context)
-                # from here on its context is sealed_ctx
-                r.context = None  # type: ignore[assignment]
-            except ValueError:  # (ValidationError and DecodeError are ValueErrors too)
-                sealed = False
-                r = _decoder.decode(msg.data)
-        else:
-            r = _decoder.decode(msg.data)
+        r = _decoder.decode(msg.data)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        r, sealed, sealed_ctx = _coerce(msg.data), False, None
+        r, sealed = _coerce(msg.data), False
     service = _service(r.service) if r.service else ""
     if not service:
         service = tokens[1] if len(tokens) > 2 else "unknown"
@@ -242,24 +199,15 @@ def prepare(msg: Msg, now: datetime) -> Row:
     error_type, stacktrace, frames_fp, frames_key = kind(service, r.error_type, r.stacktrace, sealed)
     ctx = None
     function_name = service
-    fn: Any = None
-    if sealed_ctx is not None:  # copied as the publisher encoded it
-        ctx = sealed_ctx
-        if len(ctx) > MAX_CONTEXT_JSON:
-            cleaned = scrub.clean(msgspec.json.decode(ctx), 256, 20)
-            ctx = _json.encode(cleaned)
-            fn = cleaned.get("function")
-        else:
-            fn = _function_decoder.decode(ctx).function
-    elif r.context:
+    if r.context:
         cleaned = r.context if sealed else scrub.clean(r.context)
         ctx = _json.encode(cleaned)  # encoded once: measured here, copied as it is
         if len(ctx) > MAX_CONTEXT_JSON:
             cleaned = scrub.clean(cleaned, 256, 20)
             ctx = _json.encode(cleaned)
         fn = cleaned.get("function")
-    if isinstance(fn, str) and fn:
-        function_name = fn[:200]
+        if isinstance(fn, str) and fn:
+            function_name = fn[:200]
     own = [cut(x, 256) or "" for x in r.fingerprint[:32]] if r.fingerprint else None
     if own is None and frames_fp is not None and frames_key is not None:
         fp, (fhash, gid) = frames_fp, frames_key  # what grouping.fingerprint would find
