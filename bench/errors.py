@@ -16,9 +16,8 @@
    CHECKPOINT. And the sink's CPU per report step by step, in this process: decoding, scrubbing,
    grouping, and the whole message-to-row conversion, unsealed and sealed; per Sentry event
    (Python SDK-shaped, 30 breadcrumbs, about 9.5 KB sealed), what ingress spends turning it
-   into a sealed report and what the sink spends on that; and, from
-   pg_stat_statements, PostgreSQL's
-   execution time per report of the statements that took most during each sink run
+   into a sealed report and what the sink spends on that; and, from pg_stat_statements,
+   PostgreSQL's execution time per report of the statements that took most during each sink run
    (a COPY's time includes the sink's encoding and sending of its rows; the sum over
    error_groups is the bench's own polling, every 50 ms).
 2. ingress: reports accepted per second by `POST /v1/errors` on a real ingress process, 64
@@ -316,8 +315,8 @@ async def plain_consume(nats_url: str, n: int) -> dict[str, float]:
 
 def consume_only(nats_url: str, n: int) -> None:
     """The plain consumer (``--plain-consume``): ``n`` messages from ERRORS taken and acked by
-    the sink's lanes, doing nothing else; prints per second (first batch to last ack) and CPU
-    microseconds per message."""
+    the sink's lanes, doing nothing else; prints per second (from the lanes' start to the last
+    ack) and CPU microseconds per message."""
     import gc
 
     import uvloop
