@@ -212,3 +212,31 @@ def test_the_publishers_scrub_covers_every_field_of_a_report() -> None:
                     **text)
     out = wire.encode(scrub.report(r))
     assert b"hunter2" not in out and b"sk_live_" not in out and b"k-123456" not in out
+
+
+def test_a_sealed_context_is_stored_only_as_decoding_and_encoding_it_gives() -> None:
+    """A sealed report's context is decoded and encoded again, never copied as it came (tried on
+    3 December 2026 for big reports, and not kept): PostgreSQL's jsonb takes numbers the decoder
+    refuses, and readers would meet them. 1e131071 is 9 bytes that read back as 131,072
+    characters; an integer of 5,000 digits makes the readers' ``json.loads`` raise. Whatever a
+    sealed body holds, small or past the size the raw copy was tried from, the context stored is
+    what the decoder makes of it, or the report is kept as undecodable."""
+    pad = wire.encode({"id": str(uuid.uuid4()), "service": "shop-web", "level": "error",
+                       "message": "boom", "stacktrace": "x" * 8192}).decode()[1:-1]
+    hostile = ["1E400", "1e131071", "-1e131071", "1e-400", "1" * 5000, "0.1000000000000000000001",
+               "1.10", "-0"]
+    decoded = 0
+    for number, fields in [(n, f) for n in hostile for f in ('"message":"boom"', pad)]:
+        data = ('{' + fields + ',"context":{"function":"pay","v":[' + number + '],"w":'
+                + number + '}}').encode()
+        row = prepare(SimpleNamespace(subject=f"errors.shop-web.error.{scrub.SEAL}", data=data,
+                                      headers=None), NOW)
+        if row.context is None:  # refused by the decoder: kept as a report saying so
+            assert row.error_type == "UndecodableReport", number
+            continue
+        decoded += 1
+        ctx = msgspec.json.decode(row.context)
+        assert report_rows._json.encode(ctx) == row.context, number  # as the decoder encodes it
+        assert json.loads(row.context) == ctx and row.function_name == "pay", number
+        assert len(row.context) < 100, number
+    assert decoded == 2 * 4  # 1e-400 (0.0), the long fraction (a float), 1.10 and -0 are read
