@@ -19,8 +19,10 @@ with ``BOXOFFICE_PG_STANDBY=1`` restarts a dead standby and promotes it when the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -455,6 +457,61 @@ def test_the_supervisor_never_promotes_a_standby_that_may_lack_commits(
     assert b.psql("SELECT array_agg(x ORDER BY x) FROM kept", database="boxoffice") == "{1,2,3,4}"
 
 
+class _LateDeath:
+    """A server's process whose exit is reported ``delay`` seconds after it died, as a SIGKILLed
+    postmaster's may be: its port refuses (its clients fail) before ``poll`` sees it gone."""
+
+    def __init__(self, proc: subprocess.Popen, delay: float):
+        self._proc, self._until, self.pid = proc, time.monotonic() + delay, proc.pid
+
+    def poll(self) -> int | None:
+        return None if time.monotonic() < self._until else self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        left = max(0.0, self._until - time.monotonic())
+        if timeout is not None and left > timeout:
+            time.sleep(timeout)
+            raise subprocess.TimeoutExpired("postgres", timeout)
+        time.sleep(left)
+        return self._proc.wait()
+
+    def kill(self) -> None:
+        self._proc.kill()
+
+
+def test_a_primary_killed_while_its_standby_is_started_again_leaves_the_standby_to_promote(
+        pair: PostgresPair, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary dies while ``boxoffice up`` starts its dead standby again: the standby
+    streams and a commit has been acknowledged, and the step, still waiting for it to catch up,
+    fails on the primary's refused port before the kernel reports the primary dead. The
+    standby has every acknowledged commit: it is left running and promoted. (It was killed as a
+    standby that failed beside a live primary, and the primary started again on its data
+    instead: CI saw it once, and a loaded machine once in 14 runs.)"""
+    stack = Stack(tmp_path, pg_pair=pair)
+    a, b = pair.primary, pair.standby
+    b.kill()
+    make_synchronous = pair._make_synchronous
+
+    def primary_dies(timeout: float) -> None:
+        a.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)", database="boxoffice")
+        assert a.proc is not None
+        os.kill(a.proc.pid, signal.SIGKILL)
+        monkeypatch.setattr(a, "proc", _LateDeath(a.proc, 1.0))
+        make_synchronous(timeout)
+
+    monkeypatch.setattr(pair, "_make_synchronous", primary_dies)
+    stack_mod._fail_over(stack)
+    said = capsys.readouterr().out
+    assert "exited; starting it again" in said and "failover step failed" in said, said
+    assert b.running, "the standby, which has every acknowledged commit, was killed"
+    assert pair.next_step() == pair.PROMOTE
+    stack_mod._fail_over(stack)
+    assert "primary now on" in capsys.readouterr().out
+    assert pair.primary is b and b.psql("SELECT pg_is_in_recovery()") == "f"
+    assert b.psql("SELECT array_agg(x) FROM kept", database="boxoffice") == "{1}"
+
+
 def test_services_are_restarted_while_a_failover_step_runs(tmp_path: Path) -> None:
     """``boxoffice up``'s supervisor restarts a dead service while a failover step is under
     way (making a standby afresh copies the whole database: minutes for a large one). The step
@@ -608,6 +665,7 @@ def test_a_copy_cut_short_is_never_taken_for_a_standby(
     assert not standby.datadir.with_name(standby.datadir.name + ".partial").exists()
 
 
+@pytest.mark.timeout(300)  # a whole stack started (up to 120 s), each wait bounded below
 def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
     # not under pytest's basetemp (see ``pair``)
     home = Path(tempfile.mkdtemp(prefix="boxoffice-test-pgha-up-"))
@@ -657,9 +715,20 @@ def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
             time.sleep(0.5)
         assert _psql(old, f"SELECT count(*) FROM reservations WHERE id = '{after}'") == "1"
         assert _hold(env, 30) is not None
+    except BaseException:
+        _print_logs(home)  # shown with the failure (the home is removed below)
+        raise
     finally:
         stop_stack(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _print_logs(home: Path) -> None:
+    """The last lines of each PostgreSQL server's log and of each service's."""
+    for log in sorted([*home.glob("pg/*/postgres.log"), *home.glob("logs/*.log")]):
+        with contextlib.suppress(OSError):
+            tail = log.read_text(errors="replace").splitlines()[-40:]
+            print(f"--- {log.relative_to(home)} ---", *tail, sep="\n")
 
 
 def _port_of(env: dict[str, str], node: str) -> int:
@@ -679,14 +748,37 @@ def _postmaster(home: Path, node: str) -> int:
     return int((home / "pg" / node / "data" / "postmaster.pid").read_text().split()[0])
 
 
-def _read_until(proc: subprocess.Popen, *marks: str) -> list[str]:
-    """``boxoffice up``'s lines up to the first that holds every one of ``marks``."""
+def _read_until(proc: subprocess.Popen, *marks: str, timeout: float = 90) -> list[str]:
+    """``boxoffice up``'s lines up to the first that holds every one of ``marks``; fails with
+    the lines it read when none does within ``timeout`` seconds (read in a thread, so that a
+    stack that goes quiet fails with what it said rather than at the test's timeout)."""
     assert proc.stdout is not None
     said: list[str] = []
-    while not said or not all(m in said[-1] for m in marks):
-        line = proc.stdout.readline()
-        assert line, "boxoffice up exited:\n" + "".join(said)
-        said.append(line)
+    lines: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        while not stop.is_set():
+            line = proc.stdout.readline()
+            lines.put(line)
+            if not line or all(m in line for m in marks):
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not said or not all(m in said[-1] for m in marks):
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line with {marks} in {timeout:g}s; boxoffice up "
+                                     "said:\n" + "".join(said)) from None
+            assert line, "boxoffice up exited:\n" + "".join(said)
+            said.append(line)
+    finally:
+        stop.set()
     return said
 
 

@@ -31,6 +31,9 @@ from boxoffice import bus_access
 PG_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 REPLICATOR = "boxoffice_replicator"  # the standby's role: REPLICATION, nothing else
 SLOT = "boxoffice_standby"  # the primary keeps the WAL its standby has not received yet
+# how long a server whose clients just failed is given to be reported dead before it is
+# taken for alive (``Child.running_after``); waited only on a failure
+EXIT_GRACE = 2.0
 
 
 # Ports handed out for local servers lie below Linux's ephemeral range (32768-60999 by default),
@@ -111,6 +114,21 @@ class Child:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def running_after(self, grace: float = EXIT_GRACE) -> bool:
+        """``running``, judged once the process has had ``grace`` seconds to be reported dead.
+        A server killed a moment ago refuses connections, so its clients fail, before the
+        kernel reports its exit: a SIGKILLed postmaster was still ``running`` after a psql run
+        after its port refused had failed, 2 times in 15. Whatever is decided from a client's
+        failure (is the primary dead, or did the step fail beside it?) is decided with this."""
+        if not self.running:
+            return False
+        assert self.proc is not None
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
 
     def stop(self, timeout: float = 15.0) -> None:
         if not self.running:
@@ -538,7 +556,9 @@ class PostgresPair:
             try:
                 self._make_synchronous(timeout)
             except BaseException:
-                if self.primary.running:  # started again by the next step, made afresh if need be
+                # started again by the next step, made afresh if need be; unless the primary
+                # died meanwhile (then the standby may be the one to promote)
+                if self.primary.running_after():
                     self.standby.kill()
                 raise
         else:
@@ -569,7 +589,7 @@ class PostgresPair:
                 self._base_backup(self.primary, self.standby)
             self._start_standby(timeout)
         except BaseException:
-            if self.primary.running:  # else the standby may be the one to promote now
+            if self.primary.running_after():  # else the standby may be the one to promote now
                 self.standby.kill()
             raise
 

@@ -539,9 +539,11 @@ def _fail_over(stack: Stack) -> None:
     try:
         pair.take_step(step)
     except Exception as exc:  # noqa: BLE001 - said, and tried again; the stack goes on
-        if pair.primary.running or step not in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS):
+        # (a primary killed during the step fails it before it is reported dead: waited for)
+        primary_alive = pair.primary.running_after()
+        if primary_alive or step not in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS):
             stack.pg_retry_at = time.monotonic() + 10  # (the primary died meanwhile: at once)
-        node = pair.standby if pair.primary.running else pair.primary
+        node = pair.standby if primary_alive else pair.primary
         say(f"PostgreSQL failover step failed ({type(exc).__name__}: {str(exc)[:200]}); "
             f"tried again; see {node.log}")
         return
