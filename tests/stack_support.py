@@ -41,6 +41,9 @@ def stop_stack(proc: subprocess.Popen) -> set[psutil.Process]:
     try:
         assert proc.wait(60) == 0
     finally:
+        if proc.poll() is None:  # (its output closed only once it is gone: a reader may wait)
+            proc.kill()
+            proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
     return family

@@ -458,22 +458,19 @@ def test_the_supervisor_never_promotes_a_standby_that_may_lack_commits(
 
 
 class _LateDeath:
-    """A server's process whose exit is reported ``delay`` seconds after it died, as a SIGKILLed
-    postmaster's may be: its port refuses (its clients fail) before ``poll`` sees it gone."""
+    """A dead server's process whose exit ``poll`` does not see until someone waits for it: a
+    SIGKILLed postmaster's port refuses (its clients fail) before the kernel reports its exit,
+    here for as long as nobody waits, so the old check failed every time, not by a timing."""
 
-    def __init__(self, proc: subprocess.Popen, delay: float):
-        self._proc, self._until, self.pid = proc, time.monotonic() + delay, proc.pid
+    def __init__(self, proc: subprocess.Popen):
+        self._proc, self._waited, self.pid = proc, False, proc.pid
 
     def poll(self) -> int | None:
-        return None if time.monotonic() < self._until else self._proc.poll()
+        return self._proc.poll() if self._waited else None
 
     def wait(self, timeout: float | None = None) -> int:
-        left = max(0.0, self._until - time.monotonic())
-        if timeout is not None and left > timeout:
-            time.sleep(timeout)
-            raise subprocess.TimeoutExpired("postgres", timeout)
-        time.sleep(left)
-        return self._proc.wait()
+        self._waited = True
+        return self._proc.wait(timeout)
 
     def kill(self) -> None:
         self._proc.kill()
@@ -497,7 +494,7 @@ def test_a_primary_killed_while_its_standby_is_started_again_leaves_the_standby_
         a.psql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)", database="boxoffice")
         assert a.proc is not None
         os.kill(a.proc.pid, signal.SIGKILL)
-        monkeypatch.setattr(a, "proc", _LateDeath(a.proc, 1.0))
+        monkeypatch.setattr(a, "proc", _LateDeath(a.proc))
         make_synchronous(timeout)
 
     monkeypatch.setattr(pair, "_make_synchronous", primary_dies)
@@ -510,6 +507,30 @@ def test_a_primary_killed_while_its_standby_is_started_again_leaves_the_standby_
     assert "primary now on" in capsys.readouterr().out
     assert pair.primary is b and b.psql("SELECT pg_is_in_recovery()") == "f"
     assert b.psql("SELECT array_agg(x) FROM kept", database="boxoffice") == "{1}"
+
+
+def test_a_standby_that_fails_beside_a_live_primary_is_stopped_to_be_started_again(
+        pair: PostgresPair, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side of the test above: the step fails while the primary lives (here the
+    standby never catches up in time), so the standby is stopped, the step tried again later,
+    and the primary goes on."""
+    stack = Stack(tmp_path, pg_pair=pair)
+    a, b = pair.primary, pair.standby
+    b.kill()
+
+    def never_caught_up(timeout: float) -> None:
+        raise TimeoutError("the standby does not stream")
+
+    monkeypatch.setattr(pair, "_make_synchronous", never_caught_up)
+    stack_mod._fail_over(stack)
+    assert "failover step failed" in capsys.readouterr().out
+    assert a.running and not b.running
+    assert stack.pg_retry_at > time.monotonic() and pair.next_step() == pair.START_STANDBY
+    monkeypatch.undo()
+    stack.pg_retry_at = stack.standby_restart_at = 0.0
+    stack_mod._fail_over(stack)
+    assert b.running and pair.synchronous and pair.next_step() is None
 
 
 def test_services_are_restarted_while_a_failover_step_runs(tmp_path: Path) -> None:
@@ -665,7 +686,7 @@ def test_a_copy_cut_short_is_never_taken_for_a_standby(
     assert not standby.datadir.with_name(standby.datadir.name + ".partial").exists()
 
 
-@pytest.mark.timeout(300)  # a whole stack started (up to 120 s), each wait bounded below
+@pytest.mark.timeout(600)  # a whole stack started (up to 120 s), each wait bounded below
 def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
     # not under pytest's basetemp (see ``pair``)
     home = Path(tempfile.mkdtemp(prefix="boxoffice-test-pgha-up-"))

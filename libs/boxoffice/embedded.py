@@ -33,7 +33,7 @@ REPLICATOR = "boxoffice_replicator"  # the standby's role: REPLICATION, nothing 
 SLOT = "boxoffice_standby"  # the primary keeps the WAL its standby has not received yet
 # how long a server whose clients just failed is given to be reported dead before it is
 # taken for alive (``Child.running_after``); waited only on a failure
-EXIT_GRACE = 2.0
+EXIT_GRACE = 5.0
 
 
 # Ports handed out for local servers lie below Linux's ephemeral range (32768-60999 by default),
@@ -556,8 +556,8 @@ class PostgresPair:
             try:
                 self._make_synchronous(timeout)
             except BaseException:
-                # started again by the next step, made afresh if need be; unless the primary
-                # died meanwhile (then the standby may be the one to promote)
+                # started again by the next step, made afresh if need be; left to the next
+                # step when the primary died meanwhile (never promoted: not synchronous)
                 if self.primary.running_after():
                     self.standby.kill()
                 raise

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from boxoffice import SERVICES, bus_access, migrate, roles
 from boxoffice.embedded import (
+    EXIT_GRACE,
     LocalStripe,
     NatsCluster,
     NatsServer,
@@ -539,8 +540,10 @@ def _fail_over(stack: Stack) -> None:
     try:
         pair.take_step(step)
     except Exception as exc:  # noqa: BLE001 - said, and tried again; the stack goes on
-        # (a primary killed during the step fails it before it is reported dead: waited for)
-        primary_alive = pair.primary.running_after()
+        # (a primary killed during the step fails it before it is reported dead: waited for,
+        # by the pair's own handler already after the steps beside a primary)
+        primary_alive = pair.primary.running_after(
+            0 if step in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS) else EXIT_GRACE)
         if primary_alive or step not in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS):
             stack.pg_retry_at = time.monotonic() + 10  # (the primary died meanwhile: at once)
         node = pair.standby if primary_alive else pair.primary
