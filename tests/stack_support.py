@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,17 +23,41 @@ def start_stack(home: Path, port: int, **extra: str) -> tuple[subprocess.Popen, 
                **extra)
     proc = subprocess.Popen([sys.executable, "-m", "boxoffice.cli", "up"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
+    return proc, read_until(proc, "ingress listening on", timeout=120)
+
+
+def read_until(proc: subprocess.Popen, *marks: str, timeout: float = 90) -> list[str]:
+    """``boxoffice up``'s lines up to the first that holds every one of ``marks``; fails with
+    the lines it read when none does within ``timeout`` seconds (read in a thread, so that a
+    stack that goes quiet fails with what it said rather than at the test's timeout)."""
     assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError("boxoffice up exited:\n" + "".join(lines))
-        lines.append(line)
-        if "ingress listening on" in line:
-            return proc, lines
-    raise AssertionError("not ready in time:\n" + "".join(lines))
+    said: list[str] = []
+    lines: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        while not stop.is_set():
+            line = proc.stdout.readline()
+            lines.put(line)
+            if not line or all(m in line for m in marks):
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not said or not all(m in said[-1] for m in marks):
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line with {marks} in {timeout:g}s; boxoffice up "
+                                     "said:\n" + "".join(said)) from None
+            assert line, "boxoffice up exited:\n" + "".join(said)
+            said.append(line)
+    finally:
+        stop.set()
+    return said
 
 
 def stop_stack(proc: subprocess.Popen) -> set[psutil.Process]:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -64,7 +63,7 @@ from tests.fault_checks import (
 from tests.fault_stripe import StripeBuyer
 from tests.fault_workload import Ledger, code_of
 from tests.harness import CLIENT_TOKEN, ServiceProcess, base_env, eventually, process_alive
-from tests.stack_support import start_stack, stop_stack
+from tests.stack_support import read_until, start_stack, stop_stack
 from tests.stripe_keys_proxy import StripeKeysProxy
 
 pytestmark = pytest.mark.timeout(150)
@@ -700,12 +699,12 @@ def test_up_with_a_standby_promotes_it_when_the_primary_dies() -> None:
         standby = "b" if primary == "a" else "a"
         # the standby dies: it is started again, and commits (which wait for it) go on
         os.kill(_postmaster(home, standby), signal.SIGKILL)
-        _read_until(proc, "PostgreSQL standby on", "exited; starting it again")
+        read_until(proc, "PostgreSQL standby on", "exited; starting it again")
         before = _hold(env, 30)
         assert before is not None, "no hold taken once the standby was started again"
         # the primary dies: the standby is promoted, and the services carry on on it
         os.kill(_postmaster(home, primary), signal.SIGKILL)
-        said = _read_until(proc, "PostgreSQL primary now on")
+        said = read_until(proc, "PostgreSQL primary now on")
         assert any("promoting the standby" in line for line in said), said
         assert (home / "pg" / "primary").read_text().strip() != primary
         deadline = time.monotonic() + 45
@@ -767,40 +766,6 @@ def _psql(port: int, sql: str) -> str | None:
 
 def _postmaster(home: Path, node: str) -> int:
     return int((home / "pg" / node / "data" / "postmaster.pid").read_text().split()[0])
-
-
-def _read_until(proc: subprocess.Popen, *marks: str, timeout: float = 90) -> list[str]:
-    """``boxoffice up``'s lines up to the first that holds every one of ``marks``; fails with
-    the lines it read when none does within ``timeout`` seconds (read in a thread, so that a
-    stack that goes quiet fails with what it said rather than at the test's timeout)."""
-    assert proc.stdout is not None
-    said: list[str] = []
-    lines: queue.Queue[str] = queue.Queue()
-    stop = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        while not stop.is_set():
-            line = proc.stdout.readline()
-            lines.put(line)
-            if not line or all(m in line for m in marks):
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while not said or not all(m in said[-1] for m in marks):
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line with {marks} in {timeout:g}s; boxoffice up "
-                                     "said:\n" + "".join(said)) from None
-            assert line, "boxoffice up exited:\n" + "".join(said)
-            said.append(line)
-    finally:
-        stop.set()
-    return said
 
 
 def _hold(env: dict[str, str], timeout: float = 15) -> str | None:

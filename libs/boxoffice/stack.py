@@ -542,9 +542,9 @@ def _fail_over(stack: Stack) -> None:
     except Exception as exc:  # noqa: BLE001 - said, and tried again; the stack goes on
         # (a primary killed during the step fails it before it is reported dead: waited for,
         # by the pair's own handler already after the steps beside a primary)
-        primary_alive = pair.primary.running_after(
-            0 if step in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS) else EXIT_GRACE)
-        if primary_alive or step not in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS):
+        beside_primary = step in (pair.START_STANDBY, pair.MAKE_SYNCHRONOUS)
+        primary_alive = pair.primary.running_after(0 if beside_primary else EXIT_GRACE)
+        if primary_alive or not beside_primary:
             stack.pg_retry_at = time.monotonic() + 10  # (the primary died meanwhile: at once)
         node = pair.standby if primary_alive else pair.primary
         say(f"PostgreSQL failover step failed ({type(exc).__name__}: {str(exc)[:200]}); "
